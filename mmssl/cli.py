@@ -1,0 +1,85 @@
+"""The ``mmssl`` command.
+
+Each capability is a module with ``add_arguments(parser)`` and ``run(args) -> int``,
+listed once in ``SUBCOMMANDS``; only the chosen one is imported, so ``mmssl --help``
+is instant. Errors a user can fix (``MmsslError``) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from mmssl.errors import MmsslError
+
+# name -> (module, one-line help). Order is the order of `mmssl --help`.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("mmssl.data.synth.cli", "generate the built-in audio-visual and image-caption corpus"),
+    "data check": ("mmssl.data.check", "decode every record of a manifest and report the bad ones"),
+    "data import": ("mmssl.data.importers", "convert fairseq / AV-HuBERT .tsv/.wrd manifests to JSON lines"),
+    "data lips": ("mmssl.data.lip_roi", "crop 88x88 mouth regions from face video"),
+    "kmeans": ("mmssl.kmeans_cli", "fit k-means on MFCC or a checkpoint's layer and write labels"),
+    "pretrain": ("mmssl.train.cli", "pretrain a speech or audio-visual model from a recipe"),
+    "finetune-asr": ("mmssl.eval.asr", "fine-tune a pretrained encoder for ASR with CTC"),
+    "eval-noisy": ("mmssl.eval.noisy", "WER over noise types x SNRs, audio / video / audio-visual"),
+    "index": ("mmssl.eval.retrieval", "embed images into a retrieval index"),
+    "retrieve": ("mmssl.eval.query", "query an index with speech"),
+    "extract": ("mmssl.eval.extract", "extract features from a checkpoint"),
+    "demo": ("mmssl.demo", "run the main job end to end on the built-in corpus"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    found = {}
+    for name, (module, text) in SUBCOMMANDS.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                found[name] = (module, text)
+        except ModuleNotFoundError:
+            continue
+    return found
+
+
+def _usage(commands: dict[str, tuple[str, str]]) -> str:
+    width = max((len(n) for n in commands), default=0)
+    lines = ["usage: mmssl COMMAND [options]   (mmssl COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in commands.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _available()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(commands))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mmssl import __version__
+
+        print(f"mmssl {__version__}")
+        return 0
+    two = " ".join(argv[:2])
+    name = two if two in commands else argv[0]
+    if name not in commands:
+        print(f"mmssl: unknown command {' '.join(argv[:2])!r}\n\n{_usage(commands)}", file=sys.stderr)
+        return 2
+    rest = argv[len(name.split()) :]
+    module_name, text = commands[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mmssl {name}", description=text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except MmsslError as err:
+        print(f"mmssl {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmssl {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Import checkpoints from torchaudio, fairseq and Hugging Face into mmssl encoders."""

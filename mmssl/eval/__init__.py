@@ -1,0 +1,1 @@
+"""Evaluation: retrieval, ASR under noise, probes, reports."""

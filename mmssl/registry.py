@@ -1,0 +1,71 @@
+"""One small registry class; one instance per kind of buildable thing.
+
+Presets are plain functions registered by name (``@ENCODERS.register``); ``build`` calls
+them with keyword overrides. Registration happens when a module is imported, and the
+packages import their modules explicitly (``mmssl/encoders/__init__.py``), so nothing
+scans folders.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Registry:
+    """Maps a name to a builder function."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._builders: dict[str, Callable[..., Any]] = {}
+
+    def register(self, fn: F | None = None, *, name: str | None = None) -> Any:
+        """Register ``fn`` under ``name`` (default: the function's name).
+
+        Usable bare (``@REG.register``) or with a name (``@REG.register(name="x")``).
+        """
+
+        def add(f: F) -> F:
+            key = name or f.__name__
+            if key in self._builders:
+                raise KeyError(f"{self.kind} {key!r} is registered twice")
+            self._builders[key] = f
+            return f
+
+        return add(fn) if fn is not None else add
+
+    def get(self, name: str) -> Callable[..., Any]:
+        try:
+            return self._builders[name]
+        except KeyError:
+            known = ", ".join(self.names()) or "none"
+            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+
+    def build(self, name: str, **kwargs: Any) -> Any:
+        """Call the builder registered as ``name``; an unknown keyword is an error naming it."""
+        fn = self.get(name)
+        params = inspect.signature(fn).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if not takes_any:
+            unknown = sorted(set(kwargs) - set(params))
+            if unknown:
+                raise TypeError(
+                    f"{self.kind} {name!r} has no option {', '.join(map(repr, unknown))}; "
+                    f"it takes: {', '.join(params) or 'nothing'}"
+                )
+        return fn(**kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._builders)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._builders
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+ENCODERS = Registry("encoder")
+OBJECTIVES = Registry("objective")

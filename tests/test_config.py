@@ -1,0 +1,49 @@
+import pytest
+from omegaconf import OmegaConf
+
+from mmssl.config import builder_kwargs, load_config, resolve, save_resolved
+from mmssl.errors import ConfigError
+
+
+def _recipe(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_recipe_overrides_order(tmp_path):
+    recipe = _recipe(tmp_path, "objective:\n  name: hubert\n  mask_prob: 0.5\ntrain:\n  max_steps: 7\n")
+    cfg = load_config(recipe, ["train.max_steps=9", "data.train=x.jsonl", "objective.mask_prob=0.7"])
+    assert cfg.train.max_steps == 9  # override beats recipe
+    assert cfg.objective.mask_prob == 0.7
+    assert cfg.train.save_every == 500  # from defaults
+    assert builder_kwargs(cfg.objective) == {"mask_prob": 0.7}
+
+
+def test_unknown_key_is_named(tmp_path):
+    recipe = _recipe(tmp_path, "objective:\n  name: hubert\ntrain:\n  max_stepz: 7\n")
+    with pytest.raises(ConfigError, match="max_stepz") as err:
+        load_config(recipe)
+    assert "recipe.yaml" in str(err.value)
+    with pytest.raises(ConfigError, match="data.trian"):
+        load_config(None, ["data.trian=x"])
+
+
+def test_bad_override_and_missing_value(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="objective.name"):
+        resolve(load_config(None, ["data.train=a.jsonl"]))
+
+
+def test_missing_recipe_lists_shipped(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_is_saved(tmp_path):
+    cfg = resolve(load_config(None, ["objective.name=apc", "data.train=a.jsonl"]))
+    path = save_resolved(cfg, tmp_path / "run")
+    again = OmegaConf.load(path)
+    assert again.train.out_dir == "runs/apc"  # interpolation resolved
+    assert again.data.train == "a.jsonl"
