@@ -1,0 +1,162 @@
+"""``mmssl data check MANIFEST``: decode every record and report the ones training would skip.
+
+Checks per record: each path exists and decodes, to the end the container declares; audio
+is at 16 kHz, non-empty, finite and not all silent; the audio and the video last the same
+(within ``--av-tolerance`` seconds, default one 25 fps frame); the manifest's
+``audio_samples`` / ``video_frames`` agree with what decodes. Prints a table of bad records
+(id, file, reason) and a summary; exit status 1 when any record is bad, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+
+import torch
+from tqdm import tqdm
+
+from mmssl.data.io import load_audio, load_image, load_video, probe
+from mmssl.data.manifest import AUDIO_RATE, VIDEO_FPS, read_manifest
+from mmssl.errors import DataError
+
+DEFAULT_TOLERANCE = 1.0 / VIDEO_FPS  # one video frame
+SILENCE_PEAK = 1e-5  # below one 16-bit step (3e-5): nothing was recorded
+TRUNCATION_SLACK = 0.1  # seconds; container durations are rounded and include codec padding
+
+Problem = tuple[str, str, str]  # (id, file, reason)
+
+
+def _reason(err: DataError, path: str) -> str:
+    text = str(err)
+    return text[len(path) + 2 :] if text.startswith(path + ": ") else text
+
+
+def _check_audio(record: dict, path: str, tolerance: float) -> tuple[list[str], float, float | None]:
+    """-> (problems, decoded seconds, seconds the container declares)."""
+    info = probe(path)
+    if not info.has_audio:
+        raise DataError(f"{path}: no audio stream")
+    reasons = []
+    if info.audio_rate != AUDIO_RATE:
+        reasons.append(f"sample rate {info.audio_rate} Hz, expected {AUDIO_RATE} Hz")
+    wav = load_audio(path, AUDIO_RATE)
+    if float(wav.abs().max()) < SILENCE_PEAK:
+        reasons.append("all-silent audio")
+    expected = record.get("audio_samples")
+    if expected is not None and abs(wav.numel() - expected) > tolerance * AUDIO_RATE:
+        reasons.append(f"manifest says {expected} audio samples, decoded {wav.numel()}")
+    return reasons, wav.numel() / AUDIO_RATE, info.duration
+
+
+def _check_video(record: dict, path: str, tolerance: float) -> tuple[list[str], float, float | None]:
+    """-> (problems, decoded seconds, seconds the container declares)."""
+    info = probe(path)
+    frames = load_video(path, VIDEO_FPS)
+    reasons = []
+    expected = record.get("video_frames")
+    if expected is not None and abs(frames.shape[0] - expected) > tolerance * VIDEO_FPS:
+        reasons.append(f"manifest says {expected} video frames, decoded {frames.shape[0]}")
+    return reasons, frames.shape[0] / VIDEO_FPS, info.duration
+
+
+def _truncated(decoded: dict[str, list[float]], declared: dict[str, float | None],
+               tolerance: float) -> list[tuple[str, str]]:
+    """Files whose longest decoded stream stops short of the container's duration (a
+    container header written first, as mkv, opens fine when the end is cut off)."""
+    found = []
+    for path, lengths in decoded.items():
+        total = declared.get(path)
+        if total is not None and max(lengths) < total - max(tolerance, TRUNCATION_SLACK):
+            reason = f"truncated: decoded {max(lengths):.3f} s of the {total:.3f} s the file declares"
+            found.append((path, reason))
+    return found
+
+
+def check_record(record: dict, tolerance: float = DEFAULT_TOLERANCE) -> list[Problem]:
+    """Every problem found in one record, as ``(id, file, reason)``; empty when it is good."""
+    key = str(record.get("id"))
+    problems: list[Problem] = []
+    seconds: dict[str, float] = {}
+    decoded: dict[str, list[float]] = {}
+    declared: dict[str, float | None] = {}
+    checks = {"audio": _check_audio, "video": _check_video}
+    for name in ("audio", "video", "image"):
+        path = record.get(name)
+        if not path:
+            continue
+        try:
+            if name == "image":
+                load_image(path)
+                continue
+            reasons, seconds[name], declared[path] = checks[name](record, path, tolerance)
+            decoded.setdefault(path, []).append(seconds[name])
+            problems += [(key, path, r) for r in reasons]
+        except DataError as err:
+            problems.append((key, path, _reason(err, path)))
+        except Exception as err:  # a checker reports every failure, it does not stop at one
+            problems.append((key, path, f"unexpected {type(err).__name__}: {err}"))
+    if not any(record.get(name) for name in ("audio", "video", "image")):
+        problems.append((key, "-", "no audio, video or image path"))
+    problems += [(key, path, reason) for path, reason in _truncated(decoded, declared, tolerance)]
+    a, v = seconds.get("audio"), seconds.get("video")
+    if a is not None and v is not None and abs(a - v) > tolerance + 1e-9:
+        problems.append((key, record["video"], f"audio lasts {a:.3f} s, video {v:.3f} s "
+                         f"(differ by {abs(a - v):.3f} s > {tolerance:.3f} s)"))
+    return problems
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # parallelism comes from the processes
+
+
+def check_manifest(path: str, workers: int = 1, tolerance: float = DEFAULT_TOLERANCE,
+                   progress: bool = True) -> tuple[int, list[Problem]]:
+    """Check every record of a manifest -> (number of records, problems in manifest order)."""
+    records = read_manifest(path)
+    check = partial(check_record, tolerance=tolerance)
+    bar = partial(tqdm, total=len(records), desc="checking", unit="rec",
+                  disable=not progress, file=sys.stderr)
+    if workers <= 1:
+        results = [check(r) for r in bar(records)]
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+            chunk = max(1, min(64, len(records) // (workers * 8)))
+            results = list(bar(pool.map(check, records, chunksize=chunk)))
+    return len(records), [p for found in results for p in found]
+
+
+def format_report(total: int, problems: list[Problem]) -> str:
+    """A table of bad records and a summary line (with counts per reason)."""
+    bad_ids = {p[0] for p in problems}
+    lines = []
+    if problems:
+        w_id = max(2, *(len(p[0]) for p in problems))
+        w_file = max(4, *(len(p[1]) for p in problems))
+        lines.append(f"{'id':<{w_id}}  {'file':<{w_file}}  reason")
+        lines += [f"{i:<{w_id}}  {f:<{w_file}}  {r}" for i, f, r in problems]
+        lines.append("")
+    share = 100.0 * len(bad_ids) / total if total else 0.0
+    lines.append(f"{total} records checked, {len(bad_ids)} bad ({share:.1f}%)")
+    kinds = Counter(re.sub(r"\d+(\.\d+)?", "N", r.split(" (")[0]) for _, _, r in problems)
+    lines += [f"  {count:>6}  {kind}" for kind, count in kinds.most_common()]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="JSON-lines manifest")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="parallel decoding processes (default: up to 8)")
+    parser.add_argument("--av-tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="allowed audio/video duration difference in seconds (default: one frame, 0.04)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    total, problems = check_manifest(args.manifest, args.workers, args.av_tolerance, not args.no_progress)
+    print(format_report(total, problems))
+    return 1 if problems else 0

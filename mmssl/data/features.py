@@ -1,0 +1,137 @@
+"""Hand-made speech features: Kaldi log filterbanks, MFCC (+ deltas), frame stacking.
+
+Shape legend: S samples, T frames, C channels. All features use 25 ms windows every 10 ms
+(100 Hz) with ``snip_edges=True``, so a waveform of ``S`` samples at 16 kHz gives
+``T = 1 + (S - 400) // 160`` frames (0 when ``S < 400``), the count
+``mmssl.encoders.base.FrameSpec((400,), (160,))`` predicts.
+
+The waveform is used at the scale it is given (float in [-1, 1] from ``mmssl.data.io``);
+Kaldi itself reads int16 values, which only shifts every log energy by the constant
+``2 * log(32768)``, removed by any later normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchaudio.compliance.kaldi as kaldi
+import torchaudio.functional as AF
+from torch import Tensor
+
+FRAME_LENGTH_MS = 25.0
+FRAME_SHIFT_MS = 10.0
+
+
+def num_frames(num_samples: int, sample_rate: int = 16000) -> int:
+    """Frames a 25 ms / 10 ms window with ``snip_edges=True`` gives for ``num_samples``."""
+    window = int(sample_rate * FRAME_LENGTH_MS / 1000)
+    shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
+    return 0 if num_samples < window else 1 + (num_samples - window) // shift
+
+
+def _check_waveform(waveform: Tensor, name: str) -> Tensor:
+    if waveform.dim() != 1:
+        raise ValueError(f"{name} expects a mono waveform (S,), got shape {tuple(waveform.shape)}")
+    return waveform.float().unsqueeze(0)  # (1, S): kaldi functions take (channels, S)
+
+
+def fbank(waveform: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80) -> Tensor:
+    """Kaldi-compatible log mel filterbank: ``waveform (S,)`` -> ``(T, num_mel_bins)``.
+
+    No dither (deterministic features, as fairseq and AV-HuBERT extract them). Input shorter
+    than one window gives an empty ``(0, num_mel_bins)`` tensor.
+    """
+    wav = _check_waveform(waveform, "fbank")
+    if num_frames(wav.shape[1], sample_rate) == 0:
+        return wav.new_zeros(0, num_mel_bins)
+    return kaldi.fbank(
+        wav,
+        num_mel_bins=num_mel_bins,
+        frame_length=FRAME_LENGTH_MS,
+        frame_shift=FRAME_SHIFT_MS,
+        dither=0.0,
+        energy_floor=0.0,
+        sample_frequency=float(sample_rate),
+        snip_edges=True,
+    )
+
+
+def fbank_batch(
+    audio: Tensor, lengths: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80
+) -> tuple[Tensor, Tensor]:
+    """``fbank`` of a padded batch in one pass (same device, no per-utterance loop):
+    ``audio (B, S)``, ``lengths (B,)`` -> ``feats (B, T, num_mel_bins)``, ``frame_lens (B,)``.
+
+    Row ``b`` equals ``fbank(audio[b, :lengths[b]])`` on its first ``frame_lens[b]`` frames
+    and is zero after them. With ``snip_edges=True`` every frame sees only its own window, so
+    the Kaldi steps apply per frame: remove the DC offset, pre-emphasis 0.97 (the first
+    sample is its own predecessor), Povey window (Hann ** 0.85), power spectrum of the
+    window zero-padded to 512 points, mel triangles from 20 Hz to Nyquist, log floored at
+    float epsilon.
+    """
+    if audio.dim() != 2:
+        raise ValueError(f"fbank_batch expects audio (B, S), got shape {tuple(audio.shape)}")
+    window = int(sample_rate * FRAME_LENGTH_MS / 1000)
+    shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
+    lengths = lengths.to(audio.device).long()
+    frame_lens = torch.div(lengths - window, shift, rounding_mode="floor").add(1).clamp(min=0)
+    b, s = audio.shape
+    if s < window:
+        return audio.new_zeros(b, 0, num_mel_bins, dtype=torch.float32), frame_lens
+    x = audio.float().unfold(-1, window, shift)  # (B, T, window)
+    x = x - x.mean(-1, keepdim=True)
+    previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
+    x = x - 0.97 * previous  # Kaldi preemphasis_coefficient
+    x = x * torch.hann_window(window, periodic=False, device=x.device).pow(0.85)  # Kaldi "povey"
+    padded = 1 << (window - 1).bit_length()  # round_to_power_of_two: 400 -> 512
+    power = torch.fft.rfft(x, n=padded).abs().pow(2)  # (B, T, padded/2 + 1)
+    banks, _ = kaldi.get_mel_banks(num_mel_bins, padded, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
+    banks = torch.nn.functional.pad(banks.to(x), (0, 1))  # (F, padded/2 + 1): no Nyquist bin
+    feats = (power @ banks.T).clamp(min=torch.finfo(torch.float32).eps).log()  # (B, T, F)
+    valid = torch.arange(feats.shape[1], device=x.device) < frame_lens.unsqueeze(1)  # (B, T)
+    return feats * valid.unsqueeze(-1), frame_lens
+
+
+def mfcc(waveform: Tensor, sample_rate: int = 16000, deltas: bool = True) -> Tensor:
+    """Kaldi MFCC at 100 Hz: ``waveform (S,)`` -> ``(T, 39)`` with deltas, else ``(T, 13)``.
+
+    With ``deltas`` the 13 cepstra are followed by their deltas and delta-deltas (window of
+    +-2 frames, Kaldi ``add-deltas``), the targets of HuBERT's first iteration (HuBERT,
+    sec. 4.2: 39-dimensional MFCC features). ``use_energy=False`` as fairseq's
+    ``dump_mfcc_feature``. Input shorter than one window gives ``(0, 39)`` / ``(0, 13)``.
+    """
+    wav = _check_waveform(waveform, "mfcc")
+    dim = 39 if deltas else 13
+    if num_frames(wav.shape[1], sample_rate) == 0:
+        return wav.new_zeros(0, dim)
+    ceps = kaldi.mfcc(
+        wav,
+        frame_length=FRAME_LENGTH_MS,
+        frame_shift=FRAME_SHIFT_MS,
+        dither=0.0,
+        energy_floor=0.0,
+        sample_frequency=float(sample_rate),
+        snip_edges=True,
+        use_energy=False,
+    )  # (T, 13)
+    if not deltas:
+        return ceps
+    d1 = AF.compute_deltas(ceps.T, win_length=5).T  # compute_deltas runs over the last dim
+    d2 = AF.compute_deltas(d1.T, win_length=5).T
+    return torch.cat([ceps, d1, d2], dim=-1)  # (T, 39)
+
+
+def stack_frames(x: Tensor, k: int = 4) -> Tensor:
+    """Stack every ``k`` consecutive frames into one: ``(..., T, C)`` -> ``(..., ceil(T/k), k*C)``.
+
+    Output frame ``i`` is ``concat(x[i*k], ..., x[i*k + k - 1])``; the last group is padded
+    with zero frames (AV-HuBERT stacks 4 filterbank frames at 100 Hz to meet 25 fps video).
+    """
+    if k < 1:
+        raise ValueError(f"stack_frames: k must be >= 1, got {k}")
+    t, c = x.shape[-2], x.shape[-1]
+    groups = -(-t // k)
+    pad = groups * k - t
+    if pad:
+        zeros = x.new_zeros(*x.shape[:-2], pad, c)
+        x = torch.cat([x, zeros], dim=-2)
+    return x.reshape(*x.shape[:-2], groups, k * c)  # (..., T/k, k*C)

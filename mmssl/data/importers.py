@@ -1,0 +1,123 @@
+"""Read the manifests fairseq and AV-HuBERT users already have, and the ``mmssl data import`` command.
+
+* ``.tsv``: the first line is a root folder; every other line is either the audio-only
+  fairseq form ``path<TAB>n_samples`` or the AV-HuBERT form
+  ``id<TAB>video<TAB>audio<TAB>n_video_frames<TAB>n_audio_samples`` (paths relative to the root).
+* ``.wrd``: one transcript per line, in the ``.tsv`` order.
+* ``.km``: one line of space-separated cluster ids per record, in the ``.tsv`` order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mmssl.data.manifest import write_manifest
+from mmssl.errors import DataError
+
+
+def _lines(path: str | os.PathLike) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def _count(value: str, where: str, what: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise DataError(f"{where}: {what} {value!r} is not an integer") from None
+    if number < 0:
+        raise DataError(f"{where}: {what} {number} is negative")
+    return number
+
+
+def _join(root: Path, value: str) -> str | None:
+    value = value.strip()
+    return str(root / value) if value else None
+
+
+def read_tsv(path: str | os.PathLike) -> list[dict]:
+    """A fairseq (2 columns) or AV-HuBERT (5 columns) ``.tsv`` -> manifest records with
+    absolute paths. A relative root line is taken relative to the ``.tsv``'s folder.
+
+    Audio-only records are named by their path without extension (fairseq has no ids).
+    """
+    lines = _lines(path)
+    if not lines or not lines[0].strip():
+        raise DataError(f"{path}:1: the first line must be the root folder")
+    root = Path(path).resolve().parent / lines[0].strip()  # an absolute root stays as it is
+    records, seen = [], {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        cols = line.split("\t")
+        if len(cols) == 2:
+            rel, samples = cols
+            record = {
+                "id": os.path.splitext(rel)[0],
+                "audio": _join(root, rel),
+                "audio_samples": _count(samples, where, "sample count"),
+            }
+        elif len(cols) == 5:
+            key, video, audio, frames, samples = cols
+            record = {"id": key, "video": _join(root, video), "audio": _join(root, audio)}
+            record["video_frames"] = _count(frames, where, "frame count")
+            record["audio_samples"] = _count(samples, where, "sample count")
+            record = {k: v for k, v in record.items() if v is not None}
+        else:
+            raise DataError(
+                f"{where}: expected 2 tab-separated columns (path, samples) or 5 "
+                f"(id, video, audio, frames, samples), got {len(cols)}"
+            )
+        if record["id"] in seen:
+            raise DataError(f"{where}: duplicate id {record['id']!r} (first on line {seen[record['id']]})")
+        seen[record["id"]] = number
+        records.append(record)
+    return records
+
+
+def read_wrd(path: str | os.PathLike) -> list[str]:
+    """One transcript per line."""
+    return [line.strip() for line in _lines(path)]
+
+
+def read_labels(km_path: str | os.PathLike) -> list[Tensor]:
+    """A ``.km`` file -> one ``LongTensor (T_label,)`` per line (an empty line is an empty tensor)."""
+    labels = []
+    for number, line in enumerate(_lines(km_path), start=1):
+        try:
+            values = [int(v) for v in line.split()]
+        except ValueError:
+            raise DataError(f"{km_path}:{number}: labels must be space-separated integers") from None
+        labels.append(torch.tensor(values, dtype=torch.long))
+    return labels
+
+
+def attach_transcripts(records: list[dict], transcripts: list[str], source: str) -> list[dict]:
+    """Copy ``transcripts`` into ``records`` (same order); the counts must agree."""
+    if len(transcripts) != len(records):
+        raise DataError(f"{source}: {len(transcripts)} transcripts for {len(records)} records")
+    return [{**r, "transcript": t} for r, t in zip(records, transcripts)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tsv", help="fairseq / AV-HuBERT .tsv (first line: root folder)")
+    parser.add_argument("--wrd", help=".wrd transcripts, one per line in the .tsv order")
+    parser.add_argument("--out", required=True, help="JSON-lines manifest to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    records = read_tsv(args.tsv)
+    if args.wrd:
+        records = attach_transcripts(records, read_wrd(args.wrd), args.wrd)
+    out = write_manifest(args.out, records)
+    print(f"wrote {len(records)} records to {out}")
+    return 0

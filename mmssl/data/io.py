@@ -1,0 +1,224 @@
+"""Decoding media with PyAV: audio to 16 kHz mono float, video to 25 fps grayscale, images to RGB.
+
+Shape legend: S samples, T frames, H/W pixels. Every failure (missing file, corrupt or
+truncated container, no stream of the wanted kind, zero length, NaN samples) is raised as
+``mmssl.errors.DataError`` whose message starts with the file, never as a PyAV traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import av
+import numpy as np
+import torch
+import torchaudio.functional as AF
+from torch import Tensor
+
+from mmssl.errors import DataError
+
+# Errors PyAV (and the OS under it) raise on a file it cannot use.
+_DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, RuntimeError, EOFError, IndexError)
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What a container says about itself, read without decoding.
+
+    Durations in seconds; ``None`` where the file has no such stream or does not say.
+    ``audio_samples`` and ``video_frames`` are the container's own counts (or estimates from
+    duration x rate), at the file's native rates.
+    """
+
+    path: str
+    duration: float | None
+    audio_rate: int | None = None
+    audio_channels: int | None = None
+    audio_duration: float | None = None
+    audio_samples: int | None = None
+    video_fps: float | None = None
+    video_frames: int | None = None
+    video_duration: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_rate is not None
+
+    @property
+    def has_video(self) -> bool:
+        return self.video_fps is not None
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: missing file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a media file")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+
+
+@contextmanager
+def _open(path: str | os.PathLike, what: str) -> Iterator[av.container.InputContainer]:
+    """Open ``path`` for reading; any PyAV or OS failure inside becomes a ``DataError``."""
+    path = os.fspath(path)
+    _check_file(path)
+    try:
+        container = av.open(path)
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot open ({_reason(err)})") from None
+    try:
+        yield container
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot decode {what} ({_reason(err)})") from None
+    finally:
+        container.close()
+
+
+def _reason(err: BaseException) -> str:
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return text.replace("\n", " ")
+
+
+def _seconds(value: int | None, time_base) -> float | None:
+    if value is None or time_base is None:
+        return None
+    return float(value * time_base)
+
+
+def probe(path: str | os.PathLike) -> MediaInfo:
+    """Read a container's header: durations, rates, channels, frame size (no decoding)."""
+    with _open(path, "header") as container:
+        duration = container.duration / av.time_base if container.duration else None
+        fields: dict = {}
+        if container.streams.audio:
+            a = container.streams.audio[0]
+            a_dur = _seconds(a.duration, a.time_base) or duration
+            fields.update(
+                audio_rate=a.codec_context.sample_rate,
+                audio_channels=a.codec_context.channels,
+                audio_duration=a_dur,
+                audio_samples=round(a_dur * a.codec_context.sample_rate) if a_dur else None,
+            )
+        if container.streams.video:
+            v = container.streams.video[0]
+            rate = v.average_rate or v.guessed_rate
+            v_dur = _seconds(v.duration, v.time_base) or duration
+            frames = v.frames or (round(v_dur * rate) if v_dur and rate else None)
+            fields.update(
+                video_fps=float(rate) if rate else None,
+                video_frames=frames,
+                video_duration=v_dur,
+                width=v.codec_context.width,
+                height=v.codec_context.height,
+            )
+        return MediaInfo(path=os.fspath(path), duration=duration, **fields)
+
+
+def _decode_audio(container, path: str) -> tuple[np.ndarray, int]:
+    """All samples of the first audio stream, ``(C, S)`` float32 at the native rate, trimmed
+    to the stream's declared duration (AAC decoders return the encoder's end padding too)."""
+    if not container.streams.audio:
+        raise DataError(f"{path}: no audio stream")
+    stream = container.streams.audio[0]
+    to_float = av.AudioResampler(format="fltp")  # sample format only; layout and rate kept
+    chunks = []
+    for frame in container.decode(stream):
+        for out in to_float.resample(frame):
+            chunks.append(out.to_ndarray())
+    for out in to_float.resample(None):
+        chunks.append(out.to_ndarray())
+    rate = stream.codec_context.sample_rate
+    if not chunks:
+        raise DataError(f"{path}: zero-length audio")
+    data = np.concatenate(chunks, axis=1)  # (C, S)
+    declared = _seconds(stream.duration, stream.time_base)
+    if declared:
+        data = data[:, : max(1, round(declared * rate))]
+    return data, rate
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> Tensor:
+    """Decode the first audio stream -> ``(S,)`` float32 mono in [-1, 1] at ``sample_rate``.
+
+    Channels are averaged; other rates are resampled (``torchaudio.functional.resample``,
+    windowed sinc), giving ``ceil(S_native * sample_rate / native_rate)`` samples.
+    """
+    path = os.fspath(path)
+    with _open(path, "audio") as container:
+        data, rate = _decode_audio(container, path)
+    wav = torch.from_numpy(data).mean(0)  # (S,)
+    if not torch.isfinite(wav).all():
+        bad = int((~torch.isfinite(wav)).sum())
+        raise DataError(f"{path}: {bad} NaN or infinite audio samples")
+    if rate != sample_rate:
+        wav = AF.resample(wav, rate, sample_rate)
+    if wav.numel() == 0:
+        raise DataError(f"{path}: zero-length audio")
+    return wav.contiguous()
+
+
+def _pick_frames(times: np.ndarray, source_fps: float, fps: float) -> np.ndarray:
+    """Indices of the source frames shown at each output tick ``i / fps`` (nearest timestamp).
+
+    The clip lasts ``n / source_fps`` seconds, so ``round(n * fps / source_fps)`` frames come
+    out (60 frames at 30 fps -> 50 at 25 fps).
+    """
+    n_out = round(len(times) * fps / source_fps)
+    if len(times) == 1:
+        return np.zeros(n_out, np.int64)
+    ticks = np.arange(n_out) / fps
+    right = np.searchsorted(times, ticks).clip(1, len(times) - 1)
+    left = right - 1
+    nearer_right = np.abs(times[right] - ticks) < np.abs(times[left] - ticks)
+    return np.where(nearer_right, right, left)
+
+
+def load_video(path: str | os.PathLike, fps: float = 25.0) -> Tensor:
+    """Decode the first video stream -> ``(T, H, W)`` uint8 grayscale (the luma plane) at ``fps``.
+
+    A file at another frame rate is resampled by picking, for each output tick, the frame
+    whose timestamp is nearest (frames are dropped or repeated, never blended).
+    """
+    path = os.fspath(path)
+    with _open(path, "video") as container:
+        if not container.streams.video:
+            raise DataError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        frames, times = [], []
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="gray"))
+            times.append(frame.time if frame.time is not None else math.nan)
+        rate = stream.average_rate or stream.guessed_rate
+    if not frames:
+        raise DataError(f"{path}: zero-length video (no frame decoded)")
+    video = torch.from_numpy(np.stack(frames))  # (T, H, W)
+    source_fps = float(rate) if rate else fps
+    if abs(source_fps - fps) < 1e-3 * fps:
+        return video
+    stamps = np.asarray(times, np.float64)
+    if np.isnan(stamps).any():
+        stamps = np.arange(len(frames)) / source_fps
+    stamps = stamps - stamps[0]
+    index = _pick_frames(stamps, source_fps, fps)
+    if index.size == 0:
+        raise DataError(f"{path}: zero-length video after resampling {source_fps:g} -> {fps:g} fps")
+    return video[torch.from_numpy(index)]
+
+
+def load_image(path: str | os.PathLike) -> Tensor:
+    """Decode an image (png, jpeg, ... anything FFmpeg reads) -> ``(3, H, W)`` uint8 RGB."""
+    path = os.fspath(path)
+    with _open(path, "image") as container:
+        if not container.streams.video:
+            raise DataError(f"{path}: not an image")
+        for frame in container.decode(video=0):
+            rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+            return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    raise DataError(f"{path}: no picture decoded")

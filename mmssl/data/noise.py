@@ -1,0 +1,143 @@
+"""Additive noise at a target SNR, mixed on the waveform before any feature is computed.
+
+SNR is RMS-based: ``snr_db = 20 log10(rms(clean) / rms(scaled noise))`` over the valid
+samples. Shape legend: B batch, S samples.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mmssl.data.io import load_audio
+from mmssl.errors import ConfigError, DataError
+from mmssl.nn.padding import lengths_to_padding_mask
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+
+
+def fit_length(noise: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+    """``noise (S_n,)`` -> ``(num_samples,)``: looped when shorter, from a random offset
+    (the loop wraps around, so every offset is usable)."""
+    if noise.numel() == 0:
+        raise DataError("noise of zero length")
+    start = int(torch.randint(noise.numel(), (1,), generator=generator))
+    index = (torch.arange(num_samples) + start) % noise.numel()
+    return noise[index]
+
+
+def _rms(x: Tensor, keep: Tensor) -> Tensor:
+    """Root mean square over the ``keep`` samples of each row: ``(B, S)`` -> ``(B,)``."""
+    count = keep.sum(-1).clamp(min=1)
+    return ((x * x * keep).sum(-1) / count).sqrt()
+
+
+def mix_at_snr(
+    clean: Tensor,
+    noise: Tensor,
+    snr_db: float | Tensor,
+    generator: torch.Generator | None = None,
+    lengths: Tensor | None = None,
+) -> Tensor:
+    """Add ``noise`` to ``clean (S,)`` or ``(B, S)`` at ``snr_db`` (a float, or ``(B,)``).
+
+    ``noise``: ``(S_n,)`` (each row takes its own random segment) or ``(B, S_n)`` (one per
+    row), looped or cropped to ``S`` at a random offset. ``lengths (B,)``: valid samples of a
+    padded batch; the RMS is measured there and padding stays zero. Silent clean audio gets
+    no noise (the SNR is undefined; it stays silent), silent noise adds nothing; never NaN.
+    """
+    single = clean.dim() == 1
+    x = clean.unsqueeze(0) if single else clean  # (B, S)
+    b, s = x.shape
+    if noise.dim() == 1:
+        rows = [fit_length(noise, s, generator) for _ in range(b)]
+    elif noise.dim() == 2 and noise.shape[0] == b:
+        rows = [fit_length(n, s, generator) for n in noise]
+    else:
+        raise ValueError(f"noise must be (S_n,) or (B={b}, S_n), got {tuple(noise.shape)}")
+    n = torch.stack(rows).to(x)  # (B, S)
+    if lengths is None:
+        keep = torch.ones_like(x)
+    else:
+        keep = (~lengths_to_padding_mask(lengths.to(x.device), s)).to(x.dtype)
+    n = n * keep
+    snr = torch.as_tensor(snr_db, dtype=x.dtype, device=x.device).expand(b)
+    clean_rms, noise_rms = _rms(x, keep), _rms(n, keep)
+    target = clean_rms / torch.pow(10.0, snr / 20)  # wanted noise RMS
+    scale = torch.where(noise_rms > 0, target / noise_rms.clamp(min=1e-12), torch.zeros_like(target))
+    out = x + scale.unsqueeze(-1) * n
+    return out[0] if single else out
+
+
+class NoiseBank:
+    """Noise recordings from a folder (searched recursively, e.g. MUSAN's ``noise/``) or a
+    list of files, decoded on demand to mono at ``sample_rate`` (a few recent files cached)."""
+
+    def __init__(self, folder_or_files: str | os.PathLike | Sequence[str | os.PathLike],
+                 sample_rate: int = 16000, cache_files: int = 8) -> None:
+        if isinstance(folder_or_files, (str, os.PathLike)):
+            folder = Path(folder_or_files)
+            if not folder.is_dir():
+                raise DataError(f"{folder}: noise folder not found")
+            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+            if not files:
+                raise DataError(f"{folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in the noise folder")
+        else:
+            files = [Path(p) for p in folder_or_files]
+            if not files:
+                raise DataError("NoiseBank: empty list of noise files")
+        self.files = [str(p) for p in files]
+        self.sample_rate = sample_rate
+        self.cache_files = cache_files
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Tensor:
+        """The whole of file ``index`` as ``(S,)``."""
+        path = self.files[index]
+        if path in self._cache:
+            self._cache.move_to_end(path)
+            return self._cache[path]
+        wav = load_audio(path, self.sample_rate)
+        self._cache[path] = wav
+        while len(self._cache) > self.cache_files:
+            self._cache.popitem(last=False)
+        return wav
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """A random file, looped or cropped at a random offset to ``(num_samples,)``."""
+        index = int(torch.randint(len(self.files), (1,), generator=generator))
+        return fit_length(self.load(index), num_samples, generator)
+
+    def __getstate__(self) -> dict:  # workers start with an empty cache
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+
+class AddNoise:
+    """Per-item transform ``audio (S,) -> (S,)``: with probability ``prob``, add noise from
+    ``bank`` at an SNR drawn uniformly from ``snr_range`` (dB). Picklable, for data workers,
+    where it draws from the worker's seeded global generator unless given one."""
+
+    def __init__(
+        self, bank: NoiseBank, prob: float = 1.0, snr_range: tuple[float, float] = (0.0, 20.0)
+    ) -> None:
+        if not 0.0 <= prob <= 1.0:
+            raise ConfigError(f"AddNoise prob must be in [0, 1], got {prob}")
+        low, high = snr_range
+        if low > high:
+            raise ConfigError(f"AddNoise snr_range {snr_range} has low > high")
+        self.bank, self.prob, self.snr_range = bank, prob, (float(low), float(high))
+
+    def __call__(self, audio: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if audio.numel() == 0 or float(torch.rand((), generator=generator)) >= self.prob:
+            return audio
+        low, high = self.snr_range
+        snr = low + (high - low) * float(torch.rand((), generator=generator))
+        return mix_at_snr(audio, self.bank.sample(audio.numel(), generator), snr, generator)

@@ -1,0 +1,113 @@
+import logging
+
+import pytest
+import torch
+
+from mmssl.data.collate import collate
+from mmssl.data.datasets import LIP_MEAN, LIP_STD, ManifestDataset, lip_frames
+from mmssl.data.io import load_video
+from mmssl.data.manifest import write_manifest
+from mmssl.errors import ConfigError, DataError
+
+
+def test_lip_frames_centre_crop_and_normalise():
+    frames = torch.randint(0, 256, (3, 96, 100), dtype=torch.uint8)
+    out = lip_frames(frames)
+    assert out.shape == (3, 1, 88, 88)
+    # (96 - 88) // 2 = 4 rows and (100 - 88) // 2 = 6 columns cut from the top-left
+    expected = (frames[:, 4:92, 6:94].float() / 255 - LIP_MEAN) / LIP_STD
+    torch.testing.assert_close(out[:, 0], expected)
+    with pytest.raises(DataError, match="smaller than the 88x88"):
+        lip_frames(torch.zeros(2, 64, 64, dtype=torch.uint8))
+
+
+def test_av_items_labels_and_batch_consistency(media, tmp_path):
+    manifest = tmp_path / "train.jsonl"
+    write_manifest(manifest, [
+        {"id": "a", "audio": str(media.mkv), "video": str(media.mkv), "transcript": "one"},
+        {"id": "b", "audio": str(media.short_video), "video": str(media.short_video), "transcript": "two"},
+    ])
+    km_dir = tmp_path / "km"
+    km_dir.mkdir()
+    (km_dir / "train.km").write_text("1 2 3\n4 5\n")
+    ds = ManifestDataset(str(manifest), modalities=("audio", "video"), labels=str(km_dir))
+    items = [ds[0], ds[1]]
+    assert items[0]["targets"].tolist() == [1, 2, 3] and items[1]["transcript"] == "two"
+    assert items[0]["video"].shape == (50, 1, 88, 88) and items[1]["video"].shape == (40, 1, 88, 88)
+    torch.testing.assert_close(items[0]["video"], lip_frames(load_video(media.mkv)))
+    assert "image" not in items[0] and "text" not in items[0]
+    batch = collate(items)
+    for i, item in enumerate(items):  # the padded batch holds each item unchanged
+        n, t = int(batch["audio_lens"][i]), int(batch["video_lens"][i])
+        torch.testing.assert_close(batch["audio"][i, :n], item["audio"])
+        torch.testing.assert_close(batch["video"][i, :t], item["video"])
+        assert (batch["audio"][i, n:] == 0).all()
+
+
+def test_durations_from_counts(tmp_path):
+    ds = ManifestDataset([{"id": "a", "audio_samples": 8000}, {"id": "b", "video_frames": 10}])
+    assert ds.durations() == [0.5, 0.4]
+    with pytest.raises(DataError, match="record 'c' has neither"):
+        ManifestDataset([{"id": "c"}]).durations()
+
+
+def test_text_and_image(media):
+    records = [{"id": "i", "image": str(media.png), "caption": "a cat"}]
+    tokenizer = lambda s: torch.tensor([[len(w) for w in s.split()]])  # (1, L) like open_clip
+    item = ManifestDataset(records, ("image", "text"), text_tokenizer=tokenizer)[0]
+    assert item["text"].tolist() == [1, 3]
+    torch.testing.assert_close(item["image"], torch.from_numpy(media.rgb).permute(2, 0, 1).float() / 255)
+    with pytest.raises(ConfigError, match="needs a text_tokenizer"):
+        ManifestDataset(records, ("text",))
+
+
+def test_label_count_must_match(tmp_path):
+    km = tmp_path / "x.km"
+    km.write_text("1\n")
+    with pytest.raises(DataError, match="1 label lines for 2 records"):
+        ManifestDataset([{"id": "a"}, {"id": "b"}], labels=str(km))
+    with pytest.raises(ConfigError, match="not found"):
+        ManifestDataset([{"id": "a"}], labels=str(tmp_path / "nope.km"))
+
+
+def test_skip_and_count_then_stop_at_fraction(media, caplog):
+    # 1 bad in every 10: tolerated at 20 %, not at 5 %
+    records = [
+        {"id": f"r{i}", "audio": str(media.missing if i % 10 == 3 else media.wav)} for i in range(40)
+    ]
+    ds = ManifestDataset(records, max_bad_fraction=0.2)
+    with caplog.at_level(logging.WARNING, logger="mmssl.data.datasets"):
+        out = [ds[i] for i in range(40)]
+    assert [i for i, item in enumerate(out) if item is None] == [3, 13, 23, 33]
+    assert ds.bad_count == 4 and ds.seen == 40
+    assert sum("skipping bad record" in r.message for r in caplog.records) == 1  # once per reason
+    strict = ManifestDataset(records, max_bad_fraction=0.05)  # judged from 20 records on
+    for i in range(23):
+        strict[i]  # 2 bad in 20 seen (10 %) is first judged at the next bad record
+    with pytest.raises(DataError, match="3 of 24 records seen are bad"):
+        strict[23]
+
+
+def test_missing_path_for_wanted_modality_is_a_bad_record():
+    ds = ManifestDataset([{"id": "a", "audio": "/x.wav"}], modalities=("video",), max_bad_fraction=1.0)
+    assert ds[0] is None and ds.bad_count == 1
+
+
+def test_loader_with_bucket_sampler_in_a_worker(media):
+    from torch.utils.data import DataLoader
+
+    from mmssl.data.samplers import BucketBatchSampler
+
+    records = [{"id": f"r{i}", "audio": str(media.wav), "audio_samples": 32000} for i in range(6)]
+    records[4]["audio"] = str(media.missing)
+    ds = ManifestDataset(records, max_bad_fraction=0.5, min_seen=1)
+    sampler = BucketBatchSampler(ds.durations(), max_seconds=4.0, seed=0)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=1)
+    batches = list(loader)
+    assert sorted(i for b in batches for i in b["ids"]) == ["r0", "r1", "r2", "r3", "r5"]
+    assert all(b["audio"].shape[0] <= 2 for b in batches)  # 2 s each, 4 s budget
+    records[2]["audio"] = str(media.corrupt)
+    strict = ManifestDataset(records, max_bad_fraction=0.25, min_seen=1)  # judged from 4 seen
+    loader = DataLoader(strict, batch_size=6, collate_fn=collate, num_workers=1)
+    with pytest.raises(DataError, match="2 of 5 records seen are bad"):  # raised in the worker
+        list(loader)

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+import torchaudio.functional as AF
+
+from mmssl.data.io import load_audio, load_image, load_video, probe
+from mmssl.errors import DataError
+
+
+def _corr(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+@pytest.mark.parametrize("name", ["mp4_h264", "mp4_mpeg4"])
+def test_aac_audio_trimmed_to_written_length(media, name):
+    wav = load_audio(getattr(media, name))
+    assert wav.dtype == torch.float32 and wav.shape == (32000,)  # AAC decodes 32768
+    assert _corr(wav, media.audio[0]) > 0.99
+
+
+def test_pcm_in_mkv_round_trips_exactly(media):
+    wav = load_audio(media.mkv)
+    assert wav.shape == (32000,)
+    np.testing.assert_allclose(wav.numpy(), media.audio[0], atol=1.0 / 32767)
+
+
+def test_8k_audio_resampled_to_16k(media):
+    wav = load_audio(media.wav8k)
+    assert wav.shape == (32000,)
+    ref = AF.resample(torch.from_numpy(media.audio8k[0]), 8000, 16000)
+    torch.testing.assert_close(wav, ref, atol=1e-3, rtol=0)
+    spectrum = torch.fft.rfft(wav).abs()
+    assert int(spectrum.argmax()) * 16000 / 32000 == pytest.approx(440, abs=1)
+
+
+def test_stereo_44k_to_16k_mono(media):
+    wav = load_audio(media.wav44)
+    assert wav.shape == (32000,)  # ceil(88200 * 16000 / 44100)
+    ref = AF.resample(torch.from_numpy(media.audio44.mean(0)), 44100, 16000)
+    torch.testing.assert_close(wav, ref, atol=1e-3, rtol=0)
+
+
+def test_h264_video_frames(media):
+    video = load_video(media.mp4_h264)
+    assert video.dtype == torch.uint8 and video.shape == (50, 96, 96)
+    means = video.float().mean((1, 2))
+    np.testing.assert_allclose(means.numpy(), media.frames.reshape(50, -1).mean(1), atol=3)
+
+
+def test_30fps_read_back_at_25fps(media):
+    video = load_video(media.mp4_30fps, fps=25.0)
+    assert video.shape[0] == 50  # 60 frames / 30 fps = 2 s
+    # output tick i (i/25 s) shows the source frame nearest in time: index round(i * 30/25)
+    source = media.frames30.reshape(60, -1).mean(1)
+    expected = source[[int(np.floor(i * 1.2 + 0.5)) for i in range(50)]]
+    np.testing.assert_allclose(video.float().mean((1, 2)).numpy(), expected, atol=3)
+    assert load_video(media.mp4_30fps, fps=30.0).shape[0] == 60
+
+
+def test_probe(media):
+    info = probe(media.mp4_30fps)
+    assert info.video_fps == 30 and info.video_frames == 60 and (info.width, info.height) == (96, 96)
+    assert info.audio_rate == 16000 and info.audio_samples == 32000
+    wav = probe(media.wav44)
+    assert (wav.audio_rate, wav.audio_channels, wav.audio_samples) == (44100, 2, 88200)
+    assert not wav.has_video
+
+
+def test_image_round_trip(media):
+    image = load_image(media.png)
+    assert image.shape == (3, 20, 30) and image.dtype == torch.uint8
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), media.rgb)
+
+
+@pytest.mark.parametrize(
+    "name, loader, reason",
+    [
+        ("missing", load_audio, "missing file"),
+        ("empty_file", load_audio, "empty file"),
+        ("corrupt", load_video, "cannot open"),
+        ("truncated", load_audio, "cannot open"),
+        ("empty_wav", load_audio, "zero-length audio"),
+        ("no_frames", load_video, "zero-length video"),
+        ("nan_wav", load_audio, "NaN"),
+        ("wav", load_video, "no video stream"),
+        ("video_only", load_audio, "no audio stream"),
+        ("corrupt", probe, "cannot open"),
+    ],
+)
+def test_bad_media_raise_data_error_naming_file(media, name, loader, reason):
+    path = getattr(media, name)
+    with pytest.raises(DataError) as err:
+        loader(path)
+    assert str(err.value).startswith(str(path)) and reason in str(err.value)

@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from mmssl.data.noise import AddNoise, NoiseBank, fit_length, mix_at_snr
+from tests.data.media import tone, write_wav
+
+
+def _snr(clean, mixed):
+    noise = mixed - clean
+    return 20 * math.log10(clean.pow(2).mean().sqrt() / noise.pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("snr", [-5.0, 0.0, 7.5, 20.0])
+def test_achieved_snr(snr):
+    g = torch.Generator().manual_seed(0)
+    clean = 0.3 * torch.sin(torch.arange(16000) * 0.05)
+    noise = torch.randn(5000, generator=g)  # shorter: looped
+    out = mix_at_snr(clean, noise, snr, generator=g)
+    assert abs(_snr(clean, out) - snr) < 0.1
+
+
+def test_fit_length_loops_and_crops_from_offset():
+    noise = torch.arange(5.0)
+    out = fit_length(noise, 12, torch.Generator().manual_seed(1))
+    start = int(out[0])
+    assert out.tolist() == [float((start + i) % 5) for i in range(12)]
+    assert fit_length(torch.arange(100.0), 7).shape == (7,)
+
+
+def test_batched_with_lengths_and_per_row_snr():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, 4000, generator=g)
+    lengths = torch.tensor([4000, 2500, 1000])
+    clean[1, 2500:] = 0
+    clean[2, 1000:] = 0
+    snr = torch.tensor([0.0, 10.0, 5.0])
+    out = mix_at_snr(clean, torch.randn(3, 6000, generator=g), snr, generator=g, lengths=lengths)
+    for i, n in enumerate(lengths.tolist()):
+        assert (out[i, n:] == 0).all()  # padding stays silent
+        assert abs(_snr(clean[i, :n], out[i, :n]) - float(snr[i])) < 0.1  # measured on valid samples
+
+
+def test_silent_inputs_give_no_nan():
+    clean = torch.zeros(800)
+    out = mix_at_snr(clean, torch.randn(800), 10.0)
+    assert torch.equal(out, clean)
+    speech = torch.randn(800)
+    assert torch.equal(mix_at_snr(speech, torch.zeros(300), 0.0), speech)
+
+
+def test_noise_bank_and_add_noise(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_wav(tmp_path / "a.wav", tone(4000, freq=300))
+    write_wav(tmp_path / "sub" / "b.wav", tone(3000, 8000, freq=500), 8000)
+    (tmp_path / "notes.txt").write_text("not audio")
+    bank = NoiseBank(tmp_path)
+    assert [p.rsplit("/", 1)[-1] for p in bank.files] == ["a.wav", "b.wav"]
+    assert bank.load(1).shape == (6000,)  # resampled to 16 kHz
+    g = torch.Generator().manual_seed(0)
+    assert bank.sample(10000, g).shape == (10000,)
+    clean = 0.1 * torch.randn(8000, generator=g)
+    assert torch.equal(AddNoise(bank, prob=0.0)(clean, g), clean)
+    for _ in range(5):
+        snr = _snr(clean, AddNoise(bank, prob=1.0, snr_range=(5.0, 15.0))(clean, g))
+        assert 4.9 < snr < 15.1
+
+
+def test_noise_bank_empty_folder(tmp_path):
+    from mmssl.errors import DataError
+
+    with pytest.raises(DataError, match="no audio files"):
+        NoiseBank(tmp_path)
