@@ -1,6 +1,7 @@
 """Encoders. Each module registers its presets in ``mmssl.registry.ENCODERS`` on import;
 add new modules to the explicit import list below."""
 
+import mmssl.encoders.audio  # noqa: F401  (registers the speech encoder presets)
 from mmssl.encoders.base import EncoderOutput, Features, FrameSpec, SpeechEncoder
 
 __all__ = ["EncoderOutput", "Features", "FrameSpec", "SpeechEncoder"]

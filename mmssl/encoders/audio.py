@@ -1,0 +1,298 @@
+"""Speech encoders: a frontend, a feature projection and a transformer, and their presets.
+
+``AudioEncoder`` implements ``SpeechEncoder``: ``extract`` runs the frontend and the
+projection (LayerNorm -> Linear -> dropout, wav2vec 2.0's ``post_extract_proj`` with its
+``layer_norm``), ``mask`` puts the learned ``mask_embedding`` on masked frames,
+``contextualize`` runs the transformer.
+
+Presets (``ENCODERS``): ``{wav2vec2,hubert,wavlm,data2vec}_{tiny,base,large}`` on the waveform
+(50 Hz) and ``fbank_{tiny,base,large}`` on 80 filterbanks stacked x4 (25 Hz, AV-HuBERT's audio
+input). Every preset takes keyword overrides of the arguments of ``build_conv_encoder`` /
+``build_fbank_encoder``.
+
+Shape legend: B batch, S samples, T frames, C model dim, F frontend features.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder
+from mmssl.errors import ConfigError
+from mmssl.nn import frontend as fe
+from mmssl.nn import transformer as tr
+from mmssl.registry import ENCODERS
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm over frontend features, linear to the model dim, dropout (wav2vec 2.0
+    ``layer_norm`` + ``post_extract_proj`` + ``dropout_input``). ``(B, T, F)`` -> ``(B, T, C)``."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.linear = nn.Linear(in_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.linear(self.norm(x)))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+class AudioEncoder(SpeechEncoder):
+    """Frontend -> projection -> (mask) -> transformer, from injected parts.
+
+    ``Features.raw`` is the frontend output before the projection's LayerNorm (the feature
+    penalty of wav2vec 2.0 is taken there; its quantizer reads ``projection.norm(raw)``).
+    ``feature_grad_scale`` scales the gradient reaching the frontend (fairseq
+    ``feature_grad_mult``; 0.1 in wav2vec 2.0 and HuBERT pretraining).
+    """
+
+    def __init__(
+        self,
+        frontend: fe.ConvFrontend | fe.FbankFrontend,
+        projection: FeatureProjection,
+        transformer: tr.TransformerEncoder,
+        feature_grad_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.frontend, self.projection, self.transformer = frontend, projection, transformer
+        self.feature_grad_scale = feature_grad_scale
+        self.dim = transformer.dim
+        self.feature_dim = frontend.out_dim
+        self.frame_rate = frontend.frame_rate
+        self.frame_spec = frontend.frame_spec
+        # fairseq wav2vec 2.0 / HuBERT: a learned vector drawn uniformly in [0, 1)
+        self.mask_embedding = nn.Parameter(torch.rand(self.dim))
+
+    def extract(self, audio: Tensor, audio_lens: Tensor) -> Features:
+        """``audio (B, S)``, ``audio_lens (B,)`` -> ``Features`` (``x (B, T, C)``, ``raw (B, T, F)``).
+
+        A batch shorter than one frame's window raises ``DataError``; a single clip that short
+        inside a longer batch gets ``lengths == 0``.
+        """
+        raw, lengths = self.frontend(audio, audio_lens)
+        if self.feature_grad_scale != 1.0 and torch.is_grad_enabled():
+            raw = _ScaleGrad.apply(raw, self.feature_grad_scale)
+        return Features(x=self.projection(raw), raw=raw, lengths=lengths)
+
+    def mask(self, x: Tensor, pred_mask: Tensor) -> Tensor:
+        """Replace the frames of ``x (B, T, C)`` where ``pred_mask (B, T)`` is True with
+        ``mask_embedding`` (wav2vec 2.0, sec. 3.1; HuBERT, sec. 3.2)."""
+        return torch.where(pred_mask.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
+
+    def contextualize(self, x: Tensor, lengths: Tensor, num_layers: int | None = None) -> EncoderOutput:
+        """``x (B, T, C)`` -> ``EncoderOutput``; ``num_layers`` stops early (see
+        ``TransformerEncoder.forward``)."""
+        return self.transformer(x, lengths, frame_rate=self.frame_rate, num_layers=num_layers)
+
+
+def build_conv_encoder(
+    dim: int = 768,
+    num_layers: int = 12,
+    num_heads: int = 12,
+    ffn_dim: int = 3072,
+    conv_channels: int | tuple[int, ...] = 512,
+    conv_kernels: tuple[int, ...] = fe.WAV2VEC2_KERNELS,
+    conv_strides: tuple[int, ...] = fe.WAV2VEC2_STRIDES,
+    conv_norm: str = "group",
+    conv_bias: bool = False,
+    pre_norm: bool = False,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+    activation_dropout: float = 0.0,
+    input_dropout: float = 0.1,
+    layer_drop: float = 0.05,
+    pos_conv_kernel: int = 128,
+    pos_conv_groups: int = 16,
+    pos_conv_depth: int = 1,
+    rel_pos_buckets: int = 0,
+    rel_pos_max_distance: int = 800,
+    feature_grad_scale: float = 1.0,
+) -> AudioEncoder:
+    """A waveform encoder (conv frontend, 50 Hz). Defaults are wav2vec 2.0 base."""
+    frontend = fe.build_conv_frontend(
+        conv_channels, tuple(conv_kernels), tuple(conv_strides), conv_norm, conv_bias
+    )
+    transformer = tr.build_transformer(
+        dim, num_layers, num_heads, ffn_dim,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        activation_dropout=activation_dropout,
+        layer_drop=layer_drop,
+        pre_norm=pre_norm,
+        pos_conv_kernel=pos_conv_kernel,
+        pos_conv_groups=pos_conv_groups,
+        pos_conv_depth=pos_conv_depth,
+        rel_pos_buckets=rel_pos_buckets,
+        rel_pos_max_distance=rel_pos_max_distance,
+    )
+    projection = FeatureProjection(frontend.out_dim, dim, input_dropout)
+    return AudioEncoder(frontend, projection, transformer, feature_grad_scale)
+
+
+def build_fbank_encoder(
+    dim: int = 768,
+    num_layers: int = 12,
+    num_heads: int = 12,
+    ffn_dim: int = 3072,
+    num_mel_bins: int = 80,
+    stack: int = 4,
+    pre_norm: bool = False,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+    activation_dropout: float = 0.0,
+    input_dropout: float = 0.1,
+    layer_drop: float = 0.05,
+    pos_conv_kernel: int = 128,
+    pos_conv_groups: int = 16,
+    pos_conv_depth: int = 1,
+    rel_pos_buckets: int = 0,
+    rel_pos_max_distance: int = 800,
+    feature_grad_scale: float = 1.0,
+) -> AudioEncoder:
+    """A filterbank encoder: ``num_mel_bins`` Kaldi filterbanks stacked ``stack`` at a time
+    (25 Hz for the default x4, AV-HuBERT's audio stream), a linear projection, the transformer."""
+    frontend = fe.FbankFrontend(num_mel_bins, stack)
+    transformer = tr.build_transformer(
+        dim, num_layers, num_heads, ffn_dim,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        activation_dropout=activation_dropout,
+        layer_drop=layer_drop,
+        pre_norm=pre_norm,
+        pos_conv_kernel=pos_conv_kernel,
+        pos_conv_groups=pos_conv_groups,
+        pos_conv_depth=pos_conv_depth,
+        rel_pos_buckets=rel_pos_buckets,
+        rel_pos_max_distance=rel_pos_max_distance,
+    )
+    projection = FeatureProjection(frontend.out_dim, dim, input_dropout)
+    return AudioEncoder(frontend, projection, transformer, feature_grad_scale)
+
+
+def _with(builder: Any, preset: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> AudioEncoder:
+    """Build with ``defaults`` updated by ``overrides``; an unknown key is a ConfigError."""
+    known = set(inspect.signature(builder).parameters)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(
+            f"encoder {preset!r} has no option {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(sorted(known))}"
+        )
+    return builder(**{**defaults, **overrides})
+
+
+# --- sizes -----------------------------------------------------------------------------------
+# wav2vec 2.0, sec. 4.2 / HuBERT, table 1: BASE 12 blocks, dim 768, FFN 3072, 8 heads in the
+# paper's text but 12 in the released models (fairseq ``encoder_attention_heads=12``);
+# LARGE 24 blocks, dim 1024, FFN 4096, 16 heads, layer-norm conv frontend, pre-LN.
+BASE = dict(dim=768, num_layers=12, num_heads=12, ffn_dim=3072, pre_norm=False)
+LARGE = dict(
+    dim=1024, num_layers=24, num_heads=16, ffn_dim=4096, pre_norm=True, dropout=0.0, attention_dropout=0.0
+)
+# for tests: same kernels and strides (50 Hz), narrow everything
+TINY = dict(dim=64, num_layers=2, num_heads=4, ffn_dim=128, pre_norm=False)
+# fairseq ``feature_grad_mult=0.1`` (wav2vec 2.0 / HuBERT / WavLM pretraining configs)
+CONV_BASE = dict(conv_channels=512, conv_norm="group", conv_bias=False, feature_grad_scale=0.1)
+# fairseq ``conv_bias``: True for wav2vec 2.0 large (LV-60k), False for HuBERT and WavLM large
+CONV_LARGE = dict(conv_channels=512, conv_norm="layer", conv_bias=False, feature_grad_scale=0.1)
+CONV_TINY = dict(conv_channels=32, conv_norm="group", conv_bias=False, pos_conv_kernel=16, pos_conv_groups=4)
+# WavLM base and large: gated relative position bias, 320 buckets, max distance 800
+WAVLM = dict(rel_pos_buckets=320, rel_pos_max_distance=800)
+# data2vec audio (released base model): layer-norm conv frontend and a position embedding of
+# 5 stacked convolutions of kernel 19 (fairseq ``pos_conv_depth=5``, ``conv_pos=95``)
+DATA2VEC = dict(conv_norm="layer", conv_bias=False, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16)
+
+
+@ENCODERS.register
+def wav2vec2_tiny(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "wav2vec2_tiny", {**TINY, **CONV_TINY}, overrides)
+
+
+@ENCODERS.register
+def wav2vec2_base(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "wav2vec2_base", {**BASE, **CONV_BASE}, overrides)
+
+
+@ENCODERS.register
+def wav2vec2_large(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "wav2vec2_large", {**LARGE, **CONV_LARGE, "conv_bias": True}, overrides)
+
+
+@ENCODERS.register
+def hubert_tiny(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "hubert_tiny", {**TINY, **CONV_TINY}, overrides)
+
+
+@ENCODERS.register
+def hubert_base(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "hubert_base", {**BASE, **CONV_BASE}, overrides)
+
+
+@ENCODERS.register
+def hubert_large(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "hubert_large", {**LARGE, **CONV_LARGE}, overrides)
+
+
+@ENCODERS.register
+def wavlm_tiny(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "wavlm_tiny", {**TINY, **CONV_TINY, **WAVLM}, overrides)
+
+
+@ENCODERS.register
+def wavlm_base(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "wavlm_base", {**BASE, **CONV_BASE, **WAVLM}, overrides)
+
+
+@ENCODERS.register
+def wavlm_large(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "wavlm_large", {**LARGE, **CONV_LARGE, **WAVLM}, overrides)
+
+
+@ENCODERS.register
+def data2vec_tiny(**overrides: Any) -> AudioEncoder:
+    defaults = {**TINY, **CONV_TINY, **DATA2VEC, "pos_conv_kernel": 5, "pos_conv_groups": 4}
+    return _with(build_conv_encoder, "data2vec_tiny", defaults, overrides)
+
+
+@ENCODERS.register
+def data2vec_base(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "data2vec_base", {**BASE, **CONV_BASE, **DATA2VEC}, overrides)
+
+
+@ENCODERS.register
+def data2vec_large(**overrides: Any) -> AudioEncoder:
+    return _with(build_conv_encoder, "data2vec_large", {**LARGE, **CONV_LARGE, **DATA2VEC}, overrides)
+
+
+@ENCODERS.register
+def fbank_tiny(**overrides: Any) -> AudioEncoder:
+    defaults = {**TINY, "pos_conv_kernel": 16, "pos_conv_groups": 4}
+    return _with(build_fbank_encoder, "fbank_tiny", defaults, overrides)
+
+
+@ENCODERS.register
+def fbank_base(**overrides: Any) -> AudioEncoder:
+    return _with(build_fbank_encoder, "fbank_base", BASE, overrides)
+
+
+@ENCODERS.register
+def fbank_large(**overrides: Any) -> AudioEncoder:
+    return _with(build_fbank_encoder, "fbank_large", LARGE, overrides)

@@ -1,0 +1,98 @@
+"""Causal context networks for autoregressive / contrastive predictive models (CPC, APC).
+
+Each maps ``x (B, T, C_in)`` and ``lengths (B,)`` to ``(B, T, C)`` where output frame ``t``
+depends only on input frames ``<= t``. Padding follows the valid frames, so a causal network
+never lets it reach a valid output; padded output frames hold unspecified values.
+
+* ``RecurrentContext``: a unidirectional GRU (CPC, sec. 3.1: one GRU layer with 256 units) or
+  LSTM (APC, sec. 3: three 512-unit LSTM layers with residual connections).
+* ``CausalTransformerContext``: pre-LN transformer layers with a causal attention mask and a
+  causal convolutional position embedding.
+
+Shape legend: B batch, T frames, C channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mmssl.errors import ConfigError
+from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.transformer import (
+    ConvPositionalEmbedding,
+    FeedForward,
+    SelfAttention,
+    TransformerLayer,
+    bert_init,
+)
+
+
+class RecurrentContext(nn.Module):
+    """Stack of unidirectional GRU or LSTM layers; ``residual`` adds each layer's input to its
+    output from the second layer on (APC, sec. 3)."""
+
+    def __init__(
+        self, input_dim: int, dim: int, num_layers: int = 1, cell: str = "gru", dropout: float = 0.0,
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        rnn = {"gru": nn.GRU, "lstm": nn.LSTM}.get(cell)
+        if rnn is None:
+            raise ConfigError(f"recurrent context: cell must be 'gru' or 'lstm', got {cell!r}")
+        if num_layers < 1:
+            raise ConfigError(f"recurrent context: num_layers must be >= 1, got {num_layers}")
+        self.dim, self.residual = dim, residual
+        self.layers = nn.ModuleList(
+            rnn(input_dim if i == 0 else dim, dim, batch_first=True) for i in range(num_layers)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """``x (B, T, C_in)``, ``lengths (B,)`` -> ``(B, T, C)``."""
+        # Running over the padded tail is harmless (it comes after every valid frame) and
+        # avoids packing, which needs the lengths on the host.
+        for i, layer in enumerate(self.layers):
+            y, _ = layer(x)
+            y = self.dropout(y)
+            x = x + y if (self.residual and i > 0) else y
+        return x
+
+
+class CausalTransformerContext(nn.Module):
+    """Input projection, causal position convolution, pre-LN transformer layers with a causal
+    attention mask, final LayerNorm."""
+
+    def __init__(
+        self, input_dim: int, dim: int, num_layers: int = 2, num_heads: int = 4, ffn_dim: int | None = None,
+        dropout: float = 0.1, pos_conv_kernel: int = 16, pos_conv_groups: int = 4,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(input_dim, dim) if input_dim != dim else nn.Identity()
+        self.pos_conv = ConvPositionalEmbedding(dim, pos_conv_kernel, pos_conv_groups, causal=True)
+        ffn = ffn_dim or 4 * dim
+        self.layers = nn.ModuleList(
+            TransformerLayer(
+                SelfAttention(dim, num_heads, dropout),
+                FeedForward(dim, ffn, 0.0, dropout),
+                dropout,
+                pre_norm=True,
+            )
+            for _ in range(num_layers)
+        )
+        bert_init(self.layers)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """``x (B, T, C_in)``, ``lengths (B,)`` -> ``(B, T, C)``."""
+        t = x.shape[1]
+        padding_mask = lengths_to_padding_mask(lengths, t)
+        x = self.proj(x)
+        x = x + self.pos_conv(x)
+        future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # (T, T) keys after the query
+        causal = torch.zeros(1, t, t, dtype=x.dtype, device=x.device)
+        causal = causal.masked_fill(future, torch.finfo(x.dtype).min)  # (1, T, T) additive
+        for layer in self.layers:
+            x = layer(x, padding_mask, causal)
+        return self.norm(x)

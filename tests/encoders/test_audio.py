@@ -1,0 +1,160 @@
+import pytest
+import torch
+
+import mmssl.encoders  # noqa: F401  (registers the presets)
+from mmssl.encoders.audio import AudioEncoder
+from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder
+from mmssl.errors import ConfigError, DataError
+from mmssl.registry import ENCODERS
+from mmssl.testing import tiny_audio_batch
+
+TINY = [n for n in ENCODERS.names() if n.endswith("_tiny")]
+SPEECH_TINY = ["wav2vec2_tiny", "hubert_tiny", "wavlm_tiny", "data2vec_tiny", "fbank_tiny"]
+FULL_SIZE = [n for n in ENCODERS.names() if n.endswith(("_base", "_large"))]
+
+
+def _speech(name: str, **overrides) -> SpeechEncoder:
+    torch.manual_seed(0)
+    enc = ENCODERS.build(name, **overrides)
+    if not isinstance(enc, SpeechEncoder):
+        pytest.skip(f"{name} is not a speech encoder")
+    return enc
+
+
+def test_speech_presets_are_registered():
+    for name in SPEECH_TINY:
+        assert name in ENCODERS
+    for family in ("wav2vec2", "hubert", "wavlm", "data2vec", "fbank"):
+        assert f"{family}_base" in ENCODERS and f"{family}_large" in ENCODERS
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_backward_on_a_padded_batch(name):
+    enc = _speech(name, layer_drop=0.0).train()
+    batch = tiny_audio_batch()
+    feats = enc.extract(batch["audio"], batch["audio_lens"])
+    assert isinstance(feats, Features)
+    lengths = enc.frame_lengths(batch["audio_lens"])
+    assert torch.equal(feats.lengths, lengths)
+    assert feats.x.shape == (3, int(lengths.max()), enc.dim)
+    assert feats.raw.shape == (3, int(lengths.max()), enc.feature_dim)
+    out = enc.contextualize(feats.x, feats.lengths)
+    assert isinstance(out, EncoderOutput) and out.frame_rate == enc.frame_rate
+    assert len(out.layers) == 2 and all(layer.shape == out.hidden.shape for layer in out.layers)
+    keep = torch.arange(out.hidden.shape[1]) < out.lengths[:, None]
+    (out.hidden[keep].pow(2).mean() + feats.raw.mean()).backward()
+    unused = {"mask_embedding"}
+    for pname, p in enc.named_parameters():
+        if pname not in unused:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_padded_batch_equals_each_utterance_alone(name):
+    enc = _speech(name).eval()
+    batch = tiny_audio_batch(lengths=(8000, 5121, 3200, 1000))
+    with torch.no_grad():
+        out = enc(batch["audio"], batch["audio_lens"])
+        for i, n in enumerate(batch["audio_lens"].tolist()):
+            alone = enc(batch["audio"][i : i + 1, :n], batch["audio_lens"][i : i + 1])
+            t = int(alone.lengths[0])
+            assert int(out.lengths[i]) == t == alone.hidden.shape[1]
+            for a, b in zip(out.layers + [out.hidden], alone.layers + [alone.hidden]):
+                assert torch.allclose(a[i, :t], b[0], atol=1e-5), (name, i)
+
+
+def test_frame_rates_and_frame_spec():
+    conv, fb = _speech("hubert_tiny"), _speech("fbank_tiny")
+    assert conv.frame_rate == 50.0 and fb.frame_rate == 25.0
+    samples = torch.tensor([0, 399, 400, 719, 720, 16000, 16001])
+    assert conv.frame_lengths(samples).tolist() == [0, 0, 1, 1, 2, 49, 49]
+    # 100 Hz Kaldi frames (1 + (S - 400) // 160), stacked by 4 with the last group padded
+    assert fb.frame_lengths(samples).tolist() == [0, 0, 1, 1, 1, 25, 25]
+
+
+def test_mask_replaces_only_masked_frames_with_the_learned_embedding():
+    enc = _speech("wav2vec2_tiny")
+    x = torch.randn(2, 6, enc.dim)
+    pred_mask = torch.zeros(2, 6, dtype=torch.bool)
+    pred_mask[0, 1:3] = True
+    pred_mask[1, 5] = True
+    y = enc.mask(x, pred_mask)
+    assert torch.equal(y[~pred_mask], x[~pred_mask])
+    assert torch.equal(y[pred_mask], enc.mask_embedding.detach().expand(3, -1))
+    y.sum().backward()
+    assert torch.equal(enc.mask_embedding.grad, torch.full((enc.dim,), 3.0))
+
+
+def test_zero_length_utterance_in_a_batch_gets_no_frames():
+    enc = _speech("wavlm_tiny").eval()
+    audio = torch.randn(3, 4000)
+    lens = torch.tensor([4000, 0, 300])
+    with torch.no_grad():
+        out = enc(audio, lens)
+        alone = enc(audio[:1], lens[:1])
+    assert out.lengths.tolist() == [12, 0, 0]
+    assert torch.isfinite(out.hidden).all()
+    assert torch.allclose(out.hidden[0], alone.hidden[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hubert_tiny", "fbank_tiny"])
+def test_batch_shorter_than_one_frame_is_a_data_error(name):
+    enc = _speech(name)
+    with pytest.raises(DataError, match="shorter than"):
+        enc(torch.zeros(2, 250), torch.tensor([250, 100]))
+    with pytest.raises(DataError, match="audio"):
+        enc(torch.zeros(2, 3, 800), torch.tensor([800, 800]))
+
+
+def test_feature_grad_scale_scales_only_the_frontend_gradient():
+    grads = {}
+    for scale in (1.0, 0.1):
+        enc = _speech("hubert_tiny", feature_grad_scale=scale).eval()
+        batch = tiny_audio_batch()
+        out = enc(batch["audio"], batch["audio_lens"])
+        out.hidden.sum().backward()
+        grads[scale] = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    for name, g in grads[1.0].items():
+        expected = 0.1 * g if name.startswith("frontend.") else g
+        assert torch.allclose(grads[0.1][name], expected, rtol=1e-4, atol=1e-7), name
+
+
+def test_overrides_apply_and_unknown_options_are_named():
+    enc = _speech("hubert_tiny", dim=32, num_layers=3, num_heads=2, pos_conv_groups=2)
+    assert enc.dim == 32 and len(enc.transformer.layers) == 3
+    assert enc.transformer.layers[0].attention.num_heads == 2
+    with pytest.raises(ConfigError, match="'dims'"):
+        ENCODERS.build("hubert_tiny", dims=32)
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_full_size_parameter_counts(name):
+    with torch.device("meta"):  # no memory, no initialisation time
+        enc = ENCODERS.build(name)
+    if not isinstance(enc, AudioEncoder):
+        pytest.skip(f"{name} is not a speech encoder")
+    millions = sum(p.numel() for p in enc.parameters()) / 1e6
+    if name.endswith("_base"):
+        # wav2vec 2.0 / HuBERT / WavLM base: ~94.4M, data2vec ~93.2M; the filterbank variant has no conv stack
+        low = 85.0 if name.startswith("fbank") else 93.0
+        assert low < millions < 95.5, millions
+        assert enc.dim == 768 and len(enc.transformer.layers) == 12 and not enc.transformer.pre_norm
+    else:
+        assert 300.0 < millions < 320.0, millions
+        assert enc.dim == 1024 and len(enc.transformer.layers) == 24 and enc.transformer.pre_norm
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", SPEECH_TINY)
+def test_bf16_autocast_on_cuda_is_close_to_float32(name):
+    enc = _speech(name).cuda().eval()
+    batch = tiny_audio_batch(lengths=(8000, 5121, 300))
+    audio, lens = batch["audio"].cuda(), batch["audio_lens"].cuda()
+    with torch.no_grad():
+        ref = enc(audio, lens)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = enc(audio, lens)
+    assert torch.isfinite(out.hidden).all()
+    keep = torch.arange(out.hidden.shape[1], device="cuda") < out.lengths[:, None]
+    err = (out.hidden.float() - ref.hidden)[keep].abs().mean() / ref.hidden[keep].abs().mean()
+    assert err < 0.05, float(err)

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from torch import nn
+
+from mmssl.data.features import fbank, stack_frames
+from mmssl.errors import DataError
+from mmssl.nn.frontend import FbankFrontend, MaskedGroupNorm, build_conv_frontend
+from mmssl.testing import tiny_audio_batch
+
+
+def test_frame_spec_matches_conv_output_for_many_lengths():
+    frontend = build_conv_frontend(channels=4).eval()
+    for n in [400, 401, 719, 720, 721, 1039, 1040, 3333, 8000]:
+        with torch.no_grad():
+            x, lens = frontend(torch.randn(1, n), torch.tensor([n]))
+        assert x.shape[1] == lens.item() == frontend.frame_spec(torch.tensor([n])).item(), n
+    # closed form of the 400-sample window / 320-sample hop (wav2vec 2.0)
+    samples = torch.arange(0, 20000, 37)
+    expected = ((samples - 400).div(320, rounding_mode="floor") + 1).clamp(min=0)
+    assert torch.equal(frontend.frame_spec(samples), expected)
+    assert frontend.receptive_field == 400 and frontend.hop == 320 and frontend.frame_rate == 50.0
+
+
+def test_masked_group_norm_equals_group_norm_without_padding():
+    torch.manual_seed(0)
+    norm = MaskedGroupNorm(6)
+    ref = nn.GroupNorm(6, 6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        ref.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 6, 17)
+    assert torch.allclose(norm(x, torch.tensor([17, 17])), ref(x), atol=1e-5)
+    # with padding, statistics cover only valid frames: the prefix alone gives the same values
+    out = norm(x, torch.tensor([17, 9]))
+    assert torch.allclose(out[1, :, :9], ref(x[1:, :, :9])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_conv_frontend_batch_consistency(norm):
+    torch.manual_seed(0)
+    frontend = build_conv_frontend(channels=8, norm=norm).eval()
+    batch = tiny_audio_batch()
+    with torch.no_grad():
+        x, lens = frontend(batch["audio"], batch["audio_lens"])
+        for i, n in enumerate(batch["audio_lens"].tolist()):
+            alone, alone_len = frontend(batch["audio"][i : i + 1, :n], torch.tensor([n]))
+            assert lens[i] == alone_len[0]
+            assert torch.allclose(x[i, : lens[i]], alone[0], atol=1e-5)
+
+
+def test_conv_frontend_rejects_a_batch_shorter_than_one_window():
+    frontend = build_conv_frontend(channels=4)
+    with pytest.raises(DataError, match="400"):
+        frontend(torch.zeros(2, 399), torch.tensor([399, 100]))
+
+
+def test_fbank_frontend_is_stacked_kaldi_fbank_per_utterance():
+    frontend = FbankFrontend(num_mel_bins=80, stack=4)
+    assert frontend.frame_rate == 25.0 and frontend.out_dim == 320
+    batch = tiny_audio_batch(lengths=(4000, 2321, 640))
+    x, lens = frontend(batch["audio"], batch["audio_lens"])
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        expected = stack_frames(fbank(batch["audio"][i, :n]), 4)
+        assert lens[i].item() == expected.shape[0]
+        assert torch.allclose(x[i, : lens[i]], expected)
+    # frames: 1 + (S - 400) // 160 at 100 Hz, then ceil(/ 4)
+    assert lens.tolist() == [-(-(1 + (n - 400) // 160) // 4) for n in (4000, 2321, 640)]
+    assert not x[2, lens[2] :].any()  # padding frames stay zero
