@@ -1,0 +1,1 @@
+"""Data: manifests, PyAV decoding, features, datasets, collation, samplers, noise."""
