@@ -2,6 +2,7 @@
 add new modules to the explicit import list below."""
 
 import mmssl.encoders.audio  # noqa: F401  (registers the speech encoder presets)
+import mmssl.encoders.av  # noqa: F401  (registers the audio-visual presets av_*)
 from mmssl.encoders.base import EncoderOutput, Features, FrameSpec, SpeechEncoder
 
 __all__ = ["EncoderOutput", "Features", "FrameSpec", "SpeechEncoder"]

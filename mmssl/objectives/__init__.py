@@ -1,6 +1,14 @@
 """Objectives, one file per method. Each registers its builder in
 ``mmssl.registry.OBJECTIVES`` on import; add new modules to the explicit import list below."""
 
+import mmssl.objectives.av_hubert  # noqa: F401  (av_hubert)
+import mmssl.objectives.cca  # noqa: F401  (dcca, soft_cca, dccae)
+import mmssl.objectives.cpc  # noqa: F401  (cpc, wav2vec)
+import mmssl.objectives.data2vec  # noqa: F401  (data2vec)
+import mmssl.objectives.hubert  # noqa: F401  (hubert)
+import mmssl.objectives.multiview_contrastive  # noqa: F401  (multiview_contrastive)
+import mmssl.objectives.wav2vec2  # noqa: F401  (wav2vec2)
+import mmssl.objectives.wavlm  # noqa: F401  (wavlm)
 from mmssl.objectives.base import Objective
 
 __all__ = ["Objective"]

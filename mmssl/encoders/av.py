@@ -1,0 +1,281 @@
+"""The audio-visual encoder: two 25 Hz streams, fusion, one shared transformer (AV-HuBERT).
+
+* audio: 80 Kaldi filterbanks stacked x4 (100 Hz -> 25 Hz) and a linear projection
+  (AV-HuBERT's audio ``SubModel``: a Linear from the stacked features to the model dim);
+* video: the lip encoder (3D stem + ResNet-18, 512-d per frame) and a linear projection;
+* fusion: concat, LayerNorm, Linear, with modality dropout (:class:`AVFusion`);
+* the transformer (``mmssl.nn.transformer``), every layer returned.
+
+The halves are exposed so objectives can act between them: ``audio_features`` /
+``video_features`` (AV-HuBERT masks there), ``fuse``, ``contextualize``. ``encode(batch)`` runs
+everything on whichever of ``audio`` / ``video`` the batch has; a missing modality is fed as
+zeros inside the fusion. A stream can also be left out at build time (``audio=False`` or
+``video=False``), which makes a single-modality tower for the multi-view objectives.
+
+Presets (``ENCODERS``): ``av_tiny``, ``av_base`` (AV-HuBERT Base: 12 layers, 768 dims,
+12 heads, FFN 3072), ``av_large`` (AV-HuBERT Large: 24 layers, 1024 dims, 16 heads, FFN 4096).
+
+Also here: ``paired_towers`` / ``TwoTowerViews`` (an audio-only and a video-only encoder, as
+the multi-view and CCA objectives use them), ``substitute_frames`` (AV-HuBERT's video masking)
+and ``av_features`` (frozen layer features, for k-means targets of the next iteration).
+
+Shape legend: B batch, S samples, T frames (25 Hz), C model dim, F stacked filterbanks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmssl.encoders.base import EncoderOutput
+from mmssl.encoders.fusion import AVFusion
+from mmssl.encoders.video import LipEncoder, lip_resnet18, lip_tiny
+from mmssl.errors import ConfigError, DataError
+from mmssl.nn.frontend import FbankFrontend
+from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.transformer import TransformerEncoder, build_transformer
+from mmssl.registry import ENCODERS
+
+FRAME_RATE = 25.0
+
+
+class AVEncoder(nn.Module):
+    """Injected parts: ``audio_frontend`` + ``audio_proj`` (or None), ``video_frontend`` +
+    ``video_proj`` (or None), ``fusion``, ``transformer``."""
+
+    def __init__(
+        self,
+        audio_frontend: FbankFrontend | None,
+        audio_proj: nn.Module | None,
+        video_frontend: LipEncoder | None,
+        video_proj: nn.Module | None,
+        fusion: AVFusion,
+        transformer: TransformerEncoder,
+        mask_embedding: bool = True,
+    ) -> None:
+        super().__init__()
+        if audio_frontend is None and video_frontend is None:
+            raise ConfigError("an audio-visual encoder needs at least one stream")
+        self.audio_frontend, self.audio_proj = audio_frontend, audio_proj
+        self.video_frontend, self.video_proj = video_frontend, video_proj
+        self.fusion, self.transformer = fusion, transformer
+        self.dim = transformer.dim
+        self.frame_rate = FRAME_RATE
+        self.frame_spec = audio_frontend.frame_spec if audio_frontend is not None else None
+        # AV-HuBERT / HuBERT: a learned vector drawn uniformly in [0, 1) for masked audio frames
+        # (left out when nothing masks, so every parameter takes part in a step, as DDP wants)
+        use_mask = mask_embedding and audio_frontend is not None
+        self.audio_mask_embedding = nn.Parameter(torch.rand(fusion.audio_dim)) if use_mask else None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m, f in (("audio", self.audio_frontend), ("video", self.video_frontend)) if f is not None)
+
+    def audio_features(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``audio (B, S)`` -> ``(x (B, T, Ca), raw (B, T, F), lengths (B,))`` at 25 Hz."""
+        if self.audio_frontend is None or self.audio_proj is None:
+            raise DataError("this encoder has no audio stream, but the batch has audio")
+        raw, lengths = self.audio_frontend(audio, audio_lens)
+        return self.audio_proj(raw), raw, lengths
+
+    def video_features(self, video: Tensor, video_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """``video (B, T, 1, H, W)`` normalised crops -> ``(x (B, T, Cv), lengths (B,))``."""
+        if self.video_frontend is None or self.video_proj is None:
+            raise DataError("this encoder has no video stream, but the batch has video")
+        out = self.video_frontend(video, video_lens)
+        return self.video_proj(out.hidden), out.lengths
+
+    def mask_audio(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Replace frames of ``x (B, T, Ca)`` where ``mask (B, T)`` with the learned embedding."""
+        if self.audio_mask_embedding is None:
+            raise ConfigError("this encoder was built without a mask embedding (mask_embedding=False)")
+        return torch.where(mask.unsqueeze(-1), self.audio_mask_embedding.to(x.dtype), x)
+
+    def fuse(
+        self,
+        audio: Tensor | None,
+        audio_lens: Tensor | None,
+        video: Tensor | None,
+        video_lens: Tensor | None,
+        keep: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        return self.fusion(audio, audio_lens, video, video_lens, keep)
+
+    def contextualize(self, x: Tensor, lengths: Tensor) -> EncoderOutput:
+        return self.transformer(x, lengths, frame_rate=self.frame_rate)
+
+    def fused_input(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """The transformer's input ``(x (B, T, C), lengths (B,))`` from the ``audio``/``audio_lens``
+        and/or ``video``/``video_lens`` of ``batch`` (modality dropout applies in training)."""
+        a = a_lens = v = v_lens = None
+        if "audio" in batch and self.audio_frontend is not None:
+            a, _, a_lens = self.audio_features(batch["audio"], batch["audio_lens"])
+        if "video" in batch and self.video_frontend is not None:
+            v, v_lens = self.video_features(batch["video"], batch["video_lens"])
+        if a is None and v is None:
+            raise DataError(f"the batch has none of this encoder's modalities {self.modalities}")
+        return self.fuse(a, a_lens, v, v_lens)
+
+    def encode(self, batch: dict) -> EncoderOutput:
+        """Run on whichever of audio / video the batch has; a missing one is zeros in the fusion."""
+        return self.contextualize(*self.fused_input(batch))
+
+    def forward(
+        self,
+        audio: Tensor | None = None,
+        audio_lens: Tensor | None = None,
+        video: Tensor | None = None,
+        video_lens: Tensor | None = None,
+    ) -> EncoderOutput:
+        batch = {}
+        if audio is not None:
+            batch.update(audio=audio, audio_lens=audio_lens)
+        if video is not None:
+            batch.update(video=video, video_lens=video_lens)
+        return self.encode(batch)
+
+
+def substitute_frames(video: Tensor, src_index: Tensor) -> Tensor:
+    """``video (B, T, ...)`` with frame ``t`` of clip ``b`` taken from frame ``src_index[b, t]``
+    of the same clip. ``src_index (B, T)`` long (identity where nothing is replaced)."""
+    b, t = src_index.shape
+    idx = src_index.view(b, t, *([1] * (video.dim() - 2))).expand(b, t, *video.shape[2:])
+    return video.gather(1, idx)
+
+
+def build_av_encoder(
+    dim: int = 768,
+    num_layers: int = 12,
+    num_heads: int = 12,
+    ffn_dim: int = 3072,
+    lip: str = "resnet18",
+    audio: bool = True,
+    video: bool = True,
+    num_mel_bins: int = 80,
+    stack: int = 4,
+    modality_dropout: float = 0.5,
+    audio_dropout: float = 0.5,
+    pre_norm: bool = True,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+    activation_dropout: float = 0.0,
+    layer_drop: float = 0.05,
+    pos_conv_kernel: int = 128,
+    pos_conv_groups: int = 16,
+    mask_embedding: bool = True,
+) -> AVEncoder:
+    """Audio-visual encoder. ``lip``: ``"resnet18"`` (AV-HuBERT) or ``"tiny"`` (tests, CPU);
+    ``mask_embedding``: whether masked-prediction objectives can mask the audio stream."""
+    lips = {"resnet18": lip_resnet18, "tiny": lip_tiny}
+    if lip not in lips:
+        raise ConfigError(f"av encoder: lip must be one of {sorted(lips)}, got {lip!r}")
+    if not (audio or video):
+        raise ConfigError("av encoder: audio and video cannot both be off")
+    audio_frontend = FbankFrontend(num_mel_bins, stack) if audio else None
+    audio_proj = nn.Linear(audio_frontend.out_dim, dim) if audio_frontend is not None else None
+    video_frontend = lips[lip]() if video else None
+    video_proj = nn.Linear(video_frontend.dim, dim) if video_frontend is not None else None
+    both = audio and video
+    fusion = AVFusion(dim, dim, dim, modality_dropout if both else 0.0, audio_dropout)
+    transformer = build_transformer(
+        dim, num_layers, num_heads, ffn_dim, dropout, attention_dropout, activation_dropout,
+        layer_drop, pre_norm, pos_conv_kernel, pos_conv_groups,
+    )
+    return AVEncoder(audio_frontend, audio_proj, video_frontend, video_proj, fusion, transformer, mask_embedding)
+
+
+def _with(preset: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> AVEncoder:
+    known = set(inspect.signature(build_av_encoder).parameters)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(
+            f"encoder {preset!r} has no option {', '.join(map(repr, unknown))}; it takes: {', '.join(sorted(known))}"
+        )
+    return build_av_encoder(**{**defaults, **overrides})
+
+
+AV_TINY = dict(dim=64, num_layers=2, num_heads=4, ffn_dim=128, lip="tiny", pos_conv_kernel=16, pos_conv_groups=4, layer_drop=0.0)
+AV_BASE = dict(dim=768, num_layers=12, num_heads=12, ffn_dim=3072)  # AV-HuBERT Base
+AV_LARGE = dict(dim=1024, num_layers=24, num_heads=16, ffn_dim=4096)  # AV-HuBERT Large
+
+
+@ENCODERS.register
+def av_tiny(**overrides: Any) -> AVEncoder:
+    return _with("av_tiny", AV_TINY, overrides)
+
+
+@ENCODERS.register
+def av_base(**overrides: Any) -> AVEncoder:
+    return _with("av_base", AV_BASE, overrides)
+
+
+@ENCODERS.register
+def av_large(**overrides: Any) -> AVEncoder:
+    return _with("av_large", AV_LARGE, overrides)
+
+
+def paired_towers(size: str, **overrides: Any) -> tuple[AVEncoder, AVEncoder]:
+    """An audio-only and a video-only encoder of preset ``size`` (tiny | base | large)."""
+    presets = {"tiny": av_tiny, "base": av_base, "large": av_large}
+    if size not in presets:
+        raise ConfigError(f"size must be one of {sorted(presets)}, got {size!r}")
+    overrides = {"mask_embedding": False, **overrides}
+    return presets[size](video=False, **overrides), presets[size](audio=False, **overrides)
+
+
+def require_paired(batch: dict, what: str) -> None:
+    """``DataError`` naming ``what`` unless the batch has both audio and video."""
+    missing = [k for k in ("audio", "audio_lens", "video", "video_lens") if k not in batch]
+    if missing:
+        raise DataError(f"{what} needs paired audio and video; the batch lacks {', '.join(missing)}")
+
+
+class TwoTowerViews(nn.Module):
+    """An audio tower and a video tower, each followed by a linear head to ``out_dim``; gives
+    the frame-aligned views ``(B, T, out_dim)`` twice, their common ``lengths``, and the
+    towers' inputs that DCCAE reconstructs."""
+
+    def __init__(self, audio_tower: AVEncoder, video_tower: AVEncoder, out_dim: int) -> None:
+        super().__init__()
+        self.audio_tower, self.video_tower = audio_tower, video_tower
+        self.audio_head = nn.Linear(audio_tower.dim, out_dim)
+        self.video_head = nn.Linear(video_tower.dim, out_dim)
+
+    def encode_pair(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Tower outputs cut to a common length: ``(ha (B, T, Ca), hv (B, T, Cv), lengths (B,),
+        audio_raw (B, T, F))`` (``audio_raw``: the stacked filterbanks the audio tower read)."""
+        a, raw, a_lens = self.audio_tower.audio_features(batch["audio"], batch["audio_lens"])
+        x, a_lens = self.audio_tower.fuse(a, a_lens, None, None)
+        out_a = self.audio_tower.contextualize(x, a_lens)
+        out_v = self.video_tower.encode({"video": batch["video"], "video_lens": batch["video_lens"]})
+        t = min(out_a.hidden.shape[1], out_v.hidden.shape[1])
+        lengths = torch.minimum(out_a.lengths, out_v.lengths).clamp(max=t)
+        return out_a.hidden[:, :t], out_v.hidden[:, :t], lengths, raw[:, :t]
+
+    def forward(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> ``(za (B, T, K), zv (B, T, K), lengths (B,), audio_raw (B, T, F))``."""
+        ha, hv, lengths, raw = self.encode_pair(batch)
+        return self.audio_head(ha), self.video_head(hv), lengths, raw
+
+
+def av_features(encoder: AVEncoder, batch: dict, layer: int | None = None) -> tuple[Tensor, Tensor]:
+    """Frozen features for k-means / probes: ``(B, T, C)`` of transformer layer ``layer``
+    (1-based; 0 = the fused transformer input; None = the final output) on whatever modalities
+    the batch has, and ``lengths (B,)``. Padded frames are zero. Call in eval mode."""
+    with torch.no_grad():
+        x, lengths = encoder.fused_input(batch)
+        if layer == 0:
+            feats = x
+        else:
+            out = encoder.contextualize(x, lengths)
+            if layer is None:
+                feats = out.hidden
+            elif 1 <= layer <= len(out.layers):
+                feats = out.layers[layer - 1]
+            else:
+                raise ConfigError(f"layer {layer} out of range: the encoder has layers 1..{len(out.layers)} (0: their input)")
+    pad = lengths_to_padding_mask(lengths, feats.shape[1])
+    return feats.masked_fill(pad.unsqueeze(-1), 0.0), lengths

@@ -1,0 +1,233 @@
+"""Layer-wise CCA similarity: how much of a reference (input features, another model's layers)
+each layer of an encoder keeps, as a table and a PNG plot.
+
+Three scores of two sets of frames ``x (N, Dx)``, ``y (N, Dy)`` (rows are the same frames):
+
+* ``"mean"``: mean of the top canonical correlations (linear CCA, ``mmssl.objectives.cca``);
+* ``"svcca"``: SVCCA (Raghu et al., 2017): each view is first reduced to the top singular
+  directions that keep ``keep_variance`` (0.99 in the paper) of its variance, then mean CCA;
+* ``"pwcca"``: projection-weighted CCA (Morcos et al., 2018, eq. 2): canonical correlations
+  weighted by how much of ``x`` each canonical variate accounts for,
+  ``alpha_i ~ sum_j |<h_i, x_j>|`` with ``h_i`` the i-th canonical variate and ``x_j`` the
+  centred columns of ``x``.
+
+Frames come from padded batches through :func:`valid_frames`, so padding never enters a
+statistic. CCA needs many more frames than dimensions (``N >> D``); ``reg`` adds a small ridge.
+The plot is drawn with Pillow (no matplotlib dependency).
+
+Shape legend: B batch, T frames, C channels, N frames pooled over a data set, L layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmssl.encoders.av import AVEncoder
+from mmssl.encoders.base import EncoderOutput
+from mmssl.errors import ConfigError
+from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.objectives.cca import linear_cca
+
+METHODS = ("mean", "svcca", "pwcca")
+
+
+def valid_frames(x: Tensor, lengths: Tensor) -> Tensor:
+    """``x (B, T, C)`` -> ``(N, C)``: the valid frames of every utterance, in order."""
+    keep = ~lengths_to_padding_mask(lengths.to(x.device), x.shape[1])
+    return x[keep]
+
+
+def _centre(x: Tensor) -> Tensor:
+    x = x.detach().double()
+    return x - x.mean(0)
+
+
+def svd_reduce(x: Tensor, keep_variance: float = 0.99) -> Tensor:
+    """Centred ``x (N, D)`` projected on its top singular directions that keep
+    ``keep_variance`` of the variance -> ``(N, D')``."""
+    xc = _centre(x)
+    u, s, _ = torch.linalg.svd(xc, full_matrices=False)
+    energy = torch.cumsum(s**2, 0) / (s**2).sum().clamp(min=1e-300)
+    dims = int(torch.searchsorted(energy, torch.tensor(keep_variance, dtype=energy.dtype)).item()) + 1
+    dims = min(dims, s.shape[0])
+    return u[:, :dims] * s[:dims]
+
+
+def cca_similarity(
+    x: Tensor,
+    y: Tensor,
+    method: str = "mean",
+    k: int | None = None,
+    reg: float = 1e-6,
+    keep_variance: float = 0.99,
+) -> float:
+    """Similarity in [0, 1] of ``x (N, Dx)`` and ``y (N, Dy)`` (same frames in the same order).
+
+    ``k``: number of canonical correlations used (default all, ``min(Dx, Dy)`` after any SVD
+    reduction).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown CCA similarity {method!r}; one of {', '.join(METHODS)}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} frames but y has {y.shape[0]}")
+    xc, yc = _centre(x), _centre(y)
+    if method == "svcca":
+        xc, yc = svd_reduce(xc, keep_variance), svd_reduce(yc, keep_variance)
+    k = min(k or min(xc.shape[1], yc.shape[1]), xc.shape[1], yc.shape[1])
+    corrs, proj_x, _ = linear_cca(xc, yc, k, reg)
+    corrs = corrs.clamp(0.0, 1.0)
+    if method != "pwcca":
+        return float(corrs.mean())
+    variates = xc @ proj_x  # (N, k) canonical variates of x
+    variates = variates / variates.norm(dim=0).clamp(min=1e-300)
+    alpha = (variates.T @ xc).abs().sum(1)  # (k,)
+    return float((alpha / alpha.sum().clamp(min=1e-300) * corrs).sum())
+
+
+def collect_layers(
+    encode: Callable[[dict], EncoderOutput], batches: Iterable[dict], inputs: Callable[[dict], tuple[Tensor, Tensor]] | None = None
+) -> tuple[list[Tensor], Tensor | None]:
+    """Run ``encode`` without gradients over ``batches``; return every layer's valid frames
+    ``[(N, C)] * L`` and, when ``inputs(batch) -> (features (B, T', F), lengths)`` is given, the
+    input features cut to the same frames ``(N, F)``."""
+    layers: list[list[Tensor]] = []
+    feats: list[Tensor] = []
+    with torch.no_grad():
+        for batch in batches:
+            out = encode(batch)
+            if not layers:
+                layers = [[] for _ in out.layers]
+            for store, layer in zip(layers, out.layers):
+                store.append(valid_frames(layer, out.lengths).cpu())
+            if inputs is not None:
+                f, f_lens = inputs(batch)
+                t = min(f.shape[1], out.layers[0].shape[1])
+                feats.append(valid_frames(f[:, :t], torch.minimum(f_lens, out.lengths).clamp(max=t)).cpu())
+    if not layers:
+        raise ConfigError("no batches to collect layers from")
+    return [torch.cat(s) for s in layers], (torch.cat(feats) if feats else None)
+
+
+def av_layers_and_inputs(encoder: AVEncoder, batches: Iterable[dict]) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Valid frames of every transformer layer of an audio-visual encoder (eval mode, no
+    gradients) and of its inputs on the same frames: ``"fbank"`` (the stacked filterbanks)
+    and ``"lips"`` (the projected lip-encoder features) for the modalities the batches have."""
+    layers: list[list[Tensor]] = []
+    inputs: dict[str, list[Tensor]] = {}
+    encoder.eval()
+    with torch.no_grad():
+        for batch in batches:
+            a = a_lens = raw = v = v_lens = None
+            if "audio" in batch and encoder.audio_frontend is not None:
+                a, raw, a_lens = encoder.audio_features(batch["audio"], batch["audio_lens"])
+            if "video" in batch and encoder.video_frontend is not None:
+                v, v_lens = encoder.video_features(batch["video"], batch["video_lens"])
+            x, lengths = encoder.fuse(a, a_lens, v, v_lens)
+            out = encoder.contextualize(x, lengths)
+            layers = layers or [[] for _ in out.layers]
+            for store, layer in zip(layers, out.layers):
+                store.append(valid_frames(layer, lengths).cpu())
+            t = x.shape[1]
+            for name, feats in (("fbank", raw), ("lips", v)):
+                if feats is not None:
+                    inputs.setdefault(name, []).append(valid_frames(feats[:, :t], lengths).cpu())
+    if not layers:
+        raise ConfigError("no batches to collect layers from")
+    return [torch.cat(s) for s in layers], {k: torch.cat(v) for k, v in inputs.items()}
+
+
+def layerwise_similarity(
+    layers: Sequence[Tensor], references: Sequence[Tensor], method: str = "mean", **kwargs: float
+) -> np.ndarray:
+    """``(L, M)`` matrix: similarity of each of ``L`` layers ``(N, C)`` with each of ``M``
+    references ``(N, D)`` (input features, or another model's layers)."""
+    table = np.zeros((len(layers), len(references)))
+    for i, layer in enumerate(layers):
+        for j, ref in enumerate(references):
+            table[i, j] = cca_similarity(layer, ref, method, **kwargs)  # type: ignore[arg-type]
+    return table
+
+
+def format_table(values: np.ndarray, rows: Sequence[str], columns: Sequence[str], digits: int = 3) -> str:
+    """A Markdown table of ``values (L, M)``."""
+    values = np.atleast_2d(values)
+    head = "| layer | " + " | ".join(columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    body = [f"| {r} | " + " | ".join(f"{v:.{digits}f}" for v in row) + " |" for r, row in zip(rows, values)]
+    return "\n".join([head, rule, *body])
+
+
+# colour-blind-safe palette (Okabe & Ito)
+PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0)]
+
+
+def plot_png(
+    values: np.ndarray,
+    path: str | Path,
+    series: Sequence[str],
+    title: str = "layer-wise CCA similarity",
+    size: tuple[int, int] = (640, 400),
+) -> Path:
+    """Line plot of ``values (L, M)``: similarity (0..1, y) against layer (1..L, x), one line per
+    reference, drawn with Pillow. Returns the path of the PNG."""
+    from PIL import Image, ImageDraw
+
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    if values.shape[0] == 1 and len(series) != 1:
+        values = values.T
+    w, h = size
+    left, right, top, bottom = 60, 20 + 120, 40, 50
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    x0, x1, y0, y1 = left, w - right, top, h - bottom
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    n = values.shape[0]
+
+    def px(i: int) -> float:
+        return x0 + (x1 - x0) * (i / max(n - 1, 1))
+
+    def py(v: float) -> float:
+        return y1 - (y1 - y0) * float(np.clip(v, 0.0, 1.0))
+
+    for tick in np.linspace(0, 1, 6):
+        draw.line([x0 - 4, py(tick), x0, py(tick)], fill=(0, 0, 0))
+        draw.text((x0 - 34, py(tick) - 6), f"{tick:.1f}", fill=(0, 0, 0))
+    for i in range(n):
+        draw.line([px(i), y1, px(i), y1 + 4], fill=(0, 0, 0))
+        draw.text((px(i) - 4, y1 + 8), str(i + 1), fill=(0, 0, 0))
+    draw.text(((x0 + x1) // 2 - 16, h - 20), "layer", fill=(0, 0, 0))
+    draw.text((x0, 12), title, fill=(0, 0, 0))
+    for j, name in enumerate(series):
+        colour = PALETTE[j % len(PALETTE)]
+        points = [(px(i), py(values[i, j])) for i in range(n)]
+        if n > 1:
+            draw.line(points, fill=colour, width=3)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        ly = y0 + 16 * j
+        draw.line([x1 + 10, ly + 6, x1 + 30, ly + 6], fill=colour, width=3)
+        draw.text((x1 + 36, ly), name, fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def layerwise_report(
+    layers: Sequence[Tensor], references: dict[str, Tensor], out_dir: str | Path, method: str = "pwcca", **kwargs: float
+) -> np.ndarray:
+    """Write ``cca_<method>.md`` (table) and ``cca_<method>.png`` (plot) in ``out_dir``; return
+    the ``(L, M)`` values."""
+    names = list(references)
+    values = layerwise_similarity(layers, [references[n] for n in names], method, **kwargs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [str(i + 1) for i in range(len(layers))]
+    (out / f"cca_{method}.md").write_text(format_table(values, rows, names) + "\n")
+    plot_png(values, out / f"cca_{method}.png", names, title=f"layer-wise {method.upper()} similarity")
+    return values

@@ -1,0 +1,258 @@
+"""``mmssl kmeans``: cluster frame features into HuBERT targets.
+
+    mmssl kmeans --manifest M (--features mfcc | --checkpoint C --layer L) --k K --out DIR
+                 [--fit-fraction F] [--device auto|cpu|cuda] [--seed S]
+
+writes ``DIR/<manifest stem>.km`` (one line of space-separated cluster ids per record, in
+manifest order, at the feature's frame rate) and ``DIR/kmeans.pt`` (centroids, k, feature
+description, label rate). As HuBERT (sec. IV-B), k-means is fitted on the frames of a random
+subset of the records (``--fit-fraction``, 10% by default, grown until there are at least
+10 frames per cluster) and then every frame is assigned. Features are computed on the fly and
+kept in memory only for the fitting subset; nothing is dumped to disk. When the records carry
+phone alignments (the built-in corpus's ``align`` key), phone purity, cluster purity and PNMI
+are printed and written to ``DIR/quality.json``.
+
+Features: ``mfcc`` (39 MFCC + deltas at 100 Hz, HuBERT's first iteration) or layer ``L`` of
+the encoder of a trained run (``--checkpoint``: a run folder, a checkpoint folder or a
+``.safetensors`` file; ``L`` counts transformer layers from 1, 0 is the input of the first).
+A speech encoder reads each record's audio (50 Hz labels); an audio-visual encoder
+(AV-HuBERT's later iterations) reads its audio and lip video and gives 25 Hz labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from mmssl.errors import ConfigError, DataError
+from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_alignment
+from mmssl.nn.kmeans import KMeans
+
+FeatureFn = Callable[[dict], Tensor]  # manifest record -> features (T, D) on the device
+MFCC_RATE = 100.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="JSON-lines manifest with an 'audio' path per record")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", choices=["mfcc"], help="cluster 39-dim MFCC (+deltas) at 100 Hz")
+    source.add_argument("--checkpoint", help="run folder or checkpoint whose encoder layer to cluster")
+    parser.add_argument("--layer", type=int, help="transformer layer (1 = first) with --checkpoint")
+    parser.add_argument("--k", type=int, required=True, help="number of clusters")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--fit-fraction", type=float, default=0.1, help="fraction of records to fit on (default 0.1)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-iter", type=int, default=100, help="Lloyd iterations at most")
+    parser.add_argument("--n-init", type=int, default=1, help="k-means++ restarts, the best kept")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda; got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def _run_dir_of(path: Path) -> Path:
+    for folder in [path, *path.parents]:
+        if (folder / "config.yaml").is_file():
+            return folder
+    raise DataError(f"{path}: no config.yaml in this folder or above it (not an `mmssl pretrain` run)")
+
+
+def load_encoder_from_run(run_dir_or_ckpt: str | os.PathLike):
+    """The speech encoder of a pretraining run: rebuilds the objective from the run's
+    ``config.yaml``, loads the checkpoint's weights (the latest one for a run folder) and
+    returns ``objective.encoder`` in eval mode."""
+    from omegaconf import OmegaConf
+
+    from mmssl.train.build import build_objective
+    from mmssl.train.checkpoint import load_weights
+
+    path = Path(run_dir_or_ckpt)
+    if not path.exists():
+        raise DataError(f"{path}: checkpoint not found")
+    run_dir = _run_dir_of(path if path.is_dir() else path.parent)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    objective = build_objective(cfg)
+    state = load_weights(path)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    missing, unexpected = objective.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(f"{path}: weights do not match objective {cfg.objective.name!r} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    encoder = getattr(objective, "encoder", None)
+    if encoder is None or not hasattr(encoder, "contextualize"):
+        raise DataError(f"{path}: objective {cfg.objective.name!r} has no speech encoder to cluster")
+    return encoder.eval()
+
+
+def _layer(out, layer: int) -> Tensor:
+    if not 1 <= layer <= len(out.layers):
+        raise ConfigError(f"--layer {layer}: the encoder has layers 1..{len(out.layers)} (0: their input)")
+    return out.layers[layer - 1]
+
+
+def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[FeatureFn, float]:
+    """A feature function giving layer ``layer`` of ``encoder`` for one record, and its frame rate.
+
+    A speech encoder (``extract`` + ``contextualize``) reads the record's audio; an
+    audio-visual encoder (``fused_input``) reads its audio and lip video."""
+    encoder = encoder.to(device)
+    if hasattr(encoder, "fused_input"):
+        return _av_layer_features(encoder, layer, device)
+
+    @torch.no_grad()
+    def features(record: dict) -> Tensor:
+        wave = _load(record)
+        audio = wave.to(device).unsqueeze(0)  # (1, S)
+        lens = torch.tensor([wave.shape[0]], device=device)
+        feats = encoder.extract(audio, lens)
+        n = int(feats.lengths[0])
+        if layer == 0:
+            return feats.x[0, :n].float()
+        return _layer(encoder.contextualize(feats.x, feats.lengths), layer)[0, :n].float()
+
+    return features, float(encoder.frame_rate)
+
+
+def _av_layer_features(encoder, layer: int, device: torch.device) -> tuple[FeatureFn, float]:
+    from mmssl.data.datasets import lip_frames
+    from mmssl.data.io import load_video
+    from mmssl.encoders.av import av_features
+
+    def features(record: dict) -> Tensor:
+        if not record.get("video"):
+            raise DataError(f"record {record.get('id')!r}: no 'video' path for an audio-visual encoder")
+        wave = _load(record)
+        video = lip_frames(load_video(record["video"]))  # (T, 1, 88, 88)
+        batch = {
+            "audio": wave.to(device).unsqueeze(0), "audio_lens": torch.tensor([wave.shape[0]], device=device),
+            "video": video.to(device).unsqueeze(0), "video_lens": torch.tensor([video.shape[0]], device=device),
+        }
+        feats, lengths = av_features(encoder, batch, layer)
+        return feats[0, : int(lengths[0])].float()
+
+    return features, float(encoder.frame_rate)
+
+
+def mfcc_features(device: torch.device) -> tuple[FeatureFn, float]:
+    from mmssl.data.features import mfcc
+
+    return (lambda record: mfcc(_load(record)).to(device).float()), MFCC_RATE
+
+
+def kmeans_info(labels_dir: str | os.PathLike) -> dict:
+    """``k`` and ``label_rate`` (Hz) of an ``mmssl kmeans`` output folder, from its
+    ``kmeans.pt``: what a HuBERT-style objective needs as ``num_classes`` and ``label_rate``."""
+    path = Path(labels_dir) / "kmeans.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {"k": int(state["k"]), "label_rate": float(state["label_rate"])}
+    except (OSError, RuntimeError, KeyError, EOFError) as err:
+        raise DataError(f"{path}: cannot read k-means state ({err})") from None
+
+
+def _load(record: dict) -> Tensor:
+    from mmssl.data.io import load_audio
+
+    if not record.get("audio"):
+        raise DataError(f"record {record.get('id')!r}: no 'audio' path to cluster")
+    return load_audio(record["audio"])
+
+
+def fit_subset(num_records: int, fraction: float, seed: int) -> tuple[list[int], int]:
+    """A random order of the records and how many of its first entries to fit on."""
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"--fit-fraction must be in (0, 1]; got {fraction}")
+    order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order, max(1, math.ceil(fraction * num_records))
+
+
+def fit_kmeans(
+    records: list[dict], feature_fn: FeatureFn, k: int, fraction: float, seed: int, max_iter: int, n_init: int,
+) -> tuple[KMeans, dict[int, Tensor]]:
+    """Fit on a random subset of records (grown to >= 10 frames per cluster); returns the
+    model and the features computed on the way (record index -> ``(T, D)``), reused later."""
+    order, wanted = fit_subset(len(records), fraction, seed)
+    cache: dict[int, Tensor] = {}
+    frames = 0
+    bar = tqdm(order, desc="kmeans: features to fit", unit="utt")
+    for taken, index in enumerate(bar):
+        if taken >= wanted and frames >= 10 * k:
+            break
+        feats = feature_fn(records[index])
+        cache[index] = feats
+        frames += feats.shape[0]
+    bar.close()
+    if frames < k:
+        raise DataError(f"only {frames} frames in the whole manifest for k={k} clusters")
+    x = torch.cat([cache[i] for i in sorted(cache)])
+    km = KMeans(k, max_iter=max_iter, n_init=n_init, seed=seed)
+    with tqdm(total=max_iter, desc="kmeans: Lloyd", unit="it") as bar:
+        def progress(it: int, inertia: float) -> None:
+            bar.update(1)
+            bar.set_postfix(inertia=f"{inertia:.4g}")
+
+        km.fit(x, progress=progress)
+    return km, cache
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmssl.data.manifest import read_manifest
+
+    if args.k < 2:
+        raise ConfigError(f"--k must be >= 2; got {args.k}")
+    if args.checkpoint is not None and args.layer is None:
+        raise ConfigError("--checkpoint needs --layer L")
+    device = pick_device(args.device)
+    records = read_manifest(args.manifest)
+    if not records:
+        raise DataError(f"{args.manifest}: the manifest has no records")
+    if args.checkpoint is not None:
+        feature_fn, rate = encoder_layer_features(load_encoder_from_run(args.checkpoint), args.layer, device)
+        described = f"checkpoint:{args.checkpoint}:layer{args.layer}"
+    else:
+        feature_fn, rate = mfcc_features(device)
+        described = "mfcc"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    km, cache = fit_kmeans(records, feature_fn, args.k, args.fit_fraction, args.seed, args.max_iter, args.n_init)
+
+    manifest_dir = Path(args.manifest).resolve().parent
+    quality = QualityAccumulator(args.k)
+    has_align = all(r.get("align") for r in records)
+    km_path = out / f"{Path(args.manifest).stem}.km"
+    tmp = km_path.with_suffix(".km.tmp")
+    with open(tmp, "w", encoding="utf-8") as lines:
+        for index, record in enumerate(tqdm(records, desc="kmeans: assign", unit="utt")):
+            feats = cache.pop(index, None)
+            if feats is None:
+                feats = feature_fn(record)
+            labels = km.predict(feats).cpu() if feats.shape[0] else torch.zeros(0, dtype=torch.long)
+            lines.write(" ".join(map(str, labels.tolist())) + "\n")
+            if has_align:
+                alignment, sr = read_alignment(manifest_dir / record["align"])
+                quality.add(frame_phones(alignment, labels.shape[0], rate, sr), labels)
+    os.replace(tmp, km_path)
+    torch.save({"centroids": km.centroids.cpu(), "k": args.k, "features": described, "label_rate": rate,
+                "inertia": km.inertia}, out / "kmeans.pt")
+    print(f"wrote {km_path} ({len(records)} records, k={args.k}, {rate:g} Hz labels, inertia {km.inertia:.4g})")
+    if has_align:
+        scores = quality.result()
+        (out / "quality.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+        print("cluster quality: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in scores.items()))
+    return 0

@@ -1,0 +1,264 @@
+"""AV-HuBERT (Shi et al., 2022): masked prediction of cluster targets from audio and lip video.
+
+Each modality is masked on its input to the fusion, with its own span settings (AV-HuBERT
+``mask_prob_audio=0.8``, ``mask_length_audio=10``, ``mask_prob_image=0.3``,
+``mask_length_image=5``):
+
+* audio: masked frames of the projected filterbank stream take a learned embedding;
+* video: masked frames are *replaced by frames from elsewhere in the same clip* (sec. 3.1,
+  "segments substituted"), so the model cannot spot the mask from the input. Each masked span
+  copies a contiguous run of the clip's own valid frames, shifted by a random non-zero offset
+  modulo the clip length.
+
+The fused stream (with modality dropout, :class:`mmssl.encoders.fusion.AVFusion`) goes through
+the transformer; the loss is HuBERT's (Hsu et al., 2021, eq. 2-3) over the union of both masks:
+cross-entropy of cosine similarities between the projected output and one embedding per
+cluster, divided by 0.1. Targets come from ``mmssl kmeans``: MFCC clusters in the first
+iteration (100 Hz labels, ``label_rate=100``), then clusters of the previous checkpoint's
+audio-visual features (25 Hz labels, ``label_rate=25``; ``mmssl.encoders.av.av_features``).
+
+Noise augmentation (noise-augmented AV-HuBERT, Shi et al., 2022b): in the data workers, with
+probability ``noise_prob`` an utterance's waveform gets noise from a folder at an SNR drawn
+uniformly in ``snr_range``, before any feature is computed; the targets stay those of the
+clean audio.
+
+Shape legend: B batch, S samples, T frames (25 Hz), L labels, C model dim, D projection dim,
+V clusters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import get_worker_info
+
+from mmssl.data.noise import AddNoise, NoiseBank
+from mmssl.encoders.av import AVEncoder, av_base, av_large, av_tiny, substitute_frames
+from mmssl.encoders.base import FrameSpec
+from mmssl.errors import ConfigError, DataError
+from mmssl.nn.masking import compute_span_mask
+from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.objectives.base import BatchHook, Objective
+from mmssl.objectives.hubert import FINAL_DIM, cosine_logits, resample_targets, weighted_cross_entropy
+from mmssl.registry import OBJECTIVES
+
+
+def substitution_index(mask: Tensor, lengths: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Source frame of every frame for video masking: ``mask (B, T)``, ``lengths (B,)`` ->
+    ``(B, T)`` long.
+
+    Unmasked frames map to themselves. Each contiguous masked run of clip ``b`` maps to the
+    same run shifted by ``s`` frames, ``s`` drawn uniformly in ``[1, lengths[b] - 1]`` per run,
+    wrapping around inside the valid length: sources are always valid frames of the same clip
+    and never the masked frame itself. Vectorised (no host sync); ``generator`` must live on
+    ``mask.device``.
+    """
+    b, t = mask.shape
+    steps = torch.arange(t, device=mask.device).expand(b, t)
+    n = lengths.to(mask.device).long().clamp(min=1).unsqueeze(1)  # (B, 1)
+    prev = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
+    starts = mask & ~prev
+    run_start = torch.where(starts, steps, torch.zeros_like(steps)).cummax(dim=1).values  # (B, T)
+    u = torch.rand(b, t, device=mask.device, generator=generator)
+    shifts = 1 + torch.floor(u * (n - 1).clamp(min=1)).long()  # in [1, n - 1]
+    shift = shifts.gather(1, run_start)
+    source = (steps + shift) % n
+    return torch.where(mask, source, steps)
+
+
+@dataclass
+class AVMasks:
+    """Span masks for both streams over the fused frames, and the video substitution index.
+
+    A picklable batch hook: adds ``audio_mask (B, T)``, ``video_mask (B, T)`` (True = masked,
+    ``T`` = the fused frame count, the smaller of both streams' padded counts) and
+    ``video_source (B, T_video)`` to a collated batch. ``frame_spec`` counts the audio frames.
+    """
+
+    frame_spec: FrameSpec
+    audio_prob: float = 0.8
+    audio_span: int = 10
+    video_prob: float = 0.3
+    video_span: int = 5
+    min_masks: int = 2
+    seed: int = 0
+    _gen: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
+    _gen_key: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_gen"], state["_gen_key"] = None, None
+        return state
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded from ``seed`` and the data worker's own seed."""
+        info = get_worker_info()
+        key = info.seed if info is not None else -1
+        if self._gen is None or self._gen_key != key:
+            self._gen = torch.Generator().manual_seed((self.seed * 1_000_003 + max(key, 0)) % (2**63))
+            self._gen_key = key
+        return self._gen
+
+    def fused_lengths(self, batch: dict) -> tuple[Tensor, int]:
+        """Valid fused frames ``(B,)`` and the padded fused count ``T``, from the batch alone."""
+        counts, sizes = [], []
+        if "audio" in batch:
+            counts.append(self.frame_spec(batch["audio_lens"]))
+            sizes.append(int(self.frame_spec(torch.tensor(batch["audio"].shape[1]))))
+        if "video" in batch:
+            counts.append(batch["video_lens"].long())
+            sizes.append(batch["video"].shape[1])
+        if not counts:
+            raise DataError("av_hubert needs audio or video in the batch")
+        t = min(sizes)
+        lengths = counts[0] if len(counts) == 1 else torch.minimum(counts[0].to(counts[1].device), counts[1])
+        return lengths.clamp(max=t), t
+
+    def make(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        lengths, t = self.fused_lengths(batch)
+        out = {
+            "audio_mask": compute_span_mask(lengths, t, self.audio_prob, self.audio_span, self.min_masks, generator),
+            "video_mask": compute_span_mask(lengths, t, self.video_prob, self.video_span, self.min_masks, generator),
+        }
+        if "video" in batch:
+            tv = batch["video"].shape[1]
+            wide = torch.nn.functional.pad(out["video_mask"], (0, tv - t), value=False)
+            out["video_source"] = substitution_index(wide, batch["video_lens"].to(wide.device), generator)
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        batch.update(self.make({k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in batch.items()}, self.generator()))
+        return batch
+
+
+@dataclass
+class NoisyAVMasks:
+    """Batch hook: noise on each utterance's valid waveform (``add``), then :class:`AVMasks`."""
+
+    add: AddNoise
+    masks: AVMasks
+
+    def __call__(self, batch: dict) -> dict:
+        if "audio" in batch:
+            g = self.masks.generator()
+            audio = batch["audio"].clone()
+            for i, n in enumerate(batch["audio_lens"].tolist()):
+                audio[i, :n] = self.add(audio[i, :n], g)
+            batch["audio"] = audio
+        return self.masks(batch)
+
+
+class AVHubert(Objective):
+    """``forward(batch)`` reads ``audio``/``audio_lens`` and/or ``video``/``video_lens``,
+    ``targets (B, L)`` and, from the batch hook, ``audio_mask``, ``video_mask``,
+    ``video_source`` (made here when absent). Parts: ``encoder``, ``masks``, optional ``noise``."""
+
+    modalities = ("audio", "video")
+
+    def __init__(
+        self,
+        encoder: AVEncoder,
+        masks: AVMasks,
+        num_classes: int,
+        final_dim: int,
+        label_rate: float,
+        temperature: float = 0.1,
+        unmasked_weight: float = 0.0,
+        noise: AddNoise | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"av_hubert: num_classes must be >= 2, got {num_classes}")
+        self.encoder, self.masks, self.noise = encoder, masks, noise
+        self.final_proj = nn.Linear(encoder.dim, final_dim)
+        self.label_embeddings = nn.Parameter(torch.empty(num_classes, final_dim).uniform_())
+        self.label_rate, self.temperature, self.unmasked_weight = label_rate, temperature, unmasked_weight
+
+    def batch_hook(self) -> BatchHook:
+        return self.masks if self.noise is None else NoisyAVMasks(self.noise, self.masks)
+
+    def _batch_masks(self, batch: dict, lengths: Tensor, t: int) -> dict[str, Tensor]:
+        keys = ("audio_mask", "video_mask") + (("video_source",) if "video" in batch else ())
+        if all(k in batch for k in keys):
+            made = {k: batch[k].to(lengths.device, non_blocking=True) for k in keys}
+        else:
+            made = self.masks.make(batch)
+        for key in ("audio_mask", "video_mask"):
+            if made[key].shape != (lengths.shape[0], t):
+                raise DataError(
+                    f"batch {key!r} has shape {tuple(made[key].shape)} but the encoder gives "
+                    f"({lengths.shape[0]}, {t}) fused frames: the mask hook and the encoder disagree"
+                )
+        return made
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        if "targets" not in batch:
+            raise DataError("the batch has no 'targets': set data.labels to a `mmssl kmeans` output folder")
+        enc = self.encoder
+        lengths, t = self.masks.fused_lengths(batch)
+        masks = self._batch_masks(batch, lengths, t)
+        a = a_lens = v = v_lens = None
+        if "audio" in batch:
+            a, _, a_lens = enc.audio_features(batch["audio"], batch["audio_lens"])
+            a_mask = torch.nn.functional.pad(masks["audio_mask"], (0, a.shape[1] - t), value=False)
+            a = enc.mask_audio(a, a_mask)
+        if "video" in batch:
+            video = substitute_frames(batch["video"], masks["video_source"])
+            v, v_lens = enc.video_features(video, batch["video_lens"])
+        x, lengths = enc.fuse(a, a_lens, v, v_lens)
+        valid = ~lengths_to_padding_mask(lengths, x.shape[1])
+        present = [masks[f"{m}_mask"] for m in ("audio", "video") if m in batch]
+        pred_mask = (present[0] | present[-1]) & valid  # union of the masks of the streams present
+        targets = resample_targets(batch["targets"].to(x.device), x.shape[1], self.label_rate, enc.frame_rate)
+        labelled = valid & (targets >= 0)
+        hidden = enc.contextualize(x, lengths).hidden
+        logits = cosine_logits(self.final_proj(hidden), self.label_embeddings, self.temperature)  # (B, T, V)
+        masked, masked_acc = weighted_cross_entropy(logits, targets, labelled & pred_mask)
+        unmasked, unmasked_acc = weighted_cross_entropy(logits, targets, labelled & ~pred_mask)
+        loss = masked + self.unmasked_weight * unmasked
+        return {
+            "loss": loss,
+            "masked_loss": masked.detach(),
+            "unmasked_loss": unmasked.detach(),
+            "masked_accuracy": masked_acc.detach(),
+            "unmasked_accuracy": unmasked_acc.detach(),
+            "mask_fraction": pred_mask.sum().float() / valid.sum().clamp(min=1).float(),
+        }
+
+
+@OBJECTIVES.register
+def av_hubert(
+    size: str = "base",
+    num_classes: int = 100,  # first iteration: k-means on MFCC (AV-HuBERT, sec. 4: 100 clusters)
+    label_rate: float = 100.0,  # MFCC labels at 100 Hz; labels from a 25 Hz AV layer: 25
+    audio_mask_prob: float = 0.8,  # AV-HuBERT mask_prob_audio
+    audio_mask_span: int = 10,  # mask_length_audio
+    video_mask_prob: float = 0.3,  # mask_prob_image
+    video_mask_span: int = 5,  # mask_length_image
+    min_masks: int = 2,
+    temperature: float = 0.1,  # HuBERT kappa
+    unmasked_weight: float = 0.0,
+    final_dim: int | None = None,
+    noise_dir: str | None = None,
+    noise_prob: float = 0.25,  # noise-augmented AV-HuBERT: a quarter of the utterances get noise
+    snr_low: float = -5.0,
+    snr_high: float = 5.0,
+    seed: int = 0,
+    encoder: dict[str, Any] | None = None,
+) -> AVHubert:
+    """AV-HuBERT on the ``av_<size>`` encoder (``encoder``: preset overrides, e.g.
+    ``{modality_dropout: 0.5}``); ``noise_dir``: a folder of noise recordings (``mmssl synth``
+    writes ``noise/train``), None for no noise augmentation."""
+    presets = {"tiny": av_tiny, "base": av_base, "large": av_large}
+    if size not in presets:
+        raise ConfigError(f"av_hubert: size must be one of {sorted(presets)}, got {size!r}")
+    enc = presets[size](**(encoder or {}))
+    if enc.frame_spec is None:
+        raise ConfigError("av_hubert needs an encoder with an audio stream")
+    masks = AVMasks(enc.frame_spec, audio_mask_prob, audio_mask_span, video_mask_prob, video_mask_span, min_masks, seed)
+    noise = AddNoise(NoiseBank(noise_dir), noise_prob, (snr_low, snr_high)) if noise_dir else None
+    dim = final_dim if final_dim is not None else FINAL_DIM.get(size, 256)
+    return AVHubert(enc, masks, num_classes, dim, label_rate, temperature, unmasked_weight, noise)

@@ -1,0 +1,172 @@
+"""Multi-view contrastive learning between speech and lip video (audio tower vs video tower).
+
+Two symmetric InfoNCE losses (van den Oord et al., 2018; CLIP's symmetric form, Radford et al.,
+2021), with one learnable temperature each, log-parameterised and clamped as CLIP (scale at
+most 100, initial temperature 0.07):
+
+* utterance level: padding-aware mean over valid frames, a linear head, L2 normalisation; the
+  positive of an utterance is its own other view, the negatives every other utterance of the
+  global batch (embeddings gathered from every rank with ``gather_with_grad``; each rank scores
+  its own rows against all columns, and the labels are offset by ``rank * B``);
+* frame level: the positive of an audio frame is the video frame at the same time of the same
+  utterance; the negatives are all other valid frames of the local batch (other times and other
+  utterances). Padded frames are neither anchors nor negatives (their logits are masked).
+  Frames are not gathered across ranks: padded lengths differ from rank to rank, and the
+  local batch already gives thousands of negatives per anchor.
+
+Shape legend: B batch, T frames (25 Hz), C channels, D embedding dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmssl.encoders.av import TwoTowerViews, paired_towers, require_paired
+from mmssl.errors import ConfigError
+from mmssl.nn.gather import gather_with_grad
+from mmssl.nn.padding import lengths_to_padding_mask, masked_mean
+from mmssl.objectives.base import Objective
+from mmssl.registry import OBJECTIVES
+
+Gather = Callable[[Tensor, int, int], Tensor]
+
+# CLIP (Radford et al., 2021, sec. 2.5): temperature initialised at 0.07, logit scale clipped at 100
+INIT_TEMPERATURE = 0.07
+MAX_LOGIT_SCALE = 100.0
+
+
+class LogitScale(nn.Module):
+    """A learnable ``log(1 / temperature)``; ``forward()`` gives the clamped scale ``exp(.)``."""
+
+    def __init__(self, init_temperature: float = INIT_TEMPERATURE, max_scale: float = MAX_LOGIT_SCALE) -> None:
+        super().__init__()
+        if init_temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {init_temperature}")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log = math.log(max_scale)
+
+    def forward(self) -> Tensor:
+        return self.log_scale.clamp(max=self.max_log).exp()
+
+
+def utterance_info_nce(
+    za: Tensor,
+    zv: Tensor,
+    scale: Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Gather = gather_with_grad,
+) -> tuple[Tensor, Tensor]:
+    """Symmetric InfoNCE of normalised ``za (B, D)`` / ``zv (B, D)`` against all ranks' rows.
+
+    Returns ``(loss, accuracy)``: the mean of the audio->video and video->audio cross-entropies
+    over the local rows, and the fraction of local rows whose top logit is the positive.
+    """
+    all_a, all_v = gather(za, rank, world_size), gather(zv, rank, world_size)  # (W*B, D)
+    labels = torch.arange(za.shape[0], device=za.device) + rank * za.shape[0]
+    logits_av = scale * za @ all_v.T  # (B, W*B)
+    logits_va = scale * zv @ all_a.T
+    loss = 0.5 * (F.cross_entropy(logits_av, labels) + F.cross_entropy(logits_va, labels))
+    acc = (logits_av.argmax(-1) == labels).float().mean()
+    return loss, acc.detach()
+
+
+def frame_info_nce(za: Tensor, zv: Tensor, lengths: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Frame-level symmetric InfoNCE of normalised ``za (B, T, D)`` / ``zv (B, T, D)``.
+
+    Every valid frame is an anchor; its positive is the other view's frame at the same
+    ``(b, t)``; all other valid frames of the batch are negatives. Returns ``(loss, accuracy)``
+    averaged over valid frames.
+    """
+    b, t, d = za.shape
+    keep = (~lengths_to_padding_mask(lengths, t)).reshape(-1)  # (B*T,)
+    fa, fv = za.reshape(b * t, d), zv.reshape(b * t, d)
+    labels = torch.arange(b * t, device=za.device)
+    column_pad = (~keep).unsqueeze(0)  # padded frames are never negatives
+    weights = keep.to(za.dtype)
+    count = weights.sum().clamp(min=1)
+    losses = []
+    for rows, cols in ((fa, fv), (fv, fa)):
+        logits = (scale * rows @ cols.T).float().masked_fill(column_pad, float("-inf"))  # (B*T, B*T)
+        # padded anchor rows would be all -inf but for their own label: give them a finite row
+        logits = logits.masked_fill((~keep).unsqueeze(1), 0.0)
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        losses.append((ce * weights).sum() / count)
+    logits_av = (scale * fa @ fv.T).masked_fill(column_pad, float("-inf"))
+    acc = (((logits_av.argmax(-1) == labels).to(za.dtype) * weights).sum() / count).detach()
+    return 0.5 * (losses[0] + losses[1]), acc
+
+
+class MultiviewContrastive(Objective):
+    """Utterance- and frame-level audio/video InfoNCE on two towers.
+
+    ``views`` holds both towers and the frame-level heads; ``audio_utt`` / ``video_utt`` project
+    the pooled tower outputs. A level whose weight is 0 is skipped (its head then takes no
+    gradient: run DDP with ``find_unused_parameters``).
+    """
+
+    modalities = ("audio", "video")
+
+    def __init__(
+        self,
+        views: TwoTowerViews,
+        utterance_dim: int,
+        utterance_weight: float = 1.0,
+        frame_weight: float = 1.0,
+        rank: int = 0,
+        world_size: int = 1,
+        gather: Gather = gather_with_grad,
+    ) -> None:
+        super().__init__()
+        if utterance_weight < 0 or frame_weight < 0 or utterance_weight + frame_weight == 0:
+            raise ConfigError("multiview_contrastive: weights must be >= 0 and not both 0")
+        self.views = views
+        self.audio_utt = nn.Linear(views.audio_tower.dim, utterance_dim)
+        self.video_utt = nn.Linear(views.video_tower.dim, utterance_dim)
+        self.utterance_scale, self.frame_scale = LogitScale(), LogitScale()
+        self.utterance_weight, self.frame_weight = utterance_weight, frame_weight
+        self.rank, self.world_size, self.gather = rank, world_size, gather
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        require_paired(batch, "multiview_contrastive")
+        ha, hv, lengths, _ = self.views.encode_pair(batch)
+        out: dict[str, Tensor] = {}
+        loss = ha.new_zeros(())
+        if self.utterance_weight > 0:
+            ua = F.normalize(self.audio_utt(masked_mean(ha, lengths)), dim=-1)
+            uv = F.normalize(self.video_utt(masked_mean(hv, lengths)), dim=-1)
+            utt, acc = utterance_info_nce(ua, uv, self.utterance_scale(), self.rank, self.world_size, self.gather)
+            loss = loss + self.utterance_weight * utt
+            out.update(utterance_loss=utt, utterance_accuracy=acc)
+        if self.frame_weight > 0:
+            fa = F.normalize(self.views.audio_head(ha), dim=-1)
+            fv = F.normalize(self.views.video_head(hv), dim=-1)
+            frame, acc = frame_info_nce(fa, fv, lengths, self.frame_scale())
+            loss = loss + self.frame_weight * frame
+            out.update(frame_loss=frame, frame_accuracy=acc)
+        out["loss"] = loss
+        out["utterance_temperature"] = 1.0 / self.utterance_scale().detach()
+        out["frame_temperature"] = 1.0 / self.frame_scale().detach()
+        return out
+
+
+@OBJECTIVES.register
+def multiview_contrastive(
+    size: str = "base",
+    dim: int = 256,
+    utterance_weight: float = 1.0,
+    frame_weight: float = 1.0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> MultiviewContrastive:
+    """Audio and video towers of ``size``, ``dim``-d embeddings at both levels."""
+    audio, video = paired_towers(size)
+    return MultiviewContrastive(
+        TwoTowerViews(audio, video, dim), dim, utterance_weight, frame_weight, rank, world_size
+    )
+

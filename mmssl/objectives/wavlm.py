@@ -1,0 +1,119 @@
+"""WavLM (Chen et al., 2022): HuBERT-style masked prediction with utterance mixing.
+
+The encoder preset ``wavlm_<size>`` adds the gated relative position bias to the
+transformer; the objective is ``HubertObjective`` with one more batch hook, run in the data
+workers before masking: ``UtteranceMixer`` (WavLM, sec. 3.2). With probability 0.2 an
+utterance gets a segment of another utterance of the batch added on top of it, at an energy
+ratio drawn uniformly in [-5, 5] dB; the segment is at most half as long as the primary
+utterance, so the primary speaker stays dominant and the targets remain the primary's.
+Mixing happens only in the batch hook: a batch that did not go through it is used unmixed.
+
+Shape legend: B batch, S samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import get_worker_info
+
+from mmssl.errors import ConfigError
+from mmssl.objectives.hubert import HubertObjective, build_hubert
+from mmssl.registry import OBJECTIVES
+
+
+@dataclass
+class UtteranceMixer:
+    """Batch hook: overlap segments of other utterances onto ``audio (B, S)`` (into a new tensor).
+
+    For each utterance (``audio_lens`` valid samples), with probability ``prob``: pick another
+    utterance of the batch, a mixing length ``m`` uniform in [1, ``max_fraction`` x length]
+    (clipped to the other utterance's length), a random segment of ``m`` samples of the other
+    utterance and a random place in the primary, and add the segment scaled so that the
+    primary's mean power over the secondary segment's is ``10 ** (r / 10)``, ``r`` uniform in
+    ``energy_db`` (the source segment is taken from the unmixed batch). Padding is untouched.
+    Adds ``mixed (B,)`` bool. Picklable; seeded from ``seed`` and the data worker's seed.
+    """
+
+    prob: float = 0.2  # WavLM, sec. 3.2
+    max_fraction: float = 0.5  # mixing segment <= half the primary utterance
+    energy_db: tuple[float, float] = (-5.0, 5.0)  # energy ratio range in dB
+    seed: int = 0
+    _gen: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
+    _gen_key: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0 or not 0.0 < self.max_fraction <= 1.0:
+            raise ConfigError(f"utterance mixing: prob must be in [0, 1] and max_fraction in (0, 1]; "
+                              f"got {self.prob}, {self.max_fraction}")
+        self.energy_db = tuple(self.energy_db)  # type: ignore[assignment]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_gen"], state["_gen_key"] = None, None
+        return state
+
+    def _generator(self) -> torch.Generator:
+        info = get_worker_info()
+        key = info.seed if info is not None else -1
+        if self._gen is None or self._gen_key != key:
+            self._gen = torch.Generator().manual_seed((self.seed * 7_919 + max(key, 0) + 1) % (2**63))
+            self._gen_key = key
+        return self._gen
+
+    def _int(self, low: int, high: int, g: torch.Generator) -> int:
+        """Uniform integer in [low, high]."""
+        return int(torch.randint(low, high + 1, (1,), generator=g))
+
+    def __call__(self, batch: dict) -> dict:
+        audio, lens = batch["audio"], batch["audio_lens"].tolist()
+        g = self._generator()
+        source = audio.clone()
+        mixed = torch.zeros(len(lens), dtype=torch.bool)
+        out = audio.clone()
+        for i, n in enumerate(lens):
+            others = [j for j, m in enumerate(lens) if j != i and m > 0]
+            if n < 2 or not others or float(torch.rand(1, generator=g)) >= self.prob:
+                continue
+            j = others[self._int(0, len(others) - 1, g)]
+            size = min(self._int(1, max(1, int(n * self.max_fraction)), g), lens[j])
+            src = self._int(0, lens[j] - size, g)
+            dst = self._int(0, n - size, g)
+            segment = source[j, src : src + size]
+            ratio_db = self.energy_db[0] + (self.energy_db[1] - self.energy_db[0]) * float(torch.rand(1, generator=g))
+            primary_power = source[i, :n].pow(2).mean()
+            segment_power = segment.pow(2).mean().clamp(min=1e-10)
+            scale = torch.sqrt(primary_power / (segment_power * 10 ** (ratio_db / 10)))
+            out[i, dst : dst + size] += scale * segment
+            mixed[i] = True
+        batch["audio"], batch["mixed"] = out, mixed
+        return batch
+
+
+@OBJECTIVES.register
+def wavlm(
+    size: str = "base",
+    num_classes: int = 100,
+    label_rate: float = 100.0,  # MFCC labels are 100 Hz; labels from a 50 Hz encoder layer: 50
+    mask_prob: float = 0.8,  # WavLM follows HuBERT: p = 8% span starts ...
+    mask_span: int = 10,  # ... of 10 frames
+    min_masks: int = 2,
+    temperature: float = 0.1,
+    unmasked_weight: float = 0.0,
+    penalty_weight: float = 10.0,
+    feature_grad_mult: float = 0.1,
+    mix_prob: float = 0.2,  # WavLM, sec. 3.2: 20% of utterances are mixed
+    mix_max_fraction: float = 0.5,
+    mix_energy_db: tuple[float, float] = (-5.0, 5.0),
+    final_dim: int | None = None,
+    seed: int = 0,
+    encoder: dict[str, Any] | None = None,
+) -> HubertObjective:
+    """WavLM on the ``wavlm_<size>`` encoder (gated relative position bias)."""
+    mixer = UtteranceMixer(mix_prob, mix_max_fraction, tuple(mix_energy_db), seed)
+    return build_hubert(
+        "wavlm", size, num_classes, label_rate, mask_prob, mask_span, min_masks, temperature,
+        unmasked_weight, penalty_weight, feature_grad_mult, final_dim, seed, encoder, augment=mixer,
+    )

@@ -1,0 +1,220 @@
+"""Config -> objective, batch streams, optimizer and trainer: the thin glue of ``mmssl pretrain``.
+
+Only this module reads the config; everything it builds takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Subset
+
+from mmssl.config import builder_kwargs, save_resolved
+from mmssl.errors import ConfigError, DataError
+from mmssl.objectives.base import Objective
+from mmssl.registry import OBJECTIVES, Registry
+from mmssl.train.distributed import DistEnv, wrap_model
+from mmssl.train.loop import LoopOptions, StepCallback, Trainer
+from mmssl.train.optim import Schedule, build_adamw
+from mmssl.train.stream import BatchStream
+
+StreamBuilder = Callable[[DictConfig, str, Objective, DistEnv], "BatchStream | None"]
+
+
+def build_objective(cfg: DictConfig, env: DistEnv = DistEnv(), registry: Registry = OBJECTIVES) -> Objective:
+    """``registry.build(objective.name, size=model.size, **objective keys, **model keys)``, plus
+    ``rank``/``world_size`` when the builder takes them."""
+    if registry is OBJECTIVES:
+        import mmssl.objectives  # noqa: F401  (registers the objectives)
+    name = cfg.objective.name
+    kwargs = builder_kwargs(cfg.objective)
+    model_keys = builder_kwargs(cfg.model, drop=())
+    clash = sorted(set(kwargs) & set(model_keys))
+    if clash:
+        raise ConfigError(f"objective.{clash[0]} and model.{clash[0]} are both set; keep one")
+    kwargs.update(model_keys)
+    try:
+        params = inspect.signature(registry.get(name)).parameters
+    except KeyError as err:
+        raise ConfigError(f"objective.name: {err.args[0]}") from None
+    for key, value in (("rank", env.rank), ("world_size", env.world_size)):
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    _check_labels(cfg, kwargs, params)
+    try:
+        objective = registry.build(name, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"objective {name!r}: {err}") from None
+    if not isinstance(objective, torch.nn.Module) or not callable(getattr(objective, "on_step", None)):
+        raise ConfigError(f"objective {name!r} did not build an Objective module")
+    return objective  # type: ignore[return-value]
+
+
+def _check_labels(cfg: DictConfig, kwargs: dict, params) -> None:
+    """``objective.num_classes`` / ``label_rate`` against the k-means that made ``data.labels``
+    (its ``kmeans.pt`` records ``k`` and ``label_rate``): fewer classes than clusters or another
+    label rate would train on wrong targets (an error); more classes than clusters only leaves
+    some unused (a note)."""
+    labels = OmegaConf.select(cfg, "data.labels")
+    info_path = Path(labels) / "kmeans.pt" if labels else None
+    if info_path is None or not info_path.is_file():
+        return
+    try:
+        info = torch.load(info_path, map_location="cpu", weights_only=True)
+    except Exception:  # an unreadable summary is the k-means command's concern, not training's
+        return
+    for key, source in (("num_classes", "k"), ("label_rate", "label_rate")):
+        if key not in params or source not in info:
+            continue
+        value = kwargs.get(key, params[key].default)
+        if value is inspect.Parameter.empty or float(value) == float(info[source]):
+            continue
+        if key == "num_classes" and value > info[source]:
+            print(f"note: objective.num_classes={value} but data.labels={labels} has only k={info[source]} clusters")
+            continue
+        raise ConfigError(f"objective.{key}={value} but data.labels={labels} has {source}={info[source]}; "
+                          f"set objective.{key}={info[source]}")
+
+
+def build_stream(cfg: DictConfig, split: str, objective: Objective, env: DistEnv) -> BatchStream | None:
+    """The manifest ``data.<split>`` as a bucketed, sharded, resumable batch stream (None when
+    the split is not set). Records outside ``[min_audio_seconds, max_audio_seconds]`` are left out.
+
+    Objectives that read images or text may carry ``image_transform`` / ``text_tokenizer``
+    attributes; the dataset uses them to make ``image`` and ``text`` tensors.
+    """
+    from mmssl.data.collate import collate
+    from mmssl.data.datasets import MODALITIES, ManifestDataset
+    from mmssl.data.samplers import BucketBatchSampler
+
+    data = cfg.data
+    manifest = data[split]
+    if manifest is None:
+        return None
+    if not Path(manifest).is_file():
+        raise DataError(f"data.{split}: manifest {manifest} not found")
+    wanted = [m for m in dict.fromkeys([*data.modalities, *objective.modalities]) if m in MODALITIES]
+    dataset = ManifestDataset(
+        manifest,
+        modalities=wanted,
+        labels=data.labels,
+        image_transform=getattr(objective, "image_transform", None),
+        text_tokenizer=getattr(objective, "text_tokenizer", None),
+        max_bad_fraction=data.max_bad_fraction,
+    )
+    durations = dataset.durations()
+    keep = [i for i, d in enumerate(durations) if data.min_audio_seconds <= d <= data.max_audio_seconds]
+    if not keep:
+        raise DataError(f"data.{split}: no record of {manifest} lasts between data.min_audio_seconds="
+                        f"{data.min_audio_seconds} and data.max_audio_seconds={data.max_audio_seconds}")
+    train = split == "train"
+    sampler = BucketBatchSampler(
+        [durations[i] for i in keep], data.max_seconds_per_batch, shuffle=train,
+        seed=cfg.train.seed, rank=env.rank, world_size=env.world_size,
+    )
+    return BatchStream(
+        Subset(dataset, keep) if len(keep) < len(durations) else dataset,
+        sampler,
+        collate,
+        hook=objective.batch_hook(),
+        num_workers=data.num_workers,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
+    )
+
+
+def _has_labels_for(labels: str | None, manifest: str) -> bool:
+    """True when no labels are needed, or the labels folder has ``<manifest stem>.km``."""
+    if labels is None or not Path(labels).is_dir():
+        return True
+    return (Path(labels) / f"{Path(manifest).stem}.km").is_file()
+
+
+def loop_options(train: DictConfig) -> LoopOptions:
+    return LoopOptions(
+        max_steps=train.max_steps,
+        log_every=train.log_every,
+        save_every=train.save_every,
+        valid_every=train.valid_every,
+        grad_clip=train.grad_clip,
+        accum_steps=train.accum_steps,
+        precision=train.precision,
+        max_nonfinite_steps=train.max_nonfinite_steps,
+        keep_checkpoints=train.keep_checkpoints,
+        progress=train.progress,
+        seed=train.seed,
+    )
+
+
+def build_schedule(train: DictConfig) -> Schedule:
+    total = int(train.max_steps)
+    return Schedule(
+        peak_lr=float(train.lr),
+        total_steps=total,
+        kind=train.schedule,
+        warmup_steps=round(train.warmup_fraction * total),
+        hold_steps=round(train.hold_fraction * total),
+        final_scale=float(train.final_lr_scale),
+        init_scale=float(train.init_lr_scale),
+    )
+
+
+def _check_train(train: DictConfig) -> None:
+    if train.max_steps <= 0 or train.log_every <= 0 or train.save_every <= 0 or train.accum_steps <= 0:
+        raise ConfigError("train.max_steps, log_every, save_every and accum_steps must be positive")
+    if train.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"train.precision: {train.precision!r} is not one of bf16, fp32")
+
+
+def build_trainer(
+    cfg: DictConfig,
+    env: DistEnv,
+    device: torch.device,
+    *,
+    registry: Registry = OBJECTIVES,
+    stream_builder: StreamBuilder = build_stream,
+    callbacks: Sequence[StepCallback] = (),
+) -> Trainer:
+    """Everything ``mmssl pretrain`` runs, from a resolved config; weights start from
+    ``train.seed`` (the same on every rank)."""
+    train = cfg.train
+    _check_train(train)
+    torch.manual_seed(train.seed)
+    objective = build_objective(cfg, env, registry).to(device)
+    stream = stream_builder(cfg, "train", objective, env)
+    if stream is None:
+        raise ConfigError("data.train is not set")
+    valid = None
+    if train.valid_every and cfg.data.valid is not None:
+        if _has_labels_for(cfg.data.labels, cfg.data.valid):
+            valid = stream_builder(cfg, "valid", objective, env)
+        elif env.is_main:
+            print(f"no labels for data.valid in {cfg.data.labels} (run `mmssl kmeans` on {cfg.data.valid} "
+                  "with the same model); validation is off")
+    model = wrap_model(objective, env, device, train.strategy, train.find_unused_parameters)
+    if train.compile:
+        model.compile()  # in place: parameter names (and checkpoints) keep no `_orig_mod.` prefix
+    optimizer = build_adamw(model, lr=train.lr, weight_decay=train.weight_decay,
+                            betas=tuple(train.betas), eps=train.eps)
+    return Trainer(objective, optimizer, build_schedule(train), stream, loop_options(train),
+                   Path(train.out_dir), device=device, env=env, model=model,
+                   valid_stream=valid, callbacks=callbacks)
+
+
+def prepare_run_dir(cfg: DictConfig, resume: bool, env: DistEnv) -> Path:
+    """Create the run folder and save the resolved config (rank 0). A fresh run refuses a
+    folder that already holds checkpoints; ``--resume`` continues it."""
+    run_dir = Path(cfg.train.out_dir)
+    if not resume and (run_dir / "checkpoints" / "latest").exists():  # every rank stops alike
+        raise ConfigError(f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
+                          "it or choose another train.out_dir")
+    if env.is_main:
+        if not resume and (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()
+        save_resolved(cfg, run_dir)
+    return run_dir

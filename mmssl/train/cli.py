@@ -1,0 +1,62 @@
+"""``mmssl pretrain RECIPE [key=value ...] [--resume]``.
+
+One process, or one per GPU under torchrun (rank and world size from its environment)::
+
+    torchrun --nproc-per-node 8 -m mmssl.cli pretrain hubert_base data.train=...
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig
+
+from mmssl.config import load_config, resolve
+from mmssl.registry import OBJECTIVES, Registry
+from mmssl.train.build import StreamBuilder, build_stream, build_trainer, prepare_run_dir
+from mmssl.train.distributed import barrier, env_from_torchrun, init_process_group, pick_device, shutdown
+from mmssl.train.loop import StepCallback
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe YAML, or the name of one in mmssl/configs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. model.size=tiny train.max_steps=100")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in train.out_dir from its latest checkpoint")
+
+
+def pretrain(
+    cfg: DictConfig,
+    resume: bool = False,
+    *,
+    registry: Registry = OBJECTIVES,
+    stream_builder: StreamBuilder = build_stream,
+    callbacks: Sequence[StepCallback] = (),
+) -> Path:
+    """Train from a resolved config; returns the run folder."""
+    env = env_from_torchrun()
+    device = pick_device(cfg.train.device, env)
+    init_process_group(env, device, cfg.train.dist_timeout_s)
+    try:
+        run_dir = prepare_run_dir(cfg, resume, env)
+        barrier(env)
+        trainer = build_trainer(cfg, env, device, registry=registry, stream_builder=stream_builder,
+                                callbacks=callbacks)
+        if resume and not trainer.resume():
+            if env.is_main:
+                print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        trainer.fit()
+    finally:
+        shutdown()
+    return run_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve(load_config(args.recipe, args.overrides))
+    run_dir = pretrain(cfg, resume=args.resume)
+    if env_from_torchrun().is_main:
+        print(f"run folder: {run_dir}")
+    return 0

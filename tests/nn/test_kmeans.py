@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from mmssl.errors import ConfigError
+from mmssl.nn.kmeans import KMeans, kmeans_plus_plus, nearest
+
+
+def _blobs(n: int = 3000, k: int = 12, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, dim, generator=g) * 4
+    which = torch.randint(k, (n,), generator=g)
+    return centres[which] + torch.randn(n, dim, generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inertia_within_one_percent_of_scikit_learn(seed):
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    x = _blobs(seed=seed)
+    ours = KMeans(12, n_init=3, seed=seed).fit(x)
+    ref = sklearn_cluster.KMeans(12, n_init=3, random_state=seed).fit(x.double().numpy())
+    assert ours.inertia <= ref.inertia_ * 1.01
+
+
+def test_inertia_close_to_scikit_learn_on_unstructured_data():
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    x = torch.randn(2000, 5, generator=torch.Generator().manual_seed(3))
+    ours = KMeans(20, n_init=4, seed=0).fit(x)
+    ref = sklearn_cluster.KMeans(20, n_init=4, random_state=0).fit(x.double().numpy())
+    assert ours.inertia <= ref.inertia_ * 1.01
+
+
+def test_nearest_matches_brute_force_and_inertia_is_consistent():
+    x = _blobs(n=500)
+    km = KMeans(6, seed=0).fit(x)
+    labels, dists = nearest(x, km.centroids, chunk=64)
+    brute = torch.cdist(x, km.centroids).pow(2)
+    assert torch.equal(labels, brute.argmin(1))
+    assert torch.allclose(dists, brute.min(1).values, atol=1e-3)
+    assert abs(dists.sum().item() - km.inertia) < 1e-3 * km.inertia
+    assert torch.equal(km.predict(x), labels)
+    # every centroid is the mean of its points (Lloyd's fixed point)
+    for c in range(6):
+        assert torch.allclose(km.centroids[c], x[labels == c].mean(0), atol=1e-3)
+
+
+def test_plus_plus_seeds_are_distinct_data_points():
+    x = _blobs(n=400, k=5)
+    seeds = kmeans_plus_plus(x, 5, torch.Generator().manual_seed(0))
+    assert seeds.shape == (5, 8)
+    assert all((x == s).all(1).any() for s in seeds)
+    assert torch.pdist(seeds).min() > 0
+
+
+def test_duplicate_points_and_bad_shapes():
+    x = torch.zeros(10, 3)
+    x[5:] = 1.0
+    km = KMeans(4, seed=0).fit(x)  # fewer distinct points than clusters
+    assert km.inertia < 1e-6
+    with pytest.raises(ConfigError, match="k=4"):
+        KMeans(4).fit(torch.zeros(3, 2))
+    with pytest.raises(ConfigError, match="not fitted"):
+        KMeans(2).predict(x)
+
+
+@pytest.mark.cuda
+def test_runs_on_the_gpu():
+    x = _blobs(n=2000).cuda()
+    km = KMeans(12, n_init=2).fit(x)
+    assert km.centroids.is_cuda
+    cpu = KMeans(12, n_init=2).fit(x.cpu())
+    assert km.inertia <= cpu.inertia * 1.01

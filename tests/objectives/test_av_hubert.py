@@ -1,0 +1,201 @@
+import math
+import wave
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mmssl.errors import DataError
+from mmssl.objectives.av_hubert import AVMasks, av_hubert, substitution_index
+from mmssl.registry import OBJECTIVES
+from mmssl.testing import tiny_av_batch
+
+
+def _batch(seed=0):
+    batch = tiny_av_batch(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    batch["targets"] = torch.randint(0, 8, (3, 12), generator=g)  # 25 Hz labels
+    batch["targets"][1, 9:] = -1
+    batch["targets"][2, 5:] = -1
+    return batch
+
+
+def _objective(**kw):
+    torch.manual_seed(0)
+    return OBJECTIVES.build("av_hubert", size="tiny", num_classes=8, label_rate=25.0, final_dim=16, **kw)
+
+
+def test_substitution_sources_stay_in_the_clip_and_move():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([20, 7, 2, 12])
+    mask = torch.zeros(4, 20, dtype=torch.bool)
+    mask[0, 3:8] = mask[0, 12:15] = True
+    mask[1, 1:4] = True
+    mask[2, 0] = True
+    mask[3, 9:12] = True
+    for _ in range(20):
+        src = substitution_index(mask, lengths, g)
+        steps = torch.arange(20).expand(4, 20)
+        assert torch.equal(src[~mask], steps[~mask])  # unmasked frames keep their own
+        assert (src[mask] != steps[mask]).all()  # masked frames come from elsewhere ...
+        assert (src < lengths[:, None])[mask].all()  # ... inside the valid part of the same clip
+        # a masked run copies a contiguous run (shift constant within the run, modulo length)
+        shift = (src - steps) % lengths[:, None]
+        assert len(set(shift[0, 3:8].tolist())) == 1 and len(set(shift[0, 12:15].tolist())) == 1
+
+
+def test_masks_hook_shapes_and_rates():
+    obj = _objective()
+    hook = obj.batch_hook()
+    batch = hook(_batch())
+    assert batch["audio_mask"].shape == (3, 12) and batch["video_mask"].shape == (3, 12)
+    assert batch["video_source"].shape == (3, 12)
+    valid = torch.arange(12)[None] < torch.tensor([12, 9, 5])[:, None]
+    assert not (batch["audio_mask"] & ~valid).any() and not (batch["video_mask"] & ~valid).any()
+    # long clips: the masked fraction follows 1 - (1 - p / span)^span
+    long = {
+        "audio": torch.zeros(4, 200 * 640),
+        "audio_lens": torch.full((4,), 200 * 640),
+        "video": torch.zeros(4, 200, 1, 1, 1),
+        "video_lens": torch.full((4,), 200),
+    }
+    fractions = []
+    for _ in range(10):
+        out = hook(dict(long))
+        fractions.append([out["audio_mask"].float().mean().item(), out["video_mask"].float().mean().item()])
+    audio_frac, video_frac = np.mean(fractions, axis=0)
+    assert abs(audio_frac - (1 - (1 - 0.08) ** 10)) < 0.08
+    assert abs(video_frac - (1 - (1 - 0.06) ** 5)) < 0.06
+
+
+class _Recorder(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, None
+
+    def forward(self, video, video_lens):
+        self.seen = video.detach().clone()
+        return self.inner(video, video_lens)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def test_masked_video_frames_come_from_the_same_clip():
+    obj = _objective()
+    obj.encoder.video_frontend = _Recorder(obj.encoder.video_frontend)
+    batch = obj.batch_hook()(_batch())
+    obj(batch)
+    seen, original = obj.encoder.video_frontend.seen, batch["video"]
+    lens = batch["video_lens"].tolist()
+    masked = batch["video_mask"]
+    assert masked.any()
+    for b, n in enumerate(lens):
+        for t in range(n):
+            frame = seen[b, t]
+            if masked[b, t]:
+                matches = [s for s in range(n) if torch.equal(frame, original[b, s])]
+                assert matches and t not in matches  # another frame of this clip, within its length
+            else:
+                assert torch.equal(frame, original[b, t])
+
+
+def test_loss_counts_only_the_union_of_masks():
+    obj = _objective().eval()
+    batch = obj.batch_hook()(_batch())
+    union = batch["audio_mask"] | batch["video_mask"]
+    base = obj(batch)["loss"]
+    changed = dict(batch)
+    changed["targets"] = batch["targets"].clone()
+    changed["targets"][~union & (batch["targets"] >= 0)] = 7 - changed["targets"][~union & (batch["targets"] >= 0)]
+    torch.testing.assert_close(obj(changed)["loss"], base)
+    changed["targets"][union] = 7 - batch["targets"][union]
+    assert not torch.allclose(obj(changed)["loss"], base)
+
+
+def test_forward_without_hook_backward_and_overfit():
+    obj = _objective(encoder={"modality_dropout": 0.0})
+    batch = _batch()
+    out = obj(batch)  # no hook: masks made inside forward
+    assert abs(out["loss"].item() - math.log(8)) < 1.5
+    assert 0 < out["mask_fraction"].item() < 1
+    out["loss"].backward()
+    assert not [n for n, p in obj.named_parameters() if p.grad is None]
+    obj.eval()
+    batch = obj.batch_hook()(batch)
+    opt = torch.optim.Adam(obj.parameters(), lr=3e-3)
+    first = obj(batch)["loss"].item()
+    for _ in range(15):
+        opt.zero_grad()
+        obj(batch)["loss"].backward()
+        opt.step()
+    assert obj(batch)["loss"].item() < first - 0.2
+
+
+def test_runs_audio_only_and_video_only():
+    obj = _objective().eval()
+    batch = _batch()
+    audio_only = {k: batch[k] for k in ("audio", "audio_lens", "targets")}
+    video_only = {k: batch[k] for k in ("video", "video_lens", "targets")}
+    for b in (audio_only, video_only, obj.batch_hook()(dict(video_only))):
+        out = obj(b)
+        assert torch.isfinite(out["loss"])
+    with pytest.raises(DataError, match="targets"):
+        obj({k: batch[k] for k in ("audio", "audio_lens")})
+
+
+def test_hook_rejects_masks_of_the_wrong_size():
+    obj = _objective()
+    batch = obj.batch_hook()(_batch())
+    batch["audio_mask"] = batch["audio_mask"][:, :5]
+    with pytest.raises(DataError, match="disagree"):
+        obj(batch)
+
+
+def _write_wav(path, samples):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def test_noise_hook_mixes_at_the_snr_in_the_valid_part(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "noise").mkdir()
+    _write_wav(tmp_path / "noise" / "n.wav", 0.1 * rng.standard_normal(16000))
+    obj = av_hubert(size="tiny", num_classes=8, noise_dir=str(tmp_path / "noise"), noise_prob=1.0, snr_low=10.0, snr_high=10.0)
+    batch = _batch()
+    clean = batch["audio"].clone()
+    out = obj.batch_hook()(batch)
+    for i, n in enumerate(out["audio_lens"].tolist()):
+        added = out["audio"][i, :n] - clean[i, :n]
+        snr = 20 * torch.log10(clean[i, :n].pow(2).mean().sqrt() / added.pow(2).mean().sqrt())
+        assert abs(snr.item() - 10.0) < 0.2
+        assert out["audio"][i, n:].abs().sum() == 0
+    assert "audio_mask" in out
+
+
+def test_fused_lengths_follow_the_shorter_stream():
+    masks = AVMasks(av_hubert(size="tiny").encoder.frame_spec)
+    batch = _batch()
+    batch["video_lens"] = torch.tensor([10, 9, 5])
+    lengths, t = masks.fused_lengths(batch)
+    assert t == 12 and lengths.tolist() == [10, 9, 5]
+
+
+def test_recipe_builds_and_trains_a_step():
+    from mmssl.config import builder_kwargs, load_config, resolve
+
+    cfg = resolve(load_config("av_hubert", ["data.train=m.jsonl", "data.labels=km", "model.size=tiny", "objective.num_classes=8"]))
+    assert list(cfg.data.modalities) == ["audio", "video"]
+    kwargs = {**builder_kwargs(cfg.objective), **builder_kwargs(cfg.model, drop=())}
+    obj = OBJECTIVES.build(cfg.objective.name, **kwargs)
+    batch = _batch()
+    batch["targets"] = batch["targets"].repeat_interleave(4, dim=1)  # 100 Hz labels, as the recipe says
+    out = obj(obj.batch_hook()(batch))
+    assert torch.isfinite(out["loss"]) and out["masked_accuracy"] <= 1

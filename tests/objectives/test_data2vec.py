@@ -1,0 +1,156 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmssl.objectives.data2vec import ema_decay_at, instance_norm, layer_average_targets, regression_loss
+from mmssl.registry import OBJECTIVES
+from mmssl.testing import tiny_audio_batch
+from mmssl.train.optim import param_groups
+
+QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
+
+
+def test_instance_norm_ignores_padding_like_each_utterance_alone():
+    x = torch.randn(2, 7, 3)
+    lengths = torch.tensor([7, 4])
+    out = instance_norm(x, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        alone = F.instance_norm(x[i : i + 1, :n].transpose(1, 2)).transpose(1, 2)[0]
+        assert torch.allclose(out[i, :n], alone, atol=1e-5)
+    assert (out[1, 4:] == 0).all()
+
+
+def test_targets_average_the_top_k_normalised_layers():
+    lengths = torch.tensor([5, 3])
+    layers = [torch.randn(2, 5, 4) * (i + 1) + i for i in range(4)]
+    normed = [instance_norm(layer, lengths) for layer in layers]
+    assert torch.allclose(layer_average_targets(layers, lengths, 2), (normed[2] + normed[3]) / 2)
+    assert torch.allclose(layer_average_targets(layers, lengths, 8), sum(normed) / 4)
+
+
+def test_regression_losses_match_hand_computation():
+    pred = torch.tensor([[[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    target = torch.tensor([[[0.0, 0.0, 0.0, 3.0], [5.0, 5.0, 5.0, 5.0]]])
+    weight = torch.tensor([[True, False]])
+    # frame 0: squared errors 1 + 4 + 0 + 9 = 14, over sqrt(4)
+    assert torch.isclose(regression_loss(pred, target, weight), torch.tensor(14 / 2))
+    # smooth L1 with beta 1: 0.5 + 1.5 + 0 + 2.5 = 4.5, over sqrt(4)
+    assert torch.isclose(regression_loss(pred, target, weight, beta=1.0), torch.tensor(4.5 / 2))
+    both = regression_loss(pred, target, torch.tensor([[True, True]]))
+    assert torch.isclose(both, torch.tensor((14 / 2 + 100 / 2) / 2))
+
+
+def test_ema_decay_is_linear_then_flat():
+    assert ema_decay_at(0, 0.999, 0.9999, 1000) == 0.999
+    assert math.isclose(ema_decay_at(500, 0.999, 0.9999, 1000), 0.99945)
+    assert ema_decay_at(1000, 0.999, 0.9999, 1000) == 0.9999
+    assert ema_decay_at(10**6, 0.999, 0.9999, 1000) == 0.9999
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return OBJECTIVES.build("data2vec", size="tiny", encoder=QUIET, **kwargs)
+
+
+def test_teacher_is_an_ema_of_the_student_and_never_trained():
+    model = _model(ema_anneal_steps=10)
+    trainable = {id(p) for g in param_groups(model, 0.01) for p in g["params"]}
+    assert not any(id(p) in trainable for p in model.teacher.parameters())
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    before = [p.clone() for p in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    model.on_step(5)
+    d = 0.999 + (0.9999 - 0.999) * 5 / 10
+    for old, new, student in zip(before, model.teacher.parameters(), model.encoder.parameters()):
+        assert torch.allclose(new, d * old + (1 - d) * student, atol=1e-6)
+    model.train()
+    assert model.encoder.training and not model.teacher.training
+
+
+def test_loss_regresses_teacher_targets_of_the_unmasked_input():
+    model = _model()
+    batch = model.batch_hook()(tiny_audio_batch())
+    out = model(batch)
+    with torch.no_grad():
+        feats = model.encoder.extract(batch["audio"], batch["audio_lens"])
+        layers = model.teacher.contextualize(feats.x, feats.lengths).layers
+        targets = layer_average_targets(layers, feats.lengths, 8)
+        hidden = model.encoder.contextualize(model.encoder.mask(feats.x, batch["pred_mask"]), feats.lengths).hidden
+        expected = regression_loss(model.head(hidden), targets, batch["pred_mask"])
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+    out["loss"].backward()
+    assert model.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_padding_values_change_no_loss():
+    model = _model()
+    batch = model.batch_hook()(tiny_audio_batch())
+    noisy = dict(batch, audio=batch["audio"].clone())
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        noisy["audio"][i, n:] = torch.randn(batch["audio"].shape[1] - n)
+    assert torch.allclose(model(batch)["loss"], model(noisy)["loss"], atol=1e-5)
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    model = _model(1)
+    batch = model.batch_hook()(tiny_audio_batch())
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for step in range(30):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        model.on_step(step)
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.cuda
+def test_training_step_and_ema_have_no_host_sync():
+    model = _model().cuda()
+    batch = model.batch_hook()(tiny_audio_batch())
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    model(batch)["loss"].backward()  # warm-up: lazy CUDA initialisation may sync
+    model.on_step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(batch)["loss"].backward()
+        model.on_step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_padded_batch_equals_each_utterance_alone():
+    model = _model().eval()
+    batch = model.batch_hook()(tiny_audio_batch())
+    out = model(batch)
+    frames = model.encoder.frame_lengths(batch["audio_lens"])
+    total, count = 0.0, 0
+    for i in range(3):
+        n_samples, n_frames = int(batch["audio_lens"][i]), int(frames[i])
+        alone = {
+            "audio": batch["audio"][i : i + 1, :n_samples],
+            "audio_lens": batch["audio_lens"][i : i + 1],
+            "pred_mask": batch["pred_mask"][i : i + 1, :n_frames],
+        }
+        masked = int(alone["pred_mask"].sum())
+        total += model(alone)["loss"].item() * masked
+        count += masked
+    assert abs(out["loss"].item() - total / count) < 1e-4
+
+
+def test_a_zero_length_utterance_changes_nothing():
+    model = _model().eval()
+    batch = model.batch_hook()(tiny_audio_batch((8000, 200)))  # 200 samples: no frame
+    assert batch["pred_mask"][1].sum() == 0
+    alone = {"audio": batch["audio"][:1], "audio_lens": batch["audio_lens"][:1], "pred_mask": batch["pred_mask"][:1]}
+    out = model(batch)
+    assert torch.isfinite(out["loss"])
+    assert torch.allclose(out["loss"], model(alone)["loss"], atol=1e-5)

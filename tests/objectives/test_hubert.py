@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+
+from mmssl.errors import DataError
+from mmssl.objectives.hubert import cosine_logits, resample_targets, weighted_cross_entropy
+from mmssl.registry import OBJECTIVES
+from mmssl.testing import tiny_audio_batch
+
+QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
+
+
+def test_resample_100hz_labels_onto_50hz_frames_by_index():
+    targets = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [7, 8, 9, -1, -1, -1, -1]])
+    out = resample_targets(targets, 5, 100.0, 50.0)
+    assert out.tolist() == [[0, 2, 4, 6, -1], [7, 9, -1, -1, -1]]
+    up = resample_targets(torch.tensor([[3, 4]]), 5, 25.0, 50.0)
+    assert up.tolist() == [[3, 3, 4, 4, -1]]
+    same = resample_targets(torch.tensor([[1, 2, 3]]), 3, 50.0, 50.0)
+    assert same.tolist() == [[1, 2, 3]]
+
+
+def test_cosine_logits_and_loss_match_hand_computation():
+    x = torch.tensor([[[1.0, 0.0], [1.0, 2.0]]])  # (1, 2, 2)
+    emb = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
+    logits = cosine_logits(x, emb, 0.1)
+    r = 1 / math.sqrt(5)
+    rows = [[10.0, 0.0, -10.0], [10 * r, 20 * r, -10 * r]]
+    assert torch.allclose(logits, torch.tensor([rows]), atol=1e-5)
+    loss, acc = weighted_cross_entropy(logits, torch.tensor([[0, 1]]), torch.tensor([[True, True]]))
+    nll = [-row[c] + math.log(sum(math.exp(v) for v in row)) for row, c in zip(rows, (0, 1))]
+    assert abs(loss.item() - sum(nll) / 2) < 1e-4 and acc.item() == 1.0
+    # a frame left out by the weight does not count, whatever its target
+    loss0, acc0 = weighted_cross_entropy(logits, torch.tensor([[0, 2]]), torch.tensor([[True, False]]))
+    assert abs(loss0.item() - nll[0]) < 1e-4 and acc0.item() == 1.0
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return OBJECTIVES.build("hubert", size="tiny", num_classes=7, encoder=QUIET, **kwargs)
+
+
+def _batch(seed=0):
+    batch = tiny_audio_batch()
+    g = torch.Generator().manual_seed(seed)
+    labels = (batch["audio_lens"] // 160).tolist()  # 100 Hz labels
+    targets = torch.full((3, max(labels)), -1)
+    for i, n in enumerate(labels):
+        targets[i, :n] = torch.randint(7, (n,), generator=g)
+    batch["targets"] = targets
+    return batch
+
+
+def test_forward_backward_and_masked_only_by_default():
+    model = _model()
+    batch = model.batch_hook()(_batch())
+    out = model(batch)
+    assert torch.isclose(out["loss"], out["masked_loss"] + 10 * out["feature_penalty_loss"])
+    out["loss"].backward()
+    assert model.label_embeddings.grad.abs().sum() > 0
+    # changing the targets of unmasked frames changes nothing
+    changed = dict(batch, targets=batch["targets"].clone())
+    frames = batch["pred_mask"].shape[1]
+    label_of = (torch.arange(frames) * 2).clamp(max=batch["targets"].shape[1] - 1)
+    for i in range(3):
+        for t in range(frames):
+            if not batch["pred_mask"][i, t] and batch["targets"][i, label_of[t]] >= 0:
+                changed["targets"][i, label_of[t]] = (batch["targets"][i, label_of[t]] + 1) % 7
+    assert torch.allclose(model(changed)["loss"], out["loss"])
+    both = _model(unmasked_weight=0.5)
+    a, b = both(batch), both(changed)
+    assert not torch.allclose(a["loss"], b["loss"])
+    assert torch.isclose(a["loss"], a["masked_loss"] + 0.5 * a["unmasked_loss"] + 10 * a["feature_penalty_loss"])
+
+
+def test_padding_values_change_no_loss():
+    model = _model()
+    batch = model.batch_hook()(_batch())
+    noisy = dict(batch, audio=batch["audio"].clone())
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        noisy["audio"][i, n:] = 3 * torch.randn(batch["audio"].shape[1] - n)
+    a, b = model(batch), model(noisy)
+    assert torch.allclose(a["loss"], b["loss"], atol=1e-5)
+
+
+def test_missing_targets_is_a_data_error():
+    with pytest.raises(DataError, match="data.labels"):
+        _model()(tiny_audio_batch())
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    model = _model(1)
+    batch = model.batch_hook()(_batch())
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["masked_loss"].item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.cuda
+def test_training_step_has_no_host_sync():
+    model = _model().cuda()
+    batch = model.batch_hook()(_batch())
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    model(batch)["loss"].backward()  # warm-up: lazy CUDA initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(batch)["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_padded_batch_equals_each_utterance_alone():
+    model = _model().eval()
+    batch = model.batch_hook()(_batch())
+    out = model(batch)
+    frames = model.encoder.frame_lengths(batch["audio_lens"])
+    total, count = 0.0, 0
+    for i in range(3):
+        n_samples, n_frames = int(batch["audio_lens"][i]), int(frames[i])
+        alone = {
+            "audio": batch["audio"][i : i + 1, :n_samples],
+            "audio_lens": batch["audio_lens"][i : i + 1],
+            "targets": batch["targets"][i : i + 1],
+            "pred_mask": batch["pred_mask"][i : i + 1, :n_frames],
+        }
+        masked = int(alone["pred_mask"].sum())
+        total += model(alone)["masked_loss"].item() * masked
+        count += masked
+    assert abs(out["masked_loss"].item() - total / count) < 1e-4
+
+
+def test_feature_grad_mult_scales_only_the_frontend_gradient():
+    batch = _model().batch_hook()(_batch())
+    grads = {}
+    for mult in (1.0, 0.1):
+        model = _model(feature_grad_mult=mult)
+        model(batch)["loss"].backward()
+        conv = model.encoder.frontend.blocks[0].conv.weight.grad.clone()
+        grads[mult] = (conv, model.final_proj.weight.grad.clone())
+    assert torch.allclose(grads[0.1][0], 0.1 * grads[1.0][0], rtol=1e-3, atol=1e-7)
+    assert torch.allclose(grads[0.1][1], grads[1.0][1], rtol=1e-5, atol=1e-8)
+
+
+def test_a_zero_length_utterance_changes_nothing():
+    model = _model().eval()
+    batch = tiny_audio_batch((8000, 200))  # 200 samples: shorter than one frame's window
+    batch["targets"] = torch.randint(7, (2, 50), generator=torch.Generator().manual_seed(0))
+    batch = model.batch_hook()(batch)
+    assert batch["pred_mask"][1].sum() == 0
+    alone = {k: batch[k][:1] for k in ("audio", "audio_lens", "targets", "pred_mask")}
+    out = model(batch)
+    assert torch.allclose(out["loss"], model(alone)["loss"], atol=1e-5)

@@ -1,0 +1,151 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmssl.errors import DataError
+from mmssl.objectives.multiview_contrastive import (
+    LogitScale,
+    frame_info_nce,
+    multiview_contrastive,
+    utterance_info_nce,
+)
+from mmssl.registry import OBJECTIVES
+from mmssl.testing import tiny_av_batch
+
+
+def _unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def test_utterance_info_nce_is_cross_entropy_on_explicit_logits():
+    za, zv = _unit(4, 6, seed=0), _unit(4, 6, seed=1)
+    scale = torch.tensor(10.0)
+    loss, acc = utterance_info_nce(za, zv, scale)
+    logits = 10.0 * za @ zv.T
+    labels = torch.arange(4)
+    ref = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    torch.testing.assert_close(loss, ref)
+    assert acc.item() == (logits.argmax(1) == labels).float().mean().item()
+
+
+def test_utterance_negatives_come_from_every_rank():
+    # rank 1 of 2: the other rank's rows come first; labels are offset by rank * B
+    za, zv = _unit(3, 5, seed=2), _unit(3, 5, seed=3)
+    other_a, other_v = _unit(3, 5, seed=4), _unit(3, 5, seed=5)
+
+    def fake_gather(x, rank, world_size):
+        assert (rank, world_size) == (1, 2)
+        return torch.cat([other_a if x is za else other_v, x])
+
+    loss, _ = utterance_info_nce(za, zv, torch.tensor(5.0), rank=1, world_size=2, gather=fake_gather)
+    all_a, all_v = torch.cat([other_a, za]), torch.cat([other_v, zv])
+    labels = torch.arange(3) + 3
+    ref = 0.5 * (F.cross_entropy(5.0 * za @ all_v.T, labels) + F.cross_entropy(5.0 * zv @ all_a.T, labels))
+    torch.testing.assert_close(loss, ref)
+
+
+def test_frame_info_nce_matches_explicit_valid_frames():
+    za, zv = _unit(3, 4, 6, seed=6), _unit(3, 4, 6, seed=7)
+    lengths = torch.tensor([4, 2, 3])
+    scale = torch.tensor(7.0)
+    loss, acc = frame_info_nce(za, zv, lengths, scale)
+    keep = torch.arange(4)[None] < lengths[:, None]
+    fa, fv = za[keep], zv[keep]  # (N, D) valid frames only, same order
+    labels = torch.arange(fa.shape[0])
+    logits = 7.0 * fa @ fv.T
+    ref = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(acc, (logits.argmax(1) == labels).float().mean())
+
+
+def test_frame_info_nce_ignores_padded_content():
+    za, zv = _unit(2, 5, 4, seed=8), _unit(2, 5, 4, seed=9)
+    lengths = torch.tensor([5, 2])
+    base, _ = frame_info_nce(za, zv, lengths, torch.tensor(3.0))
+    za2, zv2 = za.clone(), zv.clone()
+    za2[1, 2:] = za[0, :3]  # padding that would be a perfect match if it counted
+    zv2[1, 2:] = za[0, :3]
+    other, _ = frame_info_nce(za2, zv2, lengths, torch.tensor(3.0))
+    torch.testing.assert_close(base, other)
+
+
+def test_logit_scale_init_and_clamp():
+    s = LogitScale()
+    torch.testing.assert_close(s(), torch.tensor(1 / 0.07))
+    with torch.no_grad():
+        s.log_scale.fill_(10.0)
+    torch.testing.assert_close(s(), torch.tensor(100.0))
+    s.log_scale.grad = None
+    s().backward()
+    assert s.log_scale.grad == 0  # clamped: no push beyond the cap
+
+
+def test_forward_backward_and_overfit():
+    torch.manual_seed(0)
+    objective = OBJECTIVES.build("multiview_contrastive", size="tiny", dim=16)
+    batch = tiny_av_batch()
+    out = objective(batch)
+    for key in ("loss", "utterance_loss", "frame_loss", "utterance_accuracy", "frame_accuracy"):
+        assert key in out and torch.isfinite(out[key])
+    torch.testing.assert_close(out["loss"], out["utterance_loss"] + out["frame_loss"])
+    # chance level of the utterance loss at initialisation is about log(B)
+    assert abs(out["utterance_loss"].item() - math.log(3)) < 1.5
+    out["loss"].backward()
+    assert not [n for n, p in objective.named_parameters() if p.grad is None]
+    objective.eval()
+    opt = torch.optim.Adam(objective.parameters(), lr=3e-3)
+    first = objective(batch)["loss"].item()
+    for _ in range(15):
+        opt.zero_grad()
+        objective(batch)["loss"].backward()
+        opt.step()
+    assert objective(batch)["loss"].item() < first - 0.1
+
+
+def test_needs_paired_views():
+    batch = tiny_av_batch()
+    del batch["audio"]
+    with pytest.raises(DataError, match="audio"):
+        multiview_contrastive(size="tiny", dim=8)(batch)
+
+
+def test_recipe_builds():
+    from mmssl.config import builder_kwargs, load_config, resolve
+
+    cfg = resolve(load_config("multiview", ["data.train=m.jsonl", "model.size=tiny", "objective.dim=8"]))
+    kwargs = {**builder_kwargs(cfg.objective), **builder_kwargs(cfg.model, drop=())}
+    obj = OBJECTIVES.build(cfg.objective.name, **kwargs, rank=0, world_size=1)
+    assert torch.isfinite(obj(tiny_av_batch())["loss"])
+
+
+def _rank_worker(rank, world_size, init, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    za, zv = _unit(6, 4, seed=10), _unit(6, 4, seed=11)
+    a = za[rank * 3 : (rank + 1) * 3].clone().requires_grad_()
+    v = zv[rank * 3 : (rank + 1) * 3].clone().requires_grad_()
+    loss, _ = utterance_info_nce(a, v, torch.tensor(5.0), rank, world_size)
+    loss.backward()
+    out[rank, :, :8] = torch.cat([a.grad, v.grad], 1)
+    out[rank, :, 8] = loss.detach()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = torch.zeros(2, 3, 9).share_memory_()
+    # fork: the workers inherit the imported modules instead of importing them again
+    mp.start_processes(_rank_worker, args=(2, f"file://{tmp_path / 'pg'}", out), nprocs=2, start_method="fork")
+    za = _unit(6, 4, seed=10).requires_grad_()
+    zv = _unit(6, 4, seed=11).requires_grad_()
+    loss, _ = utterance_info_nce(za, zv, torch.tensor(5.0))
+    loss.backward()
+    # DDP averages over ranks: the mean of the ranks' losses and gradients is the whole batch's
+    torch.testing.assert_close(out[:, 0, 8].mean(), loss.detach())
+    torch.testing.assert_close(out[:, :, :8].reshape(6, 8) / 2, torch.cat([za.grad, zv.grad], 1))

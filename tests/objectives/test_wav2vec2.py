@@ -1,0 +1,148 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmssl.objectives.wav2vec2 import feature_penalty, gather_logits, info_nce, sample_negatives, wav2vec2
+from mmssl.registry import OBJECTIVES
+from mmssl.testing import tiny_audio_batch
+
+QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
+
+
+def test_negatives_come_from_other_candidates_of_the_same_utterance():
+    g = torch.Generator().manual_seed(0)
+    candidates = torch.zeros(3, 30, dtype=torch.bool)
+    candidates[0, 3:13] = True
+    candidates[1, [0, 7, 29]] = True
+    candidates[2, 5] = True  # one candidate: no distractor exists
+    positives = torch.arange(30).expand(3, 30)
+    idx, usable = sample_negatives(candidates, positives, 200, g)
+    assert idx.shape == (3, 30, 200)
+    for b in range(2):
+        picked = candidates[b].gather(0, idx[b].flatten())
+        assert picked.all()
+        masked_rows = candidates[b].nonzero()[:, 0]
+        assert not (idx[b, masked_rows] == masked_rows[:, None]).any()  # never the positive
+    assert usable[:2].all() and not usable[2].any()
+    # uniform over the 9 other candidates of utterance 0
+    counts = torch.bincount(idx[0, 5].flatten(), minlength=30)[3:13].float()
+    assert counts[2] == 0 and counts.sum() == 200 and counts.max() < 45
+
+
+def test_info_nce_equals_cross_entropy_on_explicit_logits():
+    g = torch.Generator().manual_seed(1)
+    pred, targets = torch.randn(2, 6, 5, generator=g), torch.randn(2, 9, 5, generator=g)
+    positives = torch.randint(9, (2, 6), generator=g)
+    negatives = torch.randint(9, (2, 6, 4), generator=g)
+    weight = torch.tensor([[1, 1, 0, 1, 0, 1], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    for cosine, temp in ((False, 1.0), (True, 0.1)):
+        logits = gather_logits(pred, targets, positives, negatives, temp, cosine)
+        loss, acc = info_nce(logits, weight)
+        rows, hits = [], []
+        for b in range(2):
+            for a in range(6):
+                if not weight[b, a]:
+                    continue
+                cands = targets[b, torch.cat([positives[b, a : a + 1], negatives[b, a]])]
+                if cosine:
+                    row = F.cosine_similarity(pred[b, a][None], cands, dim=-1) / temp
+                else:
+                    row = cands @ pred[b, a]
+                rows.append(row)
+                hits.append(float(row.argmax() == 0))
+        explicit = F.cross_entropy(torch.stack(rows), torch.zeros(len(rows), dtype=torch.long))
+        assert torch.allclose(loss, explicit, atol=1e-5)
+        assert abs(acc.item() - sum(hits) / len(hits)) < 1e-6
+
+
+def test_excluded_negatives_drop_out_of_the_softmax():
+    logits = gather_logits(
+        torch.ones(1, 1, 2), torch.eye(2)[None], torch.tensor([[0]]), torch.tensor([[[1, 1]]]),
+        exclude=torch.tensor([[[True, False]]]),
+    )
+    # positive logit 1, one remaining negative logit 1: loss = log 2
+    loss, _ = info_nce(logits, torch.ones(1, 1))
+    assert torch.isclose(loss, torch.log(torch.tensor(2.0)))
+
+
+def test_feature_penalty_ignores_padding():
+    raw = torch.randn(2, 5, 3)
+    lengths = torch.tensor([5, 2])
+    expected = torch.cat([raw[0], raw[1, :2]]).pow(2).mean()
+    assert torch.isclose(feature_penalty(raw, lengths), expected)
+    raw[1, 2:] = 100.0
+    assert torch.isclose(feature_penalty(raw, lengths), expected)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return OBJECTIVES.build("wav2vec2", size="tiny", encoder=QUIET)
+
+
+def test_forward_backward_and_metrics_on_a_padded_batch():
+    model = _model()
+    batch = model.batch_hook()(tiny_audio_batch())
+    out = model(batch)
+    assert {"loss", "contrastive_loss", "diversity_loss", "feature_penalty_loss", "accuracy"} <= set(out)
+    expected = out["contrastive_loss"] + 0.1 * out["diversity_loss"] + 10 * out["feature_penalty_loss"]
+    assert torch.isclose(out["loss"], expected)
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[:3]) and model.quantizer.codebook.grad.abs().sum() > 0
+    counts = batch["pred_mask"].sum(1)
+    assert (counts == counts[0]).all()
+
+
+def test_padding_values_change_no_loss():
+    model = _model()
+    batch = model.batch_hook()(tiny_audio_batch())
+    noisy = dict(batch, audio=batch["audio"].clone())
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        noisy["audio"][i, n:] = torch.randn(batch["audio"].shape[1] - n)
+    torch.manual_seed(5)
+    a = model(batch)
+    torch.manual_seed(5)
+    b = model(noisy)
+    for key in ("loss", "contrastive_loss", "diversity_loss", "feature_penalty_loss"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_forward_makes_its_own_mask_without_the_hook():
+    model = _model()
+    out = model(tiny_audio_batch())
+    assert 0.0 < out["mask_fraction"] < 1.0 and torch.isfinite(out["loss"])
+
+
+def test_temperature_follows_on_step():
+    model = wav2vec2(size="tiny", encoder=QUIET)
+    model.on_step(100_000)
+    assert abs(model(tiny_audio_batch())["temperature"].item() - 2.0 * 0.999995**100_000) < 1e-6
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    model = _model(1)
+    batch = model.batch_hook()(tiny_audio_batch())
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(30):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.on_step(step)
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+@pytest.mark.cuda
+def test_training_step_has_no_host_sync():
+    model = _model().cuda()
+    batch = model.batch_hook()(tiny_audio_batch())
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    model(batch)["loss"].backward()  # warm-up: lazy CUDA initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(batch)["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

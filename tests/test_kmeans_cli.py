@@ -1,0 +1,149 @@
+import json
+import wave
+
+import torch
+from safetensors.torch import save_file
+
+from mmssl.cli import main
+from mmssl.config import load_config, save_resolved
+from mmssl.data.features import mfcc
+from mmssl.data.io import load_audio
+from mmssl.kmeans_cli import kmeans_info
+from mmssl.nn.kmeans import nearest
+
+TONES = [(200, 2400), (450, 3200), (700, 1600)]  # (Hz, samples) segments: three "phones"
+
+
+def _write_wav(path, samples):
+    pcm = (samples.clamp(-1, 1) * 32767).short().numpy().tobytes()
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm)
+
+
+def _corpus(tmp_path, count=6):
+    """Utterances made of tone segments, with phone alignments as the built-in corpus writes them."""
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "wav").mkdir()
+    (tmp_path / "align").mkdir()
+    lines = []
+    for i in range(count):
+        pieces, phonemes, start = [], [], 0
+        for j in range(4):
+            hz, n = TONES[(i + j) % 3]
+            t = torch.arange(n) / 16000
+            pieces.append(0.5 * torch.sin(2 * torch.pi * hz * t) + 0.01 * torch.randn(n, generator=g))
+            phonemes.append([f"p{hz}", start, start + n])
+            start += n
+        _write_wav(tmp_path / "wav" / f"u{i}.wav", torch.cat(pieces))
+        doc = {"sample_rate": 16000, "phonemes": phonemes, "words": []}
+        (tmp_path / "align" / f"u{i}.json").write_text(json.dumps(doc))
+        lines.append(json.dumps({"id": f"u{i}", "audio": f"wav/u{i}.wav", "align": f"align/u{i}.json"}))
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def _km_lines(path):
+    return [[int(v) for v in line.split()] for line in path.read_text().splitlines()]
+
+
+def test_mfcc_labels_one_line_per_record_nearest_centroid(tmp_path, capsys):
+    manifest = _corpus(tmp_path)
+    out = tmp_path / "km"
+    code = main(["kmeans", "--manifest", str(manifest), "--features", "mfcc", "--k", "3",
+                 "--out", str(out), "--fit-fraction", "0.5", "--device", "cpu"])
+    assert code == 0
+    labels = _km_lines(out / "train.km")
+    state = torch.load(out / "kmeans.pt", weights_only=True)
+    assert state["centroids"].shape == (3, 39) and state["label_rate"] == 100.0
+    assert kmeans_info(out) == {"k": 3, "label_rate": 100.0}
+    assert len(labels) == 6
+    for i, line in enumerate(labels):
+        feats = mfcc(load_audio(tmp_path / "wav" / f"u{i}.wav"))
+        assert len(line) == feats.shape[0]
+        assert line == nearest(feats, state["centroids"])[0].tolist()
+    quality = json.loads((out / "quality.json").read_text())
+    # three well separated tones: clusters follow the phones
+    assert quality["phone_purity"] > 0.9 and quality["pnmi"] > 0.7
+    assert "cluster quality" in capsys.readouterr().out
+
+
+def test_checkpoint_layer_labels_at_the_encoder_rate(tmp_path):
+    manifest = _corpus(tmp_path, count=3)
+    run = tmp_path / "run"
+    cfg = load_config("hubert", [f"data.train={manifest}", "data.labels=x", "model.size=tiny",
+                                 "objective.num_classes=3"])
+    save_resolved(cfg, run)
+    from mmssl.train.build import build_objective
+
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    step = run / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
+    out = tmp_path / "km"
+    code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(step / "model.safetensors"),
+                 "--layer", "1", "--k", "2", "--out", str(out), "--fit-fraction", "1.0"])
+    assert code == 0
+    labels = _km_lines(out / "train.km")
+    encoder = objective.encoder.eval()
+    with torch.no_grad():
+        for i, line in enumerate(labels):
+            wav = load_audio(tmp_path / "wav" / f"u{i}.wav")
+            feats = encoder.extract(wav[None], torch.tensor([wav.shape[0]]))
+            assert len(line) == int(feats.lengths[0])  # 50 Hz frames
+    assert torch.load(out / "kmeans.pt", weights_only=True)["label_rate"] == 50.0
+
+
+def test_bad_input_is_reported_by_name(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio": "missing.wav"}) + "\n")
+    code = main(["kmeans", "--manifest", str(manifest), "--features", "mfcc", "--k", "2", "--out", str(tmp_path / "o")])
+    assert code == 2 and "missing.wav" in capsys.readouterr().err
+    code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(tmp_path), "--k", "2",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "--layer" in capsys.readouterr().err
+
+
+def test_audio_visual_checkpoint_gives_25hz_labels(tmp_path):
+    from tests.data.media import moving_frames, tone, write_av
+
+    from mmssl.data.datasets import lip_frames
+    from mmssl.data.io import load_video
+    from mmssl.encoders.av import av_features
+    from mmssl.train.build import build_objective
+
+    lines = []
+    for i, frames in enumerate((20, 13)):
+        write_av(tmp_path / f"v{i}.mp4", moving_frames(frames), tone(frames * 640, freq=300 + 100 * i))
+        lines.append(json.dumps({"id": f"v{i}", "audio": f"v{i}.mp4", "video": f"v{i}.mp4"}))
+    manifest = tmp_path / "av.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    cfg = load_config("av_hubert", [f"data.train={manifest}", "data.labels=x", "model.size=tiny",
+                                    "objective.num_classes=3"])
+    save_resolved(cfg, run)
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    step = run / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
+    out = tmp_path / "km"
+    code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(step), "--layer", "1",
+                 "--k", "2", "--out", str(out), "--fit-fraction", "1.0", "--device", "cpu"])
+    assert code == 0
+    labels = _km_lines(out / "av.km")
+    state = torch.load(out / "kmeans.pt", weights_only=True)
+    assert state["label_rate"] == 25.0
+    encoder = objective.encoder.eval()
+    for i, line in enumerate(labels):
+        video = lip_frames(load_video(tmp_path / f"v{i}.mp4"))
+        audio = load_audio(tmp_path / f"v{i}.mp4")
+        batch = {"audio": audio[None], "audio_lens": torch.tensor([audio.shape[0]]),
+                 "video": video[None], "video_lens": torch.tensor([video.shape[0]])}
+        feats, lengths = av_features(encoder, batch, 1)
+        assert len(line) == int(lengths[0]) == video.shape[0]  # one label per 25 fps frame
+        assert line == nearest(feats[0, : int(lengths[0])], state["centroids"])[0].tolist()
