@@ -9,6 +9,17 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def synth_tiny(tmp_path_factory):
+    """A tiny generated corpus (``mmssl synth --size tiny``), made once per test session:
+    ``av/``, ``image/`` and ``noise/`` under the returned folder."""
+    from mmssl.data.synth import config_for, generate
+
+    out = tmp_path_factory.mktemp("synth_tiny")
+    generate(config_for("tiny"), out, workers=1, progress=False)
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
