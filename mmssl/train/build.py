@@ -74,7 +74,8 @@ def _check_labels(cfg: DictConfig, kwargs: dict, params) -> None:
         if value is inspect.Parameter.empty or float(value) == float(info[source]):
             continue
         if key == "num_classes" and value > info[source]:
-            print(f"note: objective.num_classes={value} but data.labels={labels} has only k={info[source]} clusters")
+            print(f"note: objective.num_classes={value} but data.labels={labels} "
+                  f"has only k={info[source]} clusters")
             continue
         raise ConfigError(f"objective.{key}={value} but data.labels={labels} has {source}={info[source]}; "
                           f"set objective.{key}={info[source]}")

@@ -43,15 +43,19 @@ def pretrain(
     try:
         run_dir = prepare_run_dir(cfg, resume, env)
         barrier(env)
-        trainer = build_trainer(cfg, env, device, registry=registry, stream_builder=stream_builder,
-                                callbacks=callbacks)
-        if resume and not trainer.resume():
-            if env.is_main:
-                print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
-        trainer.fit()
+        _fit(cfg, env, device, resume, registry, stream_builder, callbacks)
     finally:
-        shutdown()
+        shutdown()  # after the trainer (and its DDP/FSDP state) is gone: tearing down in the
+        # other order can hang on exit
     return run_dir
+
+
+def _fit(cfg, env, device, resume, registry, stream_builder, callbacks) -> None:
+    trainer = build_trainer(cfg, env, device, registry=registry, stream_builder=stream_builder,
+                            callbacks=callbacks)
+    if resume and not trainer.resume() and env.is_main:
+        print(f"no checkpoint in {trainer.ckpt_dir}; starting from step 0")
+    trainer.fit()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """An endless, resumable stream of training batches over epochs.
 
-The data workers collate each batch and run the objective's batch hook (masks, mixing) under a
-seed that depends only on (seed, rank, epoch, batch position), so a resumed run draws the same
-masks as an uninterrupted one whatever the worker count. The stream's position is counted in
+The data workers collate each batch and run the objective's batch hook (masks, mixing) with the
+global torch generator seeded from (seed, rank, epoch, batch position) alone, so a hook that
+draws from that generator makes the same masks in a resumed run as in an uninterrupted one,
+whatever the worker count. The stream's position is counted in
 batches the loop has *taken* (not what the workers prefetched), and that is what a checkpoint
 stores: ``{"epoch", "offset"}``, the batch sampler's own state format.
 """

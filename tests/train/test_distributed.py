@@ -43,20 +43,24 @@ def _crash_after_3(step):
         raise _Crash
 
 
+def _train(rank, run_dir, strategy, phase):
+    options = dict(max_steps=4, batch_size=2, env=DistEnv(rank, 2, rank), strategy=strategy,
+                   dropout=0.0, noise=0.0, grad_clip=1.0, save_every=2)
+    trainer = make_trainer(run_dir, callbacks=[_crash_after_3] if phase == "crash" else [], **options)
+    if phase == "resume":
+        assert trainer.resume() and trainer.step == 2
+    try:
+        trainer.fit()  # ends with a checkpoint: full tensors gathered from the shards
+    except _Crash:
+        pass
+
+
 def _train_rank(rank, run_dir, strategy, phase):
     """``phase``: "all" trains 4 steps; "crash" stops after step 3 (last checkpoint: step 2);
     "resume" continues from that checkpoint in fresh processes, as a restarted job would."""
     _init(rank)
-    options = dict(max_steps=4, batch_size=2, env=DistEnv(rank, 2, rank), strategy=strategy,
-                   dropout=0.0, noise=0.0, grad_clip=1.0, save_every=2)
     try:
-        trainer = make_trainer(run_dir, callbacks=[_crash_after_3] if phase == "crash" else [], **options)
-        if phase == "resume":
-            assert trainer.resume() and trainer.step == 2
-        try:
-            trainer.fit()  # ends with a checkpoint: full tensors gathered from the shards
-        except _Crash:
-            pass
+        _train(rank, run_dir, strategy, phase)  # the wrapped model is freed before the group
     finally:
         dist.destroy_process_group()
 
