@@ -1,11 +1,12 @@
 """``mmssl kmeans``: cluster frame features into HuBERT targets.
 
-    mmssl kmeans --manifest M (--features mfcc | --checkpoint C --layer L) --k K --out DIR
+    mmssl kmeans --manifest M [M2 ...] (--features mfcc | --checkpoint C --layer L) --k K --out DIR
                  [--fit-fraction F] [--device auto|cpu|cuda] [--seed S]
 
-writes ``DIR/<manifest stem>.km`` (one line of space-separated cluster ids per record, in
-manifest order, at the feature's frame rate) and ``DIR/kmeans.pt`` (centroids, k, feature
-description, label rate). As HuBERT (sec. IV-B), k-means is fitted on the frames of a random
+writes ``DIR/<manifest stem>.km`` for every manifest (one line of space-separated cluster ids
+per record, in manifest order, at the feature's frame rate; fitted on the first manifest, so
+``--manifest train.jsonl valid.jsonl`` labels both with the same clusters) and
+``DIR/kmeans.pt`` (centroids, k, feature description, label rate). As HuBERT (sec. IV-B), k-means is fitted on the frames of a random
 subset of the records (``--fit-fraction``, 10% by default, grown until there are at least
 10 frames per cluster) and then every frame is assigned. Features are computed on the fly and
 kept in memory only for the fitting subset; nothing is dumped to disk. When the records carry
@@ -41,7 +42,9 @@ MFCC_RATE = 100.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", required=True, help="JSON-lines manifest with an 'audio' path per record")
+    parser.add_argument("--manifest", required=True, nargs="+",
+                        help="JSON-lines manifests with an 'audio' path per record; k-means is fitted on the first, "
+                             "every one is labelled")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--features", choices=["mfcc"], help="cluster 39-dim MFCC (+deltas) at 100 Hz")
     source.add_argument("--checkpoint", help="run folder or checkpoint whose encoder layer to cluster")
@@ -218,9 +221,14 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and args.layer is None:
         raise ConfigError("--checkpoint needs --layer L")
     device = pick_device(args.device)
-    records = read_manifest(args.manifest)
-    if not records:
-        raise DataError(f"{args.manifest}: the manifest has no records")
+    manifests = [Path(m) for m in args.manifest]
+    stems = [m.stem for m in manifests]
+    if len(set(stems)) != len(stems):
+        raise ConfigError(f"manifests {', '.join(map(str, manifests))} share a file name; their labels would collide")
+    all_records = [read_manifest(m) for m in manifests]
+    for manifest, records in zip(manifests, all_records):
+        if not records:
+            raise DataError(f"{manifest}: the manifest has no records")
     if args.checkpoint is not None:
         feature_fn, rate = encoder_layer_features(load_encoder_from_run(args.checkpoint), args.layer, device)
         described = f"checkpoint:{args.checkpoint}:layer{args.layer}"
@@ -229,15 +237,33 @@ def run(args: argparse.Namespace) -> int:
         described = "mfcc"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    km, cache = fit_kmeans(records, feature_fn, args.k, args.fit_fraction, args.seed, args.max_iter, args.n_init)
+    km, cache = fit_kmeans(all_records[0], feature_fn, args.k, args.fit_fraction, args.seed, args.max_iter, args.n_init)
+    qualities = {}
+    for i, (manifest, records) in enumerate(zip(manifests, all_records)):
+        scores = assign(manifest, records, feature_fn, km, rate, cache if i == 0 else {}, out)
+        if scores is not None:
+            qualities[manifest.stem] = scores
+    torch.save({"centroids": km.centroids.cpu(), "k": args.k, "features": described, "label_rate": rate,
+                "inertia": km.inertia}, out / "kmeans.pt")
+    if qualities:
+        first = next(iter(qualities.values()))
+        # quality.json: the first manifest's scores at the top level, every manifest's under "by_manifest"
+        (out / "quality.json").write_text(json.dumps({**first, "by_manifest": qualities}, indent=2) + "\n",
+                                          encoding="utf-8")
+    return 0
 
-    manifest_dir = Path(args.manifest).resolve().parent
-    quality = QualityAccumulator(args.k)
+
+def assign(manifest: Path, records: list[dict], feature_fn: FeatureFn, km: KMeans, rate: float,
+           cache: dict[int, Tensor], out: Path) -> dict | None:
+    """Label every record of ``manifest`` into ``out/<stem>.km`` (atomically); the cluster
+    quality scores when every record has a phone alignment, else None."""
+    manifest_dir = manifest.resolve().parent
+    quality = QualityAccumulator(km.k)
     has_align = all(r.get("align") for r in records)
-    km_path = out / f"{Path(args.manifest).stem}.km"
+    km_path = out / f"{manifest.stem}.km"
     tmp = km_path.with_suffix(".km.tmp")
     with open(tmp, "w", encoding="utf-8") as lines:
-        for index, record in enumerate(tqdm(records, desc="kmeans: assign", unit="utt")):
+        for index, record in enumerate(tqdm(records, desc=f"kmeans: assign {manifest.stem}", unit="utt")):
             feats = cache.pop(index, None)
             if feats is None:
                 feats = feature_fn(record)
@@ -247,12 +273,11 @@ def run(args: argparse.Namespace) -> int:
                 alignment, sr = read_alignment(manifest_dir / record["align"])
                 quality.add(frame_phones(alignment, labels.shape[0], rate, sr), labels)
     os.replace(tmp, km_path)
-    torch.save({"centroids": km.centroids.cpu(), "k": args.k, "features": described, "label_rate": rate,
-                "inertia": km.inertia}, out / "kmeans.pt")
-    print(f"wrote {km_path} ({len(records)} records, k={args.k}, {rate:g} Hz labels, inertia {km.inertia:.4g})")
-    if has_align:
-        scores = quality.result()
-        (out / "quality.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
-        print("cluster quality: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in scores.items()))
-    return 0
+    print(f"wrote {km_path} ({len(records)} records, k={km.k}, {rate:g} Hz labels, "
+          f"inertia of the fit {km.inertia:.4g})")
+    if not has_align:
+        return None
+    scores = quality.result()
+    print(f"cluster quality ({manifest.stem}): " + ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+    return scores

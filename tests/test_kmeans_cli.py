@@ -98,6 +98,28 @@ def test_checkpoint_layer_labels_at_the_encoder_rate(tmp_path):
     assert torch.load(out / "kmeans.pt", weights_only=True)["label_rate"] == 50.0
 
 
+def test_several_manifests_share_the_clusters_fitted_on_the_first(tmp_path):
+    manifest = _corpus(tmp_path, count=4)
+    records = manifest.read_text().splitlines()
+    train, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    train.write_text("\n".join(records[:3]) + "\n")
+    valid.write_text(records[3] + "\n")
+    out = tmp_path / "km"
+    code = main(["kmeans", "--manifest", str(train), str(valid), "--features", "mfcc", "--k", "3",
+                 "--out", str(out), "--fit-fraction", "1.0", "--device", "cpu"])
+    assert code == 0
+    state = torch.load(out / "kmeans.pt", weights_only=True)
+    (line,) = _km_lines(out / "valid.km")
+    assert len(_km_lines(out / "train.km")) == 3
+    assert line == nearest(mfcc(load_audio(tmp_path / "wav" / "u3.wav")), state["centroids"])[0].tolist()
+    quality = json.loads((out / "quality.json").read_text())
+    assert set(quality["by_manifest"]) == {"train", "valid"}
+    assert quality["pnmi"] == quality["by_manifest"]["train"]["pnmi"]
+    code = main(["kmeans", "--manifest", str(train), str(tmp_path / "x" / "train.jsonl"), "--features", "mfcc",
+                 "--k", "3", "--out", str(out)])
+    assert code == 2
+
+
 def test_bad_input_is_reported_by_name(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "a", "audio": "missing.wav"}) + "\n")
