@@ -1,0 +1,120 @@
+"""``mmssl demo``: the main job end to end on the built-in generated corpus.
+
+Generate the corpus, check it, cluster MFCC frames into iteration-1 targets, pretrain
+AV-HuBERT on audio and lip video, then cluster the pretrained model's last audio-visual
+layer on the validation split and compare both clusterings against the corpus's phone
+alignments (phone purity, cluster purity, PNMI, as in the HuBERT paper). Iteration-2 targets
+for the whole training set are the same ``mmssl kmeans`` command over ``train.jsonl``. Each stage is an ordinary ``mmssl`` command,
+printed before it runs so it can be repeated by hand. A stage whose output exists is
+skipped, so an interrupted demo continues where it stopped (pretraining resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mmssl import cli
+from mmssl.errors import MmsslError
+
+CLUSTERS = 50
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the corpus and the runs")
+    parser.add_argument("--size", default="demo", choices=["tiny", "demo"], help="built-in corpus size (default demo)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="pretraining steps (default: 30 on a CPU, 2000 on a GPU)")
+    parser.add_argument("--model-size", default=None, choices=["tiny", "base"],
+                        help="model preset (default: tiny on a CPU, base on a GPU)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _on_gpu(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def stages(args: argparse.Namespace) -> list[tuple[str, list[str], Path | None]]:
+    """(title, mmssl command line, output whose presence means the stage is done)."""
+    gpu = _on_gpu(args.device)
+    steps = args.steps or (2000 if gpu else 30)
+    model = args.model_size or ("base" if gpu else "tiny")
+    av = args.out / "corpus" / "av"
+    train, valid = str(av / "train.jsonl"), str(av / "valid.jsonl")
+    km1, km2, run = args.out / "km_mfcc", args.out / "km_av", args.out / "av_hubert"
+    last_layer = "2" if model == "tiny" else "12"
+    return [
+        ("generate the built-in corpus",
+         ["synth", "--size", args.size, "--seed", str(args.seed), "--out", str(args.out / "corpus")],
+         args.out / "corpus" / "synth.json"),
+        ("check every record of the training manifest", ["data", "check", train], None),
+        ("iteration 1 targets: k-means on MFCC frames",
+         ["kmeans", "--manifest", train, valid, "--features", "mfcc", "--k", str(CLUSTERS), "--out", str(km1),
+          "--seed", str(args.seed)],
+         km1 / "kmeans.pt"),
+        ("pretrain AV-HuBERT on audio + lip video (masked prediction of the targets)",
+         ["pretrain", "av_hubert", f"data.train={train}", f"data.valid={valid}", f"data.labels={km1}",
+          f"objective.num_classes={CLUSTERS}", f"model.size={model}", f"train.max_steps={steps}",
+          f"train.save_every={max(steps // 3, 1)}", f"train.valid_every={steps}", f"train.out_dir={run}", f"train.device={args.device}",
+          f"train.seed={args.seed}", "--resume"],
+         None),
+        ("cluster the pretrained model's last audio-visual layer (validation split)",
+         ["kmeans", "--manifest", valid, "--checkpoint", str(run), "--layer", last_layer, "--fit-fraction", "1",
+          "--k", str(CLUSTERS), "--out", str(km2), "--device", args.device, "--seed", str(args.seed)],
+         km2 / "kmeans.pt"),
+    ]
+
+
+def _name(argv: list[str]) -> str:
+    two = " ".join(argv[:2])
+    return two if two in cli.SUBCOMMANDS else argv[0]
+
+
+def summary(out: Path) -> str:
+    """What the demo measured, read back from the files its stages wrote."""
+    lines = ["", "what the demo measured:"]
+    metrics = out / "av_hubert" / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        train = [r for r in rows if "loss" in r]
+        if train:
+            lines.append(f"  AV-HuBERT loss: {train[0]['loss']:.3f} at step {train[0]['step']} -> "
+                         f"{train[-1]['loss']:.3f} at step {train[-1]['step']}")
+        valid = [r for r in rows if "valid_loss" in r]
+        if valid:
+            lines.append(f"  AV-HuBERT validation loss at step {valid[-1]['step']}: {valid[-1]['valid_loss']:.3f}")
+    lines.append("  cluster quality on the valid split (phones from the corpus alignments):")
+    lines.append(f"    {'targets':<34} {'phone purity':>12} {'cluster purity':>14} {'PNMI':>6}")
+    for name, folder in (("MFCC (iteration-1 targets)", "km_mfcc"), ("AV-HuBERT last layer", "km_av")):
+        path = out / folder / "quality.json"
+        if path.is_file():
+            q = json.loads(path.read_text())["by_manifest"].get("valid", {})
+            if q:
+                lines.append(f"    {name:<34} {q['phone_purity']:>12.3f} {q['cluster_purity']:>14.3f} {q['pnmi']:>6.3f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = stages(args)
+    print(f"mmssl demo: {len(plan)} stages into {args.out}")
+    for i, (title, argv, done) in enumerate(plan, 1):
+        print(f"\n[{i}/{len(plan)}] {title}\n    $ mmssl {' '.join(argv)}", flush=True)
+        if done is not None and done.exists():
+            print("    already done, skipped")
+            continue
+        start = time.time()
+        code = cli.main(argv)
+        if code != 0:
+            raise MmsslError(f"stage {i} ({title}) failed with exit status {code}; "
+                             f"run `mmssl demo` again to continue from there")
+        print(f"    done in {time.time() - start:.0f} s", flush=True)
+    print(summary(args.out))
+    print(f"\nmmssl demo: finished; corpus, labels, run folder (TensorBoard logs in av_hubert/tb) under {args.out}")
+    return 0
