@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "index": ("mmssl.eval.retrieval", "embed images into a retrieval index"),
     "retrieve": ("mmssl.eval.query", "query an index with speech"),
     "extract": ("mmssl.eval.extract", "extract features from a checkpoint"),
+    "layers": ("mmssl.eval.layers", "layer-wise CCA similarity of a run's encoder to its inputs or to another run"),
     "demo": ("mmssl.demo", "run the main job end to end on the built-in corpus"),
 }
 

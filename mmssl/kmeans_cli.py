@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_alignment
+from mmssl.eval.features import is_audio_visual, load_encoder_from_run, num_layers, pick_device, record_layers
 from mmssl.nn.kmeans import KMeans
 
 FeatureFn = Callable[[dict], Tensor]  # manifest record -> features (T, D) on the device
@@ -58,95 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-init", type=int, default=1, help="k-means++ restarts, the best kept")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu or cuda; got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def _run_dir_of(path: Path) -> Path:
-    for folder in [path, *path.parents]:
-        if (folder / "config.yaml").is_file():
-            return folder
-    raise DataError(f"{path}: no config.yaml in this folder or above it (not an `mmssl pretrain` run)")
-
-
-def load_encoder_from_run(run_dir_or_ckpt: str | os.PathLike):
-    """The speech encoder of a pretraining run: rebuilds the objective from the run's
-    ``config.yaml``, loads the checkpoint's weights (the latest one for a run folder) and
-    returns ``objective.encoder`` in eval mode."""
-    from omegaconf import OmegaConf
-
-    from mmssl.train.build import build_objective
-    from mmssl.train.checkpoint import load_weights
-
-    path = Path(run_dir_or_ckpt)
-    if not path.exists():
-        raise DataError(f"{path}: checkpoint not found")
-    run_dir = _run_dir_of(path if path.is_dir() else path.parent)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    objective = build_objective(cfg)
-    state = load_weights(path)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    missing, unexpected = objective.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DataError(f"{path}: weights do not match objective {cfg.objective.name!r} "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    encoder = getattr(objective, "encoder", None)
-    if encoder is None or not hasattr(encoder, "contextualize"):
-        raise DataError(f"{path}: objective {cfg.objective.name!r} has no speech encoder to cluster")
-    return encoder.eval()
-
-
-def _layer(out, layer: int) -> Tensor:
-    if not 1 <= layer <= len(out.layers):
-        raise ConfigError(f"--layer {layer}: the encoder has layers 1..{len(out.layers)} (0: their input)")
-    return out.layers[layer - 1]
-
-
 def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[FeatureFn, float]:
     """A feature function giving layer ``layer`` of ``encoder`` for one record, and its frame rate.
 
-    A speech encoder (``extract`` + ``contextualize``) reads the record's audio; an
-    audio-visual encoder (``fused_input``) reads its audio and lip video."""
+    A speech encoder reads the record's audio; an audio-visual encoder reads its audio and lip
+    video, both required (``mmssl.eval.features.record_layers``)."""
+    top = num_layers(encoder)
+    if not 0 <= layer <= top:
+        raise ConfigError(f"--layer {layer}: the encoder has layers 1..{top} (0: their input)")
     encoder = encoder.to(device)
-    if hasattr(encoder, "fused_input"):
-        return _av_layer_features(encoder, layer, device)
-
-    @torch.no_grad()
-    def features(record: dict) -> Tensor:
-        wave = _load(record)
-        audio = wave.to(device).unsqueeze(0)  # (1, S)
-        lens = torch.tensor([wave.shape[0]], device=device)
-        feats = encoder.extract(audio, lens)
-        n = int(feats.lengths[0])
-        if layer == 0:
-            return feats.x[0, :n].float()
-        return _layer(encoder.contextualize(feats.x, feats.lengths), layer)[0, :n].float()
-
-    return features, float(encoder.frame_rate)
-
-
-def _av_layer_features(encoder, layer: int, device: torch.device) -> tuple[FeatureFn, float]:
-    from mmssl.data.datasets import lip_frames
-    from mmssl.data.io import load_video
-    from mmssl.encoders.av import av_features
+    modalities = encoder.modalities if is_audio_visual(encoder) else None
 
     def features(record: dict) -> Tensor:
-        if not record.get("video"):
-            raise DataError(f"record {record.get('id')!r}: no 'video' path for an audio-visual encoder")
-        wave = _load(record)
-        video = lip_frames(load_video(record["video"]))  # (T, 1, 88, 88)
-        batch = {
-            "audio": wave.to(device).unsqueeze(0), "audio_lens": torch.tensor([wave.shape[0]], device=device),
-            "video": video.to(device).unsqueeze(0), "video_lens": torch.tensor([video.shape[0]], device=device),
-        }
-        feats, lengths = av_features(encoder, batch, layer)
-        return feats[0, : int(lengths[0])].float()
+        return record_layers(encoder, record, device, modalities, upto=layer).layers[layer]
 
     return features, float(encoder.frame_rate)
 

@@ -34,6 +34,8 @@ from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.cca import linear_cca
 
 METHODS = ("mean", "svcca", "pwcca")
+# float32 features keep ~1e-7 of relative noise in a direction they do not vary in
+RANK_RTOL = 1e-5
 
 
 def valid_frames(x: Tensor, lengths: Tensor) -> Tensor:
@@ -58,6 +60,15 @@ def svd_reduce(x: Tensor, keep_variance: float = 0.99) -> Tensor:
     return u[:, :dims] * s[:dims]
 
 
+def numerical_rank(x: Tensor, rtol: float = RANK_RTOL) -> int:
+    """Rank of centred ``x (N, D)``: singular values above ``rtol`` times the largest (at least 1).
+    Read from the eigenvalues of the ``(D, D)`` Gram matrix, which is cheaper than an SVD of
+    ``x`` when ``N >> D``."""
+    x = x.double()
+    eig = torch.linalg.eigvalsh(x.T @ x).clamp(min=0.0)  # squared singular values
+    return max(1, int((eig > rtol**2 * eig.max()).sum()))
+
+
 def cca_similarity(
     x: Tensor,
     y: Tensor,
@@ -68,8 +79,9 @@ def cca_similarity(
 ) -> float:
     """Similarity in [0, 1] of ``x (N, Dx)`` and ``y (N, Dy)`` (same frames in the same order).
 
-    ``k``: number of canonical correlations used (default all, ``min(Dx, Dy)`` after any SVD
-    reduction).
+    ``k``: number of canonical correlations used (default all there are: the smaller of the two
+    ranks after any SVD reduction, so a direction in which a view does not vary, such as the
+    channel mean after a LayerNorm, does not count as an uncorrelated pair).
     """
     if method not in METHODS:
         raise ConfigError(f"unknown CCA similarity {method!r}; one of {', '.join(METHODS)}")
@@ -78,7 +90,7 @@ def cca_similarity(
     xc, yc = _centre(x), _centre(y)
     if method == "svcca":
         xc, yc = svd_reduce(xc, keep_variance), svd_reduce(yc, keep_variance)
-    k = min(k or min(xc.shape[1], yc.shape[1]), xc.shape[1], yc.shape[1])
+    k = min(k or min(numerical_rank(xc), numerical_rank(yc)), xc.shape[1], yc.shape[1])
     corrs, proj_x, _ = linear_cca(xc, yc, k, reg)
     corrs = corrs.clamp(0.0, 1.0)
     if method != "pwcca":

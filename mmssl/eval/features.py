@@ -1,0 +1,196 @@
+"""Frozen features of a trained run's encoder, one manifest record at a time.
+
+Shared by ``mmssl kmeans`` (targets from a layer), ``mmssl extract`` (features on disk) and
+``mmssl layers`` (layer-wise CCA). A run is rebuilt from its ``config.yaml`` and its
+checkpoint (:func:`load_encoder_from_run`); :func:`record_layers` then gives every layer of
+its encoder for one record, unpadded, with the input features the encoder read:
+
+* a speech encoder (``extract`` + ``contextualize``) reads the record's audio; its inputs are
+  the frontend output (``"conv"`` for the waveform conv frontend, ``"fbank"`` for stacked
+  filterbanks) and the projected transformer input (``"input"``);
+* an audio-visual encoder (``fused_input``) reads the record's audio and/or lip video; its
+  inputs are the stacked filterbanks (``"fbank"``), the projected lip features (``"lips"``)
+  and the fused transformer input (``"fused"``).
+
+Layers count as in the rest of mmssl: 0 is the transformer's input, ``1..L`` its layers.
+One record is one batch of one, so no frame of padding is ever computed.
+
+Shape legend: S samples, T frames, C channels, F input features, L transformer layers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mmssl.errors import ConfigError, DataError
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda; got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def run_dir_of(path: Path) -> Path:
+    """The ``mmssl pretrain`` run folder holding ``path`` (the first with a ``config.yaml``)."""
+    for folder in [path, *path.parents]:
+        if (folder / "config.yaml").is_file():
+            return folder
+    raise DataError(f"{path}: no config.yaml in this folder or above it (not an `mmssl pretrain` run)")
+
+
+def load_encoder_from_run(run_dir_or_ckpt: str | os.PathLike):
+    """The encoder of a pretraining run: rebuilds the objective from the run's ``config.yaml``,
+    loads the checkpoint's weights (the latest one for a run folder) and returns
+    ``objective.encoder`` in eval mode. ``run_dir_or_ckpt``: a run folder, a checkpoint folder
+    or a ``.safetensors`` file."""
+    from omegaconf import OmegaConf
+
+    from mmssl.train.build import build_objective
+    from mmssl.train.checkpoint import load_weights
+
+    path = Path(run_dir_or_ckpt)
+    if not path.exists():
+        raise DataError(f"{path}: checkpoint not found")
+    run_dir = run_dir_of(path if path.is_dir() else path.parent)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    objective = build_objective(cfg)
+    state = load_weights(path)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    missing, unexpected = objective.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(f"{path}: weights do not match objective {cfg.objective.name!r} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    encoder = getattr(objective, "encoder", None)
+    if encoder is None or not hasattr(encoder, "contextualize"):
+        raise DataError(f"{path}: objective {cfg.objective.name!r} has no single speech or audio-visual "
+                        f"encoder to read layers from")
+    return encoder.eval()
+
+
+def is_audio_visual(encoder) -> bool:
+    return hasattr(encoder, "fused_input")
+
+
+def num_layers(encoder) -> int:
+    """``L``: the number of transformer layers (layer ``L`` is the last)."""
+    return len(encoder.transformer.layers)
+
+
+@dataclass
+class RecordLayers:
+    """One record through an encoder: ``layers`` ``[(T, C)] * (L + 1)`` (index 0 the
+    transformer input, ``i`` layer ``i``), ``inputs`` name -> ``(T, F)`` on the same frames,
+    ``frame_rate`` in Hz."""
+
+    layers: list[Tensor]
+    inputs: dict[str, Tensor]
+    frame_rate: float
+
+
+def record_batch(record: dict, modalities: Sequence[str], device: torch.device, required: Sequence[str] = ()) -> dict:
+    """A batch of one from a manifest record: ``audio (1, S)``/``audio_lens`` and/or
+    ``video (1, T, 1, 88, 88)``/``video_lens`` for the ``modalities`` the record has a path for.
+    ``DataError`` naming the record when it lacks a path for one of ``required``, has none of
+    ``modalities``, or a file cannot be read."""
+    from mmssl.data.datasets import lip_frames
+    from mmssl.data.io import load_audio, load_video
+
+    rid = record.get("id")
+    missing = [m for m in required if not record.get(m)]
+    if missing:
+        raise DataError(f"record {rid!r}: no {' or '.join(map(repr, missing))} path, which --modalities asks for")
+    batch: dict = {}
+    try:
+        if "audio" in modalities and record.get("audio"):
+            wave = load_audio(record["audio"])  # (S,)
+            batch.update(audio=wave.to(device).unsqueeze(0), audio_lens=torch.tensor([wave.shape[0]], device=device))
+        if "video" in modalities and record.get("video"):
+            video = lip_frames(load_video(record["video"]))  # (T, 1, 88, 88)
+            batch.update(video=video.to(device).unsqueeze(0), video_lens=torch.tensor([video.shape[0]], device=device))
+    except DataError as err:
+        raise DataError(f"record {rid!r}: {err}") from None
+    if not batch:
+        wanted = " or ".join(repr(m) for m in modalities)
+        raise DataError(f"record {rid!r}: no {wanted} path for this encoder")
+    return batch
+
+
+def _speech_layers(encoder, batch: dict, upto: int) -> RecordLayers:
+    from mmssl.nn.frontend import ConvFrontend
+
+    if "audio" not in batch:
+        raise DataError("a speech encoder needs audio")
+    feats = encoder.extract(batch["audio"], batch["audio_lens"])
+    n = int(feats.lengths[0])
+    layers = [feats.x[0, :n]]
+    if upto > 0:
+        out = encoder.contextualize(feats.x, feats.lengths, num_layers=upto)
+        layers += [layer[0, :n] for layer in out.layers]
+    frontend = "conv" if isinstance(encoder.frontend, ConvFrontend) else "fbank"
+    inputs = {frontend: feats.raw[0, :n], "input": feats.x[0, :n]}
+    return RecordLayers(layers, inputs, float(encoder.frame_rate))
+
+
+def _av_layers(encoder, batch: dict, upto: int) -> RecordLayers:
+    a = a_lens = raw = v = v_lens = None
+    if "audio" in batch and encoder.audio_frontend is not None:
+        a, raw, a_lens = encoder.audio_features(batch["audio"], batch["audio_lens"])
+    if "video" in batch and encoder.video_frontend is not None:
+        v, v_lens = encoder.video_features(batch["video"], batch["video_lens"])
+    if a is None and v is None:
+        raise DataError(f"the record has none of this encoder's modalities {encoder.modalities}")
+    x, lengths = encoder.fuse(a, a_lens, v, v_lens)
+    n = int(lengths[0])
+    layers = [x[0, :n]]
+    if upto > 0:
+        out = encoder.transformer(x, lengths, frame_rate=encoder.frame_rate, num_layers=upto)
+        layers += [layer[0, :n] for layer in out.layers]
+    inputs = {name: f[0, :n] for name, f in (("fbank", raw), ("lips", v)) if f is not None}
+    inputs["fused"] = x[0, :n]
+    return RecordLayers(layers, inputs, float(encoder.frame_rate))
+
+
+@torch.no_grad()
+def record_layers(
+    encoder, record: dict, device: torch.device, modalities: Sequence[str] | None = None, upto: int | None = None
+) -> RecordLayers:
+    """Layers ``0..upto`` (default all) of ``encoder`` (already on ``device``, in eval mode) for
+    one manifest record, as float32 on ``device``; the transformer stops after layer ``upto``.
+
+    ``modalities``: which of the record's ``audio`` / ``video`` an audio-visual encoder reads,
+    each required; by default every one it has a stream for and the record has a path for (a
+    record without video then runs audio-only, as AV-HuBERT can)."""
+    required: Sequence[str] = () if modalities is None else modalities
+    if is_audio_visual(encoder):
+        modalities = encoder.modalities if modalities is None else modalities
+        unknown = sorted(set(modalities) - set(encoder.modalities))
+        if unknown:
+            raise ConfigError(f"--modalities {','.join(unknown)}: the encoder reads only {', '.join(encoder.modalities)}")
+    else:
+        if modalities is not None and tuple(modalities) != ("audio",):
+            raise ConfigError(f"--modalities {','.join(modalities)}: a speech encoder reads only audio")
+        modalities = ("audio",)
+    top = num_layers(encoder)
+    upto = top if upto is None else upto
+    if not 0 <= upto <= top:
+        raise ConfigError(f"layer {upto}: the encoder has layers 1..{top} (0: their input)")
+    batch = record_batch(record, modalities, device, required)
+    try:
+        result = _av_layers(encoder, batch, upto) if is_audio_visual(encoder) else _speech_layers(encoder, batch, upto)
+    except DataError as err:
+        raise DataError(f"record {record.get('id')!r}: {err}") from None
+    result.layers = [t.float() for t in result.layers]
+    result.inputs = {k: t.float() for k, t in result.inputs.items()}
+    return result
