@@ -12,6 +12,9 @@ Kaldi itself reads int16 values, which only shifts every log energy by the const
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
@@ -77,18 +80,31 @@ def fbank_batch(
     b, s = audio.shape
     if s < window:
         return audio.new_zeros(b, 0, num_mel_bins, dtype=torch.float32), frame_lens
-    x = audio.float().unfold(-1, window, shift)  # (B, T, window)
-    x = x - x.mean(-1, keepdim=True)
-    previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
-    x = x - 0.97 * previous  # Kaldi preemphasis_coefficient
-    x = x * torch.hann_window(window, periodic=False, device=x.device).pow(0.85)  # Kaldi "povey"
-    padded = 1 << (window - 1).bit_length()  # round_to_power_of_two: 400 -> 512
-    power = torch.fft.rfft(x, n=padded).abs().pow(2)  # (B, T, padded/2 + 1)
-    banks, _ = kaldi.get_mel_banks(num_mel_bins, padded, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
-    banks = torch.nn.functional.pad(banks.to(x), (0, 1))  # (F, padded/2 + 1): no Nyquist bin
-    feats = (power @ banks.T).clamp(min=torch.finfo(torch.float32).eps).log()  # (B, T, F)
+    taper, banks = _fbank_constants(window, num_mel_bins, sample_rate, audio.device)
+    # float32 throughout, also under autocast: log energies of small powers need the range
+    kind = audio.device.type
+    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+        x = audio.float().unfold(-1, window, shift)  # (B, T, window)
+        x = x - x.mean(-1, keepdim=True)
+        previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
+        x = (x - 0.97 * previous) * taper  # Kaldi preemphasis_coefficient, then the window
+        padded = 1 << (window - 1).bit_length()  # Kaldi round_to_power_of_two: 400 -> 512
+        power = torch.fft.rfft(x, n=padded).abs().pow(2)  # (B, T, padded/2 + 1)
+        feats = (power @ banks.T).clamp(min=torch.finfo(torch.float32).eps).log()  # (B, T, F)
     valid = torch.arange(feats.shape[1], device=x.device) < frame_lens.unsqueeze(1)  # (B, T)
     return feats * valid.unsqueeze(-1), frame_lens
+
+
+@functools.lru_cache(maxsize=16)
+def _fbank_constants(window: int, num_mel_bins: int, sample_rate: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The Povey window ``(window,)`` and mel triangles ``(F, padded/2 + 1)`` of ``fbank_batch``,
+    made once per device: no host-to-device copy in the training step."""
+    padded = 1 << (window - 1).bit_length()
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in any later mode
+        taper = torch.hann_window(window, periodic=False, dtype=torch.float32).pow(0.85)  # Kaldi "povey"
+        banks, _ = kaldi.get_mel_banks(num_mel_bins, padded, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
+        banks = torch.nn.functional.pad(banks.float(), (0, 1))  # (F, padded/2 + 1): no Nyquist bin
+        return taper.to(device), banks.to(device)
 
 
 def mfcc(waveform: Tensor, sample_rate: int = 16000, deltas: bool = True) -> Tensor:

@@ -5,10 +5,15 @@ projection (LayerNorm -> Linear -> dropout, wav2vec 2.0's ``post_extract_proj`` 
 ``layer_norm``), ``mask`` puts the learned ``mask_embedding`` on masked frames,
 ``contextualize`` runs the transformer.
 
+``CPCEncoder`` implements it for CPC and wav2vec (Schneider et al., 2019): a strided conv
+frontend gives the latents ``z`` (100 Hz), which are the features ``contextualize`` reads
+(no projection, nothing to mask), and a causal context network (``mmssl.nn.context``) gives
+``c``, one entry of ``EncoderOutput.layers`` per recurrent or transformer layer.
+
 Presets (``ENCODERS``): ``{wav2vec2,hubert,wavlm,data2vec}_{tiny,base,large}`` on the waveform
-(50 Hz) and ``fbank_{tiny,base,large}`` on 80 filterbanks stacked x4 (25 Hz, AV-HuBERT's audio
-input). Every preset takes keyword overrides of the arguments of ``build_conv_encoder`` /
-``build_fbank_encoder``.
+(50 Hz), ``fbank_{tiny,base,large}`` on 80 filterbanks stacked x4 (25 Hz, AV-HuBERT's audio
+input) and ``cpc_{tiny,base,large}`` (100 Hz). Every preset takes keyword overrides of the
+arguments of ``build_conv_encoder`` / ``build_fbank_encoder`` / ``build_cpc_encoder``.
 
 Shape legend: B batch, S samples, T frames, C model dim, F frontend features.
 """
@@ -25,6 +30,7 @@ from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder
 from mmssl.errors import ConfigError
 from mmssl.nn import frontend as fe
 from mmssl.nn import transformer as tr
+from mmssl.nn.context import CausalTransformerContext, RecurrentContext
 from mmssl.registry import ENCODERS
 
 
@@ -81,6 +87,11 @@ class AudioEncoder(SpeechEncoder):
         # fairseq wav2vec 2.0 / HuBERT: a learned vector drawn uniformly in [0, 1)
         self.mask_embedding = nn.Parameter(torch.rand(self.dim))
 
+    @property
+    def num_layers(self) -> int:
+        """Transformer layers (``EncoderOutput.layers`` has this many entries)."""
+        return len(self.transformer.layers)
+
     def extract(self, audio: Tensor, audio_lens: Tensor) -> Features:
         """``audio (B, S)``, ``audio_lens (B,)`` -> ``Features`` (``x (B, T, C)``, ``raw (B, T, F)``).
 
@@ -101,6 +112,71 @@ class AudioEncoder(SpeechEncoder):
         """``x (B, T, C)`` -> ``EncoderOutput``; ``num_layers`` stops early (see
         ``TransformerEncoder.forward``)."""
         return self.transformer(x, lengths, frame_rate=self.frame_rate, num_layers=num_layers)
+
+
+class CPCEncoder(SpeechEncoder):
+    """Conv frontend -> causal context network, from injected parts (CPC, wav2vec).
+
+    ``extract`` gives the latents: ``Features.x`` and ``Features.raw`` are both ``z (B, T, F)``
+    (``F = feature_dim``, the frontend width), the context network's input and the
+    objective's prediction targets. ``contextualize(z, lengths)`` gives ``c``: ``hidden (B, T, C)``
+    (``C = dim``) and ``layers``, each context layer's output before any final norm.
+    """
+
+    def __init__(self, frontend: fe.ConvFrontend, context: RecurrentContext | CausalTransformerContext) -> None:
+        super().__init__()
+        self.frontend, self.context = frontend, context
+        self.dim = context.dim
+        self.feature_dim = frontend.out_dim
+        self.frame_rate = frontend.frame_rate
+        self.frame_spec = frontend.frame_spec
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of the context network (``EncoderOutput.layers`` has this many entries)."""
+        return len(self.context.layers)
+
+    def extract(self, audio: Tensor, audio_lens: Tensor) -> Features:
+        """``audio (B, S)``, ``audio_lens (B,)`` -> ``Features`` with ``x = raw = z (B, T, F)``."""
+        z, lengths = self.frontend(audio, audio_lens)
+        return Features(x=z, raw=z, lengths=lengths)
+
+    def contextualize(self, x: Tensor, lengths: Tensor, num_layers: int | None = None) -> EncoderOutput:
+        """``x (B, T, F)`` -> ``EncoderOutput`` (``hidden (B, T, C)``); ``num_layers`` keeps the
+        first layers only, ``hidden`` then being the last kept layer's output."""
+        depth = self.num_layers if num_layers is None else num_layers
+        if not 1 <= depth <= self.num_layers:
+            raise ConfigError(f"cpc encoder: num_layers must be in [1, {self.num_layers}], got {num_layers}")
+        layers = self.context.layer_outputs(x, lengths)[:depth]
+        hidden = self.context.final(layers[-1]) if depth == self.num_layers else layers[-1]
+        return EncoderOutput(hidden=hidden, lengths=lengths, layers=layers, frame_rate=self.frame_rate)
+
+
+# CPC, sec. 3.1 / wav2vec, sec. 2: five convolutions, 160-sample hop (100 Hz)
+CPC_KERNELS = (10, 8, 4, 4, 4)
+CPC_STRIDES = (5, 4, 2, 2, 2)
+CONTEXTS = ("gru", "lstm", "transformer")
+
+
+def build_cpc_encoder(
+    channels: int = 512,
+    context_dim: int = 256,
+    context_layers: int = 1,
+    context: str = "gru",
+) -> CPCEncoder:
+    """CPC's encoder; defaults are CPC's (sec. 3.1: 512-channel convolutions, one 256-unit GRU).
+    ``context``: ``gru`` / ``lstm`` (unidirectional) or ``transformer`` (causal)."""
+    # a layer norm over channels after every convolution keeps padded samples out of valid frames
+    frontend = fe.build_conv_frontend(channels, CPC_KERNELS, CPC_STRIDES, norm="layer", bias=True)
+    if context in ("gru", "lstm"):
+        net: RecurrentContext | CausalTransformerContext = RecurrentContext(
+            frontend.out_dim, context_dim, context_layers, cell=context
+        )
+    elif context == "transformer":
+        net = CausalTransformerContext(frontend.out_dim, context_dim, num_layers=context_layers)
+    else:
+        raise ConfigError(f"cpc encoder: context must be one of {', '.join(CONTEXTS)}; got {context!r}")
+    return CPCEncoder(frontend, net)
 
 
 def build_conv_encoder(
@@ -187,7 +263,7 @@ def build_fbank_encoder(
     return AudioEncoder(frontend, projection, transformer, feature_grad_scale)
 
 
-def _with(builder: Any, preset: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> AudioEncoder:
+def _with(builder: Any, preset: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> Any:
     """Build with ``defaults`` updated by ``overrides``; an unknown key is a ConfigError."""
     known = set(inspect.signature(builder).parameters)
     unknown = sorted(set(overrides) - known)
@@ -296,3 +372,24 @@ def fbank_base(**overrides: Any) -> AudioEncoder:
 @ENCODERS.register
 def fbank_large(**overrides: Any) -> AudioEncoder:
     return _with(build_fbank_encoder, "fbank_large", LARGE, overrides)
+
+
+# CPC sizes: base is CPC's (512 conv channels, one GRU of 256 units); large widens the context
+CPC_TINY = dict(channels=32, context_dim=32, context_layers=2)
+CPC_BASE = dict(channels=512, context_dim=256, context_layers=1)
+CPC_LARGE = dict(channels=512, context_dim=512, context_layers=2)
+
+
+@ENCODERS.register
+def cpc_tiny(**overrides: Any) -> CPCEncoder:
+    return _with(build_cpc_encoder, "cpc_tiny", CPC_TINY, overrides)
+
+
+@ENCODERS.register
+def cpc_base(**overrides: Any) -> CPCEncoder:
+    return _with(build_cpc_encoder, "cpc_base", CPC_BASE, overrides)
+
+
+@ENCODERS.register
+def cpc_large(**overrides: Any) -> CPCEncoder:
+    return _with(build_cpc_encoder, "cpc_large", CPC_LARGE, overrides)

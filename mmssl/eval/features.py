@@ -84,8 +84,10 @@ def is_audio_visual(encoder) -> bool:
 
 
 def num_layers(encoder) -> int:
-    """``L``: the number of transformer layers (layer ``L`` is the last)."""
-    return len(encoder.transformer.layers)
+    """``L``: the number of transformer layers (layer ``L`` is the last); a speech encoder
+    says it as ``num_layers`` (a CPC encoder's are the layers of its causal context network)."""
+    count = getattr(encoder, "num_layers", None)
+    return int(count) if count is not None else len(encoder.transformer.layers)
 
 
 @dataclass

@@ -50,13 +50,23 @@ class RecurrentContext(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """``x (B, T, C_in)``, ``lengths (B,)`` -> ``(B, T, C)``."""
+        return self.final(self.layer_outputs(x, lengths)[-1])
+
+    def layer_outputs(self, x: Tensor, lengths: Tensor) -> list[Tensor]:
+        """The output ``(B, T, C)`` of every layer, in order."""
         # Running over the padded tail is harmless (it comes after every valid frame) and
         # avoids packing, which needs the lengths on the host.
+        outputs = []
         for i, layer in enumerate(self.layers):
             y, _ = layer(x)
             y = self.dropout(y)
             x = x + y if (self.residual and i > 0) else y
-        return x
+            outputs.append(x)
+        return outputs
+
+    def final(self, last: Tensor) -> Tensor:
+        """The network's output from its last layer's: the same (no final norm)."""
+        return last
 
 
 class CausalTransformerContext(nn.Module):
@@ -86,6 +96,10 @@ class CausalTransformerContext(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """``x (B, T, C_in)``, ``lengths (B,)`` -> ``(B, T, C)``."""
+        return self.final(self.layer_outputs(x, lengths)[-1])
+
+    def layer_outputs(self, x: Tensor, lengths: Tensor) -> list[Tensor]:
+        """The output ``(B, T, C)`` of every layer, in order, before the final norm."""
         t = x.shape[1]
         padding_mask = lengths_to_padding_mask(lengths, t)
         x = self.proj(x)
@@ -93,6 +107,12 @@ class CausalTransformerContext(nn.Module):
         future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # (T, T) keys after the query
         causal = torch.zeros(1, t, t, dtype=x.dtype, device=x.device)
         causal = causal.masked_fill(future, torch.finfo(x.dtype).min)  # (1, T, T) additive
+        outputs = []
         for layer in self.layers:
             x = layer(x, padding_mask, causal)
-        return self.norm(x)
+            outputs.append(x)
+        return outputs
+
+    def final(self, last: Tensor) -> Tensor:
+        """The network's output from its last layer's: the final LayerNorm."""
+        return self.norm(last)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.data.features import fbank, stack_frames
+from mmssl.data.features import fbank_batch, stack_frames
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.padding import lengths_to_padding_mask
 
@@ -164,8 +164,9 @@ def build_conv_frontend(
 class FbankFrontend(nn.Module):
     """Kaldi log mel filterbanks (25 ms / 10 ms, 100 Hz), ``stack`` frames stacked into one.
 
-    ``audio (B, S)`` -> ``(B, T, num_mel_bins * stack)``. Features are computed per utterance
-    on its valid samples only (a CPU loop over the batch, as data loaders usually do it).
+    ``audio (B, S)`` -> ``(B, T, num_mel_bins * stack)``. The whole padded batch is computed
+    in one pass on its device (``mmssl.data.features.fbank_batch``, no host sync); each
+    utterance gets the features of its valid samples alone, zeros after its last frame.
     """
 
     def __init__(self, num_mel_bins: int = 80, stack: int = 4, sample_rate: int = 16000) -> None:
@@ -181,11 +182,8 @@ class FbankFrontend(nn.Module):
 
     def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         check_waveform(audio, lengths, self.receptive_field, "fbank frontend")
-        frame_lens = self.frame_spec(lengths)
-        max_frames = int(self.frame_spec(torch.tensor(audio.shape[1])))
-        out = audio.new_zeros(audio.shape[0], max_frames, self.out_dim)
-        for i, n in enumerate(lengths.tolist()):
-            feats = fbank(audio[i, :n].float(), self.sample_rate, self.num_mel_bins)  # (T, F)
-            feats = stack_frames(feats, self.stack)  # (T / stack, F * stack)
-            out[i, : feats.shape[0]] = feats.to(out.dtype)
-        return out, frame_lens
+        feats, _ = fbank_batch(audio, lengths, self.sample_rate, self.num_mel_bins)  # (B, T, F), zero padded
+        # frames past an utterance's end are zero, so its last group is padded with zero
+        # frames exactly as stacking it alone would
+        stacked = stack_frames(feats, self.stack)  # (B, T / stack, F * stack)
+        return stacked.to(audio.dtype), self.frame_spec(lengths)

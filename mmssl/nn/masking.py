@@ -17,11 +17,10 @@ Shape legend: B batch, T frames, S samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import get_worker_info
 
 from mmssl.encoders.base import FrameSpec
 from mmssl.errors import ConfigError
@@ -114,14 +113,27 @@ def equalize_mask_counts(mask: Tensor, lengths: Tensor, generator: torch.Generat
     return mask & (_rank_within_row(scores) < target)
 
 
+def hook_generator(salt: int = 0) -> torch.Generator:
+    """A fresh CPU generator for one call of a batch hook.
+
+    Seeded from one draw of the global generator, which the batch stream seeds from the
+    batch's position (seed, rank, epoch, index; ``mmssl.train.stream``), and from ``salt`` (a
+    hook's own ``seed`` option). What a hook draws is then a pure function of the batch
+    position: the same with any number of data workers and in a resumed run. Each call moves
+    the global generator on, so hooks chained on one batch draw different streams.
+    """
+    draw = int(torch.randint(0, 2**62, (), dtype=torch.long))
+    return torch.Generator().manual_seed(hash((draw, int(salt))) & (2**63 - 1))
+
+
 @dataclass
 class SpanMasker:
     """Batch hook that adds ``pred_mask (B, T)`` (bool, True = masked) to a collated batch.
 
     Frames are counted with ``frame_spec`` from ``audio_lens`` and from the padded width of
-    ``audio``, so ``pred_mask`` has exactly the encoder's frame count. Picklable; in a data
-    worker the random stream is seeded from ``seed`` and the worker's own seed (which the
-    DataLoader derives from the main seed and the epoch), so runs are repeatable.
+    ``audio``, so ``pred_mask`` has exactly the encoder's frame count. Picklable and
+    stateless: every call draws from ``hook_generator(seed)``, so the mask of a batch depends
+    only on the position the batch stream seeded, not on the worker or on earlier batches.
     """
 
     frame_spec: FrameSpec
@@ -129,31 +141,15 @@ class SpanMasker:
     span: int
     min_masks: int = 2
     seed: int = 0
-    _gen: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
-    _gen_key: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check(self.mask_prob, self.span, self.min_masks)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_gen"], state["_gen_key"] = None, None
-        return state
-
-    def _generator(self) -> torch.Generator:
-        info = get_worker_info()
-        key = info.seed if info is not None else -1
-        if self._gen is None or self._gen_key != key:
-            seed = (self.seed * 1_000_003 + (key if key >= 0 else 0)) % (2**63)
-            self._gen = torch.Generator().manual_seed(seed)
-            self._gen_key = key
-        return self._gen
 
     def __call__(self, batch: dict) -> dict:
         audio_lens = batch["audio_lens"]
         frames = self.frame_spec(audio_lens)
         max_len = int(self.frame_spec(torch.tensor(batch["audio"].shape[1])))
         batch["pred_mask"] = compute_span_mask(
-            frames.cpu(), max_len, self.mask_prob, self.span, self.min_masks, self._generator()
+            frames.cpu(), max_len, self.mask_prob, self.span, self.min_masks, hook_generator(self.seed)
         )
         return batch

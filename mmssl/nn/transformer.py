@@ -258,12 +258,28 @@ class TransformerEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dim, self.pre_norm, self.layer_drop = dim, pre_norm, layer_drop
         self.position_bias = position_bias
+        self._drop_seed, self._drop_calls = None, 0
 
+    @torch.compiler.disable  # eager: host-side counters and a CPU generator, nothing to trace
     def _skipped(self) -> list[bool]:
+        """Which layers LayerDrop skips in this call, drawn on the CPU (no device sync).
+
+        Every rank must skip the same layers (FSDP2 gathers each layer's shards collectively;
+        DDP reduces the same gradients). The trainer seeds the CPU generator alike on every
+        rank at each step (``mmssl.train.loop``), but what else draws from it before this
+        point can differ by rank (CPU dropout draws as many numbers as the local batch has
+        elements). So the draw comes from a private generator seeded from that step seed
+        (``torch.initial_seed()``) and the number of calls since it was set: the same on every
+        rank, new at every step and for every micro-batch, and replayed after a resume.
+        """
         if not self.training or self.layer_drop <= 0:
             return [False] * len(self.layers)
-        # drawn on the CPU: no device sync
-        return (torch.rand(len(self.layers)) < self.layer_drop).tolist()
+        seed = torch.initial_seed()
+        if seed != self._drop_seed:
+            self._drop_seed, self._drop_calls = seed, 0
+        generator = torch.Generator().manual_seed(hash((seed, self._drop_calls)) & (2**63 - 1))
+        self._drop_calls += 1
+        return (torch.rand(len(self.layers), generator=generator) < self.layer_drop).tolist()
 
     def forward(
         self, x: Tensor, lengths: Tensor, frame_rate: float = 50.0, num_layers: int | None = None

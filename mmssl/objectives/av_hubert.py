@@ -28,18 +28,17 @@ V clusters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import get_worker_info
 
 from mmssl.data.noise import AddNoise, NoiseBank
 from mmssl.encoders.av import AVEncoder, av_base, av_large, av_tiny, substitute_frames
 from mmssl.encoders.base import FrameSpec
 from mmssl.errors import ConfigError, DataError
-from mmssl.nn.masking import compute_span_mask
+from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.base import BatchHook, Objective
 from mmssl.objectives.hubert import FINAL_DIM, cosine_logits, resample_targets, weighted_cross_entropy
@@ -85,22 +84,12 @@ class AVMasks:
     video_span: int = 5
     min_masks: int = 2
     seed: int = 0
-    _gen: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
-    _gen_key: int | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_gen"], state["_gen_key"] = None, None
-        return state
 
     def generator(self) -> torch.Generator:
-        """A CPU generator seeded from ``seed`` and the data worker's own seed."""
-        info = get_worker_info()
-        key = info.seed if info is not None else -1
-        if self._gen is None or self._gen_key != key:
-            self._gen = torch.Generator().manual_seed((self.seed * 1_000_003 + max(key, 0)) % (2**63))
-            self._gen_key = key
-        return self._gen
+        """A fresh CPU generator for one batch, from ``hook_generator(seed)``: a pure function
+        of the batch position the batch stream seeded (same masks whatever the worker count,
+        and after a resume)."""
+        return hook_generator(self.seed)
 
     def fused_lengths(self, batch: dict) -> tuple[Tensor, int]:
         """Valid fused frames ``(B,)`` and the padded fused count ``T``, from the batch alone."""

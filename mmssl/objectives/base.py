@@ -11,7 +11,10 @@ Two optional hooks, both called by the trainer:
 * ``batch_hook()`` returns a small picklable callable ``(batch) -> batch`` that the data
   workers run after collation, to add CPU tensors such as ``pred_mask`` (so masks are made
   off the training step). ``forward`` must also work without it (it then makes the same
-  tensors itself), so tests and evaluation can pass a plain collated batch.
+  tensors itself), so tests and evaluation can pass a plain collated batch. A hook draws its
+  randomness from the global generator, which the loader seeds per batch position, or from
+  ``mmssl.nn.masking.hook_generator()``; never from a generator it keeps, so a resumed run
+  (or another worker count) replays the same masks.
 * ``on_step(step)`` after every optimizer step: EMA teachers, temperature annealing.
 """
 

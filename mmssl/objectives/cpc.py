@@ -1,10 +1,12 @@
 """Contrastive predictive coding (van den Oord et al., 2018) and wav2vec (Schneider et al., 2019).
 
-A strided convolutional frontend turns the waveform into latents ``z`` (100 Hz: kernels
-(10, 8, 4, 4, 4), strides (5, 4, 2, 2, 2), CPC sec. 3.1 and wav2vec sec. 2); a causal context
-network summarises ``z_<=t`` into ``c_t`` (CPC: one 256-unit GRU). For each of K = 12 future
-steps a linear map ``W_k`` predicts ``z_{t+k}`` from ``c_t``; the score of a candidate ``z`` is
-the dot product with the prediction. Distractors are drawn uniformly from the other valid
+The encoder (``cpc_<size>`` presets, ``mmssl.encoders.audio.CPCEncoder``) is a strided
+convolutional frontend that turns the waveform into latents ``z`` (100 Hz: kernels
+(10, 8, 4, 4, 4), strides (5, 4, 2, 2, 2), CPC sec. 3.1 and wav2vec sec. 2) and a causal context
+network that summarises ``z_<=t`` into ``c_t`` (CPC: one 256-unit GRU). Objectives hold it as
+``.encoder``, so its layers can be clustered or probed like any speech encoder's. For each of
+K = 12 future steps a linear map ``W_k`` predicts ``z_{t+k}`` from ``c_t``; the score of a
+candidate ``z`` is the dot product with the prediction. Distractors are drawn uniformly from the other valid
 frames of the same utterance.
 
 * ``loss="infonce"`` (CPC, eq. 4): cross-entropy picking the true ``z_{t+k}`` among 1 + N.
@@ -27,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.encoders.audio import CPCEncoder
 from mmssl.errors import ConfigError
-from mmssl.nn.context import CausalTransformerContext, RecurrentContext
-from mmssl.nn.frontend import ConvFrontend, build_conv_frontend
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.base import Objective
-from mmssl.objectives.wav2vec2 import gather_logits, info_nce, sample_negatives
+from mmssl.objectives.wav2vec2 import build_encoder, gather_logits, info_nce, sample_negatives
 from mmssl.registry import OBJECTIVES
 
 LOSSES = ("infonce", "binary")
@@ -53,16 +54,13 @@ def binary_contrastive(logits: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 class CPCObjective(Objective):
     """``forward(batch)`` reads ``audio (B, S)`` and ``audio_lens (B,)``.
 
-    Parts: ``frontend`` (``(audio, lengths) -> (z (B, T, F), lengths)``), ``context``
-    (causal, ``(z, lengths) -> (B, T, C)``); the K step predictors are one linear layer
-    ``C -> K * F`` (the same as K separate ``W_k``)."""
+    Parts: ``encoder`` (a ``CPCEncoder``: ``extract`` gives the latents ``z (B, T, F)``,
+    ``contextualize`` the causal context ``c (B, T, C)``); the K step predictors are one linear
+    layer ``C -> K * F`` (the same as K separate ``W_k``)."""
 
     def __init__(
         self,
-        frontend: ConvFrontend,
-        context: nn.Module,
-        latent_dim: int,
-        context_dim: int,
+        encoder: CPCEncoder,
         num_steps: int = 12,
         num_negatives: int = 10,
         loss: str = "infonce",
@@ -72,10 +70,10 @@ class CPCObjective(Objective):
             raise ConfigError(f"cpc: loss must be one of {', '.join(LOSSES)}; got {loss!r}")
         if num_steps < 1 or num_negatives < 1:
             raise ConfigError(f"cpc: num_steps and num_negatives must be >= 1; got {num_steps}, {num_negatives}")
-        self.frontend, self.context = frontend, context
-        self.predictor = nn.Linear(context_dim, num_steps * latent_dim)
+        self.encoder = encoder
+        self.predictor = nn.Linear(encoder.dim, num_steps * encoder.feature_dim)
         self.num_steps, self.num_negatives, self.loss_kind = num_steps, num_negatives, loss
-        self.latent_dim = latent_dim
+        self.latent_dim = encoder.feature_dim
 
     def step_logits(self, z: Tensor, c: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """``z (B, T, F)``, ``c (B, T, C)`` -> logits ``(K, B, T, 1 + N)`` and weight ``(K, B, T)``
@@ -95,8 +93,9 @@ class CPCObjective(Objective):
         return torch.stack(all_logits), torch.stack(all_weights)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        z, lengths = self.frontend(batch["audio"], batch["audio_lens"])
-        c = self.context(z, lengths)
+        feats = self.encoder.extract(batch["audio"], batch["audio_lens"])
+        z, lengths = feats.x, feats.lengths
+        c = self.encoder.contextualize(z, lengths).hidden
         logits, weight = self.step_logits(z, c, lengths)
         k, b, t, n = logits.shape
         flat_logits, flat_weight = logits.view(k * b, t, n), weight.view(k * b, t)
@@ -107,35 +106,13 @@ class CPCObjective(Objective):
         return {"loss": loss, f"{self.loss_kind}_loss": loss.detach(), "accuracy": accuracy.detach()}
 
 
-# CPC, sec. 3.1 / wav2vec, sec. 2: five convolutions, 160-sample hop (100 Hz)
-CPC_KERNELS = (10, 8, 4, 4, 4)
-CPC_STRIDES = (5, 4, 2, 2, 2)
-# channels of the frontend, width of the context network
-SIZES = {
-    "tiny": dict(channels=32, context_dim=32, context_layers=1),
-    "base": dict(channels=512, context_dim=256, context_layers=1),  # CPC: 512 conv channels, GRU 256
-    "large": dict(channels=512, context_dim=512, context_layers=2),
-}
-
-
 def build_cpc(
-    size: str, num_steps: int, num_negatives: int, loss: str, context: str, context_overrides: dict[str, Any] | None
+    size: str, num_steps: int, num_negatives: int, loss: str, context: str, overrides: dict[str, Any] | None
 ) -> CPCObjective:
-    if size not in SIZES:
-        raise ConfigError(f"cpc: unknown model.size {size!r}; known: {', '.join(SIZES)}")
-    unknown = sorted(set(context_overrides or {}) - set(SIZES[size]))
-    if unknown:
-        raise ConfigError(f"cpc: encoder has no option {', '.join(map(repr, unknown))}; it takes: {', '.join(SIZES[size])}")
-    dims = {**SIZES[size], **(context_overrides or {})}
-    # a layer norm over channels after every convolution keeps padded samples out of valid frames
-    frontend = build_conv_frontend(dims["channels"], CPC_KERNELS, CPC_STRIDES, norm="layer", bias=True)
-    if context in ("gru", "lstm"):
-        net: nn.Module = RecurrentContext(frontend.out_dim, dims["context_dim"], dims["context_layers"], cell=context)
-    elif context == "transformer":
-        net = CausalTransformerContext(frontend.out_dim, dims["context_dim"], num_layers=dims["context_layers"])
-    else:
-        raise ConfigError(f"cpc: context must be 'gru', 'lstm' or 'transformer'; got {context!r}")
-    return CPCObjective(frontend, net, frontend.out_dim, dims["context_dim"], num_steps, num_negatives, loss)
+    """A ``CPCObjective`` on the ``cpc_<size>`` encoder preset with ``context`` and ``overrides``
+    (``channels``, ``context_dim``, ``context_layers``)."""
+    encoder = build_encoder("cpc", size, {"context": context, **(overrides or {})})
+    return CPCObjective(encoder, num_steps, num_negatives, loss)
 
 
 @OBJECTIVES.register

@@ -13,13 +13,13 @@ Shape legend: B batch, S samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import get_worker_info
 
 from mmssl.errors import ConfigError
+from mmssl.nn.masking import hook_generator
 from mmssl.objectives.hubert import HubertObjective, build_hubert
 from mmssl.registry import OBJECTIVES
 
@@ -34,15 +34,14 @@ class UtteranceMixer:
     utterance and a random place in the primary, and add the segment scaled so that the
     primary's mean power over the secondary segment's is ``10 ** (r / 10)``, ``r`` uniform in
     ``energy_db`` (the source segment is taken from the unmixed batch). Padding is untouched.
-    Adds ``mixed (B,)`` bool. Picklable; seeded from ``seed`` and the data worker's seed.
+    Adds ``mixed (B,)`` bool. Picklable and stateless: draws from ``hook_generator(seed)``, a
+    pure function of the batch position the batch stream seeded.
     """
 
     prob: float = 0.2  # WavLM, sec. 3.2
     max_fraction: float = 0.5  # mixing segment <= half the primary utterance
     energy_db: tuple[float, float] = (-5.0, 5.0)  # energy ratio range in dB
     seed: int = 0
-    _gen: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
-    _gen_key: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0 or not 0.0 < self.max_fraction <= 1.0:
@@ -50,26 +49,13 @@ class UtteranceMixer:
                               f"got {self.prob}, {self.max_fraction}")
         self.energy_db = tuple(self.energy_db)  # type: ignore[assignment]
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_gen"], state["_gen_key"] = None, None
-        return state
-
-    def _generator(self) -> torch.Generator:
-        info = get_worker_info()
-        key = info.seed if info is not None else -1
-        if self._gen is None or self._gen_key != key:
-            self._gen = torch.Generator().manual_seed((self.seed * 7_919 + max(key, 0) + 1) % (2**63))
-            self._gen_key = key
-        return self._gen
-
     def _int(self, low: int, high: int, g: torch.Generator) -> int:
         """Uniform integer in [low, high]."""
         return int(torch.randint(low, high + 1, (1,), generator=g))
 
     def __call__(self, batch: dict) -> dict:
         audio, lens = batch["audio"], batch["audio_lens"].tolist()
-        g = self._generator()
+        g = hook_generator(self.seed)
         source = audio.clone()
         mixed = torch.zeros(len(lens), dtype=torch.bool)
         out = audio.clone()

@@ -2,8 +2,9 @@
 
 The data workers collate each batch and run the objective's batch hook (masks, mixing) with the
 global torch generator seeded from (seed, rank, epoch, batch position) alone, so a hook that
-draws from that generator makes the same masks in a resumed run as in an uninterrupted one,
-whatever the worker count. The stream's position is counted in
+draws from that generator (directly, or through a generator seeded from it per call,
+``mmssl.nn.masking.hook_generator``) makes the same masks in a resumed run as in an
+uninterrupted one, whatever the worker count. The stream's position is counted in
 batches the loop has *taken* (not what the workers prefetched), and that is what a checkpoint
 stores: ``{"epoch", "offset"}``, the batch sampler's own state format.
 """

@@ -5,6 +5,7 @@ import mmssl.encoders  # noqa: F401  (registers the presets)
 from mmssl.encoders.audio import AudioEncoder
 from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder
 from mmssl.errors import ConfigError, DataError
+from mmssl.nn.transformer import TransformerEncoder
 from mmssl.registry import ENCODERS
 from mmssl.testing import tiny_audio_batch
 
@@ -28,9 +29,16 @@ def test_speech_presets_are_registered():
         assert f"{family}_base" in ENCODERS and f"{family}_large" in ENCODERS
 
 
+def _without_layer_drop(enc: SpeechEncoder) -> SpeechEncoder:
+    for module in enc.modules():
+        if isinstance(module, TransformerEncoder):
+            module.layer_drop = 0.0
+    return enc
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_forward_backward_on_a_padded_batch(name):
-    enc = _speech(name, layer_drop=0.0).train()
+    enc = _without_layer_drop(_speech(name)).train()
     batch = tiny_audio_batch()
     feats = enc.extract(batch["audio"], batch["audio_lens"])
     assert isinstance(feats, Features)
@@ -158,3 +166,50 @@ def test_bf16_autocast_on_cuda_is_close_to_float32(name):
     keep = torch.arange(out.hidden.shape[1], device="cuda") < out.lengths[:, None]
     err = (out.hidden.float() - ref.hidden)[keep].abs().mean() / ref.hidden[keep].abs().mean()
     assert err < 0.05, float(err)
+
+
+def test_cpc_presets_are_100hz_causal_encoders_with_every_context_layer():
+    from mmssl.encoders.audio import CPCEncoder
+
+    for name in ("cpc_tiny", "cpc_base", "cpc_large"):
+        assert name in ENCODERS
+    enc = _speech("cpc_tiny", context="transformer").eval()
+    assert isinstance(enc, CPCEncoder) and enc.frame_rate == 100.0 and enc.num_layers == 2
+    # receptive field 465 samples, hop 160: one frame from 465 samples, a new one every 160
+    samples = torch.tensor([464, 465, 624, 625, 16000])
+    assert enc.frame_lengths(samples).tolist() == [0, 1, 1, 2, 1 + (16000 - 465) // 160]
+    batch = tiny_audio_batch()
+    with torch.no_grad():
+        feats = enc.extract(batch["audio"], batch["audio_lens"])
+        assert feats.x is feats.raw and feats.x.shape[-1] == enc.feature_dim
+        out = enc.contextualize(feats.x, feats.lengths)
+        first = enc.contextualize(feats.x, feats.lengths, num_layers=1)
+        # hidden is the context network's output: its final norm over the last layer
+        assert torch.allclose(out.hidden, enc.context(feats.x, feats.lengths), atol=1e-6)
+        assert torch.allclose(out.hidden, enc.context.norm(out.layers[-1]), atol=1e-6)
+        assert torch.equal(first.hidden, out.layers[0]) and len(first.layers) == 1
+        # causal: changing the audio after a frame's window changes no earlier frame
+        cut = 3000
+        later = batch["audio"].clone()
+        later[0, cut:] = torch.randn(later.shape[1] - cut)
+        other = enc(later, batch["audio_lens"])
+        ok = int(enc.frame_lengths(torch.tensor(cut)))  # frames whose window ends before `cut`
+        for a, b in zip(out.layers, other.layers):
+            assert torch.allclose(a[0, :ok], b[0, :ok], atol=1e-5)
+            assert not torch.allclose(a[0, ok:], b[0, ok:], atol=1e-3)
+    with pytest.raises(ConfigError, match="num_layers"):
+        enc.contextualize(feats.x, feats.lengths, num_layers=3)
+    with pytest.raises(ConfigError, match="context"):
+        ENCODERS.build("cpc_tiny", context="conv")
+    with pytest.raises(ConfigError, match="'depth'"):
+        ENCODERS.build("cpc_tiny", depth=3)
+
+
+def test_cpc_base_has_cpc_sizes():
+    with torch.device("meta"):
+        enc = ENCODERS.build("cpc_base")
+    assert enc.dim == 256 and enc.feature_dim == 512 and enc.num_layers == 1
+    # five biased convolutions of 512 channels, each with a layer norm, then one GRU of 256 units
+    convs = sum(c_in * 512 * k + 512 + 2 * 512 for c_in, k in zip((1, 512, 512, 512, 512), (10, 8, 4, 4, 4)))
+    gru = 3 * (512 * 256 + 256 * 256 + 2 * 256)
+    assert sum(p.numel() for p in enc.parameters()) == convs + gru

@@ -67,3 +67,48 @@ def test_fbank_frontend_is_stacked_kaldi_fbank_per_utterance():
     # frames: 1 + (S - 400) // 160 at 100 Hz, then ceil(/ 4)
     assert lens.tolist() == [-(-(1 + (n - 400) // 160) // 4) for n in (4000, 2321, 640)]
     assert not x[2, lens[2] :].any()  # padding frames stay zero
+
+
+def test_fbank_frontend_reads_no_value_on_the_host():
+    """On the meta device any ``.item()``, ``.tolist()`` or data-dependent shape raises: the
+    frontend computes a padded batch from shapes alone, as a CUDA step needs (no sync)."""
+    frontend = FbankFrontend(num_mel_bins=40, stack=4)
+    audio, lens = torch.zeros(3, 4000, device="meta"), torch.zeros(3, dtype=torch.long, device="meta")
+    x, frame_lens = frontend(audio, lens)
+    assert x.shape == (3, 6, 160) and frame_lens.shape == (3,)
+
+
+@pytest.mark.parametrize("stack", [1, 3])
+def test_fbank_frontend_padding_values_and_neighbours_change_nothing(stack):
+    frontend = FbankFrontend(num_mel_bins=80, stack=stack)
+    batch = tiny_audio_batch(lengths=(3000, 1999, 0, 405))
+    noisy = batch["audio"].clone()
+    g = torch.Generator().manual_seed(0)
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        noisy[i, n:] = torch.randn(noisy.shape[1] - n, generator=g)  # garbage in the padding
+    x, lens = frontend(noisy, batch["audio_lens"])
+    assert lens.tolist() == [-(-max(0, 1 + (n - 400) // 160) // stack) for n in (3000, 1999, 0, 405)]
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        alone, alone_lens = (frontend(noisy[i : i + 1, :n], batch["audio_lens"][i : i + 1]) if n >= 400
+                             else (torch.zeros(1, 0, 80 * stack), torch.zeros(1, dtype=torch.long)))
+        t = int(lens[i])
+        assert t == int(alone_lens[0])
+        assert torch.allclose(x[i, :t], alone[0], atol=1e-5)
+        assert not x[i, t:].any()  # padded frames are zero
+
+
+@pytest.mark.cuda
+def test_fbank_frontend_on_cuda_never_syncs_and_matches_cpu():
+    frontend = FbankFrontend()
+    batch = tiny_audio_batch(lengths=(4000, 2321, 640))
+    ref, ref_lens = frontend(batch["audio"], batch["audio_lens"])
+    audio, lens = batch["audio"].cuda(), batch["audio_lens"].cuda()
+    frontend(audio, lens)  # first call builds the cached window and mel banks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x, frame_lens = frontend(audio, lens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(frame_lens.cpu(), ref_lens)
+    assert torch.allclose(x.cpu(), ref, atol=1e-3, rtol=1e-4)

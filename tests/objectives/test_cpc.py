@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmssl.data.io import load_audio
 from mmssl.errors import ConfigError
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.cpc import binary_contrastive
@@ -28,8 +29,8 @@ def _explicit_loss(model, batch, seed, binary):
     """Recompute the loss with explicit per-pair dot products and F.cross_entropy / sigmoids,
     drawing the distractors from the same random stream as ``forward``."""
     with torch.no_grad():
-        z, lengths = model.frontend(batch["audio"], batch["audio_lens"])
-        c = model.context(z, lengths)
+        z, lengths = model.encoder.frontend(batch["audio"], batch["audio_lens"])
+        c = model.encoder.context(z, lengths)
         b, t, f = z.shape
         valid = ~lengths_to_padding_mask(lengths, t)
         torch.manual_seed(seed)
@@ -99,3 +100,45 @@ def test_loss_falls_when_overfitting_one_batch(name):
         opt.step()
         losses.append(out["loss"].item())
     assert sum(losses[-5:]) < 0.85 * sum(losses[:5])
+
+
+@pytest.mark.parametrize("name", ["cpc", "wav2vec"])
+def test_objective_holds_its_encoder_and_kmeans_reads_its_layers(tmp_path, name):
+    """A CPC / wav2vec run exposes ``.encoder``: ``mmssl kmeans --checkpoint --layer`` labels
+    every record at the encoder's 100 Hz with the nearest centroid of that layer's frames."""
+    from safetensors.torch import save_file
+
+    from mmssl.cli import main
+    from mmssl.config import load_config, save_resolved
+    from mmssl.kmeans_cli import load_encoder_from_run
+    from mmssl.nn.kmeans import nearest
+    from mmssl.train.build import build_objective
+    from tests.test_kmeans_cli import _corpus, _km_lines
+
+    manifest = _corpus(tmp_path, count=3)
+    run = tmp_path / "run"
+    cfg = load_config(name, [f"data.train={manifest}", "model.size=tiny", "objective.num_steps=2"])
+    save_resolved(cfg, run)
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    assert {k.split(".")[0] for k in objective.state_dict()} == {"encoder", "predictor"}
+    step = run / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
+    encoder = load_encoder_from_run(step)
+    assert not encoder.training
+    for key, value in objective.encoder.state_dict().items():
+        assert torch.equal(encoder.state_dict()[key], value), key
+    out = tmp_path / "km"
+    code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(step), "--layer", "2",
+                 "--k", "2", "--out", str(out), "--fit-fraction", "1.0", "--device", "cpu"])
+    assert code == 0
+    state = torch.load(out / "kmeans.pt", weights_only=True)
+    assert state["label_rate"] == 100.0 and state["centroids"].shape == (2, encoder.dim)
+    for i, line in enumerate(_km_lines(out / "train.km")):
+        wav = load_audio(tmp_path / "wav" / f"u{i}.wav")
+        with torch.no_grad():
+            feats = encoder.extract(wav[None], torch.tensor([wav.shape[0]]))
+            layer = encoder.contextualize(feats.x, feats.lengths).layers[1][0]
+        assert len(line) == int(feats.lengths[0]) == 1 + (wav.shape[0] - 465) // 160  # 100 Hz frames
+        assert line == nearest(layer, state["centroids"])[0].tolist()
