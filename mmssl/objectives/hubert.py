@@ -33,7 +33,7 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.nn.masking import SpanMasker
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.objectives.wav2vec2 import build_encoder, feature_penalty, prediction_mask, scale_frontend_grad
+from mmssl.objectives.wav2vec2 import build_encoder, feature_penalty, prediction_mask
 from mmssl.registry import OBJECTIVES
 
 
@@ -102,7 +102,6 @@ class HubertObjective(Objective):
         masked_weight: float = 1.0,
         unmasked_weight: float = 0.0,
         penalty_weight: float = 10.0,
-        feature_grad_mult: float = 0.1,
         augment: BatchHook | None = None,
     ) -> None:
         super().__init__()
@@ -113,7 +112,7 @@ class HubertObjective(Objective):
         self.label_embeddings = nn.Parameter(torch.empty(num_classes, final_dim).uniform_())  # fairseq ``label_embs_concat``
         self.num_classes, self.label_rate, self.temperature = num_classes, label_rate, temperature
         self.masked_weight, self.unmasked_weight = masked_weight, unmasked_weight
-        self.penalty_weight, self.feature_grad_mult = penalty_weight, feature_grad_mult
+        self.penalty_weight = penalty_weight
 
     def batch_hook(self) -> BatchHook:
         return self.masker if self.augment is None else ChainHook((self.augment, self.masker))
@@ -122,7 +121,6 @@ class HubertObjective(Objective):
         if "targets" not in batch:
             raise DataError("the batch has no 'targets': set data.labels to a `mmssl kmeans` output folder")
         feats = self.encoder.extract(batch["audio"], batch["audio_lens"])
-        scale_frontend_grad(feats, self.feature_grad_mult)
         b, t, _ = feats.x.shape
         lengths = feats.lengths
         valid = ~lengths_to_padding_mask(lengths, t)
@@ -162,14 +160,14 @@ def build_hubert(
     temperature: float,
     unmasked_weight: float,
     penalty_weight: float,
-    feature_grad_mult: float,
+    feature_grad_mult: float | None,
     final_dim: int | None,
     seed: int,
     encoder: dict[str, Any] | None,
     augment: BatchHook | None = None,
 ) -> HubertObjective:
     """Wire a ``HubertObjective`` on the ``<family>_<size>`` encoder preset."""
-    enc = build_encoder(family, size, encoder)
+    enc = build_encoder(family, size, encoder, feature_grad_mult)
     if final_dim is None:
         if size not in FINAL_DIM:
             raise ConfigError(f"no default final_dim for model size {size!r}; set objective.final_dim")
@@ -177,8 +175,7 @@ def build_hubert(
     masker = SpanMasker(enc.frame_spec, mask_prob, mask_span, min_masks, seed)
     return HubertObjective(
         enc, masker, num_classes, final_dim, label_rate, temperature,
-        unmasked_weight=unmasked_weight, penalty_weight=penalty_weight, feature_grad_mult=feature_grad_mult,
-        augment=augment,
+        unmasked_weight=unmasked_weight, penalty_weight=penalty_weight, augment=augment,
     )
 
 
@@ -193,7 +190,7 @@ def hubert(
     temperature: float = 0.1,  # kappa = 0.1
     unmasked_weight: float = 0.0,  # alpha = 1: masked frames only
     penalty_weight: float = 10.0,
-    feature_grad_mult: float = 0.1,  # fairseq ``hubert_base_librispeech``
+    feature_grad_mult: float | None = None,  # None: the preset's (0.1, fairseq ``hubert_base_librispeech``)
     final_dim: int | None = None,
     seed: int = 0,
     encoder: dict[str, Any] | None = None,

@@ -111,15 +111,6 @@ def feature_penalty(raw: Tensor, lengths: Tensor) -> Tensor:
     return total / (keep.sum() * raw.shape[-1]).clamp(min=1.0)
 
 
-def scale_frontend_grad(feats: Features, mult: float) -> None:
-    """Scale the gradient that reaches the frontend through ``feats.raw`` by ``mult``
-    (fairseq ``feature_grad_mult``: 0.1 for wav2vec 2.0 and HuBERT BASE, which steadies the
-    conv frontend). Every consumer (projection, quantizer, penalty) reads ``raw``, so a hook on
-    it scales them all, as fairseq's ``GradMultiply`` right after the frontend does."""
-    if mult != 1.0 and feats.raw.requires_grad:
-        feats.raw.register_hook(lambda grad: grad * mult)
-
-
 def prediction_mask(batch: dict, masker: SpanMasker, lengths: Tensor, frames: int) -> Tensor:
     """``pred_mask (B, T)`` from the batch hook, or made here (on the device) when the batch
     has none; checked against the encoder's frame count, restricted to valid frames."""
@@ -152,7 +143,6 @@ class Wav2Vec2Objective(Objective):
         temperature: float = 0.1,
         diversity_weight: float = 0.1,
         penalty_weight: float = 10.0,
-        feature_grad_mult: float = 0.1,
     ) -> None:
         super().__init__()
         if num_negatives < 1:
@@ -163,7 +153,6 @@ class Wav2Vec2Objective(Objective):
         self.final_proj = nn.Linear(encoder.dim, final_dim)  # fairseq ``final_proj``
         self.num_negatives, self.temperature = num_negatives, temperature
         self.diversity_weight, self.penalty_weight = diversity_weight, penalty_weight
-        self.feature_grad_mult = feature_grad_mult
 
     def batch_hook(self) -> BatchHook:
         return self.masker
@@ -173,7 +162,6 @@ class Wav2Vec2Objective(Objective):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         feats = self.encoder.extract(batch["audio"], batch["audio_lens"])
-        scale_frontend_grad(feats, self.feature_grad_mult)
         b, t, _ = feats.x.shape
         lengths = feats.lengths
         valid = ~lengths_to_padding_mask(lengths, t)  # (B, T)
@@ -224,12 +212,20 @@ def final_dim_for(size: str, final_dim: int | None) -> int:
     return FINAL_DIM[size]
 
 
-def build_encoder(family: str, size: str, overrides: dict[str, Any] | None) -> SpeechEncoder:
-    """The registered encoder preset ``<family>_<size>`` with keyword ``overrides``."""
+def build_encoder(
+    family: str, size: str, overrides: dict[str, Any] | None, feature_grad_mult: float | None = None
+) -> SpeechEncoder:
+    """The registered encoder preset ``<family>_<size>`` with keyword ``overrides``.
+
+    ``feature_grad_mult`` (fairseq's name) sets the encoder's ``feature_grad_scale``, the one
+    place the frontend gradient is scaled; None keeps the preset's (0.1 for base and large)."""
     name = f"{family}_{size}"
     if name not in ENCODERS:
         raise ConfigError(f"model.size {size!r}: there is no encoder preset {name!r}")
-    return ENCODERS.build(name, **(overrides or {}))
+    overrides = dict(overrides or {})
+    if feature_grad_mult is not None:
+        overrides["feature_grad_scale"] = feature_grad_mult
+    return ENCODERS.build(name, **overrides)
 
 
 @OBJECTIVES.register
@@ -247,13 +243,13 @@ def wav2vec2(
     temp_decay: float = 0.999995,  # ... by this factor per update
     diversity_weight: float = 0.1,  # alpha = 0.1
     penalty_weight: float = 10.0,  # fairseq ``loss_weights=[0.1, 10]`` (feature penalty)
-    feature_grad_mult: float = 0.1,  # fairseq ``feature_grad_mult`` of the BASE recipe
+    feature_grad_mult: float | None = None,  # None: the preset's (0.1, fairseq BASE recipe)
     final_dim: int | None = None,
     seed: int = 0,
     encoder: dict[str, Any] | None = None,
 ) -> Wav2Vec2Objective:
     """wav2vec 2.0 on the ``wav2vec2_<size>`` encoder; ``encoder`` holds preset overrides."""
-    enc = build_encoder("wav2vec2", size, encoder)
+    enc = build_encoder("wav2vec2", size, encoder, feature_grad_mult)
     dim = final_dim_for(size, final_dim)
     quantizer = GumbelProductQuantizer(
         enc.feature_dim, dim, codebook_groups, codebook_entries, max_temp, min_temp, temp_decay
@@ -263,5 +259,4 @@ def wav2vec2(
     norm = enc.projection.norm if hasattr(enc, "projection") else nn.Identity()
     return Wav2Vec2Objective(
         enc, quantizer, masker, norm, dim, num_negatives, temperature, diversity_weight, penalty_weight,
-        feature_grad_mult,
     )

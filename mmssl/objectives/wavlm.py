@@ -89,7 +89,7 @@ def wavlm(
     temperature: float = 0.1,
     unmasked_weight: float = 0.0,
     penalty_weight: float = 10.0,
-    feature_grad_mult: float = 0.1,
+    feature_grad_mult: float | None = None,  # None: the preset's (0.1 for base and large)
     mix_prob: float = 0.2,  # WavLM, sec. 3.2: 20% of utterances are mixed
     mix_max_fraction: float = 0.5,
     mix_energy_db: tuple[float, float] = (-5.0, 5.0),

@@ -149,6 +149,24 @@ def test_feature_grad_mult_scales_only_the_frontend_gradient():
     assert torch.allclose(grads[0.1][1], grads[1.0][1], rtol=1e-5, atol=1e-8)
 
 
+def test_frontend_gradient_is_scaled_once_by_the_encoder():
+    # the base presets carry fairseq's feature_grad_mult=0.1; objectives must not apply it again
+    for name in ("hubert", "wavlm", "wav2vec2"):
+        kwargs = {"num_classes": 7} if name != "wav2vec2" else {}
+        model = OBJECTIVES.build(name, size="tiny", encoder={**QUIET, "feature_grad_scale": 0.1}, **kwargs)
+        assert model.encoder.feature_grad_scale == 0.1
+        model = OBJECTIVES.build(name, size="tiny", encoder=QUIET, feature_grad_mult=0.5, **kwargs)
+        assert model.encoder.feature_grad_scale == 0.5
+    batch = _model().batch_hook()(_batch())
+    grads = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = OBJECTIVES.build("hubert", size="tiny", num_classes=7, encoder={**QUIET, "feature_grad_scale": scale})
+        model(batch)["loss"].backward()
+        grads[scale] = model.encoder.frontend.blocks[0].conv.weight.grad.clone()
+    assert torch.allclose(grads[0.1], 0.1 * grads[1.0], rtol=1e-3, atol=1e-7)
+
+
 def test_a_zero_length_utterance_changes_nothing():
     model = _model().eval()
     batch = tiny_audio_batch((8000, 200))  # 200 samples: shorter than one frame's window
