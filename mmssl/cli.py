@@ -50,6 +50,17 @@ def _usage(commands: dict[str, tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def user_message(err: BaseException) -> str:
+    """The error's own message. An error raised in a DataLoader worker reaches the main process
+    as the same class with the worker's whole traceback as its text; keep only its last line."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = _available()
@@ -75,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except MmsslError as err:
-        print(f"mmssl {name}: error: {err}", file=sys.stderr)
+        print(f"mmssl {name}: error: {user_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mmssl {name}: interrupted", file=sys.stderr)

@@ -25,3 +25,22 @@ def test_unknown_command_exits_2(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "mmssl.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: mmssl" in out.stdout
+
+
+def test_errors_from_data_workers_print_only_their_message(tmp_path, capsys):
+    import json
+
+    from mmssl.data.datasets import ManifestDataset
+    from mmssl.data.collate import collate
+    from torch.utils.data import DataLoader
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"r{i}", "audio": f"missing{i}.wav"}) + "\n" for i in range(4)))
+    loader = DataLoader(ManifestDataset(str(manifest), max_bad_fraction=0.0, min_seen=1), batch_size=2,
+                        num_workers=1, collate_fn=collate)
+    try:
+        next(iter(loader))
+    except Exception as err:  # the worker's DataError, re-raised with its traceback as text
+        assert "Original Traceback" in str(err)
+        message = cli.user_message(err)
+    assert "Traceback" not in message and "missing0.wav" in message and "max_bad_fraction" in message

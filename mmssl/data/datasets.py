@@ -30,6 +30,8 @@ LIP_SIZE = 88
 # AV-HuBERT normalises grayscale lip crops (in [0, 1]) with these (avhubert/hubert_dataset.py)
 LIP_MEAN = 0.421
 LIP_STD = 0.165
+AUDIO_RATE = 16_000
+VIDEO_FPS = 25.0
 
 
 def lip_frames(frames: Tensor, size: int = LIP_SIZE) -> Tensor:
@@ -94,6 +96,7 @@ class ManifestDataset(Dataset):
         max_bad_fraction: float = 0.01,
         audio_transform: Callable[[Tensor], Tensor] | None = None,
         min_seen: int = 20,
+        av_tolerance: float = 1.0 / VIDEO_FPS,
     ) -> None:
         unknown = sorted(set(modalities) - set(MODALITIES))
         if unknown:
@@ -116,6 +119,7 @@ class ManifestDataset(Dataset):
         self.text_tokenizer = text_tokenizer
         self.audio_transform = audio_transform
         self.max_bad_fraction = max_bad_fraction
+        self.av_tolerance = av_tolerance
         self.min_seen = max(min_seen, math.ceil(1.0 / max_bad_fraction) if max_bad_fraction > 0 else 0)
         self.seen = 0
         self.bad_count = 0
@@ -171,12 +175,33 @@ class ManifestDataset(Dataset):
                 raise DataError(f"record {record['id']!r} has neither caption nor transcript")
             tokens = torch.as_tensor(self.text_tokenizer(text), dtype=torch.long)
             item["text"] = tokens[0] if tokens.dim() == 2 else tokens
+        self._check_lengths(record, item)
         if self.labels is not None:
             item["targets"] = self.labels[index]
         for key in ("transcript", "group"):
             if record.get(key) is not None:
                 item[key] = record[key]
         return item
+
+    def _check_lengths(self, record: dict, item: dict) -> None:
+        """Decoded lengths against the manifest's counts (a truncated file) and audio against
+        video, within ``av_tolerance`` seconds (default one video frame), as ``mmssl data check``."""
+        seconds = {}
+        if "audio" in item:
+            seconds["audio"] = item["audio"].shape[0] / AUDIO_RATE
+            declared = record.get("audio_samples")
+            if declared is not None and abs(seconds["audio"] - declared / AUDIO_RATE) > self.av_tolerance:
+                raise DataError(f"{record['audio']}: decoded {item['audio'].shape[0]} audio samples, the manifest "
+                                f"says {declared} (truncated or changed file?)")
+        if "video" in item:
+            seconds["video"] = item["video"].shape[0] / VIDEO_FPS
+            declared = record.get("video_frames")
+            if declared is not None and abs(seconds["video"] - declared / VIDEO_FPS) > self.av_tolerance:
+                raise DataError(f"{record['video']}: decoded {item['video'].shape[0]} video frames, the manifest "
+                                f"says {declared} (truncated or changed file?)")
+        if len(seconds) == 2 and abs(seconds["audio"] - seconds["video"]) > self.av_tolerance + 1e-9:
+            raise DataError(f"record {record['id']!r}: audio lasts {seconds['audio']:.3f} s and video "
+                            f"{seconds['video']:.3f} s (more than {self.av_tolerance:.3f} s apart)")
 
     def _skip(self, record: dict, err: DataError) -> None:
         self.bad_count += 1

@@ -6,8 +6,9 @@ most 100, initial temperature 0.07):
 
 * utterance level: padding-aware mean over valid frames, a linear head, L2 normalisation; the
   positive of an utterance is its own other view, the negatives every other utterance of the
-  global batch (embeddings gathered from every rank with ``gather_with_grad``; each rank scores
-  its own rows against all columns, and the labels are offset by ``rank * B``);
+  global batch (embeddings gathered from every rank with ``gather_with_grad_and_offset``; each
+  rank scores its own rows against all columns, and the labels are offset by the number of rows
+  of the lower ranks, since the bucketed sampler gives every rank its own ``B``);
 * frame level: the positive of an audio frame is the video frame at the same time of the same
   utterance; the negatives are all other valid frames of the local batch (other times and other
   utterances). Padded frames are neither anchors nor negatives (their logits are masked).
@@ -28,12 +29,13 @@ from torch import Tensor, nn
 
 from mmssl.encoders.av import TwoTowerViews, paired_towers, require_paired
 from mmssl.errors import ConfigError
-from mmssl.nn.gather import gather_with_grad
+from mmssl.nn.gather import gather_with_grad_and_offset
 from mmssl.nn.padding import lengths_to_padding_mask, masked_mean
 from mmssl.objectives.base import Objective
 from mmssl.registry import OBJECTIVES
 
-Gather = Callable[[Tensor, int, int], Tensor]
+# ``(x, rank, world_size) -> (every rank's rows in rank order, offset of this rank's rows)``
+Gather = Callable[[Tensor, int, int], tuple[Tensor, int]]
 
 # CLIP (Radford et al., 2021, sec. 2.5): temperature initialised at 0.07, logit scale clipped at 100
 INIT_TEMPERATURE = 0.07
@@ -60,16 +62,22 @@ def utterance_info_nce(
     scale: Tensor,
     rank: int = 0,
     world_size: int = 1,
-    gather: Gather = gather_with_grad,
+    gather: Gather = gather_with_grad_and_offset,
 ) -> tuple[Tensor, Tensor]:
     """Symmetric InfoNCE of normalised ``za (B, D)`` / ``zv (B, D)`` against all ranks' rows.
 
-    Returns ``(loss, accuracy)``: the mean of the audio->video and video->audio cross-entropies
-    over the local rows, and the fraction of local rows whose top logit is the positive.
+    ``B`` may differ between ranks; ``N`` below is the sum of every rank's ``B``. Returns
+    ``(loss, accuracy)``: the mean of the audio->video and video->audio cross-entropies over the
+    local rows, and the fraction of local rows whose top logit is the positive. The loss of the
+    combined batch is the mean of the ranks' losses weighted by their ``B`` (unweighted when all
+    ``B`` are equal).
     """
-    all_a, all_v = gather(za, rank, world_size), gather(zv, rank, world_size)  # (W*B, D)
-    labels = torch.arange(za.shape[0], device=za.device) + rank * za.shape[0]
-    logits_av = scale * za @ all_v.T  # (B, W*B)
+    d = za.shape[1]
+    # both views in one gather: one size exchange and one all_gather instead of two each
+    all_av, offset = gather(torch.cat([za, zv], dim=1), rank, world_size)  # (N, 2D)
+    all_a, all_v = all_av[:, :d], all_av[:, d:]
+    labels = torch.arange(za.shape[0], device=za.device) + offset
+    logits_av = scale * za @ all_v.T  # (B, N)
     logits_va = scale * zv @ all_a.T
     loss = 0.5 * (F.cross_entropy(logits_av, labels) + F.cross_entropy(logits_va, labels))
     acc = (logits_av.argmax(-1) == labels).float().mean()
@@ -120,7 +128,7 @@ class MultiviewContrastive(Objective):
         frame_weight: float = 1.0,
         rank: int = 0,
         world_size: int = 1,
-        gather: Gather = gather_with_grad,
+        gather: Gather = gather_with_grad_and_offset,
     ) -> None:
         super().__init__()
         if utterance_weight < 0 or frame_weight < 0 or utterance_weight + frame_weight == 0:

@@ -58,10 +58,11 @@ def pick_device(name: str, env: DistEnv) -> torch.device:
 
 
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
-    """NCCL on CUDA, gloo on the CPU; a no-op for one process or an existing group."""
+    """NCCL on CUDA (with gloo beside it for the odd CPU tensor), gloo on the CPU; a no-op for
+    one process or an existing group."""
     if not env.enabled or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(
         backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s), **kwargs

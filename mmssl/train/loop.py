@@ -276,7 +276,7 @@ class Trainer:
     def _log(self, logger: RunLogger, window: MetricWindow, speed: Throughput, extra: dict) -> None:
         values = {**window.means(self.env), **extra}
         perf = speed.read()
-        values["audio_sec_per_sec"] = float(all_reduce_sum(torch.tensor(perf["audio_sec_per_sec"]), self.env))
+        values["audio_sec_per_sec"] = float(all_reduce_sum(torch.tensor(perf["audio_sec_per_sec"], device=self.device), self.env))
         values["steps_per_sec"] = perf["steps_per_sec"]
         values["lr"] = self.schedule.lr_at(self.step - 1)
         values["epoch"] = float(self.stream.epoch)

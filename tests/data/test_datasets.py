@@ -30,7 +30,8 @@ def test_av_items_labels_and_batch_consistency(media, tmp_path):
     km_dir = tmp_path / "km"
     km_dir.mkdir()
     (km_dir / "train.km").write_text("1 2 3\n4 5\n")
-    ds = ManifestDataset(str(manifest), modalities=("audio", "video"), labels=str(km_dir))
+    # b's video is 0.4 s shorter than its audio: accepted here with a loose tolerance
+    ds = ManifestDataset(str(manifest), modalities=("audio", "video"), labels=str(km_dir), av_tolerance=0.5)
     items = [ds[0], ds[1]]
     assert items[0]["targets"].tolist() == [1, 2, 3] and items[1]["transcript"] == "two"
     assert items[0]["video"].shape == (50, 1, 88, 88) and items[1]["video"].shape == (40, 1, 88, 88)
@@ -42,6 +43,26 @@ def test_av_items_labels_and_batch_consistency(media, tmp_path):
         torch.testing.assert_close(batch["audio"][i, :n], item["audio"])
         torch.testing.assert_close(batch["video"][i, :t], item["video"])
         assert (batch["audio"][i, n:] == 0).all()
+
+
+def test_length_mismatch_and_truncation_are_skipped_and_counted(media):
+    records = [
+        {"id": "ok", "audio": str(media.mkv), "video": str(media.mkv), "audio_samples": 32000, "video_frames": 50},
+        {"id": "short", "audio": str(media.short_video), "video": str(media.short_video)},
+        {"id": "cut", "audio": str(media.truncated_mkv), "video": str(media.truncated_mkv),
+         "audio_samples": 32000, "video_frames": 50},
+        {"id": "liar", "audio": str(media.mkv), "audio_samples": 48000},
+    ]
+    ds = ManifestDataset(records, modalities=("audio", "video"), max_bad_fraction=1.0)
+    assert ds[0] is not None
+    assert ds[1] is None and ds[2] is None and ds.bad_count == 2
+    audio_only = ManifestDataset(records, modalities=("audio",), max_bad_fraction=1.0)
+    assert audio_only[1] is not None  # without video there is nothing to disagree with
+    assert audio_only[3] is None and audio_only.bad_count == 1
+    with pytest.raises(DataError, match="decoded 32000 audio samples, the manifest says 48000"):
+        audio_only._load(3, records[3])
+    with pytest.raises(DataError, match="audio lasts 2.000 s and video 1.600 s"):
+        ds._load(1, records[1])
 
 
 def test_durations_from_counts(tmp_path):

@@ -31,18 +31,20 @@ def test_utterance_info_nce_is_cross_entropy_on_explicit_logits():
     assert acc.item() == (logits.argmax(1) == labels).float().mean().item()
 
 
-def test_utterance_negatives_come_from_every_rank():
-    # rank 1 of 2: the other rank's rows come first; labels are offset by rank * B
+@pytest.mark.parametrize("other_rows", [3, 4])
+def test_utterance_negatives_come_from_every_rank(other_rows):
+    # rank 1 of 2: the other rank's rows come first; labels are offset by the other rank's B
     za, zv = _unit(3, 5, seed=2), _unit(3, 5, seed=3)
-    other_a, other_v = _unit(3, 5, seed=4), _unit(3, 5, seed=5)
+    other_a, other_v = _unit(other_rows, 5, seed=4), _unit(other_rows, 5, seed=5)
 
     def fake_gather(x, rank, world_size):
         assert (rank, world_size) == (1, 2)
-        return torch.cat([other_a if x is za else other_v, x])
+        torch.testing.assert_close(x, torch.cat([za, zv], 1))  # both views in one gather
+        return torch.cat([torch.cat([other_a, other_v], 1), x]), other_rows
 
     loss, _ = utterance_info_nce(za, zv, torch.tensor(5.0), rank=1, world_size=2, gather=fake_gather)
     all_a, all_v = torch.cat([other_a, za]), torch.cat([other_v, zv])
-    labels = torch.arange(3) + 3
+    labels = torch.arange(3) + other_rows
     ref = 0.5 * (F.cross_entropy(5.0 * za @ all_v.T, labels) + F.cross_entropy(5.0 * zv @ all_a.T, labels))
     torch.testing.assert_close(loss, ref)
 
@@ -149,3 +151,38 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     # DDP averages over ranks: the mean of the ranks' losses and gradients is the whole batch's
     torch.testing.assert_close(out[:, 0, 8].mean(), loss.detach())
     torch.testing.assert_close(out[:, :, :8].reshape(6, 8) / 2, torch.cat([za.grad, zv.grad], 1))
+
+
+def _unequal_rank_worker(rank, world_size, init, sizes, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    start, n, total = sum(sizes[:rank]), sizes[rank], sum(sizes)
+    za, zv = _unit(total, 4, seed=12), _unit(total, 4, seed=13)
+    a = za[start : start + n].clone().requires_grad_()
+    v = zv[start : start + n].clone().requires_grad_()
+    loss, _ = utterance_info_nce(a, v, torch.tensor(5.0), rank, world_size)
+    # the combined batch's loss is the ranks' losses weighted by their share of the utterances
+    (loss * n / total).backward()
+    out[start : start + n, :8] = torch.cat([a.grad, v.grad], 1)
+    out[start : start + n, 8] = loss.detach()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_unequal_batches_equal_one_process(tmp_path):
+    # the duration-bucketed sampler gives each rank its own B: here 3 and 2 utterances
+    import torch.multiprocessing as mp
+
+    sizes = (3, 2)
+    out = torch.zeros(5, 9).share_memory_()
+    mp.start_processes(
+        _unequal_rank_worker, args=(2, f"file://{tmp_path / 'pg'}", sizes, out), nprocs=2, start_method="fork"
+    )
+    za = _unit(5, 4, seed=12).requires_grad_()
+    zv = _unit(5, 4, seed=13).requires_grad_()
+    loss, _ = utterance_info_nce(za, zv, torch.tensor(5.0))
+    loss.backward()
+    rank_losses = out[[0, 3], 8]
+    torch.testing.assert_close((rank_losses * torch.tensor(sizes)).sum() / 5, loss.detach())
+    torch.testing.assert_close(out[:, :8], torch.cat([za.grad, zv.grad], 1))

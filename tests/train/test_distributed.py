@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mmssl.nn.gather import gather_with_grad
+from mmssl.nn.gather import gather_no_grad, gather_with_grad, gather_with_grad_and_offset
 from mmssl.train.checkpoint import load_weights
 from mmssl.train.distributed import DistEnv
 from tests.train.toy import make_trainer, params, read_metrics
@@ -114,3 +114,40 @@ def test_gather_with_grad_matches_one_process(tmp_path):
 def test_gather_with_one_process_is_identity():
     x = torch.randn(2, 3)
     assert gather_with_grad(x, 0, 1) is x
+    everyone, offset = gather_with_grad_and_offset(x, 0, 1)
+    assert everyone is x and offset == 0
+    assert gather_no_grad(x, 1) is x
+
+
+_UNEQUAL = (3, 2)  # rows per rank, as the duration-bucketed sampler may give them
+
+
+def _gather_unequal_rank(rank, x_all, out):
+    _init(rank)
+    try:
+        start, n = sum(_UNEQUAL[:rank]), _UNEQUAL[rank]
+        x = x_all[start : start + n].clone().requires_grad_(True)
+        everyone, offset = gather_with_grad_and_offset(x, rank, 2)
+        assert offset == start
+        torch.testing.assert_close(everyone, x_all)  # 5 rows, rank order, no padding rows
+        torch.testing.assert_close(gather_with_grad(x, rank, 2), x_all)
+        torch.testing.assert_close(gather_no_grad(x, 2), x_all)
+        # integer rows too (lengths, labels): the padding must not leak into the result
+        assert gather_no_grad(torch.arange(n) + start, 2).tolist() == list(range(sum(_UNEQUAL)))
+        _contrastive(x, everyone, offset).backward()
+        torch.save(x.grad, out / f"grad{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_with_unequal_rows_per_rank(tmp_path):
+    x_all = torch.randn(sum(_UNEQUAL), 3, generator=torch.Generator().manual_seed(1))
+    _spawn(_gather_unequal_rank, x_all, tmp_path)
+    # one process: the sum over ranks of each rank's loss, on the same rows
+    x = x_all.clone().requires_grad_(True)
+    starts = [0, _UNEQUAL[0]]
+    sum(_contrastive(x[s : s + n], x, s) for s, n in zip(starts, _UNEQUAL)).backward()
+    for rank, (s, n) in enumerate(zip(starts, _UNEQUAL)):
+        got = torch.load(tmp_path / f"grad{rank}.pt", weights_only=True)
+        assert got.shape == (n, 3)
+        torch.testing.assert_close(got, x.grad[s : s + n])
