@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -31,16 +31,8 @@ def build_objective(cfg: DictConfig, env: DistEnv = DistEnv(), registry: Registr
     if registry is OBJECTIVES:
         import mmssl.objectives  # noqa: F401  (registers the objectives)
     name = cfg.objective.name
-    kwargs = builder_kwargs(cfg.objective)
-    model_keys = builder_kwargs(cfg.model, drop=())
-    clash = sorted(set(kwargs) & set(model_keys))
-    if clash:
-        raise ConfigError(f"objective.{clash[0]} and model.{clash[0]} are both set; keep one")
-    kwargs.update(model_keys)
-    try:
-        params = inspect.signature(registry.get(name)).parameters
-    except KeyError as err:
-        raise ConfigError(f"objective.name: {err.args[0]}") from None
+    params = check_options(cfg, registry)
+    kwargs = {**builder_kwargs(cfg.objective), **builder_kwargs(cfg.model, drop=())}
     for key, value in (("rank", env.rank), ("world_size", env.world_size)):
         if key in params and key not in kwargs:
             kwargs[key] = value
@@ -52,6 +44,29 @@ def build_objective(cfg: DictConfig, env: DistEnv = DistEnv(), registry: Registr
     if not isinstance(objective, torch.nn.Module) or not callable(getattr(objective, "on_step", None)):
         raise ConfigError(f"objective {name!r} did not build an Objective module")
     return objective  # type: ignore[return-value]
+
+
+def check_options(cfg: DictConfig, registry: Registry = OBJECTIVES) -> Mapping[str, inspect.Parameter]:
+    """The builder's parameters, after checking that every ``objective.*`` and ``model.*`` key
+    is one of them: an unknown key is a ``ConfigError`` naming it (before any run folder exists)."""
+    if registry is OBJECTIVES:
+        import mmssl.objectives  # noqa: F401  (registers the objectives)
+    name = cfg.objective.name
+    try:
+        params = inspect.signature(registry.get(name)).parameters
+    except KeyError as err:
+        raise ConfigError(f"objective.name: {err.args[0]}") from None
+    objective_keys, model_keys = builder_kwargs(cfg.objective), builder_kwargs(cfg.model, drop=())
+    clash = sorted(set(objective_keys) & set(model_keys))
+    if clash:
+        raise ConfigError(f"objective.{clash[0]} and model.{clash[0]} are both set; keep one")
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        takes = ", ".join(k for k in params if k not in ("rank", "world_size"))
+        for section, keys in (("objective", objective_keys), ("model", model_keys)):
+            unknown = sorted(set(keys) - set(params))
+            if unknown:
+                raise ConfigError(f"unknown config key {section}.{unknown[0]} (objective {name!r} takes: {takes})")
+    return params
 
 
 def _check_labels(cfg: DictConfig, kwargs: dict, params) -> None:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from mmssl.config import load_config, resolve
 from mmssl.registry import OBJECTIVES, Registry
-from mmssl.train.build import StreamBuilder, build_stream, build_trainer, prepare_run_dir
+from mmssl.train.build import StreamBuilder, build_stream, build_trainer, check_options, prepare_run_dir
 from mmssl.train.distributed import barrier, env_from_torchrun, init_process_group, pick_device, shutdown
 from mmssl.train.loop import StepCallback
 
@@ -37,6 +37,7 @@ def pretrain(
     callbacks: Sequence[StepCallback] = (),
 ) -> Path:
     """Train from a resolved config; returns the run folder."""
+    check_options(cfg, registry)  # a misspelt option fails before the run folder is made
     env = env_from_torchrun()
     device = pick_device(cfg.train.device, env)
     init_process_group(env, device, cfg.train.dist_timeout_s)

@@ -76,8 +76,17 @@ def test_builder_gets_size_and_distributed_context(tmp_path):
     objective = build_objective(cfg, DistEnv(rank=1, world_size=4), LOCAL)
     assert objective.built_with == ("tiny", 1, 4) and objective.drop.p == 0.0
     bad = _cfg(tmp_path, tmp_path / "x.jsonl", "objective.nope=1")
-    with pytest.raises(ConfigError, match="nope"):
+    with pytest.raises(ConfigError, match="unknown config key objective.nope"):
         build_objective(bad, DistEnv(), LOCAL)
+
+
+def test_a_misspelt_option_names_its_key_and_leaves_no_run_folder(tmp_path):
+    manifest = _write_corpus(tmp_path, n=2)
+    with pytest.raises(ConfigError, match="unknown config key model.sise"):
+        pretrain(_cfg(tmp_path, manifest, "model.sise=tiny"), registry=LOCAL)
+    with pytest.raises(ConfigError, match="objective.drop_out.*takes: size, dropout"):
+        pretrain(_cfg(tmp_path, manifest, "objective.drop_out=0.1"), registry=LOCAL)
+    assert not (tmp_path / "run").exists()
 
 
 def test_schedule_from_config_fractions(tmp_path):
