@@ -23,6 +23,17 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.nn.padding import lengths_to_padding_mask
 
 
+def sample_keep(
+    batch: int, modality_dropout: float, audio_dropout: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Modality dropout (AV-HuBERT): with probability ``modality_dropout`` an utterance loses one
+    stream, the audio with probability ``audio_dropout``. Returns ``(keep_audio, keep_video)``,
+    bool ``(B,)`` on the CPU."""
+    drop = torch.rand(batch, generator=generator) < modality_dropout
+    audio_first = torch.rand(batch, generator=generator) < audio_dropout
+    return ~(drop & audio_first), ~(drop & ~audio_first)
+
+
 class AVFusion(nn.Module):
     """``(audio (B, Ta, Ca) | None, video (B, Tv, Cv) | None)`` -> ``(B, T, C)``.
 
@@ -50,9 +61,7 @@ class AVFusion(nn.Module):
 
     def sample_keep(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Which streams each utterance keeps under modality dropout: two bool ``(B,)`` on the CPU."""
-        drop = torch.rand(batch, generator=generator) < self.modality_dropout
-        audio_first = torch.rand(batch, generator=generator) < self.audio_dropout
-        return ~(drop & audio_first), ~(drop & ~audio_first)
+        return sample_keep(batch, self.modality_dropout, self.audio_dropout, generator)
 
     def forward(
         self,

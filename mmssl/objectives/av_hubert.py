@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from mmssl.data.noise import AddNoise, NoiseBank
 from mmssl.encoders.av import AVEncoder, av_base, av_large, av_tiny, substitute_frames
 from mmssl.encoders.base import FrameSpec
+from mmssl.encoders.fusion import sample_keep
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.padding import lengths_to_padding_mask
@@ -75,6 +76,9 @@ class AVMasks:
     A picklable batch hook: adds ``audio_mask (B, T)``, ``video_mask (B, T)`` (True = masked,
     ``T`` = the fused frame count, the smaller of both streams' padded counts) and
     ``video_source (B, T_video)`` to a collated batch. ``frame_spec`` counts the audio frames.
+    With both streams and ``modality_dropout > 0`` it also draws modality dropout
+    (``keep_audio``, ``keep_video`` ``(B,)``), so under DDP each rank's utterances get their own
+    draws (the step's global generator is seeded alike on every rank).
     """
 
     frame_spec: FrameSpec
@@ -84,6 +88,8 @@ class AVMasks:
     video_span: int = 5
     min_masks: int = 2
     seed: int = 0
+    modality_dropout: float = 0.0
+    audio_dropout: float = 0.5
 
     def generator(self) -> torch.Generator:
         """A fresh CPU generator for one batch, from ``hook_generator(seed)``: a pure function
@@ -116,6 +122,9 @@ class AVMasks:
             tv = batch["video"].shape[1]
             wide = torch.nn.functional.pad(out["video_mask"], (0, tv - t), value=False)
             out["video_source"] = substitution_index(wide, batch["video_lens"].to(wide.device), generator)
+            if "audio" in batch and self.modality_dropout > 0:
+                keep = sample_keep(lengths.shape[0], self.modality_dropout, self.audio_dropout, generator)
+                out["keep_audio"], out["keep_video"] = keep
         return out
 
     def __call__(self, batch: dict) -> dict:
@@ -172,6 +181,7 @@ class AVHubert(Objective):
     def _batch_masks(self, batch: dict, lengths: Tensor, t: int) -> dict[str, Tensor]:
         keys = ("audio_mask", "video_mask") + (("video_source",) if "video" in batch else ())
         if all(k in batch for k in keys):
+            keys += tuple(k for k in ("keep_audio", "keep_video") if k in batch)
             made = {k: batch[k].to(lengths.device, non_blocking=True) for k in keys}
         else:
             made = self.masks.make(batch)
@@ -197,7 +207,8 @@ class AVHubert(Objective):
         if "video" in batch:
             video = substitute_frames(batch["video"], masks["video_source"])
             v, v_lens = enc.video_features(video, batch["video_lens"])
-        x, lengths = enc.fuse(a, a_lens, v, v_lens)
+        keep = (masks["keep_audio"], masks["keep_video"]) if self.training and "keep_audio" in masks else None
+        x, lengths = enc.fuse(a, a_lens, v, v_lens, keep)
         valid = ~lengths_to_padding_mask(lengths, x.shape[1])
         present = [masks[f"{m}_mask"] for m in ("audio", "video") if m in batch]
         pred_mask = (present[0] | present[-1]) & valid  # union of the masks of the streams present
@@ -247,7 +258,8 @@ def av_hubert(
     enc = presets[size](**(encoder or {}))
     if enc.frame_spec is None:
         raise ConfigError("av_hubert needs an encoder with an audio stream")
-    masks = AVMasks(enc.frame_spec, audio_mask_prob, audio_mask_span, video_mask_prob, video_mask_span, min_masks, seed)
+    masks = AVMasks(enc.frame_spec, audio_mask_prob, audio_mask_span, video_mask_prob, video_mask_span, min_masks,
+                    seed, enc.fusion.modality_dropout, enc.fusion.audio_dropout)
     noise = AddNoise(NoiseBank(noise_dir), noise_prob, (snr_low, snr_high)) if noise_dir else None
     dim = final_dim if final_dim is not None else FINAL_DIM.get(size, 256)
     return AVHubert(enc, masks, num_classes, dim, label_rate, temperature, unmasked_weight, noise)

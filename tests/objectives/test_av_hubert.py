@@ -199,3 +199,29 @@ def test_recipe_builds_and_trains_a_step():
     batch["targets"] = batch["targets"].repeat_interleave(4, dim=1)  # 100 Hz labels, as the recipe says
     out = obj(obj.batch_hook()(batch))
     assert torch.isfinite(out["loss"]) and out["masked_accuracy"] <= 1
+
+
+def test_modality_dropout_is_drawn_in_the_hook_per_batch_position(monkeypatch):
+    obj = _objective().train()
+    hook = obj.batch_hook()
+    draws = []
+    for seed in range(400):  # one global seed per batch position (and per rank), as the loader does
+        torch.manual_seed(seed)
+        out = hook(_batch())
+        draws.append(torch.stack([out["keep_audio"], out["keep_video"]], 1))
+    keep = torch.cat(draws).float()  # (N, 2)
+    both = (keep.sum(1) == 2).float().mean()
+    audio_only = ((keep[:, 0] == 1) & (keep[:, 1] == 0)).float().mean()
+    video_only = ((keep[:, 0] == 0) & (keep[:, 1] == 1)).float().mean()
+    assert abs(both - 0.5) < 0.06 and abs(audio_only - 0.25) < 0.06 and abs(video_only - 0.25) < 0.06
+    assert (keep.sum(1) > 0).all()  # never both streams dropped
+    # in training, forward uses the hook's draws instead of drawing its own
+    torch.manual_seed(1)
+    batch = hook(_batch())
+    batch["targets"] = torch.randint(0, 8, batch["audio_mask"].shape)
+    monkeypatch.setattr(obj.encoder.fusion, "sample_keep", lambda *a, **k: pytest.fail("drawn in forward"))
+    fused = {}
+    real_fuse = obj.encoder.fusion.forward
+    monkeypatch.setattr(obj.encoder.fusion, "forward", lambda *a: fused.setdefault("keep", a[-1]) and real_fuse(*a))
+    obj(batch)
+    assert torch.equal(fused["keep"][0], batch["keep_audio"]) and torch.equal(fused["keep"][1], batch["keep_video"])
