@@ -282,6 +282,7 @@ class Trainer:
         values["epoch"] = float(self.stream.epoch)
         bad = float(self.nonfinite)
         values["nonfinite_steps"] = bad
+        values["bad_records"] = float(all_reduce_sum(torch.tensor(float(self.stream.skipped), device=self.device), self.env))
         if self.device.type == "cuda":
             values["gpu_mem_gb"] = torch.cuda.memory_allocated(self.device) / 2**30
             values["gpu_max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30

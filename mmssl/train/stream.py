@@ -62,7 +62,8 @@ class _SeededBatches:
 
 class SeededCollate:
     """Picklable collate for the workers: collate the items, then run the batch hook, both under
-    the batch's seed (the caller's generator state is restored afterwards)."""
+    the batch's seed (the caller's generator state is restored afterwards). The batch's
+    ``skipped`` is how many of its records the dataset skipped as bad (``None`` items)."""
 
     def __init__(self, collate: Collate, hook: Callable[[dict], dict] | None = None) -> None:
         self.collate, self.hook = collate, hook
@@ -70,13 +71,15 @@ class SeededCollate:
     def __call__(self, keyed: list[tuple[Any, int]]) -> Any:
         seed = keyed[0][1]
         items = [item for item, _ in keyed]
+        skipped = sum(item is None for item in items)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             batch = self.collate(items)
             if _is_empty(batch):
-                return None
+                return {"ids": [], "skipped": skipped}
             if self.hook is not None:
                 batch = self.hook(batch)
+        batch["skipped"] = skipped
         return batch
 
 
@@ -89,7 +92,8 @@ class BatchStream:
     """Batches forever: epoch after epoch of ``batch_sampler`` over ``dataset``.
 
     ``collate(items) -> batch``; a batch with no usable record (``None`` or empty ``ids``, when
-    every record of it was bad) is skipped, its position still counted.
+    every record of it was bad) is skipped, its position still counted. ``skipped`` counts the
+    bad records met so far (kept in the state, so a resumed run goes on counting).
     """
 
     def __init__(
@@ -107,13 +111,14 @@ class BatchStream:
         self.dataset, self.batch_sampler = dataset, batch_sampler
         self.collate_fn = SeededCollate(collate, hook)
         self.num_workers, self.seed, self.rank, self.pin_memory = num_workers, seed, rank, pin_memory
-        self.epoch, self.offset = 0, 0
+        self.epoch, self.offset, self.skipped = 0, 0, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
+        return {"epoch": self.epoch, "offset": self.offset, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self.skipped = int(state.get("skipped", 0))
 
     def _loader(self) -> DataLoader:
         self.batch_sampler.set_epoch(self.epoch)
@@ -134,7 +139,9 @@ class BatchStream:
         """The rest of the current epoch from the current position (evaluation uses this)."""
         for batch in self._loader():
             self.offset += 1
-            if batch is not None:
+            if isinstance(batch, dict):
+                self.skipped += int(batch.pop("skipped", 0))
+            if not _is_empty(batch):
                 yield batch
 
     def __iter__(self) -> Iterator[dict]:

@@ -118,3 +118,14 @@ def test_objective_classes_must_match_the_labels_kmeans(tmp_path, capsys):
     more = _cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=600", "objective.label_rate=50")
     assert isinstance(build_objective(more, DistEnv(), LOCAL), ToyObjective)
     assert "only k=500" in capsys.readouterr().out
+
+
+def test_bad_records_are_skipped_and_their_count_logged(tmp_path):
+    manifest = _write_corpus(tmp_path, n=12)
+    lines = manifest.read_text().splitlines()
+    lines[3] = json.dumps({"id": "gone", "audio": "gone.wav", "audio_samples": 12000})
+    manifest.write_text("\n".join(lines) + "\n")
+    run = pretrain(_cfg(tmp_path, manifest, "train.max_steps=6", "data.max_bad_fraction=0.5"), registry=LOCAL)
+    rows = read_metrics(run)
+    assert rows[-1]["bad_records"] >= 1  # the missing file was met, skipped and counted
+    assert all(r["bad_records"] <= 1 or r["epoch"] >= 1 for r in rows)

@@ -62,6 +62,11 @@ def test_batches_whose_records_all_failed_are_skipped_but_counted():
     batches = list(stream.one_epoch())
     assert [b["ids"] for b in batches] == [["good"]]
     assert stream.offset == 10  # the nine empty batches still moved the position
+    assert stream.skipped == 39 and "skipped" not in batches[0]  # every bad record counted
+    assert stream.state_dict()["skipped"] == 39
+    resumed = BatchStream(data, sampler, collate, hook=_DrawHook())
+    resumed.load_state_dict(stream.state_dict())
+    assert resumed.skipped == 39
 
 
 def test_an_epoch_without_any_usable_batch_is_an_error():
