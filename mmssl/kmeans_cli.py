@@ -1,17 +1,20 @@
 """``mmssl kmeans``: cluster frame features into HuBERT targets.
 
     mmssl kmeans --manifest M [M2 ...] (--features mfcc | --checkpoint C --layer L) --k K --out DIR
-                 [--fit-fraction F] [--device auto|cpu|cuda] [--seed S]
+                 [--fit-fraction F] [--batch-size N] [--device auto|cpu|cuda] [--seed S]
 
 writes ``DIR/<manifest stem>.km`` for every manifest (one line of space-separated cluster ids
 per record, in manifest order, at the feature's frame rate; fitted on the first manifest, so
 ``--manifest train.jsonl valid.jsonl`` labels both with the same clusters) and
 ``DIR/kmeans.pt`` (centroids, k, feature description, label rate). As HuBERT (sec. IV-B), k-means is fitted on the frames of a random
 subset of the records (``--fit-fraction``, 10% by default, grown until there are at least
-10 frames per cluster) and then every frame is assigned. Features are computed on the fly and
+``MIN_FRAMES_PER_CLUSTER`` = 50 frames per cluster or the manifest runs out, so a small
+corpus still gives every centroid enough frames) and then every frame is assigned. Features are computed on the fly and
 kept in memory only for the fitting subset; nothing is dumped to disk. When the records carry
 phone alignments (the built-in corpus's ``align`` key), phone purity, cluster purity and PNMI
-are printed and written to ``DIR/quality.json``.
+are printed and written to ``DIR/quality.json``. ``--batch-size N`` fits with mini-batch
+k-means (HuBERT's ``learn_kmeans.py`` uses scikit-learn's ``MiniBatchKMeans`` with 10000)
+instead of full Lloyd iterations; ``--max-iter`` then counts passes over the fitting frames.
 
 Features: ``mfcc`` (39 MFCC + deltas at 100 Hz, HuBERT's first iteration) or layer ``L`` of
 the encoder of a trained run (``--checkpoint``: a run folder, a checkpoint folder or a
@@ -40,6 +43,9 @@ from mmssl.nn.kmeans import KMeans
 
 FeatureFn = Callable[[dict], Tensor]  # manifest record -> features (T, D) on the device
 MFCC_RATE = 100.0
+# the fitting subset grows past --fit-fraction until it holds this many frames per cluster:
+# at 10 per cluster a 500-cluster fit on a small corpus left centroids on a handful of frames
+MIN_FRAMES_PER_CLUSTER = 50
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-fraction", type=float, default=0.1, help="fraction of records to fit on (default 0.1)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-iter", type=int, default=100, help="Lloyd iterations at most")
+    parser.add_argument("--max-iter", type=int, default=100, help="Lloyd iterations at most (passes over the frames with --batch-size)")
     parser.add_argument("--n-init", type=int, default=1, help="k-means++ restarts, the best kept")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="mini-batch k-means with this many frames per step (default: full Lloyd)")
 
 
 def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[FeatureFn, float]:
@@ -111,15 +119,18 @@ def fit_subset(num_records: int, fraction: float, seed: int) -> tuple[list[int],
 
 def fit_kmeans(
     records: list[dict], feature_fn: FeatureFn, k: int, fraction: float, seed: int, max_iter: int, n_init: int,
+    min_frames_per_cluster: int = MIN_FRAMES_PER_CLUSTER, batch_size: int | None = None,
 ) -> tuple[KMeans, dict[int, Tensor]]:
-    """Fit on a random subset of records (grown to >= 10 frames per cluster); returns the
-    model and the features computed on the way (record index -> ``(T, D)``), reused later."""
+    """Fit on a random subset of records: ``fraction`` of them, grown until it holds at least
+    ``min_frames_per_cluster * k`` frames or every record is taken; ``batch_size`` fits with
+    mini-batch k-means. Returns the model and the features computed on the way (record index
+    -> ``(T, D)``), reused later."""
     order, wanted = fit_subset(len(records), fraction, seed)
     cache: dict[int, Tensor] = {}
     frames = 0
     bar = tqdm(order, desc="kmeans: features to fit", unit="utt")
     for taken, index in enumerate(bar):
-        if taken >= wanted and frames >= 10 * k:
+        if taken >= wanted and frames >= min_frames_per_cluster * k:
             break
         feats = feature_fn(records[index])
         cache[index] = feats
@@ -128,8 +139,9 @@ def fit_kmeans(
     if frames < k:
         raise DataError(f"only {frames} frames in the whole manifest for k={k} clusters")
     x = torch.cat([cache[i] for i in sorted(cache)])
-    km = KMeans(k, max_iter=max_iter, n_init=n_init, seed=seed)
-    with tqdm(total=max_iter, desc="kmeans: Lloyd", unit="it") as bar:
+    km = KMeans(k, max_iter=max_iter, n_init=n_init, seed=seed, batch_size=batch_size)
+    desc = "kmeans: Lloyd" if batch_size is None else "kmeans: mini-batch passes"
+    with tqdm(total=max_iter * n_init, desc=desc, unit="it") as bar:
         def progress(it: int, inertia: float) -> None:
             bar.update(1)
             bar.set_postfix(inertia=f"{inertia:.4g}")
@@ -143,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 2:
         raise ConfigError(f"--k must be >= 2; got {args.k}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.checkpoint is not None and args.layer is None:
         raise ConfigError("--checkpoint needs --layer L")
     device = pick_device(args.device)
@@ -162,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         described = "mfcc"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    km, cache = fit_kmeans(all_records[0], feature_fn, args.k, args.fit_fraction, args.seed, args.max_iter, args.n_init)
+    km, cache = fit_kmeans(all_records[0], feature_fn, args.k, args.fit_fraction, args.seed, args.max_iter,
+                           args.n_init, batch_size=args.batch_size)
     qualities = {}
     for i, (manifest, records) in enumerate(zip(manifests, all_records)):
         scores = assign(manifest, records, feature_fn, km, rate, cache if i == 0 else {}, out)

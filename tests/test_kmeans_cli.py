@@ -169,3 +169,39 @@ def test_audio_visual_checkpoint_gives_25hz_labels(tmp_path):
         feats, lengths = av_features(encoder, batch, 1)
         assert len(line) == int(lengths[0]) == video.shape[0]  # one label per 25 fps frame
         assert line == nearest(feats[0, : int(lengths[0])], state["centroids"])[0].tolist()
+
+
+def test_fit_subset_grows_to_50_frames_per_cluster_capped_by_the_manifest():
+    from mmssl.kmeans_cli import MIN_FRAMES_PER_CLUSTER, fit_kmeans
+
+    assert MIN_FRAMES_PER_CLUSTER == 50
+    g = torch.Generator().manual_seed(0)
+    records = [{"id": i, "x": torch.randn(10, 2, generator=g)} for i in range(100)]  # 10 frames each
+    read = []
+
+    def feature_fn(record):
+        read.append(record["id"])
+        return record["x"]
+
+    # 10% would be 10 records = 100 frames; k=4 needs 200 frames: 20 records
+    km, cache = fit_kmeans(records, feature_fn, 4, 0.1, 0, 5, 1)
+    assert len(cache) == len(read) == 20 and km.centroids.shape == (4, 2)
+    # a larger fraction is kept as asked
+    _, cache = fit_kmeans(records, lambda r: r["x"], 4, 0.5, 0, 5, 1)
+    assert len(cache) == 50
+    # a manifest too small for 50 frames per cluster: every record is taken, the fit still runs
+    _, cache = fit_kmeans(records[:15], lambda r: r["x"], 4, 0.1, 0, 5, 1)
+    assert len(cache) == 15
+
+
+def test_batch_size_fits_with_minibatch_kmeans(tmp_path):
+    manifest = _corpus(tmp_path)
+    out = tmp_path / "km"
+    code = main(["kmeans", "--manifest", str(manifest), "--features", "mfcc", "--k", "3", "--out", str(out),
+                 "--fit-fraction", "1.0", "--device", "cpu", "--batch-size", "64", "--max-iter", "10"])
+    assert code == 0
+    state = torch.load(out / "kmeans.pt", weights_only=True)
+    assert state["centroids"].shape == (3, 39)
+    assert json.loads((out / "quality.json").read_text())["phone_purity"] > 0.9
+    assert main(["kmeans", "--manifest", str(manifest), "--features", "mfcc", "--k", "3", "--out", str(out),
+                 "--batch-size", "0", "--device", "cpu"]) == 2

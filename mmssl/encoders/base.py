@@ -15,12 +15,16 @@ from torch import Tensor, nn
 class EncoderOutput:
     """``hidden (B, T, C)``: the last layer; ``lengths (B,)``: valid frames; ``layers``: the
     output ``(B, T, C)`` of every transformer layer in order (``layers[-1]`` is ``hidden``
-    before any final norm, as torchaudio's ``extract_features``); ``frame_rate`` in Hz."""
+    before any final norm, as torchaudio's ``extract_features``); ``frame_rate`` in Hz;
+    ``ffn``: each transformer layer's feed-forward output ``(B, T, C)`` before its last
+    residual connection, filled only when asked (``TransformerEncoder.forward(..., keep_ffn=True)``,
+    data2vec's targets), else empty."""
 
     hidden: Tensor
     lengths: Tensor
     layers: list[Tensor] = field(default_factory=list)
     frame_rate: float = 50.0
+    ffn: list[Tensor] = field(default_factory=list)
 
 
 @dataclass

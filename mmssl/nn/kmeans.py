@@ -6,6 +6,12 @@ centroid sums are computed over chunks of rows, so memory stays ``chunk x k`` wh
 number of points. HuBERT (Hsu et al., 2021, sec. IV-B) fits on a random subset of frames and
 then assigns every frame; ``fit`` and ``predict`` are split for that.
 
+``batch_size`` switches Lloyd for mini-batch k-means (Sculley, 2010), what HuBERT's
+``simple_kmeans/learn_kmeans.py`` runs (scikit-learn ``MiniBatchKMeans``, ``batch_size=10000``,
+``reassignment_ratio=0``): each step assigns a random batch and moves every centroid towards
+its batch mean with a per-centroid rate of one over the points it has seen so far. k-means++
+seeds on a random subset of ``3 * batch_size`` points (scikit-learn's ``init_size``).
+
 Shape legend: N points, D dimensions, K clusters.
 """
 
@@ -82,6 +88,8 @@ class KMeans:
 
     ``tol`` stops Lloyd when the centroids move less than ``tol`` times the mean per-dimension
     variance of the data (scikit-learn's criterion); ``n_init`` restarts keep the lowest inertia.
+    ``batch_size`` (None: full Lloyd) runs mini-batch k-means; ``max_iter`` then counts passes
+    over the data (``ceil(N / batch_size)`` steps each) and ``tol`` applies to a pass's shift.
     """
 
     def __init__(
@@ -92,11 +100,14 @@ class KMeans:
         n_init: int = 1,
         seed: int = 0,
         chunk: int = 32768,
+        batch_size: int | None = None,
     ) -> None:
         if k < 1 or max_iter < 1 or n_init < 1:
             raise ConfigError(f"k-means needs k, max_iter and n_init >= 1; got {k}, {max_iter}, {n_init}")
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"k-means batch_size must be >= 1 (or None for full Lloyd); got {batch_size}")
         self.k, self.max_iter, self.tol, self.n_init = k, max_iter, tol, n_init
-        self.seed, self.chunk = seed, chunk
+        self.seed, self.chunk, self.batch_size = seed, chunk, batch_size
         self.centroids: Tensor | None = None
         self.inertia: float = math.inf
         self.n_iter: int = 0
@@ -109,7 +120,11 @@ class KMeans:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         threshold = self.tol * x.var(0).mean().item()
         for _ in range(self.n_init):
-            centroids, inertia, n_iter = self._lloyd(x, kmeans_plus_plus(x, self.k, generator, self.chunk), threshold, progress)
+            if self.batch_size is None:
+                init = kmeans_plus_plus(x, self.k, generator, self.chunk)
+                centroids, inertia, n_iter = self._lloyd(x, init, threshold, progress)
+            else:
+                centroids, inertia, n_iter = self._minibatch(x, generator, threshold, progress)
             if inertia < self.inertia:
                 self.centroids, self.inertia, self.n_iter = centroids, inertia, n_iter
         return self
@@ -133,6 +148,36 @@ class KMeans:
             if shift <= threshold:
                 break
         labels, dists = nearest(x, centroids, self.chunk)
+        return centroids, dists.sum().item(), it
+
+    def _minibatch(
+        self, x: Tensor, generator: torch.Generator, threshold: float, progress
+    ) -> tuple[Tensor, float, int]:
+        """Mini-batch k-means (Sculley, 2010): batches drawn with replacement, per-centroid
+        step ``1 / count``; no reassignment of empty clusters (HuBERT's ``reassignment_ratio=0``)."""
+        n, batch = x.shape[0], min(self.batch_size, x.shape[0])
+        init_size = min(n, max(3 * batch, 3 * self.k))  # scikit-learn ``init_size``
+        subset = torch.randperm(n, generator=generator, device=x.device)[:init_size]
+        centroids = kmeans_plus_plus(x[subset], self.k, generator, self.chunk)
+        counts = torch.zeros(self.k, dtype=x.dtype, device=x.device)
+        steps = math.ceil(n / batch)
+        it = 0
+        for it in range(1, self.max_iter + 1):
+            start, seen = centroids.clone(), 0.0
+            for _ in range(steps):
+                part = x[torch.randint(n, (batch,), generator=generator, device=x.device)]  # (batch, D)
+                labels, dists = nearest(part, centroids, self.chunk)
+                sums = torch.zeros_like(centroids).index_add_(0, labels, part)
+                got = torch.bincount(labels, minlength=self.k).to(x.dtype)
+                counts += got
+                # c <- c + (sum_b - n_b c) / count: the running mean of every point it has seen
+                centroids = centroids + (sums - got.unsqueeze(1) * centroids) / counts.clamp(min=1).unsqueeze(1)
+                seen += dists.sum().item()
+            if progress is not None:
+                progress(it, seen * n / (steps * batch))  # the pass's batch inertia, scaled to N
+            if (centroids - start).pow(2).sum().item() <= threshold:
+                break
+        _, dists = nearest(x, centroids, self.chunk)
         return centroids, dists.sum().item(), it
 
     def predict(self, x: Tensor) -> Tensor:

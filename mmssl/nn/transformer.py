@@ -211,6 +211,10 @@ class TransformerLayer(nn.Module):
 
     Post-LN (wav2vec 2.0 base): ``x = LN(x + att(x)); x = LN(x + ff(x))``.
     Pre-LN (large models, ``layer_norm_first``): ``x = x + att(LN(x)); x = x + ff(LN(x))``.
+
+    ``ffn_out``, when given, receives ``ff(...)``: the feed-forward output before the last
+    residual connection (fairseq's ``layer_result``, data2vec's targets). Nothing is kept
+    when it is None.
     """
 
     def __init__(
@@ -222,12 +226,22 @@ class TransformerLayer(nn.Module):
         self.ff_norm = nn.LayerNorm(attention.dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, padding_mask: Tensor, position_bias: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor,
+        position_bias: Tensor | None = None,
+        ffn_out: list[Tensor] | None = None,
+    ) -> Tensor:
         if self.pre_norm:
             x = x + self.dropout(self.attention(self.attention_norm(x), padding_mask, position_bias))
-            return x + self.feed_forward(self.ff_norm(x))
-        x = self.attention_norm(x + self.dropout(self.attention(x, padding_mask, position_bias)))
-        return self.ff_norm(x + self.feed_forward(x))
+            ff = self.feed_forward(self.ff_norm(x))
+        else:
+            x = self.attention_norm(x + self.dropout(self.attention(x, padding_mask, position_bias)))
+            ff = self.feed_forward(x)
+        if ffn_out is not None:
+            ffn_out.append(ff)
+        return x + ff if self.pre_norm else self.ff_norm(x + ff)
 
 
 class TransformerEncoder(nn.Module):
@@ -239,6 +253,10 @@ class TransformerEncoder(nn.Module):
     final norm, as torchaudio's ``Wav2Vec2Model.extract_features``; ``hidden`` is the
     normalised output. Layer drop (LayerDrop, Fan et al. 2020) skips whole layers in training;
     a skipped layer repeats its input in ``layers`` so indices stay meaningful.
+
+    ``forward(..., keep_ffn=True)`` also fills ``EncoderOutput.ffn`` with each layer's
+    feed-forward output before its last residual connection (data2vec's targets; zeros for a
+    skipped layer, which adds nothing); by default it stays empty and costs nothing.
     """
 
     def __init__(
@@ -282,12 +300,18 @@ class TransformerEncoder(nn.Module):
         return (torch.rand(len(self.layers), generator=generator) < self.layer_drop).tolist()
 
     def forward(
-        self, x: Tensor, lengths: Tensor, frame_rate: float = 50.0, num_layers: int | None = None
+        self,
+        x: Tensor,
+        lengths: Tensor,
+        frame_rate: float = 50.0,
+        num_layers: int | None = None,
+        keep_ffn: bool = False,
     ) -> EncoderOutput:
         """``x (B, T, C)``, ``lengths (B,)`` -> ``EncoderOutput`` (``frame_rate`` is passed through).
 
         ``num_layers`` stops after that many layers (feature extraction from an inner layer);
         ``hidden`` is then the last computed layer's output, without the final norm.
+        ``keep_ffn`` fills ``EncoderOutput.ffn`` (one ``(B, T, C)`` per computed layer).
         """
         # imported here: the mmssl.encoders package imports this module
         from mmssl.encoders.base import EncoderOutput
@@ -305,13 +329,16 @@ class TransformerEncoder(nn.Module):
             x = self.norm(x)
         x = self.dropout(x)
         bias = self.position_bias(x.shape[1]) if self.position_bias is not None else None
-        outputs = []
+        outputs: list[Tensor] = []
+        ffn: list[Tensor] | None = [] if keep_ffn else None
         for layer, skip in zip(self.layers[:depth], self._skipped()):
             if not skip:
-                x = layer(x, padding_mask, bias)
+                x = layer(x, padding_mask, bias, ffn)
+            elif ffn is not None:
+                ffn.append(torch.zeros_like(x))
             outputs.append(x)
         hidden = self.norm(x) if (self.pre_norm and depth == len(self.layers)) else x
-        return EncoderOutput(hidden=hidden, lengths=lengths, layers=outputs, frame_rate=frame_rate)
+        return EncoderOutput(hidden=hidden, lengths=lengths, layers=outputs, frame_rate=frame_rate, ffn=ffn or [])
 
 
 def build_transformer(

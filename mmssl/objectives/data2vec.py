@@ -1,21 +1,24 @@
 """data2vec for speech (Baevski et al., 2022): regress a teacher's layer average at masked frames.
 
 The student sees masked features (mask_prob 0.65, span 10, as wav2vec 2.0); the teacher, an
-exponential moving average of the student's encoder, sees the same features unmasked. The
-target of each frame is the average of the teacher's top K = 8 layer outputs, each
-instance-normalised over time (per utterance and channel, valid frames only), and the student
-regresses it at masked frames through a linear head (sec. 3.3-3.4).
+exponential moving average of the student's transformer, sees the same features unmasked. The
+target of each frame is the average of the teacher's top K = 8 blocks' feed-forward outputs,
+each instance-normalised over time (per utterance and channel, valid frames only), and the
+student regresses it at masked frames through a linear head (sec. 3.3-3.4).
 
-Targets: data2vec audio averages the FFN outputs before the last residual connection. The
-mmssl encoders expose every transformer layer's *output* (``EncoderOutput.layers``), so these
-are what get instance-normalised and averaged here; the instance norm removes most of the
-difference in scale that the residual stream carries.
+Targets: as data2vec audio (fairseq ``layer_results``' ``layer_result``, with
+``instance_norm_target_layer=True``), each block's output is taken from its feed-forward
+network before the last residual connection (and before the post-LN norm), not from the
+residual stream: the teacher runs with ``keep_ffn=True`` and reads ``EncoderOutput.ffn``.
+Unlike fairseq's ``F.instance_norm``, the statistics leave padding out.
 
 EMA: decay annealed linearly from 0.999 to 0.9999 over ``ema_anneal_steps`` updates, then held
-(sec. 4.1 audio: tau_0 = 0.999, tau_e = 0.9999, n_tau = 30k). The teacher is a deep copy of the
-encoder with ``requires_grad`` off, so it is checkpointed and moved with the model but never
-optimised; only the parts used by ``contextualize`` matter (it reads the student's features,
-as data2vec's ``ema_transformer_only``). The teacher always runs in eval mode (no dropout).
+(sec. 4.1 audio: tau_0 = 0.999, tau_e = 0.9999, n_tau = 30k). As data2vec's
+``ema_transformer_only``, the teacher is a copy of the student's *transformer* alone (the
+encoder's ``transformer``, what ``contextualize`` runs) and reads the student's unmasked
+projected features: the frontend, projection and mask embedding have no teacher copy and no
+EMA. It has ``requires_grad`` off, so it is checkpointed and moved with the model but never
+optimised, and always runs in eval mode (no dropout).
 
 Loss: squared error summed over the channels and scaled by 1 / sqrt(D) (``loss_beta=0``), or a
 smooth L1 with ``beta``; averaged over masked frames.
@@ -37,6 +40,7 @@ from mmssl.encoders.base import SpeechEncoder
 from mmssl.errors import ConfigError
 from mmssl.nn.masking import SpanMasker
 from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.transformer import TransformerEncoder
 from mmssl.objectives.base import BatchHook, Objective
 from mmssl.objectives.wav2vec2 import build_encoder, prediction_mask
 from mmssl.registry import OBJECTIVES
@@ -53,8 +57,9 @@ def instance_norm(x: Tensor, lengths: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def layer_average_targets(layers: list[Tensor], lengths: Tensor, top_k: int) -> Tensor:
-    """Average of the instance-normalised top ``top_k`` of ``layers`` (each ``(B, T, C)``);
-    an encoder with fewer layers (the tiny presets) averages all of them."""
+    """Average of the instance-normalised top ``top_k`` of ``layers`` (each ``(B, T, C)``; the
+    teacher's feed-forward outputs); an encoder with fewer layers (the tiny presets) averages
+    all of them."""
     if top_k < 1:
         raise ConfigError(f"data2vec: top_k must be >= 1, got {top_k}")
     picked = [instance_norm(layer.float(), lengths) for layer in layers[-top_k:]]
@@ -99,7 +104,11 @@ class Data2VecObjective(Objective):
     ) -> None:
         super().__init__()
         self.encoder, self.masker = encoder, masker
-        self.teacher = copy.deepcopy(encoder).requires_grad_(False)
+        student = getattr(encoder, "transformer", None)
+        if not isinstance(student, TransformerEncoder):
+            raise ConfigError(f"data2vec: the encoder {type(encoder).__name__} has no transformer to copy as teacher")
+        # data2vec ``ema_transformer_only``: the teacher is the transformer alone
+        self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
         self.head = nn.Linear(encoder.dim, encoder.dim)  # data2vec ``final_proj``
         self.top_k, self.loss_beta = top_k, loss_beta
         self.ema_start, self.ema_end, self.ema_anneal_steps = ema_start, ema_end, ema_anneal_steps
@@ -115,23 +124,28 @@ class Data2VecObjective(Objective):
 
     @torch.no_grad()
     def on_step(self, step: int) -> None:
-        """Move the teacher towards the student with the decay of ``step`` (``step`` 0 is the
-        first update). Buffers are copied."""
+        """Move the teacher towards the student's transformer with the decay of ``step``
+        (``step`` 0 is the first update). Buffers are copied."""
         self.ema_decay = ema_decay_at(step, self.ema_start, self.ema_end, self.ema_anneal_steps)
         teacher = list(self.teacher.parameters())
-        student = [p.detach() for p in self.encoder.parameters()]
+        student = [p.detach() for p in self.encoder.transformer.parameters()]
         torch._foreach_lerp_(teacher, student, 1.0 - self.ema_decay)
-        for t_buf, s_buf in zip(self.teacher.buffers(), self.encoder.buffers()):
+        for t_buf, s_buf in zip(self.teacher.buffers(), self.encoder.transformer.buffers()):
             t_buf.copy_(s_buf)
+
+    @torch.no_grad()
+    def targets(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """The teacher's targets ``(B, T, C)`` for the unmasked projected features ``x (B, T, C)``:
+        the instance-normalised mean of its top ``top_k`` feed-forward outputs."""
+        out = self.teacher(x.detach(), lengths, frame_rate=self.encoder.frame_rate, keep_ffn=True)
+        return layer_average_targets(out.ffn, lengths, self.top_k)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         feats = self.encoder.extract(batch["audio"], batch["audio_lens"])
         t = feats.x.shape[1]
         lengths = feats.lengths
         pred_mask = prediction_mask(batch, self.masker, lengths, t)
-        with torch.no_grad():
-            teacher_out = self.teacher.contextualize(feats.x.detach(), lengths)
-            targets = layer_average_targets(teacher_out.layers, lengths, self.top_k)  # (B, T, C)
+        targets = self.targets(feats.x, lengths)  # (B, T, C)
         hidden = self.encoder.contextualize(self.encoder.mask(feats.x, pred_mask), lengths).hidden
         pred = self.head(hidden)
         loss = regression_loss(pred, targets, pred_mask, self.loss_beta)

@@ -5,8 +5,11 @@ the data workers) and the transformer predicts, at each masked frame, which of 1
 quantized latents is the true one: the positive and K = 100 distractors drawn uniformly from
 the *other* masked frames of the same utterance (sec. 3.2). Similarities are cosine over a
 temperature of 0.1. The quantizer is a Gumbel product quantizer (G = 2, V = 320); the
-diversity penalty pushes its batch-averaged code distribution to uniform (weight 0.1, eq. 4)
-and an L2 penalty keeps the frontend outputs small (weight 10, fairseq ``feature_pen``).
+diversity penalty pushes its batch-averaged code distribution to uniform (weight 0.1, eq. 4).
+fairseq quantizes only the masked frames (``unmasked_features[mask_indices]``), so that
+average, and the reported perplexities, run over masked frames only: here every frame is
+quantized (no data-dependent shapes) and the average is weighted by ``pred_mask``. An L2 penalty keeps the frontend outputs small (weight 10,
+fairseq ``feature_pen``).
 
 The step never syncs with the host: negatives are sampled with torch ops on the device, and
 the contrastive loss is computed for every frame and weighted by the mask instead of picking
@@ -167,8 +170,10 @@ class Wav2Vec2Objective(Objective):
         valid = ~lengths_to_padding_mask(lengths, t)  # (B, T)
         pred_mask = prediction_mask(batch, self.masker, lengths, t)
 
-        # the targets: quantized latents of the unmasked features (B, T, final_dim)
-        quant = self.quantizer(self.quantizer_norm(feats.raw), weight=valid)
+        # the targets: quantized latents of the unmasked features (B, T, final_dim); the code
+        # distribution (perplexity, diversity loss) is averaged over masked frames only, as in
+        # fairseq, which quantizes ``unmasked_features[mask_indices]``
+        quant = self.quantizer(self.quantizer_norm(feats.raw), weight=pred_mask)
         targets = self.project_q(quant.quantized)
         # the predictions: context vectors of the masked input (B, T, final_dim)
         hidden = self.encoder.contextualize(self.encoder.mask(feats.x, pred_mask), lengths).hidden

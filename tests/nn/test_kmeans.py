@@ -69,3 +69,18 @@ def test_runs_on_the_gpu():
     assert km.centroids.is_cuda
     cpu = KMeans(12, n_init=2).fit(x.cpu())
     assert km.inertia <= cpu.inertia * 1.01
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_minibatch_inertia_within_a_few_percent_of_full_lloyd(seed):
+    # restarts on both sides: a single seeding can land either in a worse local minimum
+    x = _blobs(n=4000, seed=seed)
+    full = KMeans(12, n_init=3, seed=seed).fit(x)
+    mini = KMeans(12, n_init=3, seed=seed, batch_size=256, max_iter=20).fit(x)
+    assert mini.centroids.shape == (12, 8)
+    assert mini.inertia <= full.inertia * 1.03
+    labels, dists = nearest(x, mini.centroids)
+    assert abs(dists.sum().item() - mini.inertia) < 1e-3 * mini.inertia
+    assert torch.equal(mini.predict(x), labels)
+    with pytest.raises(ConfigError, match="batch_size"):
+        KMeans(4, batch_size=0)

@@ -76,3 +76,19 @@ def test_span_masker_adds_mask_sized_by_frame_spec_and_pickles():
     assert torch.equal(again, fresh) and torch.equal(fresh, out["pred_mask"])
     torch.manual_seed(1)
     assert not torch.equal(SpanMasker(spec, 0.65, 10, seed=8)(dict(batch))["pred_mask"], fresh)  # seed salts it
+
+
+def test_default_span_masker_fraction_and_same_count():
+    # the default path (SpanMasker -> compute_span_mask(same_count=True)): one 500-frame
+    # utterance alone keeps its ~49% (1 - (1 - 0.065)^10); equal lengths get equal counts
+    spec = FrameSpec((400,), (320,))
+    samples = 499 * 320 + 400  # 500 frames
+    masker = SpanMasker(spec, 0.65, 10)
+    torch.manual_seed(0)
+    single = {"audio": torch.zeros(1, samples), "audio_lens": torch.tensor([samples])}
+    fractions = [masker(dict(single))["pred_mask"].float().mean().item() for _ in range(200)]
+    assert abs(sum(fractions) / len(fractions) - (1 - (1 - 0.065) ** 10)) < 0.02
+    batch = {"audio": torch.zeros(6, samples), "audio_lens": torch.full((6,), samples)}
+    for _ in range(5):
+        counts = masker(dict(batch))["pred_mask"].sum(1)
+        assert (counts == counts[0]).all() and counts[0] > 0.3 * 500

@@ -175,3 +175,20 @@ def test_layer_drop_depends_on_the_step_seed_and_call_count_only():
     assert decisions(ranks[0], 6, 0) != rank0  # another step differs
     rate = sum(sum(d) for s in range(40) for d in decisions(enc, s, 0)) / (40 * 3 * 12)
     assert 0.4 < rate < 0.6
+
+
+def test_keep_ffn_gives_each_layers_ffn_output_and_nothing_by_default():
+    torch.manual_seed(0)
+    enc = build_transformer(16, 2, 2, 32, dropout=0.0, attention_dropout=0.0, pos_conv_kernel=4, pos_conv_groups=2).eval()
+    x, lengths = torch.randn(2, 7, 16), torch.tensor([7, 4])
+    plain = enc(x, lengths)
+    kept = enc(x, lengths, keep_ffn=True)
+    assert plain.ffn == [] and len(kept.ffn) == 2
+    assert torch.equal(plain.hidden, kept.hidden)
+    assert all(f.shape == (2, 7, 16) for f in kept.ffn)
+    # post-LN: the last layer's output is ff_norm(h + ffn), h its attention block's output
+    last = enc.layers[1]
+    pad = torch.arange(7)[None] >= lengths[:, None]
+    h = last.attention_norm(kept.layers[0] + last.attention(kept.layers[0], pad))
+    assert torch.allclose(kept.ffn[1], last.feed_forward(h), atol=1e-6)
+    assert torch.allclose(last.ff_norm(h + kept.ffn[1]), kept.layers[1], atol=1e-6)

@@ -65,7 +65,7 @@ def test_teacher_is_an_ema_of_the_student_and_never_trained():
             p.add_(torch.randn_like(p))
     model.on_step(5)
     d = 0.999 + (0.9999 - 0.999) * 5 / 10
-    for old, new, student in zip(before, model.teacher.parameters(), model.encoder.parameters()):
+    for old, new, student in zip(before, model.teacher.parameters(), model.encoder.transformer.parameters()):
         assert torch.allclose(new, d * old + (1 - d) * student, atol=1e-6)
     model.train()
     assert model.encoder.training and not model.teacher.training
@@ -77,7 +77,7 @@ def test_loss_regresses_teacher_targets_of_the_unmasked_input():
     out = model(batch)
     with torch.no_grad():
         feats = model.encoder.extract(batch["audio"], batch["audio_lens"])
-        layers = model.teacher.contextualize(feats.x, feats.lengths).layers
+        layers = model.teacher(feats.x, feats.lengths, keep_ffn=True).ffn
         targets = layer_average_targets(layers, feats.lengths, 8)
         hidden = model.encoder.contextualize(model.encoder.mask(feats.x, batch["pred_mask"]), feats.lengths).hidden
         expected = regression_loss(model.head(hidden), targets, batch["pred_mask"])
@@ -154,3 +154,59 @@ def test_a_zero_length_utterance_changes_nothing():
     out = model(batch)
     assert torch.isfinite(out["loss"])
     assert torch.allclose(out["loss"], model(alone)["loss"], atol=1e-5)
+
+
+def test_teacher_is_the_transformer_only_and_ema_touches_exactly_its_parameters():
+    # data2vec ``ema_transformer_only``: no teacher frontend, projection or mask embedding
+    model = _model()
+    teacher = dict(model.teacher.named_parameters())
+    student = dict(model.encoder.transformer.named_parameters())
+    assert teacher.keys() == student.keys()
+    assert all(a.shape == b.shape for a, b in zip(teacher.values(), student.values()))
+    assert sum(p.numel() for p in model.teacher.parameters()) < sum(p.numel() for p in model.encoder.parameters())
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    moved = {n: p.clone() for n, p in model.named_parameters()}
+    model.on_step(0)
+    for name, p in model.named_parameters():
+        if name.startswith("teacher."):
+            key = name[len("teacher."):]
+            expected = 0.999 * before[name] + 0.001 * student[key]
+            assert torch.allclose(p, expected, atol=1e-6), name
+            assert not torch.equal(p, before[name]), name  # every teacher parameter moved
+        else:
+            assert torch.equal(p, moved[name]), name  # the EMA changes nothing else
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_targets_are_the_normalised_mean_of_the_top_k_ffn_outputs_by_hand(pre_norm):
+    # data2vec audio: each block's FFN output before the last residual connection
+    torch.manual_seed(0)
+    model = OBJECTIVES.build("data2vec", size="tiny", encoder=dict(QUIET, num_layers=3, pre_norm=pre_norm), top_k=2)
+    batch = tiny_audio_batch()
+    with torch.no_grad():
+        feats = model.encoder.extract(batch["audio"], batch["audio_lens"])
+        teacher, lengths = model.teacher, feats.lengths
+        pad = torch.arange(feats.x.shape[1])[None] >= lengths[:, None]
+        x = feats.x.masked_fill(pad[..., None], 0.0)
+        x = x + teacher.pos_conv(x, pad)
+        x = x if pre_norm else teacher.norm(x)
+        ffn = []
+        for layer in teacher.layers:
+            if pre_norm:
+                x = x + layer.attention(layer.attention_norm(x), pad)
+                ff = layer.feed_forward(layer.ff_norm(x))
+                x = x + ff
+            else:
+                x = layer.attention_norm(x + layer.attention(x, pad))
+                ff = layer.feed_forward(x)
+                x = layer.ff_norm(x + ff)
+            ffn.append(ff)
+        expected = (instance_norm(ffn[1], lengths) + instance_norm(ffn[2], lengths)) / 2
+        got = model.targets(feats.x, lengths)
+    valid = ~pad
+    assert torch.allclose(got[valid], expected[valid], atol=1e-5)
+    assert not torch.allclose(got[valid], layer_average_targets(
+        model.teacher(feats.x, lengths).layers, lengths, 2)[valid], atol=1e-3)  # not the residual stream

@@ -146,3 +146,25 @@ def test_training_step_has_no_host_sync():
         model(batch)["loss"].backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_code_perplexity_averages_over_masked_frames_only():
+    # fairseq quantizes ``unmasked_features[mask_indices]``: the batch-averaged softmax behind
+    # the perplexity and the diversity loss runs over masked frames, not every valid frame
+    model = _model()
+    batch = model.batch_hook()(tiny_audio_batch())
+    out = model(batch)
+    feats = model.encoder.extract(batch["audio"], batch["audio_lens"])
+    probs = model.quantizer(model.quantizer_norm(feats.raw)).probs  # (B, T, G, V), no noise
+    masked = batch["pred_mask"] & (torch.arange(probs.shape[1]) < feats.lengths[:, None])
+
+    def perplexity(rows):  # rows (N, G, V)
+        avg = rows.mean(0)
+        return torch.exp(-(avg * avg.clamp(min=1e-7).log()).sum(-1)).sum()
+
+    expected = perplexity(probs[masked])
+    assert torch.allclose(out["perplexity"], expected, atol=1e-4)
+    valid = torch.arange(probs.shape[1]) < feats.lengths[:, None]
+    assert not torch.allclose(out["perplexity"], perplexity(probs[valid]), atol=1e-4)
+    total = model.quantizer.groups * model.quantizer.entries
+    assert torch.allclose(out["diversity_loss"], (total - expected) / total, atol=1e-6)

@@ -75,3 +75,52 @@ def test_wavlm_mixes_then_masks_and_keeps_primary_targets():
     out = model(hooked)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.label_embeddings.grad.abs().sum() > 0
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return OBJECTIVES.build("wavlm", size="tiny", num_classes=7, mix_prob=0.5, encoder=QUIET, **kwargs)
+
+
+def _batch(seed=0):
+    batch = tiny_audio_batch()
+    g = torch.Generator().manual_seed(seed)
+    labels = (batch["audio_lens"] // 160).tolist()  # 100 Hz labels
+    targets = torch.full((3, max(labels)), -1)
+    for i, n in enumerate(labels):
+        targets[i, :n] = torch.randint(7, (n,), generator=g)
+    batch["targets"] = targets
+    return batch
+
+
+def test_padding_values_change_no_loss():
+    # noise in the padding before the hook: neither the mixing (energy, segments) nor the
+    # gated relative position bias nor the loss may read it
+    model = _model()
+    batch = _batch()
+    noisy = dict(batch, audio=batch["audio"].clone())
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        noisy["audio"][i, n:] = 3 * torch.randn(batch["audio"].shape[1] - n)
+    torch.manual_seed(11)
+    a = model.batch_hook()(dict(batch))
+    torch.manual_seed(11)
+    b = model.batch_hook()(noisy)
+    assert a["mixed"].any() and torch.equal(a["mixed"], b["mixed"])
+    assert torch.equal(a["pred_mask"], b["pred_mask"])
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        assert torch.equal(a["audio"][i, :n], b["audio"][i, :n])
+    assert torch.allclose(model(a)["loss"], model(b)["loss"], atol=1e-5)
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    model = _model(1)
+    batch = model.batch_hook()(_batch())
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["masked_loss"].item())
+    assert losses[-1] < 0.5 * losses[0]
