@@ -26,7 +26,8 @@ from mmssl.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 MODALITIES = ("audio", "video", "image", "text")
-LIP_SIZE = 88
+LIP_SIZE = 88  # the lip encoder's input window (AV-HuBERT)
+LIP_STORE = 96  # AV-HuBERT's stored crops, from which training takes random 88x88 windows
 # AV-HuBERT normalises grayscale lip crops (in [0, 1]) with these (avhubert/hubert_dataset.py)
 LIP_MEAN = 0.421
 LIP_STD = 0.165
@@ -34,15 +35,17 @@ AUDIO_RATE = 16_000
 VIDEO_FPS = 25.0
 
 
-def lip_frames(frames: Tensor, size: int = LIP_SIZE) -> Tensor:
-    """``(T, H, W)`` uint8 grayscale -> ``(T, 1, size, size)`` float, normalised as AV-HuBERT.
-
-    Larger frames are centre-cropped to ``size``; smaller ones are an error (they are not
-    mouth crops: run ``mmssl data lips`` first).
+def lip_frames(frames: Tensor, size: int = LIP_STORE) -> Tensor:
+    """``(T, H, W)`` uint8 grayscale -> ``(T, 1, S, S)`` float, normalised as AV-HuBERT, with
+    ``S = min(size, H, W)``: the centre square, at most ``size`` (96, AV-HuBERT's stored crops)
+    so the lip encoder can still take a random 88x88 window in training (the centre one in
+    evaluation). Frames under 88x88 are an error (they are not mouth crops: run
+    ``mmssl data lips`` first).
     """
     t, h, w = frames.shape
-    if h < size or w < size:
-        raise DataError(f"video frames are {h}x{w}, smaller than the {size}x{size} mouth crops expected")
+    if h < LIP_SIZE or w < LIP_SIZE:
+        raise DataError(f"video frames are {h}x{w}, smaller than the {LIP_SIZE}x{LIP_SIZE} mouth crops expected")
+    size = min(size, h, w)
     top, left = (h - size) // 2, (w - size) // 2
     crop = frames[:, top : top + size, left : left + size]
     x = crop.float().div_(255.0).sub_(LIP_MEAN).div_(LIP_STD)

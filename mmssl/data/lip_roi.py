@@ -1,9 +1,8 @@
 """``mmssl data lips``: mouth regions of interest from face video, ready for lip encoders.
 
 For each video: find the mouth in every frame, smooth its track over time, crop a square
-around it, resize to 96x96 grayscale (AV-HuBERT's stored size) and keep the centre 88x88
-(``--size 96`` keeps the 96x96 crops, from which training takes random 88x88 windows), at 25
-fps, muxed with the clip's audio into an mp4 (PyAV: H.264 video, AAC audio).
+around it, resize to 96x96 grayscale (AV-HuBERT's stored size, from which training takes
+random 88x88 windows; ``--size 88`` keeps only the centre 88x88), at 25 fps, muxed with the clip's audio into an mp4 (PyAV: H.264 video, AAC audio).
 
 Where the mouth comes from (nothing is downloaded):
 
@@ -292,7 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: <stem>.mp4 per video; a rewritten manifest per manifest")
     parser.add_argument("--landmarks", help="folder of 68-point landmark files <video stem>.pkl|.npy (AV-HuBERT style)")
     parser.add_argument("--face-model", help="OpenCV DNN face detector model (YuNet .onnx) instead of a cascade")
-    parser.add_argument("--size", type=int, default=CROP_SIZE, choices=(CROP_SIZE, STORE_SIZE), help="crop side kept")
+    parser.add_argument("--size", type=int, default=STORE_SIZE, choices=(CROP_SIZE, STORE_SIZE),
+                        help="crop side kept (default 96, as AV-HuBERT stores them; training takes random 88x88 windows)")
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window of the mouth track, frames")
 
 

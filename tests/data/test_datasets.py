@@ -11,12 +11,14 @@ from mmssl.errors import ConfigError, DataError
 
 
 def test_lip_frames_centre_crop_and_normalise():
-    frames = torch.randint(0, 256, (3, 96, 100), dtype=torch.uint8)
+    frames = torch.randint(0, 256, (3, 100, 104), dtype=torch.uint8)
     out = lip_frames(frames)
-    assert out.shape == (3, 1, 88, 88)
-    # (96 - 88) // 2 = 4 rows and (100 - 88) // 2 = 6 columns cut from the top-left
-    expected = (frames[:, 4:92, 6:94].float() / 255 - LIP_MEAN) / LIP_STD
+    assert out.shape == (3, 1, 96, 96)  # AV-HuBERT's stored size: room for random 88x88 windows
+    # (100 - 96) // 2 = 2 rows and (104 - 96) // 2 = 4 columns cut from the top-left
+    expected = (frames[:, 2:98, 4:100].float() / 255 - LIP_MEAN) / LIP_STD
     torch.testing.assert_close(out[:, 0], expected)
+    assert lip_frames(frames[:, :90, :92]).shape == (3, 1, 90, 90)  # between 88 and 96: the centre square
+    assert lip_frames(frames, size=88).shape == (3, 1, 88, 88)
     with pytest.raises(DataError, match="smaller than the 88x88"):
         lip_frames(torch.zeros(2, 64, 64, dtype=torch.uint8))
 
@@ -34,7 +36,7 @@ def test_av_items_labels_and_batch_consistency(media, tmp_path):
     ds = ManifestDataset(str(manifest), modalities=("audio", "video"), labels=str(km_dir), av_tolerance=0.5)
     items = [ds[0], ds[1]]
     assert items[0]["targets"].tolist() == [1, 2, 3] and items[1]["transcript"] == "two"
-    assert items[0]["video"].shape == (50, 1, 88, 88) and items[1]["video"].shape == (40, 1, 88, 88)
+    assert items[0]["video"].shape == (50, 1, 96, 96) and items[1]["video"].shape == (40, 1, 96, 96)
     torch.testing.assert_close(items[0]["video"], lip_frames(load_video(media.mkv)))
     assert "image" not in items[0] and "text" not in items[0]
     batch = collate(items)

@@ -111,10 +111,10 @@ def _face_video(path, frames, seconds):
     write_av(path, frames, 0.3 * np.sin(2 * np.pi * 220 * t))
 
 
-def test_cli_writes_88x88_mouth_video_with_audio(tmp_path, frames):
+def test_cli_writes_mouth_video_with_audio(tmp_path, frames):
     src = tmp_path / "face.mp4"
     _face_video(src, frames, len(frames) / 25)
-    assert main(["data", "lips", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert main(["data", "lips", str(src), "--out", str(tmp_path / "out"), "--size", "88"]) == 0
     out = tmp_path / "out" / "face.mp4"
     video = load_video(out).numpy()
     assert video.shape == (len(frames), 88, 88)
@@ -136,12 +136,12 @@ def test_cli_rewrites_a_manifest_with_landmarks(tmp_path, frames):
     marks[:, 48, 0], marks[:, 54, 0] = 140.0, 180.0
     (tmp_path / "lm").mkdir()
     np.save(tmp_path / "lm" / "clip.npy", marks)
-    args = ["data", "lips", str(tmp_path / "data" / "m.jsonl"), "--out", str(tmp_path / "out"), "--landmarks", str(tmp_path / "lm"), "--size", "96"]
+    args = ["data", "lips", str(tmp_path / "data" / "m.jsonl"), "--out", str(tmp_path / "out"), "--landmarks", str(tmp_path / "lm")]
     assert main(args) == 0
     rec = json.loads((tmp_path / "out" / "m.jsonl").read_text())
     assert rec["video_frames"] == 4 and rec["video"] == "lips/u1.mp4"
     assert (tmp_path / "out" / rec["audio"]).resolve() == (tmp_path / "data" / "clip.mp4").resolve()
-    assert load_video(tmp_path / "out" / rec["video"]).shape == (4, 96, 96)
+    assert load_video(tmp_path / "out" / rec["video"]).shape == (4, 96, 96)  # the default: AV-HuBERT's stored size
 
 
 def test_cli_names_a_missing_file(tmp_path, capsys):
