@@ -32,6 +32,37 @@ def test_every_phrasing_parses_back_to_its_scene():
             assert grammar.agrees(grammar.parse(sentence), scene), sentence
 
 
+def test_an_before_vowels_and_no_verbless_away_from():
+    rng = np.random.default_rng(2)
+    saw_an = 0
+    for _ in range(5000):
+        scene = grammar.random_description(rng, p_single=0.15)
+        sentence = grammar.describe(scene, rng)
+        words = sentence.split()
+        for det, nxt in zip(words, words[1:]):
+            assert not (det == "a" and nxt[0] in "aeiou"), sentence
+            assert not (det == "an" and nxt[0] not in "aeiou"), sentence
+        saw_an += "an" in words
+        assert "away" not in words or words[words.index("away") - 1] == "far", sentence
+        assert grammar.agrees(grammar.parse(sentence), scene), sentence
+    assert saw_an > 50  # "an orange ..." does occur
+    assert "an" in grammar.vocabulary()
+    said = grammar.parse("an orange star is far away from a big red circle")
+    assert said == grammar.Description(grammar.Thing("orange", "star"), "far", grammar.Thing("red", "circle", "big"))
+
+
+def test_distinct_phrasings_are_distinct_and_deterministic():
+    rng = np.random.default_rng(4)
+    for _ in range(2000):
+        scene = grammar.random_description(rng)
+        state = rng.bit_generator.state
+        captions = grammar.describe_distinct(scene, rng, 5)
+        assert len(set(captions)) == 5
+        assert all(grammar.agrees(grammar.parse(c), scene) for c in captions)
+        rng.bit_generator.state = state
+        assert grammar.describe_distinct(scene, rng, 5) == captions
+
+
 def test_parse_by_hand_and_mismatches():
     said = grammar.parse("above one little orange heart there is the blue star")
     assert said == grammar.Description(grammar.Thing("blue", "star"), "above", grammar.Thing("orange", "heart", "small"))

@@ -185,9 +185,9 @@ def _image_job(ctx: _Context, job: _Job) -> list[dict]:
     write_png(root / "png" / f"{group}.png", picture)
     record_scene = scenes.scene_record(scene, objects)
     voices = rng.choice(ctx.speakers[job.split], size=CAPTIONS_PER_IMAGE, replace=False)
+    captions = grammar.describe_distinct(scene, rng, CAPTIONS_PER_IMAGE)
     records = []
-    for k, speaker in enumerate(voices):  # five phrasings, five voices
-        caption = grammar.describe(scene, rng)
+    for k, (speaker, caption) in enumerate(zip(voices, captions)):  # five different phrasings, five voices
         audio, phonemes, words = speak(caption, str(speaker), rng, ctx.cfg, frame_align=False)
         uid = f"{group}_{k}"
         write_wav(root / "wav" / f"{uid}.wav", audio)

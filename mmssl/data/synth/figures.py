@@ -61,8 +61,8 @@ def scene_panel(seed: int = 0, index: int = 7) -> np.ndarray:
     panel = np.full((scenes.SIZE, scenes.SIZE + 470, 3), 255, np.uint8)
     panel[:, : scenes.SIZE] = image
     voices = rng.choice(speaker_splits(SynthConfig(seed=seed))["train"], CAPTIONS_PER_IMAGE, replace=False)
-    for k, voice in enumerate(voices):
-        caption = grammar.describe(scene, rng)
+    captions = grammar.describe_distinct(scene, rng, CAPTIONS_PER_IMAGE)
+    for k, (voice, caption) in enumerate(zip(voices, captions)):
         y = 30 + k * 42
         cv2.putText(panel, f"{k + 1}. {caption}", (scenes.SIZE + 10, y), _FONT, 0.36, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.putText(panel, f"   voice {voice}", (scenes.SIZE + 10, y + 15), _FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)

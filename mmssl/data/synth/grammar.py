@@ -29,9 +29,12 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "above": ("above", "over", "on top of"),
     "below": ("below", "under", "beneath"),
     "near": ("next to", "near", "beside", "close to"),
-    "far": ("far from", "far away from", "away from"),
+    "far": ("far from", "far away from"),
 }
+# "a" is written "an" before a vowel-initial word ("an orange heart"); both are in the
+# vocabulary and ``parse`` reads either.
 DETERMINERS: tuple[str, ...] = ("a", "the", "one")
+VOWELS = "aeiou"
 # Openers put before "NP REL NP"; a fronted relation ("above the star there is a circle")
 # and a copula ("the circle is above the star") give the other phrasings.
 OPENERS: tuple[str, ...] = (
@@ -61,7 +64,7 @@ class Description:
 
 def vocabulary() -> list[str]:
     """Every word the grammar can write, sorted."""
-    words: set[str] = set(COLOURS) | set(SHAPES) | set(DETERMINERS) | set(VERBS)
+    words: set[str] = set(COLOURS) | set(SHAPES) | set(DETERMINERS) | {"an"} | set(VERBS)
     for group in (SIZE_WORDS.values(), RELATION_PHRASES.values(), [OPENERS]):
         for phrases in group:
             for phrase in phrases:
@@ -76,7 +79,10 @@ def _noun_phrase(thing: Thing, rng: np.random.Generator, say_size: bool) -> list
     words = [str(rng.choice(DETERMINERS))]
     if say_size and thing.size is not None:
         words.append(str(rng.choice(SIZE_WORDS[thing.size])))
-    return words + [thing.colour, thing.shape]
+    words += [thing.colour, thing.shape]
+    if words[0] == "a" and words[1][0] in VOWELS:
+        words[0] = "an"
+    return words
 
 
 def describe(scene: Description, rng: np.random.Generator) -> str:
@@ -101,6 +107,22 @@ def describe(scene: Description, rng: np.random.Generator) -> str:
     if len(words) > MAX_WORDS:  # drop the optional opener words to fit
         words = np1 + rel + np2
     return " ".join(words)
+
+
+def describe_distinct(scene: Description, rng: np.random.Generator, count: int) -> list[str]:
+    """``count`` different phrasings of ``scene`` (as SpokenCOCO's five captions per image):
+    each is drawn with ``describe`` and drawn again from the same ``rng`` while it repeats
+    an earlier one, so the result is still a function of the generator's state."""
+    captions: list[str] = []
+    for _ in range(count):
+        for _attempt in range(1000):
+            caption = describe(scene, rng)
+            if caption not in captions:
+                break
+        else:
+            raise DataError(f"could not find {count} different phrasings of {scene}")
+        captions.append(caption)
+    return captions
 
 
 def _match_relation(words: list[str], start: int) -> tuple[str, int] | None:
