@@ -18,7 +18,6 @@ Shape legend: B batch, S samples, T frames, C channels, F features per frame.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +25,8 @@ from torch import Tensor, nn
 
 from mmssl.data.features import fbank_batch, stack_frames
 from mmssl.errors import ConfigError, DataError
+from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import lengths_to_padding_mask
-
-if TYPE_CHECKING:
-    from mmssl.encoders.base import FrameSpec
 
 # wav2vec 2.0, sec. 4.2 (fairseq ``conv_feature_layers``)
 WAV2VEC2_KERNELS = (10, 3, 3, 3, 3, 2, 2)
@@ -37,9 +34,6 @@ WAV2VEC2_STRIDES = (5, 2, 2, 2, 2, 2, 2)
 
 
 def _frame_spec(kernels: tuple[int, ...], strides: tuple[int, ...], stack: int = 1) -> FrameSpec:
-    # imported here: the mmssl.encoders package imports this module
-    from mmssl.encoders.base import FrameSpec
-
     return FrameSpec(kernels, strides, stack)
 
 

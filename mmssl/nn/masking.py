@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmssl.encoders.base import FrameSpec
+from mmssl.nn.outputs import FrameSpec
 from mmssl.errors import ConfigError
 from mmssl.nn.padding import lengths_to_padding_mask
 

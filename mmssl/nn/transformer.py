@@ -16,17 +16,14 @@ padded frames of the outputs hold unspecified values: read outputs with ``length
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl.errors import ConfigError
+from mmssl.nn.outputs import EncoderOutput
 from mmssl.nn.padding import lengths_to_padding_mask
-
-if TYPE_CHECKING:
-    from mmssl.encoders.base import EncoderOutput
 
 
 def bert_init(module: nn.Module) -> None:
@@ -313,9 +310,6 @@ class TransformerEncoder(nn.Module):
         ``hidden`` is then the last computed layer's output, without the final norm.
         ``keep_ffn`` fills ``EncoderOutput.ffn`` (one ``(B, T, C)`` per computed layer).
         """
-        # imported here: the mmssl.encoders package imports this module
-        from mmssl.encoders.base import EncoderOutput
-
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"transformer expects (B, T, {self.dim}) input, got {tuple(x.shape)}")
         depth = len(self.layers) if num_layers is None else num_layers
