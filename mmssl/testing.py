@@ -41,3 +41,32 @@ def tiny_av_batch(seconds: tuple[float, ...] = (0.48, 0.36, 0.2), seed: int = 0)
     batch = tiny_audio_batch(tuple(f * 640 for f in frames), seed=seed)
     batch.update(tiny_video_batch(frames, seed=seed))
     return batch
+
+
+def tiny_labelled_audio_batch(num_classes: int = 7, seed: int = 0) -> dict[str, Tensor]:
+    """``tiny_audio_batch`` plus ``targets (B, L)``: random cluster ids at 100 Hz (MFCC k-means
+    rate), -1 after each utterance's labels."""
+    batch = tiny_audio_batch()
+    g = torch.Generator().manual_seed(seed)
+    labels = (batch["audio_lens"] // 160).tolist()
+    targets = torch.full((len(labels), max(labels)), -1)
+    for i, n in enumerate(labels):
+        targets[i, :n] = torch.randint(num_classes, (n,), generator=g)
+    batch["targets"] = targets
+    return batch
+
+
+def utterances_alone(batch: dict, frame_lens: Tensor) -> list[dict]:
+    """Each utterance of a padded speech batch as a batch of one, with its padding cut:
+    ``audio`` to its samples, ``pred_mask`` to its ``frame_lens`` frames, ``targets`` kept.
+    For batch-consistency checks (padded batch == each utterance alone)."""
+    out = []
+    for i in range(batch["audio"].shape[0]):
+        n_samples, n_frames = int(batch["audio_lens"][i]), int(frame_lens[i])
+        alone = {"audio": batch["audio"][i : i + 1, :n_samples], "audio_lens": batch["audio_lens"][i : i + 1]}
+        if "pred_mask" in batch:
+            alone["pred_mask"] = batch["pred_mask"][i : i + 1, :n_frames]
+        if "targets" in batch:
+            alone["targets"] = batch["targets"][i : i + 1]
+        out.append(alone)
+    return out

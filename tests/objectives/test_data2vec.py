@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mmssl.objectives.data2vec import ema_decay_at, instance_norm, layer_average_targets, regression_loss
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_audio_batch
+from mmssl.testing import tiny_audio_batch, utterances_alone
 from mmssl.train.optim import param_groups
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
@@ -131,15 +131,8 @@ def test_padded_batch_equals_each_utterance_alone():
     model = _model().eval()
     batch = model.batch_hook()(tiny_audio_batch())
     out = model(batch)
-    frames = model.encoder.frame_lengths(batch["audio_lens"])
     total, count = 0.0, 0
-    for i in range(3):
-        n_samples, n_frames = int(batch["audio_lens"][i]), int(frames[i])
-        alone = {
-            "audio": batch["audio"][i : i + 1, :n_samples],
-            "audio_lens": batch["audio_lens"][i : i + 1],
-            "pred_mask": batch["pred_mask"][i : i + 1, :n_frames],
-        }
+    for alone in utterances_alone(batch, model.encoder.frame_lengths(batch["audio_lens"])):
         masked = int(alone["pred_mask"].sum())
         total += model(alone)["loss"].item() * masked
         count += masked

@@ -6,7 +6,7 @@ import torch
 from mmssl.errors import DataError
 from mmssl.objectives.hubert import cosine_logits, resample_targets, weighted_cross_entropy
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_audio_batch
+from mmssl.testing import tiny_audio_batch, tiny_labelled_audio_batch, utterances_alone
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
 
@@ -42,14 +42,7 @@ def _model(seed=0, **kwargs):
 
 
 def _batch(seed=0):
-    batch = tiny_audio_batch()
-    g = torch.Generator().manual_seed(seed)
-    labels = (batch["audio_lens"] // 160).tolist()  # 100 Hz labels
-    targets = torch.full((3, max(labels)), -1)
-    for i, n in enumerate(labels):
-        targets[i, :n] = torch.randint(7, (n,), generator=g)
-    batch["targets"] = targets
-    return batch
+    return tiny_labelled_audio_batch(num_classes=7, seed=seed)  # 100 Hz labels
 
 
 def test_forward_backward_and_masked_only_by_default():
@@ -121,16 +114,8 @@ def test_padded_batch_equals_each_utterance_alone():
     model = _model().eval()
     batch = model.batch_hook()(_batch())
     out = model(batch)
-    frames = model.encoder.frame_lengths(batch["audio_lens"])
     total, count = 0.0, 0
-    for i in range(3):
-        n_samples, n_frames = int(batch["audio_lens"][i]), int(frames[i])
-        alone = {
-            "audio": batch["audio"][i : i + 1, :n_samples],
-            "audio_lens": batch["audio_lens"][i : i + 1],
-            "targets": batch["targets"][i : i + 1],
-            "pred_mask": batch["pred_mask"][i : i + 1, :n_frames],
-        }
+    for alone in utterances_alone(batch, model.encoder.frame_lengths(batch["audio_lens"])):
         masked = int(alone["pred_mask"].sum())
         total += model(alone)["masked_loss"].item() * masked
         count += masked

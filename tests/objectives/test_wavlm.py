@@ -5,7 +5,7 @@ import torch
 
 from mmssl.objectives.wavlm import UtteranceMixer
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_audio_batch
+from mmssl.testing import tiny_audio_batch, tiny_labelled_audio_batch
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
 
@@ -83,14 +83,7 @@ def _model(seed=0, **kwargs):
 
 
 def _batch(seed=0):
-    batch = tiny_audio_batch()
-    g = torch.Generator().manual_seed(seed)
-    labels = (batch["audio_lens"] // 160).tolist()  # 100 Hz labels
-    targets = torch.full((3, max(labels)), -1)
-    for i, n in enumerate(labels):
-        targets[i, :n] = torch.randint(7, (n,), generator=g)
-    batch["targets"] = targets
-    return batch
+    return tiny_labelled_audio_batch(num_classes=7, seed=seed)  # 100 Hz labels
 
 
 def test_padding_values_change_no_loss():
