@@ -107,17 +107,24 @@ class AVEncoder(nn.Module):
     def contextualize(self, x: Tensor, lengths: Tensor) -> EncoderOutput:
         return self.transformer(x, lengths, frame_rate=self.frame_rate)
 
+    def streams(self, batch: dict) -> dict[str, Tensor | None]:
+        """Each stream of ``batch`` this encoder reads, before fusion: ``audio``, ``audio_raw``
+        (the stacked filterbanks), ``audio_lens``, ``video``, ``video_lens``; None for a stream
+        the batch or the encoder lacks."""
+        out: dict[str, Tensor | None] = dict.fromkeys(("audio", "audio_raw", "audio_lens", "video", "video_lens"))
+        if "audio" in batch and self.audio_frontend is not None:
+            out["audio"], out["audio_raw"], out["audio_lens"] = self.audio_features(batch["audio"], batch["audio_lens"])
+        if "video" in batch and self.video_frontend is not None:
+            out["video"], out["video_lens"] = self.video_features(batch["video"], batch["video_lens"])
+        if out["audio"] is None and out["video"] is None:
+            raise DataError(f"the batch has none of this encoder's modalities {self.modalities}")
+        return out
+
     def fused_input(self, batch: dict) -> tuple[Tensor, Tensor]:
         """The transformer's input ``(x (B, T, C), lengths (B,))`` from the ``audio``/``audio_lens``
         and/or ``video``/``video_lens`` of ``batch`` (modality dropout applies in training)."""
-        a = a_lens = v = v_lens = None
-        if "audio" in batch and self.audio_frontend is not None:
-            a, _, a_lens = self.audio_features(batch["audio"], batch["audio_lens"])
-        if "video" in batch and self.video_frontend is not None:
-            v, v_lens = self.video_features(batch["video"], batch["video_lens"])
-        if a is None and v is None:
-            raise DataError(f"the batch has none of this encoder's modalities {self.modalities}")
-        return self.fuse(a, a_lens, v, v_lens)
+        s = self.streams(batch)
+        return self.fuse(s["audio"], s["audio_lens"], s["video"], s["video_lens"])
 
     def encode(self, batch: dict) -> EncoderOutput:
         """Run on whichever of audio / video the batch has; a missing one is zeros in the fusion."""

@@ -146,20 +146,14 @@ def _speech_layers(encoder, batch: dict, upto: int) -> RecordLayers:
 
 
 def _av_layers(encoder, batch: dict, upto: int) -> RecordLayers:
-    a = a_lens = raw = v = v_lens = None
-    if "audio" in batch and encoder.audio_frontend is not None:
-        a, raw, a_lens = encoder.audio_features(batch["audio"], batch["audio_lens"])
-    if "video" in batch and encoder.video_frontend is not None:
-        v, v_lens = encoder.video_features(batch["video"], batch["video_lens"])
-    if a is None and v is None:
-        raise DataError(f"the record has none of this encoder's modalities {encoder.modalities}")
-    x, lengths = encoder.fuse(a, a_lens, v, v_lens)
+    s = encoder.streams(batch)
+    x, lengths = encoder.fuse(s["audio"], s["audio_lens"], s["video"], s["video_lens"])
     n = int(lengths[0])
     layers = [x[0, :n]]
     if upto > 0:
         out = encoder.transformer(x, lengths, frame_rate=encoder.frame_rate, num_layers=upto)
         layers += [layer[0, :n] for layer in out.layers]
-    inputs = {name: f[0, :n] for name, f in (("fbank", raw), ("lips", v)) if f is not None}
+    inputs = {name: s[key][0, :n] for name, key in (("fbank", "audio_raw"), ("lips", "video")) if s[key] is not None}
     inputs["fused"] = x[0, :n]
     return RecordLayers(layers, inputs, float(encoder.frame_rate))
 
