@@ -22,6 +22,9 @@ from torch import Tensor
 
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
+# the Kaldi framing shared by fbank and mfcc: 25 ms / 10 ms, no dither, whole windows only
+_KALDI_FRAMING = dict(frame_length=FRAME_LENGTH_MS, frame_shift=FRAME_SHIFT_MS, dither=0.0, energy_floor=0.0,
+                      snip_edges=True)
 
 
 def num_frames(num_samples: int, sample_rate: int = 16000) -> int:
@@ -49,12 +52,8 @@ def fbank(waveform: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80) ->
     return kaldi.fbank(
         wav,
         num_mel_bins=num_mel_bins,
-        frame_length=FRAME_LENGTH_MS,
-        frame_shift=FRAME_SHIFT_MS,
-        dither=0.0,
-        energy_floor=0.0,
         sample_frequency=float(sample_rate),
-        snip_edges=True,
+        **_KALDI_FRAMING,
     )
 
 
@@ -121,13 +120,9 @@ def mfcc(waveform: Tensor, sample_rate: int = 16000, deltas: bool = True) -> Ten
         return wav.new_zeros(0, dim)
     ceps = kaldi.mfcc(
         wav,
-        frame_length=FRAME_LENGTH_MS,
-        frame_shift=FRAME_SHIFT_MS,
-        dither=0.0,
-        energy_floor=0.0,
         sample_frequency=float(sample_rate),
-        snip_edges=True,
         use_energy=False,
+        **_KALDI_FRAMING,
     )  # (T, 13)
     if not deltas:
         return ceps
