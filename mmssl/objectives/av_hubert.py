@@ -173,7 +173,8 @@ class AVHubert(Objective):
         self.encoder, self.masks, self.noise = encoder, masks, noise
         self.final_proj = nn.Linear(encoder.dim, final_dim)
         self.label_embeddings = nn.Parameter(torch.empty(num_classes, final_dim).uniform_())
-        self.label_rate, self.temperature, self.unmasked_weight = label_rate, temperature, unmasked_weight
+        self.num_classes, self.label_rate = num_classes, label_rate
+        self.temperature, self.unmasked_weight = temperature, unmasked_weight
 
     def batch_hook(self) -> BatchHook:
         return self.masks if self.noise is None else NoisyAVMasks(self.noise, self.masks)

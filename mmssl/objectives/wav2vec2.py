@@ -87,7 +87,10 @@ def gather_logits(
     pred, targets = pred.float(), targets.float()
     if cosine:
         pred, targets = F.normalize(pred, dim=-1, eps=1e-6), F.normalize(targets, dim=-1, eps=1e-6)
-    sim = torch.bmm(pred, targets.transpose(1, 2)) / temperature  # (B, A, T)
+    # float32 scores also under bf16 autocast (which would run bmm in bf16: ~3 digits on
+    # logits of up to 1/temperature), as fairseq computes them from .float() inputs
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        sim = torch.bmm(pred, targets.transpose(1, 2)) / temperature  # (B, A, T)
     index = torch.cat([positives.unsqueeze(-1), negatives], dim=-1)  # (B, A, 1 + N)
     logits = sim.gather(2, index)
     if exclude is not None:
