@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mmssl.data.synth.cli", "generate the built-in audio-visual and image-caption corpus"),
     "data check": ("mmssl.data.check", "decode every record of a manifest and report the bad ones"),
     "data import": ("mmssl.data.importers", "convert fairseq / AV-HuBERT .tsv/.wrd manifests to JSON lines"),
+    "data prepare": ("mmssl.data.prepare.cli", "manifests from a local copy of LibriSpeech, LRS3, VoxCeleb2, SpokenCOCO, Flickr8k Audio or MUSAN"),
     "data lips": ("mmssl.data.lip_roi", "crop 88x88 mouth regions from face video"),
     "kmeans": ("mmssl.kmeans_cli", "fit k-means on MFCC or a checkpoint's layer and write labels"),
     "pretrain": ("mmssl.train.cli", "pretrain a speech or audio-visual model from a recipe"),
