@@ -289,24 +289,31 @@ def process_video(src: str | os.PathLike, dst: str | os.PathLike, finder: MouthF
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="face videos, or JSON-lines manifests whose records have 'video'")
     parser.add_argument("--out", required=True, help="output folder: <stem>.mp4 per video; a rewritten manifest per manifest")
-    parser.add_argument("--landmarks", help="folder of 68-point landmark files <video stem>.pkl|.npy (AV-HuBERT style)")
+    parser.add_argument("--landmarks", help="folder of 68-point landmark files <record id>.pkl|.npy or <video stem>.pkl|.npy (AV-HuBERT style)")
     parser.add_argument("--face-model", help="OpenCV DNN face detector model (YuNet .onnx) instead of a cascade")
     parser.add_argument("--size", type=int, default=STORE_SIZE, choices=(CROP_SIZE, STORE_SIZE),
                         help="crop side kept (default 96, as AV-HuBERT stores them; training takes random 88x88 windows)")
     parser.add_argument("--smooth", type=int, default=5, help="moving-average window of the mouth track, frames")
 
 
-def _landmark_file(folder: str | None, video: Path) -> Path | None:
+def _landmark_file(folder: str | None, video: Path, record_id: str | None = None) -> Path | None:
+    """``<folder>/<record id>.pkl|.npy`` (ids such as LRS3's ``trainval/<talk>/<clip>`` follow
+    AV-HuBERT's ``landmark/<split>/<talk>/<clip>.pkl`` tree), else ``<folder>/<video stem>``."""
     if folder is None:
         return None
-    for suffix in (".pkl", ".npy"):
-        path = Path(folder) / f"{video.stem}{suffix}"
-        if path.is_file():
-            return path
-    raise DataError(f"{video}: no landmark file {video.stem}.pkl or .npy in {folder}")
+    names = [record_id] if record_id else []
+    names.append(video.stem)
+    for name in names:
+        for suffix in (".pkl", ".npy"):
+            path = Path(folder) / f"{name}{suffix}"
+            if path.is_file():
+                return path
+    tried = " or ".join(f"{name}.pkl|.npy" for name in names)
+    raise DataError(f"{video}: no landmark file {tried} in {folder}")
 
 
-def _jobs(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, list[dict]]]]:
+def _jobs(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Path, str | None]], list[tuple[Path, list[dict]]]]:
+    """(source video, output crop, record id or None) per video, and the manifests to rewrite."""
     jobs, manifests = [], []
     for item in map(Path, inputs):
         if not item.exists():
@@ -317,10 +324,11 @@ def _jobs(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Path]], list[t
                 if "video" not in rec:
                     raise DataError(f"{item}: record {i} ({rec.get('id', '?')}) has no 'video'")
                 src = Path(rec["video"]) if os.path.isabs(rec["video"]) else item.parent / rec["video"]
-                jobs.append((src, out / "lips" / f"{rec.get('id', src.stem)}.mp4"))
+                rid = str(rec["id"]) if rec.get("id") is not None else None
+                jobs.append((src, out / "lips" / f"{rid or src.stem}.mp4", rid))
             manifests.append((item, records))
         else:
-            jobs.append((item, out / f"{item.stem}.mp4"))
+            jobs.append((item, out / f"{item.stem}.mp4", None))
     return jobs, manifests
 
 
@@ -331,8 +339,8 @@ def run(args: argparse.Namespace) -> int:
         finder = YuNetMouths(args.face_model) if args.face_model else default_finder()
     jobs, manifests = _jobs(args.inputs, out)
     done: dict[Path, dict] = {}
-    for src, dst in tqdm(jobs, desc="lips", unit="video"):
-        done[dst] = process_video(src, dst, finder, _landmark_file(args.landmarks, src), args.size, args.smooth)
+    for src, dst, rid in tqdm(jobs, desc="lips", unit="video"):
+        done[dst] = process_video(src, dst, finder, _landmark_file(args.landmarks, src, rid), args.size, args.smooth)
     for path, records in manifests:
         with open(out / path.name, "w") as f:
             for rec in records:

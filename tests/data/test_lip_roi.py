@@ -8,6 +8,7 @@ import pytest
 from mmssl.cli import main
 from mmssl.data.io import load_audio, load_video
 from mmssl.data.lip_roi import (
+    _landmark_file,
     crop_mouths,
     default_finder,
     find_mouths,
@@ -142,6 +143,30 @@ def test_cli_rewrites_a_manifest_with_landmarks(tmp_path, frames):
     assert rec["video_frames"] == 4 and rec["video"] == "lips/u1.mp4"
     assert (tmp_path / "out" / rec["audio"]).resolve() == (tmp_path / "data" / "clip.mp4").resolve()
     assert load_video(tmp_path / "out" / rec["video"]).shape == (4, 96, 96)  # the default: AV-HuBERT's stored size
+
+
+def test_landmarks_are_found_by_record_id_when_clip_names_repeat(tmp_path, frames):
+    """LRS3 names clips 00001, 00002... in every talk folder; AV-HuBERT's landmark tree mirrors
+    the ids (trainval/<talk>/<clip>.pkl), so each record must get its own talk's landmarks."""
+    records = []
+    for talk, x in (("talkA", 150.0), ("talkB", 170.0)):
+        (tmp_path / "data" / talk).mkdir(parents=True)
+        _face_video(tmp_path / "data" / talk / "00001.mp4", frames[:3], 3 / 25)
+        records.append({"id": f"trainval/{talk}/00001", "video": f"{talk}/00001.mp4"})
+        marks = np.zeros((3, 68, 2))
+        marks[:, :, 0], marks[:, :, 1] = x, 125.0
+        marks[:, 48, 0], marks[:, 54, 0] = x - 20.0, x + 20.0
+        (tmp_path / "lm" / "trainval" / talk).mkdir(parents=True)
+        np.save(tmp_path / "lm" / "trainval" / talk / "00001.npy", marks)
+    (tmp_path / "data" / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    found = [_landmark_file(str(tmp_path / "lm"), tmp_path / "data" / r["video"], r["id"]) for r in records]
+    assert found == [tmp_path / "lm" / "trainval" / t / "00001.npy" for t in ("talkA", "talkB")]
+    args = ["data", "lips", str(tmp_path / "data" / "m.jsonl"), "--out", str(tmp_path / "out"), "--landmarks", str(tmp_path / "lm")]
+    assert main(args) == 0
+    a, b = (load_video(tmp_path / "out" / "lips" / "trainval" / t / "00001.mp4").float() for t in ("talkA", "talkB"))
+    assert a.shape == b.shape and (a - b).abs().mean() > 1.0  # crops at different mouths
+    with pytest.raises(DataError, match="nope.pkl"):
+        _landmark_file(str(tmp_path / "lm"), tmp_path / "x.mp4", "nope")
 
 
 def test_cli_names_a_missing_file(tmp_path, capsys):
