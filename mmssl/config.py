@@ -76,7 +76,12 @@ def load_config(
             OmegaConf.set_struct(cfg[section], False)
     if recipe is not None:
         path = find_recipe(recipe)
-        cfg = _merge(cfg, _load_yaml(path), str(path))
+        recipe_cfg = _load_yaml(path)
+        cfg = _merge(cfg, recipe_cfg, str(path))
+        # a merge keeps the earlier value where the later one is ``???``: a recipe that makes a
+        # key mandatory (``data.labels: ???`` in hubert.yaml) would otherwise leave its default
+        for key in OmegaConf.missing_keys(recipe_cfg):
+            OmegaConf.update(cfg, key, "???", force_add=True)
     cfg = _merge(cfg, _parse_overrides(overrides), "command line")
     return cfg
 

@@ -36,6 +36,15 @@ def test_bad_override_and_missing_value(tmp_path):
         resolve(load_config(None, ["data.train=a.jsonl"]))
 
 
+def test_a_recipe_can_make_a_defaulted_key_mandatory(tmp_path):
+    recipe = _recipe(tmp_path, "objective:\n  name: hubert\ndata:\n  labels: ???\n")
+    with pytest.raises(ConfigError, match="data.labels"):
+        resolve(load_config(recipe, ["data.train=a.jsonl"]))
+    assert resolve(load_config(recipe, ["data.train=a.jsonl", "data.labels=km"])).data.labels == "km"
+    with pytest.raises(ConfigError, match="data.labels"):  # the shipped recipe says so too
+        resolve(load_config("hubert", ["data.train=a.jsonl"]))
+
+
 def test_missing_recipe_lists_shipped(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
