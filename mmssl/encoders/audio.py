@@ -13,7 +13,8 @@ frontend gives the latents ``z`` (100 Hz), which are the features ``contextualiz
 Presets (``ENCODERS``): ``{wav2vec2,hubert,wavlm,data2vec}_{tiny,base,large}`` on the waveform
 (50 Hz), ``fbank_{tiny,base,large}`` on 80 filterbanks stacked x4 (25 Hz, AV-HuBERT's audio
 input) and ``cpc_{tiny,base,large}`` (100 Hz). Every preset takes keyword overrides of the
-arguments of ``build_conv_encoder`` / ``build_fbank_encoder`` / ``build_cpc_encoder``.
+arguments of ``build_conv_encoder`` / ``build_fbank_encoder`` (``TransformerOptions`` fields
+included) / ``build_cpc_encoder``.
 
 Shape legend: B batch, S samples, T frames, C model dim, F frontend features.
 """
@@ -179,93 +180,69 @@ def build_cpc_encoder(
     return CPCEncoder(frontend, net)
 
 
+# wav2vec 2.0 base (sec. 4.2) with fairseq's ``encoder_layerdrop=0.05``
+WAV2VEC2_TRANSFORMER = tr.TransformerOptions(layer_drop=0.05)
+
+
 def build_conv_encoder(
-    dim: int = 768,
-    num_layers: int = 12,
-    num_heads: int = 12,
-    ffn_dim: int = 3072,
+    transformer: tr.TransformerOptions = WAV2VEC2_TRANSFORMER,
     conv_channels: int | tuple[int, ...] = 512,
     conv_kernels: tuple[int, ...] = fe.WAV2VEC2_KERNELS,
     conv_strides: tuple[int, ...] = fe.WAV2VEC2_STRIDES,
     conv_norm: str = "group",
     conv_bias: bool = False,
-    pre_norm: bool = False,
-    dropout: float = 0.1,
-    attention_dropout: float = 0.1,
-    activation_dropout: float = 0.0,
     input_dropout: float = 0.1,
-    layer_drop: float = 0.05,
-    pos_conv_kernel: int = 128,
-    pos_conv_groups: int = 16,
-    pos_conv_depth: int = 1,
-    rel_pos_buckets: int = 0,
-    rel_pos_max_distance: int = 800,
     feature_grad_scale: float = 1.0,
+    **transformer_fields: Any,
 ) -> AudioEncoder:
-    """A waveform encoder (conv frontend, 50 Hz). Defaults are wav2vec 2.0 base."""
+    """A waveform encoder (conv frontend, 50 Hz). Defaults are wav2vec 2.0 base.
+
+    ``transformer_fields`` change fields of ``transformer`` (``dim=256, num_layers=4``), so a
+    flat set of keywords (a preset's, a converted checkpoint's) reaches the options unchanged.
+    """
+    options = transformer.replace(**transformer_fields)
     frontend = fe.build_conv_frontend(
         conv_channels, tuple(conv_kernels), tuple(conv_strides), conv_norm, conv_bias
     )
-    transformer = tr.build_transformer(
-        dim, num_layers, num_heads, ffn_dim,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-        activation_dropout=activation_dropout,
-        layer_drop=layer_drop,
-        pre_norm=pre_norm,
-        pos_conv_kernel=pos_conv_kernel,
-        pos_conv_groups=pos_conv_groups,
-        pos_conv_depth=pos_conv_depth,
-        rel_pos_buckets=rel_pos_buckets,
-        rel_pos_max_distance=rel_pos_max_distance,
-    )
-    projection = FeatureProjection(frontend.out_dim, dim, input_dropout)
-    return AudioEncoder(frontend, projection, transformer, feature_grad_scale)
+    return _assemble(frontend, options, input_dropout, feature_grad_scale)
 
 
 def build_fbank_encoder(
-    dim: int = 768,
-    num_layers: int = 12,
-    num_heads: int = 12,
-    ffn_dim: int = 3072,
+    transformer: tr.TransformerOptions = WAV2VEC2_TRANSFORMER,
     num_mel_bins: int = 80,
     stack: int = 4,
-    pre_norm: bool = False,
-    dropout: float = 0.1,
-    attention_dropout: float = 0.1,
-    activation_dropout: float = 0.0,
     input_dropout: float = 0.1,
-    layer_drop: float = 0.05,
-    pos_conv_kernel: int = 128,
-    pos_conv_groups: int = 16,
-    pos_conv_depth: int = 1,
-    rel_pos_buckets: int = 0,
-    rel_pos_max_distance: int = 800,
     feature_grad_scale: float = 1.0,
+    **transformer_fields: Any,
 ) -> AudioEncoder:
     """A filterbank encoder: ``num_mel_bins`` Kaldi filterbanks stacked ``stack`` at a time
-    (25 Hz for the default x4, AV-HuBERT's audio stream), a linear projection, the transformer."""
-    frontend = fe.FbankFrontend(num_mel_bins, stack)
-    transformer = tr.build_transformer(
-        dim, num_layers, num_heads, ffn_dim,
-        dropout=dropout,
-        attention_dropout=attention_dropout,
-        activation_dropout=activation_dropout,
-        layer_drop=layer_drop,
-        pre_norm=pre_norm,
-        pos_conv_kernel=pos_conv_kernel,
-        pos_conv_groups=pos_conv_groups,
-        pos_conv_depth=pos_conv_depth,
-        rel_pos_buckets=rel_pos_buckets,
-        rel_pos_max_distance=rel_pos_max_distance,
-    )
-    projection = FeatureProjection(frontend.out_dim, dim, input_dropout)
+    (25 Hz for the default x4, AV-HuBERT's audio stream), a linear projection, the transformer.
+    ``transformer_fields`` change fields of ``transformer``, as in ``build_conv_encoder``."""
+    options = transformer.replace(**transformer_fields)
+    return _assemble(fe.FbankFrontend(num_mel_bins, stack), options, input_dropout, feature_grad_scale)
+
+
+def _assemble(
+    frontend: fe.ConvFrontend | fe.FbankFrontend,
+    options: tr.TransformerOptions,
+    input_dropout: float,
+    feature_grad_scale: float,
+) -> AudioEncoder:
+    # built in this order (frontend, transformer, projection) so a seed gives the same weights
+    transformer = options.build()
+    projection = FeatureProjection(frontend.out_dim, options.dim, input_dropout)
     return AudioEncoder(frontend, projection, transformer, feature_grad_scale)
 
 
-def _with(builder: Any, preset: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> Any:
-    """Build with ``defaults`` updated by ``overrides``; an unknown key is a ConfigError."""
-    known = set(inspect.signature(builder).parameters)
+def build_preset(builder: Any, preset: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """``builder(**defaults updated by overrides)``. The keys a preset takes are flat: the
+    builder's named arguments and, when it takes ``**transformer_fields``, the
+    ``TransformerOptions`` fields (not a whole ``transformer`` value, which the preset's own
+    fields would override); any other key is a ``ConfigError`` naming the preset."""
+    params = inspect.signature(builder).parameters
+    known = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD and k != "transformer"}
+    if "transformer_fields" in params:
+        known |= set(tr.TransformerOptions.field_names())
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(
@@ -299,79 +276,79 @@ DATA2VEC = dict(conv_norm="layer", conv_bias=False, pos_conv_depth=5, pos_conv_k
 
 @ENCODERS.register
 def wav2vec2_tiny(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "wav2vec2_tiny", {**TINY, **CONV_TINY}, overrides)
+    return build_preset(build_conv_encoder, "wav2vec2_tiny", {**TINY, **CONV_TINY}, overrides)
 
 
 @ENCODERS.register
 def wav2vec2_base(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "wav2vec2_base", {**BASE, **CONV_BASE}, overrides)
+    return build_preset(build_conv_encoder, "wav2vec2_base", {**BASE, **CONV_BASE}, overrides)
 
 
 @ENCODERS.register
 def wav2vec2_large(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "wav2vec2_large", {**LARGE, **CONV_LARGE, "conv_bias": True}, overrides)
+    return build_preset(build_conv_encoder, "wav2vec2_large", {**LARGE, **CONV_LARGE, "conv_bias": True}, overrides)
 
 
 @ENCODERS.register
 def hubert_tiny(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "hubert_tiny", {**TINY, **CONV_TINY}, overrides)
+    return build_preset(build_conv_encoder, "hubert_tiny", {**TINY, **CONV_TINY}, overrides)
 
 
 @ENCODERS.register
 def hubert_base(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "hubert_base", {**BASE, **CONV_BASE}, overrides)
+    return build_preset(build_conv_encoder, "hubert_base", {**BASE, **CONV_BASE}, overrides)
 
 
 @ENCODERS.register
 def hubert_large(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "hubert_large", {**LARGE, **CONV_LARGE}, overrides)
+    return build_preset(build_conv_encoder, "hubert_large", {**LARGE, **CONV_LARGE}, overrides)
 
 
 @ENCODERS.register
 def wavlm_tiny(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "wavlm_tiny", {**TINY, **CONV_TINY, **WAVLM}, overrides)
+    return build_preset(build_conv_encoder, "wavlm_tiny", {**TINY, **CONV_TINY, **WAVLM}, overrides)
 
 
 @ENCODERS.register
 def wavlm_base(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "wavlm_base", {**BASE, **CONV_BASE, **WAVLM}, overrides)
+    return build_preset(build_conv_encoder, "wavlm_base", {**BASE, **CONV_BASE, **WAVLM}, overrides)
 
 
 @ENCODERS.register
 def wavlm_large(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "wavlm_large", {**LARGE, **CONV_LARGE, **WAVLM}, overrides)
+    return build_preset(build_conv_encoder, "wavlm_large", {**LARGE, **CONV_LARGE, **WAVLM}, overrides)
 
 
 @ENCODERS.register
 def data2vec_tiny(**overrides: Any) -> AudioEncoder:
     defaults = {**TINY, **CONV_TINY, **DATA2VEC, "pos_conv_kernel": 5, "pos_conv_groups": 4}
-    return _with(build_conv_encoder, "data2vec_tiny", defaults, overrides)
+    return build_preset(build_conv_encoder, "data2vec_tiny", defaults, overrides)
 
 
 @ENCODERS.register
 def data2vec_base(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "data2vec_base", {**BASE, **CONV_BASE, **DATA2VEC}, overrides)
+    return build_preset(build_conv_encoder, "data2vec_base", {**BASE, **CONV_BASE, **DATA2VEC}, overrides)
 
 
 @ENCODERS.register
 def data2vec_large(**overrides: Any) -> AudioEncoder:
-    return _with(build_conv_encoder, "data2vec_large", {**LARGE, **CONV_LARGE, **DATA2VEC}, overrides)
+    return build_preset(build_conv_encoder, "data2vec_large", {**LARGE, **CONV_LARGE, **DATA2VEC}, overrides)
 
 
 @ENCODERS.register
 def fbank_tiny(**overrides: Any) -> AudioEncoder:
     defaults = {**TINY, "pos_conv_kernel": 16, "pos_conv_groups": 4}
-    return _with(build_fbank_encoder, "fbank_tiny", defaults, overrides)
+    return build_preset(build_fbank_encoder, "fbank_tiny", defaults, overrides)
 
 
 @ENCODERS.register
 def fbank_base(**overrides: Any) -> AudioEncoder:
-    return _with(build_fbank_encoder, "fbank_base", BASE, overrides)
+    return build_preset(build_fbank_encoder, "fbank_base", BASE, overrides)
 
 
 @ENCODERS.register
 def fbank_large(**overrides: Any) -> AudioEncoder:
-    return _with(build_fbank_encoder, "fbank_large", LARGE, overrides)
+    return build_preset(build_fbank_encoder, "fbank_large", LARGE, overrides)
 
 
 # CPC sizes: base is CPC's (512 conv channels, one GRU of 256 units); large widens the context
@@ -382,14 +359,14 @@ CPC_LARGE = dict(channels=512, context_dim=512, context_layers=2)
 
 @ENCODERS.register
 def cpc_tiny(**overrides: Any) -> CPCEncoder:
-    return _with(build_cpc_encoder, "cpc_tiny", CPC_TINY, overrides)
+    return build_preset(build_cpc_encoder, "cpc_tiny", CPC_TINY, overrides)
 
 
 @ENCODERS.register
 def cpc_base(**overrides: Any) -> CPCEncoder:
-    return _with(build_cpc_encoder, "cpc_base", CPC_BASE, overrides)
+    return build_preset(build_cpc_encoder, "cpc_base", CPC_BASE, overrides)
 
 
 @ENCODERS.register
 def cpc_large(**overrides: Any) -> CPCEncoder:
-    return _with(build_cpc_encoder, "cpc_large", CPC_LARGE, overrides)
+    return build_preset(build_cpc_encoder, "cpc_large", CPC_LARGE, overrides)

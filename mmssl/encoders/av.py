@@ -24,19 +24,19 @@ Shape legend: B batch, S samples, T frames (25 Hz), C model dim, F stacked filte
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from mmssl.encoders.audio import build_preset
 from mmssl.encoders.base import EncoderOutput
 from mmssl.encoders.fusion import AVFusion
 from mmssl.encoders.video import LipEncoder, lip_resnet18, lip_tiny
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.frontend import FbankFrontend
 from mmssl.nn.padding import lengths_to_padding_mask
-from mmssl.nn.transformer import TransformerEncoder, build_transformer
+from mmssl.nn.transformer import TransformerEncoder, TransformerOptions
 from mmssl.registry import ENCODERS
 
 FRAME_RATE = 25.0
@@ -153,11 +153,12 @@ def substitute_frames(video: Tensor, src_index: Tensor) -> Tensor:
     return video.gather(1, idx)
 
 
+# AV-HuBERT (Shi et al., 2022; fairseq ``layer_norm_first=True``, ``encoder_layerdrop=0.05``)
+AV_HUBERT_TRANSFORMER = TransformerOptions(pre_norm=True, layer_drop=0.05)
+
+
 def build_av_encoder(
-    dim: int = 768,
-    num_layers: int = 12,
-    num_heads: int = 12,
-    ffn_dim: int = 3072,
+    transformer: TransformerOptions = AV_HUBERT_TRANSFORMER,
     lip: str = "resnet18",
     audio: bool = True,
     video: bool = True,
@@ -165,63 +166,48 @@ def build_av_encoder(
     stack: int = 4,
     modality_dropout: float = 0.5,
     audio_dropout: float = 0.5,
-    pre_norm: bool = True,
-    dropout: float = 0.1,
-    attention_dropout: float = 0.1,
-    activation_dropout: float = 0.0,
-    layer_drop: float = 0.05,
-    pos_conv_kernel: int = 128,
-    pos_conv_groups: int = 16,
     mask_embedding: bool = True,
+    **transformer_fields: Any,
 ) -> AVEncoder:
     """Audio-visual encoder. ``lip``: ``"resnet18"`` (AV-HuBERT) or ``"tiny"`` (tests, CPU);
-    ``mask_embedding``: whether masked-prediction objectives can mask the audio stream."""
+    ``mask_embedding``: whether masked-prediction objectives can mask the audio stream;
+    ``transformer_fields`` change fields of ``transformer`` (``dim=256, num_layers=4``)."""
+    options = transformer.replace(**transformer_fields)
     lips = {"resnet18": lip_resnet18, "tiny": lip_tiny}
     if lip not in lips:
         raise ConfigError(f"av encoder: lip must be one of {sorted(lips)}, got {lip!r}")
     if not (audio or video):
         raise ConfigError("av encoder: audio and video cannot both be off")
+    dim = options.dim
     audio_frontend = FbankFrontend(num_mel_bins, stack) if audio else None
     audio_proj = nn.Linear(audio_frontend.out_dim, dim) if audio_frontend is not None else None
     video_frontend = lips[lip]() if video else None
     video_proj = nn.Linear(video_frontend.dim, dim) if video_frontend is not None else None
     both = audio and video
     fusion = AVFusion(dim, dim, dim, modality_dropout if both else 0.0, audio_dropout)
-    transformer = build_transformer(
-        dim, num_layers, num_heads, ffn_dim, dropout, attention_dropout, activation_dropout,
-        layer_drop, pre_norm, pos_conv_kernel, pos_conv_groups,
-    )
-    return AVEncoder(audio_frontend, audio_proj, video_frontend, video_proj, fusion, transformer, mask_embedding)
+    return AVEncoder(audio_frontend, audio_proj, video_frontend, video_proj, fusion, options.build(), mask_embedding)
 
 
-def _with(preset: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> AVEncoder:
-    known = set(inspect.signature(build_av_encoder).parameters)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(
-            f"encoder {preset!r} has no option {', '.join(map(repr, unknown))}; it takes: {', '.join(sorted(known))}"
-        )
-    return build_av_encoder(**{**defaults, **overrides})
-
-
-AV_TINY = dict(dim=64, num_layers=2, num_heads=4, ffn_dim=128, lip="tiny", pos_conv_kernel=16, pos_conv_groups=4, layer_drop=0.0)
+AV_TINY = dict(
+    dim=64, num_layers=2, num_heads=4, ffn_dim=128, lip="tiny", pos_conv_kernel=16, pos_conv_groups=4, layer_drop=0.0
+)
 AV_BASE = dict(dim=768, num_layers=12, num_heads=12, ffn_dim=3072)  # AV-HuBERT Base
 AV_LARGE = dict(dim=1024, num_layers=24, num_heads=16, ffn_dim=4096)  # AV-HuBERT Large
 
 
 @ENCODERS.register
 def av_tiny(**overrides: Any) -> AVEncoder:
-    return _with("av_tiny", AV_TINY, overrides)
+    return build_preset(build_av_encoder, "av_tiny", AV_TINY, overrides)
 
 
 @ENCODERS.register
 def av_base(**overrides: Any) -> AVEncoder:
-    return _with("av_base", AV_BASE, overrides)
+    return build_preset(build_av_encoder, "av_base", AV_BASE, overrides)
 
 
 @ENCODERS.register
 def av_large(**overrides: Any) -> AVEncoder:
-    return _with("av_large", AV_LARGE, overrides)
+    return build_preset(build_av_encoder, "av_large", AV_LARGE, overrides)
 
 
 def paired_towers(size: str, **overrides: Any) -> tuple[AVEncoder, AVEncoder]:

@@ -110,7 +110,7 @@ def collect(
 
 def write_report(values: np.ndarray, columns: Sequence[str], out: Path, method: str, about: dict) -> str:
     """``layers.md``, ``layers.json`` and ``layers.png`` in ``out``; returns the Markdown table."""
-    from mmssl.eval.probes import format_table, plot_png
+    from mmssl.eval.probes import format_table, plot_layers
 
     rows = [str(i) for i in range(1, values.shape[0] + 1)]
     table = format_table(values, rows, columns)
@@ -120,7 +120,7 @@ def write_report(values: np.ndarray, columns: Sequence[str], out: Path, method: 
     doc = {**about, "method": method, "rows": rows, "columns": list(columns), "values": values.tolist()}
     (out / "layers.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     series = columns if about.get("against") is None else [f"other L{c}" for c in columns]
-    plot_png(values, out / "layers.png", series, title=title)
+    plot_layers(values, out / "layers.png", series, title=title)
     return table
 
 

@@ -13,7 +13,7 @@ Three scores of two sets of frames ``x (N, Dx)``, ``y (N, Dy)`` (rows are the sa
 
 Frames come from padded batches through :func:`valid_frames`, so padding never enters a
 statistic. CCA needs many more frames than dimensions (``N >> D``); ``reg`` adds a small ridge.
-The plot is drawn with Pillow (no matplotlib dependency).
+Tables and plots are made with ``mmssl.eval.report``.
 
 Shape legend: B batch, T frames, C channels, N frames pooled over a data set, L layers.
 """
@@ -30,6 +30,7 @@ from torch import Tensor
 from mmssl.encoders.av import AVEncoder
 from mmssl.encoders.base import EncoderOutput
 from mmssl.errors import ConfigError
+from mmssl.eval.report import line_plot, markdown_table
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.cca import linear_cca
 
@@ -166,68 +167,18 @@ def layerwise_similarity(
 
 
 def format_table(values: np.ndarray, rows: Sequence[str], columns: Sequence[str], digits: int = 3) -> str:
-    """A Markdown table of ``values (L, M)``."""
+    """A Markdown table of ``values (L, M)``: a row per layer, a column per reference."""
     values = np.atleast_2d(values)
-    head = "| layer | " + " | ".join(columns) + " |"
-    rule = "|---|" + "---|" * len(columns)
-    body = [f"| {r} | " + " | ".join(f"{v:.{digits}f}" for v in row) + " |" for r, row in zip(rows, values)]
-    return "\n".join([head, rule, *body])
+    return markdown_table(["layer", *columns], [[r, *row] for r, row in zip(rows, values.tolist())], digits)
 
 
-# colour-blind-safe palette (Okabe & Ito)
-PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0)]
-
-
-def plot_png(
-    values: np.ndarray,
-    path: str | Path,
-    series: Sequence[str],
-    title: str = "layer-wise CCA similarity",
-    size: tuple[int, int] = (640, 400),
-) -> Path:
-    """Line plot of ``values (L, M)``: similarity (0..1, y) against layer (1..L, x), one line per
-    reference, drawn with Pillow. Returns the path of the PNG."""
-    from PIL import Image, ImageDraw
-
-    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
-    if values.shape[0] == 1 and len(series) != 1:
-        values = values.T
-    w, h = size
-    left, right, top, bottom = 60, 20 + 120, 40, 50
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    x0, x1, y0, y1 = left, w - right, top, h - bottom
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    n = values.shape[0]
-
-    def px(i: int) -> float:
-        return x0 + (x1 - x0) * (i / max(n - 1, 1))
-
-    def py(v: float) -> float:
-        return y1 - (y1 - y0) * float(np.clip(v, 0.0, 1.0))
-
-    for tick in np.linspace(0, 1, 6):
-        draw.line([x0 - 4, py(tick), x0, py(tick)], fill=(0, 0, 0))
-        draw.text((x0 - 34, py(tick) - 6), f"{tick:.1f}", fill=(0, 0, 0))
-    for i in range(n):
-        draw.line([px(i), y1, px(i), y1 + 4], fill=(0, 0, 0))
-        draw.text((px(i) - 4, y1 + 8), str(i + 1), fill=(0, 0, 0))
-    draw.text(((x0 + x1) // 2 - 16, h - 20), "layer", fill=(0, 0, 0))
-    draw.text((x0, 12), title, fill=(0, 0, 0))
-    for j, name in enumerate(series):
-        colour = PALETTE[j % len(PALETTE)]
-        points = [(px(i), py(values[i, j])) for i in range(n)]
-        if n > 1:
-            draw.line(points, fill=colour, width=3)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        ly = y0 + 16 * j
-        draw.line([x1 + 10, ly + 6, x1 + 30, ly + 6], fill=colour, width=3)
-        draw.text((x1 + 36, ly), name, fill=(0, 0, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
-    return path
+def plot_layers(values: np.ndarray, path: str | Path, series: Sequence[str], title: str) -> Path:
+    """Line plot of ``values (L, M)`` (``mmssl.eval.report.line_plot``): similarity (0..1)
+    against layer (1..L), one line per reference. Returns the path of the PNG."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1, len(series))  # (L, M)
+    layers = [str(i) for i in range(1, values.shape[0] + 1)]
+    lines = {name: values[:, j].tolist() for j, name in enumerate(series)}
+    return line_plot(layers, lines, path, xlabel="layer", ylabel="similarity", title=title, ylim=(-0.02, 1.02))
 
 
 def layerwise_report(
@@ -241,5 +192,5 @@ def layerwise_report(
     out.mkdir(parents=True, exist_ok=True)
     rows = [str(i + 1) for i in range(len(layers))]
     (out / f"cca_{method}.md").write_text(format_table(values, rows, names) + "\n")
-    plot_png(values, out / f"cca_{method}.png", names, title=f"layer-wise {method.upper()} similarity")
+    plot_layers(values, out / f"cca_{method}.png", names, title=f"layer-wise {method.upper()} similarity")
     return values

@@ -15,7 +15,9 @@ padded frames of the outputs hold unspecified values: read outputs with ``length
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -382,3 +384,43 @@ def build_transformer(
         pos_conv = ConvPositionalEmbedding(dim, pos_conv_kernel, pos_conv_groups)
     bias = RelativePositionBias(num_heads, rel_pos_buckets, rel_pos_max_distance) if gated else None
     return TransformerEncoder(pos_conv, layers, dim, dropout, pre_norm, layer_drop, bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerOptions:
+    """The arguments of ``build_transformer`` as one value, so that the encoder builders
+    (``mmssl.encoders.audio``, ``mmssl.encoders.av``) hand them on together.
+
+    Defaults are ``build_transformer``'s (wav2vec 2.0 base, sec. 4.2; no layer drop).
+    ``replace(**fields)`` gives a copy with some fields changed; ``build()`` makes the encoder.
+    """
+
+    dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layer_drop: float = 0.0
+    pre_norm: bool = False
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    pos_conv_depth: int = 1
+    rel_pos_buckets: int = 0
+    rel_pos_max_distance: int = 800
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **fields: Any) -> TransformerOptions:
+        """A copy with ``fields`` changed; an unknown name is a ``ConfigError`` naming it."""
+        unknown = sorted(set(fields) - set(self.field_names()))
+        if unknown:
+            raise ConfigError(f"transformer has no option {', '.join(map(repr, unknown))}; "
+                              f"it takes: {', '.join(self.field_names())}")
+        return dataclasses.replace(self, **fields)
+
+    def build(self) -> TransformerEncoder:
+        return build_transformer(**dataclasses.asdict(self))

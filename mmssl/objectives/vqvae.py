@@ -1,0 +1,258 @@
+"""Frame autoencoders of log mel filterbanks: a plain bottleneck (``autoencoder``) and a vector
+quantised one (``vqvae``; van den Oord et al., 2017, "Neural discrete representation
+learning"; for speech, Chorowski et al., 2019, "Unsupervised speech representation learning
+using WaveNet autoencoders").
+
+* Encoder (``FrameAutoencoderEncoder``): normalised 80-d log mels (100 Hz), optionally
+  downsampled x2 by stacking frame pairs (50 Hz; Chorowski et al. downsample their encoder to
+  50 Hz with a strided convolution), a convolution of kernel 3 and residual blocks
+  (ReLU, conv 3, ReLU, conv 1, plus the input: van den Oord et al., sec. 4.1), and a linear
+  projection to the latent ``z_e``.
+* Bottleneck: ``z_e`` as it is (``autoencoder``) or its nearest codebook entry with a
+  straight-through gradient (``vqvae``: ``mmssl.nn.quantizer.VectorQuantizer``, K = 512,
+  beta = 0.25, EMA codebook with decay 0.99 and dead-entry restarts by default).
+* Decoder (``FrameDecoder``): linear projection, residual blocks and a linear layer to
+  ``stack`` mel frames per latent frame. The original decoders are autoregressive (PixelCNN,
+  WaveNet); this one reconstructs the log mels frame-wise, which keeps all of the information
+  in the latents (the point of the representation) and trains in one pass.
+
+The reconstruction term is the mean squared error by default: VQ-VAE's ``log p(x | z_q)``
+(eq. 3) under a Gaussian decoder of fixed variance is, up to constants, the squared error;
+``reconstruction="l1"`` uses the L1 distance of APC and DeCoAR instead. The VQ-VAE loss adds
+``||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2`` (eq. 3; the first term replaced by the EMA
+updates when they are on).
+
+Every convolution's output is zeroed on padded frames before the next layer, so a padded
+batch gives each utterance what it gets alone (the zero padding of a convolution at an
+utterance's end is what the padded frames hold). The encoder's layers for downstream use are
+the convolution stack's outputs, ``z_e`` and, for VQ-VAE, the quantised ``z_q``.
+
+Shape legend: B batch, S samples, T frames (latent rate), F mel bins, C channels, D latent
+dim, K codebook entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmssl.data.features import stack_frames
+from mmssl.encoders.base import EncoderOutput, Features, FrameSpec, SpeechEncoder
+from mmssl.errors import ConfigError
+from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.quantizer import VectorQuantizer
+from mmssl.nn.reconstruction import LogMelFrontend, reconstruction_loss
+from mmssl.objectives.apc import size_preset
+from mmssl.objectives.base import Objective
+from mmssl.registry import OBJECTIVES
+
+
+def _keep(lengths: Tensor, t: int) -> Tensor:
+    """``(B, 1, T)`` float: 1 on valid frames, 0 on padding (channel-first layout)."""
+    return (~lengths_to_padding_mask(lengths, t)).unsqueeze(1).float()
+
+
+class ResidualBlock(nn.Module):
+    """``x + conv1(relu(conv3(relu(x))))`` (VQ-VAE, sec. 4.1) on ``x (B, C, T)``."""
+
+    def __init__(self, channels: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or channels
+        self.conv3 = nn.Conv1d(channels, hidden, 3, padding=1)
+        self.conv1 = nn.Conv1d(hidden, channels, 1)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``x (B, C, T)``, ``keep (B, 1, T)`` -> ``(B, C, T)``, zero on padding."""
+        y = self.conv3(F.relu(x)) * keep  # zero padding before the next convolution reads it
+        return (x + self.conv1(F.relu(y))) * keep
+
+
+class ConvStack(nn.Module):
+    """Input convolution (kernel 3) then residual blocks: ``x (B, T, F_in)`` -> the output
+    ``(B, T, C)`` of every layer, each zero on padded frames."""
+
+    def __init__(self, input_dim: int, channels: int, num_blocks: int) -> None:
+        super().__init__()
+        self.input = nn.Conv1d(input_dim, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(num_blocks))
+
+    def forward(self, x: Tensor, lengths: Tensor) -> list[Tensor]:
+        keep = _keep(lengths, x.shape[1])
+        h = self.input(x.transpose(1, 2)) * keep  # (B, C, T)
+        outputs = [h]
+        for block in self.blocks:
+            h = block(h, keep)
+            outputs.append(h)
+        return [o.transpose(1, 2) for o in outputs]  # each (B, T, C)
+
+
+class FrameAutoencoderEncoder(SpeechEncoder):
+    """Log mels -> (frame pairs) -> ``ConvStack`` -> linear ``C -> D`` -> optional quantizer.
+
+    ``extract``: ``Features`` with ``x = raw =`` the (stacked) log mels ``(B, T, stack * F)``;
+    ``encode``: the convolution layers and ``z_e (B, T, D)``; ``contextualize``: every layer,
+    ``z_e`` and (with a quantizer) ``z_q`` in ``layers``, ``hidden`` the last of them."""
+
+    def __init__(
+        self, frontend: LogMelFrontend, stack: int, convs: ConvStack, latent_dim: int,
+        quantizer: VectorQuantizer | None = None,
+    ) -> None:
+        super().__init__()
+        if stack < 1:
+            raise ConfigError(f"frame autoencoder: stack must be >= 1, got {stack}")
+        self.frontend, self.stack, self.convs, self.quantizer = frontend, stack, convs, quantizer
+        self.to_latent = nn.Linear(convs.input.out_channels, latent_dim)
+        self.dim = latent_dim
+        self.feature_dim = frontend.out_dim * stack
+        self.frame_rate = frontend.frame_rate / stack
+        self.frame_spec = FrameSpec(frontend.frame_spec.kernels, frontend.frame_spec.strides, stack)
+
+    @property
+    def num_layers(self) -> int:
+        return 1 + len(self.convs.blocks) + 1 + (self.quantizer is not None)
+
+    def extract(self, audio: Tensor, audio_lens: Tensor) -> Features:
+        """``audio (B, S)`` -> ``Features`` with ``x = raw`` ``(B, T, stack * F)``: frame ``t``
+        holds mel frames ``stack * t .. stack * t + stack - 1`` (zeros past the end)."""
+        mel, mel_lens = self.frontend(audio, audio_lens)  # (B, T_mel, F), zero padded
+        x = stack_frames(mel, self.stack)  # (B, T, stack * F)
+        lengths = torch.div(mel_lens + self.stack - 1, self.stack, rounding_mode="floor")
+        return Features(x=x, raw=x, lengths=lengths)
+
+    def encode(self, x: Tensor, lengths: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``x (B, T, stack * F)`` -> (convolution layers ``[(B, T, C)]``, ``z_e (B, T, D)``),
+        all zero on padded frames."""
+        layers = self.convs(x, lengths)
+        keep = (~lengths_to_padding_mask(lengths, x.shape[1])).unsqueeze(-1).to(x.dtype)
+        return layers, self.to_latent(layers[-1]) * keep
+
+    def contextualize(self, x: Tensor, lengths: Tensor, num_layers: int | None = None) -> EncoderOutput:
+        """``x (B, T, stack * F)`` -> ``EncoderOutput``: layers ``1..num_layers`` of the convolution
+        stack, ``z_e`` and ``z_q``. The codebook never moves here (``VectorQuantizer.lookup``), also
+        in training mode (CTC fine-tuning of this encoder keeps the pretrained codebook)."""
+        depth = self.num_layers if num_layers is None else num_layers
+        if not 1 <= depth <= self.num_layers:
+            raise ConfigError(f"frame autoencoder: num_layers must be in [1, {self.num_layers}], got {num_layers}")
+        convs, z_e = self.encode(x, lengths)
+        layers = [*convs, z_e]
+        if self.quantizer is not None:
+            layers.append(self.quantizer.lookup(z_e)[0])
+        layers = layers[:depth]
+        return EncoderOutput(hidden=layers[-1], lengths=lengths, layers=layers, frame_rate=self.frame_rate)
+
+
+class FrameDecoder(nn.Module):
+    """Linear ``D -> C``, residual blocks, linear ``C -> stack * F``, unstacked:
+    ``z (B, T, D)``, ``lengths (B,)`` -> ``(B, stack * T, F)``."""
+
+    def __init__(self, latent_dim: int, channels: int, num_blocks: int, num_mel_bins: int, stack: int) -> None:
+        super().__init__()
+        self.stack, self.num_mel_bins = stack, num_mel_bins
+        self.from_latent = nn.Linear(latent_dim, channels)
+        self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(num_blocks))
+        self.out = nn.Linear(channels, stack * num_mel_bins)
+
+    def forward(self, z: Tensor, lengths: Tensor) -> Tensor:
+        b, t, _ = z.shape
+        keep = _keep(lengths, t)  # (B, 1, T)
+        h = self.from_latent(z).transpose(1, 2) * keep  # (B, C, T)
+        for block in self.blocks:
+            h = block(h, keep)
+        y = self.out(F.relu(h).transpose(1, 2))  # (B, T, stack * F)
+        return y.reshape(b, t * self.stack, self.num_mel_bins)  # (B, stack * T, F)
+
+
+class FrameAutoencoderObjective(Objective):
+    """``forward(batch)`` reads ``audio (B, S)``, ``audio_lens (B,)``. Parts: ``encoder`` (a
+    ``FrameAutoencoderEncoder``, with a quantizer for VQ-VAE) and ``decoder``."""
+
+    modalities = ("audio",)
+
+    def __init__(self, encoder: FrameAutoencoderEncoder, decoder: FrameDecoder, reconstruction: str = "mse") -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.reconstruction, self.reconstruction_loss = reconstruction, reconstruction_loss(reconstruction)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        enc = self.encoder
+        feats = enc.extract(batch["audio"], batch["audio_lens"])
+        b, t, _ = feats.x.shape
+        _, z_e = enc.encode(feats.x, feats.lengths)
+        vq = enc.quantizer(z_e, feats.lengths) if enc.quantizer is not None else None
+        recon = self.decoder(z_e if vq is None else vq.quantized, feats.lengths)  # (B, stack * T, F)
+        target = feats.x.reshape(b, t * enc.stack, enc.frontend.out_dim)  # the mel frames, unstacked
+        mel_lens = enc.frontend.frame_spec(batch["audio_lens"].to(feats.x.device))
+        weight = ~lengths_to_padding_mask(mel_lens, t * enc.stack)  # only real mel frames
+        rec = self.reconstruction_loss(recon, target, weight)
+        out = {f"reconstruction_{self.reconstruction}_loss": rec.detach()}
+        if vq is None:
+            return {"loss": rec, **out}
+        return {
+            "loss": rec + vq.loss,
+            **out,
+            "codebook_loss": vq.codebook_loss,
+            "commitment_loss": vq.commitment_loss,
+            "code_perplexity": vq.perplexity.detach(),
+            "code_usage": vq.usage.detach(),
+        }
+
+
+# channels / residual blocks / latent dim per size; base follows Chorowski et al. (768-channel
+# convolutions, 64-dimensional latents), large is a wider, deeper variant
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"channels": 32, "num_blocks": 1, "latent_dim": 16},
+    "base": {"channels": 768, "num_blocks": 4, "latent_dim": 64},
+    "large": {"channels": 1024, "num_blocks": 6, "latent_dim": 64},
+}
+ENCODER_KEYS = ("channels", "num_blocks", "latent_dim", "num_mel_bins")
+
+
+def build_frame_autoencoder(
+    size: str, downsample: bool, reconstruction: str, overrides: dict[str, Any] | None,
+    quantizer: dict[str, Any] | None,
+) -> FrameAutoencoderObjective:
+    """Encoder, optional ``VectorQuantizer(**quantizer)`` and decoder of the ``size`` preset;
+    ``overrides`` may set ``channels``, ``num_blocks``, ``latent_dim``, ``num_mel_bins``."""
+    settings = {**size_preset("frame autoencoder", size, SIZES), "num_mel_bins": 80, **(overrides or {})}
+    unknown = sorted(set(settings) - set(ENCODER_KEYS))
+    if unknown:
+        raise ConfigError(f"objective.encoder: unknown key {unknown[0]!r}; known: {', '.join(ENCODER_KEYS)}")
+    stack = 2 if downsample else 1
+    mels, channels, blocks, latent = (settings[k] for k in ("num_mel_bins", "channels", "num_blocks", "latent_dim"))
+    vq = VectorQuantizer(latent, **quantizer) if quantizer is not None else None
+    convs = ConvStack(mels * stack, channels, blocks)
+    encoder = FrameAutoencoderEncoder(LogMelFrontend(mels), stack, convs, latent, vq)
+    decoder = FrameDecoder(latent, channels, blocks, mels, stack)
+    return FrameAutoencoderObjective(encoder, decoder, reconstruction)
+
+
+@OBJECTIVES.register
+def autoencoder(
+    size: str = "base",
+    downsample: bool = True,  # 50 Hz latents, as Chorowski et al.
+    reconstruction: str = "mse",  # Gaussian log-likelihood up to constants; or "l1"
+    encoder: dict[str, Any] | None = None,
+) -> FrameAutoencoderObjective:
+    """A log-mel autoencoder with a continuous bottleneck (the baseline of Chorowski et al.)."""
+    return build_frame_autoencoder(size, downsample, reconstruction, encoder, None)
+
+
+@OBJECTIVES.register
+def vqvae(
+    size: str = "base",
+    entries: int = 512,  # K = 512 (van den Oord et al., sec. 4.1)
+    beta: float = 0.25,  # commitment weight (sec. 3.2)
+    ema_decay: float | None = 0.99,  # EMA codebook (appendix A.1); null: codebook loss instead
+    restart_threshold: float = 1.0,  # restart entries picked < once per update on average; 0: off
+    downsample: bool = True,
+    reconstruction: str = "mse",
+    encoder: dict[str, Any] | None = None,
+    world_size: int = 1,
+) -> FrameAutoencoderObjective:
+    """VQ-VAE on log mels; ``world_size`` keeps the EMA codebook the same on every rank."""
+    quantizer = {"entries": entries, "beta": beta, "ema_decay": ema_decay,
+                 "restart_threshold": restart_threshold, "world_size": world_size}
+    return build_frame_autoencoder(size, downsample, reconstruction, encoder, quantizer)

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from mmssl.data.features import fbank
+from mmssl.errors import ConfigError
+from mmssl.nn.reconstruction import (
+    LogMelFrontend,
+    future_slices,
+    log_mel,
+    masked_l1,
+    masked_mse,
+    shift_targets,
+)
+from mmssl.testing import tiny_audio_batch
+
+
+def test_log_mel_normalises_each_utterance_over_its_valid_frames_only():
+    batch = tiny_audio_batch()
+    x, lengths = log_mel(batch["audio"], batch["audio_lens"])
+    assert x.shape[-1] == 80
+    for i in range(3):
+        n = int(lengths[i])
+        raw = fbank(batch["audio"][i, : batch["audio_lens"][i]])  # (T, F) one utterance alone
+        assert raw.shape[0] == n
+        expected = (raw - raw.mean(0)) / torch.sqrt(raw.var(0, unbiased=False) + 1e-5)
+        assert torch.allclose(x[i, :n], expected, atol=1e-3)
+        assert torch.all(x[i, n:] == 0)
+
+
+def test_log_mel_without_normalisation_is_the_kaldi_fbank():
+    batch = tiny_audio_batch()
+    x, lengths = log_mel(batch["audio"], batch["audio_lens"], num_mel_bins=40, normalize="none")
+    raw = fbank(batch["audio"][1, : batch["audio_lens"][1]], num_mel_bins=40)
+    assert torch.allclose(x[1, : lengths[1]], raw, atol=1e-3)
+    with pytest.raises(ConfigError, match="normalize"):
+        log_mel(batch["audio"], batch["audio_lens"], normalize="global")
+
+
+def test_frontend_frame_spec_predicts_the_frame_count():
+    batch = tiny_audio_batch()
+    front = LogMelFrontend()
+    x, lengths = front(batch["audio"], batch["audio_lens"])
+    assert torch.equal(lengths, front.frame_spec(batch["audio_lens"]))
+    assert x.shape[1] == int(lengths.max()) and front.frame_rate == 100.0
+
+
+def test_masked_l1_and_mse_match_hand_computation():
+    pred = torch.tensor([[[1.0, 2.0], [3.0, 5.0], [9.0, 9.0]]])  # (1, 3, 2)
+    target = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]])
+    weight = torch.tensor([[True, True, False]])
+    # |1| + |2| + |2| + |4| = 9 over 2 frames x 2 features
+    assert torch.isclose(masked_l1(pred, target, weight), torch.tensor(9 / 4))
+    # 1 + 4 + 4 + 16 = 25 over 4
+    assert torch.isclose(masked_mse(pred, target, weight), torch.tensor(25 / 4))
+    # float weights: frame 0 counts half
+    w = torch.tensor([[0.5, 1.0, 0.0]])
+    assert torch.isclose(masked_l1(pred, target, w), torch.tensor((0.5 * 3 + 6) / (1.5 * 2)))
+
+
+def test_masked_loss_is_zero_and_finite_when_nothing_is_weighted_or_padding_is_nan():
+    pred = torch.randn(2, 4, 3, requires_grad=True)
+    loss = masked_l1(pred, torch.randn(2, 4, 3), torch.zeros(2, 4, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(pred.grad == 0)
+    bad = torch.randn(2, 4, 3)
+    bad[1, 3] = float("nan")
+    bad.requires_grad_()
+    weight = torch.ones(2, 4, dtype=torch.bool)
+    weight[1, 3] = False
+    loss = masked_mse(bad, torch.zeros(2, 4, 3), weight)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(bad.grad).all()
+    assert torch.isclose(loss, (bad.detach()[weight] ** 2).mean())
+
+
+def test_shift_targets_pairs_frame_t_with_t_plus_n_and_drops_the_last_n():
+    x = torch.arange(12.0).view(2, 6, 1)  # utterance 0: 0..5; utterance 1: 6..11, length 4
+    lengths = torch.tensor([6, 4])
+    target, weight = shift_targets(x, lengths, 2)
+    assert target[0, :, 0].tolist() == [2, 3, 4, 5, 0, 0]
+    assert target[1, :2, 0].tolist() == [8, 9]
+    assert weight.tolist() == [[True] * 4 + [False] * 2, [True, True] + [False] * 4]
+    same, all_valid = shift_targets(x, lengths, 0)
+    assert torch.equal(same, x) and all_valid.sum() == 10
+
+
+def test_future_slices_by_hand():
+    x = torch.arange(1.0, 6.0).view(1, 5, 1)  # frames 1..5, the last one padding
+    targets, weight = future_slices(x, torch.tensor([4]), k=3, offset=1)
+    assert targets.shape == (1, 5, 3, 1)
+    assert targets[0, 0, :, 0].tolist() == [2, 3, 4]
+    assert targets[0, 1, :, 0].tolist() == [3, 4, 5]
+    assert weight[0].tolist() == [
+        [True, True, True],
+        [True, True, False],  # frame index 4 is padding
+        [True, False, False],
+        [False, False, False],
+        [False, False, False],
+    ]

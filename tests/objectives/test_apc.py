@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+
+from mmssl.cli import main
+from mmssl.errors import ConfigError
+from mmssl.eval.extract import load_features, read_index
+from mmssl.objectives.apc import apc
+from mmssl.testing import tiny_audio_batch, utterances_alone
+
+
+def _model(time_shift: int = 3):
+    torch.manual_seed(0)
+    return apc(size="tiny", time_shift=time_shift)
+
+
+def test_prediction_at_t_is_compared_with_frame_t_plus_n():
+    model = _model(time_shift=3).eval()
+    batch = tiny_audio_batch()
+    with torch.no_grad():
+        out = model(batch)
+        feats = model.encoder.extract(batch["audio"], batch["audio_lens"])
+        pred = model.head(model.encoder.contextualize(feats.x, feats.lengths).hidden)
+    total, count = 0.0, 0
+    for b, n in enumerate(feats.lengths.tolist()):
+        for t in range(n - 3):  # the last 3 valid frames have no target
+            total += (pred[b, t] - feats.x[b, t + 3]).abs().sum().item()
+            count += feats.x.shape[-1]
+    assert count > 0
+    assert abs(out["loss"].item() - total / count) < 1e-5
+    assert out["predicted_frames"].item() == sum(n - 3 for n in feats.lengths.tolist())
+
+
+def test_padded_batch_equals_each_utterance_alone():
+    model = _model().eval()
+    batch = tiny_audio_batch()
+    with torch.no_grad():
+        out = model(batch)
+        total, count = 0.0, 0.0
+        for alone in utterances_alone(batch, model.encoder.frame_lengths(batch["audio_lens"])):
+            single = model(alone)
+            total += single["loss"].item() * single["predicted_frames"].item()
+            count += single["predicted_frames"].item()
+    assert abs(out["loss"].item() - total / count) < 1e-5
+
+
+def test_representation_at_t_ignores_later_frames():
+    model = _model().eval()
+    batch = tiny_audio_batch((4000, 4000))
+    with torch.no_grad():
+        feats = model.encoder.extract(batch["audio"], batch["audio_lens"])
+        changed = feats.x.clone()
+        changed[:, 11:] = torch.randn_like(changed[:, 11:])
+        a = model.encoder.contextualize(feats.x, feats.lengths).layers
+        b = model.encoder.contextualize(changed, feats.lengths).layers
+    assert len(a) == model.encoder.num_layers == 2
+    for x, y in zip(a, b):
+        assert torch.allclose(x[:, :11], y[:, :11], atol=1e-6)
+        assert not torch.allclose(x[:, 11:], y[:, 11:], atol=1e-3)
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    model = _model()
+    batch = tiny_audio_batch()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ConfigError, match="time_shift"):
+        apc(size="tiny", time_shift=0)
+    with pytest.raises(ConfigError, match="model.size"):
+        apc(size="huge")
+
+
+def test_recipe_pretrains_and_its_run_extracts_every_layer(synth_tiny, tmp_path):
+    run = tmp_path / "apc"
+    assert main(["pretrain", "apc", "model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+                 "train.max_steps=2", "train.log_every=1", f"train.out_dir={run}", "data.num_workers=0",
+                 "train.progress=false"]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(0 < m["loss"] < 10 and m["l1_loss"] == m["loss"] for m in lines)
+    feats = tmp_path / "feats"
+    manifest = synth_tiny / "av" / "valid.jsonl"
+    assert main(["extract", "--checkpoint", str(run), "--manifest", str(manifest), "--layer", "all",
+                 "--out", str(feats), "--device", "cpu"]) == 0
+    index = read_index(feats)
+    assert {(x["layer"], x["dim"], x["frame_rate"]) for x in index} == {(0, 80, 100.0), (1, 32, 100.0), (2, 32, 100.0)}
+    stored = load_features(feats, 2)
+    assert len(stored) == 4 and all(torch.isfinite(v).all() for v in stored.values())
+
+
+@pytest.mark.cuda
+def test_training_step_has_no_host_sync():
+    model = _model().cuda().train()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in tiny_audio_batch().items()}
+    model(batch)["loss"].backward()  # warm-up: lazy CUDA initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(batch)["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
