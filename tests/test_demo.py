@@ -5,7 +5,8 @@ from mmssl.cli import main
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--size", "tiny", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
+    argv = ["demo", "--size", "tiny", "--steps", "2", "--asr-steps", "2", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "av_hubert" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 2
@@ -17,6 +18,12 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert "MFCC (iteration-1 targets)" in printed and "AV-HuBERT last layer" in printed
     assert (out / "km_av" / "valid.km").read_text().count("\n") == len(
         (out / "corpus" / "av" / "valid.jsonl").read_text().splitlines())
+    # CTC fine-tuning decoded the valid split; the noisy grid covers clean + 2 noises x 3 SNRs x 3 conditions
+    wer = json.loads((out / "asr" / "wer.json").read_text())
+    assert wer["utterances"] == len((out / "corpus" / "av" / "valid.jsonl").read_text().splitlines())
+    cells = [json.loads(line) for line in (out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()]
+    assert len(cells) == (1 + 2 * 3) * 3 and {c["noise"] for c in cells} == {"none", "babble", "music"}
+    assert "WER (%) on the test split under noise" in printed and "| music | -5 |" in printed
     # a second run finds every output and redoes nothing
-    assert main(["demo", "--size", "tiny", "--steps", "2", "--device", "cpu", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("already done, skipped") == 3
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("already done, skipped") == 5

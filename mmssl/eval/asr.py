@@ -1,0 +1,384 @@
+"""ASR with CTC: output units, text normalisation, greedy decoding, WER, and
+``mmssl finetune-asr [RECIPE] --init PRETRAIN_RUN [key=value ...] [--resume]``.
+
+Units are SentencePiece pieces (the real library) trained on the transcripts of the training
+manifest when fine-tuning starts: characters (``objective.units=char``, the default, right for
+small corpora) or a unigram vocabulary (``objective.units=unigram``, ``objective.vocab_size``;
+AV-HuBERT, Shi et al. 2022, sec. 4.1, fine-tunes on LRS3 with 1000 unigram units). The model
+is saved in the run folder as ``units.model`` so that training, decoding and ``mmssl
+eval-noisy`` use the same units. CTC class 0 is the blank; SentencePiece piece ``i`` is CTC
+class ``i + 1`` (ids are offset by one, so SentencePiece keeps its own ``<unk>`` at piece 0).
+
+One function, :func:`normalize_text`, makes both the training targets and the WER references.
+
+``finetune-asr`` reuses ``mmssl pretrain``'s engine (run folder with config.yaml,
+metrics.jsonl, checkpoints/, tb/, ``--resume``), then decodes ``data.valid`` greedily and writes
+``wer.json`` and ``hyps.jsonl``.
+
+Shape legend: B batch, S samples, T frames, V CTC classes (units + blank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from mmssl.errors import ConfigError, DataError
+
+BLANK = 0
+UNITS_FILE = "units.model"
+UNIT_KINDS = ("char", "unigram")
+# the built-in character set of a model built without a units file (tests, from-scratch checks)
+DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz'0123456789"
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case, punctuation to spaces (apostrophes inside words are kept: "don't"),
+    whitespace collapsed. Used for CTC targets and for WER references and hypotheses."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"[^\w\s']|_", " ", text)
+    text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)  # quotes, not apostrophes
+    return " ".join(text.split())
+
+
+class Units:
+    """A SentencePiece model as CTC classes: class 0 is the blank, piece ``i`` is class ``i + 1``.
+
+    Picklable (it carries the serialised model), so data workers can tokenise."""
+
+    def __init__(self, model_proto: bytes, source: str = "<memory>") -> None:
+        import sentencepiece as spm
+
+        self.proto, self.source = bytes(model_proto), source
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        except Exception as err:  # sentencepiece raises RuntimeError / OSError
+            raise DataError(f"{source}: not a SentencePiece model ({err})") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Units":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: units model not found (made by `mmssl finetune-asr`)")
+        return cls(path.read_bytes(), str(path))
+
+    def save(self, path: str | Path) -> Path:
+        from mmssl.train.checkpoint import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(self.proto))
+        return path
+
+    @property
+    def size(self) -> int:
+        """``V``: SentencePiece pieces plus the blank."""
+        return self.sp.get_piece_size() + 1
+
+    def encode(self, text: str) -> list[int]:
+        """Normalised ``text`` -> CTC classes (never 0)."""
+        return [i + 1 for i in self.sp.encode(normalize_text(text))]
+
+    def decode(self, classes: Sequence[int]) -> str:
+        """CTC classes (blanks are dropped) -> normalised text."""
+        return normalize_text(self.sp.decode([int(c) - 1 for c in classes if int(c) != BLANK]))
+
+    def __getstate__(self) -> dict:
+        return {"proto": self.proto, "source": self.source}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["proto"], state["source"])  # type: ignore[misc]
+
+
+def train_units(texts: Iterable[str], kind: str = "char", vocab_size: int = 1000) -> Units:
+    """SentencePiece units over normalised ``texts``: every character (``char``) or a unigram
+    vocabulary of at most ``vocab_size`` pieces (``unigram``; fewer when the texts are too small
+    for that many, as SentencePiece's ``hard_vocab_limit=false``)."""
+    import sentencepiece as spm
+
+    if kind not in UNIT_KINDS:
+        raise ConfigError(f"objective.units: {kind!r} is not one of {', '.join(UNIT_KINDS)}")
+    lines = [t for t in (normalize_text(x) for x in texts) if t]
+    if not lines:
+        raise DataError("no transcript to train units on")
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto, model_type=kind,
+        vocab_size=100_000 if kind == "char" else vocab_size, use_all_vocab=kind == "char",
+        hard_vocab_limit=False, character_coverage=1.0, add_dummy_prefix=False,
+        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        minloglevel=2, num_threads=1,
+    )
+    return Units(proto.getvalue(), f"<{kind} units>")
+
+
+def default_units() -> Units:
+    """Character units over ``DEFAULT_ALPHABET`` (a model built without a units file)."""
+    return train_units([" ".join(DEFAULT_ALPHABET)], "char")
+
+
+def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
+    """Best path: argmax per frame, repeats collapsed, blanks dropped (a blank between two equal
+    classes keeps both). ``log_probs (B, T, V)``, ``lengths (B,)`` valid frames -> B class lists."""
+    best = log_probs.argmax(-1)  # (B, T)
+    prev = torch.nn.functional.pad(best[:, :-1], (1, 0), value=BLANK)
+    keep = (best != prev) & (best != BLANK)
+    keep &= torch.arange(best.shape[1], device=best.device) < lengths.to(best.device).unsqueeze(1)
+    best, keep = best.cpu(), keep.cpu()
+    return [row[k].tolist() for row, k in zip(best, keep)]
+
+
+def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> dict:
+    """Corpus-level WER over normalised texts (jiwer): ``wer``, ``substitutions``,
+    ``deletions``, ``insertions``, ``hits``, ``errors``, ``words`` (reference words),
+    ``utterances``. An empty reference adds its hypothesis words as insertions."""
+    import jiwer
+
+    refs = [normalize_text(r) for r in refs]
+    hyps = [normalize_text(h) for h in hyps]
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    subs = dels = ins = hits = 0
+    scored = [(r, h) for r, h in zip(refs, hyps) if r]
+    if scored:
+        out = jiwer.process_words([r for r, _ in scored], [h for _, h in scored])
+        subs, dels, ins, hits = out.substitutions, out.deletions, out.insertions, out.hits
+    ins += sum(len(h.split()) for r, h in zip(refs, hyps) if not r)
+    words = subs + dels + hits
+    errors = subs + dels + ins
+    return {
+        "wer": errors / words if words else float(errors > 0),
+        "substitutions": subs, "deletions": dels, "insertions": ins, "hits": hits,
+        "errors": errors, "words": words, "utterances": len(refs),
+    }
+
+
+# ---------------------------------------------------------------- decoding a manifest
+
+@dataclass
+class Clip:
+    """One record held in memory for decoding: ``audio (S,)`` float, ``video (T, H, W)`` uint8
+    (lip crops, normalised only when batched), either None when not read."""
+
+    id: str
+    transcript: str
+    audio: Tensor | None = None
+    video: Tensor | None = None
+
+    @property
+    def seconds(self) -> float:
+        if self.audio is not None:
+            return self.audio.shape[0] / 16_000
+        assert self.video is not None
+        return self.video.shape[0] / 25.0
+
+
+def load_clips(manifest: str | Path, modalities: Sequence[str], progress: bool = True,
+               limit: int | None = None) -> list[Clip]:
+    """The records of ``manifest`` (the first ``limit`` when given) with the ``modalities`` they
+    are decoded with. ``DataError`` naming the record when it has no transcript or lacks a file
+    for one of ``modalities``."""
+    from tqdm import tqdm
+
+    from mmssl.data.io import load_audio, load_video
+    from mmssl.data.manifest import read_manifest
+
+    records = read_manifest(manifest)[:limit]
+    if not records:
+        raise DataError(f"{manifest}: no records")
+    clips = []
+    for record in tqdm(records, desc=f"read {Path(manifest).name}", unit="utt", disable=not progress, leave=False):
+        rid = str(record["id"])
+        if not record.get("transcript"):
+            raise DataError(f"{manifest}: record {rid!r} has no transcript (WER needs one per record)")
+        clip = Clip(rid, record["transcript"])
+        for key, load in (("audio", load_audio), ("video", load_video)):
+            if key in modalities:
+                if not record.get(key):
+                    raise DataError(f"{manifest}: record {rid!r} has no {key!r} path")
+                try:
+                    setattr(clip, key, load(record[key]))
+                except DataError as err:
+                    raise DataError(f"{manifest}: record {rid!r}: {err}") from None
+        clips.append(clip)
+    return clips
+
+
+def length_batches(clips: Sequence[Clip], batch_seconds: float) -> list[list[int]]:
+    """Indices of ``clips`` sorted by length and packed under ``batch_seconds`` of padded audio."""
+    from mmssl.data.samplers import pack_batches
+
+    if batch_seconds <= 0:
+        raise ConfigError(f"--batch-seconds must be positive, got {batch_seconds}")
+    seconds = [c.seconds for c in clips]
+    order = sorted(range(len(clips)), key=lambda i: seconds[i])
+    return pack_batches(order, seconds, batch_seconds)
+
+
+def clip_batch(clips: Sequence[Clip], modalities: Sequence[str], device: torch.device,
+               audios: Sequence[Tensor] | None = None) -> dict:
+    """A padded batch of ``clips`` with only the keys of ``modalities`` (``audios`` replaces
+    the clips' own waveforms, e.g. noisy copies)."""
+    from mmssl.data.collate import pad_sequences
+    from mmssl.data.datasets import lip_frames
+
+    batch: dict = {"ids": [c.id for c in clips]}
+    if "audio" in modalities:
+        waves = list(audios) if audios is not None else [c.audio for c in clips]
+        audio, lens = pad_sequences(waves)  # (B, S)
+        batch.update(audio=audio.to(device), audio_lens=lens.to(device))
+    if "video" in modalities:
+        video, lens = pad_sequences([lip_frames(c.video) for c in clips])  # (B, T, 1, H, W)
+        batch.update(video=video.to(device), video_lens=lens.to(device))
+    return batch
+
+
+@torch.no_grad()
+def transcribe(
+    objective,
+    clips: Sequence[Clip],
+    modalities: Sequence[str],
+    device: torch.device,
+    batch_seconds: float = 60.0,
+    audios: Sequence[Tensor] | None = None,
+    progress: bool = True,
+    desc: str = "decode",
+) -> list[str]:
+    """Greedy CTC transcripts of ``clips`` (in their order) by a CTC objective in eval mode,
+    batched by length. ``audios``: one waveform per clip replacing its own."""
+    from tqdm import tqdm
+
+    hyps: list[str] = [""] * len(clips)
+    batches = length_batches(clips, batch_seconds)
+    with tqdm(total=len(clips), desc=desc, unit="utt", disable=not progress, leave=False) as bar:
+        for indices in batches:
+            waves = [audios[i] for i in indices] if audios is not None else None
+            batch = clip_batch([clips[i] for i in indices], modalities, device, waves)
+            log_probs, lengths = objective.logits(batch)
+            for i, classes in zip(indices, greedy_decode(log_probs, lengths)):
+                hyps[i] = objective.units.decode(classes)
+            bar.update(len(indices))
+    return hyps
+
+
+def load_asr_model(run_dir: str | Path, device: torch.device):
+    """The CTC objective of a ``mmssl finetune-asr`` run (its latest checkpoint), in eval mode
+    on ``device``, with the run's ``units.model``."""
+    from omegaconf import OmegaConf
+
+    from mmssl.train import checkpoint as ckpt
+    from mmssl.train.build import build_objective
+
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise DataError(f"{run_dir}: no config.yaml (not an `mmssl finetune-asr` run folder)")
+    cfg = OmegaConf.load(config)
+    if cfg.objective.name != "ctc":
+        raise ConfigError(f"{run_dir}: a {cfg.objective.name!r} run, not a CTC fine-tuning run")
+    if (run_dir / UNITS_FILE).is_file():
+        cfg.objective.units_file = str(run_dir / UNITS_FILE)
+    folder = ckpt.latest_step_dir(run_dir / "checkpoints")
+    if folder is None:
+        raise DataError(f"{run_dir}: no checkpoint yet")
+    objective = build_objective(cfg)
+    objective.load_state_dict(ckpt.load_weights(folder / ckpt.MODEL_FILE))
+    return objective.to(device).eval()
+
+
+# ---------------------------------------------------------------- mmssl finetune-asr
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", default="ctc", help="a recipe YAML or shipped recipe name (default: ctc)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. data.train=M data.valid=V train.max_steps=100")
+    parser.add_argument("--init", default=None, metavar="PRETRAIN_RUN",
+                        help="pretraining run folder or checkpoint to start from; 'none' for a fresh encoder "
+                             "(objective.encoder, model.size)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
+    # `RECIPE --init RUN key=value ...`: the options may sit between the positional arguments
+    parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
+
+
+def _config(args: argparse.Namespace):
+    from mmssl.config import load_config, resolve
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:  # `mmssl finetune-asr key=value ...`
+        recipe, overrides = "ctc", [recipe, *overrides]
+    if args.init is not None:
+        init = "null" if args.init.lower() == "none" else str(Path(args.init).resolve())
+        overrides.append(f"objective.encoder_init={init}")
+    return resolve(load_config(recipe, overrides))
+
+
+def prepare_units(cfg, resume: bool) -> Path:
+    """Train the units on ``data.train``'s transcripts into ``<out_dir>/units.model`` (kept on
+    resume) and point ``objective.units_file`` at it."""
+    from omegaconf import OmegaConf
+
+    from mmssl.data.manifest import read_manifest
+
+    run_dir = Path(cfg.train.out_dir)
+    if not resume and (run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
+                          "it or choose another train.out_dir")
+    path = run_dir / UNITS_FILE
+    if not (resume and path.is_file()):
+        texts = []
+        for record in read_manifest(cfg.data.train):
+            if not record.get("transcript"):
+                raise DataError(f"{cfg.data.train}: record {record['id']!r} has no transcript")
+            texts.append(record["transcript"])
+        kind = OmegaConf.select(cfg, "objective.units", default="char")
+        vocab = OmegaConf.select(cfg, "objective.vocab_size", default=1000)
+        train_units(texts, kind, vocab).save(path)
+    cfg.objective.units_file = str(path.resolve())
+    return path
+
+
+def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batch_seconds: float = 60.0) -> dict:
+    """Decode ``manifest`` with the run's model; write ``wer.json`` and ``hyps.jsonl`` there."""
+    from mmssl.train.checkpoint import atomic_write
+
+    objective = load_asr_model(run_dir, device)
+    clips = load_clips(manifest, objective.modalities)
+    hyps = transcribe(objective, clips, objective.modalities, device, batch_seconds, desc="decode valid")
+    refs = [normalize_text(c.transcript) for c in clips]
+    result = {**word_errors(refs, hyps), "manifest": str(manifest), "modalities": list(objective.modalities)}
+    lines = "".join(json.dumps({"id": c.id, "ref": r, "hyp": h}) + "\n" for c, r, h in zip(clips, refs, hyps))
+    atomic_write(run_dir / "hyps.jsonl", lambda f: f.write(lines.encode()))
+    atomic_write(run_dir / "wer.json", lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmssl.train.build import check_options
+    from mmssl.train.cli import pretrain
+    from mmssl.train.distributed import env_from_torchrun
+    from mmssl.eval.features import pick_device
+
+    cfg = _config(args)
+    check_options(cfg)
+    prepare_units(cfg, args.resume)
+    run_dir = pretrain(cfg, resume=args.resume)
+    if not env_from_torchrun().is_main:
+        return 0
+    if cfg.data.valid is None:
+        print(f"run folder: {run_dir} (no data.valid to decode)")
+        return 0
+    device = pick_device(cfg.train.device)
+    result = evaluate_run(run_dir, cfg.data.valid, device)
+    print(f"WER on {cfg.data.valid}: {100 * result['wer']:.2f}% ({result['errors']} errors / {result['words']} words: "
+          f"{result['substitutions']} sub, {result['deletions']} del, {result['insertions']} ins)")
+    print(f"run folder: {run_dir}")
+    return 0

@@ -1,0 +1,221 @@
+"""``mmssl eval-noisy``: WER of a CTC fine-tuning run over noise types x SNRs, audio-only vs
+video-only vs audio-visual (the noisy evaluation of AV-HuBERT, Shi et al., 2022, and of the
+robustness tables of HuBERT / WavLM).
+
+Noise is mixed on the waveform before any feature (``mmssl.data.noise.mix_at_snr``, RMS-based
+SNR), deterministically per (record, noise type, SNR, seed): every modality condition hears
+the very same noisy audio, and a rerun the same. Noise types come from the noise files' name
+prefix (``babble_000.wav`` -> ``babble``; the built-in corpus writes babble, music, pink and
+white under ``noise/test``) or from ``--noise TYPE=DIR`` pairs (MUSAN-style folders).
+``video`` means video only (no audio key in the batch), ``audio`` no video key. Video alone
+does not hear the noise, so it is decoded once and its WER repeated in every row.
+
+WER is corpus-level per cell (jiwer over all utterances of the manifest). Each finished cell
+is one line of ``results.jsonl``; a rerun skips the cells already there, so a killed
+evaluation resumes. The table goes to ``wer.md`` (rows noise x SNR, columns modalities) and
+the terminal, the curves to ``wer_vs_snr.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mmssl.data.noise import AUDIO_SUFFIXES, NoiseBank, mix_at_snr
+from mmssl.errors import ConfigError, DataError
+from mmssl.eval.asr import Clip, load_asr_model, load_clips, normalize_text, transcribe, word_errors
+from mmssl.eval.report import line_plot, markdown_table
+
+MODALITY_KEYS = {"audio": ("audio",), "video": ("video",), "audio+video": ("audio", "video")}
+CLEAN = "clean"
+LINE_STYLES = ["-", "--", ":", "-."]
+
+
+def parse_snrs(text: str) -> list[str]:
+    """``clean,20,10,0,-5`` -> ``["clean", "20", "10", "0", "-5"]`` (numbers checked)."""
+    out = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        if item != CLEAN:
+            try:
+                float(item)
+            except ValueError:
+                raise ConfigError(f"--snrs: {item!r} is neither 'clean' nor a number of dB") from None
+        out.append(item)
+    if not out:
+        raise ConfigError("--snrs is empty")
+    return out
+
+
+def parse_modalities(text: str, encoder_modalities: Sequence[str]) -> list[str]:
+    """Modality conditions, each checked against what the encoder has streams for."""
+    out = [m.strip() for m in text.split(",") if m.strip()]
+    for m in out:
+        if m not in MODALITY_KEYS:
+            raise ConfigError(f"--modalities: unknown condition {m!r} (audio, video, audio+video)")
+        missing = [k for k in MODALITY_KEYS[m] if k not in encoder_modalities]
+        if missing:
+            raise ConfigError(f"--modalities {m}: the run's encoder has no {' or '.join(missing)} stream "
+                              f"(it reads {', '.join(encoder_modalities)})")
+    return out
+
+
+def noise_banks(specs: Sequence[str], types: Sequence[str] | None) -> dict[str, NoiseBank]:
+    """Noise type -> bank. Each spec is a folder whose files are named ``<type>_*.<ext>``, or
+    ``TYPE=DIR`` (every audio file under DIR is of that type). ``types`` picks and orders them;
+    an unknown one is a ``ConfigError`` naming it and the known ones."""
+    files: dict[str, list[Path]] = {}
+    for spec in specs:
+        if "=" in spec:
+            name, folder = spec.split("=", 1)
+            found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                raise DataError(f"--noise {spec}: no audio files under {folder}")
+            files.setdefault(name, []).extend(found)
+            continue
+        folder = Path(spec)
+        if not folder.is_dir():
+            raise DataError(f"--noise {spec}: folder not found")
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
+            files.setdefault(path.stem.rsplit("_", 1)[0], []).append(path)
+    if not files:
+        raise DataError(f"--noise {', '.join(specs)}: no noise files")
+    wanted = list(files) if not types else list(types)
+    unknown = [t for t in wanted if t not in files]
+    if unknown:
+        raise ConfigError(f"--noise-types: unknown noise type {unknown[0]!r}; the noise has {', '.join(sorted(files))}")
+    return {t: NoiseBank(files[t]) for t in wanted}
+
+
+def noisy_audio(clip: Clip, bank: NoiseBank, noise: str, snr: str, seed: int) -> Tensor:
+    """``clip.audio (S,)`` with ``noise`` at ``snr`` dB, the same for the same (record, noise,
+    SNR, seed) on every call (its own generator, seeded from a stable hash)."""
+    key = f"{seed}|{clip.id}|{noise}|{snr}".encode()
+    g = torch.Generator().manual_seed(zlib.crc32(key))
+    assert clip.audio is not None
+    return mix_at_snr(clip.audio, bank.sample(clip.audio.shape[0], g), float(snr), g)
+
+
+def read_results(path: Path) -> dict[tuple[str, str, str], dict]:
+    """Finished cells of ``results.jsonl`` by (noise, snr, modality); a line cut by a kill is ignored."""
+    done: dict[tuple[str, str, str], dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                done[(row["noise"], row["snr"], row["modality"])] = row
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return done
+
+
+def grid(noises: Sequence[str], snrs: Sequence[str], modalities: Sequence[str]) -> list[tuple[str, str, str]]:
+    """Cells (noise, snr, modality); the clean condition is one row (noise ``none``)."""
+    rows = ([("none", CLEAN)] if CLEAN in snrs else []) + [(n, s) for n in noises for s in snrs if s != CLEAN]
+    return [(n, s, m) for n, s in rows for m in modalities]
+
+
+def table(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities: Sequence[str]) -> str:
+    """Markdown: one row per noise x SNR (one clean row), one WER (%) column per modality."""
+    rows = []
+    for noise, snr, _ in grid(noises, snrs, modalities[:1]):
+        cells = [results.get((noise, snr, m)) for m in modalities]
+        rows.append([noise, snr] + [None if c is None else 100 * c["wer"] for c in cells])
+    return markdown_table(["noise", "SNR (dB)"] + [f"WER % {m}" for m in modalities], rows)
+
+
+def plot(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities: Sequence[str], path: Path) -> Path:
+    """WER against SNR: one line per (modality, noise); the clean point is shared."""
+    series, styles = {}, {}
+    for j, noise in enumerate(noises):
+        for m in modalities:
+            name = f"{m} / {noise}"
+            cells = [results.get(("none", s, m) if s == CLEAN else (noise, s, m)) for s in snrs]
+            series[name] = [None if c is None else 100 * c["wer"] for c in cells]
+            styles[name] = LINE_STYLES[j % len(LINE_STYLES)]
+    return line_plot(list(snrs), series, path, xlabel="SNR (dB)", ylabel="WER (%)",
+                     title="WER under noise", styles=styles)
+
+
+def _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress, desc) -> dict:
+    hyps = transcribe(objective, clips, keys, device, batch_seconds, audios, progress, desc)
+    return word_errors([normalize_text(c.transcript) for c in clips], hyps)
+
+
+def evaluate(
+    run: Path, manifest: Path, noise_specs: Sequence[str], out: Path, noise_types: Sequence[str] | None = None,
+    snrs: Sequence[str] = ("clean", "20", "10", "5", "0", "-5"),
+    modalities_text: str = "audio,video,audio+video", device_name: str = "auto", seed: int = 0,
+    batch_seconds: float = 60.0, progress: bool = True, limit: int | None = None,
+) -> dict:
+    """Run every missing cell; write ``results.jsonl``, ``wer.md``, ``wer_vs_snr.png``. Returns
+    the results by (noise, snr, modality)."""
+    from tqdm import tqdm
+
+    from mmssl.eval.features import pick_device
+
+    device = pick_device(device_name)
+    objective = load_asr_model(run, device)
+    modalities = parse_modalities(modalities_text, objective.modalities)
+    banks = noise_banks(noise_specs, noise_types) if any(s != CLEAN for s in snrs) else {}
+    needed = sorted({k for m in modalities for k in MODALITY_KEYS[m]})
+    clips = load_clips(manifest, needed, progress, limit)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    results = read_results(results_path)
+    cells = grid(list(banks), snrs, modalities)
+    for noise, snr, modality in tqdm(cells, desc="eval-noisy cells", unit="cell", disable=not progress):
+        if (noise, snr, modality) in results:
+            continue
+        keys = MODALITY_KEYS[modality]
+        video_done = [r for (n, s, m), r in results.items() if m == "video"]
+        if modality == "video" and video_done:  # video alone hears no noise: the same decoding
+            score = {k: v for k, v in video_done[0].items() if k not in ("noise", "snr", "modality")}
+        else:
+            audios = None
+            if "audio" in keys and snr != CLEAN:
+                audios = [noisy_audio(c, banks[noise], noise, snr, seed) for c in clips]
+            score = _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress,
+                                 f"{modality} {noise} {snr}")
+        row = {"noise": noise, "snr": snr, "modality": modality, **score}
+        results[(noise, snr, modality)] = row
+        with open(results_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    text = table(results, list(banks), snrs, modalities)
+    (out / "wer.md").write_text(f"WER of {run} on {manifest}\n\n{text}\n", encoding="utf-8")
+    plot(results, list(banks) or ["none"], snrs, modalities, out / "wer_vs_snr.png")
+    print(text)
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, help="an `mmssl finetune-asr` run folder")
+    parser.add_argument("--manifest", type=Path, required=True, help="test manifest with transcripts")
+    parser.add_argument("--noise", action="append", default=[], metavar="DIR|TYPE=DIR",
+                        help="noise folder with <type>_*.wav files, or TYPE=DIR (repeatable)")
+    parser.add_argument("--noise-types", default=None, help="comma-separated noise types (default: all found)")
+    parser.add_argument("--snrs", default="clean,20,10,5,0,-5", help="comma-separated SNRs in dB, or clean")
+    parser.add_argument("--modalities", default="audio,video,audio+video",
+                        help="comma-separated conditions: audio, video, audio+video")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN/eval_noisy)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio seconds per batch")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records of the manifest")
+
+
+def run(args: argparse.Namespace) -> int:
+    snrs = parse_snrs(args.snrs)
+    if any(s != CLEAN for s in snrs) and not args.noise:
+        raise ConfigError("--snrs has noisy conditions but no --noise folder was given")
+    types = [t.strip() for t in args.noise_types.split(",") if t.strip()] if args.noise_types else None
+    out = args.out or args.run / "eval_noisy"
+    evaluate(args.run, args.manifest, args.noise, out, types, snrs, args.modalities, args.device, args.seed,
+             args.batch_seconds, limit=args.limit)
+    print(f"results: {out / 'results.jsonl'}, table: {out / 'wer.md'}, plot: {out / 'wer_vs_snr.png'}")
+    return 0

@@ -1,0 +1,277 @@
+"""CTC fine-tuning (Graves et al., 2006) of a pretrained speech or audio-visual encoder, as
+wav2vec 2.0 (Baevski et al., 2020, sec. 4.4), HuBERT and AV-HuBERT (Shi et al., 2022) fine-tune
+for ASR.
+
+Parts: the encoder (a ``SpeechEncoder`` or an ``AVEncoder``), dropout (fairseq
+``final_dropout``) and a linear head to the units plus the blank (class 0,
+``mmssl.eval.asr.Units``). The loss is ``torch.nn.functional.ctc_loss`` summed over the
+utterances of the batch and divided by their number (fairseq ``sentence_avg=true``, the
+wav2vec 2.0 fine-tuning setting), with ``zero_infinity`` so an utterance whose targets
+cannot fit its frames adds nothing instead of infinity.
+
+In the data workers (:class:`CTCHook`): transcripts become targets with the units (no
+tokenisation in the step), optional noise is added to the waveform (noise-augmented
+AV-HuBERT), time masks are drawn, and, with both streams, modality dropout is drawn.
+
+Fine-tuning settings, after fairseq's wav2vec 2.0 ``base_10h`` recipe:
+
+* time masking of the projected features with the pretrained mask embedding,
+  ``mask_prob=0.65``, span 10 (``mask_prob``, ``mask_length``; the same spans as pretraining,
+  ``mmssl.nn.masking``); for an audio-visual encoder the audio stream is masked before fusion;
+* the encoder is frozen for the first ``freeze_steps`` updates, only the head trains
+  (``freeze_finetune_updates=10000`` of 20000 there);
+* a waveform conv frontend is frozen throughout (``feature_grad_mult=0.0``).
+
+Shape legend: B batch, S samples, T frames, L target units, C model dim, V units + blank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import mmssl.encoders  # noqa: F401  (registers the encoder presets)
+from mmssl.data.noise import AddNoise, NoiseBank
+from mmssl.encoders.base import FrameSpec
+from mmssl.encoders.fusion import sample_keep
+from mmssl.errors import ConfigError, DataError
+from mmssl.eval.asr import BLANK, UNIT_KINDS, Units, default_units
+from mmssl.nn.frontend import ConvFrontend
+from mmssl.nn.masking import compute_span_mask, hook_generator
+from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.objectives.base import BatchHook, Objective
+from mmssl.registry import ENCODERS, OBJECTIVES
+
+
+def make_targets(batch: dict, units: Units) -> tuple[Tensor, Tensor]:
+    """``ctc_targets (B, L)`` (0 after each length; 0 is never a target) and
+    ``ctc_target_lens (B,)`` from ``batch["transcript"]``. ``DataError`` naming the record
+    when there is no transcript or nothing is left of it after normalisation."""
+    ids = batch.get("ids") or [f"#{i}" for i in range(len(batch.get("transcript", [])))]
+    if "transcript" not in batch:
+        raise DataError(f"records {ids[:3]} have no 'transcript': CTC fine-tuning needs transcripts")
+    rows = []
+    for rid, text in zip(ids, batch["transcript"]):
+        classes = units.encode(text)
+        if not classes:
+            raise DataError(f"record {rid!r}: empty transcript {text!r} (after normalisation)")
+        rows.append(torch.tensor(classes, dtype=torch.long))
+    lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    targets = torch.zeros(len(rows), int(lens.max()), dtype=torch.long)
+    for i, r in enumerate(rows):
+        targets[i, : len(r)] = r
+    return targets, lens
+
+
+@dataclass
+class CTCHook:
+    """Picklable batch hook: noise (``noise``, on each valid waveform), ``ctc_targets`` /
+    ``ctc_target_lens``, ``time_mask (B, T_audio)`` over the audio frames counted with
+    ``frame_spec`` (when ``mask_prob > 0``), and ``keep_audio`` / ``keep_video (B,)`` under
+    modality dropout when the batch has both streams. Draws from ``hook_generator(seed)``."""
+
+    units: Units
+    frame_spec: FrameSpec | None
+    mask_prob: float = 0.65
+    mask_span: int = 10
+    min_masks: int = 2
+    seed: int = 0
+    noise: AddNoise | None = None
+    modality_dropout: float = 0.0
+    audio_dropout: float = 0.5
+
+    def __call__(self, batch: dict) -> dict:
+        g = hook_generator(self.seed)
+        if "audio" in batch and self.noise is not None:
+            audio = batch["audio"].clone()
+            for i, n in enumerate(batch["audio_lens"].tolist()):
+                audio[i, :n] = self.noise(audio[i, :n], g)
+            batch["audio"] = audio
+        batch["ctc_targets"], batch["ctc_target_lens"] = make_targets(batch, self.units)
+        if "audio" in batch and self.frame_spec is not None and self.mask_prob > 0:
+            frames = self.frame_spec(batch["audio_lens"].cpu())
+            width = int(self.frame_spec(torch.tensor(batch["audio"].shape[1])))
+            batch["time_mask"] = compute_span_mask(frames, width, self.mask_prob, self.mask_span, self.min_masks, g)
+        if "audio" in batch and "video" in batch and self.modality_dropout > 0:
+            batch["keep_audio"], batch["keep_video"] = sample_keep(
+                batch["audio_lens"].shape[0], self.modality_dropout, self.audio_dropout, g)
+        return batch
+
+
+def ctc_loss(log_probs: Tensor, lengths: Tensor, targets: Tensor, target_lens: Tensor) -> Tensor:
+    """Sum over utterances of the CTC loss divided by the batch size (fairseq
+    ``sentence_avg``). ``log_probs (B, T, V)`` float, ``lengths (B,)``, ``targets (B, L)``."""
+    per_utt = F.ctc_loss(
+        log_probs.float().transpose(0, 1), targets, lengths, target_lens,
+        blank=BLANK, reduction="none", zero_infinity=True,
+    )  # (B,)
+    return per_utt.sum() / log_probs.shape[0]
+
+
+class CTCObjective(Objective):
+    """``forward(batch)`` reads ``audio``/``audio_lens`` and/or ``video``/``video_lens``,
+    ``transcript`` (or ``ctc_targets``/``ctc_target_lens`` from the hook) and, in training,
+    ``time_mask``, ``keep_audio``, ``keep_video`` when the hook made them."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        units: Units,
+        hook: CTCHook,
+        final_dropout: float = 0.0,
+        freeze_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        self.encoder, self.units, self.hook = encoder, units, hook
+        self.audio_visual = hasattr(encoder, "fused_input")
+        self.modalities = tuple(encoder.modalities) if self.audio_visual else ("audio",)
+        self.dropout = nn.Dropout(final_dropout)
+        self.head = nn.Linear(encoder.dim, units.size)
+        self.freeze_steps = freeze_steps
+        # updates done, saved in checkpoints so a resumed run knows whether the encoder is frozen;
+        # ``_updates`` mirrors it on the host, so forward never reads the device
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self._updates = 0
+        self.register_load_state_dict_post_hook(_sync_updates)
+
+    def batch_hook(self) -> BatchHook:
+        return self.hook
+
+    def on_step(self, step: int) -> None:
+        self._updates = step
+        self.updates.fill_(step)
+
+    @property
+    def encoder_frozen(self) -> bool:
+        return self._updates < self.freeze_steps
+
+    def _time_mask(self, batch: dict, lengths: Tensor, t: int) -> Tensor | None:
+        if not self.training or self.hook.mask_prob <= 0:
+            return None
+        mask = batch.get("time_mask")
+        if mask is None:
+            mask = compute_span_mask(lengths, t, self.hook.mask_prob, self.hook.mask_span, self.hook.min_masks)
+        elif mask.shape != (lengths.shape[0], t):
+            raise DataError(f"batch 'time_mask' has shape {tuple(mask.shape)} but the encoder gives "
+                            f"({lengths.shape[0]}, {t}) frames: the hook and the encoder disagree")
+        return mask.to(lengths.device, non_blocking=True) & ~lengths_to_padding_mask(lengths, t)
+
+    def _speech(self, batch: dict) -> tuple[Tensor, Tensor]:
+        enc = self.encoder
+        if "audio" not in batch:
+            raise DataError("a speech encoder needs audio; the batch has none")
+        feats = enc.extract(batch["audio"], batch["audio_lens"])
+        x, lengths = feats.x, feats.lengths
+        mask = self._time_mask(batch, lengths, x.shape[1]) if hasattr(enc, "mask") else None
+        if mask is not None:
+            x = enc.mask(x, mask)
+        return enc.contextualize(x, lengths).hidden, lengths
+
+    def _audio_visual(self, batch: dict) -> tuple[Tensor, Tensor]:
+        enc = self.encoder
+        s = enc.streams(batch)
+        a, a_lens = s["audio"], s["audio_lens"]
+        if a is not None and enc.audio_mask_embedding is not None:
+            mask = self._time_mask(batch, a_lens, a.shape[1])
+            if mask is not None:
+                a = enc.mask_audio(a, mask)
+        keep = None
+        if self.training and "keep_audio" in batch and a is not None and s["video"] is not None:
+            keep = (batch["keep_audio"], batch["keep_video"])
+        x, lengths = enc.fuse(a, a_lens, s["video"], s["video_lens"], keep)
+        return enc.contextualize(x, lengths).hidden, lengths
+
+    def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """``(log_probs (B, T, V) float32, lengths (B,))``; padded frames are not valid frames."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            hidden, lengths = self._audio_visual(batch) if self.audio_visual else self._speech(batch)
+        return self.head(self.dropout(hidden)).float().log_softmax(-1), lengths
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        if "ctc_targets" in batch:
+            targets, target_lens = batch["ctc_targets"], batch["ctc_target_lens"]
+        else:
+            targets, target_lens = make_targets(batch, self.units)
+        log_probs, lengths = self.logits(batch)
+        targets, target_lens = targets.to(lengths.device), target_lens.to(lengths.device)
+        loss = ctc_loss(log_probs, lengths, targets, target_lens)
+        valid = ~lengths_to_padding_mask(lengths, log_probs.shape[1])
+        blank = (log_probs.argmax(-1) == BLANK) & valid
+        return {
+            "loss": loss,
+            "ctc_loss": loss.detach(),
+            # a per-step proxy of decoding progress: a model that emits only blanks scores 1
+            "blank_fraction": blank.sum().float() / valid.sum().clamp(min=1).float(),
+            "encoder_frozen": torch.full((), float(self.encoder_frozen), device=loss.device),
+        }
+
+
+def _sync_updates(module: CTCObjective, incompatible_keys: Any) -> None:
+    module._updates = int(module.updates)
+
+
+def build_ctc_encoder(encoder: str, size: str, encoder_init: str | None, options: dict[str, Any] | None) -> nn.Module:
+    """The encoder of the pretraining run ``encoder_init`` (a run folder, a checkpoint folder
+    or a ``.safetensors`` file), or a fresh ``<encoder>_<size>`` preset (from-scratch baseline)."""
+    if encoder_init not in (None, "", "none"):
+        from mmssl.eval.features import load_encoder_from_run
+
+        if options:
+            raise ConfigError("objective.encoder_options apply to a fresh encoder only, not to encoder_init")
+        return load_encoder_from_run(encoder_init)
+    name = f"{encoder}_{size}"
+    if name not in ENCODERS:
+        known = sorted({n.rsplit("_", 1)[0] for n in ENCODERS.names()})
+        raise ConfigError(f"objective.encoder={encoder!r}, model.size={size!r}: no encoder preset {name!r} "
+                          f"(families: {', '.join(known)})")
+    return ENCODERS.build(name, **(options or {}))
+
+
+@OBJECTIVES.register
+def ctc(
+    size: str = "base",
+    encoder: str = "hubert",  # a fresh encoder preset family, used when encoder_init is none
+    encoder_init: str | None = None,  # a pretraining run / checkpoint to start from
+    encoder_options: dict[str, Any] | None = None,  # preset overrides of a fresh encoder
+    units: str = "char",  # char | unigram: what `mmssl finetune-asr` trains on the transcripts
+    vocab_size: int = 1000,  # unigram only (AV-HuBERT on LRS3: 1000)
+    units_file: str | None = None,  # a units.model; None: built-in character units
+    final_dropout: float = 0.0,  # fairseq wav2vec 2.0 base_10h ``final_dropout``
+    freeze_steps: int = 0,  # fairseq ``freeze_finetune_updates`` (base_10h: 10000)
+    mask_prob: float = 0.65,  # base_10h ``mask_prob`` (spans of ``mask_length=10``)
+    mask_span: int = 10,
+    min_masks: int = 2,
+    modality_dropout: float | None = None,  # None: the encoder's (AV-HuBERT 0.5)
+    audio_dropout: float | None = None,  # None: the encoder's (AV-HuBERT 0.5)
+    noise_dir: str | None = None,  # noise-augmented fine-tuning (audio of an AV or speech encoder)
+    noise_prob: float = 0.25,
+    snr_low: float = -5.0,
+    snr_high: float = 5.0,
+    seed: int = 0,
+) -> CTCObjective:
+    """CTC fine-tuning of a pretrained (``encoder_init``) or fresh (``encoder``, ``size``)
+    encoder on the units of ``units_file``."""
+    if units not in UNIT_KINDS:
+        raise ConfigError(f"objective.units: {units!r} is not one of {', '.join(UNIT_KINDS)}")
+    if freeze_steps < 0:
+        raise ConfigError(f"objective.freeze_steps must be >= 0, got {freeze_steps}")
+    enc = build_ctc_encoder(encoder, size, encoder_init, encoder_options)
+    frontend = getattr(enc, "frontend", None)
+    if isinstance(frontend, ConvFrontend):
+        frontend.requires_grad_(False)  # fairseq fine-tuning ``feature_grad_mult=0.0``
+    fusion = getattr(enc, "fusion", None)
+    if fusion is not None:
+        fusion.modality_dropout = fusion.modality_dropout if modality_dropout is None else modality_dropout
+        fusion.audio_dropout = fusion.audio_dropout if audio_dropout is None else audio_dropout
+    vocab = Units.load(units_file) if units_file else default_units()
+    noise = AddNoise(NoiseBank(noise_dir), noise_prob, (snr_low, snr_high)) if noise_dir else None
+    both = fusion is not None and len(enc.modalities) == 2
+    hook = CTCHook(
+        vocab, getattr(enc, "frame_spec", None), mask_prob, mask_span, min_masks, seed, noise,
+        fusion.modality_dropout if both else 0.0, fusion.audio_dropout if both else 0.5,
+    )
+    return CTCObjective(enc, vocab, hook, final_dropout, freeze_steps)

@@ -1,0 +1,139 @@
+import json
+
+import jiwer
+import pytest
+import torch
+
+from mmssl.cli import main
+from mmssl.data.manifest import read_manifest, write_manifest
+from mmssl.eval.asr import (
+    Units, clip_batch, greedy_decode, load_asr_model, load_clips, normalize_text, train_units, transcribe,
+    word_errors,
+)
+from tests.eval.test_extract import make_run
+
+
+def logits_for(paths, vocab=4):
+    """(B, T, V) log-probabilities whose argmax follows each path (shorter paths padded with 3s)."""
+    t = max(len(p) for p in paths)
+    out = torch.full((len(paths), t, vocab), -5.0)
+    for b, path in enumerate(paths):
+        for i, c in enumerate(path + [3] * (t - len(path))):
+            out[b, i, c] = 0.0
+    return out
+
+
+def test_greedy_decoding_collapses_repeats_and_blanks_split_them():
+    paths = [[1, 1, 0, 1, 2, 2, 0, 0, 2], [0, 2, 2, 2, 0]]
+    got = greedy_decode(logits_for(paths), torch.tensor([9, 5]))
+    assert got == [[1, 1, 2, 2], [2]]
+    # frames past the length are never read (they argmax to 3)
+    assert greedy_decode(logits_for([[1, 2]]), torch.tensor([2])) == [[1, 2]]
+
+
+def test_text_normalisation():
+    assert normalize_text("  Hello, World!  It's \"fine\"--ok. ") == "hello world it's fine ok"
+
+
+@pytest.mark.parametrize("kind", ["char", "unigram"])
+def test_units_round_trip_and_reserve_the_blank(kind, tmp_path):
+    texts = ["one large red triangle", "the big green star sits far from it", "i see one purple square"] * 5
+    units = train_units(texts, kind, vocab_size=30)
+    path = units.save(tmp_path / "units.model")
+    again = Units.load(path)
+    for text in ["The big, red star!", "one purple triangle"]:
+        classes = again.encode(text)
+        assert 0 not in classes and max(classes) < again.size
+        assert again.decode(classes) == normalize_text(text)
+        assert again.decode([0] + classes + [0]) == normalize_text(text)  # blanks are dropped
+    assert again.encode("x y") == units.encode("x y")
+
+
+def test_word_errors_against_a_hand_count():
+    refs = ["the cat sat on the mat", "a big star", "hello"]
+    hyps = ["the cat sat on mat", "a small big star", "yellow"]
+    # 1: one deletion; 2: one insertion; 3: one substitution -> 3 errors over 10 words
+    got = word_errors(refs, hyps)
+    assert (got["deletions"], got["insertions"], got["substitutions"], got["hits"]) == (1, 1, 1, 8)
+    assert got["words"] == 10 and got["errors"] == 3 and got["wer"] == pytest.approx(0.3)
+
+
+@pytest.fixture(scope="module")
+def av_init(synth_tiny, tmp_path_factory):
+    """A tiny AV-HuBERT pretraining run (weights at their seeded initialisation)."""
+    folder = tmp_path_factory.mktemp("asr_init")
+    _, step = make_run(folder / "av", "av_hubert", synth_tiny / "av" / "train.jsonl")
+    return step
+
+
+@pytest.fixture(scope="module")
+def finetuned(synth_tiny, av_init, tmp_path_factory):
+    out = tmp_path_factory.mktemp("asr_ft") / "ft"
+    av = synth_tiny / "av"
+    code = main(["finetune-asr", "--init", str(av_init), f"data.train={av / 'train.jsonl'}",
+                 f"data.valid={av / 'valid.jsonl'}", "train.max_steps=2", f"train.out_dir={out}",
+                 "train.device=cpu", "data.num_workers=0", "train.progress=false", "data.max_seconds_per_batch=20",
+                 "objective.freeze_steps=1", "train.lr=1e-3"])
+    assert code == 0
+    return out
+
+
+def test_finetune_writes_units_config_and_a_wer_that_matches_its_hypotheses(finetuned, synth_tiny):
+    for name in ("config.yaml", "units.model", "metrics.jsonl", "wer.json", "hyps.jsonl"):
+        assert (finetuned / name).is_file(), name
+    rows = [json.loads(line) for line in (finetuned / "hyps.jsonl").read_text().splitlines()]
+    records = read_manifest(synth_tiny / "av" / "valid.jsonl")
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert [r["ref"] for r in rows] == [normalize_text(r["transcript"]) for r in records]
+    wer = json.loads((finetuned / "wer.json").read_text())
+    expected = jiwer.wer([r["ref"] for r in rows], [r["hyp"] for r in rows])
+    assert wer["wer"] == pytest.approx(expected)
+    metrics = [json.loads(line) for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in metrics) == 2 and "ctc_loss" in metrics[-1]
+    # the units were trained on the training transcripts: every character of them is a unit
+    units = Units.load(finetuned / "units.model")
+    assert units.sp.unk_id() not in [c - 1 for r in records for c in units.encode(r["transcript"])]
+
+
+def test_padded_batches_decode_as_one_at_a_time(finetuned, synth_tiny):
+    model = load_asr_model(finetuned, torch.device("cpu"))
+    clips = load_clips(synth_tiny / "av" / "valid.jsonl", model.modalities, progress=False)
+    together = transcribe(model, clips, model.modalities, torch.device("cpu"), 1000.0, progress=False)
+    alone = transcribe(model, clips, model.modalities, torch.device("cpu"), 0.01, progress=False)
+    assert together == alone
+    # and the log-probabilities of valid frames agree, not only the argmax
+    with torch.no_grad():
+        lp, _ = model.logits(clip_batch(clips, model.modalities, torch.device("cpu")))
+        one, n = model.logits(clip_batch(clips[:1], model.modalities, torch.device("cpu")))
+    torch.testing.assert_close(lp[0, : int(n[0])], one[0, : int(n[0])], atol=1e-4, rtol=1e-4)
+
+
+def test_fine_tuning_on_one_repeated_utterance_reaches_zero_wer(synth_tiny, tmp_path):
+    record = min(read_manifest(synth_tiny / "av" / "train.jsonl"), key=lambda r: r["audio_samples"])
+    manifest = write_manifest(tmp_path / "one.jsonl", [record])
+    code = main(["finetune-asr", "--init", "none", "objective.encoder=fbank", "model.size=tiny",
+                 f"data.train={manifest}", f"data.valid={manifest}", "train.max_steps=70", "train.lr=3e-3",
+                 "objective.freeze_steps=0", "objective.mask_prob=0", f"train.out_dir={tmp_path / 'run'}",
+                 "train.device=cpu", "data.num_workers=0", "train.progress=false", "train.log_every=10"])
+    assert code == 0
+    wer = json.loads((tmp_path / "run" / "wer.json").read_text())
+    assert wer["wer"] == 0.0 and wer["words"] == len(record["transcript"].split())
+
+
+def test_a_second_run_in_the_same_folder_needs_resume(finetuned, synth_tiny, capsys):
+    av = synth_tiny / "av"
+    code = main(["finetune-asr", "--init", "none", f"data.train={av / 'train.jsonl'}", f"train.out_dir={finetuned}"])
+    assert code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_units_and_continues_the_run(finetuned, synth_tiny, av_init):
+    units = (finetuned / "units.model").stat().st_mtime_ns
+    av = synth_tiny / "av"
+    code = main(["finetune-asr", "ctc", "--init", str(av_init), f"data.train={av / 'train.jsonl'}",
+                 f"data.valid={av / 'valid.jsonl'}", "train.max_steps=3", f"train.out_dir={finetuned}",
+                 "train.device=cpu", "data.num_workers=0", "train.progress=false", "data.max_seconds_per_batch=20",
+                 "objective.freeze_steps=1", "train.lr=1e-3", "--resume"])
+    assert code == 0
+    assert (finetuned / "units.model").stat().st_mtime_ns == units
+    steps = [json.loads(line)["step"] for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 3

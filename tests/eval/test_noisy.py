@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+import mmssl.eval.noisy as noisy
+from mmssl.cli import main
+from mmssl.data.manifest import read_manifest, write_manifest
+from mmssl.eval.asr import load_asr_model, load_clips, normalize_text, transcribe, word_errors
+
+
+def finetune(out, manifest, encoder):
+    """A one-step CTC run of a fresh tiny ``encoder`` (the evaluation only needs a run folder)."""
+    code = main(["finetune-asr", "--init", "none", f"objective.encoder={encoder}", "model.size=tiny",
+                 f"data.train={manifest}", "train.max_steps=1", f"train.out_dir={out}", "train.device=cpu",
+                 "data.num_workers=0", "train.progress=false"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(synth_tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("noisy")
+    test = synth_tiny / "av" / "test.jsonl"
+    return {
+        "av": finetune(folder / "av", test, "av"),
+        "audio": finetune(folder / "audio", test, "fbank"),
+        "test": test,
+        "noise": synth_tiny / "noise" / "test",
+    }
+
+
+def evaluate(setup, out, **kw):
+    args = dict(noise_types=["babble", "music"], snrs=["clean", "10", "-5"], device_name="cpu", progress=False)
+    return noisy.evaluate(setup["av"], setup["test"], [str(setup["noise"])], out, **{**args, **kw})
+
+
+def test_grid_table_plot_and_resume(setup, tmp_path, monkeypatch):
+    calls = []
+    decode = noisy._decode_cell
+    monkeypatch.setattr(noisy, "_decode_cell", lambda *a, **k: calls.append(a[-1]) or decode(*a, **k))
+    results = evaluate(setup, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    # one clean row and 2 noises x 2 SNRs, each under 3 modality conditions
+    assert len(rows) == len(results) == 5 * 3
+    assert {(r["noise"], r["snr"]) for r in rows} == {("none", "clean")} | {
+        (n, s) for n in ("babble", "music") for s in ("10", "-5")}
+    assert all(r["words"] == sum(len(normalize_text(x["transcript"]).split()) for x in read_manifest(setup["test"]))
+               for r in rows)
+    # video alone hears no noise: decoded once (11 decodings: 5 audio, 5 audio+video, 1 video)
+    assert len(calls) == 11
+    assert len({r["wer"] for r in rows if r["modality"] == "video"}) == 1
+    table = (tmp_path / "wer.md").read_text()
+    assert table.count("\n| ") == 1 + 5 and "WER % audio+video" in table
+    png = (tmp_path / "wer_vs_snr.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    # a rerun finds every cell done; with one line lost (a killed run) it redoes only that one
+    calls.clear()
+    evaluate(setup, tmp_path)
+    assert calls == []
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    evaluate(setup, tmp_path)
+    assert len(calls) == 1 and len((tmp_path / "results.jsonl").read_text().splitlines()) == 15
+
+
+def test_every_modality_hears_the_same_noise_and_clean_is_no_noise(setup, tmp_path, monkeypatch):
+    heard = {}
+    real = noisy.transcribe
+
+    def spy(objective, clips, keys, device, batch_seconds, audios, progress, desc):
+        heard[desc] = audios
+        return real(objective, clips, keys, device, batch_seconds, audios, progress, desc)
+
+    monkeypatch.setattr(noisy, "transcribe", spy)
+    results = evaluate(setup, tmp_path, noise_types=["babble"], snrs=["clean", "0"])
+    assert heard["audio none clean"] is None and heard["audio+video none clean"] is None
+    a, av = heard["audio babble 0"], heard["audio+video babble 0"]
+    assert all(torch.equal(x, y) for x, y in zip(a, av))
+    # the mix is at the asked SNR and differs from the clean audio
+    model = load_asr_model(setup["av"], torch.device("cpu"))
+    clips = load_clips(setup["test"], ["audio", "video"], progress=False)
+    for clip, mixed in zip(clips, a):
+        noise = mixed - clip.audio
+        snr = 20 * torch.log10(clip.audio.pow(2).mean().sqrt() / noise.pow(2).mean().sqrt())
+        assert float(snr) == pytest.approx(0.0, abs=1e-3)
+    # the clean cell equals decoding the untouched recordings
+    hyps = transcribe(model, clips, ["audio"], torch.device("cpu"), 60.0, progress=False)
+    expected = word_errors([c.transcript for c in clips], hyps)
+    assert results[("none", "clean", "audio")]["errors"] == expected["errors"]
+
+
+def test_bad_requests_are_named(setup, tmp_path, synth_tiny):
+    from mmssl.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError, match="no video stream"):
+        noisy.evaluate(setup["audio"], setup["test"], [str(setup["noise"])], tmp_path, snrs=["clean"],
+                       modalities_text="audio,video", device_name="cpu", progress=False)
+    with pytest.raises(ConfigError, match="'traffic'.*babble"):
+        evaluate(setup, tmp_path, noise_types=["traffic"])
+    records = read_manifest(setup["test"])
+    records[1] = {k: v for k, v in records[1].items() if k != "transcript"}
+    bad = write_manifest(tmp_path / "bad.jsonl", records)
+    with pytest.raises(DataError, match=repr(records[1]["id"])):
+        noisy.evaluate(setup["av"], bad, [], tmp_path, snrs=["clean"], device_name="cpu", progress=False)
+    # and through the command line, as one line on stderr
+    assert main(["eval-noisy", "--run", str(setup["audio"]), "--manifest", str(setup["test"]), "--snrs", "clean",
+                 "--modalities", "video", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
