@@ -30,7 +30,7 @@ from torch import Tensor
 from mmssl.data.noise import AUDIO_SUFFIXES, NoiseBank, mix_at_snr
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.asr import Clip, load_asr_model, load_clips, normalize_text, transcribe, word_errors
-from mmssl.eval.report import line_plot, markdown_table
+from mmssl.eval.report import PALETTE, line_plot, markdown_table
 
 MODALITY_KEYS = {"audio": ("audio",), "video": ("video",), "audio+video": ("audio", "video")}
 CLEAN = "clean"
@@ -130,16 +130,18 @@ def table(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities:
 
 
 def plot(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities: Sequence[str], path: Path) -> Path:
-    """WER against SNR: one line per (modality, noise); the clean point is shared."""
-    series, styles = {}, {}
+    """WER against SNR: one line per (modality, noise), a colour per modality and a line style
+    per noise type; the clean point is shared."""
+    series, styles, colors = {}, {}, {}
     for j, noise in enumerate(noises):
-        for m in modalities:
+        for k, m in enumerate(modalities):
             name = f"{m} / {noise}"
             cells = [results.get(("none", s, m) if s == CLEAN else (noise, s, m)) for s in snrs]
             series[name] = [None if c is None else 100 * c["wer"] for c in cells]
             styles[name] = LINE_STYLES[j % len(LINE_STYLES)]
+            colors[name] = PALETTE[k % len(PALETTE)]
     return line_plot(list(snrs), series, path, xlabel="SNR (dB)", ylabel="WER (%)",
-                     title="WER under noise", styles=styles)
+                     title="WER under noise", styles=styles, colors=colors)
 
 
 def _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress, desc) -> dict:

@@ -37,11 +37,13 @@ def line_plot(
     title: str = "",
     ylim: tuple[float | None, float | None] | None = None,
     styles: Mapping[str, str] | None = None,
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
     """One line per entry of ``series`` (name -> y per x; None leaves a gap), saved as a PNG
     (or any format matplotlib knows from the suffix). ``styles`` maps a series name to a
     matplotlib line style (``"-"``, ``"--"``, ``":"``), e.g. one style per noise type with one
-    colour per modality. Returns the path."""
+    colour per modality given by ``colors`` (series name -> matplotlib colour; by default each
+    series takes the next colour of the palette). Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -51,7 +53,8 @@ def line_plot(
     positions = list(range(len(x))) if x and isinstance(x[0], str) else list(x)
     for j, (name, ys) in enumerate(series.items()):
         values = [float("nan") if y is None else float(y) for y in ys]
-        ax.plot(positions, values, label=name, color=PALETTE[j % len(PALETTE)], marker=MARKERS[j % len(MARKERS)],
+        colour = (colors or {}).get(name, PALETTE[j % len(PALETTE)])
+        ax.plot(positions, values, label=name, color=colour, marker=MARKERS[j % len(MARKERS)],
                 linestyle=(styles or {}).get(name, "-"), linewidth=1.8, markersize=4)
     if x and isinstance(x[0], str):
         ax.set_xticks(positions, list(x))
