@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"mmssl {name}", description=text)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    # options may sit between positional arguments: `pretrain hubert --resume key=value`
+    args = parser.parse_intermixed_args(rest)
     try:
         return int(module.run(args) or 0)
     except MmsslError as err:

@@ -44,3 +44,14 @@ def test_errors_from_data_workers_print_only_their_message(tmp_path, capsys):
         assert "Original Traceback" in str(err)
         message = cli.user_message(err)
     assert "Traceback" not in message and "missing0.wav" in message and "max_bad_fraction" in message
+
+
+def test_options_may_sit_between_positional_arguments(monkeypatch):
+    """`mmssl pretrain hubert --resume key=value` parses as `pretrain hubert key=value --resume`."""
+    import mmssl.train.cli as pretrain_cli
+
+    seen = {}
+    monkeypatch.setattr(pretrain_cli, "run", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["pretrain", "hubert", "--resume", "train.max_steps=2", "data.train=x.jsonl"]) == 0
+    assert seen["resume"] is True
+    assert seen["recipe"] == "hubert" and seen["overrides"] == ["train.max_steps=2", "data.train=x.jsonl"]

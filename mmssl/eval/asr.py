@@ -305,8 +305,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pretraining run folder or checkpoint to start from; 'none' for a fresh encoder "
                              "(objective.encoder, model.size)")
     parser.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
-    # `RECIPE --init RUN key=value ...`: the options may sit between the positional arguments
-    parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
 
 
 def _config(args: argparse.Namespace):

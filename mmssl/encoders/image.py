@@ -1,0 +1,180 @@
+"""Image towers from open_clip (Radford et al., 2021; Ilharco et al., open_clip), with
+open_clip's own evaluation preprocessing.
+
+``ImageTower`` wraps an open_clip vision transformer (``model.visual``): ``forward(image)``
+maps ``(B, 3, H, W)`` pixels, already preprocessed, to ``(B, D)`` embeddings (not normalised).
+``ImageTower.transform()`` gives the picklable per-image preprocessing the data workers run:
+``(3, H, W)`` uint8 RGB -> PIL -> open_clip's ``image_transform`` (resize of the shortest
+side with the model's interpolation, centre crop, ``[0, 1]`` scaling, normalisation with the
+model's mean and std), so images reach a pretrained tower exactly as open_clip feeds them.
+
+Weights: random by default. ``pretrained`` is the path of a local open_clip / OpenAI CLIP
+checkpoint file (``open_clip.create_model(name, pretrained=FILE)``); nothing is ever
+downloaded, and a path that is not a file is a ``ConfigError``. ``freeze=True`` keeps the tower
+fixed (SpeechCLIP, Shih et al., 2022, sec. 3: a frozen CLIP image encoder): no gradient,
+always in eval mode.
+
+Presets (``ENCODERS``): ``clip_image_tiny`` (a 2-layer ViT on 64x64 images, about 120k
+parameters, for tests and CPU runs) and open_clip's ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``
+configs as ``clip_image_vit_b_32`` / ``clip_image_vit_b_16`` / ``clip_image_vit_l_14``.
+
+Shape legend: B batch, H/W pixels, D embedding dim.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmssl.errors import ConfigError, DataError
+from mmssl.registry import ENCODERS
+
+# the tiny CLIP used by tests and CPU runs: a 2-layer ViT of width 64 on 64x64 images (8x8
+# patches) and a 2-layer text transformer of width 32 over 32 tokens, both projecting to 64
+TINY_EMBED_DIM = 64
+TINY_VISION = dict(layers=2, width=64, head_width=16, patch_size=8, image_size=64)
+TINY_TEXT = dict(context_length=32, width=32, heads=4, layers=2)
+TINY = "tiny"
+
+
+def check_pretrained(pretrained: str | os.PathLike | None) -> str | None:
+    """``None``, or the path of an existing local weights file (never a tag to download)."""
+    if pretrained is None:
+        return None
+    path = Path(pretrained)
+    if not path.is_file():
+        raise ConfigError(f"pretrained={pretrained}: no such file (give the path of a local open_clip or "
+                          "OpenAI CLIP checkpoint; mmssl never downloads weights)")
+    return str(path)
+
+
+def build_open_clip(model_name: str, pretrained: str | os.PathLike | None = None) -> nn.Module:
+    """An open_clip model with a separate text module (``CustomTextCLIP``: ``.visual`` and
+    ``.text``). ``model_name``: ``"tiny"`` or an open_clip config name (``ViT-B-32``...);
+    ``pretrained``: a local checkpoint file or None (random weights)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+
+    path = check_pretrained(pretrained)
+    if model_name == TINY:
+        from dataclasses import asdict
+
+        from open_clip.transform import PreprocessCfg
+
+        model = CustomTextCLIP(TINY_EMBED_DIM, CLIPVisionCfg(**TINY_VISION), CLIPTextCfg(**TINY_TEXT))
+        open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=TINY_VISION["image_size"])))
+        if path is not None:  # the loader create_model uses for a checkpoint file
+            try:
+                open_clip.load_checkpoint(model, path)
+            except (RuntimeError, ValueError, KeyError, OSError) as err:
+                raise DataError(f"{path}: cannot load open_clip weights for the tiny CLIP: {err}") from err
+        return model
+    if model_name.startswith(("hf-hub:", "local-dir:")) or open_clip.get_model_config(model_name) is None:
+        raise ConfigError(f"clip model {model_name!r} is not one of open_clip's built-in configs "
+                          f"(e.g. ViT-B-32, ViT-B-16, ViT-L-14) nor {TINY!r}")
+    # on the current default device (create_model would move a model built on "meta" to the CPU)
+    device = torch.empty(()).device
+    if path is None:
+        return open_clip.create_model(model_name, pretrained=None, force_custom_text=True, device=device,
+                                      pretrained_text=False, pretrained_image=False)
+    try:
+        return open_clip.create_model(model_name, pretrained=path, force_custom_text=True, device=device,
+                                      pretrained_text=False, pretrained_image=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise DataError(f"{path}: cannot load open_clip weights for {model_name}: {err}") from err
+
+
+def set_frozen(module: nn.Module, frozen: bool) -> None:
+    """``requires_grad = not frozen`` for every parameter of ``module``."""
+    for p in module.parameters():
+        p.requires_grad_(not frozen)
+
+
+class ClipImageTransform:
+    """Picklable per-image preprocessing for a data worker: ``(3, H, W)`` uint8 RGB ->
+    ``(3, S, S)`` float, through open_clip's evaluation ``image_transform`` on a PIL image."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 interpolation: str = "bicubic", resize_mode: str = "shortest") -> None:
+        from open_clip.transform import image_transform
+
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.transform = image_transform(size, is_train=False, mean=self.mean, std=self.std,
+                                         interpolation=interpolation, resize_mode=resize_mode)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        from torchvision.transforms.functional import to_pil_image
+
+        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise DataError(f"an image must be (3, H, W) uint8 RGB, got {tuple(image.shape)} {image.dtype}")
+        return self.transform(to_pil_image(image))
+
+
+class ImageTower(nn.Module):
+    """open_clip's vision tower. ``forward(image (B, 3, S, S)) -> (B, D)``; ``dim`` is ``D``."""
+
+    def __init__(self, visual: nn.Module, dim: int, preprocess: dict[str, Any], freeze: bool = False) -> None:
+        super().__init__()
+        self.visual, self.dim, self.preprocess, self.frozen = visual, dim, dict(preprocess), freeze
+        set_frozen(self.visual, freeze)
+        if freeze:
+            self.visual.eval()
+
+    def train(self, mode: bool = True) -> "ImageTower":
+        super().train(mode and not self.frozen)  # a frozen tower stays in eval mode
+        return self
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess["size"]
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def transform(self) -> ClipImageTransform:
+        """The preprocessing images need before ``forward`` (see ``ClipImageTransform``)."""
+        p = self.preprocess
+        return ClipImageTransform(self.image_size, p["mean"], p["std"], p.get("interpolation", "bicubic"),
+                                  p.get("resize_mode", "shortest"))
+
+    def forward(self, image: Tensor) -> Tensor:
+        """``image (B, 3, S, S)``, preprocessed -> ``(B, D)``."""
+        if self.frozen:
+            with torch.no_grad():
+                return self.visual(image)
+        return self.visual(image)
+
+
+def image_tower_from(model: nn.Module, freeze: bool = False) -> ImageTower:
+    """The vision half of an open_clip model built by ``build_open_clip``."""
+    import open_clip
+
+    return ImageTower(model.visual, int(model.visual.output_dim), open_clip.get_model_preprocess_cfg(model), freeze)
+
+
+def build_image_tower(model_name: str = TINY, pretrained: str | None = None, freeze: bool = False) -> ImageTower:
+    """An open_clip image tower: ``model_name`` ``"tiny"`` or an open_clip config name,
+    ``pretrained`` a local checkpoint file (or None), ``freeze`` to keep it fixed."""
+    return image_tower_from(build_open_clip(model_name, pretrained), freeze)
+
+
+@ENCODERS.register
+def clip_image_tiny(pretrained: str | None = None, freeze: bool = False) -> ImageTower:
+    return build_image_tower(TINY, pretrained, freeze)
+
+
+@ENCODERS.register
+def clip_image_vit_b_32(pretrained: str | None = None, freeze: bool = False) -> ImageTower:
+    return build_image_tower("ViT-B-32", pretrained, freeze)
+
+
+@ENCODERS.register
+def clip_image_vit_b_16(pretrained: str | None = None, freeze: bool = False) -> ImageTower:
+    return build_image_tower("ViT-B-16", pretrained, freeze)
+
+
+@ENCODERS.register
+def clip_image_vit_l_14(pretrained: str | None = None, freeze: bool = False) -> ImageTower:
+    return build_image_tower("ViT-L-14", pretrained, freeze)

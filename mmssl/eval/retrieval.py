@@ -1,0 +1,401 @@
+"""Speech-image retrieval: recall@K and ``mmssl index``.
+
+    mmssl index --run RUN --manifest image/test.jsonl --out INDEX_DIR
+                [--batch-size 16] [--ks 1,5,10] [--device auto|cpu|cuda]
+
+``RUN``: a ``speech_image`` run folder (its latest checkpoint), a checkpoint folder or a
+``.safetensors`` file. Every distinct image of the manifest (one per ``group``; records
+without a group are grouped by image path) and every spoken caption are embedded with the
+run's towers, in padded batches (a caption's embedding does not depend on its batch). Writes::
+
+    INDEX_DIR/images.safetensors   "embeddings" (N_images, D), L2-normalised
+    INDEX_DIR/images.jsonl         per row: group, image (absolute path), captions (texts)
+    INDEX_DIR/speech.safetensors   "embeddings" (N_captions, D)
+    INDEX_DIR/speech.jsonl         per row: id, audio, group, caption
+    INDEX_DIR/index.json           run, weights file, step, its sha256, manifest, dim, counts
+    INDEX_DIR/recall.json          recall@K both directions, and chance levels
+    INDEX_DIR/recall.md            the same as a Markdown table
+    INDEX_DIR/recall_at_k.png      recall against K, both directions
+
+Recall@K with several captions per image (Harwath et al., 2018; SpeechCLIP): speech->image, a
+caption's query is answered when its own image is among the top K images; image->speech, an
+image's query is answered when any of its captions is among the top K captions. Ties count
+against the query (an irrelevant item scoring the same as the best relevant one is ranked
+before it), so constant embeddings give no more than chance.
+
+Shape legend: Q queries, N candidates, D embedding dim, S samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from mmssl.errors import ConfigError, DataError
+
+KS = (1, 5, 10)
+INDEX_FILE = "index.json"
+IMAGES, SPEECH = "images", "speech"
+DIRECTIONS = {"speech_to_image": "speech → image", "image_to_speech": "image → speech"}
+
+
+# --- recall@K ------------------------------------------------------------------------------
+
+
+def first_relevant_rank(scores: Tensor, relevant: Tensor) -> Tensor:
+    """``scores (Q, N)``, ``relevant (Q, N)`` bool -> ``(Q,)`` 0-based rank of each query's best
+    relevant candidate: the number of irrelevant candidates scoring at least as high."""
+    if scores.shape != relevant.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and relevant {tuple(relevant.shape)} differ in shape")
+    if not bool(relevant.any(1).all()):
+        raise DataError(f"{int((~relevant.any(1)).sum())} queries have no relevant candidate")
+    best = scores.masked_fill(~relevant, float("-inf")).max(1).values  # (Q,)
+    return ((scores >= best.unsqueeze(1)) & ~relevant).sum(1)
+
+
+def recall_at_k(scores: Tensor, relevant: Tensor, ks: Sequence[int] = KS) -> dict[int, float]:
+    """The fraction of queries with a relevant candidate among their top ``k``, for each ``k``."""
+    ranks = first_relevant_rank(scores, relevant)
+    return {int(k): float((ranks < k).float().mean()) for k in ks}
+
+
+def chance_recall(relevant: Tensor, ks: Sequence[int] = KS) -> dict[int, float]:
+    """Expected recall@K of a random ranking: a query with ``r`` relevant candidates among
+    ``n`` misses all of them in its top ``k`` with probability ``C(n - r, k) / C(n, k)``."""
+    n, queries = relevant.shape[1], relevant.shape[0]
+    counts = Counter(relevant.sum(1).tolist())  # relevant candidates per query -> queries
+    out = {}
+    for k in ks:
+        kk = min(int(k), n)
+        out[int(k)] = sum(q * (1.0 - math.comb(n - r, kk) / math.comb(n, kk)) for r, q in counts.items()) / queries
+    return out
+
+
+def group_relevance(query_groups: Sequence[str], candidate_groups: Sequence[str]) -> Tensor:
+    """``(Q, N)`` bool: True where a query and a candidate share a group."""
+    ids = {g: i for i, g in enumerate(dict.fromkeys([*query_groups, *candidate_groups]))}
+    q = torch.tensor([ids[g] for g in query_groups])
+    c = torch.tensor([ids[g] for g in candidate_groups])
+    return q.unsqueeze(1) == c.unsqueeze(0)
+
+
+def retrieval_recall(
+    speech: Tensor, speech_groups: Sequence[str], images: Tensor, image_groups: Sequence[str], ks: Sequence[int] = KS
+) -> dict[str, dict[int, float]]:
+    """Recall@K both ways from normalised ``speech (Q, D)`` and ``images (N, D)`` embeddings and
+    their groups (a caption's group is its image's). Also gives each direction's chance level."""
+    relevant = group_relevance(speech_groups, image_groups)  # (Q, N)
+    scores = speech.float() @ images.float().T
+    return {
+        "speech_to_image": recall_at_k(scores, relevant, ks),
+        "image_to_speech": recall_at_k(scores.T, relevant.T, ks),
+        "chance_speech_to_image": chance_recall(relevant, ks),
+        "chance_image_to_speech": chance_recall(relevant.T, ks),
+    }
+
+
+# --- a trained run -------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    """A ``speech_image`` objective with a checkpoint's weights, in eval mode."""
+
+    objective: torch.nn.Module
+    run_dir: Path
+    weights: Path
+    step: int | None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def step_of(weights: Path) -> int | None:
+    match = re.fullmatch(r"step_(\d+)", weights.parent.name)
+    return int(match.group(1)) if match else None
+
+
+def load_run(run_or_ckpt: str | os.PathLike, device: torch.device = torch.device("cpu")) -> LoadedRun:
+    """Rebuild a ``speech_image`` run's objective from its ``config.yaml`` and load the
+    checkpoint (the latest for a run folder). The towers are built without the SSL run or CLIP
+    file they started from (``speech_init`` / ``clip_pretrained``): the checkpoint holds them."""
+    from omegaconf import OmegaConf
+
+    from mmssl.eval.features import run_dir_of
+    from mmssl.train.build import build_objective
+    from mmssl.train.checkpoint import load_weights, resolve_weights
+
+    path = Path(run_or_ckpt)
+    if not path.exists():
+        raise DataError(f"{path}: run or checkpoint not found")
+    run_dir = run_dir_of(path if path.is_dir() else path.parent)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if cfg.objective.name != "speech_image":
+        raise ConfigError(f"{run_dir}: objective {cfg.objective.name!r} is not speech_image (no image tower)")
+    for key in ("speech_init", "clip_pretrained"):
+        if key in cfg.objective:
+            cfg.objective[key] = None
+    objective = build_objective(cfg)
+    weights = resolve_weights(path)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in load_weights(weights).items()}
+    missing, unexpected = objective.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(f"{weights}: weights do not match the run's speech_image objective "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return LoadedRun(objective.to(device).eval(), run_dir.resolve(), weights.resolve(), step_of(weights))
+
+
+# --- embedding in batches ------------------------------------------------------------------
+
+
+def _chunks(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), size):
+        yield list(order[start : start + size])
+
+
+def _load_audio(record: dict) -> Tensor:
+    from mmssl.data.io import load_audio
+
+    path = record.get("audio")
+    if not path:
+        raise DataError(f"record {record.get('id')!r} has no 'audio' path")
+    try:
+        return load_audio(path)
+    except DataError as err:
+        raise DataError(f"record {record.get('id')!r}: {err}") from None
+
+
+@torch.no_grad()
+def _embed_speech(objective, load: Callable[[int], Tensor], sizes: Sequence[int], batch_size: int,
+                  device: torch.device, progress: bool) -> Tensor:
+    """``load(i) -> (S_i,)`` for ``i < len(sizes)`` -> normalised ``(Q, D)`` on the CPU, row ``i``
+    for waveform ``i``. Batches hold waveforms of similar ``sizes`` (sorted), padded, loaded one
+    batch at a time; padding never changes an embedding."""
+    from mmssl.data.collate import pad_sequences
+
+    out = torch.zeros(len(sizes), objective.dim)
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    with tqdm(total=len(sizes), desc="speech", unit="utt", disable=not progress) as bar:
+        for rows in _chunks(order, batch_size):
+            audio, lens = pad_sequences([load(i) for i in rows], 0.0)
+            out[rows] = objective.embed_speech(audio.to(device), lens.to(device)).float().cpu()
+            bar.update(len(rows))
+    return out
+
+
+def embed_waveforms(objective, waves: Sequence[Tensor], batch_size: int, device: torch.device,
+                    progress: bool = True) -> Tensor:
+    """Waveforms ``(S_i,)`` at 16 kHz -> normalised ``(Q, D)`` on the CPU, in the given order."""
+    return _embed_speech(objective, waves.__getitem__, [w.shape[0] for w in waves], batch_size, device, progress)
+
+
+def embed_speech_records(objective, records: Sequence[dict], batch_size: int, device: torch.device,
+                         progress: bool = True) -> Tensor:
+    """The spoken captions of ``records`` -> normalised ``(Q, D)``, in manifest order (batched by
+    the manifest's ``audio_samples``; audio is decoded one batch at a time)."""
+    sizes = [int(r.get("audio_samples") or 0) for r in records]
+    return _embed_speech(objective, lambda i: _load_audio(records[i]), sizes, batch_size, device, progress)
+
+
+@torch.no_grad()
+def embed_image_files(objective, paths: Sequence[str], batch_size: int, device: torch.device,
+                      progress: bool = True) -> Tensor:
+    """Image files -> normalised ``(N, D)`` on the CPU, through the objective's image transform."""
+    from mmssl.data.io import load_image
+
+    out = torch.zeros(len(paths), objective.dim)
+    with tqdm(total=len(paths), desc="images", unit="img", disable=not progress) as bar:
+        for rows in _chunks(range(len(paths)), batch_size):
+            pixels = torch.stack([objective.image_transform(load_image(paths[i])) for i in rows])
+            out[rows] = objective.embed_image(pixels.to(device)).float().cpu()
+            bar.update(len(rows))
+    return out
+
+
+@torch.no_grad()
+def embed_texts(objective, texts: Sequence[str], batch_size: int, device: torch.device) -> Tensor:
+    """Captions -> normalised ``(Q, D)`` through the text tower (``ConfigError`` without one)."""
+    if getattr(objective, "text_tower", None) is None:
+        raise ConfigError("this run has no text tower: text queries need a model trained with "
+                          "objective.caption_weight > 0")
+    out = torch.zeros(len(texts), objective.dim)
+    for rows in _chunks(range(len(texts)), batch_size):
+        text, lens = objective.text_tokenizer.batch([texts[i] for i in rows])
+        out[rows] = objective.embed_text(text.to(device), lens.to(device)).float().cpu()
+    return out
+
+
+# --- the index -----------------------------------------------------------------------------
+
+
+def distinct_images(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
+    """``(images, caption_groups)``: one row per distinct image (``group``, ``image`` path,
+    ``captions``), in first-seen order, and each record's group. A record without ``group``
+    is grouped by its image path; one group with two image paths is an error."""
+    rows: dict[str, dict] = {}
+    groups = []
+    for record in records:
+        image = record.get("image")
+        if not image:
+            raise DataError(f"record {record.get('id')!r} has no 'image' path")
+        group = str(record.get("group") or image)
+        row = rows.setdefault(group, {"group": group, "image": str(image), "captions": []})
+        if row["image"] != str(image):
+            raise DataError(f"record {record.get('id')!r}: group {group!r} has two images, {row['image']} and {image}")
+        if record.get("caption"):
+            row["captions"].append(record["caption"])
+        groups.append(group)
+    return list(rows.values()), groups
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_embeddings(path: Path, embeddings: Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"embeddings": embeddings.float().contiguous()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_embeddings(path: str | os.PathLike) -> Tensor:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found (make the index with `mmssl index`)")
+    try:
+        return load_file(str(path))["embeddings"]
+    except Exception as err:  # safetensors raises its own error types
+        raise DataError(f"{path}: cannot read embeddings: {err}") from err
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found (make the index with `mmssl index`)")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{n}: not JSON: {err}") from None
+    return rows
+
+
+def recall_table(recall: dict, ks: Sequence[int]) -> str:
+    from mmssl.eval.report import markdown_table
+
+    rows = [[label, *(100 * recall[key][k] for k in ks)] for key, label in DIRECTIONS.items()]
+    rows += [[f"chance, {label}", *(100 * recall[f"chance_{key}"][k] for k in ks)] for key, label in DIRECTIONS.items()]
+    return markdown_table(["direction", *(f"R@{k} (%)" for k in ks)], rows, digits=1)
+
+
+def write_recall(out: Path, speech: Tensor, speech_groups: Sequence[str], images: Tensor,
+                 image_groups: Sequence[str], ks: Sequence[int]) -> dict:
+    """``recall.json``, ``recall.md`` and ``recall_at_k.png`` in ``out``; returns the recall dict."""
+    from mmssl.eval.report import line_plot
+
+    curve_ks = list(range(1, max(ks) + 1))  # every K up to the largest, for the plot
+    curve = retrieval_recall(speech, speech_groups, images, image_groups, sorted({*curve_ks, *ks}))
+    recall = {key: {k: value[k] for k in ks} for key, value in curve.items()}
+    summary = {key: {f"R@{k}": round(v, 6) for k, v in value.items()} for key, value in recall.items()}
+    summary.update(images=len(image_groups), captions=len(speech_groups))
+    (out / "recall.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "recall.md").write_text(recall_table(recall, ks) + "\n", encoding="utf-8")
+    series = {label: [curve[key][k] for k in curve_ks] for key, label in DIRECTIONS.items()}
+    series.update({f"chance, {label}": [curve[f"chance_{key}"][k] for k in curve_ks] for key, label in DIRECTIONS.items()})
+    styles = {f"chance, {label}": ":" for label in DIRECTIONS.values()}
+    line_plot(curve_ks, series, out / "recall_at_k.png", xlabel="K", ylabel="recall@K",
+              title=f"{len(image_groups)} images, {len(speech_groups)} spoken captions", ylim=(0, 1.02),
+              styles=styles)
+    return recall
+
+
+def build_index(loaded: LoadedRun, manifest: str | os.PathLike, out: str | os.PathLike, batch_size: int = 16,
+                ks: Sequence[int] = KS, device: torch.device = torch.device("cpu"), progress: bool = True) -> dict:
+    """Embed ``manifest``'s images and spoken captions into ``out`` (layout in the module
+    docstring); returns the recall dict of ``retrieval_recall``."""
+    from mmssl.data.manifest import read_manifest
+
+    records = read_manifest(manifest)
+    if not records:
+        raise DataError(f"{manifest}: the manifest has no records")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, caption_groups = distinct_images(records)
+    objective = loaded.objective
+    image_emb = embed_image_files(objective, [row["image"] for row in images], batch_size, device, progress)
+    speech_emb = embed_speech_records(objective, records, batch_size, device, progress)
+    _write_embeddings(out / f"{IMAGES}.safetensors", image_emb)
+    _write_jsonl(out / f"{IMAGES}.jsonl", images)
+    _write_embeddings(out / f"{SPEECH}.safetensors", speech_emb)
+    _write_jsonl(out / f"{SPEECH}.jsonl", [
+        {"id": r.get("id"), "audio": r.get("audio"), "group": g, "caption": r.get("caption")}
+        for r, g in zip(records, caption_groups)
+    ])
+    meta = {"run": str(loaded.run_dir), "weights": str(loaded.weights), "step": loaded.step,
+            "weights_sha256": file_sha256(loaded.weights), "manifest": str(Path(manifest).resolve()),
+            "dim": int(objective.dim), "images": len(images), "captions": len(records)}
+    (out / INDEX_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return write_recall(out, speech_emb, caption_groups, image_emb, [row["group"] for row in images], ks)
+
+
+def parse_ks(spec: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in spec.split(",") if k.strip()})
+    except ValueError:
+        raise ConfigError(f"--ks must be a comma list of positive integers; got {spec!r}") from None
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"--ks must be a comma list of positive integers; got {spec!r}")
+    return ks
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="speech_image run folder, checkpoint folder or .safetensors file")
+    parser.add_argument("--manifest", required=True, help="image-caption manifest (records with audio, image, group)")
+    parser.add_argument("--out", required=True, help="index folder to write")
+    parser.add_argument("--batch-size", type=int, default=16, help="captions or images per batch (default 16)")
+    parser.add_argument("--ks", default="1,5,10", help="K values of recall@K (default 1,5,10)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmssl.eval.features import pick_device
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive; got {args.batch_size}")
+    ks = parse_ks(args.ks)
+    if not Path(args.manifest).is_file():
+        raise DataError(f"{args.manifest}: manifest not found")
+    device = pick_device(args.device)
+    loaded = load_run(args.run, device)
+    recall = build_index(loaded, args.manifest, args.out, args.batch_size, ks, device, progress=not args.quiet)
+    meta = json.loads((Path(args.out) / INDEX_FILE).read_text())
+    print(f"indexed {meta['images']} images and {meta['captions']} spoken captions of {args.manifest} "
+          f"with {loaded.weights} into {args.out}\n")
+    print(recall_table(recall, ks))
+    return 0
