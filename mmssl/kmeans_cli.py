@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_alignment
-from mmssl.eval.features import is_audio_visual, load_encoder_from_run, num_layers, pick_device, record_layers
+from mmssl.eval.features import is_audio_visual, num_layers, pick_device, record_layers
+from mmssl.runs import load_encoder_from_run
 from mmssl.nn.kmeans import KMeans
 
 FeatureFn = Callable[[dict], Tensor]  # manifest record -> features (T, D) on the device

@@ -20,11 +20,14 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._builders: dict[str, Callable[..., Any]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
-    def register(self, fn: F | None = None, *, name: str | None = None) -> Any:
-        """Register ``fn`` under ``name`` (default: the function's name).
+    def register(self, fn: F | None = None, *, name: str | None = None, **meta: Any) -> Any:
+        """Register ``fn`` under ``name`` (default: the function's name), with optional facts
+        about its options that code around the builder needs (``meta``, e.g. which options name
+        runs the built thing starts from; see ``mmssl.runs``).
 
-        Usable bare (``@REG.register``) or with a name (``@REG.register(name="x")``).
+        Usable bare (``@REG.register``) or with arguments (``@REG.register(name="x")``).
         """
 
         def add(f: F) -> F:
@@ -32,6 +35,7 @@ class Registry:
             if key in self._builders:
                 raise KeyError(f"{self.kind} {key!r} is registered twice")
             self._builders[key] = f
+            self._meta[key] = dict(meta)
             return f
 
         return add(fn) if fn is not None else add
@@ -42,6 +46,11 @@ class Registry:
         except KeyError:
             known = ", ".join(self.names()) or "none"
             raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The facts ``name`` was registered with (empty when none)."""
+        self.get(name)
+        return self._meta[name]
 
     def build(self, name: str, **kwargs: Any) -> Any:
         """Call the builder registered as ``name``; an unknown keyword is an error naming it."""

@@ -273,8 +273,7 @@ def transcribe(
 def load_asr_model(run_dir: str | Path, device: torch.device):
     """The CTC objective of a ``mmssl finetune-asr`` run (its latest checkpoint), in eval mode
     on ``device``, with the run's ``units.model``."""
-    from omegaconf import OmegaConf
-
+    from mmssl.runs import structure_config
     from mmssl.train import checkpoint as ckpt
     from mmssl.train.build import build_objective
 
@@ -282,7 +281,9 @@ def load_asr_model(run_dir: str | Path, device: torch.device):
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise DataError(f"{run_dir}: no config.yaml (not an `mmssl finetune-asr` run folder)")
-    cfg = OmegaConf.load(config)
+    # the encoder is rebuilt from the copy of the pretraining run's config kept in the run
+    # folder (mmssl.runs), so decoding does not need the pretraining run any more
+    cfg = structure_config(run_dir)
     if cfg.objective.name != "ctc":
         raise ConfigError(f"{run_dir}: a {cfg.objective.name!r} run, not a CTC fine-tuning run")
     if (run_dir / UNITS_FILE).is_file():

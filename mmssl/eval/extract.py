@@ -172,7 +172,8 @@ def extract(
 
 def run(args: argparse.Namespace) -> int:
     from mmssl.data.manifest import read_manifest
-    from mmssl.eval.features import load_encoder_from_run, num_layers, pick_device
+    from mmssl.eval.features import num_layers, pick_device
+    from mmssl.runs import load_encoder_from_run
 
     device = pick_device(args.device)
     if args.shard_mb <= 0:

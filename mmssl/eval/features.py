@@ -2,7 +2,7 @@
 
 Shared by ``mmssl kmeans`` (targets from a layer), ``mmssl extract`` (features on disk) and
 ``mmssl layers`` (layer-wise CCA). A run is rebuilt from its ``config.yaml`` and its
-checkpoint (:func:`load_encoder_from_run`); :func:`record_layers` then gives every layer of
+checkpoint (:func:`mmssl.runs.load_encoder_from_run`); :func:`record_layers` then gives every layer of
 its encoder for one record, unpadded, with the input features the encoder read:
 
 * a speech encoder (``extract`` + ``contextualize``) reads the record's audio; its inputs are
@@ -20,9 +20,7 @@ Shape legend: S samples, T frames, C channels, F input features, L transformer l
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -40,43 +38,6 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but no CUDA GPU is available")
     return torch.device(name)
-
-
-def run_dir_of(path: Path) -> Path:
-    """The ``mmssl pretrain`` run folder holding ``path`` (the first with a ``config.yaml``)."""
-    for folder in [path, *path.parents]:
-        if (folder / "config.yaml").is_file():
-            return folder
-    raise DataError(f"{path}: no config.yaml in this folder or above it (not an `mmssl pretrain` run)")
-
-
-def load_encoder_from_run(run_dir_or_ckpt: str | os.PathLike):
-    """The encoder of a pretraining run: rebuilds the objective from the run's ``config.yaml``,
-    loads the checkpoint's weights (the latest one for a run folder) and returns
-    ``objective.encoder`` in eval mode. ``run_dir_or_ckpt``: a run folder, a checkpoint folder
-    or a ``.safetensors`` file."""
-    from omegaconf import OmegaConf
-
-    from mmssl.train.build import build_objective
-    from mmssl.train.checkpoint import load_weights
-
-    path = Path(run_dir_or_ckpt)
-    if not path.exists():
-        raise DataError(f"{path}: checkpoint not found")
-    run_dir = run_dir_of(path if path.is_dir() else path.parent)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    objective = build_objective(cfg)
-    state = load_weights(path)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    missing, unexpected = objective.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DataError(f"{path}: weights do not match objective {cfg.objective.name!r} "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    encoder = getattr(objective, "encoder", None)
-    if encoder is None or not hasattr(encoder, "contextualize"):
-        raise DataError(f"{path}: objective {cfg.objective.name!r} has no single speech or audio-visual "
-                        f"encoder to read layers from")
-    return encoder.eval()
 
 
 def is_audio_visual(encoder) -> bool:

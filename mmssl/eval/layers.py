@@ -127,7 +127,8 @@ def write_report(values: np.ndarray, columns: Sequence[str], out: Path, method: 
 def run(args: argparse.Namespace) -> int:
     from mmssl.data.manifest import read_manifest
     from mmssl.eval.extract import parse_modalities
-    from mmssl.eval.features import load_encoder_from_run, pick_device
+    from mmssl.eval.features import pick_device
+    from mmssl.runs import load_encoder_from_run
     from mmssl.eval.probes import layerwise_similarity
 
     device = pick_device(args.device)

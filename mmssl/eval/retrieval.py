@@ -135,30 +135,20 @@ def step_of(weights: Path) -> int | None:
 def load_run(run_or_ckpt: str | os.PathLike, device: torch.device = torch.device("cpu")) -> LoadedRun:
     """Rebuild a ``speech_image`` run's objective from its ``config.yaml`` and load the
     checkpoint (the latest for a run folder). The towers are built without the SSL run or CLIP
-    file they started from (``speech_init`` / ``clip_pretrained``): the checkpoint holds them."""
+    file they started from (``speech_init`` / ``clip_pretrained``): the checkpoint holds them
+    (``mmssl.runs``)."""
     from omegaconf import OmegaConf
 
-    from mmssl.eval.features import run_dir_of
-    from mmssl.train.build import build_objective
-    from mmssl.train.checkpoint import load_weights, resolve_weights
+    from mmssl.runs import load_objective_from_run, run_dir_of
 
     path = Path(run_or_ckpt)
     if not path.exists():
         raise DataError(f"{path}: run or checkpoint not found")
     run_dir = run_dir_of(path if path.is_dir() else path.parent)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    if cfg.objective.name != "speech_image":
-        raise ConfigError(f"{run_dir}: objective {cfg.objective.name!r} is not speech_image (no image tower)")
-    for key in ("speech_init", "clip_pretrained"):
-        if key in cfg.objective:
-            cfg.objective[key] = None
-    objective = build_objective(cfg)
-    weights = resolve_weights(path)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in load_weights(weights).items()}
-    missing, unexpected = objective.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DataError(f"{weights}: weights do not match the run's speech_image objective "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    name = OmegaConf.load(run_dir / "config.yaml").objective.name
+    if name != "speech_image":
+        raise ConfigError(f"{run_dir}: objective {name!r} is not speech_image (no image tower)")
+    objective, weights = load_objective_from_run(path)
     return LoadedRun(objective.to(device).eval(), run_dir.resolve(), weights.resolve(), step_of(weights))
 
 

@@ -218,7 +218,7 @@ def build_ctc_encoder(encoder: str, size: str, encoder_init: str | None, options
     """The encoder of the pretraining run ``encoder_init`` (a run folder, a checkpoint folder
     or a ``.safetensors`` file), or a fresh ``<encoder>_<size>`` preset (from-scratch baseline)."""
     if encoder_init not in (None, "", "none"):
-        from mmssl.eval.features import load_encoder_from_run
+        from mmssl.runs import load_encoder_from_run
 
         if options:
             raise ConfigError("objective.encoder_options apply to a fresh encoder only, not to encoder_init")
@@ -231,7 +231,7 @@ def build_ctc_encoder(encoder: str, size: str, encoder_init: str | None, options
     return ENCODERS.build(name, **(options or {}))
 
 
-@OBJECTIVES.register
+@OBJECTIVES.register(init_runs=("encoder_init",), run_files=("units_file",))
 def ctc(
     size: str = "base",
     encoder: str = "hubert",  # a fresh encoder preset family, used when encoder_init is none

@@ -180,7 +180,7 @@ class SpeechImage(Objective):
 
 def _speech_encoder(size: str, speech: str, encoder: dict[str, Any] | None, speech_init: str | None) -> SpeechEncoder:
     if speech_init is not None:
-        from mmssl.eval.features import load_encoder_from_run
+        from mmssl.runs import load_encoder_from_run
 
         enc = load_encoder_from_run(speech_init)
         if encoder:
@@ -193,7 +193,7 @@ def _speech_encoder(size: str, speech: str, encoder: dict[str, Any] | None, spee
     return enc
 
 
-@OBJECTIVES.register
+@OBJECTIVES.register(init_runs=("speech_init",), init_files=("clip_pretrained",))
 def speech_image(
     size: str = "base",
     speech: str = "hubert",  # the speech encoder preset family: <speech>_<size>

@@ -17,6 +17,7 @@ from mmssl.config import builder_kwargs, save_resolved
 from mmssl.errors import ConfigError, DataError
 from mmssl.objectives.base import Objective
 from mmssl.registry import OBJECTIVES, Registry
+from mmssl.runs import snapshot_inits
 from mmssl.train.distributed import DistEnv, wrap_model
 from mmssl.train.loop import LoopOptions, StepCallback, Trainer
 from mmssl.train.optim import Schedule, build_adamw
@@ -233,4 +234,6 @@ def prepare_run_dir(cfg: DictConfig, resume: bool, env: DistEnv) -> Path:
         if not resume and (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()
         save_resolved(cfg, run_dir)
+        if not resume:  # the configs of the runs this one starts from (mmssl.runs)
+            snapshot_inits(cfg, run_dir)
     return run_dir

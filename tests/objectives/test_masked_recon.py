@@ -9,7 +9,7 @@ from mmssl.data.io import load_audio
 from mmssl.data.manifest import read_manifest
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.extract import load_features
-from mmssl.eval.features import load_encoder_from_run
+from mmssl.runs import load_encoder_from_run
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.masked_recon import (
     KEEP,

@@ -218,7 +218,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
 
 
 def test_speech_tower_starts_from_a_pretraining_run(speech_image_run):
-    from mmssl.eval.features import load_encoder_from_run
+    from mmssl.runs import load_encoder_from_run
 
     run, _ = speech_image_run
     pretrained = load_encoder_from_run(run)

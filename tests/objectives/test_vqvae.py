@@ -6,7 +6,7 @@ import torch
 from mmssl.cli import main
 from mmssl.errors import ConfigError
 from mmssl.eval.extract import load_features, read_index
-from mmssl.eval.features import load_encoder_from_run
+from mmssl.runs import load_encoder_from_run
 from mmssl.nn.reconstruction import log_mel
 from mmssl.objectives.vqvae import autoencoder, vqvae
 from mmssl.testing import tiny_audio_batch, utterances_alone

@@ -1,0 +1,68 @@
+"""Runs that start from other runs load from their own folder: the configs they started from
+are copied in (``RUN/init/<key>``), so moving or deleting the pretraining run breaks nothing."""
+
+import shutil
+
+import pytest
+import torch
+
+from mmssl.cli import main
+from mmssl.eval.asr import load_asr_model
+from mmssl.registry import OBJECTIVES
+from mmssl.runs import STRUCTURE_ONLY, load_encoder_from_run, structure_config
+from tests.eval.test_extract import make_run
+
+
+def _finetune(init, out, manifest, steps=1):
+    code = main(["finetune-asr", "--init", str(init), f"data.train={manifest}", f"train.max_steps={steps}",
+                 f"train.out_dir={out}", "train.device=cpu", "data.num_workers=0", "train.progress=false",
+                 "data.max_seconds_per_batch=20", "train.lr=1e-2", "objective.freeze_steps=0"])
+    assert code == 0
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model.logits(batch)[0]
+
+
+def test_a_chain_of_fine_tuned_runs_loads_after_its_sources_are_gone(synth_tiny, tmp_path):
+    manifest = synth_tiny / "av" / "train.jsonl"
+    _, step = make_run(tmp_path / "pre", "hubert", manifest)
+    _finetune(step, tmp_path / "ft1", manifest)
+    _finetune(tmp_path / "ft1", tmp_path / "ft2", manifest)  # starts from the first fine-tuned run
+    copy = tmp_path / "ft2" / "init" / "encoder_init"
+    assert (copy / STRUCTURE_ONLY).is_file() and (copy / "init" / "encoder_init" / "config.yaml").is_file()
+    assert (copy / "units.model").is_file()  # the first run's units shape its head
+
+    batch = {"audio": torch.randn(2, 8000), "audio_lens": torch.tensor([8000, 6000])}
+    before = _logits(load_asr_model(tmp_path / "ft2", torch.device("cpu")), batch)
+    shutil.rmtree(tmp_path / "pre")
+    shutil.rmtree(tmp_path / "ft1")
+    after = _logits(load_asr_model(tmp_path / "ft2", torch.device("cpu")), batch)
+    torch.testing.assert_close(after, before)
+    shutil.move(tmp_path / "ft2", tmp_path / "moved")  # the run folder itself may move too
+    torch.testing.assert_close(_logits(load_asr_model(tmp_path / "moved", torch.device("cpu")), batch), before)
+    shutil.move(tmp_path / "moved", tmp_path / "ft2")
+    # the rebuilt config points at the copies, and a copied config gives an encoder without weights
+    assert structure_config(tmp_path / "ft2").objective.encoder_init == str(copy)
+    assert load_encoder_from_run(copy).__class__.__name__ == "AudioEncoder"
+
+
+def test_a_missing_start_run_is_named_before_training(synth_tiny, tmp_path, capsys):
+    code = main(["finetune-asr", "--init", str(tmp_path / "nowhere"), f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+                 f"train.out_dir={tmp_path / 'ft'}", "train.device=cpu"])
+    assert code == 2 and "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, runs, files, own", [("ctc", ("encoder_init",), (), ("units_file",)),
+                                                    ("speech_image", ("speech_init",), ("clip_pretrained",), ())])
+def test_builders_declare_the_options_that_name_start_points(name, runs, files, own):
+    import inspect
+
+    import mmssl.objectives  # noqa: F401
+
+    meta = OBJECTIVES.meta(name)
+    assert tuple(meta.get("init_runs", ())) == runs and tuple(meta.get("init_files", ())) == files
+    assert tuple(meta.get("run_files", ())) == own
+    params = inspect.signature(OBJECTIVES.get(name)).parameters
+    assert all(key in params for key in (*runs, *files, *own))
