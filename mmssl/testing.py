@@ -70,3 +70,46 @@ def utterances_alone(batch: dict, frame_lens: Tensor) -> list[dict]:
             alone["targets"] = batch["targets"][i : i + 1]
         out.append(alone)
     return out
+
+
+WORDS = ("one", "red", "circle", "above", "a", "big", "blue", "square", "two", "green", "stars")
+
+
+def synthetic_batch(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), seed: int = 0,
+                    image_size: int = 64, hook: bool = True) -> dict:
+    """A batch with every key ``objective`` reads, made as the data pipeline makes them: one
+    item per utterance of ``seconds`` (audio and/or 25 fps video by ``objective.modalities``;
+    cluster targets at ``objective.label_rate`` (default 100 Hz) when it has ``num_classes``;
+    a transcript; a caption group; an image through ``objective.image_transform``; caption
+    tokens through ``objective.text_tokenizer``), collated by ``mmssl.data.collate`` and passed
+    through the objective's batch hook (``hook=False``: not). For tests and benchmarks."""
+    from mmssl.data.collate import collate
+
+    g = torch.Generator().manual_seed(seed)
+    modalities = set(getattr(objective, "modalities", ("audio",)))
+    classes = getattr(objective, "num_classes", None)
+    rate = float(getattr(objective, "label_rate", 100.0))
+    items = []
+    for i, s in enumerate(seconds):
+        frames = max(1, int(round(s * 25)))
+        n = frames * 640  # samples of whole 25 fps frames, so both streams agree
+        words = [WORDS[int(j)] for j in torch.randint(len(WORDS), (3,), generator=g)]
+        item: dict = {"id": f"u{i}", "transcript": " ".join(words), "group": f"img{i}"}
+        if "audio" in modalities:
+            t = torch.arange(n) / SAMPLE_RATE
+            item["audio"] = 0.3 * torch.sin(2 * torch.pi * (150 + 50 * i) * t) + 0.05 * torch.randn(n, generator=g)
+        if "video" in modalities:
+            item["video"] = torch.rand(frames, 1, 88, 88, generator=g)
+        if classes:
+            item["targets"] = torch.randint(int(classes), (max(1, int(n * rate / SAMPLE_RATE)),), generator=g)
+        if "image" in modalities:
+            image = torch.randint(0, 256, (3, image_size, image_size), dtype=torch.uint8, generator=g)
+            transform = getattr(objective, "image_transform", None)
+            item["image"] = transform(image) if transform is not None else image.float() / 255.0
+        if "text" in modalities:
+            tokens = torch.as_tensor(objective.text_tokenizer(item["transcript"]), dtype=torch.long)
+            item["text"] = tokens[0] if tokens.dim() == 2 else tokens
+        items.append(item)
+    batch = collate(items)
+    batch_hook = objective.batch_hook() if hook else None
+    return batch_hook(batch) if batch_hook is not None else batch

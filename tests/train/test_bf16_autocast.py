@@ -14,34 +14,9 @@ import torch
 
 import mmssl.objectives  # noqa: F401  (registers the objectives)
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_av_batch
+from mmssl.testing import synthetic_batch
 
 NAMES = OBJECTIVES.names()
-
-
-def _batch_for(objective) -> dict:
-    """One 3-utterance batch with every key the objective reads: audio (+ video), 100 Hz
-    targets for objectives with classes, transcripts and caption groups, images through the
-    objective's own transform."""
-    batch = tiny_av_batch(seconds=(0.96, 0.72, 0.48))
-    modalities = set(getattr(objective, "modalities", ("audio",)))
-    if "video" not in modalities:
-        batch.pop("video"), batch.pop("video_lens")
-    if "audio" not in modalities:
-        batch.pop("audio"), batch.pop("audio_lens")
-    g = torch.Generator().manual_seed(0)
-    classes = getattr(objective, "num_classes", None)
-    if classes:
-        frames = int(batch.get("audio_lens", torch.tensor([0])).max()) // 160 or 4 * int(batch["video_lens"].max())
-        batch["targets"] = torch.randint(int(classes), (3, frames), generator=g)
-    batch["transcript"] = ["one red circle", "a big blue square", "two stars"]
-    batch["group"] = ["img0", "img1", "img2"]
-    if "image" in modalities:
-        images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=g)
-        transform = getattr(objective, "image_transform", None)
-        batch["image"] = torch.stack([transform(im) if transform else im.float() / 255 for im in images])
-    hook = objective.batch_hook()
-    return hook(batch) if hook is not None else batch
 
 
 def _loss_and_grads(objective, batch: dict, bf16: bool) -> tuple[torch.Tensor, list]:
@@ -57,7 +32,7 @@ def _loss_and_grads(objective, batch: dict, bf16: bool) -> tuple[torch.Tensor, l
 def test_objective_trains_under_bf16_autocast(name):
     torch.manual_seed(0)
     objective = OBJECTIVES.build(name, size="tiny").train()
-    batch = _batch_for(objective)
+    batch = synthetic_batch(objective)
     loss32, _ = _loss_and_grads(objective, batch, bf16=False)
     loss16, grads = _loss_and_grads(objective, batch, bf16=True)
     assert loss16.dtype == torch.float32, f"{name}: the loss is {loss16.dtype} under autocast"

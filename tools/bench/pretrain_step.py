@@ -11,7 +11,6 @@ model's speed, not the loader's. On CUDA it uses bf16 autocast like ``mmssl pret
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import tempfile
 import time
@@ -20,33 +19,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmssl.registry import OBJECTIVES
+from mmssl.testing import synthetic_batch
 from mmssl.train.loop import LoopOptions, Trainer
 from mmssl.train.optim import Schedule, build_adamw
 
 SAMPLE_RATE = 16_000
-VIDEO_FPS = 25
-
-
-def synthetic_batch(objective, builder_defaults: dict, batch_size: int, seconds: float, seed: int) -> dict:
-    """Full-length utterances (one a little shorter, so padding paths run) for every modality
-    the objective reads, plus cluster targets when its builder takes ``num_classes``."""
-    g = torch.Generator().manual_seed(seed)
-    samples = int(seconds * SAMPLE_RATE)
-    lens = torch.full((batch_size,), samples)
-    lens[-1] = int(samples * 0.8)
-    batch: dict = {"audio": 0.1 * torch.randn(batch_size, samples, generator=g), "audio_lens": lens,
-                   "ids": [f"b{i}" for i in range(batch_size)]}
-    if "video" in objective.modalities:
-        frames = int(seconds * VIDEO_FPS)
-        batch["video"] = torch.rand(batch_size, frames, 1, 88, 88, generator=g)
-        batch["video_lens"] = torch.div(lens * VIDEO_FPS, SAMPLE_RATE, rounding_mode="floor")
-    if "num_classes" in builder_defaults:
-        rate = float(builder_defaults.get("label_rate", 100.0))
-        n = int(seconds * rate)
-        batch["targets"] = torch.randint(0, int(builder_defaults["num_classes"]), (batch_size, n), generator=g)
-        batch["target_lens"] = torch.div(lens * int(rate), SAMPLE_RATE, rounding_mode="floor")
-    hook = objective.batch_hook()
-    return hook(batch) if hook is not None else batch
 
 
 class _Once:
@@ -73,13 +50,13 @@ def main() -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     torch.manual_seed(0)
-    builder = OBJECTIVES.get(args.objective)
-    defaults = {k: v.default for k, v in inspect.signature(builder).parameters.items()
-                if v.default is not inspect.Parameter.empty}
     objective = OBJECTIVES.build(args.objective, size=args.size).to(device)
     if args.compile:
         objective.compile()
-    batches = [synthetic_batch(objective, defaults, args.batch_size, args.seconds, seed) for seed in range(4)]
+    # full-length utterances, one a little shorter so the padding paths run; every key the
+    # objective reads (audio, video, targets, transcripts, images...), its batch hook applied
+    lengths = (args.seconds,) * (args.batch_size - 1) + (0.8 * args.seconds,)
+    batches = [synthetic_batch(objective, lengths, seed=seed, image_size=224) for seed in range(4)]
     optimizer = build_adamw(objective, lr=1e-4)
     total = args.warmup + args.steps + 1
     trainer = Trainer(objective, optimizer, Schedule(1e-4, total, "constant"), _Once(),  # type: ignore[arg-type]
