@@ -126,7 +126,11 @@ def load_objective_from_run(run_dir_or_ckpt: str | os.PathLike, weights: bool = 
         return objective.eval(), run_dir
     file = resolve_weights(path)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in load_weights(file).items()}
-    missing, unexpected = objective.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = objective.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ: the config and the weights disagree
+        raise DataError(f"{file}: weights do not fit the model built from {run_dir / 'config.yaml'}: "
+                        f"{str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise DataError(f"{file}: weights do not match objective {objective.__class__.__name__} of "
                         f"{run_dir / 'config.yaml'} (missing {missing[:3]}, unexpected {unexpected[:3]})")

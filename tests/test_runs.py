@@ -66,3 +66,17 @@ def test_builders_declare_the_options_that_name_start_points(name, runs, files, 
     assert tuple(meta.get("run_files", ())) == own
     params = inspect.signature(OBJECTIVES.get(name)).parameters
     assert all(key in params for key in (*runs, *files, *own))
+
+
+def test_weights_that_do_not_fit_the_config_are_named(synth_tiny, tmp_path):
+    from omegaconf import OmegaConf
+
+    from mmssl.errors import DataError
+    from mmssl.runs import load_objective_from_run
+
+    _, step = make_run(tmp_path / "pre", "hubert", synth_tiny / "av" / "train.jsonl")
+    cfg = OmegaConf.load(tmp_path / "pre" / "config.yaml")
+    cfg.objective.num_classes = 5  # the saved label embeddings have 3 rows
+    OmegaConf.save(cfg, tmp_path / "pre" / "config.yaml")
+    with pytest.raises(DataError, match="model.safetensors: weights do not fit .*config.yaml"):
+        load_objective_from_run(step)
