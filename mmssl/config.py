@@ -86,6 +86,29 @@ def load_config(
     return cfg
 
 
+def load_run_config(
+    recipe: str | Path | None, overrides: Iterable[str] = (), resume: bool = False, defaults: Path = DEFAULTS
+) -> DictConfig:
+    """``load_config``; but with ``resume`` and a run already in ``train.out_dir``, that run's
+    saved ``config.yaml`` < the command-line overrides: a resumed run keeps the settings it
+    started with (a key given again on the command line still wins)."""
+    cfg = load_config(recipe, overrides, defaults)
+    if not resume:
+        return cfg
+    try:
+        saved = Path(str(OmegaConf.select(cfg, "train.out_dir"))) / "config.yaml"
+    except OmegaConfBaseException:
+        return cfg
+    if not saved.is_file():
+        return cfg
+    base = _load_yaml(saved)
+    OmegaConf.set_struct(base, True)
+    for section in OPEN_SECTIONS:
+        if section in base:
+            OmegaConf.set_struct(base[section], False)
+    return _merge(base, _parse_overrides(overrides), "command line")
+
+
 def resolve(cfg: DictConfig) -> DictConfig:
     """Interpolate and check that no mandatory value (``???``) is left unset."""
     missing = sorted(OmegaConf.missing_keys(cfg))

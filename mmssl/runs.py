@@ -90,11 +90,9 @@ def _copy_run_files(cfg: DictConfig, src_run: Path, dst: Path) -> None:
         shutil.copy2(file, dst / file.name)
 
 
-def structure_config(run_dir: Path) -> DictConfig:
-    """``run_dir``'s config with each start-from key pointing at its copied config (when the run
-    has one: runs made before copies existed still read the original) and each start-from
-    weight file unset: what rebuilds the run's objective for its own checkpoint."""
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+def _use_copies(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """Point ``cfg``'s start-from keys at the copies in ``run_dir`` (where it has them: runs made
+    before copies existed still read the originals) and unset its start-from weight files."""
     meta = _meta(cfg)
     for key in meta.get("init_runs", ()):
         copy = run_dir / INIT_DIR / key
@@ -103,7 +101,15 @@ def structure_config(run_dir: Path) -> DictConfig:
     for key in meta.get("init_files", ()):
         if key in cfg.objective:
             cfg.objective[key] = None
-    for key in meta.get("run_files", ()):  # the run's own copy, also after the folder moved
+    return cfg
+
+
+def structure_config(run_dir: Path) -> DictConfig:
+    """``run_dir``'s config as it rebuilds the run's objective for its own checkpoint: start-from
+    runs read from their copies, start-from weight files unset, the run's own files (``run_files``)
+    from its folder (also after the folder moved)."""
+    cfg = _use_copies(OmegaConf.load(run_dir / "config.yaml"), run_dir)
+    for key in _meta(cfg).get("run_files", ()):
         value = OmegaConf.select(cfg, f"objective.{key}")
         if _set(value) and (run_dir / Path(str(value)).name).is_file():
             cfg.objective[key] = str(run_dir / Path(str(value)).name)
@@ -147,3 +153,12 @@ def load_encoder_from_run(run_dir_or_ckpt: str | os.PathLike):
         raise DataError(f"{source}: objective {objective.__class__.__name__} has no single speech or "
                         "audio-visual encoder to read layers from")
     return encoder.eval()
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """For ``--resume`` of a run that has a checkpoint: its start-from keys point at the copies
+    in its folder (the checkpoint holds the weights), so it resumes after its sources moved."""
+    run_dir = Path(str(cfg.train.out_dir))
+    if not (run_dir / "checkpoints" / "latest").is_file():
+        return cfg  # nothing saved yet: it starts again from its sources
+    return _use_copies(cfg, run_dir)

@@ -56,3 +56,18 @@ def test_resolved_config_is_saved(tmp_path):
     again = OmegaConf.load(path)
     assert again.train.out_dir == "runs/apc"  # interpolation resolved
     assert again.data.train == "a.jsonl"
+
+
+def test_a_resumed_run_keeps_its_saved_settings_unless_given_again(tmp_path):
+    from mmssl.config import load_run_config
+
+    out = f"train.out_dir={tmp_path / 'run'}"
+    first = resolve(load_config("hubert", ["data.train=a.jsonl", "data.labels=km", "train.lr=0.123", out]))
+    save_resolved(first, tmp_path / "run")
+    again = resolve(load_run_config("hubert", ["data.train=a.jsonl", out, "train.max_steps=7"], resume=True))
+    assert again.train.lr == 0.123 and again.data.labels == "km" and again.train.max_steps == 7
+    assert resolve(load_run_config("hubert", [out, "train.lr=0.5"], resume=True)).train.lr == 0.5
+    fresh = load_run_config("hubert", ["data.train=a.jsonl", "data.labels=km", out], resume=False)
+    assert fresh.train.lr != 0.123
+    with pytest.raises(ConfigError, match="train.lrr"):
+        load_run_config("hubert", [out, "train.lrr=1"], resume=True)

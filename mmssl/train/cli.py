@@ -13,8 +13,9 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from mmssl.config import load_config, resolve
+from mmssl.config import load_run_config, resolve
 from mmssl.registry import OBJECTIVES, Registry
+from mmssl.runs import resume_config
 from mmssl.train.build import StreamBuilder, build_stream, build_trainer, check_options, prepare_run_dir
 from mmssl.train.distributed import barrier, env_from_torchrun, init_process_group, pick_device, shutdown
 from mmssl.train.loop import StepCallback
@@ -60,7 +61,9 @@ def _fit(cfg, env, device, resume, registry, stream_builder, callbacks) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve(load_config(args.recipe, args.overrides))
+    cfg = resolve(load_run_config(args.recipe, args.overrides, resume=args.resume))
+    if args.resume:
+        cfg = resume_config(cfg)
     run_dir = pretrain(cfg, resume=args.resume)
     if env_from_torchrun().is_main:
         print(f"run folder: {run_dir}")
