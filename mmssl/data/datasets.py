@@ -184,6 +184,8 @@ class ManifestDataset(Dataset):
         for key in ("transcript", "group"):
             if record.get(key) is not None:
                 item[key] = record[key]
+        if "group" not in item and "image" in item:  # captions of one image file share a group
+            item["group"] = record["image"]
         return item
 
     def _check_lengths(self, record: dict, item: dict) -> None:

@@ -8,11 +8,22 @@ maps ``(B, 3, H, W)`` pixels, already preprocessed, to ``(B, D)`` embeddings (no
 side with the model's interpolation, centre crop, ``[0, 1]`` scaling, normalisation with the
 model's mean and std), so images reach a pretrained tower exactly as open_clip feeds them.
 
-Weights: random by default. ``pretrained`` is the path of a local open_clip / OpenAI CLIP
-checkpoint file (``open_clip.create_model(name, pretrained=FILE)``); nothing is ever
-downloaded, and a path that is not a file is a ``ConfigError``. ``freeze=True`` keeps the tower
-fixed (SpeechCLIP, Shih et al., 2022, sec. 3: a frozen CLIP image encoder): no gradient,
-always in eval mode.
+Models: ``"tiny"`` or one of open_clip's plain CLIP configs (``clip_configs()``: a ViT or
+ModifiedResNet image tower and open_clip's own text transformer with the 49408-token BPE
+vocabulary, pooled at the end token, as ``ClipTokenizer`` and ``TextTower`` expect). Configs
+with a timm image tower (SigLIP, ConvNeXt...), a Hugging Face text tower (``roberta-*``, which
+would also download) or a multimodal decoder (CoCa) are a ``ConfigError`` listing what works.
+
+Weights: random by default. ``pretrained`` is the path of a local checkpoint file in
+open_clip's format (a state dict, ``.pt``/``.bin`` or ``.safetensors``, loaded with
+``weights_only=True``); nothing is ever downloaded, and a path that is not a file is a
+``ConfigError``, a file that does not load a ``DataError`` naming it. OpenAI's original ``.pt``
+files are TorchScript archives, which a weights-only load refuses: convert one once with
+``torch.save(open_clip.load_openai_model(FILE, device="cpu", jit=False).state_dict(), OUT)``
+(that load runs the archive's code: only for a file from a trusted source) and use a
+``-quickgelu`` config (``ViT-B-16-quickgelu``...), since OpenAI's models use QuickGELU.
+``freeze=True`` keeps the tower fixed (SpeechCLIP, Shih et al., 2022, sec. 3: a frozen CLIP
+image encoder): no gradient, always in eval mode.
 
 Presets (``ENCODERS``): ``clip_image_tiny`` (a 2-layer ViT on 64x64 images, about 120k
 parameters, for tests and CPU runs) and open_clip's ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``
@@ -24,6 +35,7 @@ Shape legend: B batch, H/W pixels, D embedding dim.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +64,62 @@ def check_pretrained(pretrained: str | os.PathLike | None) -> str | None:
     return str(path)
 
 
+CLIP_VOCAB = 49408  # CLIP's BPE vocabulary (Radford et al., 2021, sec. 2.4), what ClipTokenizer emits
+
+
+def is_plain_clip(config: dict) -> bool:
+    """Whether an open_clip model config is one ``build_open_clip`` supports: no timm image
+    tower, no Hugging Face text tower or tokenizer, no multimodal decoder, CLIP's vocabulary,
+    a causal text transformer pooled at the end token (``argmax``)."""
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    return (not vision.get("timm_model_name") and not text.get("hf_model_name")
+            and not text.get("hf_tokenizer_name") and "multimodal_cfg" not in config
+            and text.get("vocab_size", CLIP_VOCAB) == CLIP_VOCAB and text.get("pool_type", "argmax") == "argmax"
+            and not text.get("no_causal_mask") and not text.get("embed_cls"))
+
+
+def clip_configs() -> list[str]:
+    """open_clip's built-in config names that ``build_open_clip`` supports."""
+    import open_clip
+
+    return [name for name in open_clip.list_models() if is_plain_clip(open_clip.get_model_config(name))]
+
+
+def _clip_config(model_name: str) -> dict:
+    import open_clip
+
+    config = None if model_name.startswith(("hf-hub:", "local-dir:")) else open_clip.get_model_config(model_name)
+    if config is None or not is_plain_clip(config):
+        why = "is not one of open_clip's built-in configs" if config is None else \
+            "is not a plain CLIP (timm image tower, Hugging Face text tower or another tokenizer)"
+        raise ConfigError(f"objective.clip_model={model_name!r} {why}; use {TINY!r} or one of: "
+                          f"{', '.join(clip_configs())}")
+    return config
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _load_error(path: str, model_name: str, err: Exception) -> DataError:
+    """A ``DataError`` naming the weights file that did not load, and what to do about it."""
+    if _is_torchscript(path):
+        return DataError(f"{path}: a TorchScript archive (OpenAI's original CLIP format), not an open_clip state "
+                         "dict: convert it once with torch.save(open_clip.load_openai_model(FILE, device='cpu', "
+                         "jit=False).state_dict(), OUT) and use a -quickgelu config (objective.clip_model)")
+    first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]  # torch.load's messages run long
+    return DataError(f"{path}: cannot load open_clip weights for {model_name} ({type(err).__name__}: {first}); "
+                     "give an open_clip-format state dict (.pt, .bin or .safetensors) of that model")
+
+
 def build_open_clip(model_name: str, pretrained: str | os.PathLike | None = None) -> nn.Module:
     """An open_clip model with a separate text module (``CustomTextCLIP``: ``.visual`` and
-    ``.text``). ``model_name``: ``"tiny"`` or an open_clip config name (``ViT-B-32``...);
-    ``pretrained``: a local checkpoint file or None (random weights)."""
+    ``.text``), its joint embedding dim as ``.embed_dim``. ``model_name``: ``"tiny"`` or a plain
+    CLIP config of open_clip (``clip_configs()``); ``pretrained``: a local open_clip-format
+    checkpoint file or None (random weights)."""
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
@@ -70,22 +134,22 @@ def build_open_clip(model_name: str, pretrained: str | os.PathLike | None = None
         if path is not None:  # the loader create_model uses for a checkpoint file
             try:
                 open_clip.load_checkpoint(model, path)
-            except (RuntimeError, ValueError, KeyError, OSError) as err:
-                raise DataError(f"{path}: cannot load open_clip weights for the tiny CLIP: {err}") from err
+            except Exception as err:  # torch.load raises pickle, zip and runtime errors alike
+                raise _load_error(path, "the tiny CLIP", err) from err
+        model.embed_dim = TINY_EMBED_DIM
         return model
-    if model_name.startswith(("hf-hub:", "local-dir:")) or open_clip.get_model_config(model_name) is None:
-        raise ConfigError(f"clip model {model_name!r} is not one of open_clip's built-in configs "
-                          f"(e.g. ViT-B-32, ViT-B-16, ViT-L-14) nor {TINY!r}")
+    config = _clip_config(model_name)
     # on the current default device (create_model would move a model built on "meta" to the CPU)
     device = torch.empty(()).device
-    if path is None:
-        return open_clip.create_model(model_name, pretrained=None, force_custom_text=True, device=device,
-                                      pretrained_text=False, pretrained_image=False)
     try:
-        return open_clip.create_model(model_name, pretrained=path, force_custom_text=True, device=device,
-                                      pretrained_text=False, pretrained_image=False)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise DataError(f"{path}: cannot load open_clip weights for {model_name}: {err}") from err
+        model = open_clip.create_model(model_name, pretrained=path, force_custom_text=True, device=device,
+                                       pretrained_text=False, pretrained_image=False)
+    except Exception as err:
+        if path is None:
+            raise
+        raise _load_error(path, model_name, err) from err
+    model.embed_dim = int(config["embed_dim"])
+    return model
 
 
 def set_frozen(module: nn.Module, frozen: bool) -> None:
@@ -151,7 +215,7 @@ def image_tower_from(model: nn.Module, freeze: bool = False) -> ImageTower:
     """The vision half of an open_clip model built by ``build_open_clip``."""
     import open_clip
 
-    return ImageTower(model.visual, int(model.visual.output_dim), open_clip.get_model_preprocess_cfg(model), freeze)
+    return ImageTower(model.visual, int(model.embed_dim), open_clip.get_model_preprocess_cfg(model), freeze)
 
 
 def build_image_tower(model_name: str = TINY, pretrained: str | None = None, freeze: bool = False) -> ImageTower:

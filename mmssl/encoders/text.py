@@ -58,10 +58,10 @@ class ClipTokenizer:
 class TextTower(nn.Module):
     """open_clip's text transformer. ``forward(text (B, L), text_lens (B,)) -> (B, D)``."""
 
-    def __init__(self, text: nn.Module, freeze: bool = False) -> None:
+    def __init__(self, text: nn.Module, dim: int, freeze: bool = False) -> None:
         super().__init__()
         self.text, self.frozen = text, freeze
-        self.dim = int(text.output_dim)
+        self.dim = int(dim)
         self.context_length = int(text.context_length)
         set_frozen(self.text, freeze)
         if freeze:
@@ -89,7 +89,7 @@ class TextTower(nn.Module):
 
 def text_tower_from(model: nn.Module, freeze: bool = False) -> TextTower:
     """The text half of an open_clip model built by ``build_open_clip``."""
-    return TextTower(model.text, freeze)
+    return TextTower(model.text, int(model.embed_dim), freeze)
 
 
 def build_text_tower(model_name: str = TINY, pretrained: str | None = None, freeze: bool = False) -> TextTower:

@@ -106,7 +106,7 @@ def embed_queries(loaded: LoadedRun, args: argparse.Namespace, device: torch.dev
             if not Path(path).is_file():
                 raise DataError(f"{path}: audio file not found")
             waves.append(load_audio(path))
-        emb = embed_waveforms(objective, waves, args.batch_size, device, progress=False)
+        emb = embed_waveforms(objective, waves, args.batch_size, device, progress=False, names=args.audio)
         return emb, [{"query": str(path)} for path in args.audio]
     if args.manifest:
         if not Path(args.manifest).is_file():
@@ -138,22 +138,33 @@ def top_images(queries: Tensor, images: Tensor, rows: Sequence[dict], top: int) 
     ]
 
 
-def contact_sheet(results: Sequence[dict], path: Path) -> Path:
-    """A PNG with a row per query: its top images as thumbnails labelled ``rank: score``."""
-    from PIL import Image, ImageDraw
+MISSING_TILE = (128, 128, 128)  # the grey thumbnail of an indexed image that is no longer readable
+
+
+def contact_sheet(results: Sequence[dict], path: Path, index_dir: str | Path = "") -> list[str]:
+    """A PNG with a row per query: its top images as thumbnails labelled ``rank: score``. An
+    indexed image that cannot be read any more (moved, deleted) gets a grey tile; returns a note
+    naming each such image and the index."""
+    from PIL import Image, ImageDraw, UnidentifiedImageError
 
     columns = max(len(r["results"]) for r in results)
     sheet = Image.new("RGB", (columns * THUMB, len(results) * (THUMB + LABEL)), "white")
     draw = ImageDraw.Draw(sheet)
+    notes: dict[str, str] = {}
     for row, result in enumerate(results):
         top = row * (THUMB + LABEL)
         for col, hit in enumerate(result["results"]):
-            with Image.open(hit["image"]) as img:
-                sheet.paste(img.convert("RGB").resize((THUMB, THUMB)), (col * THUMB, top))
+            try:
+                with Image.open(hit["image"]) as img:
+                    sheet.paste(img.convert("RGB").resize((THUMB, THUMB)), (col * THUMB, top))
+            except (OSError, UnidentifiedImageError) as err:
+                sheet.paste(Image.new("RGB", (THUMB, THUMB), MISSING_TILE), (col * THUMB, top))
+                notes[hit["image"]] = (f"{hit['image']} (image of index {index_dir}) cannot be read "
+                                       f"({type(err).__name__}): a grey tile in {path}")
             draw.text((col * THUMB + 4, top + THUMB + 3), f"{hit['rank']}: {hit['score']:.3f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
-    return path
+    return list(notes.values())
 
 
 def _print_results(results: Sequence[dict]) -> None:
@@ -207,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        contact_sheet(results, out / "contact_sheet.png")
+        for note in contact_sheet(results, out / "contact_sheet.png", args.index):
+            print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -5,7 +5,7 @@
 
 ``RUN``: a ``speech_image`` run folder (its latest checkpoint), a checkpoint folder or a
 ``.safetensors`` file. Every distinct image of the manifest (one per ``group``; records
-without a group are grouped by image path) and every spoken caption are embedded with the
+without a group are grouped by image path, ``record_group``) and every spoken caption are embedded with the
 run's towers, in padded batches (a caption's embedding does not depend on its batch). Writes::
 
     INDEX_DIR/images.safetensors   "embeddings" (N_images, D), L2-normalised
@@ -13,7 +13,8 @@ run's towers, in padded batches (a caption's embedding does not depend on its ba
     INDEX_DIR/speech.safetensors   "embeddings" (N_captions, D)
     INDEX_DIR/speech.jsonl         per row: id, audio, group, caption
     INDEX_DIR/index.json           run, weights file, step, its sha256, manifest, dim, counts
-    INDEX_DIR/recall.json          recall@K both directions, and chance levels
+    INDEX_DIR/recall.json          recall@K both directions, chance levels, and warnings (a single
+                                   image; a K that reaches the number of candidates)
     INDEX_DIR/recall.md            the same as a Markdown table
     INDEX_DIR/recall_at_k.png      recall against K, both directions
 
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,12 +174,24 @@ def _load_audio(record: dict) -> Tensor:
         raise DataError(f"record {record.get('id')!r}: {err}") from None
 
 
+def check_frames(objective, lens: Tensor, names: Sequence[str]) -> None:
+    """A ``DataError`` naming every clip of ``lens (B,)`` too short for one frame of the speech
+    encoder: alone it has no frame to pool, and in a padded batch it would embed as the bias of
+    the projection alone, a vector that says nothing about the clip."""
+    frames = objective.encoder.frame_lengths(lens)
+    short = [(name, int(n)) for name, n, f in zip(names, lens.tolist(), frames.tolist()) if f < 1]
+    if short:
+        listed = ", ".join(f"{name} ({n} samples)" for name, n in short)
+        raise DataError(f"{listed}: too short for one frame of the speech encoder (16 kHz audio; "
+                        "leave such clips out of the manifest)")
+
+
 @torch.no_grad()
-def _embed_speech(objective, load: Callable[[int], Tensor], sizes: Sequence[int], batch_size: int,
-                  device: torch.device, progress: bool) -> Tensor:
+def _embed_speech(objective, load: Callable[[int], Tensor], sizes: Sequence[int], names: Sequence[str],
+                  batch_size: int, device: torch.device, progress: bool) -> Tensor:
     """``load(i) -> (S_i,)`` for ``i < len(sizes)`` -> normalised ``(Q, D)`` on the CPU, row ``i``
-    for waveform ``i``. Batches hold waveforms of similar ``sizes`` (sorted), padded, loaded one
-    batch at a time; padding never changes an embedding."""
+    for waveform ``i`` (``names[i]`` in errors). Batches hold waveforms of similar ``sizes``
+    (sorted), padded, loaded one batch at a time; padding never changes an embedding."""
     from mmssl.data.collate import pad_sequences
 
     out = torch.zeros(len(sizes), objective.dim)
@@ -185,15 +199,19 @@ def _embed_speech(objective, load: Callable[[int], Tensor], sizes: Sequence[int]
     with tqdm(total=len(sizes), desc="speech", unit="utt", disable=not progress) as bar:
         for rows in _chunks(order, batch_size):
             audio, lens = pad_sequences([load(i) for i in rows], 0.0)
+            check_frames(objective, lens, [names[i] for i in rows])
             out[rows] = objective.embed_speech(audio.to(device), lens.to(device)).float().cpu()
             bar.update(len(rows))
     return out
 
 
 def embed_waveforms(objective, waves: Sequence[Tensor], batch_size: int, device: torch.device,
-                    progress: bool = True) -> Tensor:
-    """Waveforms ``(S_i,)`` at 16 kHz -> normalised ``(Q, D)`` on the CPU, in the given order."""
-    return _embed_speech(objective, waves.__getitem__, [w.shape[0] for w in waves], batch_size, device, progress)
+                    progress: bool = True, names: Sequence[str] | None = None) -> Tensor:
+    """Waveforms ``(S_i,)`` at 16 kHz -> normalised ``(Q, D)`` on the CPU, in the given order;
+    ``names`` (e.g. file paths) name a clip too short to embed."""
+    names = names if names is not None else [f"waveform {i}" for i in range(len(waves))]
+    return _embed_speech(objective, waves.__getitem__, [w.shape[0] for w in waves], names, batch_size, device,
+                         progress)
 
 
 def embed_speech_records(objective, records: Sequence[dict], batch_size: int, device: torch.device,
@@ -201,7 +219,8 @@ def embed_speech_records(objective, records: Sequence[dict], batch_size: int, de
     """The spoken captions of ``records`` -> normalised ``(Q, D)``, in manifest order (batched by
     the manifest's ``audio_samples``; audio is decoded one batch at a time)."""
     sizes = [int(r.get("audio_samples") or 0) for r in records]
-    return _embed_speech(objective, lambda i: _load_audio(records[i]), sizes, batch_size, device, progress)
+    names = [f"record {r.get('id')!r} ({r.get('audio')})" for r in records]
+    return _embed_speech(objective, lambda i: _load_audio(records[i]), sizes, names, batch_size, device, progress)
 
 
 @torch.no_grad()
@@ -235,6 +254,13 @@ def embed_texts(objective, texts: Sequence[str], batch_size: int, device: torch.
 # --- the index -----------------------------------------------------------------------------
 
 
+def record_group(record: dict) -> str:
+    """The image group of a manifest record: its ``group`` as ``collate`` writes it (``str``),
+    or, without one, its image path (records of one file describe one image)."""
+    group = record.get("group")
+    return str(group) if group is not None and str(group) != "" else str(record["image"])
+
+
 def distinct_images(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
     """``(images, caption_groups)``: one row per distinct image (``group``, ``image`` path,
     ``captions``), in first-seen order, and each record's group. A record without ``group``
@@ -245,7 +271,7 @@ def distinct_images(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
         image = record.get("image")
         if not image:
             raise DataError(f"record {record.get('id')!r} has no 'image' path")
-        group = str(record.get("group") or image)
+        group = record_group(record)
         row = rows.setdefault(group, {"group": group, "image": str(image), "captions": []})
         if row["image"] != str(image):
             raise DataError(f"record {record.get('id')!r}: group {group!r} has two images, {row['image']} and {image}")
@@ -303,6 +329,21 @@ def recall_table(recall: dict, ks: Sequence[int]) -> str:
     return markdown_table(["direction", *(f"R@{k} (%)" for k in ks)], rows, digits=1)
 
 
+def recall_warnings(images: int, captions: int, ks: Sequence[int]) -> list[str]:
+    """Why some recall@K of an index say nothing: a single image (every query finds it), or a K
+    that reaches the number of candidates of a direction (recall@K is then 100 %, as chance)."""
+    notes = []
+    if images == 1:
+        notes.append("the manifest has a single image: speech -> image recall is 100 % at every K; "
+                     "index a manifest with many images (e.g. image/train.jsonl, or the demo corpus)")
+    for direction, candidates in (("speech -> image", images), ("image -> speech", captions)):
+        reached = [k for k in ks if k >= candidates]
+        if reached and not (images == 1 and direction == "speech -> image"):
+            notes.append(f"{direction}: K = {', '.join(map(str, reached))} >= the {candidates} candidates: "
+                         "recall is 100 % there, as chance")
+    return notes
+
+
 def write_recall(out: Path, speech: Tensor, speech_groups: Sequence[str], images: Tensor,
                  image_groups: Sequence[str], ks: Sequence[int]) -> dict:
     """``recall.json``, ``recall.md`` and ``recall_at_k.png`` in ``out``; returns the recall dict."""
@@ -312,7 +353,8 @@ def write_recall(out: Path, speech: Tensor, speech_groups: Sequence[str], images
     curve = retrieval_recall(speech, speech_groups, images, image_groups, sorted({*curve_ks, *ks}))
     recall = {key: {k: value[k] for k in ks} for key, value in curve.items()}
     summary = {key: {f"R@{k}": round(v, 6) for k, v in value.items()} for key, value in recall.items()}
-    summary.update(images=len(image_groups), captions=len(speech_groups))
+    summary.update(images=len(image_groups), captions=len(speech_groups),
+                   warnings=recall_warnings(len(image_groups), len(speech_groups), ks))
     (out / "recall.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "recall.md").write_text(recall_table(recall, ks) + "\n", encoding="utf-8")
     series = {label: [curve[key][k] for k in curve_ks] for key, label in DIRECTIONS.items()}
@@ -388,4 +430,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"indexed {meta['images']} images and {meta['captions']} spoken captions of {args.manifest} "
           f"with {loaded.weights} into {args.out}\n")
     print(recall_table(recall, ks))
+    for note in recall_warnings(meta["images"], meta["captions"], ks):
+        print(f"warning: {note}", file=sys.stderr)
     return 0

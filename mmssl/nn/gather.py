@@ -64,22 +64,28 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.offset : ctx.offset + ctx.rows], None, None
 
 
-def gather_with_grad_and_offset(x: Tensor, rank: int, world_size: int) -> tuple[Tensor, int]:
-    """``x (B_r, ...)`` on each rank ``r`` -> ``(all_rows (sum_r B_r, ...), offset)``.
-
-    ``all_rows`` holds every rank's rows in rank order and is differentiable (the gradient of
-    this rank's slice flows back to ``x``; see the module docstring). ``offset`` is where this
-    rank's rows start in it, ``sum(B_s for s < rank)``, e.g. for the positive labels of a
-    contrastive loss. ``B_r`` may differ between ranks (the trailing dimensions may not). With
-    ``world_size > 1`` this costs a size all-gather and one host sync per call; with
-    ``world_size == 1`` it returns ``(x, 0)`` and needs no process group.
+def gather_with_grad_and_sizes(x: Tensor, rank: int, world_size: int) -> tuple[Tensor, list[int]]:
+    """``x (B_r, ...)`` on each rank ``r`` -> ``(all_rows (sum_r B_r, ...), sizes)``: every
+    rank's rows in rank order, differentiable (the gradient of this rank's slice flows back to
+    ``x``; see the module docstring), and every rank's ``B_r``, so that more tensors of the same
+    rows (ids, labels) can be gathered with :func:`gather_no_grad` without another size exchange.
+    ``B_r`` may differ between ranks (the trailing dimensions may not). With ``world_size > 1``
+    this costs a size all-gather and one host sync; with ``world_size == 1`` it returns
+    ``(x, [B])`` and needs no process group.
     """
     if world_size == 1:
-        return x, 0
+        return x, [x.shape[0]]
     _require_group("gather_with_grad")
     sizes = gather_sizes(x, world_size)
-    offset = sum(sizes[:rank])
-    return _GatherWithGrad.apply(x, offset, sizes), offset
+    return _GatherWithGrad.apply(x, sum(sizes[:rank]), sizes), sizes
+
+
+def gather_with_grad_and_offset(x: Tensor, rank: int, world_size: int) -> tuple[Tensor, int]:
+    """``x (B_r, ...)`` on each rank ``r`` -> ``(all_rows (sum_r B_r, ...), offset)``, as
+    :func:`gather_with_grad_and_sizes`; ``offset`` is where this rank's rows start in
+    ``all_rows``, ``sum(B_s for s < rank)``, e.g. for the positive labels of a contrastive loss."""
+    rows, sizes = gather_with_grad_and_sizes(x, rank, world_size)
+    return rows, sum(sizes[:rank])
 
 
 def gather_with_grad(x: Tensor, rank: int, world_size: int) -> Tensor:
@@ -92,10 +98,11 @@ def gather_with_grad(x: Tensor, rank: int, world_size: int) -> Tensor:
     return gather_with_grad_and_offset(x, rank, world_size)[0]
 
 
-def gather_no_grad(x: Tensor, world_size: int) -> Tensor:
+def gather_no_grad(x: Tensor, world_size: int, sizes: list[int] | None = None) -> Tensor:
     """``x (B_r, ...)`` -> ``(sum_r B_r, ...)`` in rank order, without gradient (labels, masks,
-    lengths). ``B_r`` may differ between ranks (one size all-gather and host sync per call)."""
+    lengths). ``B_r`` may differ between ranks: one size all-gather and host sync per call,
+    unless ``sizes`` (from :func:`gather_with_grad_and_sizes` on the same rows) is given."""
     if world_size == 1:
         return x
     _require_group("gather_no_grad")
-    return _gather_padded(x.detach(), gather_sizes(x, world_size))
+    return _gather_padded(x.detach(), sizes if sizes is not None else gather_sizes(x, world_size))

@@ -2,13 +2,14 @@
 
 Two symmetric InfoNCE losses (van den Oord et al., 2018; CLIP's symmetric form, Radford et al.,
 2021), with one learnable temperature each, log-parameterised and clamped as CLIP (scale at
-most 100, initial temperature 0.07):
+most 100, initial temperature 0.07; ``LogitScale``, clamped in place by ``on_step``):
 
 * utterance level: padding-aware mean over valid frames, a linear head, L2 normalisation; the
   positive of an utterance is its own other view, the negatives every other utterance of the
-  global batch (embeddings gathered from every rank with ``gather_with_grad_and_offset``; each
-  rank scores its own rows against all columns, and the labels are offset by the number of rows
-  of the lower ranks, since the bucketed sampler gives every rank its own ``B``);
+  global batch (``mmssl.nn.contrastive.symmetric_info_nce`` without groups: embeddings gathered
+  from every rank; each rank scores its own rows against all columns, and the labels are offset
+  by the number of rows of the lower ranks, since the bucketed sampler gives every rank its own
+  ``B``);
 * frame level: the positive of an audio frame is the video frame at the same time of the same
   utterance; the negatives are all other valid frames of the local batch (other times and other
   utterances). Padded frames are neither anchors nor negatives (their logits are masked).
@@ -20,68 +21,16 @@ Shape legend: B batch, T frames (25 Hz), C channels, D embedding dim.
 
 from __future__ import annotations
 
-import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl.encoders.av import TwoTowerViews, paired_towers, require_paired
 from mmssl.errors import ConfigError
-from mmssl.nn.gather import gather_with_grad_and_offset
+from mmssl.nn.contrastive import Gather, LogitScale, gather_rows, symmetric_info_nce
 from mmssl.nn.padding import lengths_to_padding_mask, masked_mean
 from mmssl.objectives.base import Objective
 from mmssl.registry import OBJECTIVES
-
-# ``(x, rank, world_size) -> (every rank's rows in rank order, offset of this rank's rows)``
-Gather = Callable[[Tensor, int, int], tuple[Tensor, int]]
-
-# CLIP (Radford et al., 2021, sec. 2.5): temperature initialised at 0.07, logit scale clipped at 100
-INIT_TEMPERATURE = 0.07
-MAX_LOGIT_SCALE = 100.0
-
-
-class LogitScale(nn.Module):
-    """A learnable ``log(1 / temperature)``; ``forward()`` gives the clamped scale ``exp(.)``."""
-
-    def __init__(self, init_temperature: float = INIT_TEMPERATURE, max_scale: float = MAX_LOGIT_SCALE) -> None:
-        super().__init__()
-        if init_temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {init_temperature}")
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.max_log = math.log(max_scale)
-
-    def forward(self) -> Tensor:
-        return self.log_scale.clamp(max=self.max_log).exp()
-
-
-def utterance_info_nce(
-    za: Tensor,
-    zv: Tensor,
-    scale: Tensor,
-    rank: int = 0,
-    world_size: int = 1,
-    gather: Gather = gather_with_grad_and_offset,
-) -> tuple[Tensor, Tensor]:
-    """Symmetric InfoNCE of normalised ``za (B, D)`` / ``zv (B, D)`` against all ranks' rows.
-
-    ``B`` may differ between ranks; ``N`` below is the sum of every rank's ``B``. Returns
-    ``(loss, accuracy)``: the mean of the audio->video and video->audio cross-entropies over the
-    local rows, and the fraction of local rows whose top logit is the positive. The loss of the
-    combined batch is the mean of the ranks' losses weighted by their ``B`` (unweighted when all
-    ``B`` are equal).
-    """
-    d = za.shape[1]
-    # both views in one gather: one size exchange and one all_gather instead of two each
-    all_av, offset = gather(torch.cat([za, zv], dim=1), rank, world_size)  # (N, 2D)
-    all_a, all_v = all_av[:, :d], all_av[:, d:]
-    labels = torch.arange(za.shape[0], device=za.device) + offset
-    logits_av = scale * za @ all_v.T  # (B, N)
-    logits_va = scale * zv @ all_a.T
-    loss = 0.5 * (F.cross_entropy(logits_av, labels) + F.cross_entropy(logits_va, labels))
-    acc = (logits_av.argmax(-1) == labels).float().mean()
-    return loss, acc.detach()
 
 
 def frame_info_nce(za: Tensor, zv: Tensor, lengths: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,7 +77,7 @@ class MultiviewContrastive(Objective):
         frame_weight: float = 1.0,
         rank: int = 0,
         world_size: int = 1,
-        gather: Gather = gather_with_grad_and_offset,
+        gather: Gather = gather_rows,
     ) -> None:
         super().__init__()
         if utterance_weight < 0 or frame_weight < 0 or utterance_weight + frame_weight == 0:
@@ -148,7 +97,8 @@ class MultiviewContrastive(Objective):
         if self.utterance_weight > 0:
             ua = F.normalize(self.audio_utt(masked_mean(ha, lengths)), dim=-1)
             uv = F.normalize(self.video_utt(masked_mean(hv, lengths)), dim=-1)
-            utt, acc = utterance_info_nce(ua, uv, self.utterance_scale(), self.rank, self.world_size, self.gather)
+            utt, acc, _ = symmetric_info_nce(ua, uv, self.utterance_scale(), None, self.rank, self.world_size,
+                                             self.gather)
             loss = loss + self.utterance_weight * utt
             out.update(utterance_loss=utt, utterance_accuracy=acc)
         if self.frame_weight > 0:
@@ -161,6 +111,11 @@ class MultiviewContrastive(Objective):
         out["utterance_temperature"] = 1.0 / self.utterance_scale().detach()
         out["frame_temperature"] = 1.0 / self.frame_scale().detach()
         return out
+
+    def on_step(self, step: int) -> None:
+        # CLIP's cap on the logit scale, applied to the parameters after each optimizer step
+        self.utterance_scale.clamp_()
+        self.frame_scale.clamp_()
 
 
 @OBJECTIVES.register

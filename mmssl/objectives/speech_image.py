@@ -11,12 +11,16 @@ local CLIP checkpoint, optionally frozen (SpeechCLIP keeps CLIP frozen).
 
 Loss: CLIP's symmetric InfoNCE (``mmssl.nn.contrastive.symmetric_info_nce``) between speech and
 image embeddings, with a learnable logit scale (CLIP, sec. 2.5: temperature initialised at
-0.07, scale clipped at 100), negatives gathered from every rank with gradients. Several
+0.07, scale clipped at 100, clamped in place after every optimizer step by ``on_step``, as
+open_clip's training loop does), negatives gathered from every rank with gradients. Several
 captions of one image can fall in one batch; they are not negatives of each other: the batch
 hook turns the batch's ``groups`` (the image ids) into integer ``group_ids`` (a stable hash, the
-same on every rank) and the loss masks same-group pairs. With ``caption_weight > 0`` a second
+same on every rank) and the loss masks same-group pairs. A record without a group is its own
+group (its id): it is never masked against another record (``mmssl index`` groups such records
+by image path; give records of one image a ``group``). With ``caption_weight > 0`` a second
 InfoNCE, with its own logit scale, pairs each spoken caption with its text through the text
-tower; other captions of the same image say other words, so they stay negatives there.
+tower; other captions of the same image say other words, so they stay negatives there. Speech,
+image and text embeddings are gathered across ranks together, once for both terms.
 
 Shape legend: B batch, S samples, T frames, C channels, D embedding dim, L tokens, H/W pixels.
 """
@@ -34,11 +38,9 @@ from mmssl.encoders.base import SpeechEncoder
 from mmssl.encoders.image import TINY, ImageTower, build_open_clip, image_tower_from
 from mmssl.encoders.text import TextTower, text_tower_from
 from mmssl.errors import ConfigError, DataError
-from mmssl.nn.contrastive import Gather, symmetric_info_nce
-from mmssl.nn.gather import gather_with_grad_and_offset
+from mmssl.nn.contrastive import Gather, LogitScale, gather_ids, gather_rows, pair_info_nce, same_group_mask
 from mmssl.nn.padding import lengths_to_padding_mask, masked_mean
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.objectives.multiview_contrastive import LogitScale
 from mmssl.registry import ENCODERS, OBJECTIVES
 
 POOLINGS = ("mean", "attention")
@@ -52,17 +54,22 @@ def stable_group_id(group: str) -> int:
     return int.from_bytes(hashlib.blake2b(str(group).encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def group_ids(groups: list[str]) -> Tensor:
-    """``groups`` (B names) -> ``(B,)`` long ids."""
-    return torch.tensor([stable_group_id(g) for g in groups], dtype=torch.long)
+def group_ids(groups: list[str], ids: list[str] | None = None) -> Tensor:
+    """``groups`` (B names; ``""`` for a record without one, as ``collate`` writes it) ->
+    ``(B,)`` long ids. A record without a group is a group of its own, named by its id in
+    ``ids`` (or by its row when there are no ids): records without groups are never masked as
+    captions of one image."""
+    names = [g if g != "" else f"\0record:{ids[i] if ids is not None else i}" for i, g in enumerate(groups)]
+    return torch.tensor([stable_group_id(g) for g in names], dtype=torch.long)
 
 
 class GroupIds:
-    """Batch hook: ``groups`` (list of image ids, from ``collate``) -> ``group_ids (B,)``."""
+    """Batch hook: ``groups`` (list of image ids, from ``collate``) and ``ids`` ->
+    ``group_ids (B,)`` (see ``group_ids``)."""
 
     def __call__(self, batch: dict) -> dict:
         if "groups" in batch and "group_ids" not in batch:
-            batch["group_ids"] = group_ids(batch["groups"])
+            batch["group_ids"] = group_ids(batch["groups"], batch.get("ids"))
         return batch
 
 
@@ -99,7 +106,7 @@ class SpeechImage(Objective):
         caption_weight: float = 0.0,
         rank: int = 0,
         world_size: int = 1,
-        gather: Gather = gather_with_grad_and_offset,
+        gather: Gather = gather_rows,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -129,6 +136,12 @@ class SpeechImage(Objective):
     def batch_hook(self) -> BatchHook:
         return GroupIds()
 
+    def on_step(self, step: int) -> None:
+        # CLIP's cap on the logit scale, applied to the parameter after each optimizer step
+        self.logit_scale.clamp_()
+        if self.caption_scale is not None:
+            self.caption_scale.clamp_()
+
     def embed_speech(self, audio: Tensor, audio_lens: Tensor) -> Tensor:
         """``audio (B, S)``, ``audio_lens (B,)`` -> normalised ``(B, D)``, pooled over valid frames."""
         out = self.encoder(audio, audio_lens)
@@ -156,21 +169,30 @@ class SpeechImage(Objective):
                             f"{', '.join(self.modalities)})")
         groups = batch.get("group_ids")
         if groups is None and "groups" in batch:  # the batch hook did not run (tests, evaluation)
-            groups = group_ids(batch["groups"])
+            groups = group_ids(batch["groups"], batch.get("ids"))
         speech = self.embed_speech(batch["audio"], batch["audio_lens"])
         image = self.embed_image(batch["image"])
+        sides = [speech, image]
+        if self.caption_scale is not None:
+            sides.append(self.embed_text(batch["text"], batch["text_lens"]))
+        d = speech.shape[1]
+        # every side in one gather (one size exchange, one all_gather) for both InfoNCE terms
+        gathered, sizes = self.gather(torch.cat(sides, dim=1), self.rank, self.world_size)  # (N, 2D or 3D)
+        offset = sum(sizes[: self.rank])
+        all_speech = gathered[:, :d]
+        excluded = None
+        if groups is not None:
+            groups = groups.to(speech.device)
+            excluded = same_group_mask(groups, gather_ids(groups, sizes), offset)
         scale = self.logit_scale()
-        loss, acc_si, acc_is = symmetric_info_nce(
-            speech, image, scale, None if groups is None else groups.to(speech.device),
-            self.rank, self.world_size, self.gather,
-        )
+        loss, acc_si, acc_is = pair_info_nce(speech, image, all_speech, gathered[:, d : 2 * d], offset, scale,
+                                             excluded)
         out = {"image_loss": loss, "speech_image_accuracy": acc_si, "image_speech_accuracy": acc_is,
                "logit_scale": scale.detach()}
         if self.caption_scale is not None:
-            text = self.embed_text(batch["text"], batch["text_lens"])
             caption_scale = self.caption_scale()
-            caption, acc_st, acc_ts = symmetric_info_nce(speech, text, caption_scale, None, self.rank,
-                                                         self.world_size, self.gather)
+            caption, acc_st, acc_ts = pair_info_nce(speech, sides[2], all_speech, gathered[:, 2 * d :], offset,
+                                                    caption_scale)
             loss = loss + self.caption_weight * caption
             out.update(caption_loss=caption, speech_text_accuracy=acc_st, text_speech_accuracy=acc_ts,
                        caption_logit_scale=caption_scale.detach())
@@ -199,8 +221,8 @@ def speech_image(
     speech: str = "hubert",  # the speech encoder preset family: <speech>_<size>
     encoder: dict[str, Any] | None = None,  # overrides of the speech encoder preset
     speech_init: str | None = None,  # an `mmssl pretrain` run (or checkpoint) whose encoder starts the speech tower
-    clip_model: str | None = None,  # open_clip config name or "tiny"; None: by size (SpeechCLIP's pairing)
-    clip_pretrained: str | None = None,  # a local open_clip / OpenAI CLIP checkpoint file
+    clip_model: str | None = None,  # "tiny" or a plain CLIP config of open_clip; None: by size (SpeechCLIP's pairing)
+    clip_pretrained: str | None = None,  # a local open_clip-format state dict file (OpenAI weights: -quickgelu config)
     freeze_image: bool = False,  # SpeechCLIP: True, with clip_pretrained
     freeze_text: bool = False,
     pooling: str = "mean",  # mean | attention
@@ -209,7 +231,13 @@ def speech_image(
     world_size: int = 1,
 ) -> SpeechImage:
     """The speech tower ``<speech>_<size>`` (or ``speech_init``'s encoder) against the image
-    tower (and text tower, when ``caption_weight > 0``) of one open_clip model."""
+    tower (and text tower, when ``caption_weight > 0``) of one open_clip model.
+
+    ``clip_model``: ``"tiny"`` or one of ``mmssl.encoders.image.clip_configs()`` (others are a
+    ``ConfigError`` listing them). ``clip_pretrained``: a local checkpoint in open_clip's format
+    (a state dict); weights trained by OpenAI need the ``-quickgelu`` config of their model
+    (``ViT-B-16-quickgelu``...), and their original TorchScript ``.pt`` files must be converted
+    first (``mmssl.encoders.image`` says how; loading one is a ``DataError`` that says it too)."""
     if size not in CLIP_MODELS:
         raise ConfigError(f"speech_image: size must be one of {', '.join(CLIP_MODELS)}; got {size!r}")
     enc = _speech_encoder(size, speech, encoder, speech_init)

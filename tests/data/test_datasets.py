@@ -84,6 +84,13 @@ def test_text_and_image(media):
         ManifestDataset(records, ("text",))
 
 
+def test_captions_without_a_group_are_grouped_by_their_image_file(media):
+    records = [{"id": "a", "image": str(media.png)}, {"id": "b", "image": str(media.png), "group": "g7"}]
+    data = ManifestDataset(records, ("image",))
+    assert [data[0]["group"], data[1]["group"]] == [str(media.png), "g7"]
+    assert "group" not in ManifestDataset([{"id": "c", "audio": str(media.wav)}], ("audio",))[0]
+
+
 def test_label_count_must_match(tmp_path):
     km = tmp_path / "x.km"
     km.write_text("1\n")

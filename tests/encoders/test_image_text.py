@@ -126,3 +126,40 @@ def test_real_preset_builds_offline_with_its_preprocessing(no_network):
     assert tower.dim == 512 and tower.image_size == 224
     assert tower.transform().size == 224
     assert sum(p.numel() for p in tower.parameters()) == pytest.approx(87.8e6, rel=0.01)  # ViT-B/32
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "convnext_base", "roberta-ViT-B-32", "coca_ViT-B-32"])
+def test_clip_configs_other_than_plain_clip_are_refused_with_the_list(name, no_network):
+    with pytest.raises(ConfigError, match=r"objective\.clip_model=.*not a plain CLIP.*ViT-B-16-quickgelu"):
+        build_open_clip(name)
+
+
+def test_plain_clip_configs_build_with_their_embed_dim(no_network):
+    from mmssl.encoders.image import clip_configs, image_tower_from
+    from mmssl.encoders.text import text_tower_from
+
+    names = clip_configs()
+    assert {"ViT-B-32", "ViT-B-16-quickgelu", "ViT-L-14", "RN50"} <= set(names)
+    assert not [n for n in names if "SigLIP" in n or "roberta" in n or "convnext" in n or "coca" in n]
+    for name in ("RN50", "ViT-B-16-plus-240"):  # a ModifiedResNet; a 640-d ViT
+        with torch.device("meta"):
+            model = build_open_clip(name)
+        dim = open_clip.get_model_config(name)["embed_dim"]
+        assert image_tower_from(model).dim == dim == text_tower_from(model).dim
+        tower = image_tower_from(model)
+        with torch.device("meta"):
+            assert tower(torch.empty(1, 3, tower.image_size, tower.image_size)).shape == (1, dim)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.jit's own
+def test_unreadable_or_torchscript_weights_are_errors_naming_the_file(tmp_path):
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a checkpoint " * 20)
+    for name in ("tiny", "ViT-S-32"):
+        with pytest.raises(DataError, match=f"{garbage}: cannot load open_clip weights.*open_clip-format"):
+            build_open_clip(name, garbage)
+    # OpenAI's .pt files are TorchScript archives: a weights-only load refuses them
+    scripted = tmp_path / "ViT-B-32.pt"
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), str(scripted))
+    with pytest.raises(DataError, match=f"{scripted}: a TorchScript archive.*load_openai_model.*-quickgelu"):
+        build_open_clip("tiny", scripted)

@@ -97,3 +97,56 @@ def test_queries_with_other_weights_than_the_index_say_so(index, tmp_path, capsy
     # the index's own weights: no note
     assert main(["retrieve", "--index", str(out), "--manifest", str(manifest), "--json"]) == 0
     assert "note" not in capsys.readouterr().err
+
+
+def test_contact_sheet_of_moved_images_gets_grey_tiles_and_a_note(index, tmp_path, capsys):
+    out, _, manifest = index
+    moved = tmp_path / "moved_index"
+    shutil.copytree(out, moved)
+    rows = [json.loads(line) for line in (moved / "images.jsonl").read_text().splitlines()]
+    gone = str(tmp_path / "gone.png")
+    rows[0]["image"] = gone  # as if the corpus had moved after indexing
+    (moved / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_manifest(manifest)
+    sheet_dir = tmp_path / "sheet"
+    capsys.readouterr()
+    assert main(["retrieve", "--index", str(moved), "--audio", records[0]["audio"], "--top", "4",
+                 "--out", str(sheet_dir)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {gone} (image of index {moved}) cannot be read" in err
+    saved = json.loads((sheet_dir / "results.json").read_text())[0]["results"]
+    col = [h["image"] for h in saved].index(gone)
+    with Image.open(sheet_dir / "contact_sheet.png") as sheet:
+        tile = sheet.convert("RGB").crop((col * THUMB, 0, (col + 1) * THUMB, THUMB))
+        assert set(tile.getdata()) == {(128, 128, 128)}
+
+
+def test_index_and_retrieve_a_run_started_from_a_deleted_pretraining_run(speech_image_run, tmp_path, capsys):
+    # a speech_image run whose speech tower starts from a tiny masked-reconstruction run
+    _, manifest = speech_image_run
+    common = [f"data.train={manifest}", "model.size=tiny", "train.max_steps=1", "train.progress=false",
+              "data.num_workers=0", "train.valid_every=0"]
+    ssl = tmp_path / "ssl"
+    assert main(["pretrain", "mockingjay", *common, f"train.out_dir={ssl}"]) == 0
+    run = tmp_path / "speech_image"
+    assert main(["pretrain", "speech_image", *common, f"objective.speech_init={ssl}", f"train.out_dir={run}"]) == 0
+    shutil.rmtree(ssl)  # the run now rebuilds its speech tower from its own copy of the config
+    out = tmp_path / "index"
+    assert main(["index", "--run", str(run), "--manifest", str(manifest), "--out", str(out), "--quiet"]) == 0
+    from mmssl.data.io import load_audio
+    from mmssl.eval.retrieval import embed_waveforms, load_run, read_embeddings
+
+    records = read_manifest(manifest)
+    loaded = load_run(run)
+    # the loaded speech tower is the checkpoint's (not a fresh preset): the indexed embeddings match
+    alone = embed_waveforms(loaded.objective, [load_audio(records[0]["audio"])], 1, torch.device("cpu"),
+                            progress=False)
+    torch.testing.assert_close(read_embeddings(out / "speech.safetensors")[:1], alone, atol=1e-5, rtol=1e-4)
+    state = load_weights(resolve_weights(run))
+    for name, p in loaded.objective.encoder.state_dict().items():
+        torch.testing.assert_close(p, state[f"encoder.{name}"], msg=name)
+    capsys.readouterr()
+    assert main(["retrieve", "--index", str(out), "--manifest", str(manifest), "--top", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [r["query"] for r in json.loads(captured.out)] == [r["id"] for r in records]
+    assert "note" not in captured.err  # the index's own weights, found after the source run was deleted

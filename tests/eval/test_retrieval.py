@@ -16,6 +16,7 @@ from mmssl.eval.retrieval import (
     read_embeddings,
     read_jsonl,
     recall_at_k,
+    recall_warnings,
     retrieval_recall,
 )
 
@@ -68,10 +69,12 @@ def test_distinct_images_groups_captions_and_rejects_two_images_per_group():
         {"id": "y0", "image": "/p/y.png", "group": "y", "caption": "two"},
         {"id": "x1", "image": "/p/x.png", "group": "x", "caption": "three"},
         {"id": "z0", "image": "/p/z.png"},
+        {"id": "z1", "image": "/p/z.png", "group": ""},  # as collate writes a missing group
+        {"id": "w0", "image": "/p/w.png", "group": 0},  # an integer group is its string, as in training
     ]
     rows, groups = distinct_images(records)
-    assert [r["group"] for r in rows] == ["x", "y", "/p/z.png"]
-    assert rows[0]["captions"] == ["one", "three"] and groups == ["x", "y", "x", "/p/z.png"]
+    assert [r["group"] for r in rows] == ["x", "y", "/p/z.png", "0"]
+    assert rows[0]["captions"] == ["one", "three"] and groups == ["x", "y", "x", "/p/z.png", "/p/z.png", "0"]
     with pytest.raises(DataError, match="'x1'.*two images"):
         distinct_images([records[0], {**records[2], "image": "/p/other.png"}])
 
@@ -106,6 +109,47 @@ def test_index_writes_embeddings_metadata_and_recall(speech_image_run, tmp_path,
     waves = [load_audio(r["audio"]) for r in records[:3]]
     alone = torch.cat([embed_waveforms(loaded.objective, [w], 1, torch.device("cpu"), progress=False) for w in waves])
     torch.testing.assert_close(speech_emb[:3], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_recall_warns_about_a_single_image_and_k_beyond_the_candidates(speech_image_run, tmp_path, capsys):
+    assert recall_warnings(4, 8, (1, 5, 10)) == [
+        "speech -> image: K = 5, 10 >= the 4 candidates: recall is 100 % there, as chance",
+        "image -> speech: K = 10 >= the 8 candidates: recall is 100 % there, as chance",
+    ]
+    assert recall_warnings(100, 500, (1, 5, 10)) == []
+    run, manifest = speech_image_run
+    one = tmp_path / "one.jsonl"  # the two captions of one image, as the tiny corpus's test split
+    one.write_text("".join(json.dumps(r) + "\n" for r in read_manifest(manifest)[:2]))
+    out = tmp_path / "index"
+    assert main(["index", "--run", str(run), "--manifest", str(one), "--out", str(out), "--quiet", "--ks", "1,2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the manifest has a single image" in err and "image -> speech: K = 2 >= the 2" in err
+    recall = json.loads((out / "recall.json").read_text())
+    assert recall["speech_to_image"] == {"R@1": 1.0, "R@2": 1.0} and len(recall["warnings"]) == 2
+    assert "single image" in recall["warnings"][0]
+
+
+def test_clips_too_short_for_a_frame_are_named_alone_and_in_a_batch(speech_image_run, tmp_path, capsys):
+    from mmssl.data.io import load_audio
+    from mmssl.data.synth.writers import write_wav
+
+    run, manifest = speech_image_run
+    records = read_manifest(manifest)
+    short = tmp_path / "short.wav"
+    clip = (load_audio(records[0]["audio"])[:300] * 32767).round().short().numpy()
+    write_wav(short, clip)  # 300 samples: shorter than the 400-sample window of one frame
+    bad = {**records[1], "id": "tiny_clip", "audio": str(short), "audio_samples": 300}
+    for batch in ([bad], [records[0], bad, records[2]]):  # alone, and padded among longer clips
+        path = tmp_path / "m.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in batch))
+        assert main(["index", "--run", str(run), "--manifest", str(path), "--out", str(tmp_path / "i"),
+                     "--quiet", "--batch-size", "3"]) == 2
+        err = capsys.readouterr().err
+        assert f"record 'tiny_clip' ({short}) (300 samples): too short for one frame" in err, err
+    loaded = load_run(run)
+    with pytest.raises(DataError, match=f"{short} \\(300 samples\\): too short"):
+        embed_waveforms(loaded.objective, [load_audio(records[0]["audio"]), load_audio(short)], 2,
+                        torch.device("cpu"), progress=False, names=["long.wav", str(short)])
 
 
 def test_index_errors_name_what_is_wrong(speech_image_run, tmp_path, capsys):

@@ -5,12 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.errors import DataError
-from mmssl.objectives.multiview_contrastive import (
-    LogitScale,
-    frame_info_nce,
-    multiview_contrastive,
-    utterance_info_nce,
-)
+from mmssl.nn.contrastive import LogitScale, symmetric_info_nce
+from mmssl.objectives.multiview_contrastive import frame_info_nce, multiview_contrastive
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_av_batch
 
@@ -18,6 +14,12 @@ from mmssl.testing import tiny_av_batch
 def _unit(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def utterance_info_nce(za, zv, scale, rank=0, world_size=1, **kwargs):
+    """The utterance term as the objective computes it: the shared InfoNCE, no groups."""
+    loss, acc, _ = symmetric_info_nce(za, zv, scale, None, rank, world_size, **kwargs)
+    return loss, acc
 
 
 def test_utterance_info_nce_is_cross_entropy_on_explicit_logits():
@@ -40,7 +42,7 @@ def test_utterance_negatives_come_from_every_rank(other_rows):
     def fake_gather(x, rank, world_size):
         assert (rank, world_size) == (1, 2)
         torch.testing.assert_close(x, torch.cat([za, zv], 1))  # both views in one gather
-        return torch.cat([torch.cat([other_a, other_v], 1), x]), other_rows
+        return torch.cat([torch.cat([other_a, other_v], 1), x]), [other_rows, 3]
 
     loss, _ = utterance_info_nce(za, zv, torch.tensor(5.0), rank=1, world_size=2, gather=fake_gather)
     all_a, all_v = torch.cat([other_a, za]), torch.cat([other_v, zv])
@@ -82,7 +84,27 @@ def test_logit_scale_init_and_clamp():
     torch.testing.assert_close(s(), torch.tensor(100.0))
     s.log_scale.grad = None
     s().backward()
-    assert s.log_scale.grad == 0  # clamped: no push beyond the cap
+    assert s.log_scale.grad == 0  # clamped in forward: no gradient above the cap
+
+
+def test_on_step_brings_both_scales_back_to_the_cap_where_they_learn_again():
+    torch.manual_seed(0)
+    objective = OBJECTIVES.build("multiview_contrastive", size="tiny", dim=8)
+    scales = (objective.utterance_scale, objective.frame_scale)
+    opt = torch.optim.SGD([s.log_scale for s in scales], lr=1.0)
+    with torch.no_grad():
+        for s in scales:
+            s.log_scale.fill_(math.log(100) - 0.1)
+    opt.zero_grad()
+    (-(scales[0]() + scales[1]())).backward()  # a step that pushes both above log 100
+    opt.step()
+    assert all(s.log_scale.item() > math.log(100) + 1 for s in scales)
+    objective.on_step(1)
+    for s in scales:
+        assert s.log_scale.item() == pytest.approx(math.log(100))
+        s.log_scale.grad = None
+        s().backward()
+        assert s.log_scale.grad.item() == pytest.approx(100.0)  # d exp(x) / dx at the cap
 
 
 def test_forward_backward_and_overfit():

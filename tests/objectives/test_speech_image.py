@@ -7,8 +7,7 @@ from open_clip.loss import ClipLoss
 
 import mmssl.objectives  # noqa: F401  (registers the objectives)
 from mmssl.errors import ConfigError, DataError
-from mmssl.nn.contrastive import same_group_mask, symmetric_info_nce
-from mmssl.objectives.multiview_contrastive import utterance_info_nce
+from mmssl.nn.contrastive import gather_rows, same_group_mask, symmetric_info_nce
 from mmssl.objectives.speech_image import AttentionPool, GroupIds, group_ids
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_audio_batch
@@ -42,8 +41,6 @@ def test_loss_is_the_hand_computed_clip_loss_and_open_clips():
     torch.testing.assert_close(loss, ClipLoss()(y, x, scale))
     big_x, big_y = _unit(8, 16, seed=1), _unit(8, 16, seed=2)
     torch.testing.assert_close(symmetric_info_nce(big_x, big_y, scale)[0], ClipLoss()(big_y, big_x, scale))
-    # and the multi-view objective's utterance loss, which it generalises (no groups)
-    torch.testing.assert_close(symmetric_info_nce(big_x, big_y, scale)[0], utterance_info_nce(big_x, big_y, scale)[0])
 
 
 def test_same_group_pairs_are_left_out_of_both_directions():
@@ -79,6 +76,17 @@ def test_batch_hook_ids_are_equal_for_equal_groups():
     ids = batch["group_ids"]
     assert ids.dtype == torch.long and ids[0] == ids[2] and ids[0] != ids[1]
     assert torch.equal(ids, group_ids(["img3", "img1", "img3"]))
+
+
+def test_records_without_a_group_are_each_their_own_group():
+    # collate writes "" for a record without a group: those must not all become one image
+    batch = GroupIds()({"groups": ["", "img1", "", "img1"], "ids": ["r0", "r1", "r2", "r3"]})
+    ids = batch["group_ids"].tolist()
+    assert ids[0] != ids[2] and ids[1] == ids[3] and len(set(ids)) == 3
+    assert not same_group_mask(batch["group_ids"], batch["group_ids"], 0)[0].any()
+    assert group_ids(["", ""]).unique().numel() == 2  # no ids: rows apart all the same
+    # an ungrouped record keeps its id's group in any batch (the same on every rank)
+    assert group_ids(["", "x"], ["r2", "r9"])[0] == group_ids(["", "", ""], ["r0", "r1", "r2"])[2]
 
 
 def _tiny(**kwargs):
@@ -138,6 +146,50 @@ def test_forward_metrics_and_overfit_one_batch_to_full_accuracy():
     final = objective.eval()(batch)
     assert final["speech_image_accuracy"].item() == 1.0 and final["image_speech_accuracy"].item() == 1.0
     assert final["loss"].item() < 0.5 * out["loss"].item()
+
+
+def test_on_step_clamps_the_logit_scales_where_they_still_learn():
+    objective = _tiny(caption_weight=0.5)
+    scales = (objective.logit_scale, objective.caption_scale)
+    opt = torch.optim.SGD([s.log_scale for s in scales], lr=1.0)
+    with torch.no_grad():
+        for s in scales:
+            s.log_scale.fill_(math.log(100) - 0.1)
+    opt.zero_grad()
+    (-(scales[0]() + scales[1]())).backward()  # a step that pushes both past log 100
+    opt.step()
+    assert all(s.log_scale.item() > math.log(100) + 1 for s in scales)
+    for s in scales:  # clamped only in forward, the gradient there is 0: it would stay stuck
+        s.log_scale.grad = None
+        s().backward()
+        assert s.log_scale.grad.item() == 0
+    objective.on_step(1)
+    for s in scales:
+        assert s.log_scale.item() == pytest.approx(math.log(100))
+        s.log_scale.grad = None
+        s().backward()
+        assert s.log_scale.grad.item() == pytest.approx(100.0)  # d exp(x) / dx at the cap: not 0
+    with torch.no_grad():
+        scales[0].log_scale.fill_(-1.0)
+    objective.on_step(2)
+    assert scales[0].log_scale.item() == 0.0  # open_clip's lower bound: scale >= 1
+
+
+def test_caption_term_gathers_speech_image_and_text_once():
+    objective = _tiny(caption_weight=0.5).eval()
+    batch = _batch(objective)
+    batch["text"], batch["text_lens"] = objective.text_tokenizer.batch(["a red circle", "two stars", "a big cross"])
+    calls = []
+
+    def counting_gather(x, rank, world_size):
+        calls.append(x.shape)
+        return x, [x.shape[0]]
+
+    objective.gather = counting_gather
+    out = objective(batch)
+    assert calls == [(3, 3 * objective.dim)]  # speech, image and text side by side, one call
+    objective.gather = gather_rows
+    torch.testing.assert_close(objective(batch)["loss"], out["loss"])
 
 
 def test_frozen_image_tower_gets_no_gradient():
@@ -203,6 +255,54 @@ def _rank_worker(rank, world_size, init, out):
     dist.destroy_process_group()
 
 
+def _objective_rank_worker(rank, world_size, init, objective, batch, out):
+    import torch.distributed as dist
+
+    import mmssl.nn.gather as gather_module
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    exchanges = []
+    real = gather_module.gather_sizes
+
+    def counted(x, world_size):
+        exchanges.append(x.shape)
+        return real(x, world_size)
+
+    gather_module.gather_sizes = counted
+    objective.rank, objective.world_size = rank, world_size
+    rows = [2 * rank, 2 * rank + 1]
+    n = int(batch["audio_lens"][rows].max())
+    t = int(batch["text_lens"][rows].max())
+    mine = {"audio": batch["audio"][rows, :n], "audio_lens": batch["audio_lens"][rows], "image": batch["image"][rows],
+            "text": batch["text"][rows, :t], "text_lens": batch["text_lens"][rows],
+            "groups": [batch["groups"][i] for i in rows], "ids": [batch["ids"][i] for i in rows]}
+    with torch.no_grad():
+        result = objective(mine)
+    out[rank, 0], out[rank, 1] = result["image_loss"], result["caption_loss"]
+    out[rank, 2] = len(exchanges)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_of_the_objective_exchange_sizes_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    objective = _tiny(caption_weight=0.5).eval()
+    batch = _batch(objective, groups=("a", "b", "a", "c"), lengths=(8000, 5600, 3200, 6400))
+    batch.pop("group_ids")
+    captions = ["a red circle", "two stars", "a dot", "a cross"]
+    batch["text"], batch["text_lens"] = objective.text_tokenizer.batch(captions)
+    out = torch.zeros(2, 3).share_memory_()
+    mp.start_processes(_objective_rank_worker, args=(2, f"file://{tmp_path / 'pg'}", objective, batch, out), nprocs=2,
+                       start_method="fork")
+    # one size exchange per step: group ids reuse it, the caption term reuses the speech rows
+    assert out[:, 2].tolist() == [1.0, 1.0]
+    with torch.no_grad():
+        whole = objective(batch)  # group "a" spans both ranks: masked across them too
+    torch.testing.assert_close(out[:, 0].mean(), whole["image_loss"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[:, 1].mean(), whole["caption_loss"], atol=1e-5, rtol=1e-4)
+
+
 def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     import torch.multiprocessing as mp
 
@@ -221,10 +321,12 @@ def test_speech_tower_starts_from_a_pretraining_run(speech_image_run):
     from mmssl.runs import load_encoder_from_run
 
     run, _ = speech_image_run
-    pretrained = load_encoder_from_run(run)
+    pretrained = load_encoder_from_run(run).state_dict()
     objective = OBJECTIVES.build("speech_image", size="tiny", speech_init=str(run))
-    for (name, p), q in zip(objective.encoder.state_dict().items(), pretrained.state_dict().values()):
-        torch.testing.assert_close(p, q, msg=name)
+    started = objective.encoder.state_dict()
+    assert started.keys() == pretrained.keys() and len(started) > 10
+    for name, p in started.items():
+        torch.testing.assert_close(p, pretrained[name], msg=name)
     assert objective.encoder.training  # fine-tuned, not frozen
     with pytest.raises(ConfigError, match="overrides"):
         OBJECTIVES.build("speech_image", size="tiny", speech_init=str(run), encoder={"dropout": 0.0})
