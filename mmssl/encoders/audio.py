@@ -8,7 +8,8 @@ projection (LayerNorm -> Linear -> dropout, wav2vec 2.0's ``post_extract_proj`` 
 ``CPCEncoder`` implements it for CPC and wav2vec (Schneider et al., 2019): a strided conv
 frontend gives the latents ``z`` (100 Hz), which are the features ``contextualize`` reads
 (no projection, nothing to mask), and a causal context network (``mmssl.nn.context``) gives
-``c``, one entry of ``EncoderOutput.layers`` per recurrent or transformer layer.
+``c``, one entry of ``EncoderOutput.layers`` per recurrent or transformer layer. APC's encoder
+(``mmssl.encoders.recurrent.build_apc_encoder``) is the same class on a log-mel frontend.
 
 Presets (``ENCODERS``): ``{wav2vec2,hubert,wavlm,data2vec}_{tiny,base,large}`` on the waveform
 (50 Hz), ``fbank_{tiny,base,large}`` on 80 filterbanks stacked x4 (25 Hz, AV-HuBERT's audio
@@ -27,11 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder
+from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder, check_depth
 from mmssl.errors import ConfigError
 from mmssl.nn import frontend as fe
 from mmssl.nn import transformer as tr
 from mmssl.nn.context import CausalTransformerContext, RecurrentContext
+from mmssl.nn.reconstruction import LogMelFrontend
 from mmssl.registry import ENCODERS
 
 
@@ -116,7 +118,8 @@ class AudioEncoder(SpeechEncoder):
 
 
 class CPCEncoder(SpeechEncoder):
-    """Conv frontend -> causal context network, from injected parts (CPC, wav2vec).
+    """Frontend -> causal context network, from injected parts (CPC and wav2vec on a conv
+    frontend; APC on running-normalised log mels, whose frame ``t`` reads no later audio).
 
     ``extract`` gives the latents: ``Features.x`` and ``Features.raw`` are both ``z (B, T, F)``
     (``F = feature_dim``, the frontend width), the context network's input and the
@@ -124,7 +127,9 @@ class CPCEncoder(SpeechEncoder):
     (``C = dim``) and ``layers``, each context layer's output before any final norm.
     """
 
-    def __init__(self, frontend: fe.ConvFrontend, context: RecurrentContext | CausalTransformerContext) -> None:
+    def __init__(
+        self, frontend: fe.ConvFrontend | LogMelFrontend, context: RecurrentContext | CausalTransformerContext
+    ) -> None:
         super().__init__()
         self.frontend, self.context = frontend, context
         self.dim = context.dim
@@ -145,9 +150,7 @@ class CPCEncoder(SpeechEncoder):
     def contextualize(self, x: Tensor, lengths: Tensor, num_layers: int | None = None) -> EncoderOutput:
         """``x (B, T, F)`` -> ``EncoderOutput`` (``hidden (B, T, C)``); ``num_layers`` keeps the
         first layers only, ``hidden`` then being the last kept layer's output."""
-        depth = self.num_layers if num_layers is None else num_layers
-        if not 1 <= depth <= self.num_layers:
-            raise ConfigError(f"cpc encoder: num_layers must be in [1, {self.num_layers}], got {num_layers}")
+        depth = check_depth("causal encoder", num_layers, self.num_layers)
         layers = self.context.layer_outputs(x, lengths)[:depth]
         hidden = self.context.final(layers[-1]) if depth == self.num_layers else layers[-1]
         return EncoderOutput(hidden=hidden, lengths=lengths, layers=layers, frame_rate=self.frame_rate)

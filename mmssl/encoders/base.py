@@ -8,9 +8,19 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from mmssl.errors import ConfigError
 from mmssl.nn.outputs import EncoderOutput, Features, FrameSpec
 
-__all__ = ["EncoderOutput", "Features", "FrameSpec", "SpeechEncoder"]
+__all__ = ["EncoderOutput", "Features", "FrameSpec", "SpeechEncoder", "check_depth"]
+
+
+def check_depth(what: str, num_layers: int | None, total: int) -> int:
+    """How many of an encoder's ``total`` layers ``contextualize(..., num_layers)`` runs: all of
+    them for None, else ``num_layers``; ``ConfigError`` naming ``what`` outside ``[1, total]``."""
+    depth = total if num_layers is None else num_layers
+    if not 1 <= depth <= total:
+        raise ConfigError(f"{what}: num_layers must be in [1, {total}], got {num_layers}")
+    return depth
 
 
 class SpeechEncoder(nn.Module):

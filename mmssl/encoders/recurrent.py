@@ -1,17 +1,21 @@
 """Recurrent speech encoders over normalised log mel filterbanks, for the generative objectives.
 
-* ``APCEncoder``: unidirectional LSTM layers with residual connections (APC, Chung et al.
-  2019: three 512-unit layers); output frame ``t`` depends only on frames ``<= t``.
-  Its layers are the LSTM layers' outputs.
+* ``build_apc_encoder``: unidirectional LSTM layers with residual connections (APC, Chung et
+  al. 2019: three 512-unit layers) on log mels with *running* normalisation
+  (``mmssl.nn.reconstruction.running_normalize``), so output frame ``t`` depends only on audio
+  up to the end of frame ``t``'s window. It is a ``CPCEncoder`` (``mmssl.encoders.audio``:
+  frontend -> causal context network) on a ``LogMelFrontend``; its layers are the LSTM
+  layers' outputs.
 * ``BiRecurrentEncoder``: a forward and a backward stack of unidirectional LSTM layers (DeCoAR,
-  Ling et al. 2020: four layers of 1024 units each way in the released model). Its layers are the
-  concatenated ``[forward_t; backward_t]`` states, as the DeCoAR features are read.
+  Ling et al. 2020: four layers of 1024 units each way in the released model) on log mels with
+  per-utterance normalisation. Its layers are the concatenated ``[forward_t; backward_t]``
+  states, as the DeCoAR features are read.
 
-Both read ``log_mel`` (``mmssl.nn.reconstruction``: 80 bins at 100 Hz, per-utterance mean and
-variance normalisation) and keep the speech-encoder contract (``extract`` + ``contextualize``,
-every layer in ``EncoderOutput.layers``), so ``mmssl extract``, ``mmssl kmeans --checkpoint``
-and ``mmssl layers`` read them like any other encoder. Neither is registered in ``ENCODERS``:
-they come with their objectives (``apc``, ``decoar``).
+Both read ``log_mel`` (``mmssl.nn.reconstruction``: 80 bins at 100 Hz) and keep the
+speech-encoder contract (``extract`` + ``contextualize``, every layer in
+``EncoderOutput.layers``), so ``mmssl extract``, ``mmssl kmeans --checkpoint`` and ``mmssl
+layers`` read them like any other encoder. Neither is registered in ``ENCODERS``: they come
+with their objectives (``apc``, ``decoar``).
 
 The backward stack runs on each utterance reversed within its own length (padding stays at
 the end), so no padded frame ever reaches a valid state in either direction.
@@ -24,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder
+from mmssl.encoders.audio import CPCEncoder
+from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder, check_depth
 from mmssl.errors import ConfigError
 from mmssl.nn.context import RecurrentContext
 from mmssl.nn.reconstruction import LogMelFrontend
@@ -38,44 +43,6 @@ def reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:
     last = lengths.to(x.device).unsqueeze(1) - 1  # (B, 1)
     index = torch.where(steps <= last, last - steps, steps)  # (B, T)
     return x.gather(1, index.unsqueeze(-1).expand_as(x))
-
-
-def _check_depth(what: str, num_layers: int | None, total: int) -> int:
-    depth = total if num_layers is None else num_layers
-    if not 1 <= depth <= total:
-        raise ConfigError(f"{what}: num_layers must be in [1, {total}], got {num_layers}")
-    return depth
-
-
-class APCEncoder(SpeechEncoder):
-    """``LogMelFrontend`` -> causal ``RecurrentContext`` (LSTM, residual), from injected parts.
-
-    ``extract``: ``Features`` with ``x = raw =`` the normalised log mels ``(B, T, F)``;
-    ``contextualize``: ``hidden (B, T, C)`` and every LSTM layer's output in ``layers``."""
-
-    def __init__(self, frontend: LogMelFrontend, context: RecurrentContext) -> None:
-        super().__init__()
-        self.frontend, self.context = frontend, context
-        self.dim = context.dim
-        self.feature_dim = frontend.out_dim
-        self.frame_rate = frontend.frame_rate
-        self.frame_spec = frontend.frame_spec
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.context.layers)
-
-    def extract(self, audio: Tensor, audio_lens: Tensor) -> Features:
-        """``audio (B, S)``, ``audio_lens (B,)`` -> ``Features`` with ``x = raw`` log mels ``(B, T, F)``."""
-        x, lengths = self.frontend(audio, audio_lens)
-        return Features(x=x, raw=x, lengths=lengths)
-
-    def contextualize(self, x: Tensor, lengths: Tensor, num_layers: int | None = None) -> EncoderOutput:
-        """``x (B, T, F)`` -> ``EncoderOutput`` with ``hidden (B, T, C)``; ``num_layers`` keeps the
-        first layers only."""
-        depth = _check_depth("apc encoder", num_layers, self.num_layers)
-        layers = self.context.layer_outputs(x, lengths)[:depth]
-        return EncoderOutput(hidden=layers[-1], lengths=lengths, layers=layers, frame_rate=self.frame_rate)
 
 
 class BiRecurrentEncoder(SpeechEncoder):
@@ -109,7 +76,7 @@ class BiRecurrentEncoder(SpeechEncoder):
     ) -> tuple[list[Tensor], list[Tensor]]:
         """``x (B, T, F)`` -> (forward layers, backward layers), each a list of ``(B, T, C)``.
         Forward state ``t`` has read frames ``0..t``; backward state ``t`` frames ``t..lengths-1``."""
-        depth = _check_depth("bidirectional encoder", num_layers, self.num_layers)
+        depth = check_depth("bidirectional encoder", num_layers, self.num_layers)
         forward = self.forward_net.layer_outputs(x, lengths)[:depth]
         reversed_out = self.backward_net.layer_outputs(reverse_padded(x, lengths), lengths)[:depth]
         backward = [reverse_padded(y, lengths) for y in reversed_out]
@@ -125,11 +92,17 @@ class BiRecurrentEncoder(SpeechEncoder):
 
 def build_apc_encoder(
     dim: int = 512, num_layers: int = 3, num_mel_bins: int = 80, dropout: float = 0.0, residual: bool = True
-) -> APCEncoder:
+) -> CPCEncoder:
     """APC's encoder; defaults are APC's (80-d log mels, three 512-unit LSTM layers with
-    residual connections)."""
+    residual connections). ``extract`` gives ``x = raw =`` the running-normalised log mels
+    ``(B, T, F)``; ``contextualize`` every LSTM layer's output ``(B, T, C)``.
+
+    APC's log mels are normalised per speaker (Chung et al. 2019, experimental setup: zero
+    mean and unit variance per speaker), which a single clip cannot give; per-utterance
+    statistics would let every frame depend on the whole clip, later audio included, so the
+    statistics here are running ones over the frames read so far."""
     context = RecurrentContext(num_mel_bins, dim, num_layers, cell="lstm", dropout=dropout, residual=residual)
-    return APCEncoder(LogMelFrontend(num_mel_bins), context)
+    return CPCEncoder(LogMelFrontend(num_mel_bins, normalize="running"), context)
 
 
 def build_bilstm_encoder(

@@ -1,4 +1,5 @@
-"""The one padding helper: lengths in, mask out (True = padded)."""
+"""The one padding helper: lengths in, mask out (True = padded); and the statistics over
+valid frames built on it (``masked_mean``, ``instance_norm``)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,16 @@ def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
     keep = ~lengths_to_padding_mask(lengths, x.shape[1])
     total = (x * keep.unsqueeze(-1).to(x.dtype)).sum(1)
     return total / lengths.clamp(min=1).unsqueeze(-1).to(x.dtype)
+
+
+def instance_norm(x: Tensor, lengths: Tensor, eps: float = 1e-5) -> Tensor:
+    """Normalise ``x (B, T, C)`` to zero mean and unit variance over the first ``lengths (B,)``
+    frames of each utterance, per channel (``F.instance_norm`` without affine, with the
+    padding left out of the statistics); padded frames come out zero. Computed and returned
+    in float32."""
+    x = x.float()
+    keep = (~lengths_to_padding_mask(lengths, x.shape[1])).unsqueeze(-1).float()  # (B, T, 1)
+    count = keep.sum(1, keepdim=True).clamp(min=1.0)  # (B, 1, 1)
+    mean = (x * keep).sum(1, keepdim=True) / count  # (B, 1, C)
+    var = ((x - mean).pow(2) * keep).sum(1, keepdim=True) / count
+    return (x - mean) * torch.rsqrt(var + eps) * keep

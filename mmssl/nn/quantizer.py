@@ -154,11 +154,12 @@ class VectorQuantizer(nn.Module):
     with ``N`` Laplace-smoothed by ``epsilon`` (``(N_i + eps) / (sum N + K eps) * sum N``, as
     Sonnet's ``VectorQuantizerEMA``); without it the codebook is a parameter trained by the
     codebook loss. ``restart_threshold`` > 0 replaces, in training, every entry whose moving
-    average count ``N_i`` (tracked in both modes; decay ``USAGE_DECAY`` without EMA) falls below it by a random valid frame of the
-    batch (Jukebox's random restarts; 1.0 restarts entries picked less than once per update on
-    average). ``world_size`` > 1 sums the counts across ranks and
-    takes rank 0's restarts, so every rank keeps the same codebook.
-    Padded frames never reach a loss, a count or a restart.
+    average count ``N_i`` (tracked in both modes; decay ``USAGE_DECAY`` without EMA) falls
+    below it by a random valid frame of the batch (Jukebox's random restarts; 1.0 restarts
+    entries picked less than once per update on average). ``world_size`` > 1 sums the counts
+    across ranks and takes rank 0's restarts, so every rank keeps the same codebook.
+    Padded frames never reach a loss, a count or a restart; a batch with a non-finite valid
+    frame changes no buffer (its loss is non-finite and the trainer skips the step).
     """
 
     def __init__(
@@ -218,8 +219,9 @@ class VectorQuantizer(nn.Module):
         picked = F.embedding(codes, self.codebook).to(z.dtype)  # (B, T, D): e, gradient to the codebook
         w = valid.unsqueeze(-1).to(torch.float32)
         count = (w.sum() * self.dim).clamp(min=1.0)
-        codebook_loss = (((z.detach().float() - picked.float()) ** 2) * w).sum() / count
-        commitment_loss = (((z.float() - picked.detach().float()) ** 2) * w).sum() / count
+        keep = valid.unsqueeze(-1)  # (B, T, 1): selecting (not multiplying) keeps NaN padding out
+        codebook_loss = torch.where(keep, z.detach().float() - picked.float(), 0.0).pow(2).sum() / count
+        commitment_loss = torch.where(keep, z.float() - picked.detach().float(), 0.0).pow(2).sum() / count
         loss = self.beta * commitment_loss + (0.0 if self.uses_ema else codebook_loss)
         entries = torch.arange(self.entries, device=codes.device)
         onehot = (codes.unsqueeze(-1) == entries).float() * w  # (B, T, K), zero on padding
@@ -239,30 +241,44 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, onehot: Tensor, counts: Tensor, z: Tensor, valid: Tensor) -> None:
-        """Moving-average counts (and codebook, with EMA), then dead-entry restarts."""
+        """Moving-average counts (and codebook, with EMA), then dead-entry restarts.
+
+        A batch with a non-finite valid frame (on any rank) leaves every buffer as it was: the
+        trainer skips such a step, and one NaN in the moving averages or a restart would spoil
+        the codebook for every later batch. Chosen with ``torch.where``, no host sync."""
         flat_z = z.detach().float().reshape(-1, self.dim)  # (N, D)
+        finite = torch.isfinite(flat_z).all(1)  # (N,)
+        usable = valid.reshape(-1) & finite  # (N,) frames that may reach a statistic
+        flat_z = torch.where(usable.unsqueeze(1), flat_z, 0.0)  # 0 * NaN would still be NaN
+        bad = (valid.reshape(-1) & ~finite).sum().float()  # valid frames that are not finite
         sums = onehot.reshape(-1, self.entries).T @ flat_z  # (K, D): sum of frames per entry
         if self.world_size > 1:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            stats = torch.cat([counts, bad.view(1)])  # one reduction: counts and bad frames
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            counts, bad = stats[:-1], stats[-1]
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        ok = bad == 0  # () bool
         decay = self.ema_decay if self.uses_ema else USAGE_DECAY
-        self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+        size = self.cluster_size * decay + counts * (1 - decay)
         if self.uses_ema:
-            self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
-            total = self.cluster_size.sum()
-            smoothed = (self.cluster_size + self.epsilon) / (total + self.entries * self.epsilon) * total
-            self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
+            ema_sum = self.ema_sum * decay + sums * (1 - decay)
+            total = size.sum()
+            smoothed = (size + self.epsilon) / (total + self.entries * self.epsilon) * total
+            self.ema_sum.copy_(torch.where(ok, ema_sum, self.ema_sum))
+            self.codebook.copy_(torch.where(ok, ema_sum / smoothed.unsqueeze(1), self.codebook))
+        self.cluster_size.copy_(torch.where(ok, size, self.cluster_size))
         if self.restart_threshold > 0:
-            self._restart(flat_z, valid.reshape(-1))
+            self._restart(flat_z, usable, ok)
 
-    def _restart(self, flat_z: Tensor, valid: Tensor) -> None:
-        """Entries with ``cluster_size < restart_threshold`` take random valid frames; their
-        count restarts at the threshold (and their EMA sum at frame * threshold)."""
-        dead = (self.cluster_size < self.restart_threshold).unsqueeze(1)  # (K, 1)
-        # K uniform draws among the valid frames, with no host sync: valid frames first, then
-        # a random rank below their count (a batch without valid frames draws frame 0)
-        order = torch.argsort((~valid).to(torch.uint8), stable=True)  # (N,) valid frames first
-        count = valid.sum()
+    def _restart(self, flat_z: Tensor, usable: Tensor, ok: Tensor) -> None:
+        """Entries with ``cluster_size < restart_threshold`` take random ``usable`` frames (valid
+        and finite); their count restarts at the threshold (and their EMA sum at frame *
+        threshold). Nothing moves unless ``ok`` and some frame is usable."""
+        count = usable.sum()
+        dead = ((self.cluster_size < self.restart_threshold) & ok & (count > 0)).unsqueeze(1)  # (K, 1)
+        # K uniform draws among the usable frames, with no host sync: usable frames first, then
+        # a random rank below their count
+        order = torch.argsort((~usable).to(torch.uint8), stable=True)  # (N,) usable frames first
         rank = torch.minimum((torch.rand(self.entries, device=flat_z.device) * count).long(), count - 1).clamp(min=0)
         candidates = flat_z[order[rank]].to(self.codebook.dtype)  # (K, D)
         if self.world_size > 1:

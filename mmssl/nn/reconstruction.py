@@ -5,15 +5,18 @@ The generative family of speech SSL (Mohamed et al., 2022, "Self-supervised spee
 representation learning: a review", sec. IV-A) reconstructs log mel filterbank frames; this
 module gives
 
-* ``log_mel`` / ``LogMelFrontend``: 80 Kaldi log mel filterbanks at 100 Hz with
-  per-utterance mean and variance normalisation over the valid frames only;
+* ``log_mel`` / ``LogMelFrontend``: 80 Kaldi log mel filterbanks at 100 Hz, normalised per
+  mel bin over the valid frames of each utterance (``"utterance"``), over the frames read so
+  far (``"running"``: frame ``t`` depends on no later audio, for causal models) or not at all;
+* ``StackedLogMelFrontend``: those frames stacked ``K`` at a time (Mockingjay's 1/3
+  downsampling, the autoencoders' 50 Hz latents);
 * ``masked_l1`` / ``masked_mse``: reconstruction losses averaged over the weighted frames and
   every feature, zero (not NaN) when nothing is weighted, with no host sync;
 * ``shift_targets``: frame ``t + n`` as the target of frame ``t`` (APC's ``time_shift``);
 * ``future_slices``: frames ``t + offset .. t + offset + K - 1`` as the targets of frame ``t``
   (DeCoAR's slices).
 
-Shape legend: B batch, S samples, T frames, F features, K frames per slice.
+Shape legend: B batch, S samples, T frames, F features, M mel bins, K frames per stack / slice.
 """
 
 from __future__ import annotations
@@ -23,44 +26,58 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from mmssl.data.features import fbank_batch
+from mmssl.data.features import fbank_batch, stack_frames
 from mmssl.errors import ConfigError
 from mmssl.nn.frontend import check_waveform
 from mmssl.nn.outputs import FrameSpec
-from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.padding import instance_norm, lengths_to_padding_mask
 
-NORMALIZATIONS = ("utterance", "none")
+NORMALIZATIONS = ("utterance", "running", "none")
 SAMPLE_RATE = 16000
 WINDOW, HOP = 400, 160  # 25 ms / 10 ms at 16 kHz: 100 Hz frames
 
 
-def normalize_utterances(x: Tensor, lengths: Tensor, eps: float = 1e-5) -> Tensor:
-    """Per-utterance, per-feature mean and variance normalisation of ``x (B, T, F)`` using only
-    the first ``lengths (B,)`` frames; padded frames come out zero. Statistics in float32."""
-    keep = (~lengths_to_padding_mask(lengths, x.shape[1])).unsqueeze(-1).float()  # (B, T, 1)
+def running_normalize(x: Tensor, lengths: Tensor, eps: float = 1e-5) -> Tensor:
+    """Causal mean and variance normalisation of ``x (B, T, F)``: frame ``t`` is normalised
+    per feature with the mean and (biased) variance of frames ``0..t`` of its utterance, so it
+    depends on no later frame (the running statistics of streaming recognisers, as Kaldi's
+    online CMVN). Frame 0 comes out 0 and frame ``t`` lies within ``+-sqrt(t)``; padded frames
+    are zero. Cumulative sums in float32, taken relative to each utterance's first frame (a
+    frame every later one has read) to keep ``E[x^2] - E[x]^2`` accurate; no host sync."""
     x = x.float()
-    count = lengths.clamp(min=1).float()[:, None, None]  # (B, 1, 1)
-    mean = (x * keep).sum(1, keepdim=True) / count  # (B, 1, F)
-    var = (((x - mean) * keep) ** 2).sum(1, keepdim=True) / count
-    return (x - mean) * torch.rsqrt(var + eps) * keep
+    keep = (~lengths_to_padding_mask(lengths, x.shape[1])).unsqueeze(-1).float()  # (B, T, 1)
+    y = (x - x[:, :1]) * keep  # (B, T, F)
+    count = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[None, :, None]  # (1, T, 1)
+    mean = y.cumsum(1) / count
+    var = (y.pow(2).cumsum(1) / count - mean.pow(2)).clamp(min=0.0)
+    return (y - mean) * torch.rsqrt(var + eps) * keep
+
+
+NORMALIZERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"utterance": instance_norm, "running": running_normalize}
+
+
+def _check_normalize(what: str, normalize: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"{what}: normalize must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
 
 
 def log_mel(
     audio: Tensor, audio_lens: Tensor, num_mel_bins: int = 80, normalize: str = "utterance"
 ) -> tuple[Tensor, Tensor]:
-    """``audio (B, S)``, ``audio_lens (B,)`` -> ``x (B, T, F=num_mel_bins)``, ``lengths (B,)``.
+    """``audio (B, S)``, ``audio_lens (B,)`` -> ``x (B, T, M=num_mel_bins)``, ``lengths (B,)``.
 
     Kaldi log mel filterbanks (``mmssl.data.features.fbank_batch``: 25 ms windows every 10 ms,
-    100 Hz), then, with ``normalize="utterance"``, each utterance's features are shifted and
-    scaled to zero mean and unit variance per mel bin over its valid frames (APC and DeCoAR
-    read 80-d log mels with per-utterance CMVN). Padded frames are zero. ``normalize="none"``
-    keeps the raw log energies.
+    100 Hz, each frame from its own window alone), then per mel bin: ``"utterance"`` shifts and
+    scales each utterance to zero mean and unit variance over its valid frames (DeCoAR,
+    Mockingjay / TERA and the autoencoders read per-utterance CMVN; frame ``t`` then depends on
+    the whole clip); ``"running"`` uses the statistics of frames ``0..t`` only
+    (``running_normalize``: APC, whose frame ``t`` must not depend on later audio); ``"none"``
+    keeps the raw log energies. Padded frames are zero.
     """
-    if normalize not in NORMALIZATIONS:
-        raise ConfigError(f"log_mel: normalize must be one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
-    feats, lengths = fbank_batch(audio, audio_lens, SAMPLE_RATE, num_mel_bins)  # (B, T, F), zero padded
-    if normalize == "utterance":
-        feats = normalize_utterances(feats, lengths)
+    _check_normalize("log_mel", normalize)
+    feats, lengths = fbank_batch(audio, audio_lens, SAMPLE_RATE, num_mel_bins)  # (B, T, M), zero padded
+    if normalize in NORMALIZERS:
+        feats = NORMALIZERS[normalize](feats, lengths)
     return feats, lengths
 
 
@@ -70,9 +87,9 @@ class LogMelFrontend(nn.Module):
 
     def __init__(self, num_mel_bins: int = 80, normalize: str = "utterance") -> None:
         super().__init__()
-        if normalize not in NORMALIZATIONS:
-            raise ConfigError(f"log-mel frontend: normalize must be one of {', '.join(NORMALIZATIONS)}; "
-                              f"got {normalize!r}")
+        _check_normalize("log-mel frontend", normalize)
+        if num_mel_bins < 1:
+            raise ConfigError(f"log-mel frontend: num_mel_bins must be >= 1, got {num_mel_bins}")
         self.num_mel_bins, self.normalize = num_mel_bins, normalize
         self.out_dim = num_mel_bins
         self.frame_spec = FrameSpec((WINDOW,), (HOP,))
@@ -86,6 +103,37 @@ class LogMelFrontend(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_mel_bins={self.num_mel_bins}, normalize={self.normalize!r}"
+
+
+class StackedLogMelFrontend(nn.Module):
+    """An injected ``LogMelFrontend`` (100 Hz) with every ``stack`` consecutive frames stacked
+    into one (``mmssl.data.features.stack_frames``; the last group padded with zero frames):
+    ``audio (B, S)`` -> ``(B, T, F = stack * M)``, ``lengths (B,)`` = ``ceil(mel frames / stack)``.
+    Mockingjay's 1/3 downsampling (sec. 2.2), the autoencoders' 50 Hz latents. No parameters."""
+
+    def __init__(self, log_mel: LogMelFrontend, stack: int = 1) -> None:
+        super().__init__()
+        if stack < 1:
+            raise ConfigError(f"stacked log-mel frontend: stack must be >= 1, got {stack}")
+        self.log_mel, self.stack = log_mel, stack
+        self.num_mel_bins = log_mel.out_dim
+        self.out_dim = log_mel.out_dim * stack
+        spec = log_mel.frame_spec
+        self.frame_spec = FrameSpec(spec.kernels, spec.strides, stack)
+        self.stacking = FrameSpec((), (), stack)  # mel frames -> stacked frames: ceil(n / stack)
+        self.frame_rate = log_mel.frame_rate / stack
+        self.receptive_field = log_mel.receptive_field
+
+    def mels(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """The unstacked log mels ``(B, T', M)`` (zero padded) and their 100 Hz ``lengths (B,)``."""
+        return self.log_mel(audio, audio_lens)
+
+    def stacked(self, mels: Tensor, mel_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """``mels (B, T', M)`` -> ``(B, ceil(T'/K), K * M)`` and the stacked ``lengths (B,)``."""
+        return stack_frames(mels, self.stack), self.stacking(mel_lens)
+
+    def forward(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
+        return self.stacked(*self.mels(audio, audio_lens))
 
 
 def _weighted_mean(per_element: Tensor, weight: Tensor) -> Tensor:

@@ -1,13 +1,19 @@
 """Autoregressive predictive coding (APC; Chung et al., 2019, "An unsupervised autoregressive
 model for speech representation learning").
 
-A unidirectional LSTM stack (``mmssl.encoders.recurrent.APCEncoder``: three 512-unit layers
-with residual connections) reads normalised 80-d log mel frames ``x_1..x_T``; a linear
-layer maps its output at frame ``t`` to a prediction ``y_t`` of the frame ``n`` steps ahead, and
-the loss is the L1 distance ``sum_t |x_{t+n} - y_t|``, here averaged over frames and
-mel bins. The paper sweeps the time shift n from 1 to 20; n = 3 is the default here. Only frames
-whose target exists inside their utterance count: the last n valid frames and the padding of
-each utterance never reach the loss.
+A unidirectional LSTM stack (``mmssl.encoders.recurrent.build_apc_encoder``: three 512-unit
+layers with residual connections) reads 80-d log mel frames ``x_1..x_T``; a linear layer maps
+its output at frame ``t`` to a prediction ``y_t`` of the frame ``n`` steps ahead, and the loss is
+the L1 distance ``sum_t |x_{t+n} - y_t|``, here averaged over frames and mel bins. The paper
+sweeps the time shift n from 1 to 20; n = 3 is the default here. Only frames whose target
+exists inside their utterance count: the last n valid frames and the padding of each
+utterance never reach the loss.
+
+The log mels are normalised with running statistics (frame ``t`` by the mean and variance of
+frames ``0..t``, ``mmssl.nn.reconstruction.running_normalize``) rather than per utterance, so
+the whole representation is causal: the state at frame ``t`` depends on no audio after frame
+``t``'s window. The encoder has no ``mask``: fine-tuning masks (``mmssl finetune-asr``'s time
+masking) are not applied to APC encoders.
 
 Shape legend: B batch, S samples, T frames, F mel bins, C channels.
 """
@@ -18,20 +24,21 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mmssl.encoders.recurrent import APCEncoder, build_apc_encoder
+from mmssl.encoders.audio import CPCEncoder
+from mmssl.encoders.recurrent import build_apc_encoder
 from mmssl.errors import ConfigError
 from mmssl.nn.reconstruction import masked_l1, shift_targets
-from mmssl.objectives.base import Objective
+from mmssl.objectives.base import Objective, check_settings, size_preset
 from mmssl.registry import OBJECTIVES
 
 
 class APCObjective(Objective):
-    """``forward(batch)`` reads ``audio (B, S)``, ``audio_lens (B,)``. Parts: ``encoder`` (an
-    ``APCEncoder``) and ``head``, the linear postnet ``C -> F``."""
+    """``forward(batch)`` reads ``audio (B, S)``, ``audio_lens (B,)``. Parts: ``encoder`` (a
+    causal ``CPCEncoder``, from ``build_apc_encoder``) and ``head``, the linear postnet ``C -> F``."""
 
     modalities = ("audio",)
 
-    def __init__(self, encoder: APCEncoder, time_shift: int = 3) -> None:
+    def __init__(self, encoder: CPCEncoder, time_shift: int = 3) -> None:
         super().__init__()
         if time_shift < 1:
             raise ConfigError(f"apc: time_shift must be >= 1, got {time_shift}")
@@ -55,13 +62,6 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def size_preset(what: str, size: str, presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The ``presets[size]`` settings; ``ConfigError`` naming ``model.size`` when there is none."""
-    if size not in presets:
-        raise ConfigError(f"model.size {size!r}: {what} has sizes {', '.join(presets)}")
-    return dict(presets[size])
-
-
 @OBJECTIVES.register
 def apc(
     size: str = "base",
@@ -72,6 +72,7 @@ def apc(
     """APC on the ``size`` preset; ``encoder`` may override ``dim``, ``num_layers``,
     ``num_mel_bins``, ``residual``."""
     settings = {**size_preset("apc", size, SIZES), "dropout": dropout, **(encoder or {})}
+    check_settings("apc", settings, encoder, {"dim": 1, "num_layers": 1, "num_mel_bins": 1}, ("dropout",))
     try:
         enc = build_apc_encoder(**settings)
     except TypeError as err:

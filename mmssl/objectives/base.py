@@ -16,13 +16,18 @@ Two optional hooks, both called by the trainer:
   ``mmssl.nn.masking.hook_generator()``; never from a generator it keeps, so a resumed run
   (or another worker count) replays the same masks.
 * ``on_step(step)`` after every optimizer step: EMA teachers, temperature annealing.
+
+``size_preset`` picks a builder's settings for ``model.size`` from its table of sizes;
+``check_settings`` turns out-of-range sizes and rates into a ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor, nn
+
+from mmssl.errors import ConfigError
 
 BatchHook = Callable[[dict], dict]
 
@@ -39,3 +44,37 @@ class Objective(nn.Module):
 
     def on_step(self, step: int) -> None:
         return None
+
+
+def size_preset(what: str, size: str, presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A copy of ``presets[size]``; ``ConfigError`` naming ``model.size`` and the sizes ``what``
+    (the objective) has when there is none."""
+    if size not in presets:
+        raise ConfigError(f"model.size {size!r}: {what} has sizes {', '.join(presets)}")
+    return dict(presets[size])
+
+
+def check_settings(
+    what: str,
+    settings: dict[str, Any],
+    encoder: dict[str, Any] | None = None,
+    minimum: dict[str, int] | None = None,
+    fractions: tuple[str, ...] = (),
+) -> None:
+    """``ConfigError`` unless each ``settings[key]`` of ``minimum`` is an integer >= its
+    minimum and each of ``fractions`` (dropout rates) a number in ``[0, 1)`` (keys that
+    ``settings`` does not hold are left to the builder's defaults). The error names
+    the key as the user set it: ``objective.encoder.<key>`` when ``encoder`` (the builder's
+    ``encoder`` overrides) holds it, else ``objective.<key>``; ``what`` names the objective."""
+    def fail(key: str, rule: str) -> None:
+        where = f"objective.encoder.{key}" if key in (encoder or {}) else f"objective.{key}"
+        raise ConfigError(f"{what}: {where} must be {rule}; got {settings[key]!r}")
+
+    for key, low in (minimum or {}).items():
+        value = settings.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            fail(key, f"an integer >= {low}")
+    for key in fractions:
+        value = settings.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            fail(key, "a number in [0, 1)")

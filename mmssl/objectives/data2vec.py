@@ -39,21 +39,11 @@ from torch import Tensor, nn
 from mmssl.encoders.base import SpeechEncoder
 from mmssl.errors import ConfigError
 from mmssl.nn.masking import SpanMasker
-from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.padding import instance_norm
 from mmssl.nn.transformer import TransformerEncoder
 from mmssl.objectives.base import BatchHook, Objective
 from mmssl.objectives.wav2vec2 import build_encoder, prediction_mask
 from mmssl.registry import OBJECTIVES
-
-
-def instance_norm(x: Tensor, lengths: Tensor, eps: float = 1e-5) -> Tensor:
-    """Normalise ``x (B, T, C)`` to zero mean, unit variance over the valid frames of each
-    utterance and channel (``F.instance_norm`` without affine, ignoring padding)."""
-    keep = (~lengths_to_padding_mask(lengths, x.shape[1])).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-    count = keep.sum(1, keepdim=True).clamp(min=1.0)
-    mean = (x * keep).sum(1, keepdim=True) / count
-    var = ((x - mean).pow(2) * keep).sum(1, keepdim=True) / count
-    return (x - mean) * torch.rsqrt(var + eps) * keep
 
 
 def layer_average_targets(layers: list[Tensor], lengths: Tensor, top_k: int) -> Tensor:

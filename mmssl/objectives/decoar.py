@@ -13,7 +13,9 @@ frames inside are reconstructed from context alone. The ``K + 1`` heads are one 
 
 Slices that would run past an utterance's last valid frame are left out, so an utterance of
 ``K`` frames or fewer adds nothing to the loss. The features for downstream use are the
-concatenated ``[fwd_t; bwd_t]`` states (``encoder.contextualize``).
+concatenated ``[fwd_t; bwd_t]`` states (``encoder.contextualize``). The model is
+bidirectional, so its log mels are normalised per utterance. The encoder has no ``mask``:
+fine-tuning masks (``mmssl finetune-asr``'s time masking) are not applied to DeCoAR encoders.
 
 Shape legend: B batch, S samples, T frames, F mel bins, C channels per direction, K slice size.
 """
@@ -28,8 +30,7 @@ from torch import Tensor, nn
 from mmssl.encoders.recurrent import BiRecurrentEncoder, build_bilstm_encoder
 from mmssl.errors import ConfigError
 from mmssl.nn.reconstruction import future_slices, masked_l1, shift_targets
-from mmssl.objectives.apc import size_preset
-from mmssl.objectives.base import Objective
+from mmssl.objectives.base import Objective, check_settings, size_preset
 from mmssl.registry import OBJECTIVES
 
 
@@ -87,6 +88,7 @@ def decoar(
     """DeCoAR on the ``size`` preset; ``encoder`` may override ``dim``, ``num_layers``,
     ``num_mel_bins``."""
     settings = {**size_preset("decoar", size, SIZES), "dropout": dropout, **(encoder or {})}
+    check_settings("decoar", settings, encoder, {"dim": 1, "num_layers": 1, "num_mel_bins": 1}, ("dropout",))
     try:
         enc = build_bilstm_encoder(**settings)
     except TypeError as err:

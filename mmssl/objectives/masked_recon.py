@@ -30,8 +30,8 @@ Differences from s3prl, each deliberate: spans are drawn by ``mmssl.nn.masking.c
 rounds and drops utterances with no span from the batch); the 10% "random" utterances copy,
 into each chosen frame ``t``, frame ``(t + shift) mod n`` for one random ``shift`` per
 utterance in ``[7, n - 7]`` (``[n // 2, n - n // 2]`` when ``n < 14``), so every chosen span
-receives a contiguous stretch of other frames, as s3prl's random spans do; the magnitude alteration is drawn per utterance, not
-once per batch.
+receives a contiguous stretch of other frames, as s3prl's random spans do; the magnitude
+alteration is drawn per utterance, not once per batch.
 
 The alterations are drawn in the data workers (``AlterationHook``, on frame counts from the
 frontend's ``FrameSpec``) as small tensors: ``pred_mask (B, T)``, ``alter_mode (B,)``,
@@ -39,9 +39,12 @@ frontend's ``FrameSpec``) as small tensors: ``pred_mask (B, T)``, ``alter_mode (
 log mels, applies them (``alter``), and draws the same tensors itself on the device when the
 batch has none in training (no alteration in eval mode). No host sync, no boolean indexing.
 
-The encoder (``.encoder``, a ``SpeechEncoder``) is the stacked log-mel frontend, a linear
+The encoder (``.encoder``, a ``MaskedReconEncoder``) is the stacked log-mel frontend, a linear
 projection and the transformer with sinusoidal positions, so ``mmssl extract``, ``mmssl
-kmeans --checkpoint`` and ``mmssl layers`` read these runs as any other.
+kmeans --checkpoint`` and ``mmssl layers`` read these runs as any other. Its ``mask`` (what
+``mmssl finetune-asr``'s time masking calls) gives masked frames what a zeroed input frame
+becomes after the projection, as pretraining zeroes chosen frames; it has no learned mask
+embedding.
 
 Shape legend: B batch, S samples, T frames (stacked), K frames per stack, M mel channels,
 F = K * M features per stacked frame, C model dim.
@@ -57,48 +60,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.data.features import stack_frames
 from mmssl.encoders.audio import AudioEncoder
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn import transformer as tr
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import lengths_to_padding_mask
-from mmssl.nn.reconstruction import LogMelFrontend, reconstruction_loss
-from mmssl.objectives.base import BatchHook, Objective
+from mmssl.nn.reconstruction import LogMelFrontend, StackedLogMelFrontend, reconstruction_loss
+from mmssl.objectives.base import BatchHook, Objective, check_settings, size_preset
 from mmssl.registry import OBJECTIVES
 
 # --- encoder ---------------------------------------------------------------------------------
-
-
-class StackedLogMelFrontend(nn.Module):
-    """Normalised log mels (an injected ``LogMelFrontend``, 100 Hz) with every ``stack``
-    consecutive frames stacked into one (Mockingjay, sec. 2.2; the last group padded with zero
-    frames). ``audio (B, S)`` -> ``(B, T, F = stack * M)``, ``lengths (B,)``."""
-
-    def __init__(self, log_mel: LogMelFrontend, stack: int = 1) -> None:
-        super().__init__()
-        if stack < 1:
-            raise ConfigError(f"masked_recon: stack must be >= 1, got {stack}")
-        self.log_mel, self.stack = log_mel, stack
-        self.num_mel_bins = log_mel.out_dim
-        self.out_dim = log_mel.out_dim * stack
-        spec = log_mel.frame_spec
-        self.frame_spec = FrameSpec(spec.kernels, spec.strides, stack)
-        self.frame_rate = log_mel.frame_rate / stack
-        self.receptive_field = log_mel.receptive_field
-
-    def mels(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
-        """The unstacked log mels ``(B, T * K, M)`` (zero padded) and their 100 Hz ``lengths (B,)``."""
-        return self.log_mel(audio, audio_lens)
-
-    def stacked(self, mels: Tensor, mel_lens: Tensor) -> tuple[Tensor, Tensor]:
-        """``mels (B, T', M)`` -> ``(B, ceil(T'/K), K * M)`` and the stacked ``lengths (B,)``."""
-        lengths = torch.div(mel_lens + self.stack - 1, self.stack, rounding_mode="floor")
-        return stack_frames(mels, self.stack), lengths
-
-    def forward(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
-        return self.stacked(*self.mels(audio, audio_lens))
 
 
 class SinusoidalPositions(nn.Module):
@@ -121,6 +93,31 @@ class SinusoidalPositions(nn.Module):
         return table.unsqueeze(0).to(x.dtype)  # (1, T, C)
 
 
+class MaskedReconEncoder(AudioEncoder):
+    """An ``AudioEncoder`` (``StackedLogMelFrontend`` -> linear projection -> transformer) whose
+    ``mask`` matches masked-reconstruction pretraining: there a chosen input frame is zeroed
+    (80% of the time, Mockingjay sec. 2.3) before the projection, so a masked projected frame
+    is the projection of the zero frame (its bias). It keeps no ``mask_embedding``; weights
+    saved with one (an unused random vector) still load."""
+
+    def __init__(
+        self, frontend: StackedLogMelFrontend, projection: nn.Linear, transformer: tr.TransformerEncoder
+    ) -> None:
+        super().__init__(frontend, projection, transformer)  # type: ignore[arg-type]
+        del self.mask_embedding  # drawn by AudioEncoder (same random stream), never used here
+        self.register_load_state_dict_pre_hook(_drop_mask_embedding)
+
+    def mask(self, x: Tensor, pred_mask: Tensor) -> Tensor:
+        """``x (B, T, C)`` projected features -> the frames where ``pred_mask (B, T)`` is True
+        replaced by the projection of a zero input frame ``(C,)``."""
+        zero = self.projection(x.new_zeros(self.feature_dim))  # (C,): W 0 + b
+        return torch.where(pred_mask.unsqueeze(-1), zero.to(x.dtype), x)
+
+
+def _drop_mask_embedding(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    state_dict.pop(prefix + "mask_embedding", None)
+
+
 def build_masked_recon_encoder(
     dim: int = 768,
     num_layers: int = 3,
@@ -133,7 +130,7 @@ def build_masked_recon_encoder(
     activation_dropout: float = 0.0,
     layer_drop: float = 0.0,
     pre_norm: bool = False,
-) -> AudioEncoder:
+) -> MaskedReconEncoder:
     """Stacked normalised log mels -> linear projection -> post-LN transformer with sinusoidal
     positions. Defaults: Mockingjay / TERA base (3 layers, 768 dims, 12 heads, FFN 3072,
     dropout 0.1, GELU; s3prl ``config_model``)."""
@@ -150,7 +147,7 @@ def build_masked_recon_encoder(
     # post-LN transformer adds the positions and layer-normalises the sum, ``LN(W x + p)``
     projection = nn.Linear(frontend.out_dim, dim)
     tr.bert_init(projection)
-    return AudioEncoder(frontend, projection, transformer)  # type: ignore[arg-type]
+    return MaskedReconEncoder(frontend, projection, transformer)
 
 
 # Mockingjay / TERA base: 3 layers (s3prl TERA ``logMelBase``); large: 12 layers of the same
@@ -195,10 +192,10 @@ class AlterationSampler:
         if not 0.0 <= self.channel_fraction <= 1.0 or not 0.0 <= self.noise_prob <= 1.0:
             raise ConfigError(f"masked_recon: channel_fraction={self.channel_fraction} and "
                               f"noise_prob={self.noise_prob} must be in [0, 1]")
-        if self.time and not 0.0 < self.mask_prob <= self.span:
-            raise ConfigError(f"masked_recon: mask_prob must be in (0, span]; got {self.mask_prob}")
         if self.span < 1 or self.min_masks < 0:
             raise ConfigError(f"masked_recon: span must be >= 1 and min_masks >= 0; got {self.span}, {self.min_masks}")
+        if self.time and not 0.0 < self.mask_prob <= self.span:
+            raise ConfigError(f"masked_recon: mask_prob must be in (0, span={self.span}]; got {self.mask_prob}")
 
     @property
     def max_channels(self) -> int:
@@ -323,15 +320,15 @@ class ReconstructionHead(nn.Module):
 
 class MaskedReconstruction(Objective):
     """``forward(batch)`` reads ``audio (B, S)``, ``audio_lens (B,)`` and, from the batch hook,
-    the alteration tensors (``ALTERATION_KEYS``). Parts: ``encoder`` (an ``AudioEncoder`` on a
-    ``StackedLogMelFrontend``), ``head``, ``sampler``. Outputs ``loss`` (the reconstruction
+    the alteration tensors (``ALTERATION_KEYS``). Parts: ``encoder`` (a ``MaskedReconEncoder``
+    on a ``StackedLogMelFrontend``), ``head``, ``sampler``. Outputs ``loss`` (the reconstruction
     loss), ``reconstruction_loss`` and the fractions of frames chosen and of elements read."""
 
     modalities = ("audio",)
 
     def __init__(
         self,
-        encoder: AudioEncoder,
+        encoder: MaskedReconEncoder,
         head: ReconstructionHead,
         sampler: AlterationSampler,
         noise_std: float = 0.2,
@@ -346,9 +343,6 @@ class MaskedReconstruction(Objective):
             raise ConfigError(f"masked_recon: the sampler draws {sampler.num_mel_bins} channels, "
                               f"the frontend has {frontend.num_mel_bins}")
         self.encoder, self.head, self.sampler = encoder, head, sampler
-        # inputs are zeroed, never replaced by the encoder's learned mask embedding: freezing it
-        # keeps an always-unused parameter out of the optimizer and of DDP's reduction
-        encoder.mask_embedding.requires_grad_(False)
         self.noise_std, self.seed = noise_std, seed
         reconstruction_loss(loss)  # an unknown name is a ConfigError now, not at the first step
         self.loss_kind = loss
@@ -422,9 +416,13 @@ def masked_recon(
     """Mockingjay (time alteration only) or TERA (time + channel + magnitude) on the
     ``size`` preset (``tiny``, ``base``: 3 layers, ``large``: 12 layers); ``encoder`` holds
     overrides of ``build_masked_recon_encoder``'s arguments."""
-    if size not in SIZES:
-        raise ConfigError(f"model.size {size!r}: masked_recon has sizes {', '.join(SIZES)}")
-    options = {**SIZES[size], "stack": stack, "num_mel_bins": num_mel_bins, **(encoder or {})}
+    check_settings("masked_recon", {"mask_span": mask_span, "min_masks": min_masks, "stack": stack},
+                   minimum={"mask_span": 1, "min_masks": 0, "stack": 1})
+    if time_alteration and not 0.0 < mask_prob <= mask_span:
+        raise ConfigError(f"masked_recon: objective.mask_prob must be in (0, objective.mask_span={mask_span}]; "
+                          f"got {mask_prob}")
+    options = {**size_preset("masked_recon", size, SIZES), "stack": stack, "num_mel_bins": num_mel_bins,
+               **(encoder or {})}
     try:
         enc = build_masked_recon_encoder(**options)
     except TypeError as err:

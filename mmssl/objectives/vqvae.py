@@ -25,7 +25,9 @@ updates when they are on).
 Every convolution's output is zeroed on padded frames before the next layer, so a padded
 batch gives each utterance what it gets alone (the zero padding of a convolution at an
 utterance's end is what the padded frames hold). The encoder's layers for downstream use are
-the convolution stack's outputs, ``z_e`` and, for VQ-VAE, the quantised ``z_q``.
+the convolution stack's outputs, ``z_e`` and, for VQ-VAE, the quantised ``z_q``. The encoder
+has no ``mask``: fine-tuning masks (``mmssl finetune-asr``'s time masking) are not applied to
+autoencoder and VQ-VAE encoders.
 
 Shape legend: B batch, S samples, T frames (latent rate), F mel bins, C channels, D latent
 dim, K codebook entries.
@@ -35,18 +37,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.data.features import stack_frames
-from mmssl.encoders.base import EncoderOutput, Features, FrameSpec, SpeechEncoder
+from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder, check_depth
 from mmssl.errors import ConfigError
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.nn.quantizer import VectorQuantizer
-from mmssl.nn.reconstruction import LogMelFrontend, reconstruction_loss
-from mmssl.objectives.apc import size_preset
-from mmssl.objectives.base import Objective
+from mmssl.nn.reconstruction import LogMelFrontend, StackedLogMelFrontend, reconstruction_loss
+from mmssl.objectives.base import Objective, check_settings, size_preset
 from mmssl.registry import OBJECTIVES
 
 
@@ -90,25 +89,29 @@ class ConvStack(nn.Module):
 
 
 class FrameAutoencoderEncoder(SpeechEncoder):
-    """Log mels -> (frame pairs) -> ``ConvStack`` -> linear ``C -> D`` -> optional quantizer.
+    """Log mels (frame pairs: a ``StackedLogMelFrontend``) -> ``ConvStack`` -> linear
+    ``C -> D`` -> optional quantizer.
 
     ``extract``: ``Features`` with ``x = raw =`` the (stacked) log mels ``(B, T, stack * F)``;
     ``encode``: the convolution layers and ``z_e (B, T, D)``; ``contextualize``: every layer,
     ``z_e`` and (with a quantizer) ``z_q`` in ``layers``, ``hidden`` the last of them."""
 
     def __init__(
-        self, frontend: LogMelFrontend, stack: int, convs: ConvStack, latent_dim: int,
+        self, frontend: StackedLogMelFrontend, convs: ConvStack, latent_dim: int,
         quantizer: VectorQuantizer | None = None,
     ) -> None:
         super().__init__()
-        if stack < 1:
-            raise ConfigError(f"frame autoencoder: stack must be >= 1, got {stack}")
-        self.frontend, self.stack, self.convs, self.quantizer = frontend, stack, convs, quantizer
+        self.frontend, self.convs, self.quantizer = frontend, convs, quantizer
         self.to_latent = nn.Linear(convs.input.out_channels, latent_dim)
         self.dim = latent_dim
-        self.feature_dim = frontend.out_dim * stack
-        self.frame_rate = frontend.frame_rate / stack
-        self.frame_spec = FrameSpec(frontend.frame_spec.kernels, frontend.frame_spec.strides, stack)
+        self.feature_dim = frontend.out_dim
+        self.frame_rate = frontend.frame_rate
+        self.frame_spec = frontend.frame_spec
+
+    @property
+    def stack(self) -> int:
+        """Mel frames per latent frame."""
+        return self.frontend.stack
 
     @property
     def num_layers(self) -> int:
@@ -117,9 +120,7 @@ class FrameAutoencoderEncoder(SpeechEncoder):
     def extract(self, audio: Tensor, audio_lens: Tensor) -> Features:
         """``audio (B, S)`` -> ``Features`` with ``x = raw`` ``(B, T, stack * F)``: frame ``t``
         holds mel frames ``stack * t .. stack * t + stack - 1`` (zeros past the end)."""
-        mel, mel_lens = self.frontend(audio, audio_lens)  # (B, T_mel, F), zero padded
-        x = stack_frames(mel, self.stack)  # (B, T, stack * F)
-        lengths = torch.div(mel_lens + self.stack - 1, self.stack, rounding_mode="floor")
+        x, lengths = self.frontend(audio, audio_lens)
         return Features(x=x, raw=x, lengths=lengths)
 
     def encode(self, x: Tensor, lengths: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -133,9 +134,7 @@ class FrameAutoencoderEncoder(SpeechEncoder):
         """``x (B, T, stack * F)`` -> ``EncoderOutput``: layers ``1..num_layers`` of the convolution
         stack, ``z_e`` and ``z_q``. The codebook never moves here (``VectorQuantizer.lookup``), also
         in training mode (CTC fine-tuning of this encoder keeps the pretrained codebook)."""
-        depth = self.num_layers if num_layers is None else num_layers
-        if not 1 <= depth <= self.num_layers:
-            raise ConfigError(f"frame autoencoder: num_layers must be in [1, {self.num_layers}], got {num_layers}")
+        depth = check_depth("frame autoencoder", num_layers, self.num_layers)
         convs, z_e = self.encode(x, lengths)
         layers = [*convs, z_e]
         if self.quantizer is not None:
@@ -178,13 +177,13 @@ class FrameAutoencoderObjective(Objective):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         enc = self.encoder
-        feats = enc.extract(batch["audio"], batch["audio_lens"])
-        b, t, _ = feats.x.shape
-        _, z_e = enc.encode(feats.x, feats.lengths)
-        vq = enc.quantizer(z_e, feats.lengths) if enc.quantizer is not None else None
-        recon = self.decoder(z_e if vq is None else vq.quantized, feats.lengths)  # (B, stack * T, F)
-        target = feats.x.reshape(b, t * enc.stack, enc.frontend.out_dim)  # the mel frames, unstacked
-        mel_lens = enc.frontend.frame_spec(batch["audio_lens"].to(feats.x.device))
+        mels, mel_lens = enc.frontend.mels(batch["audio"], batch["audio_lens"])  # (B, T_mel, F)
+        x, lengths = enc.frontend.stacked(mels, mel_lens)  # (B, T, stack * F)
+        b, t, _ = x.shape
+        _, z_e = enc.encode(x, lengths)
+        vq = enc.quantizer(z_e, lengths) if enc.quantizer is not None else None
+        recon = self.decoder(z_e if vq is None else vq.quantized, lengths)  # (B, stack * T, F)
+        target = x.reshape(b, t * enc.stack, enc.frontend.num_mel_bins)  # the mel frames, zero padded
         weight = ~lengths_to_padding_mask(mel_lens, t * enc.stack)  # only real mel frames
         rec = self.reconstruction_loss(recon, target, weight)
         out = {f"reconstruction_{self.reconstruction}_loss": rec.detach()}
@@ -216,15 +215,17 @@ def build_frame_autoencoder(
 ) -> FrameAutoencoderObjective:
     """Encoder, optional ``VectorQuantizer(**quantizer)`` and decoder of the ``size`` preset;
     ``overrides`` may set ``channels``, ``num_blocks``, ``latent_dim``, ``num_mel_bins``."""
-    settings = {**size_preset("frame autoencoder", size, SIZES), "num_mel_bins": 80, **(overrides or {})}
+    what = "vqvae" if quantizer is not None else "autoencoder"
+    settings = {**size_preset(what, size, SIZES), "num_mel_bins": 80, **(overrides or {})}
     unknown = sorted(set(settings) - set(ENCODER_KEYS))
     if unknown:
         raise ConfigError(f"objective.encoder: unknown key {unknown[0]!r}; known: {', '.join(ENCODER_KEYS)}")
+    check_settings(what, settings, overrides, {"channels": 1, "num_blocks": 0, "latent_dim": 1, "num_mel_bins": 1})
     stack = 2 if downsample else 1
     mels, channels, blocks, latent = (settings[k] for k in ("num_mel_bins", "channels", "num_blocks", "latent_dim"))
     vq = VectorQuantizer(latent, **quantizer) if quantizer is not None else None
     convs = ConvStack(mels * stack, channels, blocks)
-    encoder = FrameAutoencoderEncoder(LogMelFrontend(mels), stack, convs, latent, vq)
+    encoder = FrameAutoencoderEncoder(StackedLogMelFrontend(LogMelFrontend(mels), stack), convs, latent, vq)
     decoder = FrameDecoder(latent, channels, blocks, mels, stack)
     return FrameAutoencoderObjective(encoder, decoder, reconstruction)
 
@@ -253,6 +254,9 @@ def vqvae(
     world_size: int = 1,
 ) -> FrameAutoencoderObjective:
     """VQ-VAE on log mels; ``world_size`` keeps the EMA codebook the same on every rank."""
+    for key, value in (("beta", beta), ("restart_threshold", restart_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ConfigError(f"vqvae: objective.{key} must be a number >= 0; got {value!r}")
     quantizer = {"entries": entries, "beta": beta, "ema_decay": ema_decay,
                  "restart_threshold": restart_threshold, "world_size": world_size}
     return build_frame_autoencoder(size, downsample, reconstruction, encoder, quantizer)

@@ -5,10 +5,12 @@ from mmssl.data.features import fbank
 from mmssl.errors import ConfigError
 from mmssl.nn.reconstruction import (
     LogMelFrontend,
+    StackedLogMelFrontend,
     future_slices,
     log_mel,
     masked_l1,
     masked_mse,
+    running_normalize,
     shift_targets,
 )
 from mmssl.testing import tiny_audio_batch
@@ -34,6 +36,47 @@ def test_log_mel_without_normalisation_is_the_kaldi_fbank():
     assert torch.allclose(x[1, : lengths[1]], raw, atol=1e-3)
     with pytest.raises(ConfigError, match="normalize"):
         log_mel(batch["audio"], batch["audio_lens"], normalize="global")
+
+
+def test_running_normalisation_uses_the_frames_read_so_far():
+    torch.manual_seed(0)
+    x = 3.0 + 2.0 * torch.randn(2, 9, 4)
+    lengths = torch.tensor([9, 6])
+    out = running_normalize(x, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        for t in range(n):
+            seen = x[b, : t + 1].double()  # frames 0..t of this utterance
+            expected = (seen[-1] - seen.mean(0)) / torch.sqrt(seen.var(0, unbiased=False) + 1e-5)
+            assert torch.allclose(out[b, t].double(), expected, atol=1e-4)
+        assert torch.all(out[b, n:] == 0)
+    assert torch.all(out[:, 0] == 0)  # one frame read: nothing to scale by yet
+    # frames <= t do not move when later frames (or the padding) change
+    changed = x.clone()
+    changed[:, 5:] = 100 * torch.randn(2, 4, 4)
+    assert torch.equal(running_normalize(changed, lengths)[:, :5], out[:, :5])
+
+
+def test_running_log_mels_of_a_clip_begin_as_those_of_its_first_half():
+    batch = tiny_audio_batch((8000,))
+    full, _ = log_mel(batch["audio"], batch["audio_lens"], normalize="running")
+    prefix, n = log_mel(batch["audio"][:, :4000], torch.tensor([4000]), normalize="running")
+    assert int(n) == 23 and torch.allclose(full[:, :23], prefix, atol=1e-5)
+    whole, _ = log_mel(batch["audio"], batch["audio_lens"], normalize="utterance")
+    assert not torch.allclose(whole[:, :23], prefix, atol=1e-2)  # per-utterance CMVN reads the whole clip
+
+
+def test_stacked_frontend_stacks_k_frames_and_counts_ceil():
+    batch = tiny_audio_batch((8000, 5600, 3360))  # 48, 33 and 19 mel frames
+    front = StackedLogMelFrontend(LogMelFrontend(), stack=3)
+    mels, mel_lens = front.mels(batch["audio"], batch["audio_lens"])
+    x, lengths = front(batch["audio"], batch["audio_lens"])
+    assert mel_lens.tolist() == [48, 33, 19] and lengths.tolist() == [16, 11, 7]
+    assert torch.equal(lengths, front.frame_spec(batch["audio_lens"]))
+    assert x.shape == (3, 16, 240) and front.out_dim == 240 and front.frame_rate == 100 / 3
+    assert torch.equal(x[2, 6], torch.cat([mels[2, 18], torch.zeros(160)]))  # the last group: 1 frame + zeros
+    assert torch.equal(x[0, 4], mels[0, 12:15].reshape(-1))
+    with pytest.raises(ConfigError, match="stack"):
+        StackedLogMelFrontend(LogMelFrontend(), stack=0)
 
 
 def test_frontend_frame_spec_predicts_the_frame_count():

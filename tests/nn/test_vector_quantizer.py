@@ -96,6 +96,49 @@ def test_dead_entries_restart_on_valid_frames_only():
     assert torch.isclose(q.cluster_size[3], torch.tensor(0.995))
 
 
+@pytest.mark.parametrize("ema", [True, False])
+def test_a_nan_frame_leaves_every_buffer_as_it_was_and_the_next_batch_trains(ema):
+    torch.manual_seed(0)
+    q = _quantizer(BOOK, ema_decay=0.9 if ema else None, restart_threshold=0.995).train()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    z = torch.tensor([[[0.9, 0.1], [float("nan"), 0.2], [0.0, 0.9]], [[1.1, 0.0], [7.0, 7.0], [7.0, 7.0]]])
+    out = q(z, torch.tensor([3, 1]))
+    assert not torch.isfinite(out.loss)  # the trainer skips this step ...
+    # ... and the quantizer kept nothing of it: no moving average, no count, no restart
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    clean = torch.tensor([[[0.9, 0.1], [0.1, 0.2], [0.0, 0.9]]])
+    out = q(clean, torch.tensor([3]))
+    assert torch.isfinite(out.loss) and torch.isfinite(q.codebook).all() and torch.isfinite(q.cluster_size).all()
+    assert not torch.equal(before["cluster_size"], q.cluster_size)  # a clean batch does update
+
+
+def test_nan_in_padding_reaches_no_loss_and_no_statistic():
+    z = torch.tensor([[[0.8, 0.0], [1.2, 0.2], [0.1, 0.9], [9.0, 9.0]]])
+    padded_nan = z.clone()
+    padded_nan[0, 3] = float("nan")
+    results = []
+    for frames in (z, padded_nan):
+        torch.manual_seed(0)
+        q = _quantizer(BOOK, ema_decay=0.9, restart_threshold=0.95).train()
+        out = q(frames, torch.tensor([3]))
+        results.append((out.loss, out.commitment_loss, q.codebook.clone(), q.cluster_size.clone()))
+    for a, b in zip(*results):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_training_step_runs_on_the_meta_device(ema):
+    """Meta tensors hold no data: ``.item()``, ``bool(tensor)`` and boolean-mask indexing raise
+    there, so a full step on them shows the update needs no host sync (checked without a GPU)."""
+    with torch.device("meta"):
+        q = VectorQuantizer(4, 8, ema_decay=0.99 if ema else None, restart_threshold=1.0).train()
+        z = torch.randn(2, 5, 4, requires_grad=True)
+    out = q(z, torch.tensor([5, 3], device="meta"))
+    out.loss.backward()
+    assert z.grad is not None and z.grad.shape == z.shape
+    assert (q.codebook.grad is None) == ema
+
+
 def test_perplexity_and_usage_by_hand():
     q = _quantizer(BOOK).eval()
     # codes of the valid frames: 1, 1, 2, 0 -> p = [1/4, 1/2, 1/4, 0]

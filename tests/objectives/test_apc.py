@@ -60,6 +60,25 @@ def test_representation_at_t_ignores_later_frames():
         assert not torch.allclose(x[:, 11:], y[:, 11:], atol=1e-3)
 
 
+def test_states_up_to_t_ignore_audio_after_frame_t_s_window():
+    """End to end from the waveform: louder and noisier audio after the window of frame 40
+    (samples 6400..6799) leaves every layer's states at frames <= 40 as they were."""
+    model = _model().eval()
+    batch = tiny_audio_batch((12000, 12000))
+    changed = dict(batch, audio=batch["audio"].clone())
+    end = 40 * 160 + 400  # the first sample that frame 40 does not read
+    changed["audio"][:, end:] = 4 * changed["audio"][:, end:] + 0.2 * torch.randn(2, 12000 - end)
+    with torch.no_grad():
+        a = model.encoder(batch["audio"], batch["audio_lens"]).layers
+        b = model.encoder(changed["audio"], changed["audio_lens"]).layers
+        fa = model.encoder.extract(batch["audio"], batch["audio_lens"]).x
+        fb = model.encoder.extract(changed["audio"], changed["audio_lens"]).x
+    assert torch.allclose(fa[:, :41], fb[:, :41], atol=1e-5)
+    for x, y in zip(a, b):
+        assert torch.allclose(x[:, :41], y[:, :41], atol=1e-5)
+        assert not torch.allclose(x[:, 45:], y[:, 45:], atol=1e-2)
+
+
 def test_loss_falls_when_overfitting_one_batch():
     model = _model()
     batch = tiny_audio_batch()
@@ -79,6 +98,22 @@ def test_bad_settings_name_the_key():
         apc(size="tiny", time_shift=0)
     with pytest.raises(ConfigError, match="model.size"):
         apc(size="huge")
+    with pytest.raises(ConfigError, match=r"objective\.encoder\.dim must be an integer >= 1; got 0"):
+        apc(size="tiny", encoder={"dim": 0})
+    with pytest.raises(ConfigError, match=r"objective\.dropout must be a number in \[0, 1\); got 2\.0"):
+        apc(size="tiny", dropout=2.0)
+    with pytest.raises(ConfigError, match=r"objective\.encoder\.num_layers"):
+        apc(size="tiny", encoder={"num_layers": 0})
+    with pytest.raises(ConfigError, match=r"objective\.encoder\.dropout"):
+        apc(size="tiny", encoder={"dropout": -0.5})
+
+
+def test_recipe_names_a_bad_width_or_dropout(synth_tiny, tmp_path, capsys):
+    common = ["model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}", f"train.out_dir={tmp_path / 'r'}"]
+    assert main(["pretrain", "apc", *common, "objective.encoder.dim=0"]) != 0
+    assert "objective.encoder.dim must be an integer >= 1; got 0" in capsys.readouterr().err
+    assert main(["pretrain", "apc", *common, "objective.dropout=2.0"]) != 0
+    assert "objective.dropout must be a number in [0, 1); got 2.0" in capsys.readouterr().err
 
 
 def test_recipe_pretrains_and_its_run_extracts_every_layer(synth_tiny, tmp_path):
@@ -110,3 +145,14 @@ def test_training_step_has_no_host_sync():
         model(batch)["loss"].backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_training_step_runs_on_the_meta_device():
+    """Meta tensors hold no data: ``.item()``, ``bool(tensor)`` and boolean-mask indexing raise
+    there, so a full step on them shows the step needs no host sync (checked without a GPU)."""
+    with torch.device("meta"):
+        model = _model().train()
+    batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in tiny_audio_batch().items()}
+    out = model(batch)
+    out["loss"].backward()
+    assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())

@@ -5,6 +5,7 @@ import torch
 
 from mmssl.cli import main
 from mmssl.encoders.recurrent import reverse_padded
+from mmssl.errors import ConfigError
 from mmssl.eval.extract import load_features, read_index
 from mmssl.objectives.decoar import decoar
 from mmssl.testing import tiny_audio_batch, utterances_alone
@@ -98,6 +99,17 @@ def test_loss_falls_when_overfitting_one_batch():
     assert losses[-1] < 0.6 * losses[0]
 
 
+def test_bad_settings_name_the_key():
+    with pytest.raises(ConfigError, match=r"objective\.encoder\.dim must be an integer >= 1; got 0"):
+        decoar(size="tiny", encoder={"dim": 0})
+    with pytest.raises(ConfigError, match=r"objective\.dropout must be a number in \[0, 1\); got 2\.0"):
+        decoar(size="tiny", dropout=2.0)
+    with pytest.raises(ConfigError, match=r"objective\.encoder\.num_mel_bins"):
+        decoar(size="tiny", encoder={"num_mel_bins": 0})
+    with pytest.raises(ConfigError, match="model.size"):
+        decoar(size="huge")
+
+
 def test_recipe_pretrains_and_its_features_are_both_directions(synth_tiny, tmp_path):
     run = tmp_path / "decoar"
     assert main(["pretrain", "decoar", "model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
@@ -123,3 +135,14 @@ def test_training_step_has_no_host_sync():
         model(batch)["loss"].backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_training_step_runs_on_the_meta_device():
+    """Meta tensors hold no data: ``.item()``, ``bool(tensor)`` and boolean-mask indexing raise
+    there, so a full step on them shows the step needs no host sync (checked without a GPU)."""
+    with torch.device("meta"):
+        model = _model().train()
+    batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in tiny_audio_batch().items()}
+    out = model(batch)
+    out["loss"].backward()
+    assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())

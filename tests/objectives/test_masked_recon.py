@@ -282,7 +282,7 @@ def test_training_forward_draws_alterations_without_the_hook():
     out = model(batch)
     assert 0 < out["mask_fraction"] < 1 and 0 < out["loss_element_fraction"] <= 1
     out["loss"].backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if n != "encoder.mask_embedding")
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_bad_hook_tensors_and_options_are_clear_errors():
@@ -299,6 +299,56 @@ def test_bad_hook_tensors_and_options_are_clear_errors():
         OBJECTIVES.build("masked_recon", size="huge")
     with pytest.raises(ConfigError, match="nope"):
         OBJECTIVES.build("masked_recon", size="tiny", encoder={"nope": 1})
+
+
+def test_mask_span_and_mask_prob_errors_name_their_option():
+    with pytest.raises(ConfigError, match=r"objective\.mask_span must be an integer >= 1; got 0") as err:
+        _model(mask_span=0)
+    assert "mask_prob" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"objective\.mask_prob must be in \(0, objective\.mask_span=2\]"):
+        _model(mask_span=2, mask_prob=3.0)
+    with pytest.raises(ConfigError, match=r"objective\.stack"):
+        _model(stack=0)
+
+
+def test_fine_tuning_mask_gives_masked_frames_what_pretraining_gives_a_zeroed_frame():
+    model = _model().eval()
+    enc = model.encoder
+    assert not hasattr(enc, "mask_embedding") and "mask_embedding" not in dict(model.named_parameters())
+    batch = tiny_audio_batch()
+    with torch.no_grad():
+        feats = enc.extract(batch["audio"], batch["audio_lens"])  # what fine-tuning masks
+        b, t, _ = feats.x.shape
+        alterations = model.sampler(feats.lengths, t, torch.Generator().manual_seed(3))
+        alterations["alter_mode"] = torch.full((b,), ZERO)  # the chosen frames zeroed, as in 80% of pretraining
+        chosen = alterations["pred_mask"]
+        pretrain = enc.projection(alter(feats.raw, feats.lengths, alterations, enc.frontend.stack, 0.0))
+        finetune = enc.mask(feats.x, chosen)
+        torch.testing.assert_close(finetune, pretrain, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(finetune[chosen], enc.projection.bias.expand(int(chosen.sum()), -1))
+        assert not torch.allclose(finetune[~chosen], enc.projection.bias)
+
+
+def test_weights_saved_with_the_old_mask_embedding_still_load():
+    model = _model()
+    state = dict(model.state_dict(), **{"encoder.mask_embedding": torch.rand(model.encoder.dim)})
+    other = _model(seed=1)
+    other.load_state_dict(state)  # strict: no missing, no unexpected key
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_training_step_runs_on_the_meta_device():
+    """Meta tensors hold no data: ``.item()``, ``bool(tensor)`` and boolean-mask indexing raise
+    there, so a full step on them (with the hook's alterations and with those drawn in
+    ``forward``) shows the step needs no host sync (checked without a GPU)."""
+    with torch.device("meta"):
+        model = _model(**TERA).train()
+    for batch in (model.batch_hook()(tiny_audio_batch()), tiny_audio_batch()):
+        batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in batch.items()}
+        model.zero_grad()
+        out = model(batch)
+        out["loss"].backward()
+        assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())
 
 
 def test_sizes_follow_the_papers():

@@ -45,7 +45,7 @@ def test_padded_batch_equals_each_utterance_alone():
             n = int(f.lengths[0])
             for a, b in zip(model.encoder.contextualize(f.x, f.lengths).layers, layers):
                 assert torch.allclose(a[0], b[i, :n], atol=1e-5)
-            mels = int(model.encoder.frontend.frame_spec(alone["audio_lens"])[0])
+            mels = int(model.encoder.frontend.log_mel.frame_spec(alone["audio_lens"])[0])
             total += model(alone)["reconstruction_mse_loss"].item() * mels
             count += mels
     assert abs(out["reconstruction_mse_loss"].item() - total / count) < 1e-5
@@ -97,6 +97,16 @@ def test_bad_settings_name_the_key():
         autoencoder(size="tiny", reconstruction="huber")
     with pytest.raises(ConfigError, match="width"):
         autoencoder(size="tiny", encoder={"width": 3})
+    with pytest.raises(ConfigError, match=r"objective\.beta must be a number >= 0; got -1"):
+        vqvae(size="tiny", beta=-1)
+    with pytest.raises(ConfigError, match=r"objective\.restart_threshold must be a number >= 0; got -2"):
+        vqvae(size="tiny", restart_threshold=-2)
+    with pytest.raises(ConfigError, match=r"objective\.encoder\.latent_dim must be an integer >= 1; got 0"):
+        vqvae(size="tiny", encoder={"latent_dim": 0})
+    with pytest.raises(ConfigError, match=r"autoencoder: objective\.encoder\.channels"):
+        autoencoder(size="tiny", encoder={"channels": 0})
+    with pytest.raises(ConfigError, match="model.size 'huge': vqvae has sizes"):
+        vqvae(size="huge")
 
 
 @pytest.mark.parametrize("recipe", ["vqvae", "autoencoder"])
@@ -145,3 +155,17 @@ def test_contextualize_never_moves_the_codebook():
     assert all(torch.equal(before[k], v) for k, v in model.encoder.quantizer.state_dict().items())
     model(batch)  # the objective's training step does move it
     assert not torch.equal(before["codebook"], model.encoder.quantizer.codebook)
+
+
+@pytest.mark.parametrize("name", ["vqvae", "autoencoder"])
+def test_training_step_runs_on_the_meta_device(name):
+    """Meta tensors hold no data: ``.item()``, ``bool(tensor)`` and boolean-mask indexing raise
+    there, so a full step on them (EMA update and restarts included) shows the step needs no
+    host sync (checked without a GPU)."""
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        model = (vqvae(size="tiny", entries=32) if name == "vqvae" else autoencoder(size="tiny")).train()
+    batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in tiny_audio_batch().items()}
+    out = model(batch)
+    out["loss"].backward()
+    assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())
