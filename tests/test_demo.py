@@ -1,5 +1,7 @@
 import json
 
+from omegaconf import OmegaConf
+
 from mmssl.cli import main
 
 
@@ -21,9 +23,19 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     # CTC fine-tuning decoded the valid split; the noisy grid covers clean + 2 noises x 3 SNRs x 3 conditions
     wer = json.loads((out / "asr" / "wer.json").read_text())
     assert wer["utterances"] == len((out / "corpus" / "av" / "valid.jsonl").read_text().splitlines())
-    cells = [json.loads(line) for line in (out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()]
+    cells = [json.loads(line) for line in (out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[1:]]
     assert len(cells) == (1 + 2 * 3) * 3 and {c["noise"] for c in cells} == {"none", "babble", "music"}
     assert "WER (%) on the test split under noise" in printed and "| music | -5 |" in printed
     # a second run finds every output and redoes nothing
     assert main(argv) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 5
+    # pretraining goes on: the fine-tuning and its noisy evaluation are redone from the new checkpoint
+    assert main([*argv[:4], "3", *argv[5:]]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already done, skipped") == 3 and "started from another checkpoint" in printed
+    started = OmegaConf.load(out / "asr" / "config.yaml").objective.encoder_init_checkpoint
+    assert started == str((out / "av_hubert" / "checkpoints" / "step_00000003").resolve())
+    # started with --resume into an empty folder, the run still keeps the pretraining config
+    assert (out / "asr" / "init" / "encoder_init" / "config.yaml").is_file()
+    header = json.loads((out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[0])
+    assert header["fingerprint"]["checkpoint"] == str((out / "asr" / "checkpoints" / "step_00000002").resolve())

@@ -1,5 +1,5 @@
 """ASR with CTC: output units, text normalisation, greedy decoding, WER, and
-``mmssl finetune-asr [RECIPE] --init PRETRAIN_RUN [key=value ...] [--resume]``.
+``mmssl finetune-asr [RECIPE] --init PRETRAIN_RUN|none [key=value ...] [--resume]``.
 
 Units are SentencePiece pieces (the real library) trained on the transcripts of the training
 manifest when fine-tuning starts: characters (``objective.units=char``, the default, right for
@@ -13,7 +13,12 @@ One function, :func:`normalize_text`, makes both the training targets and the WE
 
 ``finetune-asr`` reuses ``mmssl pretrain``'s engine (run folder with config.yaml,
 metrics.jsonl, checkpoints/, tb/, ``--resume``), then decodes ``data.valid`` greedily and writes
-``wer.json`` and ``hyps.jsonl``.
+``wer.json`` (with the checkpoint decoded) and ``hyps.jsonl``. ``--init`` is required: a
+pretraining run (its latest checkpoint folder is what config.yaml records, in
+``objective.encoder_init`` and ``objective.encoder_init_checkpoint``) or ``none``. ``--resume``
+continues with the run's saved config and, once it has a checkpoint, rebuilds its encoder from
+the copy of the pretraining config in ``RUN/init/`` (``mmssl.runs``), so it needs neither
+``--init`` nor the pretraining run.
 
 Shape legend: B batch, S samples, T frames, V CTC classes (units + blank).
 """
@@ -99,10 +104,13 @@ class Units:
         self.__init__(state["proto"], state["source"])  # type: ignore[misc]
 
 
-def train_units(texts: Iterable[str], kind: str = "char", vocab_size: int = 1000) -> Units:
+def train_units(texts: Iterable[str], kind: str = "char", vocab_size: int = 1000, source: str = "data.train") -> Units:
     """SentencePiece units over normalised ``texts``: every character (``char``) or a unigram
     vocabulary of at most ``vocab_size`` pieces (``unigram``; fewer when the texts are too small
-    for that many, as SentencePiece's ``hard_vocab_limit=false``)."""
+    for that many, as SentencePiece's ``hard_vocab_limit=false``). Unigram pieces keep
+    SentencePiece's default word-start marker (``add_dummy_prefix``, as AV-HuBERT's units);
+    character units keep the space as a unit of its own. ``ConfigError`` naming
+    ``objective.vocab_size`` when it is below the number of characters of ``texts`` (``source``)."""
     import sentencepiece as spm
 
     if kind not in UNIT_KINDS:
@@ -110,11 +118,17 @@ def train_units(texts: Iterable[str], kind: str = "char", vocab_size: int = 1000
     lines = [t for t in (normalize_text(x) for x in texts) if t]
     if not lines:
         raise DataError("no transcript to train units on")
+    if kind == "unigram":
+        chars = set("".join(lines).replace(" ", "")) | {"\u2581"}  # each a piece; spaces become "▁"
+        if vocab_size < len(chars) + 1:  # + <unk>
+            raise ConfigError(f"objective.vocab_size={vocab_size} is smaller than the {len(chars)} characters "
+                              f"(with the word-start marker) of the transcripts of {source}, plus <unk>; "
+                              f"set objective.vocab_size >= {len(chars) + 1}")
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=proto, model_type=kind,
         vocab_size=100_000 if kind == "char" else vocab_size, use_all_vocab=kind == "char",
-        hard_vocab_limit=False, character_coverage=1.0, add_dummy_prefix=False,
+        hard_vocab_limit=False, character_coverage=1.0, add_dummy_prefix=kind == "unigram",
         unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
         minloglevel=2, num_threads=1,
     )
@@ -303,13 +317,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. data.train=M data.valid=V train.max_steps=100")
     parser.add_argument("--init", default=None, metavar="PRETRAIN_RUN",
-                        help="pretraining run folder or checkpoint to start from; 'none' for a fresh encoder "
-                             "(objective.encoder, model.size)")
+                        help="pretraining run folder or checkpoint to start from (its latest checkpoint, "
+                             "recorded in config.yaml); 'none' for a fresh encoder (objective.encoder, "
+                             "model.size). Required, except with --resume")
     parser.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
 
 
 def _config(args: argparse.Namespace):
-    from mmssl.config import load_config, resolve
+    """The run's config: recipe < command line (``--init`` is ``objective.encoder_init``); with
+    ``--resume`` the run's saved config < command line, and once the run has a checkpoint its
+    start-from run is read from the copy in its folder (``mmssl.runs.resume_config``). A run that
+    starts (no checkpoint yet) names the checkpoint folder ``encoder_init`` resolves to, so a
+    rerun starts from the same weights."""
+    from omegaconf import OmegaConf
+
+    from mmssl.config import load_run_config, resolve
+    from mmssl.runs import resume_config
 
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe:  # `mmssl finetune-asr key=value ...`
@@ -317,7 +340,43 @@ def _config(args: argparse.Namespace):
     if args.init is not None:
         init = "null" if args.init.lower() == "none" else str(Path(args.init).resolve())
         overrides.append(f"objective.encoder_init={init}")
-    return resolve(load_config(recipe, overrides))
+    cfg = load_run_config(recipe, overrides, resume=args.resume)
+    if OmegaConf.is_missing(cfg.objective, "encoder_init"):
+        raise ConfigError("no start point: pass --init RUN (a pretraining run or checkpoint to fine-tune) or "
+                          "--init none (a fresh objective.encoder of model.size, a from-scratch baseline)")
+    cfg = resolve(cfg)
+    if (Path(cfg.train.out_dir) / "checkpoints" / "latest").is_file() and args.resume:
+        return resume_config(cfg)
+    init = OmegaConf.select(cfg, "objective.encoder_init")
+    if init not in (None, "", "none"):
+        cfg.objective.encoder_init = cfg.objective.encoder_init_checkpoint = init_checkpoint(init)
+    return cfg
+
+
+def init_checkpoint(path: str | Path) -> str:
+    """The checkpoint folder a start-from run, checkpoint folder or weights file resolves to
+    (the latest checkpoint of a run); a copied config (``RUN/init/<key>``) stays as it is."""
+    from mmssl.runs import STRUCTURE_ONLY
+    from mmssl.train.checkpoint import MODEL_FILE, resolve_weights
+
+    path = Path(path)
+    if (path / STRUCTURE_ONLY).is_file():
+        return str(path)
+    if not path.exists():
+        raise DataError(f"objective.encoder_init={path}: not found")
+    weights = resolve_weights(path).resolve()
+    return str(weights.parent if weights.name == MODEL_FILE else weights)
+
+
+def check_freeze(cfg) -> None:
+    """A note when the encoder would stay frozen for the whole run."""
+    from omegaconf import OmegaConf
+
+    freeze = int(OmegaConf.select(cfg, "objective.freeze_steps", default=0) or 0)
+    if freeze >= int(cfg.train.max_steps):
+        print(f"note: objective.freeze_steps={freeze} >= train.max_steps={cfg.train.max_steps}: the encoder "
+              "never trains, only the output layer does (set objective.freeze_steps below train.max_steps, "
+              "e.g. a fifth or half of it)")
 
 
 def prepare_units(cfg, resume: bool) -> Path:
@@ -340,7 +399,7 @@ def prepare_units(cfg, resume: bool) -> Path:
             texts.append(record["transcript"])
         kind = OmegaConf.select(cfg, "objective.units", default="char")
         vocab = OmegaConf.select(cfg, "objective.vocab_size", default=1000)
-        train_units(texts, kind, vocab).save(path)
+        train_units(texts, kind, vocab, f"data.train={cfg.data.train}").save(path)
     cfg.objective.units_file = str(path.resolve())
     return path
 
@@ -349,11 +408,15 @@ def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batc
     """Decode ``manifest`` with the run's model; write ``wer.json`` and ``hyps.jsonl`` there."""
     from mmssl.train.checkpoint import atomic_write
 
+    from mmssl.train.checkpoint import latest_step_dir
+
     objective = load_asr_model(run_dir, device)
+    folder = latest_step_dir(run_dir / "checkpoints")
     clips = load_clips(manifest, objective.modalities)
     hyps = transcribe(objective, clips, objective.modalities, device, batch_seconds, desc="decode valid")
     refs = [normalize_text(c.transcript) for c in clips]
-    result = {**word_errors(refs, hyps), "manifest": str(manifest), "modalities": list(objective.modalities)}
+    result = {**word_errors(refs, hyps), "manifest": str(manifest), "modalities": list(objective.modalities),
+              "checkpoint": folder.name if folder is not None else None}
     lines = "".join(json.dumps({"id": c.id, "ref": r, "hyp": h}) + "\n" for c, r, h in zip(clips, refs, hyps))
     atomic_write(run_dir / "hyps.jsonl", lambda f: f.write(lines.encode()))
     atomic_write(run_dir / "wer.json", lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
@@ -368,6 +431,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     check_options(cfg)
+    check_freeze(cfg)
     prepare_units(cfg, args.resume)
     run_dir = pretrain(cfg, resume=args.resume)
     if not env_from_torchrun().is_main:

@@ -11,14 +11,19 @@ white under ``noise/test``) or from ``--noise TYPE=DIR`` pairs (MUSAN-style fold
 does not hear the noise, so it is decoded once and its WER repeated in every row.
 
 WER is corpus-level per cell (jiwer over all utterances of the manifest). Each finished cell
-is one line of ``results.jsonl``; a rerun skips the cells already there, so a killed
-evaluation resumes. The table goes to ``wer.md`` (rows noise x SNR, columns modalities) and
+is one line of ``results.jsonl``, after a first line that records what the cells depend on
+(:func:`fingerprint`: the checkpoint and a hash of its weights, the manifest's path, size and
+time, ``--limit``, ``--seed``, and per noise type its files); a rerun with the same fingerprint
+skips the cells already there, so a killed evaluation resumes. When the checkpoint, manifest,
+limit or seed differ, the grid starts afresh (it says so); when only a noise type's files
+differ, that type's cells are redone. SNRs are spelled canonically (``10.0`` is ``10``). The table goes to ``wer.md`` (rows noise x SNR, columns modalities) and
 the terminal, the curves to ``wer_vs_snr.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import zlib
 from pathlib import Path
@@ -37,16 +42,20 @@ CLEAN = "clean"
 LINE_STYLES = ["-", "--", ":", "-."]
 
 
+def canonical_snr(item: str) -> str:
+    """``clean``, or a number of dB spelled one way (``10.0`` and ``+10`` -> ``10``)."""
+    item = str(item).strip()
+    if item == CLEAN:
+        return item
+    try:
+        return f"{float(item):g}"
+    except ValueError:
+        raise ConfigError(f"--snrs: {item!r} is neither 'clean' nor a number of dB") from None
+
+
 def parse_snrs(text: str) -> list[str]:
-    """``clean,20,10,0,-5`` -> ``["clean", "20", "10", "0", "-5"]`` (numbers checked)."""
-    out = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
-        if item != CLEAN:
-            try:
-                float(item)
-            except ValueError:
-                raise ConfigError(f"--snrs: {item!r} is neither 'clean' nor a number of dB") from None
-        out.append(item)
+    """``clean,20,10.0,0,-5`` -> ``["clean", "20", "10", "0", "-5"]`` (numbers checked)."""
+    out = [canonical_snr(item) for item in (s.strip() for s in text.split(",") if s.strip())]
     if not out:
         raise ConfigError("--snrs is empty")
     return out
@@ -101,16 +110,71 @@ def noisy_audio(clip: Clip, bank: NoiseBank, noise: str, snr: str, seed: int) ->
     return mix_at_snr(clip.audio, bank.sample(clip.audio.shape[0], g), float(snr), g)
 
 
-def read_results(path: Path) -> dict[tuple[str, str, str], dict]:
-    """Finished cells of ``results.jsonl`` by (noise, snr, modality); a line cut by a kill is ignored."""
+def _file_id(path: Path) -> list:
+    path = Path(path).resolve()
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(run: Path, manifest: Path, banks: dict[str, NoiseBank], limit: int | None, seed: int) -> dict:
+    """What the cells of a grid depend on besides their (noise, SNR, modality)."""
+    from mmssl.train.checkpoint import MODEL_FILE, latest_step_dir
+
+    folder = latest_step_dir(Path(run) / "checkpoints")
+    if folder is None:
+        raise DataError(f"{run}: no checkpoint yet")
+    return {
+        "checkpoint": str(folder.resolve()), "weights_sha256": _sha256(folder / MODEL_FILE),
+        "manifest": _file_id(manifest), "limit": limit, "seed": seed,
+        "noise": {name: [_file_id(Path(f))[:2] for f in bank.files] for name, bank in banks.items()},
+    }
+
+
+def read_results(path: Path) -> tuple[dict | None, dict[tuple[str, str, str], dict]]:
+    """``(fingerprint, finished cells by (noise, snr, modality))`` of ``results.jsonl``; a line
+    cut by a kill is ignored."""
+    found: dict | None = None
     done: dict[tuple[str, str, str], dict] = {}
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
-                done[(row["noise"], row["snr"], row["modality"])] = row
-            except (json.JSONDecodeError, KeyError):
+                if "fingerprint" in row:
+                    found = row["fingerprint"]
+                    continue
+                done[(row["noise"], canonical_snr(row["snr"]), row["modality"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError, ConfigError):
                 continue
+    return found, done
+
+
+def reusable(path: Path, current: dict) -> dict[tuple[str, str, str], dict]:
+    """The cells of ``path`` made under ``current``'s fingerprint; when the rest matches but a
+    noise type's files differ, the other cells. Rewrites ``path`` (fingerprint first, the kept
+    cells after) and says what it dropped."""
+    old, done = read_results(path)
+    if done or old is not None:
+        same = old is not None and all(old.get(k) == v for k, v in current.items() if k != "noise")
+        if not same:
+            differ = sorted(k for k, v in current.items() if k != "noise" and (old or {}).get(k) != v)
+            print(f"note: {path} was made with another {', '.join(differ) or 'version'}; starting the grid afresh")
+            done = {}
+        else:
+            stale = {n for n, files in current["noise"].items() if old["noise"].get(n, files) != files}
+            if stale:
+                print(f"note: the files of noise {', '.join(sorted(stale))} changed since {path}; redoing its cells")
+            done = {k: v for k, v in done.items() if k[0] not in stale}
+            current = {**current, "noise": {**old.get("noise", {}), **current["noise"]}}
+    lines = [json.dumps({"fingerprint": current})] + [json.dumps(row) for row in done.values()]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return done
 
 
@@ -162,6 +226,7 @@ def evaluate(
     from mmssl.eval.features import pick_device
 
     device = pick_device(device_name)
+    snrs = [canonical_snr(s) for s in snrs]
     objective = load_asr_model(run, device)
     modalities = parse_modalities(modalities_text, objective.modalities)
     banks = noise_banks(noise_specs, noise_types) if any(s != CLEAN for s in snrs) else {}
@@ -169,7 +234,7 @@ def evaluate(
     clips = load_clips(manifest, needed, progress, limit)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    results = read_results(results_path)
+    results = reusable(results_path, fingerprint(run, manifest, banks, limit, seed))
     cells = grid(list(banks), snrs, modalities)
     for noise, snr, modality in tqdm(cells, desc="eval-noisy cells", unit="cell", disable=not progress):
         if (noise, snr, modality) in results:

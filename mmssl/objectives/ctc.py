@@ -5,22 +5,33 @@ for ASR.
 Parts: the encoder (a ``SpeechEncoder`` or an ``AVEncoder``), dropout (fairseq
 ``final_dropout``) and a linear head to the units plus the blank (class 0,
 ``mmssl.eval.asr.Units``). The loss is ``torch.nn.functional.ctc_loss`` summed over the
-utterances of the batch and divided by their number (fairseq ``sentence_avg=true``, the
-wav2vec 2.0 fine-tuning setting), with ``zero_infinity`` so an utterance whose targets
-cannot fit its frames adds nothing instead of infinity.
+feasible utterances of the batch and divided by their number (fairseq ``sentence_avg=true``,
+the wav2vec 2.0 fine-tuning setting). An utterance whose targets cannot fit its frames (target
+units plus one blank between each pair of equal neighbours exceed the frames) has no CTC path:
+it adds nothing and, unlike fairseq (which keeps it in the denominator with
+``zero_infinity``), it is left out of the count; ``infeasible_fraction`` reports how many.
+
+The step never waits for the device: the hook counts the encoder's output frames and the
+target lengths on the host, and they reach ``ctc_loss`` as host lists (``to_device`` moves
+tensors only), since ``ctc_loss`` copies device lengths to the host (PyTorch ``LossCTC.cpp``).
+Without the hook, ``forward`` counts them from the device lengths (the slow path: one sync).
 
 In the data workers (:class:`CTCHook`): transcripts become targets with the units (no
 tokenisation in the step), optional noise is added to the waveform (noise-augmented
-AV-HuBERT), time masks are drawn, and, with both streams, modality dropout is drawn.
+AV-HuBERT), output frames are counted, time and channel masks are drawn, and, with both
+streams, modality dropout is drawn.
 
 Fine-tuning settings, after fairseq's wav2vec 2.0 ``base_10h`` recipe:
 
 * time masking of the projected features with the pretrained mask embedding,
   ``mask_prob=0.65``, span 10 (``mask_prob``, ``mask_length``; the same spans as pretraining,
-  ``mmssl.nn.masking``); for an audio-visual encoder the audio stream is masked before fusion;
+  ``mmssl.nn.masking``), then channel masking: spans of ``mask_channel_length=64`` channels
+  zeroed over all frames, ``mask_channel_prob=0.5``; for an audio-visual encoder both masks
+  act on the audio stream's projected features before fusion (the video stream is untouched);
 * the encoder is frozen for the first ``freeze_steps`` updates, only the head trains
   (``freeze_finetune_updates=10000`` of 20000 there);
-* a waveform conv frontend is frozen throughout (``feature_grad_mult=0.0``).
+* a waveform conv frontend of a pretrained encoder is frozen throughout
+  (``feature_grad_mult=0.0``); a fresh encoder (from-scratch baseline) trains it.
 
 Shape legend: B batch, S samples, T frames, L target units, C model dim, V units + blank.
 """
@@ -28,7 +39,7 @@ Shape legend: B batch, S samples, T frames, L target units, C model dim, V units
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,12 +78,40 @@ def make_targets(batch: dict, units: Units) -> tuple[Tensor, Tensor]:
     return targets, lens
 
 
+def output_lengths(batch: dict, frame_spec: FrameSpec | None, streams: Sequence[str]) -> Tensor:
+    """Frames ``(B,)`` the encoder gives for ``batch``, counted without it: ``frame_spec`` of
+    the audio lengths for a speech encoder or an audio stream alone, the video lengths for a
+    video stream alone, and with both streams the fusion's rule (``AVFusion``: the shorter of
+    the two per utterance, at most the shorter padded width). ``streams``: the encoder's."""
+    audio = video = None
+    if "audio" in streams and "audio" in batch and frame_spec is not None:
+        audio = frame_spec(batch["audio_lens"])
+    if "video" in streams and "video" in batch:
+        video = batch["video_lens"].long()
+    if audio is not None and video is not None:
+        width = min(int(frame_spec(torch.tensor(batch["audio"].shape[1]))), batch["video"].shape[1])  # type: ignore[misc]
+        return torch.minimum(audio, video).clamp(max=width)
+    if audio is None and video is None:
+        raise DataError(f"the batch has none of the encoder's modalities {tuple(streams)}")
+    return audio if audio is not None else video  # type: ignore[return-value]
+
+
+def feasible(targets: Tensor, target_lens: Tensor, frames: Tensor) -> Tensor:
+    """bool ``(B,)``: an utterance has a CTC path, i.e. its ``target_lens`` units plus one blank
+    between each pair of equal neighbours fit its ``frames``. ``targets (B, L)``; any device."""
+    valid = ~lengths_to_padding_mask(target_lens, targets.shape[1])
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & valid[:, 1:]).sum(1)
+    return target_lens + repeats <= frames.to(target_lens.device)
+
+
 @dataclass
 class CTCHook:
-    """Picklable batch hook: noise (``noise``, on each valid waveform), ``ctc_targets`` /
-    ``ctc_target_lens``, ``time_mask (B, T_audio)`` over the audio frames counted with
-    ``frame_spec`` (when ``mask_prob > 0``), and ``keep_audio`` / ``keep_video (B,)`` under
-    modality dropout when the batch has both streams. Draws from ``hook_generator(seed)``."""
+    """Picklable batch hook: noise (``noise``, on each valid waveform), ``ctc_targets (B, L)``,
+    ``ctc_target_lens`` and ``ctc_frame_lens`` (host lists of ints: the encoder's output frames,
+    :func:`output_lengths` over ``streams``), ``ctc_feasible (B,)``, ``time_mask (B, T_audio)``
+    over the audio frames counted with ``frame_spec`` (when ``mask_prob > 0``), ``channel_mask
+    (B, channels)`` (when ``mask_channel_prob > 0``), and ``keep_audio`` / ``keep_video (B,)``
+    under modality dropout when the batch has both streams. Draws from ``hook_generator(seed)``."""
 
     units: Units
     frame_spec: FrameSpec | None
@@ -83,6 +122,10 @@ class CTCHook:
     noise: AddNoise | None = None
     modality_dropout: float = 0.0
     audio_dropout: float = 0.5
+    streams: tuple[str, ...] = ("audio",)
+    channels: int = 0
+    mask_channel_prob: float = 0.0
+    mask_channel_span: int = 64
 
     def __call__(self, batch: dict) -> dict:
         g = hook_generator(self.seed)
@@ -91,31 +134,52 @@ class CTCHook:
             for i, n in enumerate(batch["audio_lens"].tolist()):
                 audio[i, :n] = self.noise(audio[i, :n], g)
             batch["audio"] = audio
-        batch["ctc_targets"], batch["ctc_target_lens"] = make_targets(batch, self.units)
+        targets, target_lens = make_targets(batch, self.units)
+        frames = output_lengths(batch, self.frame_spec, self.streams)
+        batch["ctc_targets"], batch["ctc_feasible"] = targets, feasible(targets, target_lens, frames)
+        batch["ctc_target_lens"], batch["ctc_frame_lens"] = target_lens.tolist(), frames.tolist()
         if "audio" in batch and self.frame_spec is not None and self.mask_prob > 0:
-            frames = self.frame_spec(batch["audio_lens"].cpu())
+            audio_frames = self.frame_spec(batch["audio_lens"].cpu())
             width = int(self.frame_spec(torch.tensor(batch["audio"].shape[1])))
-            batch["time_mask"] = compute_span_mask(frames, width, self.mask_prob, self.mask_span, self.min_masks, g)
+            batch["time_mask"] = compute_span_mask(audio_frames, width, self.mask_prob, self.mask_span,
+                                                   self.min_masks, g)
+        if "audio" in batch and self.channels > 0 and self.mask_channel_prob > 0:
+            batch["channel_mask"] = channel_mask(batch["audio_lens"].shape[0], self.channels,
+                                                 self.mask_channel_prob, self.mask_channel_span, g)
         if "audio" in batch and "video" in batch and self.modality_dropout > 0:
             batch["keep_audio"], batch["keep_video"] = sample_keep(
                 batch["audio_lens"].shape[0], self.modality_dropout, self.audio_dropout, g)
         return batch
 
 
-def ctc_loss(log_probs: Tensor, lengths: Tensor, targets: Tensor, target_lens: Tensor) -> Tensor:
-    """Sum over utterances of the CTC loss divided by the batch size (fairseq
-    ``sentence_avg``). ``log_probs (B, T, V)`` float, ``lengths (B,)``, ``targets (B, L)``."""
+def channel_mask(batch: int, channels: int, prob: float, span: int, generator: torch.Generator | None = None,
+                 device: torch.device | None = None) -> Tensor:
+    """bool ``(B, C)``, True = channel zeroed in every frame: spans of ``span`` channels drawn as
+    time spans are (``mmssl.nn.masking``, no minimum count; fairseq ``mask_channel_prob``,
+    ``mask_channel_length``, wav2vec 2.0 fine-tuning)."""
+    lengths = torch.full((batch,), channels, dtype=torch.long, device=device)
+    return compute_span_mask(lengths, channels, prob, span, 0, generator)
+
+
+def ctc_loss(log_probs: Tensor, lengths: Tensor | list[int], targets: Tensor, target_lens: Tensor | list[int],
+             ok: Tensor) -> Tensor:
+    """Sum over the feasible utterances (``ok (B,)`` bool) of the CTC loss divided by their
+    number (fairseq ``sentence_avg``; 0 when none is). ``log_probs (B, T, V)`` float,
+    ``lengths`` / ``target_lens (B,)`` (host lists keep ``ctc_loss`` from syncing),
+    ``targets (B, L)``."""
     per_utt = F.ctc_loss(
         log_probs.float().transpose(0, 1), targets, lengths, target_lens,
         blank=BLANK, reduction="none", zero_infinity=True,
     )  # (B,)
-    return per_utt.sum() / log_probs.shape[0]
+    ok = ok.to(per_utt.device)
+    return torch.where(ok, per_utt, 0.0).sum() / ok.sum().clamp(min=1)
 
 
 class CTCObjective(Objective):
     """``forward(batch)`` reads ``audio``/``audio_lens`` and/or ``video``/``video_lens``,
-    ``transcript`` (or ``ctc_targets``/``ctc_target_lens`` from the hook) and, in training,
-    ``time_mask``, ``keep_audio``, ``keep_video`` when the hook made them."""
+    ``transcript`` (or, from the hook, ``ctc_targets``, ``ctc_target_lens``, ``ctc_frame_lens``,
+    ``ctc_feasible``) and, in training, ``time_mask``, ``channel_mask``, ``keep_audio``,
+    ``keep_video`` when the hook made them (drawn on the device otherwise)."""
 
     def __init__(
         self,
@@ -160,15 +224,37 @@ class CTCObjective(Objective):
                             f"({lengths.shape[0]}, {t}) frames: the hook and the encoder disagree")
         return mask.to(lengths.device, non_blocking=True) & ~lengths_to_padding_mask(lengths, t)
 
+    def _channel_mask(self, batch: dict, x: Tensor) -> Tensor | None:
+        """``channel_mask (B, C)`` of the hook (or drawn here) in training, else None."""
+        if not self.training or self.hook.mask_channel_prob <= 0 or self.hook.channels <= 0:
+            return None
+        mask = batch.get("channel_mask")
+        if mask is None:
+            mask = channel_mask(x.shape[0], x.shape[-1], self.hook.mask_channel_prob, self.hook.mask_channel_span,
+                                device=x.device)
+        elif mask.shape != (x.shape[0], x.shape[-1]):
+            raise DataError(f"batch 'channel_mask' has shape {tuple(mask.shape)} but the features are "
+                            f"({x.shape[0]}, {x.shape[-1]}) channels: the hook and the encoder disagree")
+        return mask.to(x.device, non_blocking=True)
+
+    def _mask(self, batch: dict, x: Tensor, lengths: Tensor, embed) -> Tensor:
+        """Time spans replaced by ``embed(x, mask)``, then channel spans zeroed (fairseq order)."""
+        mask = self._time_mask(batch, lengths, x.shape[1])
+        if mask is not None:
+            x = embed(x, mask)
+        channels = self._channel_mask(batch, x)
+        if channels is not None:
+            x = x.masked_fill(channels.unsqueeze(1), 0.0)  # (B, T, C)
+        return x
+
     def _speech(self, batch: dict) -> tuple[Tensor, Tensor]:
         enc = self.encoder
         if "audio" not in batch:
             raise DataError("a speech encoder needs audio; the batch has none")
         feats = enc.extract(batch["audio"], batch["audio_lens"])
         x, lengths = feats.x, feats.lengths
-        mask = self._time_mask(batch, lengths, x.shape[1]) if hasattr(enc, "mask") else None
-        if mask is not None:
-            x = enc.mask(x, mask)
+        if hasattr(enc, "mask"):
+            x = self._mask(batch, x, lengths, enc.mask)
         return enc.contextualize(x, lengths).hidden, lengths
 
     def _audio_visual(self, batch: dict) -> tuple[Tensor, Tensor]:
@@ -176,9 +262,7 @@ class CTCObjective(Objective):
         s = enc.streams(batch)
         a, a_lens = s["audio"], s["audio_lens"]
         if a is not None and enc.audio_mask_embedding is not None:
-            mask = self._time_mask(batch, a_lens, a.shape[1])
-            if mask is not None:
-                a = enc.mask_audio(a, mask)
+            a = self._mask(batch, a, a_lens, enc.mask_audio)
         keep = None
         if self.training and "keep_audio" in batch and a is not None and s["video"] is not None:
             keep = (batch["keep_audio"], batch["keep_video"])
@@ -192,20 +276,29 @@ class CTCObjective(Objective):
         return self.head(self.dropout(hidden)).float().log_softmax(-1), lengths
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        if "ctc_targets" in batch:
-            targets, target_lens = batch["ctc_targets"], batch["ctc_target_lens"]
-        else:
-            targets, target_lens = make_targets(batch, self.units)
         log_probs, lengths = self.logits(batch)
-        targets, target_lens = targets.to(lengths.device), target_lens.to(lengths.device)
-        loss = ctc_loss(log_probs, lengths, targets, target_lens)
+        if "ctc_frame_lens" in batch:  # the hook counted frames and units on the host
+            targets = batch["ctc_targets"].to(lengths.device, non_blocking=True)
+            frames, target_lens, ok = batch["ctc_frame_lens"], batch["ctc_target_lens"], batch["ctc_feasible"]
+            if len(frames) != log_probs.shape[0] or max(frames) > log_probs.shape[1]:
+                raise DataError(f"batch 'ctc_frame_lens' {frames[:4]} does not fit the encoder's "
+                                f"{tuple(log_probs.shape[:2])} frames: the hook and the encoder disagree")
+        else:  # the slow path (tests, evaluation): the lengths are read back from the device
+            targets, target_lens = make_targets(batch, self.units)
+            targets, target_lens = targets.to(lengths.device), target_lens.to(lengths.device)
+            ok = feasible(targets, target_lens, lengths)
+            frames, target_lens = lengths.cpu(), target_lens.cpu()
+        loss = ctc_loss(log_probs, frames, targets, target_lens, ok)
         valid = ~lengths_to_padding_mask(lengths, log_probs.shape[1])
         blank = (log_probs.argmax(-1) == BLANK) & valid
+        ok = ok.to(loss.device, non_blocking=True)
         return {
             "loss": loss,
             "ctc_loss": loss.detach(),
             # a per-step proxy of decoding progress: a model that emits only blanks scores 1
             "blank_fraction": blank.sum().float() / valid.sum().clamp(min=1).float(),
+            # utterances with more units (and repeats) than frames: left out of the loss
+            "infeasible_fraction": 1.0 - ok.float().mean(),
             "encoder_frozen": torch.full((), float(self.encoder_frozen), device=loss.device),
         }
 
@@ -245,6 +338,8 @@ def ctc(
     mask_prob: float = 0.65,  # base_10h ``mask_prob`` (spans of ``mask_length=10``)
     mask_span: int = 10,
     min_masks: int = 2,
+    mask_channel_prob: float = 0.0,  # base_10h ``mask_channel_prob=0.5`` (set in ctc.yaml)
+    mask_channel_length: int = 64,  # base_10h ``mask_channel_length``
     modality_dropout: float | None = None,  # None: the encoder's (AV-HuBERT 0.5)
     audio_dropout: float | None = None,  # None: the encoder's (AV-HuBERT 0.5)
     noise_dir: str | None = None,  # noise-augmented fine-tuning (audio of an AV or speech encoder)
@@ -252,6 +347,8 @@ def ctc(
     snr_low: float = -5.0,
     snr_high: float = 5.0,
     seed: int = 0,
+    encoder_init_checkpoint: str | None = None,  # a record, builds nothing: the checkpoint folder
+    # encoder_init named when the run started (`mmssl finetune-asr` sets it; resumes keep it)
 ) -> CTCObjective:
     """CTC fine-tuning of a pretrained (``encoder_init``) or fresh (``encoder``, ``size``)
     encoder on the units of ``units_file``."""
@@ -261,8 +358,8 @@ def ctc(
         raise ConfigError(f"objective.freeze_steps must be >= 0, got {freeze_steps}")
     enc = build_ctc_encoder(encoder, size, encoder_init, encoder_options)
     frontend = getattr(enc, "frontend", None)
-    if isinstance(frontend, ConvFrontend):
-        frontend.requires_grad_(False)  # fairseq fine-tuning ``feature_grad_mult=0.0``
+    if isinstance(frontend, ConvFrontend) and encoder_init not in (None, "", "none"):
+        frontend.requires_grad_(False)  # fairseq fine-tuning ``feature_grad_mult=0.0``, pretrained only
     fusion = getattr(enc, "fusion", None)
     if fusion is not None:
         fusion.modality_dropout = fusion.modality_dropout if modality_dropout is None else modality_dropout
@@ -270,8 +367,14 @@ def ctc(
     vocab = Units.load(units_file) if units_file else default_units()
     noise = AddNoise(NoiseBank(noise_dir), noise_prob, (snr_low, snr_high)) if noise_dir else None
     both = fusion is not None and len(enc.modalities) == 2
+    if fusion is not None:  # channel masks act on the audio stream before fusion
+        channels = fusion.audio_dim if getattr(enc, "audio_mask_embedding", None) is not None else 0
+    else:
+        channels = enc.dim if hasattr(enc, "mask") else 0
+    streams = tuple(enc.modalities) if fusion is not None else ("audio",)
     hook = CTCHook(
         vocab, getattr(enc, "frame_spec", None), mask_prob, mask_span, min_masks, seed, noise,
         fusion.modality_dropout if both else 0.0, fusion.audio_dropout if both else 0.5,
+        streams, channels, mask_channel_prob, mask_channel_length,
     )
     return CTCObjective(enc, vocab, hook, final_dropout, freeze_steps)

@@ -234,6 +234,6 @@ def prepare_run_dir(cfg: DictConfig, resume: bool, env: DistEnv) -> Path:
         if not resume and (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()
         save_resolved(cfg, run_dir)
-        if not resume:  # the configs of the runs this one starts from (mmssl.runs)
-            snapshot_inits(cfg, run_dir)
+        if not (run_dir / "checkpoints" / "latest").exists():  # also `--resume` of a run that saved
+            snapshot_inits(cfg, run_dir)  # nothing yet: the configs of the runs it starts from
     return run_dir

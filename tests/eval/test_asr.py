@@ -1,8 +1,10 @@
 import json
+import shutil
 
 import jiwer
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest, write_manifest
@@ -47,6 +49,20 @@ def test_units_round_trip_and_reserve_the_blank(kind, tmp_path):
         assert again.decode(classes) == normalize_text(text)
         assert again.decode([0] + classes + [0]) == normalize_text(text)  # blanks are dropped
     assert again.encode("x y") == units.encode("x y")
+    pieces = [again.sp.id_to_piece(i) for i in range(again.sp.get_piece_size())]
+    if kind == "unigram":  # SentencePiece's word-start marker (add_dummy_prefix), as AV-HuBERT's units
+        assert any(p.startswith("\u2581") and len(p) > 1 for p in pieces)
+    else:  # characters: the space is a unit of its own, and words decode apart
+        assert "\u2581" in pieces and again.decode(again.encode("a b")) == "a b"
+
+
+def test_a_unigram_vocabulary_smaller_than_the_characters_is_named():
+    from mmssl.errors import ConfigError
+
+    texts = ["abc def", "ghi"]  # 9 letters + the word-start marker + <unk>: at least 11
+    with pytest.raises(ConfigError, match=r"objective.vocab_size=8 .* 10 characters .*data.train=m.jsonl.*>= 11"):
+        train_units(texts, "unigram", 8, "data.train=m.jsonl")
+    assert train_units(texts, "unigram", 11).size <= 12
 
 
 def test_word_errors_against_a_hand_count():
@@ -66,16 +82,31 @@ def av_init(synth_tiny, tmp_path_factory):
     return step
 
 
+QUICK = ["train.device=cpu", "data.num_workers=0", "train.progress=false", "data.max_seconds_per_batch=20",
+         "train.accum_steps=1", "train.lr=1e-3"]
+
+
 @pytest.fixture(scope="module")
 def finetuned(synth_tiny, av_init, tmp_path_factory):
     out = tmp_path_factory.mktemp("asr_ft") / "ft"
     av = synth_tiny / "av"
-    code = main(["finetune-asr", "--init", str(av_init), f"data.train={av / 'train.jsonl'}",
+    code = main(["finetune-asr", "--init", str(av_init.parent.parent), f"data.train={av / 'train.jsonl'}",
                  f"data.valid={av / 'valid.jsonl'}", "train.max_steps=2", f"train.out_dir={out}",
-                 "train.device=cpu", "data.num_workers=0", "train.progress=false", "data.max_seconds_per_batch=20",
-                 "objective.freeze_steps=1", "train.lr=1e-3"])
+                 "objective.freeze_steps=1", *QUICK])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def av_init_latest(av_init):
+    """``latest`` in the pretraining run, so ``--init`` can name the run folder."""
+    (av_init.parent / "latest").write_text(av_init.name + "\n")
+    (av_init / "train_state.pt").write_bytes(b"")
+
+
+def test_the_config_records_the_checkpoint_it_started_from(finetuned, av_init):
+    cfg = OmegaConf.load(finetuned / "config.yaml")
+    assert cfg.objective.encoder_init == cfg.objective.encoder_init_checkpoint == str(av_init.resolve())
 
 
 def test_finetune_writes_units_config_and_a_wer_that_matches_its_hypotheses(finetuned, synth_tiny):
@@ -112,6 +143,7 @@ def test_fine_tuning_on_one_repeated_utterance_reaches_zero_wer(synth_tiny, tmp_
     record = min(read_manifest(synth_tiny / "av" / "train.jsonl"), key=lambda r: r["audio_samples"])
     manifest = write_manifest(tmp_path / "one.jsonl", [record])
     code = main(["finetune-asr", "--init", "none", "objective.encoder=fbank", "model.size=tiny",
+                 "train.accum_steps=1", "objective.mask_channel_prob=0",
                  f"data.train={manifest}", f"data.valid={manifest}", "train.max_steps=70", "train.lr=3e-3",
                  "objective.freeze_steps=0", "objective.mask_prob=0", f"train.out_dir={tmp_path / 'run'}",
                  "train.device=cpu", "data.num_workers=0", "train.progress=false", "train.log_every=10"])
@@ -131,9 +163,61 @@ def test_resume_keeps_the_units_and_continues_the_run(finetuned, synth_tiny, av_
     av = synth_tiny / "av"
     code = main(["finetune-asr", "ctc", "--init", str(av_init), f"data.train={av / 'train.jsonl'}",
                  f"data.valid={av / 'valid.jsonl'}", "train.max_steps=3", f"train.out_dir={finetuned}",
-                 "train.device=cpu", "data.num_workers=0", "train.progress=false", "data.max_seconds_per_batch=20",
-                 "objective.freeze_steps=1", "train.lr=1e-3", "--resume"])
+                 "objective.freeze_steps=1", *QUICK, "--resume"])
     assert code == 0
     assert (finetuned / "units.model").stat().st_mtime_ns == units
     steps = [json.loads(line)["step"] for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 3
+
+
+def _steps(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_without_init_and_after_the_pretraining_run_moved(synth_tiny, tmp_path):
+    av = synth_tiny / "av"
+    _, step = make_run(tmp_path / "pre", "hubert", av / "train.jsonl")
+    ft = tmp_path / "ft"
+    base = ["finetune-asr", f"data.train={av / 'train.jsonl'}", f"data.valid={av / 'valid.jsonl'}",
+            f"train.out_dir={ft}", "objective.freeze_steps=0", "train.save_every=1", *QUICK]
+    assert main([*base, "--init", str(step), "train.max_steps=1"]) == 0
+    before = load_asr_model(ft, torch.device("cpu"))
+    # --resume alone: the saved config (encoder_init included) carries on, and the folder decodes
+    assert main([*base, "train.max_steps=2", "--resume"]) == 0
+    assert _steps(ft)[-1] == 2
+    cfg = OmegaConf.load(ft / "config.yaml")
+    assert cfg.objective.encoder_init_checkpoint == str(step.resolve())
+    after = load_asr_model(ft, torch.device("cpu"))
+    assert after.head.weight.shape == before.head.weight.shape
+    assert json.loads((ft / "wer.json").read_text())["checkpoint"] == "step_00000002"
+    # the pretraining run moved away: --resume --init PRE uses the copy and the checkpoint
+    shutil.move(tmp_path / "pre", tmp_path / "elsewhere")
+    assert main([*base, "--init", str(step), "train.max_steps=3", "--resume"]) == 0
+    assert _steps(ft)[-1] == 3
+    assert OmegaConf.load(ft / "config.yaml").objective.encoder_init_checkpoint == str(step.resolve())
+    assert load_asr_model(ft, torch.device("cpu")).units.size == before.units.size
+
+
+def test_no_init_is_an_error_that_says_what_to_pass(synth_tiny, tmp_path, capsys):
+    code = main(["finetune-asr", f"data.train={synth_tiny / 'av' / 'train.jsonl'}", f"train.out_dir={tmp_path / 'x'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--init RUN" in err and "--init none" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_frozen_encoder_for_the_whole_run_is_announced(synth_tiny, tmp_path, capsys):
+    av = synth_tiny / "av"
+    assert main(["finetune-asr", "--init", "none", "objective.encoder=fbank", "model.size=tiny",
+                 f"data.train={av / 'valid.jsonl'}", "train.max_steps=1", "objective.freeze_steps=1",
+                 f"train.out_dir={tmp_path / 'ft'}", *QUICK]) == 0
+    assert "objective.freeze_steps=1 >= train.max_steps=1" in capsys.readouterr().out
+
+
+def test_the_conv_frontend_is_frozen_only_for_a_pretrained_encoder(synth_tiny, tmp_path):
+    from mmssl.registry import OBJECTIVES
+
+    _, step = make_run(tmp_path / "pre", "hubert", synth_tiny / "av" / "train.jsonl")
+    pretrained = OBJECTIVES.build("ctc", encoder_init=str(step))
+    assert not any(p.requires_grad for p in pretrained.encoder.frontend.parameters())
+    fresh = OBJECTIVES.build("ctc", size="tiny", encoder="hubert")
+    assert all(p.requires_grad for p in fresh.encoder.frontend.parameters())

@@ -13,7 +13,7 @@ def finetune(out, manifest, encoder):
     """A one-step CTC run of a fresh tiny ``encoder`` (the evaluation only needs a run folder)."""
     code = main(["finetune-asr", "--init", "none", f"objective.encoder={encoder}", "model.size=tiny",
                  f"data.train={manifest}", "train.max_steps=1", f"train.out_dir={out}", "train.device=cpu",
-                 "data.num_workers=0", "train.progress=false"])
+                 "data.num_workers=0", "train.progress=false", "train.accum_steps=1", "objective.freeze_steps=0"])
     assert code == 0
     return out
 
@@ -40,7 +40,8 @@ def test_grid_table_plot_and_resume(setup, tmp_path, monkeypatch):
     decode = noisy._decode_cell
     monkeypatch.setattr(noisy, "_decode_cell", lambda *a, **k: calls.append(a[-1]) or decode(*a, **k))
     results = evaluate(setup, tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    header, *rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert set(header) == {"fingerprint"}
     # one clean row and 2 noises x 2 SNRs, each under 3 modality conditions
     assert len(rows) == len(results) == 5 * 3
     assert {(r["noise"], r["snr"]) for r in rows} == {("none", "clean")} | {
@@ -61,7 +62,7 @@ def test_grid_table_plot_and_resume(setup, tmp_path, monkeypatch):
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     (tmp_path / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     evaluate(setup, tmp_path)
-    assert len(calls) == 1 and len((tmp_path / "results.jsonl").read_text().splitlines()) == 15
+    assert len(calls) == 1 and len((tmp_path / "results.jsonl").read_text().splitlines()) == 1 + 15
 
 
 def test_every_modality_hears_the_same_noise_and_clean_is_no_noise(setup, tmp_path, monkeypatch):
@@ -106,3 +107,32 @@ def test_bad_requests_are_named(setup, tmp_path, synth_tiny):
     # and through the command line, as one line on stderr
     assert main(["eval-noisy", "--run", str(setup["audio"]), "--manifest", str(setup["test"]), "--snrs", "clean",
                  "--modalities", "video", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cells_are_reused_only_under_the_same_fingerprint(setup, tmp_path, monkeypatch, capsys):
+    calls = []
+    decode = noisy._decode_cell
+    monkeypatch.setattr(noisy, "_decode_cell", lambda *a, **k: calls.append(a[-1]) or decode(*a, **k))
+    small = dict(noise_types=["babble"], snrs=["clean", "10"], modalities_text="audio", limit=2)
+    evaluate(setup, tmp_path, **small)
+    assert len(calls) == 2
+    header = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])["fingerprint"]
+    assert header["limit"] == 2 and header["checkpoint"].endswith("step_00000001")
+    # the same request, SNRs spelt otherwise: nothing is decoded again
+    calls.clear()
+    evaluate(setup, tmp_path, **{**small, "snrs": ["clean", "10.0"]})
+    assert calls == []
+    # another --limit, another seed, another manifest: the grid starts afresh, and says so
+    for change in ({"limit": 3}, {"seed": 1}):
+        calls.clear()
+        results = evaluate(setup, tmp_path, **{**small, **change})
+        assert len(calls) == 2 and "starting the grid afresh" in capsys.readouterr().out
+        rows = (tmp_path / "results.jsonl").read_text().splitlines()
+        limit = change.get("limit", small["limit"])
+        assert len(rows) == 1 + 2 and all(r["utterances"] == limit for r in results.values())
+    records = read_manifest(setup["test"])[:3]
+    other = write_manifest(tmp_path / "other.jsonl", records[::-1])
+    calls.clear()
+    noisy.evaluate(setup["av"], other, [str(setup["noise"])], tmp_path, device_name="cpu", progress=False,
+                   **{**small, "seed": 1})
+    assert len(calls) == 2 and "manifest" in capsys.readouterr().out

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from mmssl.errors import DataError
 from mmssl.eval.asr import default_units
-from mmssl.objectives.ctc import make_targets
+from mmssl.objectives.ctc import feasible, make_targets
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_audio_batch, tiny_av_batch
 
@@ -55,23 +55,77 @@ def test_targets_offset_units_by_one_and_name_bad_records():
 
 @pytest.mark.parametrize("encoder", ["hubert", "fbank", "av"])
 def test_every_encoder_family_trains_and_the_hook_makes_targets_and_masks(encoder):
-    obj = build(encoder).train()
+    obj = build(encoder, mask_channel_prob=0.5, mask_channel_length=8).train()
     batch = tiny_av_batch() if encoder == "av" else tiny_audio_batch()
     batch["transcript"] = ["one big star", "a cat", "hi"]
     batch = obj.batch_hook()(batch)
     assert batch["ctc_targets"].shape[0] == 3 and batch["time_mask"].any()
     assert batch["ctc_targets"][0, :3].tolist() == obj.units.encode("one")
+    assert isinstance(batch["ctc_frame_lens"], list) and isinstance(batch["ctc_target_lens"], list)
     out = obj(batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and 0.0 <= float(out["blank_fraction"]) <= 1.0
     assert obj.head.weight.grad is not None
-    if encoder == "hubert":  # the conv frontend stays frozen (fairseq feature_grad_mult 0.0)
-        assert all(not p.requires_grad for p in obj.encoder.frontend.parameters())
+    # a fresh encoder (a from-scratch baseline) trains its conv frontend too
+    if encoder == "hubert":
+        assert all(p.requires_grad for p in obj.encoder.frontend.parameters())
     if encoder == "av":  # audio-only and video-only batches work on the same model
         obj.eval()
         a, _ = obj.logits({k: batch[k] for k in ("audio", "audio_lens")})
         v, _ = obj.logits({k: batch[k] for k in ("video", "video_lens")})
         assert a.shape[-1] == v.shape[-1] == obj.units.size
+
+
+@pytest.mark.parametrize("encoder, keys", [("hubert", ("audio",)), ("fbank", ("audio",)), ("av", ("audio", "video")),
+                                           ("av", ("audio",)), ("av", ("video",))])
+def test_hook_counts_the_frames_the_encoder_gives(encoder, keys):
+    obj = build(encoder).eval()
+    full = tiny_av_batch((0.48, 0.36, 0.2)) if encoder == "av" else tiny_audio_batch((8000, 5000, 3300))
+    if encoder == "av":  # one more audio than video frame: the fusion keeps the shorter stream
+        full["video_lens"] = torch.tensor([12, 8, 5])
+    batch = {k: v for k, v in full.items() if k.split("_")[0] in keys}
+    batch["transcript"] = ["one big star", "a cat", "hi"]
+    hooked = obj.batch_hook()(dict(batch))
+    _, lengths = obj.logits(batch)
+    assert hooked["ctc_frame_lens"] == lengths.tolist()
+    assert hooked["ctc_target_lens"] == [len(obj.units.encode(t)) for t in batch["transcript"]]
+    # the hook's host lengths give the loss of the slow path (lengths read from the device)
+    torch.testing.assert_close(obj(hooked)["loss"], obj(batch)["loss"])
+
+
+def test_feasibility_counts_a_blank_between_repeated_units():
+    targets = torch.tensor([[1, 1, 2], [3, 4, 0], [5, 5, 5]])
+    lens = torch.tensor([3, 2, 3])
+    # [1, 1, 2] needs 4 frames; [3, 4] needs 2; [5, 5, 5] needs 5
+    assert feasible(targets, lens, torch.tensor([4, 2, 4])).tolist() == [True, True, False]
+    assert feasible(targets, lens, torch.tensor([3, 1, 5])).tolist() == [False, False, True]
+
+
+def test_infeasible_utterances_leave_the_loss_and_its_denominator():
+    obj = build().eval()
+    batch = tiny_audio_batch((8000, 1600))  # 0.1 s: 4 frames at 50 Hz, fewer than 10 units
+    batch["transcript"] = ["a big star", "a big star"]
+    for b in (batch, obj.batch_hook()(dict(batch))):
+        out = obj(b)
+        assert float(out["infeasible_fraction"]) == pytest.approx(0.5)
+        one = {"audio": batch["audio"][:1], "audio_lens": batch["audio_lens"][:1], "transcript": ["a big star"]}
+        torch.testing.assert_close(out["loss"], obj(one)["loss"], atol=1e-4, rtol=1e-4)
+
+
+def test_channel_masks_zero_feature_channels_in_every_frame(monkeypatch):
+    obj = build(mask_prob=0.0, mask_channel_prob=1.0, mask_channel_length=8).train()
+    batch = tiny_audio_batch((8000, 4800))
+    batch["transcript"] = ["a big star", "hi"]
+    hooked = obj.batch_hook()(batch)
+    mask = hooked["channel_mask"]
+    assert mask.shape == (2, obj.encoder.dim) and mask.any() and not mask.all()
+    seen = {}
+    real = obj.encoder.contextualize
+    monkeypatch.setattr(obj.encoder, "contextualize", lambda x, lengths: seen.setdefault("x", x) is x and real(x, lengths))
+    obj(hooked)
+    x = seen["x"]
+    assert (x.abs().sum(1)[mask] == 0).all()  # masked channels are zero over all frames
+    assert (x.abs().sum(1)[~mask] > 0).all()
 
 
 def test_encoder_frozen_for_freeze_steps_then_trains_and_resume_knows():
