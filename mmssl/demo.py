@@ -106,6 +106,19 @@ def clear_stale_asr(asr: Path, pretrain: Path) -> None:
         shutil.rmtree(asr)
 
 
+def clusters_done(km: Path, pretrain: Path) -> bool:
+    """``kmeans.pt`` of a clustering of the pretraining run's latest checkpoint."""
+    import torch
+
+    from mmssl.train.checkpoint import MODEL_FILE
+
+    latest = _latest(pretrain)
+    if latest is None or not (km / "kmeans.pt").is_file():
+        return False
+    info = torch.load(km / "kmeans.pt", map_location="cpu", weights_only=True)
+    return info.get("weights") == str((latest / MODEL_FILE).resolve())
+
+
 def noisy_done(asr: Path, out: Path) -> bool:
     """``wer.md`` made from the fine-tuning run's latest checkpoint."""
     from mmssl.eval.noisy import read_results
@@ -152,7 +165,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
         Stage("cluster the pretrained model's last audio-visual layer (validation split)",
               ["kmeans", "--manifest", valid, "--checkpoint", str(run), "--layer", last_layer, "--fit-fraction", "1",
                "--k", str(CLUSTERS), "--out", str(km2), "--device", args.device, "--seed", str(args.seed)],
-              _exists(km2 / "kmeans.pt")),
+              lambda: clusters_done(km2, run)),
         Stage("fine-tune the pretrained model for ASR with CTC on the transcripts (character units)",
               ["finetune-asr", "ctc", "--init", str(run), f"data.train={train}", f"data.valid={valid}",
                f"train.max_steps={asr_steps}", f"train.save_every={max(asr_steps // 3, 1)}", "train.valid_every=0",

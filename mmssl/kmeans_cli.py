@@ -40,6 +40,7 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_alignment
 from mmssl.eval.features import is_audio_visual, num_layers, pick_device, record_layers
 from mmssl.runs import load_encoder_from_run
+from mmssl.train.checkpoint import resolve_weights
 from mmssl.nn.kmeans import KMeans
 
 FeatureFn = Callable[[dict], Tensor]  # manifest record -> features (T, D) on the device
@@ -184,8 +185,10 @@ def run(args: argparse.Namespace) -> int:
         scores = assign(manifest, records, feature_fn, km, rate, cache if i == 0 else {}, out)
         if scores is not None:
             qualities[manifest.stem] = scores
+    # the weights file whose layer was clustered (None for MFCC), so a stale clustering shows
+    weights = str(resolve_weights(args.checkpoint).resolve()) if args.checkpoint is not None else None
     torch.save({"centroids": km.centroids.cpu(), "k": args.k, "features": described, "label_rate": rate,
-                "inertia": km.inertia}, out / "kmeans.pt")
+                "inertia": km.inertia, "weights": weights}, out / "kmeans.pt")
     if qualities:
         first = next(iter(qualities.values()))
         # quality.json: the first manifest's scores at the top level, every manifest's under "by_manifest"

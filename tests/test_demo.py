@@ -1,5 +1,6 @@
 import json
 
+import torch
 from omegaconf import OmegaConf
 
 from mmssl.cli import main
@@ -29,10 +30,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     # a second run finds every output and redoes nothing
     assert main(argv) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 5
-    # pretraining goes on: the fine-tuning and its noisy evaluation are redone from the new checkpoint
+    # pretraining goes on: the clustering of its layer, the fine-tuning and its noisy evaluation
+    # are redone from the new checkpoint
     assert main([*argv[:4], "3", *argv[5:]]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("already done, skipped") == 3 and "started from another checkpoint" in printed
+    assert printed.count("already done, skipped") == 2 and "started from another checkpoint" in printed
+    clustered = torch.load(out / "km_av" / "kmeans.pt", weights_only=True)["weights"]
+    assert clustered == str((out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve())
     started = OmegaConf.load(out / "asr" / "config.yaml").objective.encoder_init_checkpoint
     assert started == str((out / "av_hubert" / "checkpoints" / "step_00000003").resolve())
     # started with --resume into an empty folder, the run still keeps the pretraining config
