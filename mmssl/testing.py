@@ -113,3 +113,17 @@ def synthetic_batch(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), 
     batch = collate(items)
     batch_hook = objective.batch_hook() if hook else None
     return batch_hook(batch) if batch_hook is not None else batch
+
+
+def overfit(objective, batch: dict, steps: int, lr: float, key: str = "loss") -> list[float]:
+    """Train ``objective`` on one ``batch`` for ``steps`` Adam steps at ``lr``; returns
+    ``out[key]`` of every step (a learning check: it should fall)."""
+    opt = torch.optim.Adam(objective.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        out = objective(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out[key].detach()))
+    return losses

@@ -7,7 +7,7 @@ from mmssl.cli import main
 from mmssl.errors import ConfigError
 from mmssl.eval.extract import load_features, read_index
 from mmssl.objectives.apc import apc
-from mmssl.testing import tiny_audio_batch, utterances_alone
+from mmssl.testing import overfit, tiny_audio_batch, utterances_alone
 
 
 def _model(time_shift: int = 3):
@@ -82,14 +82,7 @@ def test_states_up_to_t_ignore_audio_after_frame_t_s_window():
 def test_loss_falls_when_overfitting_one_batch():
     model = _model()
     batch = tiny_audio_batch()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(60):
-        out = model(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
+    losses = overfit(model, batch, steps=60, lr=1e-2)
     assert losses[-1] < 0.6 * losses[0]
 
 

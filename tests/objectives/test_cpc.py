@@ -10,7 +10,7 @@ from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.cpc import binary_contrastive
 from mmssl.objectives.wav2vec2 import sample_negatives
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_audio_batch
+from mmssl.testing import overfit, tiny_audio_batch
 
 
 def test_binary_loss_matches_hand_computation():
@@ -91,14 +91,7 @@ def test_loss_falls_when_overfitting_one_batch(name):
     torch.manual_seed(1)
     model = OBJECTIVES.build(name, size="tiny", num_steps=4)
     batch = tiny_audio_batch()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        out = model(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
+    losses = overfit(model, batch, steps=40, lr=3e-3)
     assert sum(losses[-5:]) < 0.85 * sum(losses[:5])
 
 

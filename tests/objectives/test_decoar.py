@@ -8,7 +8,7 @@ from mmssl.encoders.recurrent import reverse_padded
 from mmssl.errors import ConfigError
 from mmssl.eval.extract import load_features, read_index
 from mmssl.objectives.decoar import decoar
-from mmssl.testing import tiny_audio_batch, utterances_alone
+from mmssl.testing import overfit, tiny_audio_batch, utterances_alone
 
 
 def _model(slice_size: int = 4):
@@ -88,14 +88,7 @@ def test_padded_batch_equals_each_utterance_alone():
 def test_loss_falls_when_overfitting_one_batch():
     model = _model()
     batch = tiny_audio_batch()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(60):
-        out = model(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
+    losses = overfit(model, batch, steps=60, lr=1e-2)
     assert losses[-1] < 0.6 * losses[0]
 
 

@@ -6,7 +6,7 @@ import torch
 from mmssl.errors import DataError
 from mmssl.objectives.hubert import cosine_logits, resample_targets, weighted_cross_entropy
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_audio_batch, tiny_labelled_audio_batch, utterances_alone
+from mmssl.testing import overfit, tiny_audio_batch, tiny_labelled_audio_batch, utterances_alone
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
 
@@ -85,14 +85,7 @@ def test_missing_targets_is_a_data_error():
 def test_loss_falls_when_overfitting_one_batch():
     model = _model(1)
     batch = model.batch_hook()(_batch())
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(30):
-        out = model(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["masked_loss"].item())
+    losses = overfit(model, batch, steps=30, lr=2e-3, key="masked_loss")
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -22,7 +22,7 @@ from mmssl.objectives.masked_recon import (
     weighted_reconstruction,
 )
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_audio_batch
+from mmssl.testing import overfit, tiny_audio_batch
 
 QUIET = dict(dropout=0.0, attention_dropout=0.0)
 TERA = dict(stack=1, channel_alteration=True, magnitude_alteration=True)
@@ -265,14 +265,7 @@ def test_a_zero_length_utterance_changes_nothing():
 def test_loss_falls_when_overfitting_one_batch():
     model = _model(1)
     batch = model.batch_hook()(tiny_audio_batch())
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(40):
-        out = model(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
+    losses = overfit(model, batch, steps=40, lr=2e-3)
     assert losses[-1] < 0.6 * losses[0]
 
 

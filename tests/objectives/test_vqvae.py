@@ -9,7 +9,7 @@ from mmssl.eval.extract import load_features, read_index
 from mmssl.runs import load_encoder_from_run
 from mmssl.nn.reconstruction import log_mel
 from mmssl.objectives.vqvae import autoencoder, vqvae
-from mmssl.testing import tiny_audio_batch, utterances_alone
+from mmssl.testing import overfit, tiny_audio_batch, utterances_alone
 
 
 def _model(**kwargs):
@@ -79,17 +79,10 @@ def test_loss_falls_when_overfitting_one_batch(name):
     torch.manual_seed(0)
     model = vqvae(size="tiny", entries=32) if name == "vqvae" else autoencoder(size="tiny")
     batch = tiny_audio_batch()
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    losses = []
-    for _ in range(60):
-        out = model(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["reconstruction_mse_loss"].item())
+    losses = overfit(model, batch, steps=60, lr=5e-3, key="reconstruction_mse_loss")
     assert losses[-1] < 0.6 * losses[0]
     if name == "vqvae":  # restarts keep most of the 32 entries in use
-        assert out["code_usage"] > 0.5
+        assert model(batch)["code_usage"] > 0.5
 
 
 def test_bad_settings_name_the_key():

@@ -5,7 +5,7 @@ import torch
 
 from mmssl.objectives.wavlm import UtteranceMixer
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_audio_batch, tiny_labelled_audio_batch
+from mmssl.testing import overfit, tiny_audio_batch, tiny_labelled_audio_batch
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
 
@@ -108,12 +108,5 @@ def test_padding_values_change_no_loss():
 def test_loss_falls_when_overfitting_one_batch():
     model = _model(1)
     batch = model.batch_hook()(_batch())
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(30):
-        out = model(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["masked_loss"].item())
+    losses = overfit(model, batch, steps=30, lr=2e-3, key="masked_loss")
     assert losses[-1] < 0.5 * losses[0]
