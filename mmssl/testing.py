@@ -127,3 +127,32 @@ def overfit(objective, batch: dict, steps: int, lr: float, key: str = "loss") ->
         opt.step()
         losses.append(float(out[key].detach()))
     return losses
+
+
+HUBERT_STYLE = ("data.labels=x", "objective.num_classes=3")  # builds without a k-means folder
+
+
+def save_tiny_run(folder, recipe: str, manifest, overrides=HUBERT_STYLE, adjust=None):
+    """A tiny untrained run of ``recipe`` on ``manifest`` with ``overrides`` (by default 3
+    target classes, so HuBERT-style recipes build without labels), saved as ``mmssl pretrain``
+    saves it (``config.yaml`` and ``checkpoints/step_00000001/model.safetensors``);
+    ``adjust(objective)`` may change the weights before they are saved. Returns
+    ``(objective in eval mode, step folder)``."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from mmssl.config import load_config, save_resolved
+    from mmssl.train.build import build_objective
+
+    folder = Path(folder)
+    cfg = load_config(recipe, [f"data.train={manifest}", "model.size=tiny", *overrides])
+    save_resolved(cfg, folder)
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    if adjust is not None:
+        adjust(objective)
+    step = folder / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
+    return objective.eval(), step

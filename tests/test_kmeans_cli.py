@@ -2,14 +2,13 @@ import json
 import wave
 
 import torch
-from safetensors.torch import save_file
 
 from mmssl.cli import main
-from mmssl.config import load_config, save_resolved
 from mmssl.data.features import mfcc
 from mmssl.data.io import load_audio
 from mmssl.kmeans_cli import kmeans_info
 from mmssl.nn.kmeans import nearest
+from mmssl.testing import save_tiny_run
 
 TONES = [(200, 2400), (450, 3200), (700, 1600)]  # (Hz, samples) segments: three "phones"
 
@@ -73,17 +72,7 @@ def test_mfcc_labels_one_line_per_record_nearest_centroid(tmp_path, capsys):
 
 def test_checkpoint_layer_labels_at_the_encoder_rate(tmp_path):
     manifest = _corpus(tmp_path, count=3)
-    run = tmp_path / "run"
-    cfg = load_config("hubert", [f"data.train={manifest}", "data.labels=x", "model.size=tiny",
-                                 "objective.num_classes=3"])
-    save_resolved(cfg, run)
-    from mmssl.train.build import build_objective
-
-    torch.manual_seed(0)
-    objective = build_objective(cfg)
-    step = run / "checkpoints" / "step_00000001"
-    step.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
+    objective, step = save_tiny_run(tmp_path / "run", "hubert", manifest)
     out = tmp_path / "km"
     code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(step / "model.safetensors"),
                  "--layer", "1", "--k", "2", "--out", str(out), "--fit-fraction", "1.0"])
@@ -136,7 +125,6 @@ def test_audio_visual_checkpoint_gives_25hz_labels(tmp_path):
     from mmssl.data.datasets import lip_frames
     from mmssl.data.io import load_video
     from mmssl.encoders.av import av_features
-    from mmssl.train.build import build_objective
 
     lines = []
     for i, frames in enumerate((20, 13)):
@@ -144,15 +132,7 @@ def test_audio_visual_checkpoint_gives_25hz_labels(tmp_path):
         lines.append(json.dumps({"id": f"v{i}", "audio": f"v{i}.mp4", "video": f"v{i}.mp4"}))
     manifest = tmp_path / "av.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
-    run = tmp_path / "run"
-    cfg = load_config("av_hubert", [f"data.train={manifest}", "data.labels=x", "model.size=tiny",
-                                    "objective.num_classes=3"])
-    save_resolved(cfg, run)
-    torch.manual_seed(0)
-    objective = build_objective(cfg)
-    step = run / "checkpoints" / "step_00000001"
-    step.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
+    objective, step = save_tiny_run(tmp_path / "run", "av_hubert", manifest)
     out = tmp_path / "km"
     code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(step), "--layer", "1",
                  "--k", "2", "--out", str(out), "--fit-fraction", "1.0", "--device", "cpu"])

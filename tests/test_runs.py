@@ -10,7 +10,7 @@ from mmssl.cli import main
 from mmssl.eval.asr import load_asr_model
 from mmssl.registry import OBJECTIVES
 from mmssl.runs import STRUCTURE_ONLY, load_encoder_from_run, structure_config
-from tests.eval.test_extract import make_run
+from mmssl.testing import save_tiny_run
 
 
 def _finetune(init, out, manifest, steps=1):
@@ -27,7 +27,7 @@ def _logits(model, batch):
 
 def test_a_chain_of_fine_tuned_runs_loads_after_its_sources_are_gone(synth_tiny, tmp_path):
     manifest = synth_tiny / "av" / "train.jsonl"
-    _, step = make_run(tmp_path / "pre", "hubert", manifest)
+    _, step = save_tiny_run(tmp_path / "pre", "hubert", manifest)
     _finetune(step, tmp_path / "ft1", manifest)
     _finetune(tmp_path / "ft1", tmp_path / "ft2", manifest)  # starts from the first fine-tuned run
     copy = tmp_path / "ft2" / "init" / "encoder_init"
@@ -74,7 +74,7 @@ def test_weights_that_do_not_fit_the_config_are_named(synth_tiny, tmp_path):
     from mmssl.errors import DataError
     from mmssl.runs import load_objective_from_run
 
-    _, step = make_run(tmp_path / "pre", "hubert", synth_tiny / "av" / "train.jsonl")
+    _, step = save_tiny_run(tmp_path / "pre", "hubert", synth_tiny / "av" / "train.jsonl")
     cfg = OmegaConf.load(tmp_path / "pre" / "config.yaml")
     cfg.objective.num_classes = 5  # the saved label embeddings have 3 rows
     OmegaConf.save(cfg, tmp_path / "pre" / "config.yaml")

@@ -12,7 +12,7 @@ from mmssl.eval.asr import (
     Units, clip_batch, greedy_decode, load_asr_model, load_clips, normalize_text, train_units, transcribe,
     word_errors,
 )
-from tests.eval.test_extract import make_run
+from mmssl.testing import save_tiny_run
 
 
 def logits_for(paths, vocab=4):
@@ -78,7 +78,7 @@ def test_word_errors_against_a_hand_count():
 def av_init(synth_tiny, tmp_path_factory):
     """A tiny AV-HuBERT pretraining run (weights at their seeded initialisation)."""
     folder = tmp_path_factory.mktemp("asr_init")
-    _, step = make_run(folder / "av", "av_hubert", synth_tiny / "av" / "train.jsonl")
+    _, step = save_tiny_run(folder / "av", "av_hubert", synth_tiny / "av" / "train.jsonl")
     return step
 
 
@@ -176,7 +176,7 @@ def _steps(run):
 
 def test_resume_without_init_and_after_the_pretraining_run_moved(synth_tiny, tmp_path):
     av = synth_tiny / "av"
-    _, step = make_run(tmp_path / "pre", "hubert", av / "train.jsonl")
+    _, step = save_tiny_run(tmp_path / "pre", "hubert", av / "train.jsonl")
     ft = tmp_path / "ft"
     base = ["finetune-asr", f"data.train={av / 'train.jsonl'}", f"data.valid={av / 'valid.jsonl'}",
             f"train.out_dir={ft}", "objective.freeze_steps=0", "train.save_every=1", *QUICK]
@@ -216,7 +216,7 @@ def test_a_frozen_encoder_for_the_whole_run_is_announced(synth_tiny, tmp_path, c
 def test_the_conv_frontend_is_frozen_only_for_a_pretrained_encoder(synth_tiny, tmp_path):
     from mmssl.registry import OBJECTIVES
 
-    _, step = make_run(tmp_path / "pre", "hubert", synth_tiny / "av" / "train.jsonl")
+    _, step = save_tiny_run(tmp_path / "pre", "hubert", synth_tiny / "av" / "train.jsonl")
     pretrained = OBJECTIVES.build("ctc", encoder_init=str(step))
     assert not any(p.requires_grad for p in pretrained.encoder.frontend.parameters())
     fresh = OBJECTIVES.build("ctc", size="tiny", encoder="hubert")

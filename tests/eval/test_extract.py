@@ -2,29 +2,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from mmssl.cli import main
-from mmssl.config import load_config, save_resolved
 from mmssl.data.datasets import lip_frames
 from mmssl.data.io import load_audio, load_video
 from mmssl.data.manifest import read_manifest, write_manifest
 from mmssl.encoders.av import av_features
 from mmssl.eval.extract import iter_features, load_features, parse_layers, read_index
 from mmssl.errors import ConfigError
-from mmssl.train.build import build_objective
-
-
-def make_run(folder, recipe, manifest):
-    """A tiny run of ``recipe`` saved as ``mmssl pretrain`` saves it; returns (objective, step folder)."""
-    cfg = load_config(recipe, [f"data.train={manifest}", "data.labels=x", "model.size=tiny", "objective.num_classes=3"])
-    save_resolved(cfg, folder)
-    torch.manual_seed(0)
-    objective = build_objective(cfg)
-    step = folder / "checkpoints" / "step_00000001"
-    step.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
-    return objective.eval(), step
+from mmssl.testing import save_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +18,8 @@ def corpus(synth_tiny, tmp_path_factory):
     """Two records of the built-in corpus (audio + lip video) and a hubert and an av_hubert run."""
     folder = tmp_path_factory.mktemp("extract")
     manifest = write_manifest(folder / "two.jsonl", read_manifest(synth_tiny / "av" / "valid.jsonl")[:2])
-    speech = make_run(folder / "hubert", "hubert", manifest)
-    av = make_run(folder / "av", "av_hubert", manifest)
+    speech = save_tiny_run(folder / "hubert", "hubert", manifest)
+    av = save_tiny_run(folder / "av", "av_hubert", manifest)
     return manifest, speech, av
 
 

@@ -3,10 +3,8 @@ import json
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from mmssl.cli import main
-from mmssl.config import load_config, save_resolved
 from mmssl.data.datasets import lip_frames
 from mmssl.data.io import load_audio, load_video
 from mmssl.data.manifest import read_manifest, write_manifest
@@ -14,31 +12,21 @@ from mmssl.encoders.av import av_features
 from mmssl.errors import ConfigError
 from mmssl.eval.layers import pool_frames, rate_factors
 from mmssl.eval.probes import cca_similarity, numerical_rank
-from mmssl.train.build import build_objective
+from mmssl.testing import save_tiny_run
 
 
-def make_run(folder, recipe, manifest, sharpen=False):
-    """A tiny run of ``recipe`` saved as ``mmssl pretrain`` saves it; returns (objective, step folder).
-    ``sharpen``: larger transformer weights, so that its layers are far from linear maps of each other."""
-    cfg = load_config(recipe, [f"data.train={manifest}", "data.labels=x", "model.size=tiny", "objective.num_classes=3"])
-    save_resolved(cfg, folder)
-    torch.manual_seed(0)
-    objective = build_objective(cfg)
-    if sharpen:
-        for name, p in objective.encoder.transformer.layers.named_parameters():
-            if name.endswith("weight") and p.dim() == 2:
-                torch.nn.init.normal_(p, std=2.0 / p.shape[1] ** 0.5)
-    step = folder / "checkpoints" / "step_00000001"
-    step.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
-    return objective.eval(), step
+def sharpen(objective):
+    """Larger transformer weights, so that its layers are far from linear maps of each other."""
+    for name, p in objective.encoder.transformer.layers.named_parameters():
+        if name.endswith("weight") and p.dim() == 2:
+            torch.nn.init.normal_(p, std=2.0 / p.shape[1] ** 0.5)
 
 
 @pytest.fixture(scope="module")
 def corpus(synth_tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("layers")
     manifest = write_manifest(folder / "m.jsonl", read_manifest(synth_tiny / "av" / "valid.jsonl")[:3])
-    return manifest, make_run(folder / "hubert", "hubert", manifest, sharpen=True), make_run(folder / "av", "av_hubert", manifest)
+    return manifest, save_tiny_run(folder / "hubert", "hubert", manifest, adjust=sharpen), save_tiny_run(folder / "av", "av_hubert", manifest)
 
 
 def _layers_cli(*args):

@@ -10,7 +10,7 @@ from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.cpc import binary_contrastive
 from mmssl.objectives.wav2vec2 import sample_negatives
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import overfit, tiny_audio_batch
+from mmssl.testing import overfit, save_tiny_run, tiny_audio_batch
 
 
 def test_binary_loss_matches_hand_computation():
@@ -99,25 +99,14 @@ def test_loss_falls_when_overfitting_one_batch(name):
 def test_objective_holds_its_encoder_and_kmeans_reads_its_layers(tmp_path, name):
     """A CPC / wav2vec run exposes ``.encoder``: ``mmssl kmeans --checkpoint --layer`` labels
     every record at the encoder's 100 Hz with the nearest centroid of that layer's frames."""
-    from safetensors.torch import save_file
-
     from mmssl.cli import main
-    from mmssl.config import load_config, save_resolved
-    from mmssl.kmeans_cli import load_encoder_from_run
     from mmssl.nn.kmeans import nearest
-    from mmssl.train.build import build_objective
+    from mmssl.runs import load_encoder_from_run
     from tests.test_kmeans_cli import _corpus, _km_lines
 
     manifest = _corpus(tmp_path, count=3)
-    run = tmp_path / "run"
-    cfg = load_config(name, [f"data.train={manifest}", "model.size=tiny", "objective.num_steps=2"])
-    save_resolved(cfg, run)
-    torch.manual_seed(0)
-    objective = build_objective(cfg)
+    objective, step = save_tiny_run(tmp_path / "run", name, manifest, overrides=["objective.num_steps=2"])
     assert {k.split(".")[0] for k in objective.state_dict()} == {"encoder", "predictor"}
-    step = run / "checkpoints" / "step_00000001"
-    step.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
     encoder = load_encoder_from_run(step)
     assert not encoder.training
     for key, value in objective.encoder.state_dict().items():
