@@ -79,13 +79,13 @@ def _latest(run: Path) -> Path | None:
 
 def started_from_latest(asr: Path, pretrain: Path) -> bool:
     """The fine-tuning run in ``asr`` started from ``pretrain``'s latest checkpoint (the one
-    its config.yaml records in ``objective.encoder_init_checkpoint``)."""
+    its config.yaml records in ``objective.encoder_init``)."""
     from omegaconf import OmegaConf
 
     latest = _latest(pretrain)
     if latest is None or not (asr / "config.yaml").is_file():
         return False
-    started = OmegaConf.select(OmegaConf.load(asr / "config.yaml"), "objective.encoder_init_checkpoint")
+    started = OmegaConf.select(OmegaConf.load(asr / "config.yaml"), "objective.encoder_init")
     return started == str(latest.resolve())
 
 

@@ -15,6 +15,7 @@ own folder.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -156,9 +157,10 @@ def load_encoder_from_run(run_dir_or_ckpt: str | os.PathLike):
 
 
 def resume_config(cfg: DictConfig) -> DictConfig:
-    """For ``--resume`` of a run that has a checkpoint: its start-from keys point at the copies
-    in its folder (the checkpoint holds the weights), so it resumes after its sources moved."""
+    """For ``--resume`` of a run that has a checkpoint: a copy of ``cfg`` whose start-from keys
+    point at the copies in its folder (the checkpoint holds the weights), so it resumes after its
+    sources moved. What builds the run, not what its ``config.yaml`` records."""
     run_dir = Path(str(cfg.train.out_dir))
     if not (run_dir / "checkpoints" / "latest").is_file():
         return cfg  # nothing saved yet: it starts again from its sources
-    return _use_copies(cfg, run_dir)
+    return _use_copies(copy.deepcopy(cfg), run_dir)

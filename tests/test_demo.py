@@ -37,7 +37,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert printed.count("already done, skipped") == 2 and "started from another checkpoint" in printed
     clustered = torch.load(out / "km_av" / "kmeans.pt", weights_only=True)["weights"]
     assert clustered == str((out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve())
-    started = OmegaConf.load(out / "asr" / "config.yaml").objective.encoder_init_checkpoint
+    started = OmegaConf.load(out / "asr" / "config.yaml").objective.encoder_init
     assert started == str((out / "av_hubert" / "checkpoints" / "step_00000003").resolve())
     # started with --resume into an empty folder, the run still keeps the pretraining config
     assert (out / "asr" / "init" / "encoder_init" / "config.yaml").is_file()

@@ -14,8 +14,8 @@ One function, :func:`normalize_text`, makes both the training targets and the WE
 ``finetune-asr`` reuses ``mmssl pretrain``'s engine (run folder with config.yaml,
 metrics.jsonl, checkpoints/, tb/, ``--resume``), then decodes ``data.valid`` greedily and writes
 ``wer.json`` (with the checkpoint decoded) and ``hyps.jsonl``. ``--init`` is required: a
-pretraining run (its latest checkpoint folder is what config.yaml records, in
-``objective.encoder_init`` and ``objective.encoder_init_checkpoint``) or ``none``. ``--resume``
+pretraining run (its latest checkpoint folder is what config.yaml records as
+``objective.encoder_init``) or ``none``. ``--resume``
 continues with the run's saved config and, once it has a checkpoint, rebuilds its encoder from
 the copy of the pretraining config in ``RUN/init/`` (``mmssl.runs``), so it needs neither
 ``--init`` nor the pretraining run.
@@ -325,14 +325,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace):
     """The run's config: recipe < command line (``--init`` is ``objective.encoder_init``); with
-    ``--resume`` the run's saved config < command line, and once the run has a checkpoint its
-    start-from run is read from the copy in its folder (``mmssl.runs.resume_config``). A run that
-    starts (no checkpoint yet) names the checkpoint folder ``encoder_init`` resolves to, so a
-    rerun starts from the same weights."""
+    ``--resume`` the run's saved config < command line. A run that starts (no checkpoint yet)
+    names the checkpoint folder ``encoder_init`` resolves to, so a rerun starts from the same
+    weights; a run resumed from a checkpoint keeps the one it started from (its checkpoint holds
+    the weights, and ``mmssl pretrain``'s resume builds the encoder from the copy in its folder)."""
     from omegaconf import OmegaConf
 
     from mmssl.config import load_run_config, resolve
-    from mmssl.runs import resume_config
 
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe:  # `mmssl finetune-asr key=value ...`
@@ -345,23 +344,22 @@ def _config(args: argparse.Namespace):
         raise ConfigError("no start point: pass --init RUN (a pretraining run or checkpoint to fine-tune) or "
                           "--init none (a fresh objective.encoder of model.size, a from-scratch baseline)")
     cfg = resolve(cfg)
-    if (Path(cfg.train.out_dir) / "checkpoints" / "latest").is_file() and args.resume:
-        return resume_config(cfg)
+    run_dir = Path(cfg.train.out_dir)
+    if args.resume and (run_dir / "checkpoints" / "latest").is_file():
+        cfg.objective.encoder_init = OmegaConf.load(run_dir / "config.yaml").objective.encoder_init
+        return cfg
     init = OmegaConf.select(cfg, "objective.encoder_init")
     if init not in (None, "", "none"):
-        cfg.objective.encoder_init = cfg.objective.encoder_init_checkpoint = init_checkpoint(init)
+        cfg.objective.encoder_init = init_checkpoint(init)
     return cfg
 
 
 def init_checkpoint(path: str | Path) -> str:
     """The checkpoint folder a start-from run, checkpoint folder or weights file resolves to
-    (the latest checkpoint of a run); a copied config (``RUN/init/<key>``) stays as it is."""
-    from mmssl.runs import STRUCTURE_ONLY
+    (the latest checkpoint of a run)."""
     from mmssl.train.checkpoint import MODEL_FILE, resolve_weights
 
     path = Path(path)
-    if (path / STRUCTURE_ONLY).is_file():
-        return str(path)
     if not path.exists():
         raise DataError(f"objective.encoder_init={path}: not found")
     weights = resolve_weights(path).resolve()

@@ -347,8 +347,6 @@ def ctc(
     snr_low: float = -5.0,
     snr_high: float = 5.0,
     seed: int = 0,
-    encoder_init_checkpoint: str | None = None,  # a record, builds nothing: the checkpoint folder
-    # encoder_init named when the run started (`mmssl finetune-asr` sets it; resumes keep it)
 ) -> CTCObjective:
     """CTC fine-tuning of a pretrained (``encoder_init``) or fresh (``encoder``, ``size``)
     encoder on the units of ``units_file``."""

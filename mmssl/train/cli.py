@@ -43,9 +43,11 @@ def pretrain(
     device = pick_device(cfg.train.device, env)
     init_process_group(env, device, cfg.train.dist_timeout_s)
     try:
-        run_dir = prepare_run_dir(cfg, resume, env)
+        run_dir = prepare_run_dir(cfg, resume, env)  # saves cfg as given
         barrier(env)
-        _fit(cfg, env, device, resume, registry, stream_builder, callbacks)
+        # a resumed run with a checkpoint builds its start-from encoders from the copies in its
+        # folder (the checkpoint holds the weights); config.yaml keeps the original sources
+        _fit(resume_config(cfg) if resume else cfg, env, device, resume, registry, stream_builder, callbacks)
     finally:
         shutdown()  # after the trainer (and its DDP/FSDP state) is gone: tearing down in the
         # other order can hang on exit
@@ -62,8 +64,6 @@ def _fit(cfg, env, device, resume, registry, stream_builder, callbacks) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve(load_run_config(args.recipe, args.overrides, resume=args.resume))
-    if args.resume:
-        cfg = resume_config(cfg)
     run_dir = pretrain(cfg, resume=args.resume)
     if env_from_torchrun().is_main:
         print(f"run folder: {run_dir}")
