@@ -192,18 +192,16 @@ class ManifestDataset(Dataset):
         """Decoded lengths against the manifest's counts (a truncated file) and audio against
         video, within ``av_tolerance`` seconds (default one video frame), as ``mmssl data check``."""
         seconds = {}
-        if "audio" in item:
-            seconds["audio"] = item["audio"].shape[0] / AUDIO_RATE
-            declared = record.get("audio_samples")
-            if declared is not None and abs(seconds["audio"] - declared / AUDIO_RATE) > self.av_tolerance:
-                raise DataError(f"{record['audio']}: decoded {item['audio'].shape[0]} audio samples, the manifest "
-                                f"says {declared} (truncated or changed file?)")
-        if "video" in item:
-            seconds["video"] = item["video"].shape[0] / VIDEO_FPS
-            declared = record.get("video_frames")
-            if declared is not None and abs(seconds["video"] - declared / VIDEO_FPS) > self.av_tolerance:
-                raise DataError(f"{record['video']}: decoded {item['video'].shape[0]} video frames, the manifest "
-                                f"says {declared} (truncated or changed file?)")
+        for key, count_key, unit, rate in (("audio", "audio_samples", "audio samples", AUDIO_RATE),
+                                           ("video", "video_frames", "video frames", VIDEO_FPS)):
+            if key not in item:
+                continue
+            decoded = item[key].shape[0]
+            seconds[key] = decoded / rate
+            declared = record.get(count_key)
+            if declared is not None and abs(seconds[key] - declared / rate) > self.av_tolerance:
+                raise DataError(f"{record[key]}: decoded {decoded} {unit}, the manifest says {declared} "
+                                "(truncated or changed file?)")
         if len(seconds) == 2 and abs(seconds["audio"] - seconds["video"]) > self.av_tolerance + 1e-9:
             raise DataError(f"record {record['id']!r}: audio lasts {seconds['audio']:.3f} s and video "
                             f"{seconds['video']:.3f} s (more than {self.av_tolerance:.3f} s apart)")
