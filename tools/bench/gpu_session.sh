@@ -57,7 +57,7 @@ if [ "$SMOKE" = 1 ]; then
     LOADER_KEYS=(model.size=tiny data.max_seconds_per_batch=8 objective.num_classes=16); K=16
 else
     SIZE=base; DEVICE=cuda; STEP_ARGS=(--steps 5 --warmup 2)
-    WORKERS=0,2,4,8; BATCHES=40; CORPUS_SIZE=demo; RECORDS=1200; LOADER_KEYS=(); K=100
+    WORKERS=4,14; BATCHES=20; CORPUS_SIZE=demo; RECORDS=1200; LOADER_KEYS=(); K=100
     {
         echo "== install (offline, from .whl)"
         nvidia-smi -L
@@ -138,6 +138,7 @@ fi
         sed -n '/^training step/,$p' "$OUT/loader.log"
     else
         tail -n 5 "$OUT/loader.log"
+        [ -s "$OUT/loader.jsonl" ] && { echo; cat "$OUT/loader.jsonl"; }
         echo
         cat "$OUT/steps.jsonl"
     fi

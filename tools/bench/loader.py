@@ -228,6 +228,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         for count in workers:
             results.append(add_ratio(measure(cfg, objective, count, args.batches, not args.quiet),
                                      args.step_rate, steps))
+            if args.out:  # each row as soon as it is measured: a run cut short keeps what it had
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(results[-1]) + "\n")
     return results
 
 
@@ -242,11 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--step-rate", type=float, help="training steps/s on these batches, to compare with")
     rate.add_argument("--step-json", help="tools/bench/pretrain_step.py output (JSON lines), to compare audio s/s")
-    p.add_argument("--out", help="also write the results here as JSON lines")
+    p.add_argument("--out", help="also write the results here as JSON lines, each as it is measured")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every recipe (e.g. model.size=tiny)")
     args = p.parse_args(argv)
 
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("")
     try:
         results = run(args)
     except MmsslError as err:
@@ -257,9 +263,6 @@ def main(argv: list[str] | None = None) -> int:
         print(step_table(read_step_json(args.step_json)) + "\n")
     print(f"loader throughput on {args.manifest} ({machine()})\n")
     print(table(results))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
     return 0
 
 
