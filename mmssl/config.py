@@ -101,7 +101,8 @@ def load_run_config(
         return cfg
     if not saved.is_file():
         return cfg
-    base = _load_yaml(saved)
+    # under the defaults, so a run saved before a key was added still has it (its default)
+    base = OmegaConf.merge(_load_yaml(defaults), _load_yaml(saved))
     OmegaConf.set_struct(base, True)
     for section in OPEN_SECTIONS:
         if section in base:

@@ -71,3 +71,14 @@ def test_a_resumed_run_keeps_its_saved_settings_unless_given_again(tmp_path):
     assert fresh.train.lr != 0.123
     with pytest.raises(ConfigError, match="train.lrr"):
         load_run_config("hubert", [out, "train.lrr=1"], resume=True)
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_its_default(tmp_path):
+    from mmssl.config import load_run_config
+
+    out = f"train.out_dir={tmp_path / 'run'}"
+    first = resolve(load_config("hubert", ["data.train=a.jsonl", "data.labels=km", "train.lr=0.123", out]))
+    del first.data["train_subset"]  # as written by a version without the key
+    save_resolved(first, tmp_path / "run")
+    again = resolve(load_run_config("hubert", [out], resume=True))
+    assert again.data.train_subset is None and again.train.lr == 0.123

@@ -26,7 +26,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from mmssl.errors import DataError
+import torch
+
+from mmssl.errors import ConfigError, DataError
 
 PATH_KEYS = ("audio", "video", "image")
 INT_KEYS = ("audio_samples", "video_frames")
@@ -127,3 +129,19 @@ def duration_seconds(record: dict) -> float | None:
     if record.get("video_frames") is not None:
         return record["video_frames"] / VIDEO_FPS
     return None
+
+
+def subset_indices(count: int, subset: float | int | None, seed: int = 0) -> list[int]:
+    """Sorted indices of a seeded random subset of ``count`` records: ``subset`` below 1 is a
+    fraction (rounded, at least one record), a whole number >= 1 a record count (all records
+    when it is not smaller than ``count``), None every record. The same arguments give the same
+    records whatever else a run changes (the labelled subset of a fine-tuning, say)."""
+    if subset is None:
+        return list(range(count))
+    if isinstance(subset, bool) or not isinstance(subset, (int, float)) or subset <= 0:
+        raise ConfigError(f"a subset is a fraction in (0, 1) or a record count >= 1, got {subset!r}")
+    if subset >= 1 and float(subset) != int(subset):
+        raise ConfigError(f"a subset of {subset!r}: a fraction is below 1, a record count is whole")
+    wanted = max(1, round(subset * count)) if subset < 1 else min(int(subset), count)
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(count, generator=generator)[:wanted].tolist())

@@ -99,13 +99,15 @@ def _check_labels(cfg: DictConfig, kwargs: dict, params) -> None:
 
 def build_stream(cfg: DictConfig, split: str, objective: Objective, env: DistEnv) -> BatchStream | None:
     """The manifest ``data.<split>`` as a bucketed, sharded, resumable batch stream (None when
-    the split is not set). Records outside ``[min_audio_seconds, max_audio_seconds]`` are left out.
+    the split is not set). Records outside ``[min_audio_seconds, max_audio_seconds]`` are left out;
+    with ``data.train_subset`` the training split keeps only that seeded subset of its records.
 
     Objectives that read images or text may carry ``image_transform`` / ``text_tokenizer``
     attributes; the dataset uses them to make ``image`` and ``text`` tensors.
     """
     from mmssl.data.collate import collate
     from mmssl.data.datasets import MODALITIES, ManifestDataset
+    from mmssl.data.manifest import subset_indices
     from mmssl.data.samplers import BucketBatchSampler
 
     data = cfg.data
@@ -124,11 +126,14 @@ def build_stream(cfg: DictConfig, split: str, objective: Objective, env: DistEnv
         max_bad_fraction=data.max_bad_fraction,
     )
     durations = dataset.durations()
-    keep = [i for i, d in enumerate(durations) if data.min_audio_seconds <= d <= data.max_audio_seconds]
+    train = split == "train"
+    # the subset is drawn over the whole manifest, so it does not move with the duration limits
+    count = len(durations)
+    chosen = subset_indices(count, data.train_subset, data.train_subset_seed) if train else range(count)
+    keep = [i for i in chosen if data.min_audio_seconds <= durations[i] <= data.max_audio_seconds]
     if not keep:
         raise DataError(f"data.{split}: no record of {manifest} lasts between data.min_audio_seconds="
                         f"{data.min_audio_seconds} and data.max_audio_seconds={data.max_audio_seconds}")
-    train = split == "train"
     sampler = BucketBatchSampler(
         [durations[i] for i in keep], data.max_seconds_per_batch, shuffle=train,
         seed=cfg.train.seed, rank=env.rank, world_size=env.world_size,

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mmssl.data.manifest import duration_seconds, read_manifest, write_manifest
-from mmssl.errors import DataError
+from mmssl.data.manifest import duration_seconds, read_manifest, subset_indices, write_manifest
+from mmssl.errors import ConfigError, DataError
 
 
 def test_round_trip_relative_and_absolute_paths(tmp_path):
@@ -57,3 +57,22 @@ def test_write_rejects_duplicates_and_leaves_no_file(tmp_path):
 def test_missing_manifest(tmp_path):
     with pytest.raises(DataError, match="manifest not found"):
         read_manifest(tmp_path / "nope.jsonl")
+
+
+def test_subset_is_seeded_sorted_and_sized():
+    assert subset_indices(10, None) == list(range(10))
+    tenth = subset_indices(200, 0.1, seed=3)
+    assert len(tenth) == 20 and tenth == sorted(tenth) and len(set(tenth)) == 20
+    assert subset_indices(200, 0.1, seed=3) == tenth  # same seed, same records
+    assert subset_indices(200, 0.1, seed=4) != tenth
+    assert len(subset_indices(200, 37, seed=3)) == 37
+    assert subset_indices(5, 50) == list(range(5))  # more than there are: all of them
+    assert len(subset_indices(5, 0.01)) == 1  # a fraction keeps at least one record
+    # a larger subset of the same seed is not a reshuffle: the first draws stay in it
+    assert set(subset_indices(200, 10, seed=3)) <= set(subset_indices(200, 20, seed=3))
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, True, "10%"])
+def test_subset_rejects_what_is_neither_fraction_nor_count(bad):
+    with pytest.raises(ConfigError, match="subset"):
+        subset_indices(10, bad)

@@ -12,7 +12,8 @@ import torch
 from mmssl.config import load_config, resolve
 from mmssl.errors import ConfigError
 from mmssl.registry import Registry
-from mmssl.train.build import build_objective, build_schedule
+from mmssl.data.manifest import subset_indices
+from mmssl.train.build import build_objective, build_schedule, build_stream
 from mmssl.train.checkpoint import load_weights
 from mmssl.train.cli import pretrain
 from mmssl.train.distributed import DistEnv
@@ -129,3 +130,16 @@ def test_bad_records_are_skipped_and_their_count_logged(tmp_path):
     rows = read_metrics(run)
     assert rows[-1]["bad_records"] >= 1  # the missing file was met, skipped and counted
     assert all(r["bad_records"] <= 1 or r["epoch"] >= 1 for r in rows)
+
+
+def test_train_subset_keeps_the_seeded_records_and_only_in_training(tmp_path):
+    manifest = _write_corpus(tmp_path, n=12)
+    cfg = _cfg(tmp_path, manifest, "data.train_subset=0.25", "data.train_subset_seed=5", f"data.valid={manifest}")
+    objective = build_objective(cfg, registry=LOCAL)
+    seen = {}
+    for split in ("train", "valid"):
+        stream = build_stream(cfg, split, objective, DistEnv())
+        seen[split] = sorted(stream.dataset[i]["id"] for i in range(len(stream.dataset)))
+    records = [json.loads(line)["id"] for line in manifest.read_text().splitlines()]
+    assert seen["train"] == sorted(records[i] for i in subset_indices(12, 0.25, seed=5))
+    assert len(seen["train"]) == 3 and len(seen["valid"]) == 12
