@@ -78,7 +78,9 @@ def test_a_run_saved_before_a_key_existed_resumes_with_its_default(tmp_path):
 
     out = f"train.out_dir={tmp_path / 'run'}"
     first = resolve(load_config("hubert", ["data.train=a.jsonl", "data.labels=km", "train.lr=0.123", out]))
-    del first.data["train_subset"]  # as written by a version without the key
     save_resolved(first, tmp_path / "run")
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    del saved.data["train_subset"]  # as written by a version without the key
+    OmegaConf.save(saved, tmp_path / "run" / "config.yaml")
     again = resolve(load_run_config("hubert", [out], resume=True))
     assert again.data.train_subset is None and again.train.lr == 0.123
