@@ -3,6 +3,14 @@
 Shape legend: S samples, T frames, H/W pixels. Every failure (missing file, corrupt or
 truncated container, no stream of the wanted kind, zero length, NaN samples) is raised as
 ``mmssl.errors.DataError`` whose message starts with the file, never as a PyAV traceback.
+
+Codec delay: an AAC encoder emits ``AAC_PRIMING`` samples of priming before the audio and pads
+the last frame. Where the container marks the priming (an mp4 edit list, as ffmpeg writes it
+and PyAV when the audio frames carry timestamps; Matroska's codec delay), FFmpeg's demuxer gives
+the priming packets negative timestamps and its decoder drops their samples. Where it does not
+(an mp4 muxed from untimed frames, ADTS ``.aac``, Matroska from older ffmpeg), the decoder
+returns the priming as audio and everything in the clip sounds that much late; the loader drops
+it, and ``probe`` counts without it. The end padding is cut at the stream's declared duration.
 """
 
 from __future__ import annotations
@@ -23,6 +31,11 @@ from mmssl.errors import DataError
 
 # Errors PyAV (and the OS under it) raise on a file it cannot use.
 _DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, RuntimeError, EOFError, IndexError)
+
+# Samples of encoder delay at the start of an AAC stream: FFmpeg's encoder declares 1024 (its
+# initial_padding, one AAC-LC frame). Other encoders may prime more (Apple's 2112), but a file
+# that does not say how much leaves no better guess.
+AAC_PRIMING = 1024
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,8 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         if container.streams.audio:
             a = container.streams.audio[0]
             a_dur = _seconds(a.duration, a.time_base) or duration
+            if a_dur and a.codec_context.name == "aac":  # the declared length counts the priming
+                a_dur = max(0.0, a_dur - _priming(a, *_first_timestamps(container, a)) / a.codec_context.sample_rate)
             fields.update(
                 audio_rate=a.codec_context.sample_rate,
                 audio_channels=a.codec_context.channels,
@@ -121,26 +136,61 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         return MediaInfo(path=os.fspath(path), duration=duration, **fields)
 
 
+def _first_timestamps(container, stream) -> tuple[int | None, int | None]:
+    """The pts of ``stream``'s first packet and of the first frame it decodes to (or None)."""
+    first_packet = None
+    for index, packet in enumerate(container.demux(stream)):
+        if index == 0:
+            first_packet = packet.pts
+        for frame in packet.decode():
+            return first_packet, frame.pts
+    return first_packet, None
+
+
+def _priming(stream, first_packet: int | None, first_frame: int | None) -> int:
+    """Encoder priming samples left at the start of the decoded audio (module docstring).
+
+    None, unless ``stream`` is AAC and nothing marks its priming: a container that marks it
+    gives the first packet a negative pts, or the decoder skips samples, so its first frame
+    starts after the first packet."""
+    if stream.codec_context.name != "aac" or first_packet is None:
+        return 0
+    marked = first_packet < 0 or (first_frame is not None and first_frame > first_packet)
+    return 0 if marked else AAC_PRIMING
+
+
 def _decode_audio(container, path: str) -> tuple[np.ndarray, int]:
-    """All samples of the first audio stream, ``(C, S)`` float32 at the native rate, trimmed
-    to the stream's declared duration (AAC decoders return the encoder's end padding too)."""
+    """All samples of the first audio stream, ``(C, S)`` float32 at the native rate, without
+    the codec delay (module docstring): unmarked AAC priming is dropped from the start, and the
+    end is cut at the stream's declared duration when at most one codec frame of padding
+    lies beyond it (a longer excess means the duration was estimated, as for ADTS from the
+    bit rate: every decoded sample is kept)."""
     if not container.streams.audio:
         raise DataError(f"{path}: no audio stream")
     stream = container.streams.audio[0]
     to_float = av.AudioResampler(format="fltp")  # sample format only; layout and rate kept
     chunks = []
-    for frame in container.decode(stream):
-        for out in to_float.resample(frame):
-            chunks.append(out.to_ndarray())
-    for out in to_float.resample(None):
-        chunks.append(out.to_ndarray())
+    first_packet = first_frame = None
+    for index, packet in enumerate(container.demux(stream)):
+        if index == 0:
+            first_packet = packet.pts
+        for frame in packet.decode():
+            if first_frame is None:
+                first_frame = frame.pts
+            chunks += [out.to_ndarray() for out in to_float.resample(frame)]
+    chunks += [out.to_ndarray() for out in to_float.resample(None)]
     rate = stream.codec_context.sample_rate
     if not chunks:
         raise DataError(f"{path}: zero-length audio")
     data = np.concatenate(chunks, axis=1)  # (C, S)
     declared = _seconds(stream.duration, stream.time_base)
     if declared:
-        data = data[:, : max(1, round(declared * rate))]
+        end = max(1, round(declared * rate))
+        if 0 < data.shape[1] - end <= (stream.codec_context.frame_size or 0):
+            data = data[:, :end]
+    data = data[:, _priming(stream, first_packet, first_frame) :]
+    if data.shape[1] == 0:
+        raise DataError(f"{path}: zero-length audio")
     return data, rate
 
 

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import pickle
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -251,6 +252,7 @@ def write_av(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray | No
             for start in range(0, pcm.shape[1], chunk):
                 af = av.AudioFrame.from_ndarray(pcm[:, start : start + chunk], format="s16", layout="mono")
                 af.sample_rate = sample_rate
+                af.pts, af.time_base = start, Fraction(1, sample_rate)  # timed: the mp4 marks the AAC priming
                 for packet in a_s.encode(af):
                     out.mux(packet)
             for packet in a_s.encode():

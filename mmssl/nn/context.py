@@ -5,7 +5,8 @@ depends only on input frames ``<= t``. Padding follows the valid frames, so a ca
 never lets it reach a valid output; padded output frames hold unspecified values.
 
 * ``RecurrentContext``: a unidirectional GRU (CPC, sec. 3.1: one GRU layer with 256 units) or
-  LSTM (APC, sec. 3: three 512-unit LSTM layers with residual connections).
+  LSTM (APC, sec. 3: three 512-unit LSTM layers with residual connections). Its recurrent
+  layers run in float32 also under bf16 autocast (``run_recurrent``).
 * ``CausalTransformerContext``: pre-LN transformer layers with a causal attention mask and a
   causal convolutional position embedding.
 
@@ -13,6 +14,8 @@ Shape legend: B batch, T frames, C channels.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +31,27 @@ from mmssl.nn.transformer import (
 )
 
 
+def run_recurrent(layer: nn.RNNBase, x: Tensor) -> Tensor:
+    """``layer`` (a batch-first GRU or LSTM) over ``x (B, T, C_in)`` -> its outputs ``(B, T, C)``,
+    in the dtype of its weights (float32 as built) whatever the autocast state.
+
+    Under bf16 autocast PyTorch hands the recurrence to a reduced-precision kernel: on the CPU,
+    oneDNN's bf16 LSTM, which it builds only with AVX-512 and fails to build on an AVX2-only
+    CPU ("could not create a primitive descriptor for the LSTM forward propagation
+    primitive"); on CUDA, cuDNN in float16 whatever dtype autocast was given (seen with torch
+    2.11 on an H200), without the loss scaling float16 needs. Here the layer runs as without
+    autocast (its weights are float32), so every CPU and GPU takes a float32 kernel; the layers
+    around it still run in bf16."""
+    kind = x.device.type  # "meta" has no autocast
+    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+        y, _ = layer(x.to(layer.weight_ih_l0.dtype))
+    return y
+
+
 class RecurrentContext(nn.Module):
     """Stack of unidirectional GRU or LSTM layers; ``residual`` adds each layer's input to its
-    output from the second layer on (APC, sec. 3)."""
+    output from the second layer on (APC, sec. 3). Outputs are float32, also under autocast
+    (``run_recurrent``)."""
 
     def __init__(
         self, input_dim: int, dim: int, num_layers: int = 1, cell: str = "gru", dropout: float = 0.0,
@@ -58,8 +79,7 @@ class RecurrentContext(nn.Module):
         # avoids packing, which needs the lengths on the host.
         outputs = []
         for i, layer in enumerate(self.layers):
-            y, _ = layer(x)
-            y = self.dropout(y)
+            y = self.dropout(run_recurrent(layer, x))
             x = x + y if (self.residual and i > 0) else y
             outputs.append(x)
         return outputs

@@ -4,8 +4,10 @@
   take the SVD of the whitened cross-covariance ``T = Sxx^-1/2 Sxy Syy^-1/2``.
 * :func:`cca_correlation`: the deep CCA objective (Andrew et al., 2013, eq. 10): the sum of
   the top-``k`` singular values of ``T`` with ridge ``r`` on both covariances (``r1``, ``r2``),
-  differentiable. Inverse square roots and singular values come from ``eigh`` with eigenvalues
-  clamped at ``eps`` so gradients stay finite when a view is nearly degenerate.
+  differentiable. The views are whitened with Cholesky factors rather than with ``S^-1/2``
+  from ``eigh``: the singular values are the same, and the gradient has no eigenvector term,
+  which divides by eigenvalue gaps and is infinite when a view has equal eigenvalues (a
+  constant unit, or fewer valid frames than dimensions: the ridge makes the rest equal).
 * :class:`SoftDecorrelation`: soft CCA (Chang et al., 2018, "Scalable and effective deep CCA via
   soft decorrelation"): instead of whitening, an L1 penalty on the off-diagonal entries of a
   running covariance estimate, which scales to wide embeddings (no ``D x D`` inverse).
@@ -94,6 +96,18 @@ def linear_cca(
 
 
 # --- deep CCA ------------------------------------------------------------------------------------
+def _whitened_cross_covariance(sxx: Tensor, syy: Tensor, sxy: Tensor) -> Tensor:
+    """``Lx^-1 Sxy Ly^-T`` for ``Sxx = Lx Lx^T``, ``Syy = Ly Ly^T`` (Cholesky), ``(Dx, Dy)``.
+
+    ``Sxx^-1/2 = Qx Lx^-1`` with ``Qx`` orthogonal, so this has the singular values of
+    ``T = Sxx^-1/2 Sxy Syy^-1/2``. ``cholesky_ex`` does not check for failure (no host sync);
+    a covariance that is not positive definite (NaN in a view) gives NaN, as a loss should."""
+    lx, _ = torch.linalg.cholesky_ex(sxx)
+    ly, _ = torch.linalg.cholesky_ex(syy)
+    left = torch.linalg.solve_triangular(lx, sxy, upper=False)  # Lx^-1 Sxy
+    return torch.linalg.solve_triangular(ly, left.T, upper=False).T  # (Lx^-1 Sxy) Ly^-T
+
+
 def cca_correlation(
     x: Tensor,
     y: Tensor,
@@ -106,15 +120,18 @@ def cca_correlation(
     ``y``, differentiable. ``x (B, T, Dx)`` / ``y (B, T, Dy)`` with ``lengths (B,)``, or
     ``(N, D)`` without. Computed in float32 at least, outside autocast.
 
-    ``reg`` is the ridge ``r1 = r2`` of Andrew et al. (2013); singular values of ``T`` are the
-    square roots of the eigenvalues of ``T^T T``, clamped at ``eps``.
+    ``reg > 0`` is the ridge ``r1 = r2`` of Andrew et al. (2013); it keeps both covariances
+    positive definite. Singular values of ``T`` are the square roots of the eigenvalues of
+    ``T^T T``, clamped at ``eps``; only eigenvalues are differentiated (no eigenvector term).
     """
+    if reg <= 0:
+        raise ConfigError(f"cca: reg must be > 0 (the ridge on both covariances), got {reg}")
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(device_type=x.device.type, enabled=False):
         xf, w = _flatten(x.to(dtype), lengths)
         yf, _ = _flatten(y.to(dtype), lengths)
         sxx, syy, sxy, _ = covariances(xf, yf, w, reg, reg)
-        t = _inv_sqrt(sxx, eps) @ sxy @ _inv_sqrt(syy, eps)  # (Dx, Dy)
+        t = _whitened_cross_covariance(sxx, syy, sxy)  # (Dx, Dy)
         small = t.T @ t if t.shape[0] >= t.shape[1] else t @ t.T
         evals = torch.linalg.eigvalsh(small).clamp(min=eps)  # ascending
         k = k or evals.shape[0]

@@ -23,6 +23,10 @@ def media(tmp_path_factory):
     write_av(m.mp4_h264, m.frames, m.audio, video_codec="libx264")
     m.mp4_mpeg4 = d / "mpeg4_aac.mp4"
     write_av(m.mp4_mpeg4, m.frames, m.audio, video_codec="mpeg4")
+    m.mp4_unmarked = d / "h264_aac_unmarked.mp4"  # audio frames without pts: no edit list
+    write_av(m.mp4_unmarked, m.frames, m.audio, video_codec="libx264", audio_timestamps=False)
+    m.mp4_unmarked48 = d / "h264_aac48k_unmarked.mp4"
+    write_av(m.mp4_unmarked48, m.frames, tone(2 * 48000, 48000), sample_rate=48000, audio_timestamps=False)
     m.mkv = d / "mpeg4_pcm.mkv"
     write_av(m.mkv, m.frames, m.audio, video_codec="mpeg4", audio_codec="pcm_s16le")
     m.frames30 = moving_frames(60)

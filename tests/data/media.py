@@ -40,14 +40,14 @@ def _audio_stream(container, channels: int, sample_rate: int, codec: str):
     return stream
 
 
-def _encode_audio(container, stream, data: np.ndarray) -> None:
+def _encode_audio(container, stream, data: np.ndarray, timestamps: bool = True) -> None:
     ctx = stream.codec_context
     fmt, layout = ctx.format.name, ctx.layout.name
     chunk = ctx.frame_size or 1024
     for start in range(0, data.shape[1], chunk):
         part = data[:, start : start + chunk]
         frame = _audio_frame(part, fmt, layout, ctx.sample_rate)
-        frame.pts = start
+        frame.pts = start if timestamps else None
         for packet in stream.encode(frame):
             container.mux(packet)
     _flush(container, stream)
@@ -110,10 +110,15 @@ def write_av(
     sample_rate: int = 16000,
     video_codec: str = "libx264",
     audio_codec: str = "aac",
+    audio_timestamps: bool = True,
 ) -> None:
     """An mp4/mkv with ``frames (T, H, W)`` uint8 and/or ``audio (C, S)`` float.
 
     mp4 + libx264/mpeg4 + aac, or mkv + mpeg4 + pcm_s16le (which round-trips audio exactly).
+    AAC in mp4: with ``audio_timestamps`` the encoder's packets start at -1024 and the muxer
+    writes an edit list that marks the priming, the layout ffmpeg's command line writes (seen
+    with ffmpeg 5.1: same edit list, first packet and declared duration); without, the audio
+    frames carry no pts, as in scripts that never set them, and nothing marks the priming.
     """
     with av.open(str(path), "w") as container:
         if frames is not None:
@@ -124,7 +129,25 @@ def write_av(
         if frames is not None:
             _encode_video(container, vstream, frames)
         if audio is not None:
-            _encode_audio(container, astream, audio)
+            _encode_audio(container, astream, audio, audio_timestamps)
+
+
+def write_adts(path: str | Path, data: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
+    """Raw AAC in ADTS frames (``.aac``) from ``data (C, S)``: no container, so nothing marks
+    the priming and the only duration is FFmpeg's estimate from the bit rate."""
+    data = np.atleast_2d(np.asarray(data, np.float32))
+    with av.open(str(path), "w", format="adts") as container:
+        stream = _audio_stream(container, data.shape[0], sample_rate, "aac")
+        _encode_audio(container, stream, data)
+    return data
+
+
+def clicks(num_samples: int, at: list[int], width: int = 8) -> np.ndarray:
+    """Silence with a click (``width`` samples at 0.8) starting at each sample of ``at``, ``(1, S)``."""
+    audio = np.zeros((1, num_samples), np.float32)
+    for start in at:
+        audio[0, start : start + width] = 0.8
+    return audio
 
 
 def write_image(path: str | Path, rgb: np.ndarray) -> None:

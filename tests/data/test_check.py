@@ -1,7 +1,7 @@
 import pytest
 
 from mmssl.cli import main
-from mmssl.data.check import check_record, format_report
+from mmssl.data.check import check_record, format_report, inspect_record
 from mmssl.data.manifest import write_manifest
 
 
@@ -14,6 +14,24 @@ def test_good_records_pass(media):
                      "audio_samples": 32000, "video_frames": 50}) == []
     assert _reasons({"id": "b", "audio": str(media.mp4_h264), "video": str(media.mp4_30fps)}) == []
     assert _reasons({"id": "c", "image": str(media.png)}) == []
+
+
+def test_records_training_reads_by_converting_pass_with_notes(media):
+    """Resampling and downmixing are what the loader does, not defects; AAC priming that the
+    mp4 does not mark (PyAV muxing untimed frames) is dropped, so audio and video agree."""
+    wav44, mp4, mp4_48k, mp4_30 = (str(p) for p in (media.wav44, media.mp4_unmarked, media.mp4_unmarked48,
+                                                    media.mp4_30fps))
+    assert inspect_record({"id": "w", "audio": wav44, "audio_samples": 32000}).notes == [
+        ("w", wav44, "audio resampled 44100 Hz -> 16000 Hz"),
+        ("w", wav44, "2 audio channels averaged to mono"),
+    ]
+    assert check_record({"id": "w", "audio": wav44, "audio_samples": 32000}) == []
+    for path in (mp4, mp4_48k):
+        report = inspect_record({"id": "p", "audio": path, "video": path, "audio_samples": 32000, "video_frames": 50})
+        assert report.problems == []
+    assert report.notes == [("p", mp4_48k, "audio resampled 48000 Hz -> 16000 Hz")]
+    assert inspect_record({"id": "v", "video": mp4_30}).notes == [
+        ("v", mp4_30, "video 30 fps read at 25 fps (frames dropped or repeated)")]
 
 
 def test_audio_video_length_disagreement(media):
@@ -79,6 +97,22 @@ def test_cli_table_summary_and_exit_status(media, tmp_path, capsys):
     assert lines[1].split()[:2] == ["n", str(media.missing)] and lines[1].endswith("missing file")
     assert lines[2].split()[:2] == ["s", str(media.silent)]
     assert "3 records checked, 2 bad (66.7%)" in out
+
+
+def test_cli_passes_converted_records_and_counts_their_notes(media, tmp_path, capsys):
+    manifest = tmp_path / "converted.jsonl"
+    write_manifest(manifest, [
+        {"id": "a", "audio": str(media.wav44)},
+        {"id": "b", "audio": str(media.wav44)},
+        {"id": "c", "audio": str(media.mp4_unmarked), "video": str(media.mp4_unmarked)},
+    ])
+    assert main(["data", "check", str(manifest), "--workers", "1", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "3 records checked, 0 bad (0.0%)"
+    assert lines[1] == "2 records read with conversions (notes, not problems):"
+    assert lines[2].split()[:6] == ["2", "audio", "resampled", "44100", "Hz", "->"]
+    assert lines[2].endswith(f"(e.g. {media.wav44})")
+    assert lines[3].split()[:2] == ["2", "2"] and "averaged to mono" in lines[3]
 
 
 def test_report_counts_kinds():

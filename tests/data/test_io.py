@@ -1,3 +1,6 @@
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +8,7 @@ import torchaudio.functional as AF
 
 from mmssl.data.io import load_audio, load_image, load_video, probe
 from mmssl.errors import DataError
+from tests.data.media import clicks, moving_frames, write_adts, write_av, write_wav
 
 
 def _corr(a, b):
@@ -17,6 +21,54 @@ def test_aac_audio_trimmed_to_written_length(media, name):
     wav = load_audio(getattr(media, name))
     assert wav.dtype == torch.float32 and wav.shape == (32000,)  # AAC decodes 32768
     assert _corr(wav, media.audio[0]) > 0.99
+
+
+def _click_samples(wav: torch.Tensor) -> list[int]:
+    return torch.nonzero(wav.abs() > 0.4).flatten().tolist()
+
+
+def _expected_click_samples(at: list[int], width: int = 8) -> list[int]:
+    return [i for start in at for i in range(start, start + width)]
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+@pytest.mark.parametrize("timestamps", [True, False], ids=["priming_marked", "priming_unmarked"])
+def test_aac_in_mp4_decodes_to_the_written_samples(tmp_path, rate, timestamps):
+    """The AAC encoder's 1024 priming samples are gone whether the mp4 marks them (an edit
+    list, as ffmpeg writes) or not (PyAV muxing untimed frames): the length is the written one
+    and each click lands on its own samples, not 1024 later."""
+    at = [rate // 2, 3 * rate // 2]
+    path = tmp_path / "clicks.mp4"
+    write_av(path, moving_frames(50), clicks(2 * rate, at), sample_rate=rate, audio_timestamps=timestamps)
+    wav = load_audio(path, rate)
+    assert wav.shape == (2 * rate,)
+    assert _click_samples(wav) == _expected_click_samples(at)
+    assert probe(path).audio_samples == 2 * rate  # what manifests are filled from
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command-line tool")
+@pytest.mark.parametrize("rate", [16000, 48000])
+def test_aac_written_by_the_ffmpeg_command_decodes_to_the_written_samples(tmp_path, rate):
+    at = [rate // 2, 3 * rate // 2]
+    source, path = tmp_path / "clicks.wav", tmp_path / "clicks.mp4"
+    write_wav(source, clicks(2 * rate, at), rate)
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(source), "-c:a", "aac", str(path)], check=True)
+    wav = load_audio(path, rate)
+    assert wav.shape == (2 * rate,)
+    assert _click_samples(wav) == _expected_click_samples(at)
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+def test_adts_aac_keeps_every_sample_in_place(tmp_path, rate):
+    """ADTS marks no priming and its duration is an estimate from the bit rate (at 48 kHz,
+    1.65 s for 2 s), so nothing is cut at that estimate: at most one frame of encoder padding
+    is left at the end."""
+    at = [rate // 2, 3 * rate // 2]
+    path = tmp_path / "clicks.aac"
+    write_adts(path, clicks(2 * rate, at), rate)
+    wav = load_audio(path, rate)
+    assert 2 * rate <= wav.numel() <= 2 * rate + 1024
+    assert _click_samples(wav) == _expected_click_samples(at)
 
 
 def test_pcm_in_mkv_round_trips_exactly(media):

@@ -52,7 +52,7 @@ def by_id(path: Path) -> dict[str, dict]:
 
 
 def assert_checks(path: Path) -> None:
-    total, problems = check_manifest(str(path), workers=1, progress=False)
+    total, problems, _ = check_manifest(str(path), workers=1, progress=False)
     assert total > 0 and problems == []
 
 

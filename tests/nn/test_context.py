@@ -54,3 +54,30 @@ def test_lstm_residual_adds_layer_input():
 def test_unknown_cell_is_a_config_error():
     with pytest.raises(ConfigError, match="rnn"):
         RecurrentContext(8, 8, cell="rnn")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["float32_in", "bf16_in"])
+def test_recurrent_layers_run_in_float32_under_bf16_autocast(cell, device, input_dtype):
+    """bf16 autocast must not reach the recurrence: oneDNN has no bf16 LSTM on AVX2-only CPUs
+    (training APC and DeCoAR raised there), and CUDA autocast runs cuDNN RNNs in float16. The
+    layers see float32 input, whether their input comes as float32 (log mels) or as bf16 (a
+    convolution under autocast), and compute what float32 computes, gradients included."""
+    torch.manual_seed(0)
+    net = RecurrentContext(12, 16, num_layers=2, cell=cell, residual=True).to(device).train()
+    seen = []
+    for layer in net.layers:
+        layer.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out[0].dtype)))
+    x = torch.randn(2, 9, 12, device=device).bfloat16().to(input_dtype)  # values exact in both
+    lengths = torch.tensor([9, 6], device=device)
+    expected = net(x.float(), lengths)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), net.layers[0].weight_ih_l0)
+    seen.clear()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = net(x, lengths)
+    assert seen == [(torch.float32, torch.float32)] * 2
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(got.square().sum(), net.layers[0].weight_ih_l0)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-5, atol=1e-6)

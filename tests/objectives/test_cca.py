@@ -11,7 +11,7 @@ from mmssl.objectives.cca import (
     linear_cca,
     soft_cca,
 )
-from mmssl.errors import DataError
+from mmssl.errors import ConfigError, DataError
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_av_batch
 
@@ -93,6 +93,28 @@ def test_deep_cca_gradients_match_finite_differences():
     xt = torch.tensor(x, requires_grad=True)
     yt = torch.tensor(y, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: cca_correlation(a, b, reg=1e-2), (xt, yt))
+
+
+def test_deep_cca_gradients_finite_when_a_view_has_equal_eigenvalues():
+    """Constant units (dead units, or too few frames for the dimensions) leave a covariance
+    with equal eigenvalues, the ridge alone. The objective is smooth there, but differentiating
+    ``S^-1/2`` through ``eigh`` divides by the eigenvalue gaps, and gave NaN gradients."""
+    x, y = _pair(n=40, dx=6, dy=5, seed=4)
+    x[:, 4:] = 0.3  # two constant units: two eigenvalues of Sxx are exactly reg
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.tensor(y, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: cca_correlation(a, b, reg=1e-2), (xt, yt))
+    x32, y32 = xt.detach().float().requires_grad_(), yt.detach().float().requires_grad_()
+    grads = torch.autograd.grad(cca_correlation(x32, y32, reg=1e-3), (x32, y32))
+    expected = torch.autograd.grad(cca_correlation(xt, yt, reg=1e-3), (xt, yt))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=2e-4)  # float32 whitening
+
+
+def test_deep_cca_needs_a_positive_ridge():
+    x, y = _pair(n=20, seed=5)
+    with pytest.raises(ConfigError, match="reg must be > 0"):
+        cca_correlation(torch.tensor(x), torch.tensor(y), reg=0.0)
 
 
 def test_soft_decorrelation_running_estimate():

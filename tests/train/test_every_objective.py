@@ -6,6 +6,12 @@ matmuls, convolutions and linear layers to bf16 as CUDA autocast does, which is 
 objectives (dtype mismatches in index/scatter ops, losses or logits left in bf16). Each
 objective, at tiny size, must return a float32 loss close to its float32 loss on the same batch
 and masks, with finite gradients.
+
+The CPU stands in for CUDA here, so the kernels must not depend on which CPU runs the suite:
+oneDNN is switched off and ATen's own kernels run. With it on, a CPU with AVX-512 takes
+oneDNN's bf16 kernels and an AVX2-only CPU does not (PyTorch then uses ATen's, as here), so
+the same test would compute different roundings on different machines. What oneDNN does
+with the one recurrent layer kind it would run in bf16 is tested in ``tests/nn/test_context.py``.
 """
 
 from __future__ import annotations
@@ -20,12 +26,18 @@ from mmssl.testing import synthetic_batch
 NAMES = OBJECTIVES.names()
 
 
+def _aten_kernels():
+    """oneDNN off, its other flags untouched: the same CPU kernels on every x86-64 CPU (above)."""
+    return torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None)
+
+
 def _loss_and_grads(objective, batch: dict, bf16: bool) -> tuple[torch.Tensor, list]:
     objective.zero_grad(set_to_none=True)
     torch.manual_seed(1)  # dropout and in-step sampling alike in both runs
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = objective(batch)["loss"]
-    loss.backward()
+    with _aten_kernels():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = objective(batch)["loss"]
+        loss.backward()
     return loss.detach(), [p.grad for p in objective.parameters() if p.grad is not None]
 
 
