@@ -117,6 +117,10 @@ class Data2VecObjective(Objective):
     def batch_hook(self) -> BatchHook:
         return self.masker
 
+    def set_step(self, step: int) -> None:
+        """The EMA decay of update ``step`` (the last update's; logged as ``ema_decay``)."""
+        self.ema_decay = ema_decay_at(step, self.ema_start, self.ema_end, self.ema_anneal_steps)
+
     def train(self, mode: bool = True) -> "Data2VecObjective":
         super().train(mode)
         self.teacher.eval()
@@ -127,7 +131,7 @@ class Data2VecObjective(Objective):
         """After update ``step`` (the trainer passes 1 after the first): move the teacher's
         parameters towards the student transformer's with the decay of ``step``, except the
         position convolution's, which are copied (``ema_layers_only``). Buffers are copied."""
-        self.ema_decay = ema_decay_at(step, self.ema_start, self.ema_end, self.ema_anneal_steps)
+        self.set_step(step)
         student = dict(self.encoder.transformer.named_parameters())
         averaged: tuple[list[Tensor], list[Tensor]] = ([], [])
         copied: tuple[list[Tensor], list[Tensor]] = ([], [])

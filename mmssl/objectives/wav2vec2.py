@@ -163,8 +163,8 @@ class Wav2Vec2Objective(Objective):
     def batch_hook(self) -> BatchHook:
         return self.masker
 
-    def on_step(self, step: int) -> None:
-        self.quantizer.set_step(step)
+    def set_step(self, step: int) -> None:
+        self.quantizer.set_step(step)  # the Gumbel temperature after ``step`` updates
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         feats = self.encoder.extract(batch["audio"], batch["audio_lens"])
