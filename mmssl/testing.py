@@ -77,14 +77,23 @@ WORDS = ("one", "red", "circle", "above", "a", "big", "blue", "square", "two", "
 
 def synthetic_batch(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), seed: int = 0,
                     image_size: int = 64, hook: bool = True) -> dict:
-    """A batch with every key ``objective`` reads, made as the data pipeline makes them: one
-    item per utterance of ``seconds`` (audio and/or 25 fps video by ``objective.modalities``;
-    cluster targets at ``objective.label_rate`` (default 100 Hz) when it has ``num_classes``;
-    a transcript; a caption group; an image through ``objective.image_transform``; caption
-    tokens through ``objective.text_tokenizer``), collated by ``mmssl.data.collate`` and passed
-    through the objective's batch hook (``hook=False``: not). For tests and benchmarks."""
+    """A batch with every key ``objective`` reads, made as the data pipeline makes them: the
+    ``synthetic_items`` of ``seconds``, collated by ``mmssl.data.collate`` and passed through
+    the objective's batch hook (``hook=False``: not). For tests and benchmarks."""
     from mmssl.data.collate import collate
 
+    batch = collate(synthetic_items(objective, seconds, seed, image_size))
+    batch_hook = objective.batch_hook() if hook else None
+    return batch_hook(batch) if batch_hook is not None else batch
+
+
+def synthetic_items(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), seed: int = 0,
+                    image_size: int = 64) -> list[dict]:
+    """Dataset items with every key ``objective`` reads: one per utterance of ``seconds``
+    (audio and/or 25 fps video by ``objective.modalities``; cluster targets at
+    ``objective.label_rate`` (default 100 Hz) when it has ``num_classes``; a transcript; a
+    caption group; an image through ``objective.image_transform``; caption tokens through
+    ``objective.text_tokenizer``), ready for ``mmssl.data.collate``."""
     g = torch.Generator().manual_seed(seed)
     modalities = set(getattr(objective, "modalities", ("audio",)))
     classes = getattr(objective, "num_classes", None)
@@ -110,9 +119,7 @@ def synthetic_batch(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), 
             tokens = torch.as_tensor(objective.text_tokenizer(item["transcript"]), dtype=torch.long)
             item["text"] = tokens[0] if tokens.dim() == 2 else tokens
         items.append(item)
-    batch = collate(items)
-    batch_hook = objective.batch_hook() if hook else None
-    return batch_hook(batch) if batch_hook is not None else batch
+    return items
 
 
 def overfit(objective, batch: dict, steps: int, lr: float, key: str = "loss") -> list[float]:

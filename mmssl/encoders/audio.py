@@ -47,8 +47,12 @@ class FeatureProjection(nn.Module):
         self.linear = nn.Linear(in_dim, dim)
         self.dropout = nn.Dropout(dropout)
 
+    def project(self, x: Tensor) -> Tensor:
+        """LayerNorm and linear, without the dropout. ``(B, T, F)`` -> ``(B, T, C)``."""
+        return self.linear(self.norm(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.linear(self.norm(x)))
+        return self.dropout(self.project(x))
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -68,9 +72,10 @@ class AudioEncoder(SpeechEncoder):
     """Frontend -> projection -> (mask) -> transformer, from injected parts.
 
     ``Features.raw`` is the frontend output before the projection's LayerNorm (the feature
-    penalty of wav2vec 2.0 is taken there; its quantizer reads ``projection.norm(raw)``).
+    penalty of wav2vec 2.0 is taken there; its quantizer reads ``projection.norm(raw)``);
+    ``Features.clean`` is the projection's output before its dropout (data2vec's teacher input).
     ``feature_grad_scale`` scales the gradient reaching the frontend (fairseq
-    ``feature_grad_mult``; 0.1 in wav2vec 2.0 and HuBERT pretraining).
+    ``feature_grad_mult``; 0.1 in wav2vec 2.0 and HuBERT pretraining, 1.0 in data2vec's).
     """
 
     def __init__(
@@ -104,7 +109,14 @@ class AudioEncoder(SpeechEncoder):
         raw, lengths = self.frontend(audio, audio_lens)
         if self.feature_grad_scale != 1.0 and torch.is_grad_enabled():
             raw = _ScaleGrad.apply(raw, self.feature_grad_scale)
-        return Features(x=self.projection(raw), raw=raw, lengths=lengths)
+        clean, x = self.project(raw)
+        return Features(x=x, raw=raw, lengths=lengths, clean=clean)
+
+    def project(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """``raw (B, T, F)`` -> the projected features ``(B, T, C)`` before and after the input
+        dropout: ``(clean, x)``."""
+        clean = self.projection.project(raw)
+        return clean, self.projection.dropout(clean)
 
     def mask(self, x: Tensor, pred_mask: Tensor) -> Tensor:
         """Replace the frames of ``x (B, T, C)`` where ``pred_mask (B, T)`` is True with
@@ -273,8 +285,14 @@ CONV_TINY = dict(conv_channels=32, conv_norm="group", conv_bias=False, pos_conv_
 # WavLM base and large: gated relative position bias, 320 buckets, max distance 800
 WAVLM = dict(rel_pos_buckets=320, rel_pos_max_distance=800)
 # data2vec audio (released base model): layer-norm conv frontend and a position embedding of
-# 5 stacked convolutions of kernel 19 (fairseq ``pos_conv_depth=5``, ``conv_pos=95``)
-DATA2VEC = dict(conv_norm="layer", conv_bias=False, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16)
+# 5 stacked convolutions of kernel 19 (fairseq ``pos_conv_depth=5``, ``conv_pos=95``); no input
+# dropout and a full frontend gradient (fairseq data2vec audio/pretraining/base_librispeech.yaml:
+# ``dropout_input: 0.0``, ``feature_grad_mult: 1.0``; there is no published data2vec 1.0 large
+# audio config, so large keeps these too)
+DATA2VEC = dict(
+    conv_norm="layer", conv_bias=False, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16,
+    input_dropout=0.0, feature_grad_scale=1.0,
+)
 
 
 @ENCODERS.register

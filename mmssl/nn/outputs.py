@@ -35,12 +35,20 @@ class Features:
 
     ``x (B, T, C)``: projected features, ready for masking and ``contextualize``;
     ``raw (B, T, F)``: frontend output before the projection (quantizer input, feature penalty);
-    ``lengths (B,)``: valid frames.
+    ``lengths (B,)``: valid frames;
+    ``clean (B, T, C)``: ``x`` before the encoder's input dropout (fairseq's
+    ``pre_encoder_features``, what data2vec's teacher reads); ``x`` itself when not given (an
+    encoder without input dropout).
     """
 
     x: Tensor
     raw: Tensor
     lengths: Tensor
+    clean: Tensor = None  # type: ignore[assignment]  (set to ``x`` by ``__post_init__``)
+
+    def __post_init__(self) -> None:
+        if self.clean is None:
+            self.clean = self.x
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ metrics (accuracy, perplexity, code usage...), all tensors, so the step never sy
 host. It never reads globals: objectives that gather across ranks take ``rank`` and
 ``world_size`` as builder arguments.
 
-Two optional hooks, both called by the trainer:
+Three optional hooks, all called by the trainer:
 
 * ``batch_hook()`` returns a small picklable callable ``(batch) -> batch`` that the data
   workers run after collation, to add CPU tensors such as ``pred_mask`` (so masks are made
@@ -15,7 +15,15 @@ Two optional hooks, both called by the trainer:
   randomness from the global generator, which the loader seeds per batch position, or from
   ``mmssl.nn.masking.hook_generator()``; never from a generator it keeps, so a resumed run
   (or another worker count) replays the same masks.
-* ``on_step(step)`` after every optimizer step: EMA teachers, temperature annealing.
+* ``set_step(step)`` before every optimizer step, with the number of updates done (0 before
+  the first; the checkpoint's step before the first step after a resume): sets every quantity
+  scheduled by the update count (Gumbel temperature, EMA decay, a frozen encoder) to its value
+  for that step. It must depend on ``step`` alone (call it twice, or after loading weights, and
+  nothing changes) and never read the device (no host sync), so a resumed run continues its
+  schedules from the step it saved, not from their initial values.
+* ``on_step(step)`` after every optimizer step, with the number of updates done (1 after the
+  first): what acts on the weights (an EMA teacher's update, clamping a logit scale). Its
+  effect is in the weights the checkpoint saves, so a resume never replays it.
 
 ``size_preset`` picks a builder's settings for ``model.size`` from its table of sizes;
 ``check_settings`` turns out-of-range sizes and rates into a ``ConfigError`` naming the key.
@@ -40,6 +48,9 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def batch_hook(self) -> BatchHook | None:
+        return None
+
+    def set_step(self, step: int) -> None:
         return None
 
     def on_step(self, step: int) -> None:

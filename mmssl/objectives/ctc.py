@@ -205,7 +205,7 @@ class CTCObjective(Objective):
     def batch_hook(self) -> BatchHook:
         return self.hook
 
-    def on_step(self, step: int) -> None:
+    def set_step(self, step: int) -> None:
         self._updates = step
         self.updates.fill_(step)
 

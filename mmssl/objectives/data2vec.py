@@ -1,7 +1,9 @@
 """data2vec for speech (Baevski et al., 2022): regress a teacher's layer average at masked frames.
 
 The student sees masked features (mask_prob 0.65, span 10, as wav2vec 2.0); the teacher, an
-exponential moving average of the student's transformer, sees the same features unmasked. The
+exponential moving average of the student's transformer, sees the same features unmasked and
+before the encoder's input dropout (fairseq ``pre_encoder_features``, ``Features.clean``), so
+its targets do not change from one pass over a batch to the next. The
 target of each frame is the average of the teacher's top K = 8 blocks' feed-forward outputs,
 each instance-normalised over time (per utterance and channel, valid frames only), and the
 student regresses it at masked frames through a linear head (sec. 3.3-3.4).
@@ -17,8 +19,12 @@ EMA: decay annealed linearly from 0.999 to 0.9999 over ``ema_anneal_steps`` upda
 ``ema_transformer_only``, the teacher is a copy of the student's *transformer* alone (the
 encoder's ``transformer``, what ``contextualize`` runs) and reads the student's unmasked
 projected features: the frontend, projection and mask embedding have no teacher copy and no
-EMA. It has ``requires_grad`` off, so it is checkpointed and moved with the model but never
-optimised, and always runs in eval mode (no dropout).
+EMA. As ``ema_layers_only`` (both true in fairseq's audio base_librispeech.yaml), the
+position convolution is not averaged but copied from the student after every update (fairseq
+passes its ``pos_conv`` parameters as the EMA's ``skip_keys``); everything else in the
+transformer (its blocks and its LayerNorm) is averaged. The teacher has ``requires_grad`` off,
+so it is checkpointed and moved with the model but never optimised, and always runs in eval
+mode (no dropout).
 
 Loss: squared error summed over the channels and scaled by 1 / sqrt(D) (``loss_beta=0``), or a
 smooth L1 with ``beta``; averaged over masked frames.
@@ -44,6 +50,10 @@ from mmssl.nn.transformer import TransformerEncoder
 from mmssl.objectives.base import BatchHook, Objective
 from mmssl.objectives.wav2vec2 import build_encoder, prediction_mask
 from mmssl.registry import OBJECTIVES
+
+
+# teacher parameters copied from the student instead of averaged (data2vec ``ema_layers_only``)
+COPIED_PREFIX = "pos_conv."
 
 
 def layer_average_targets(layers: list[Tensor], lengths: Tensor, top_k: int) -> Tensor:
@@ -107,6 +117,10 @@ class Data2VecObjective(Objective):
     def batch_hook(self) -> BatchHook:
         return self.masker
 
+    def set_step(self, step: int) -> None:
+        """The EMA decay of update ``step`` (the last update's; logged as ``ema_decay``)."""
+        self.ema_decay = ema_decay_at(step, self.ema_start, self.ema_end, self.ema_anneal_steps)
+
     def train(self, mode: bool = True) -> "Data2VecObjective":
         super().train(mode)
         self.teacher.eval()
@@ -114,19 +128,28 @@ class Data2VecObjective(Objective):
 
     @torch.no_grad()
     def on_step(self, step: int) -> None:
-        """Move the teacher towards the student's transformer with the decay of ``step``
-        (``step`` 0 is the first update). Buffers are copied."""
-        self.ema_decay = ema_decay_at(step, self.ema_start, self.ema_end, self.ema_anneal_steps)
-        teacher = list(self.teacher.parameters())
-        student = [p.detach() for p in self.encoder.transformer.parameters()]
-        torch._foreach_lerp_(teacher, student, 1.0 - self.ema_decay)
+        """After update ``step`` (the trainer passes 1 after the first): move the teacher's
+        parameters towards the student transformer's with the decay of ``step``, except the
+        position convolution's, which are copied (``ema_layers_only``). Buffers are copied."""
+        self.set_step(step)
+        student = dict(self.encoder.transformer.named_parameters())
+        averaged: tuple[list[Tensor], list[Tensor]] = ([], [])
+        copied: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for name, param in self.teacher.named_parameters():
+            pair = copied if name.startswith(COPIED_PREFIX) else averaged
+            pair[0].append(param)
+            pair[1].append(student[name].detach())
+        torch._foreach_lerp_(averaged[0], averaged[1], 1.0 - self.ema_decay)
+        if copied[0]:
+            torch._foreach_copy_(copied[0], copied[1])
         for t_buf, s_buf in zip(self.teacher.buffers(), self.encoder.transformer.buffers()):
             t_buf.copy_(s_buf)
 
     @torch.no_grad()
     def targets(self, x: Tensor, lengths: Tensor) -> Tensor:
-        """The teacher's targets ``(B, T, C)`` for the unmasked projected features ``x (B, T, C)``:
-        the instance-normalised mean of its top ``top_k`` feed-forward outputs."""
+        """The teacher's targets ``(B, T, C)`` for the unmasked projected features ``x (B, T, C)``
+        (``Features.clean``, before input dropout): the instance-normalised mean of its top
+        ``top_k`` feed-forward outputs."""
         out = self.teacher(x.detach(), lengths, frame_rate=self.encoder.frame_rate, keep_ffn=True)
         return layer_average_targets(out.ffn, lengths, self.top_k)
 
@@ -135,7 +158,7 @@ class Data2VecObjective(Objective):
         t = feats.x.shape[1]
         lengths = feats.lengths
         pred_mask = prediction_mask(batch, self.masker, lengths, t)
-        targets = self.targets(feats.x, lengths)  # (B, T, C)
+        targets = self.targets(feats.clean, lengths)  # (B, T, C), from the features before input dropout
         hidden = self.encoder.contextualize(self.encoder.mask(feats.x, pred_mask), lengths).hidden
         pred = self.head(hidden)
         loss = regression_loss(pred, targets, pred_mask, self.loss_beta)

@@ -107,6 +107,11 @@ class MaskedReconEncoder(AudioEncoder):
         del self.mask_embedding  # drawn by AudioEncoder (same random stream), never used here
         self.register_load_state_dict_pre_hook(_drop_mask_embedding)
 
+    def project(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """One linear layer, no input dropout: ``clean`` and ``x`` are the same ``(B, T, C)``."""
+        x = self.projection(raw)
+        return x, x
+
     def mask(self, x: Tensor, pred_mask: Tensor) -> Tensor:
         """``x (B, T, C)`` projected features -> the frames where ``pred_mask (B, T)`` is True
         replaced by the projection of a zero input frame ``(C,)``."""

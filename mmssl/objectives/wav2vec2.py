@@ -4,8 +4,11 @@ The encoder's conv frontend gives latents; spans of them are masked (``SpanMaske
 the data workers) and the transformer predicts, at each masked frame, which of 1 + K
 quantized latents is the true one: the positive and K = 100 distractors drawn uniformly from
 the *other* masked frames of the same utterance (sec. 3.2). Similarities are cosine over a
-temperature of 0.1. The quantizer is a Gumbel product quantizer (G = 2, V = 320); the
-diversity penalty pushes its batch-averaged code distribution to uniform (weight 0.1, eq. 4).
+temperature of 0.1. The quantizer is a Gumbel product quantizer (G = 2, V = 320) on the
+frontend features after the projection's LayerNorm (fairseq's ``layer_norm``, the same module)
+and a dropout of their own (fairseq ``dropout_features``: 0.1 in the BASE recipe, 0 in LARGE),
+not after the projection and input dropout the transformer reads; the diversity penalty pushes
+its batch-averaged code distribution to uniform (weight 0.1, eq. 4).
 fairseq quantizes only the masked frames (``unmasked_features[mask_indices]``), so that
 average, and the reported perplexities, run over masked frames only: here every frame is
 quantized (no data-dependent shapes) and the average is weighted by ``pred_mask``. An L2 penalty keeps the frontend outputs small (weight 10,
@@ -135,8 +138,8 @@ def prediction_mask(batch: dict, masker: SpanMasker, lengths: Tensor, frames: in
 class Wav2Vec2Objective(Objective):
     """``forward(batch)`` reads ``audio (B, S)``, ``audio_lens (B,)`` and, when the batch hook
     ran, ``pred_mask (B, T)``. Parts: ``encoder`` (a ``SpeechEncoder``), ``quantizer`` on the
-    normalised frontend features (``quantizer_norm``), ``masker`` (its settings are used in
-    forward when the batch has no mask)."""
+    normalised frontend features (``quantizer_norm``) after a dropout of ``dropout_features``,
+    ``masker`` (its settings are used in forward when the batch has no mask)."""
 
     def __init__(
         self,
@@ -149,12 +152,16 @@ class Wav2Vec2Objective(Objective):
         temperature: float = 0.1,
         diversity_weight: float = 0.1,
         penalty_weight: float = 10.0,
+        dropout_features: float = 0.1,
     ) -> None:
         super().__init__()
         if num_negatives < 1:
             raise ConfigError(f"wav2vec2: num_negatives must be >= 1, got {num_negatives}")
+        if not 0.0 <= dropout_features < 1.0:
+            raise ConfigError(f"wav2vec2: objective.dropout_features must be in [0, 1), got {dropout_features}")
         self.encoder, self.quantizer, self.masker = encoder, quantizer, masker
         self.quantizer_norm = quantizer_norm
+        self.feature_dropout = nn.Dropout(dropout_features)  # fairseq ``dropout_features``
         self.project_q = nn.Linear(quantizer.dim, final_dim)  # fairseq ``project_q``
         self.final_proj = nn.Linear(encoder.dim, final_dim)  # fairseq ``final_proj``
         self.num_negatives, self.temperature = num_negatives, temperature
@@ -163,8 +170,8 @@ class Wav2Vec2Objective(Objective):
     def batch_hook(self) -> BatchHook:
         return self.masker
 
-    def on_step(self, step: int) -> None:
-        self.quantizer.set_step(step)
+    def set_step(self, step: int) -> None:
+        self.quantizer.set_step(step)  # the Gumbel temperature after ``step`` updates
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         feats = self.encoder.extract(batch["audio"], batch["audio_lens"])
@@ -176,7 +183,7 @@ class Wav2Vec2Objective(Objective):
         # the targets: quantized latents of the unmasked features (B, T, final_dim); the code
         # distribution (perplexity, diversity loss) is averaged over masked frames only, as in
         # fairseq, which quantizes ``unmasked_features[mask_indices]``
-        quant = self.quantizer(self.quantizer_norm(feats.raw), weight=pred_mask)
+        quant = self.quantizer(self.feature_dropout(self.quantizer_norm(feats.raw)), weight=pred_mask)
         targets = self.project_q(quant.quantized)
         # the predictions: context vectors of the masked input (B, T, final_dim)
         hidden = self.encoder.contextualize(self.encoder.mask(feats.x, pred_mask), lengths).hidden
@@ -210,6 +217,9 @@ class Wav2Vec2Objective(Objective):
 
 # wav2vec 2.0, sec. 4.2 / fairseq ``final_dim``: 256 for BASE, 768 for LARGE
 FINAL_DIM = {"tiny": 32, "base": 256, "large": 768}
+# fairseq ``dropout_features`` on the quantizer's input: wav2vec2_base_librispeech.yaml 0.1,
+# wav2vec2_large_librivox.yaml 0.0 (tiny follows base)
+DROPOUT_FEATURES = {"tiny": 0.1, "base": 0.1, "large": 0.0}
 
 
 def final_dim_for(size: str, final_dim: int | None) -> int:
@@ -252,6 +262,7 @@ def wav2vec2(
     diversity_weight: float = 0.1,  # alpha = 0.1
     penalty_weight: float = 10.0,  # fairseq ``loss_weights=[0.1, 10]`` (feature penalty)
     feature_grad_mult: float | None = None,  # None: the preset's (0.1, fairseq BASE recipe)
+    dropout_features: float | None = None,  # None: the size's (fairseq BASE 0.1, LARGE 0.0)
     final_dim: int | None = None,
     seed: int = 0,
     encoder: dict[str, Any] | None = None,
@@ -265,6 +276,9 @@ def wav2vec2(
     masker = SpanMasker(enc.frame_spec, mask_prob, mask_span, min_masks, seed)
     # the quantizer reads the frontend features after the projection's LayerNorm, as fairseq
     norm = enc.projection.norm if hasattr(enc, "projection") else nn.Identity()
+    if dropout_features is None:
+        dropout_features = DROPOUT_FEATURES.get(size, 0.1)
     return Wav2Vec2Objective(
         enc, quantizer, masker, norm, dim, num_negatives, temperature, diversity_weight, penalty_weight,
+        dropout_features,
     )

@@ -1,8 +1,9 @@
 """One training loop for every objective.
 
 The loop knows objectives only through ``mmssl.objectives.base.Objective``: ``forward(batch)``
--> ``{"loss", "*_loss", metrics}``, ``on_step(step)`` after each optimizer step. Everything
-else (optimizer, schedule, batch stream, distributed wrapper) is built outside and passed in.
+-> ``{"loss", "*_loss", metrics}``, ``set_step(step)`` before and ``on_step(step)`` after each
+optimizer step. Everything else (optimizer, schedule, batch stream, distributed wrapper) is
+built outside and passed in.
 
 Per optimizer step the host never waits for the device: loss parts are summed on the device
 and read at log steps only; a step whose loss or gradient norm is not finite is skipped inside
@@ -218,6 +219,9 @@ class Trainer:
         """One optimizer step over ``micro`` (``accum_steps`` batches). Returns the outputs and
         a 0-dim bool tensor, True when the step was applied (finite loss and gradients)."""
         self._seed_step()
+        # the objective's schedules at this step, as the learning rate below: also right for
+        # the first step after a resume, which no ``on_step`` came before in this process
+        self.objective.set_step(self.step)
         out = self._forward_backward(micro)
         norm = self._grad_norm()
         bad = (~torch.isfinite(norm)) | (~torch.isfinite(out["loss"]))

@@ -135,7 +135,7 @@ def test_encoder_frozen_for_freeze_steps_then_trains_and_resume_knows():
     assert obj.head.weight.grad is not None
     assert all(p.grad is None for p in obj.encoder.transformer.parameters())
     obj.zero_grad()
-    obj.on_step(2)
+    obj.set_step(2)
     obj(batch)["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.encoder.transformer.parameters())
     fresh = build(freeze_steps=2)

@@ -65,8 +65,10 @@ def test_teacher_is_an_ema_of_the_student_and_never_trained():
             p.add_(torch.randn_like(p))
     model.on_step(5)
     d = 0.999 + (0.9999 - 0.999) * 5 / 10
-    for old, new, student in zip(before, model.teacher.parameters(), model.encoder.transformer.parameters()):
-        assert torch.allclose(new, d * old + (1 - d) * student, atol=1e-6)
+    names = [n for n, _ in model.teacher.named_parameters()]
+    for name, old, new, student in zip(names, before, model.teacher.parameters(), model.encoder.transformer.parameters()):
+        expected = student if name.startswith("pos_conv.") else d * old + (1 - d) * student
+        assert torch.allclose(new, expected, atol=1e-6), name
     model.train()
     assert model.encoder.training and not model.teacher.training
 
@@ -148,13 +150,64 @@ def test_teacher_is_the_transformer_only_and_ema_touches_exactly_its_parameters(
     moved = {n: p.clone() for n, p in model.named_parameters()}
     model.on_step(0)
     for name, p in model.named_parameters():
-        if name.startswith("teacher."):
+        if name.startswith("teacher.pos_conv."):  # ``ema_layers_only``: copied, not averaged
+            assert torch.equal(p, student[name[len("teacher."):]]), name
+        elif name.startswith("teacher."):
             key = name[len("teacher."):]
             expected = 0.999 * before[name] + 0.001 * student[key]
             assert torch.allclose(p, expected, atol=1e-6), name
             assert not torch.equal(p, before[name]), name  # every teacher parameter moved
         else:
             assert torch.equal(p, moved[name]), name  # the EMA changes nothing else
+
+
+def test_ema_copies_the_position_convolution_and_averages_the_rest_by_hand():
+    # fairseq data2vec audio base: ``ema_transformer_only`` and ``ema_layers_only`` (the
+    # ``pos_conv`` parameters are the EMA's skip keys: copied from the student each update)
+    model = _model(ema_start=0.6, ema_end=0.8, ema_anneal_steps=4)
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.fill_(1.0)
+        for p in model.encoder.transformer.parameters():
+            p.fill_(3.0)
+    model.on_step(2)  # decay 0.6 + (0.8 - 0.6) * 2 / 4 = 0.7
+    names = [n for n, _ in model.teacher.named_parameters()]
+    copied = [n for n in names if n.startswith("pos_conv.")]
+    assert copied and any(n.startswith("layers.") for n in names) and "norm.weight" in names
+    for name, p in model.teacher.named_parameters():
+        expected = 3.0 if name in copied else 0.7 * 1.0 + 0.3 * 3.0  # 1.6
+        assert torch.allclose(p, torch.full_like(p, expected), atol=1e-6), name
+
+
+@pytest.mark.parametrize("encoder", [{}, {"input_dropout": 0.3}], ids=["preset", "input_dropout"])
+def test_targets_ignore_input_dropout_and_repeat_exactly_in_train_mode(encoder, monkeypatch):
+    # fairseq data2vec audio: the teacher reads ``pre_encoder_features``, cloned before
+    # ``dropout_input``; the student alone sees the dropped-out features
+    torch.manual_seed(0)
+    model = OBJECTIVES.build("data2vec", size="tiny", encoder=encoder).train()
+    batch = model.batch_hook()(tiny_audio_batch())
+    seen = []
+    real = model.targets
+    monkeypatch.setattr(model, "targets", lambda x, lengths: seen.append(real(x, lengths)) or seen[-1])
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # other dropout draws on each pass
+        model(batch)
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    with torch.no_grad():
+        feats = model.eval().encoder.extract(batch["audio"], batch["audio_lens"])
+        assert torch.equal(seen[0], real(feats.x, feats.lengths))  # no dropout at all
+
+
+@pytest.mark.parametrize("size", ["tiny", "base", "large"])
+def test_presets_have_no_input_dropout_and_a_full_frontend_gradient(size):
+    # fairseq data2vec audio/pretraining/base_librispeech.yaml: ``dropout_input: 0.0``,
+    # ``feature_grad_mult: 1.0``
+    from mmssl.registry import ENCODERS
+
+    with torch.device("meta"):
+        encoder = ENCODERS.build(f"data2vec_{size}")
+    assert encoder.projection.dropout.p == 0.0
+    assert encoder.feature_grad_scale == 1.0
 
 
 @pytest.mark.parametrize("pre_norm", [False, True])

@@ -75,7 +75,7 @@ def test_feature_penalty_ignores_padding():
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return OBJECTIVES.build("wav2vec2", size="tiny", encoder=QUIET)
+    return OBJECTIVES.build("wav2vec2", size="tiny", encoder=QUIET, dropout_features=0.0)
 
 
 def test_forward_backward_and_metrics_on_a_padded_batch():
@@ -112,9 +112,9 @@ def test_forward_makes_its_own_mask_without_the_hook():
     assert 0.0 < out["mask_fraction"] < 1.0 and torch.isfinite(out["loss"])
 
 
-def test_temperature_follows_on_step():
+def test_temperature_follows_set_step():
     model = wav2vec2(size="tiny", encoder=QUIET)
-    model.on_step(100_000)
+    model.set_step(100_000)
     assert abs(model(tiny_audio_batch())["temperature"].item() - 2.0 * 0.999995**100_000) < 1e-6
 
 
@@ -128,7 +128,7 @@ def test_loss_falls_when_overfitting_one_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        model.on_step(step)
+        model.set_step(step + 1)
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
@@ -153,3 +153,31 @@ def test_code_perplexity_averages_over_masked_frames_only():
     assert not torch.allclose(out["perplexity"], perplexity(probs[valid]), atol=1e-4)
     total = model.quantizer.groups * model.quantizer.entries
     assert torch.allclose(out["diversity_loss"], (total - expected) / total, atol=1e-6)
+
+
+def test_quantizer_reads_layer_normed_features_after_their_own_dropout(monkeypatch):
+    # fairseq wav2vec 2.0: ``unmasked_features`` is ``layer_norm(features)``, then
+    # ``dropout_features`` (0.1 in wav2vec2_base_librispeech.yaml) before the quantizer
+    torch.manual_seed(0)
+    model = wav2vec2(size="tiny", encoder=QUIET).train()
+    batch = model.batch_hook()(tiny_audio_batch())
+    seen = []
+    real = model.quantizer.forward
+    monkeypatch.setattr(model.quantizer, "forward", lambda x, weight=None: seen.append(x) or real(x, weight))
+    model(batch)
+    with torch.no_grad():
+        normed = model.quantizer_norm(model.encoder.extract(batch["audio"], batch["audio_lens"]).raw)
+    x = seen[0].detach()
+    kept = x != 0
+    assert 0.07 < 1 - kept.float().mean() < 0.13  # about a tenth of the values dropped
+    assert torch.allclose(x[kept], normed[kept] / 0.9, atol=1e-5)  # the rest scaled by 1 / (1 - p)
+    model.eval()(batch)
+    assert torch.allclose(seen[1], normed, atol=1e-6)  # no dropout in evaluation
+
+
+def test_dropout_features_follows_the_published_recipes():
+    # wav2vec2_base_librispeech.yaml: 0.1; wav2vec2_large_librivox.yaml: 0.0
+    assert wav2vec2(size="base").feature_dropout.p == 0.1
+    with torch.device("meta"):
+        assert wav2vec2(size="large").feature_dropout.p == 0.0
+    assert wav2vec2(size="tiny", dropout_features=0.3).feature_dropout.p == 0.3

@@ -110,12 +110,14 @@ def test_training_step_and_step_hook_have_no_host_sync(name, monkeypatch):
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in synthetic_batch(objective).items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         objective(batch)["loss"].backward()  # warm-up: lazy CUDA initialisation may sync
-    objective.on_step(0)
+    objective.set_step(0)
+    objective.on_step(1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        objective.set_step(1)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             objective(batch)["loss"].backward()
-        objective.on_step(1)
+        objective.on_step(2)
     finally:
         torch.cuda.set_sync_debug_mode("default")

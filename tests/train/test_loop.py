@@ -26,7 +26,8 @@ def test_logged_values_are_window_means_and_schedule(tmp_path):
             assert rec[key] == pytest.approx(expected, rel=1e-5), key
     # linear warm-up over 2 steps to 3e-2, then linear decay to 0 at step 6
     assert [r["lr"] for r in per_step] == pytest.approx([1.5e-2, 3e-2, 3e-2, 2.25e-2, 1.5e-2, 7.5e-3])
-    assert every.objective.steps_seen == [1, 2, 3, 4, 5, 6]
+    assert every.objective.steps_set == [0, 1, 2, 3, 4, 5]  # before each step: updates done
+    assert every.objective.steps_seen == [1, 2, 3, 4, 5, 6]  # after each step
     assert (tmp_path / "a" / "tb").is_dir() and (tmp_path / "a" / "checkpoints" / "latest").is_file()
 
 
@@ -85,6 +86,8 @@ def test_resume_in_process_continues_the_same_run(tmp_path):
     again = make_trainer(tmp_path / "run", max_steps=6, save_every=2)
     assert again.resume() and again.step == 2
     again.fit()
+    # the schedules are set for step 2 before the first step of the resumed process
+    assert again.objective.steps_set == [2, 3, 4, 5] and again.objective.steps_seen == [3, 4, 5, 6]
     ref_losses = [r["loss"] for r in read_metrics(tmp_path / "ref")]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 7))
     assert [r["loss"] for r in read_metrics(tmp_path / "run")] == ref_losses

@@ -30,7 +30,8 @@ class ToyObjective(Objective):
     """Regress a fixed projection of each utterance's mean frame from the mean frame.
 
     Uses dropout (global RNG in forward), a hook tensor, a frozen EMA copy (``on_step``), an
-    embedding and a norm (parameter groups). The loss is a mean over utterances.
+    embedding and a norm (parameter groups). The loss is a mean over utterances. Records the
+    steps ``set_step`` and ``on_step`` were called with.
     """
 
     def __init__(self, dropout: float = 0.1, noise: float = 0.01, nan_at: tuple[int, ...] = ()) -> None:
@@ -50,6 +51,7 @@ class ToyObjective(Objective):
         self.nan_at = set(nan_at)
         self.calls = 0
         self.steps_seen: list[int] = []
+        self.steps_set: list[int] = []
 
     def batch_hook(self):
         return NoiseHook()
@@ -72,6 +74,9 @@ class ToyObjective(Objective):
             mse = mse * float("nan")
         gap = (self.ema.weight - self.proj.weight).abs().mean()
         return {"loss": mse, "mse_loss": mse, "ema_gap": gap}
+
+    def set_step(self, step: int) -> None:
+        self.steps_set.append(step)
 
     def on_step(self, step: int) -> None:
         self.steps_seen.append(step)
