@@ -6,9 +6,9 @@ Each modality is masked on its input to the fusion, with its own span settings (
 
 * audio: masked frames of the projected filterbank stream take a learned embedding;
 * video: masked frames are *replaced by frames from elsewhere in the same clip* (sec. 3.1,
-  "segments substituted"), so the model cannot spot the mask from the input. Each masked span
-  copies a contiguous run of the clip's own valid frames, shifted by a random non-zero offset
-  modulo the clip length.
+  "segments substituted"), so the model cannot spot the mask from the input. Each masked run
+  copies a run of the clip's own valid frames that never overlaps it (AV-HuBERT
+  ``selection_type: same_seq``, :func:`substitution_index`).
 
 The fused stream (with modality dropout, :class:`mmssl.encoders.fusion.AVFusion`) goes through
 the transformer; the loss is HuBERT's (Hsu et al., 2021, eq. 2-3) over the union of both masks:
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl.data.noise import AddNoise, NoiseBank
@@ -46,27 +47,48 @@ from mmssl.objectives.hubert import FINAL_DIM, cosine_logits, resample_targets, 
 from mmssl.registry import OBJECTIVES
 
 
+def _runs(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """First and one-past-last frame of the contiguous masked run each frame of ``mask (B, T)``
+    belongs to: two ``(B, T)`` long tensors (meaningful where ``mask`` is True)."""
+    b, t = mask.shape
+    steps = torch.arange(t, device=mask.device).expand(b, t)
+    before = F.pad(mask[:, :-1], (1, 0), value=False)
+    after = F.pad(mask[:, 1:], (0, 1), value=False)
+    start = torch.where(mask & ~before, steps, torch.zeros_like(steps)).cummax(dim=1).values
+    last = torch.where(mask & ~after, steps, torch.full_like(steps, t))
+    end = last.flip(1).cummin(dim=1).values.flip(1) + 1
+    return start, end
+
+
 def substitution_index(mask: Tensor, lengths: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Source frame of every frame for video masking: ``mask (B, T)``, ``lengths (B,)`` ->
     ``(B, T)`` long.
 
-    Unmasked frames map to themselves. Each contiguous masked run of clip ``b`` maps to the
-    same run shifted by ``s`` frames, ``s`` drawn uniformly in ``[1, lengths[b] - 1]`` per run,
-    wrapping around inside the valid length: sources are always valid frames of the same clip
-    and never the masked frame itself. Vectorised (no host sync); ``generator`` must live on
-    ``mask.device``.
+    Unmasked frames map to themselves. Each contiguous masked run ``[s, e)`` (``L = e - s``
+    frames) of clip ``b`` copies the run of ``L`` frames starting at ``o``, drawn uniformly
+    among the valid frames ``[0, n)`` (``n = lengths[b]``) except ``[max(0, s - L), e)``;
+    copied frames past ``n - 1`` repeat frame ``n - 1``. This is AV-HuBERT's ``same_seq``
+    selection (``apply_input_mask``): the copied run never overlaps the masked one (it may
+    start right after it, as there), but it is drawn over the clip's valid frames where the
+    reference draws over the padded length, which can copy padding. Only
+    when no start is left (the run reaches the clip's end and starts within ``L`` frames of
+    its beginning) the run cycles through the frames before it, and a run covering the whole
+    clip keeps its own frames (nothing else to copy; ``compute_span_mask`` never makes one).
+    Vectorised (no host sync); ``generator`` must live on ``mask.device``.
     """
     b, t = mask.shape
     steps = torch.arange(t, device=mask.device).expand(b, t)
-    n = lengths.to(mask.device).long().clamp(min=1).unsqueeze(1)  # (B, 1)
-    prev = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)
-    starts = mask & ~prev
-    run_start = torch.where(starts, steps, torch.zeros_like(steps)).cummax(dim=1).values  # (B, T)
-    u = torch.rand(b, t, device=mask.device, generator=generator)
-    shifts = 1 + torch.floor(u * (n - 1).clamp(min=1)).long()  # in [1, n - 1]
-    shift = shifts.gather(1, run_start)
-    source = (steps + shift) % n
-    return torch.where(mask, source, steps)
+    n = lengths.to(mask.device).long().clamp(min=1, max=max(t, 1)).unsqueeze(1)  # (B, 1)
+    mask = mask & (steps < n)
+    start, end = _runs(mask)
+    low = (2 * start - end).clamp(min=0)  # max(0, s - L): starts whose copy would touch the run
+    left = n - (end - low)  # (B, T) starts left to draw from
+    u = torch.rand(b, t, device=mask.device, generator=generator).gather(1, start)  # one draw per run
+    k = torch.minimum(torch.floor(u * left.clamp(min=1)).long(), (left - 1).clamp(min=0))
+    origin = torch.where(k < low, k, k + (end - low))  # the k-th start outside [low, end)
+    source = (origin + steps - start).minimum(n - 1)
+    cycled = torch.where(start > 0, (steps - start) % start.clamp(min=1), steps)
+    return torch.where(mask, torch.where(left > 0, source, cycled), steps)
 
 
 @dataclass

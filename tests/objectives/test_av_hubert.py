@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mmssl.errors import DataError
+from mmssl.nn.masking import compute_span_mask
 from mmssl.objectives.av_hubert import AVMasks, av_hubert, substitution_index
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_av_batch
@@ -26,23 +27,65 @@ def _objective(**kw):
     return OBJECTIVES.build("av_hubert", size="tiny", num_classes=8, label_rate=25.0, final_dim=16, **kw)
 
 
-def test_substitution_sources_stay_in_the_clip_and_move():
+def _runs_of(row):
+    """``[(start, end), ...]`` of the True runs of a 1-d bool list."""
+    runs, start = [], None
+    for t, m in enumerate(row + [False]):
+        if m and start is None:
+            start = t
+        elif not m and start is not None:
+            runs.append((start, t))
+            start = None
+    return runs
+
+
+def test_substitution_never_copies_a_masked_run_from_itself():
+    """2,000 random clips and masks: every masked run copies a run of the same clip's valid
+    frames that starts outside ``[max(0, s - L), e)`` (AV-HuBERT ``same_seq``), so no
+    substituted frame comes from its own masked run; unmasked frames keep their own."""
     g = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([20, 7, 2, 12])
-    mask = torch.zeros(4, 20, dtype=torch.bool)
-    mask[0, 3:8] = mask[0, 12:15] = True
-    mask[1, 1:4] = True
-    mask[2, 0] = True
-    mask[3, 9:12] = True
-    for _ in range(20):
+    checked = 0
+    for prob, span in ((0.3, 5), (0.8, 10)):  # mask_prob_image / mask_length_image, iteration 1 settings
+        lengths = torch.randint(2, 81, (1000,), generator=g)
+        mask = compute_span_mask(lengths, 80, prob, span, 2, g, same_count=False)
         src = substitution_index(mask, lengths, g)
-        steps = torch.arange(20).expand(4, 20)
-        assert torch.equal(src[~mask], steps[~mask])  # unmasked frames keep their own
-        assert (src[mask] != steps[mask]).all()  # masked frames come from elsewhere ...
-        assert (src < lengths[:, None])[mask].all()  # ... inside the valid part of the same clip
-        # a masked run copies a contiguous run (shift constant within the run, modulo length)
-        shift = (src - steps) % lengths[:, None]
-        assert len(set(shift[0, 3:8].tolist())) == 1 and len(set(shift[0, 12:15].tolist())) == 1
+        for b in range(1000):
+            n, row, got = int(lengths[b]), mask[b].tolist(), src[b].tolist()
+            assert all(got[t] == t for t in range(80) if not row[t])
+            for s, e in _runs_of(row):
+                length, origin = e - s, got[s]
+                low = max(0, s - length)
+                assert all(0 <= got[t] < n and not s <= got[t] < e for t in range(s, e))
+                if n - (e - low) > 0:  # a start is left outside [low, e)
+                    assert not low <= origin < e
+                    assert got[s:e] == [min(origin + i, n - 1) for i in range(length)]  # a copied run
+                else:  # a short clip masked to its end: the run cycles through the frames before it
+                    assert got[s:e] == [i % s for i in range(length)]
+                checked += length
+    assert checked > 20_000
+
+
+def test_substitution_starts_are_uniform_over_the_allowed_starts():
+    """T = 100 frames masked at 20-29: the copied run starts uniformly in 0-9 or 30-99."""
+    g = torch.Generator().manual_seed(1)
+    mask = torch.zeros(8000, 100, dtype=torch.bool)
+    mask[:, 20:30] = True
+    origins = substitution_index(mask, torch.full((8000,), 100), g)[:, 20]
+    allowed = list(range(10)) + list(range(30, 100))
+    counts = torch.bincount(origins, minlength=100).float()
+    assert counts[10:30].sum() == 0
+    expected = 8000 / len(allowed)
+    chi2 = ((counts[allowed] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 79 + 5 * math.sqrt(2 * 79)  # 79 degrees of freedom: mean 79, sd 12.6
+
+
+def test_substitution_when_no_other_start_is_left():
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, 3:] = True  # 7 frames to the end: every start would overlap or touch the run
+    mask[1, :4] = True  # the whole clip of 4 frames
+    src = substitution_index(mask, torch.tensor([10, 4]), torch.Generator().manual_seed(0))
+    assert src[0].tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]  # cycles through the frames before it
+    assert src[1].tolist() == list(range(10))  # nothing else to copy
 
 
 def test_masks_hook_shapes_and_rates():
