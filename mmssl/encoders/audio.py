@@ -33,6 +33,7 @@ from mmssl.errors import ConfigError
 from mmssl.nn import frontend as fe
 from mmssl.nn import transformer as tr
 from mmssl.nn.context import CausalTransformerContext, RecurrentContext
+from mmssl.nn.gradient import scale_grad
 from mmssl.nn.reconstruction import LogMelFrontend
 from mmssl.registry import ENCODERS
 
@@ -53,19 +54,6 @@ class FeatureProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.project(x))
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``scale``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.scale, None
 
 
 class AudioEncoder(SpeechEncoder):
@@ -107,8 +95,7 @@ class AudioEncoder(SpeechEncoder):
         inside a longer batch gets ``lengths == 0``.
         """
         raw, lengths = self.frontend(audio, audio_lens)
-        if self.feature_grad_scale != 1.0 and torch.is_grad_enabled():
-            raw = _ScaleGrad.apply(raw, self.feature_grad_scale)
+        raw = scale_grad(raw, self.feature_grad_scale)
         clean, x = self.project(raw)
         return Features(x=x, raw=raw, lengths=lengths, clean=clean)
 

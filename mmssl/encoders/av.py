@@ -1,7 +1,11 @@
 """The audio-visual encoder: two 25 Hz streams, fusion, one shared transformer (AV-HuBERT).
 
-* audio: 80 Kaldi filterbanks stacked x4 (100 Hz -> 25 Hz) and a linear projection
-  (AV-HuBERT's audio ``SubModel``: a Linear from the stacked features to the model dim);
+* audio: 26 Kaldi log filterbanks stacked x4 (100 Hz -> 25 Hz, 104 values per frame), each
+  stacked frame layer-normed, and a linear projection (AV-HuBERT: ``logfbank``'s 26 filters,
+  ``stack_order_audio: 4``, ``normalize: true``, ``audio_feat_dim: 104``; its audio
+  ``SubModel`` is a Linear from the stacked features to the model dim). The normalisation
+  makes the stream blind to the recording gain and puts it on the lip stream's scale at the
+  fusion;
 * video: the lip encoder (3D stem + ResNet-18, 512-d per frame) and a linear projection;
 * fusion: concat, LayerNorm, Linear, with modality dropout (:class:`AVFusion`);
 * the transformer (``mmssl.nn.transformer``), every layer returned.
@@ -162,8 +166,9 @@ def build_av_encoder(
     lip: str = "resnet18",
     audio: bool = True,
     video: bool = True,
-    num_mel_bins: int = 80,
-    stack: int = 4,
+    num_mel_bins: int = 26,  # AV-HuBERT: python_speech_features ``logfbank`` (nfilt=26)
+    stack: int = 4,  # ``stack_order_audio``
+    normalize_audio: bool = True,  # ``normalize``: layer norm over each stacked frame
     modality_dropout: float = 0.5,
     audio_dropout: float = 0.5,
     mask_embedding: bool = True,
@@ -179,7 +184,7 @@ def build_av_encoder(
     if not (audio or video):
         raise ConfigError("av encoder: audio and video cannot both be off")
     dim = options.dim
-    audio_frontend = FbankFrontend(num_mel_bins, stack) if audio else None
+    audio_frontend = FbankFrontend(num_mel_bins, stack, normalize=normalize_audio) if audio else None
     audio_proj = nn.Linear(audio_frontend.out_dim, dim) if audio_frontend is not None else None
     video_frontend = lips[lip]() if video else None
     video_proj = nn.Linear(video_frontend.dim, dim) if video_frontend is not None else None

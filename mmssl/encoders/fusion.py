@@ -63,7 +63,7 @@ class AVFusion(nn.Module):
         """Which streams each utterance keeps under modality dropout: two bool ``(B,)`` on the CPU."""
         return sample_keep(batch, self.modality_dropout, self.audio_dropout, generator)
 
-    def forward(
+    def concat(
         self,
         audio: Tensor | None,
         audio_lens: Tensor | None,
@@ -71,7 +71,9 @@ class AVFusion(nn.Module):
         video_lens: Tensor | None,
         keep: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Returns ``(x (B, T, C), lengths (B,))``.
+        """The streams side by side before the LayerNorm: ``(features (B, T, Ca + Cv),
+        lengths (B,))``, a dropped or missing stream as zeros, padded frames zero (AV-HuBERT's
+        ``features``, on which its feature penalty is taken).
 
         ``keep``: ``(keep_audio (B,), keep_video (B,))`` bool; by default drawn with
         :meth:`sample_keep` in training when both streams are present, all True otherwise.
@@ -99,6 +101,25 @@ class AVFusion(nn.Module):
             assert video is not None and video_lens is not None
             lengths = video_lens
             audio = video.new_zeros(*video.shape[:2], self.audio_dim)
-        x = self.proj(self.norm(torch.cat([audio, video], dim=-1)))  # (B, T, C)
+        x = torch.cat([audio, video], dim=-1)  # (B, T, Ca + Cv)
         pad = lengths_to_padding_mask(lengths, x.shape[1])
         return x.masked_fill(pad.unsqueeze(-1), 0.0), lengths
+
+    def project(self, features: Tensor, lengths: Tensor) -> Tensor:
+        """``features (B, T, Ca + Cv)`` of :meth:`concat` -> ``(B, T, C)``: LayerNorm, Linear;
+        padded frames zero."""
+        x = self.proj(self.norm(features))  # (B, T, C)
+        pad = lengths_to_padding_mask(lengths, x.shape[1])
+        return x.masked_fill(pad.unsqueeze(-1), 0.0)
+
+    def forward(
+        self,
+        audio: Tensor | None,
+        audio_lens: Tensor | None,
+        video: Tensor | None,
+        video_lens: Tensor | None,
+        keep: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Returns ``(x (B, T, C), lengths (B,))``: :meth:`concat`, then :meth:`project`."""
+        features, lengths = self.concat(audio, audio_lens, video, video_lens, keep)
+        return self.project(features, lengths), lengths

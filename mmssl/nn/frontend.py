@@ -6,8 +6,9 @@
   norm with one group per channel in the first layer only (base models, fairseq
   ``extractor_mode=default``) or a layer norm over channels in every layer (large models,
   ``extractor_mode=layer_norm``).
-* ``FbankFrontend``: 80 Kaldi log mel filterbanks at 100 Hz, optionally stacked x4 to 25 Hz
-  to meet 25 fps video (AV-HuBERT, sec. 4).
+* ``FbankFrontend``: Kaldi log mel filterbanks at 100 Hz (80 by default), optionally stacked
+  x4 to 25 Hz to meet 25 fps video (AV-HuBERT, sec. 4), and optionally layer-normed per
+  stacked frame (AV-HuBERT ``normalize: true``).
 
 Both are padding-aware: valid frames depend only on valid samples (the group norm takes its
 statistics over valid frames only), so a padded batch gives each utterance what it gets alone.
@@ -161,13 +162,26 @@ class FbankFrontend(nn.Module):
     ``audio (B, S)`` -> ``(B, T, num_mel_bins * stack)``. The whole padded batch is computed
     in one pass on its device (``mmssl.data.features.fbank_batch``, no host sync); each
     utterance gets the features of its valid samples alone, zeros after its last frame.
+
+    ``normalize``: each stacked frame is layer-normed over its ``num_mel_bins * stack``
+    values, no learned scale or shift (AV-HuBERT ``normalize: true``: its dataset applies
+    ``F.layer_norm(feats, feats.shape[1:])`` to the stacked ``(T, F)`` features). A gain on
+    the waveform only shifts every log energy, so it changes no frame. One difference: in the
+    last frame of an utterance whose 100 Hz frame count is not a multiple of ``stack``, the
+    statistics cover the real filterbank frames only and the zero padding becomes 0 (the
+    frame's mean). The reference normalises that frame with its padding zeros, which in its
+    int16-scale log energies sit far below speech but here (a [-1, 1] waveform) sit inside
+    the speech range, and would make the frame depend on the gain.
     """
 
-    def __init__(self, num_mel_bins: int = 80, stack: int = 4, sample_rate: int = 16000) -> None:
+    def __init__(
+        self, num_mel_bins: int = 80, stack: int = 4, sample_rate: int = 16000, normalize: bool = False
+    ) -> None:
         super().__init__()
         if stack < 1:
             raise ConfigError(f"fbank frontend: stack must be >= 1, got {stack}")
         self.num_mel_bins, self.stack, self.sample_rate = num_mel_bins, stack, sample_rate
+        self.normalize = normalize
         window, shift = sample_rate // 40, sample_rate // 100  # 25 ms, 10 ms
         self.frame_spec = _frame_spec((window,), (shift,), stack)
         self.receptive_field = window
@@ -176,8 +190,22 @@ class FbankFrontend(nn.Module):
 
     def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         check_waveform(audio, lengths, self.receptive_field, "fbank frontend")
-        feats, _ = fbank_batch(audio, lengths, self.sample_rate, self.num_mel_bins)  # (B, T, F), zero padded
+        feats, fbank_lens = fbank_batch(audio, lengths, self.sample_rate, self.num_mel_bins)  # (B, T, F), zero padded
         # frames past an utterance's end are zero, so its last group is padded with zero
         # frames exactly as stacking it alone would
         stacked = stack_frames(feats, self.stack)  # (B, T / stack, F * stack)
+        if self.normalize:
+            stacked = self._normalize(stacked, fbank_lens, feats.shape[1])
         return stacked.to(audio.dtype), self.frame_spec(lengths)
+
+    def _normalize(self, stacked: Tensor, fbank_lens: Tensor, fbank_frames: int) -> Tensor:
+        """Layer norm of each stacked frame ``(B, T, F * stack)`` over its real filterbank
+        frames (``fbank_lens (B,)`` of the ``fbank_frames`` 100 Hz frames); padding -> 0."""
+        real = ~lengths_to_padding_mask(fbank_lens, fbank_frames)  # (B, T100)
+        real = stack_frames(real.unsqueeze(-1).float(), self.stack)  # (B, T, stack)
+        w = real.repeat_interleave(self.num_mel_bins, dim=-1)  # (B, T, stack * F), layout of stacked
+        x = stacked.float()
+        count = w.sum(-1, keepdim=True).clamp(min=1.0)
+        mean = (x * w).sum(-1, keepdim=True) / count
+        var = ((x - mean).square() * w).sum(-1, keepdim=True) / count
+        return (x - mean) * torch.rsqrt(var + 1e-5) * w  # F.layer_norm's eps

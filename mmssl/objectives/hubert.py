@@ -7,7 +7,9 @@ per cluster, divided by a temperature of 0.1 (eq. 2-3). The logits come from one
 matmul ``(B, T, D) x (D, V)``, so no ``(V + 1, N, D)`` copy of the embeddings is made.
 
 By default only masked frames count (``unmasked_weight=0``, HuBERT's alpha = 1); the unmasked
-term can be switched on. The wav2vec 2.0 feature penalty (weight 10, fairseq
+term can be switched on, and then, as in fairseq's ``hubert_criterion``, both parts' summed
+cross-entropies are divided by the count of all the frames that count (not each part by its
+own count). The wav2vec 2.0 feature penalty (weight 10, fairseq
 ``hubert_base_librispeech``) keeps the frontend outputs small.
 
 Targets (``batch["targets"] (B, L)``, cluster ids, negative for padding) may come at any
@@ -61,15 +63,41 @@ def cosine_logits(x: Tensor, embeddings: Tensor, temperature: float) -> Tensor:
     return x @ e.T / temperature
 
 
-def weighted_cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy and accuracy over frames where ``weight (B, T)`` is True.
-    ``logits (B, T, V)``, ``targets (B, T)`` (negative values are never read where weight is True)."""
+def cross_entropy_sums(logits: Tensor, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed cross-entropy, correct count and frame count over frames where ``weight (B, T)``
+    is True. ``logits (B, T, V)``, ``targets (B, T)`` (negative values are never read where
+    weight is True). Three scalars."""
     safe = targets.clamp(min=0)
     nll = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (B, T)
     w = weight.to(nll.dtype)
-    total = w.sum().clamp(min=1.0)
     correct = (logits.argmax(-1) == safe).to(nll.dtype)
-    return (nll * w).sum() / total, (correct * w).sum() / total
+    return (nll * w).sum(), (correct * w).sum(), w.sum()
+
+
+def prediction_loss(
+    logits: Tensor, targets: Tensor, pred_mask: Tensor, labelled: Tensor, masked_weight: float, unmasked_weight: float
+) -> dict[str, Tensor]:
+    """HuBERT's loss (fairseq ``hubert_criterion``): ``masked_weight`` x the summed
+    cross-entropy of the masked frames plus ``unmasked_weight`` x that of the unmasked ones,
+    divided by the frames of the parts that count (``sample_size``: the masked frames when
+    ``masked_weight > 0`` plus the unmasked ones when ``unmasked_weight > 0``). With
+    ``unmasked_weight = 0`` it is the mean over masked frames. ``logits (B, T, V)``,
+    ``targets``, ``pred_mask``, ``labelled (B, T)`` (frames with a target).
+
+    Returns ``loss`` and, for logging (detached), ``masked_loss`` / ``unmasked_loss`` (each
+    part's mean) and ``masked_accuracy`` / ``unmasked_accuracy``."""
+    m_nll, m_correct, m_count = cross_entropy_sums(logits, targets, labelled & pred_mask)
+    u_nll, u_correct, u_count = cross_entropy_sums(logits, targets, labelled & ~pred_mask)
+    sample_size = m_count * float(masked_weight > 0) + u_count * float(unmasked_weight > 0)
+    loss = (masked_weight * m_nll + unmasked_weight * u_nll) / sample_size.clamp(min=1.0)
+    m_count, u_count = m_count.clamp(min=1.0), u_count.clamp(min=1.0)
+    return {
+        "loss": loss,
+        "masked_loss": (m_nll / m_count).detach(),
+        "unmasked_loss": (u_nll / u_count).detach(),
+        "masked_accuracy": (m_correct / m_count).detach(),
+        "unmasked_accuracy": (u_correct / u_count).detach(),
+    }
 
 
 @dataclass
@@ -130,19 +158,12 @@ class HubertObjective(Objective):
 
         hidden = self.encoder.contextualize(self.encoder.mask(feats.x, pred_mask), lengths).hidden
         logits = cosine_logits(self.final_proj(hidden), self.label_embeddings, self.temperature)  # (B, T, V)
-        masked, masked_acc = weighted_cross_entropy(logits, targets, labelled & pred_mask)
-        unmasked, unmasked_acc = weighted_cross_entropy(logits, targets, labelled & ~pred_mask)
+        out = prediction_loss(logits, targets, pred_mask, labelled, self.masked_weight, self.unmasked_weight)
         penalty = feature_penalty(feats.raw, lengths)
-        loss = self.masked_weight * masked + self.unmasked_weight * unmasked + self.penalty_weight * penalty
-        return {
-            "loss": loss,
-            "masked_loss": masked.detach(),
-            "unmasked_loss": unmasked.detach(),
-            "feature_penalty_loss": penalty.detach(),
-            "masked_accuracy": masked_acc.detach(),
-            "unmasked_accuracy": unmasked_acc.detach(),
-            "mask_fraction": pred_mask.sum().float() / valid.sum().clamp(min=1).float(),
-        }
+        out["loss"] = out["loss"] + self.penalty_weight * penalty
+        out["feature_penalty_loss"] = penalty.detach()
+        out["mask_fraction"] = pred_mask.sum().float() / valid.sum().clamp(min=1).float()
+        return out
 
 
 # HuBERT, sec. IV-D / fairseq ``final_dim``: 256 for BASE, 768 for LARGE

@@ -131,7 +131,7 @@ def test_av_encoder_layers_against_their_inputs(tmp_path):
     layers, inputs = av_layers_and_inputs(enc, batches)
     n = 2 * (50 + 40)
     assert len(layers) == 2 and all(l.shape == (n, 64) for l in layers)
-    assert inputs["fbank"].shape == (n, 320) and inputs["lips"].shape == (n, 64)
+    assert inputs["fbank"].shape == (n, 104) and inputs["lips"].shape == (n, 64)  # 26 filterbanks x 4
     # the frames line up: the lip features of clip 1 are the valid frames of video_features
     v, _ = enc.video_features(batches[0]["video"], batches[0]["video_lens"])
     torch.testing.assert_close(inputs["lips"][50:90], v[1, :40].detach())

@@ -69,6 +69,24 @@ def test_fbank_frontend_is_stacked_kaldi_fbank_per_utterance():
     assert not x[2, lens[2] :].any()  # padding frames stay zero
 
 
+
+def test_fbank_frontend_normalize_layer_norms_each_stacked_frame_over_its_real_frames():
+    plain, normed = FbankFrontend(num_mel_bins=26, stack=4), FbankFrontend(num_mel_bins=26, stack=4, normalize=True)
+    batch = tiny_audio_batch(lengths=(4000, 2321, 640))  # 23, 13 and 2 filterbank frames
+    x, lens = plain(batch["audio"], batch["audio_lens"])
+    y, y_lens = normed(batch["audio"], batch["audio_lens"])
+    assert torch.equal(lens, y_lens)
+    for i, n in enumerate((23, 13, 2)):
+        for t in range(int(lens[i])):
+            real = min(4, n - 4 * t) * 26  # every last frame holds zero padding here
+            frame = x[i, t, :real]
+            expected = (frame - frame.mean()) / torch.sqrt(frame.var(unbiased=False) + 1e-5)
+            torch.testing.assert_close(y[i, t, :real], expected, atol=1e-4, rtol=1e-4)
+            assert not y[i, t, real:].any()  # padding filterbank frames -> 0, the frame's mean
+        assert not y[i, lens[i]:].any()  # padded frames stay zero
+    quiet, _ = normed(0.01 * batch["audio"], batch["audio_lens"])  # a gain changes nothing
+    torch.testing.assert_close(quiet, y, atol=1e-3, rtol=0)
+
 def test_fbank_frontend_reads_no_value_on_the_host():
     """On the meta device any ``.item()``, ``.tolist()`` or data-dependent shape raises: the
     frontend computes a padded batch from shapes alone, as a CUDA step needs (no sync)."""

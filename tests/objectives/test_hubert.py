@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmssl.errors import DataError
-from mmssl.objectives.hubert import cosine_logits, resample_targets, weighted_cross_entropy
+from mmssl.objectives.hubert import cosine_logits, prediction_loss, resample_targets
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import overfit, tiny_audio_batch, tiny_labelled_audio_batch, utterances_alone
 
@@ -28,12 +28,38 @@ def test_cosine_logits_and_loss_match_hand_computation():
     r = 1 / math.sqrt(5)
     rows = [[10.0, 0.0, -10.0], [10 * r, 20 * r, -10 * r]]
     assert torch.allclose(logits, torch.tensor([rows]), atol=1e-5)
-    loss, acc = weighted_cross_entropy(logits, torch.tensor([[0, 1]]), torch.tensor([[True, True]]))
+    every = torch.tensor([[True, True]])
+    out = prediction_loss(logits, torch.tensor([[0, 1]]), every, every, 1.0, 0.0)
     nll = [-row[c] + math.log(sum(math.exp(v) for v in row)) for row, c in zip(rows, (0, 1))]
-    assert abs(loss.item() - sum(nll) / 2) < 1e-4 and acc.item() == 1.0
-    # a frame left out by the weight does not count, whatever its target
-    loss0, acc0 = weighted_cross_entropy(logits, torch.tensor([[0, 2]]), torch.tensor([[True, False]]))
-    assert abs(loss0.item() - nll[0]) < 1e-4 and acc0.item() == 1.0
+    assert abs(out["loss"].item() - sum(nll) / 2) < 1e-4 and out["masked_accuracy"].item() == 1.0
+    # a frame without a target does not count, whatever its target value
+    out = prediction_loss(logits, torch.tensor([[0, 2]]), every, torch.tensor([[True, False]]), 1.0, 0.0)
+    assert abs(out["loss"].item() - nll[0]) < 1e-4 and out["masked_accuracy"].item() == 1.0
+
+
+def _nll(row, target):
+    return -row[target] + math.log(sum(math.exp(v) for v in row))
+
+
+def test_unmasked_weight_sums_both_parts_over_the_count_of_all_frames():
+    """fairseq hubert_criterion: (w_m * sum_m CE + w_u * sum_u CE) / sample_size, where
+    sample_size counts the frames of every part whose weight is > 0."""
+    rows = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, -1.0, 0.0], [0.0, 2.0, 1.0]]
+    targets = [0, 0, 2, 1, 1]
+    masked = [True, True, True, False, False]
+    nll = [_nll(r, c) for r, c in zip(rows, targets)]
+    sum_m, sum_u = sum(nll[:3]), sum(nll[3:])
+    logits, tgt = torch.tensor([rows]), torch.tensor([targets])
+    pred_mask, labelled = torch.tensor([masked]), torch.ones(1, 5, dtype=torch.bool)
+    out = prediction_loss(logits, tgt, pred_mask, labelled, 1.0, 0.5)
+    assert abs(out["loss"].item() - (sum_m + 0.5 * sum_u) / 5) < 1e-5
+    assert abs(out["masked_loss"].item() - sum_m / 3) < 1e-5 and abs(out["unmasked_loss"].item() - sum_u / 2) < 1e-5
+    assert abs(out["masked_accuracy"].item() - 2 / 3) < 1e-6 and abs(out["unmasked_accuracy"].item() - 0.5) < 1e-6
+    assert abs(prediction_loss(logits, tgt, pred_mask, labelled, 1.0, 0.0)["loss"].item() - sum_m / 3) < 1e-5
+    assert abs(prediction_loss(logits, tgt, pred_mask, labelled, 0.0, 1.0)["loss"].item() - sum_u / 2) < 1e-5
+    # no frame to predict: zero, not NaN
+    none = prediction_loss(logits, tgt, pred_mask, torch.zeros(1, 5, dtype=torch.bool), 1.0, 0.5)
+    assert none["loss"].item() == 0.0
 
 
 def _model(seed=0, **kwargs):
@@ -64,7 +90,13 @@ def test_forward_backward_and_masked_only_by_default():
     both = _model(unmasked_weight=0.5)
     a, b = both(batch), both(changed)
     assert not torch.allclose(a["loss"], b["loss"])
-    assert torch.isclose(a["loss"], a["masked_loss"] + 0.5 * a["unmasked_loss"] + 10 * a["feature_penalty_loss"])
+    # fairseq hubert_criterion: both parts summed, over the count of every frame with a target
+    lengths = both.encoder.frame_spec(batch["audio_lens"])
+    targets = resample_targets(batch["targets"], frames, 100.0, 50.0)
+    labelled = (torch.arange(frames)[None] < lengths[:, None]) & (targets >= 0)
+    n_m, n_u = (labelled & batch["pred_mask"]).sum(), (labelled & ~batch["pred_mask"]).sum()
+    parts = (n_m * a["masked_loss"] + 0.5 * n_u * a["unmasked_loss"]) / (n_m + n_u)
+    assert torch.isclose(a["loss"], parts + 10 * a["feature_penalty_loss"])
 
 
 def test_padding_values_change_no_loss():

@@ -20,7 +20,9 @@ small tensor ops then wait for each other (``OMP_NUM_THREADS=1`` helps); data wo
 thread each.
 
 Objectives that read k-means targets (``data.labels``) get MFCC labels made once with
-``mmssl kmeans --features mfcc`` into ``--labels DIR`` unless that folder already has them.
+``mmssl kmeans --features mfcc`` into ``--labels DIR`` unless that folder already has them,
+and ``objective.label_rate`` is set to their rate, 100 Hz (``av_hubert``'s recipe expects
+25 Hz labels of an audio-visual layer; its hook does the same work on either).
 
     mmssl synth --size demo --out corpus
     python tools/bench/loader.py --manifest corpus/av/train.jsonl --labels corpus/km_mfcc \\
@@ -79,6 +81,9 @@ def training_config(recipe: str, manifest: str, labels: str | None, overrides: l
         default = inspect.signature(OBJECTIVES.get(cfg.objective.name)).parameters["num_classes"].default
         ensure_labels(manifest, labels, int(cfg.objective.get("num_classes", default)))
         cfg.data.labels = labels
+        if "label_rate" in inspect.signature(OBJECTIVES.get(cfg.objective.name)).parameters:
+            info = torch.load(Path(labels) / "kmeans.pt", map_location="cpu", weights_only=True)
+            cfg.objective.label_rate = float(info["label_rate"])
     return resolve(cfg)
 
 
