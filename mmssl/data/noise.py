@@ -74,6 +74,16 @@ def mix_at_snr(
     return out[0] if single else out
 
 
+def snr_range(noise_snr: float | Sequence[float]) -> tuple[float, float]:
+    """``objective.noise_snr``: one SNR in dB (AV-HuBERT ``noise_snr: 0``) or ``[low, high]``
+    (drawn uniformly) -> ``(low, high)``."""
+    if isinstance(noise_snr, (int, float)) and not isinstance(noise_snr, bool):
+        return float(noise_snr), float(noise_snr)
+    if isinstance(noise_snr, Sequence) and not isinstance(noise_snr, str) and len(noise_snr) == 2:
+        return float(noise_snr[0]), float(noise_snr[1])
+    raise ConfigError(f"objective.noise_snr must be a number or [low, high] in dB, got {noise_snr!r}")
+
+
 class NoiseBank:
     """Noise recordings from a folder (searched recursively, e.g. MUSAN's ``noise/``) or a
     list of files, decoded on demand to mono at ``sample_rate`` (a few recent files cached)."""

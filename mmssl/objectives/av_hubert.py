@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.data.noise import AddNoise, NoiseBank
+from mmssl.data.noise import AddNoise, NoiseBank, snr_range
 from mmssl.encoders.av import AVEncoder, av_base, av_large, av_tiny, substitute_frames
 from mmssl.encoders.base import FrameSpec
 from mmssl.encoders.fusion import sample_keep
@@ -309,15 +309,6 @@ FINAL_DIM = {"tiny": 32, "base": 256, "large": 256}
 MASKING_TYPES = ("input", "feature")
 
 
-def _snr_range(noise_snr: float | list[float]) -> tuple[float, float]:
-    """``noise_snr``: one SNR in dB (AV-HuBERT ``noise_snr: 0``) or ``[low, high]``."""
-    if isinstance(noise_snr, (int, float)):
-        return float(noise_snr), float(noise_snr)
-    if isinstance(noise_snr, (list, tuple)) and len(noise_snr) == 2:
-        return float(noise_snr[0]), float(noise_snr[1])
-    raise ConfigError(f"objective.noise_snr must be a number or [low, high] in dB, got {noise_snr!r}")
-
-
 def _check_masking(masking_type: str, audio: tuple[float, int], video: tuple[float, int]) -> None:
     if masking_type not in MASKING_TYPES:
         raise ConfigError(f"objective.masking_type must be one of {', '.join(MASKING_TYPES)}, got {masking_type!r}")
@@ -365,7 +356,7 @@ def av_hubert(
         raise ConfigError("av_hubert needs an encoder with an audio stream")
     masks = AVMasks(enc.frame_spec, audio_mask_prob, audio_mask_span, video_mask_prob, video_mask_span, min_masks,
                     seed, enc.fusion.modality_dropout, enc.fusion.audio_dropout, masking_type)
-    noise = AddNoise(NoiseBank(noise_dir), noise_prob, _snr_range(noise_snr)) if noise_dir else None
+    noise = AddNoise(NoiseBank(noise_dir), noise_prob, snr_range(noise_snr)) if noise_dir else None
     dim = final_dim if final_dim is not None else FINAL_DIM.get(size, 256)
     return AVHubert(enc, masks, num_classes, dim, label_rate, temperature, unmasked_weight, penalty_weight,
                     input_dropout, feature_grad_mult, noise)

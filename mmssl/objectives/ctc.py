@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mmssl.encoders  # noqa: F401  (registers the encoder presets)
-from mmssl.data.noise import AddNoise, NoiseBank
+from mmssl.data.noise import AddNoise, NoiseBank, snr_range
 from mmssl.encoders.base import FrameSpec
 from mmssl.encoders.fusion import sample_keep
 from mmssl.errors import ConfigError, DataError
@@ -343,9 +343,8 @@ def ctc(
     modality_dropout: float | None = None,  # None: the encoder's (AV-HuBERT 0.5)
     audio_dropout: float | None = None,  # None: the encoder's (AV-HuBERT 0.5)
     noise_dir: str | None = None,  # noise-augmented fine-tuning (audio of an AV or speech encoder)
-    noise_prob: float = 0.25,
-    snr_low: float = -5.0,
-    snr_high: float = 5.0,
+    noise_prob: float = 0.25,  # AV-HuBERT fine-tuning ``noise_prob: 0.25``
+    noise_snr: float | list[float] = 0.0,  # ``noise_snr: 0`` dB; [low, high]: uniform in that range
     seed: int = 0,
 ) -> CTCObjective:
     """CTC fine-tuning of a pretrained (``encoder_init``) or fresh (``encoder``, ``size``)
@@ -363,7 +362,7 @@ def ctc(
         fusion.modality_dropout = fusion.modality_dropout if modality_dropout is None else modality_dropout
         fusion.audio_dropout = fusion.audio_dropout if audio_dropout is None else audio_dropout
     vocab = Units.load(units_file) if units_file else default_units()
-    noise = AddNoise(NoiseBank(noise_dir), noise_prob, (snr_low, snr_high)) if noise_dir else None
+    noise = AddNoise(NoiseBank(noise_dir), noise_prob, snr_range(noise_snr)) if noise_dir else None
     both = fusion is not None and len(enc.modalities) == 2
     if fusion is not None:  # channel masks act on the audio stream before fusion
         channels = fusion.audio_dim if getattr(enc, "audio_mask_embedding", None) is not None else 0

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from mmssl.data.noise import AddNoise, NoiseBank, fit_length, mix_at_snr
+from mmssl.data.noise import AddNoise, NoiseBank, fit_length, mix_at_snr, snr_range
+from mmssl.errors import ConfigError
 from tests.data.media import tone, write_wav
 
 
@@ -72,3 +73,11 @@ def test_noise_bank_empty_folder(tmp_path):
 
     with pytest.raises(DataError, match="no audio files"):
         NoiseBank(tmp_path)
+
+
+def test_snr_setting_is_one_value_or_a_range():
+    assert snr_range(0) == (0.0, 0.0)
+    assert snr_range([-5, 5]) == (-5.0, 5.0)
+    for bad in ("0", [1, 2, 3], True):
+        with pytest.raises(ConfigError, match="noise_snr"):
+            snr_range(bad)

@@ -145,7 +145,7 @@ def test_encoder_frozen_for_freeze_steps_then_trains_and_resume_knows():
 
 
 def test_noise_augmentation_in_the_hook_is_seeded_and_leaves_targets_alone(synth_tiny):
-    obj = build("av", noise_dir=str(synth_tiny / "noise" / "train"), noise_prob=1.0, snr_low=0.0, snr_high=0.0)
+    obj = build("av", noise_dir=str(synth_tiny / "noise" / "train"), noise_prob=1.0)  # default noise_snr: 0 dB
     clean = tiny_av_batch()
     clean["transcript"] = ["one big star", "a cat", "hi"]
 
@@ -158,6 +158,6 @@ def test_noise_augmentation_in_the_hook_is_seeded_and_leaves_targets_alone(synth
     for i, n in enumerate(clean["audio_lens"].tolist()):
         noise = a["audio"][i, :n] - clean["audio"][i, :n]
         snr = 20 * torch.log10(clean["audio"][i, :n].pow(2).mean().sqrt() / noise.pow(2).mean().sqrt())
-        assert float(snr) == pytest.approx(0.0, abs=1e-3)  # snr_low = snr_high = 0 dB
+        assert float(snr) == pytest.approx(0.0, abs=1e-3)  # AV-HuBERT fine-tuning noise_snr: 0 dB
         assert a["audio"][i, n:].abs().sum() == 0  # padding stays silent
     assert torch.equal(a["ctc_targets"], make_targets(clean, obj.units)[0])
