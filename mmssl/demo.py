@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ CLUSTERS = 50
 # noise at -10..10 dB; the built-in corpus has babble, music, pink and white noise)
 NOISE_TYPES = "babble,music"
 SNRS = "clean,10,0,-5"
+# the labelled subset on which pretrained and from-scratch fine-tuning are compared, and the
+# cells they are compared in
+SUBSET = 0.1
+SUBSET_NOISE_TYPES, SUBSET_SNRS = "babble", "clean,-5"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pretraining steps (default: 30 on a CPU, 2000 on a GPU)")
     parser.add_argument("--asr-steps", type=int, default=None,
                         help="CTC fine-tuning steps (default: 30 on a CPU, 1000 on a GPU)")
+    parser.add_argument("--retrieval-steps", type=int, default=None,
+                        help="speech-image training steps (default: 100 on a CPU, 2000 on a GPU)")
     parser.add_argument("--model-size", default=None, choices=["tiny", "base"],
                         help="model preset (default: tiny on a CPU, base on a GPU)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -91,19 +98,19 @@ def started_from_latest(asr: Path, pretrain: Path) -> bool:
     return started == str(latest.resolve())
 
 
-def asr_done(asr: Path, pretrain: Path, steps: int) -> bool:
+def asr_done(asr: Path, pretrain: Path | None, steps: int) -> bool:
     """``wer.json`` of the fine-tuning run's latest checkpoint, of ``steps`` steps, started from
-    the pretraining run's latest checkpoint."""
+    the pretraining run's latest checkpoint (``pretrain`` None: from scratch)."""
     from mmssl.train.checkpoint import step_dir_name
 
     latest, wer = _latest(asr), asr / "wer.json"
-    if latest is None or not wer.is_file() or not started_from_latest(asr, pretrain):
+    if latest is None or not wer.is_file() or (pretrain is not None and not started_from_latest(asr, pretrain)):
         return False
     return json.loads(wer.read_text()).get("checkpoint") == latest.name and latest.name == step_dir_name(steps)
 
 
-def clear_stale_asr(asr: Path, pretrain: Path) -> None:
-    if (asr / "config.yaml").is_file() and not started_from_latest(asr, pretrain):
+def clear_stale_asr(asr: Path, pretrain: Path | None) -> None:
+    if pretrain is not None and (asr / "config.yaml").is_file() and not started_from_latest(asr, pretrain):
         print(f"    {asr} started from another checkpoint of {pretrain}: removed, fine-tuning again")
         shutil.rmtree(asr)
 
@@ -132,24 +139,98 @@ def noisy_done(asr: Path, out: Path) -> bool:
     return found is not None and found.get("checkpoint") == str(latest.resolve())
 
 
-def stages(args: argparse.Namespace) -> list[Stage]:
+@dataclass
+class Plan:
+    """What the demo's stages run, from its arguments and the machine."""
+
+    out: Path
+    device: str
+    seed: int
+    model: str
+    steps: int
+    asr_steps: int
+    retrieval_steps: int
+    gpu: bool
+
+    @property
+    def av(self) -> Path:
+        return self.out / "corpus" / "av"
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
     gpu = _on_gpu(args.device)
-    steps = args.steps or (2000 if gpu else 30)
-    model = args.model_size or ("base" if gpu else "tiny")
-    av = args.out / "corpus" / "av"
+    return Plan(args.out, args.device, args.seed, args.model_size or ("base" if gpu else "tiny"),
+                args.steps or (2000 if gpu else 30), args.asr_steps or (1000 if gpu else 30),
+                args.retrieval_steps or (2000 if gpu else 100), gpu)
+
+
+def finetune_stage(plan: Plan, title: str, asr: Path, init: Path | None, subset: float | None) -> Stage:
+    """CTC fine-tuning into ``asr`` from the pretraining run ``init`` (None: from scratch, the
+    same encoder architecture), on every training transcript or on a seeded ``subset``.
+
+    On a CPU: small batches; the rate is raised from the recipe's 5e-5 (tuned for 20k updates)
+    so that a short run moves at all, one batch per update (not the recipe's 8), and the
+    encoder trains after the first fifth of the steps. No time or channel masks: the
+    iteration-1 encoder (feature masking) has no audio mask embedding, and AV-HuBERT masks in
+    fine-tuning only models pretrained with input masking."""
+    steps = plan.asr_steps
+    start = ["--init", str(init)] if init is not None else ["--init", "none", "objective.encoder=av",
+                                                            f"model.size={plan.model}"]
+    argv = ["finetune-asr", "ctc", *start, f"data.train={plan.av / 'train.jsonl'}",
+            f"data.valid={plan.av / 'valid.jsonl'}", f"train.max_steps={steps}",
+            f"train.save_every={max(steps // 3, 1)}", "train.valid_every=0", f"objective.freeze_steps={steps // 5}",
+            "train.lr=1e-3", "train.accum_steps=1", *([] if plan.gpu else ["data.max_seconds_per_batch=20"]),
+            *([f"data.train_subset={subset}"] if subset else []),
+            f"train.out_dir={asr}", f"train.device={plan.device}", f"train.seed={plan.seed}", "--resume"]
+    return Stage(title, argv, lambda: asr_done(asr, init, steps), lambda: clear_stale_asr(asr, init))
+
+
+def noisy_stage(plan: Plan, title: str, asr: Path, noise_types: str, snrs: str) -> Stage:
+    """WER of ``asr``'s latest checkpoint on every test record, noise types x SNRs x modalities."""
+    return Stage(title, ["eval-noisy", "--run", str(asr), "--manifest", str(plan.av / "test.jsonl"),
+                         "--noise", str(plan.out / "corpus" / "noise" / "test"), "--noise-types", noise_types,
+                         "--snrs", snrs, "--device", plan.device, "--seed", str(plan.seed)],
+                 lambda: noisy_done(asr, asr / "eval_noisy"))
+
+
+def retrieval_stages(plan: Plan) -> list[Stage]:
+    """Speech-image training on the image part of the corpus, and recall@K on the test split's
+    images, none of which training saw. On a CPU: the filterbank speech tower."""
+    images, run, index = plan.out / "corpus" / "image", plan.out / "speech_image", plan.out / "index"
+    steps = plan.retrieval_steps
+    speech = [] if plan.gpu else ["objective.speech=fbank", "train.lr=1e-3"]
+    return [
+        Stage("train speech-image retrieval (spoken captions against images, CLIP-style)",
+              ["pretrain", "speech_image", f"data.train={images / 'train.jsonl'}", f"data.valid={images / 'valid.jsonl'}",
+               f"model.size={plan.model}", *speech, f"train.max_steps={steps}", f"train.save_every={max(steps // 3, 1)}",
+               f"train.valid_every={steps}", f"train.out_dir={run}", f"train.device={plan.device}",
+               f"train.seed={plan.seed}", "--resume"]),
+        Stage("index the test split's unseen images and their spoken captions: recall@K both ways",
+              ["index", "--run", str(run), "--manifest", str(images / "test.jsonl"), "--out", str(index),
+               "--ks", "1,5,10", "--device", plan.device],
+              lambda: index_done(index, run)),
+    ]
+
+
+def index_done(index: Path, run: Path) -> bool:
+    """``recall.json`` of an index made from ``run``'s latest checkpoint."""
+    from mmssl.train.checkpoint import MODEL_FILE
+
+    latest = _latest(run)
+    meta = index / "index.json"
+    if latest is None or not (index / "recall.json").is_file() or not meta.is_file():
+        return False
+    return json.loads(meta.read_text()).get("weights") == str((latest / MODEL_FILE).resolve())
+
+
+def stages(args: argparse.Namespace) -> list[Stage]:
+    plan = make_plan(args)
+    av, model, steps = plan.av, plan.model, plan.steps
     train, valid = str(av / "train.jsonl"), str(av / "valid.jsonl")
     km1, km2, run = args.out / "km_mfcc", args.out / "km_av", args.out / "av_hubert"
     last_layer = "2" if model == "tiny" else "12"
-    asr, asr_steps = args.out / "asr", args.asr_steps or (1000 if gpu else 30)
-    noisy = asr / "eval_noisy"
-    # on a CPU: small batches and the first 50 test records keep both stages near two minutes;
-    # the fine-tuning rate is raised from the recipe's 5e-5 (tuned for 20k updates) so that a
-    # short run moves at all, one batch per update (not the recipe's 8), and the encoder trains
-    # after the first fifth of the steps. Fine-tuning applies no time or channel masks: the
-    # iteration-1 encoder (feature masking) has no audio mask embedding, and AV-HuBERT masks in
-    # fine-tuning only models pretrained with input masking
-    asr_batch = [] if gpu else ["data.max_seconds_per_batch=20"]
-    test_limit = [] if gpu else ["--limit", "50"]
+    asr = args.out / "asr"
+    subset_pre, subset_scratch = args.out / "asr_subset", args.out / "asr_subset_scratch"
     return [
         Stage("generate the built-in corpus",
               ["synth", "--size", args.size, "--seed", str(args.seed), "--out", str(args.out / "corpus")],
@@ -168,18 +249,19 @@ def stages(args: argparse.Namespace) -> list[Stage]:
               ["kmeans", "--manifest", valid, "--checkpoint", str(run), "--layer", last_layer, "--fit-fraction", "1",
                "--k", str(CLUSTERS), "--out", str(km2), "--device", args.device, "--seed", str(args.seed)],
               lambda: clusters_done(km2, run)),
-        Stage("fine-tune the pretrained model for ASR with CTC on the transcripts (character units)",
-              ["finetune-asr", "ctc", "--init", str(run), f"data.train={train}", f"data.valid={valid}",
-               f"train.max_steps={asr_steps}", f"train.save_every={max(asr_steps // 3, 1)}", "train.valid_every=0",
-               f"objective.freeze_steps={asr_steps // 5}", "train.lr=1e-3", "train.accum_steps=1", *asr_batch,
-               f"train.out_dir={asr}", f"train.device={args.device}", f"train.seed={args.seed}",
-               "--resume"],
-              lambda: asr_done(asr, run, asr_steps), lambda: clear_stale_asr(asr, run)),
-        Stage("WER under noise on the test split: audio only, video only, audio-visual",
-              ["eval-noisy", "--run", str(asr), "--manifest", str(av / "test.jsonl"),
-               "--noise", str(args.out / "corpus" / "noise" / "test"), "--noise-types", NOISE_TYPES, "--snrs", SNRS,
-               "--device", args.device, "--seed", str(args.seed), *test_limit],
-              lambda: noisy_done(asr, noisy)),
+        finetune_stage(plan, "fine-tune the pretrained model for ASR with CTC on the transcripts (character units)",
+                       asr, run, None),
+        noisy_stage(plan, "WER under noise on the test split: audio only, video only, audio-visual", asr,
+                    NOISE_TYPES, SNRS),
+        finetune_stage(plan, f"fine-tune the pretrained model on a labelled subset ({SUBSET:g} of the transcripts)",
+                       subset_pre, run, SUBSET),
+        finetune_stage(plan, "fine-tune the same encoder from random weights on the same subset (the baseline)",
+                       subset_scratch, None, SUBSET),
+        noisy_stage(plan, "WER of the subset fine-tuning from the pretrained model", subset_pre,
+                    SUBSET_NOISE_TYPES, SUBSET_SNRS),
+        noisy_stage(plan, "WER of the subset fine-tuning from random weights", subset_scratch,
+                    SUBSET_NOISE_TYPES, SUBSET_SNRS),
+        *retrieval_stages(plan),
     ]
 
 
@@ -221,9 +303,69 @@ def summary(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _quality(out: Path, folder: str) -> dict:
+    path = out / folder / "quality.json"
+    return json.loads(path.read_text())["by_manifest"].get("valid", {}) if path.is_file() else {}
+
+
+def collect(out: Path, seconds: dict[str, float]) -> dict:
+    """The summary (:mod:`mmssl.eval.summary`) from the files the stages wrote."""
+    from mmssl.eval.summary import retrieval_summary, wer_rows
+
+    rows = []
+    for folder, init, labels in (("asr", "pretrained", "all"), ("asr_subset", "pretrained", "subset"),
+                                 ("asr_subset_scratch", "scratch", "subset")):
+        rows += wer_rows(out / folder / "eval_noisy" / "results.jsonl", init, labels)
+    mfcc, pretrained = _quality(out, "km_mfcc"), _quality(out, "km_av")
+    summary: dict = {"wer": rows}
+    for key in ("pnmi", "phone_purity"):
+        summary[key] = {name: q[key] for name, q in (("mfcc", mfcc), ("pretrained", pretrained)) if key in q}
+    recall = out / "index" / "recall.json"
+    if recall.is_file():
+        summary["retrieval"] = retrieval_summary(json.loads(recall.read_text()))
+    summary["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
+    summary["cores"] = os.cpu_count()
+    return summary
+
+
+def write_report(out: Path, summary: dict, claims: list, commands: list[str]) -> Path:
+    """``report.md``: the claims, the tables and plots, and the commands that made them."""
+    from mmssl.eval.summary import claim_lines
+
+    lines = ["# mmssl demo", "", f"{summary['cores']} CPU cores; {summary['seconds']['total']:.0f} s of stages run "
+             "this time.", "", "## Claims", "", *[line.strip() for line in claim_lines(claims)], "",
+             "## Cluster quality (valid split)", "", "| targets | PNMI | phone purity |", "|---|---|---|"]
+    for name, label in (("mfcc", "MFCC (iteration 1)"), ("pretrained", "AV-HuBERT layer")):
+        if name in summary.get("pnmi", {}):
+            lines.append(f"| {label} | {summary['pnmi'][name]:.3f} | {summary['phone_purity'][name]:.3f} |")
+    for folder, title in (("asr", "WER (%) on the test split, fine-tuned on every transcript"),
+                          ("asr_subset", "WER (%), fine-tuned from the pretrained model on the subset"),
+                          ("asr_subset_scratch", "WER (%), fine-tuned from random weights on the subset")):
+        table = out / folder / "eval_noisy" / "wer.md"
+        if table.is_file():
+            lines += ["", f"## {title}", "", table.read_text().strip()]
+            if (table.parent / "wer_vs_snr.png").is_file():
+                lines += ["", f"![WER vs SNR]({folder}/eval_noisy/wer_vs_snr.png)"]
+    if (out / "index" / "recall.md").is_file():
+        lines += ["", "## Speech-image retrieval on the test split's unseen images", "",
+                  (out / "index" / "recall.md").read_text().strip(), "", "![recall@K](index/recall_at_k.png)"]
+    lines += ["", "## How each number was made", "", "```", *[f"mmssl {c}" for c in commands], "```", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _stage_seconds(out: Path) -> dict[str, float]:
+    path = out / "seconds.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run(args: argparse.Namespace) -> int:
+    from mmssl.eval.summary import claim_lines, write_summary
+
     plan = stages(args)
     print(f"mmssl demo: {len(plan)} stages into {args.out}")
+    seconds = _stage_seconds(args.out)  # of earlier runs of the demo, for the stages they ran
     for i, stage in enumerate(plan, 1):
         print(f"\n[{i}/{len(plan)}] {stage.title}\n    $ mmssl {' '.join(stage.argv)}", flush=True)
         if stage.done():
@@ -236,8 +378,15 @@ def run(args: argparse.Namespace) -> int:
         if code != 0:
             raise MmsslError(f"stage {i} ({stage.title}) failed with exit status {code}; "
                              f"run `mmssl demo` again to continue from there")
-        print(f"    done in {time.time() - start:.0f} s", flush=True)
+        seconds[stage.title] = round(time.time() - start, 1)
+        (args.out / "seconds.json").write_text(json.dumps(seconds, indent=2) + "\n", encoding="utf-8")
+        print(f"    done in {seconds[stage.title]:.0f} s", flush=True)
     print(summary(args.out))
-    print(f"\nmmssl demo: finished; corpus, labels, run folders (TensorBoard logs in av_hubert/tb and asr/tb) "
-          f"under {args.out}")
+    result = collect(args.out, {s.title: seconds[s.title] for s in plan if s.title in seconds})
+    claims = write_summary(args.out, result)
+    report = write_report(args.out, result, claims, [" ".join(s.argv) for s in plan])
+    print("\nclaims (summary.json, report.md):")
+    print("\n".join(claim_lines(claims)))
+    print(f"\nmmssl demo: finished in {result['seconds']['total']:.0f} s of stages; {report}, {args.out / 'summary.json'}; "
+          f"corpus, labels and run folders (TensorBoard logs in their tb/) under {args.out}")
     return 0

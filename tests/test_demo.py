@@ -8,7 +8,8 @@ from mmssl.cli import main
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--size", "tiny", "--steps", "2", "--asr-steps", "2", "--device", "cpu", "--out", str(out)]
+    argv = ["demo", "--size", "tiny", "--steps", "2", "--asr-steps", "2", "--device", "cpu", "--out", str(out),
+            "--retrieval-steps", "2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "av_hubert" / "metrics.jsonl").read_text().splitlines()]
@@ -27,14 +28,29 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     cells = [json.loads(line) for line in (out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[1:]]
     assert len(cells) == (1 + 2 * 3) * 3 and {c["noise"] for c in cells} == {"none", "babble", "music"}
     assert "WER (%) on the test split under noise" in printed and "| music | -5 |" in printed
+    # the summary: every WER row of the three fine-tunings, cluster quality, retrieval, times, claims
+    summary = json.loads((out / "summary.json").read_text())
+    kinds = {(r["init"], r["labels"]) for r in summary["wer"]}
+    assert kinds == {("pretrained", "all"), ("pretrained", "subset"), ("scratch", "subset")}
+    subset_cells = {(r["noise"], str(r["snr"]), r["modality"]) for r in summary["wer"] if r["init"] == "scratch"}
+    assert ("none", "clean", "audio") in subset_cells and ("babble", "-5.0", "audio+video") in subset_cells
+    assert set(summary["pnmi"]) == {"mfcc", "pretrained"} and summary["retrieval"]["images"] >= 1
+    assert summary["seconds"]["total"] > 0 and summary["cores"] >= 1
+    assert [c["number"] for c in summary["claims"]] == [1, 2, 3, 4, 5, 6]
+    assert "claims (summary.json, report.md):" in printed and (out / "report.md").is_file()
+    # the scratch baseline used the same subset, from random weights of the same architecture
+    scratch = OmegaConf.load(out / "asr_subset_scratch" / "config.yaml")
+    assert scratch.data.train_subset == 0.1 and scratch.objective.encoder == "av"
+    assert scratch.objective.encoder_init in (None, "none")
     # a second run finds every output and redoes nothing
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("already done, skipped") == 5
+    assert capsys.readouterr().out.count("already done, skipped") == 10
     # pretraining goes on: the clustering of its layer, the fine-tuning and its noisy evaluation
     # are redone from the new checkpoint
     assert main([*argv[:4], "3", *argv[5:]]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("already done, skipped") == 2 and "started from another checkpoint" in printed
+    # (the corpus, the MFCC clusters, the scratch baseline with its evaluation and the index stay)
+    assert printed.count("already done, skipped") == 5 and "started from another checkpoint" in printed
     clustered = torch.load(out / "km_av" / "kmeans.pt", weights_only=True)["weights"]
     assert clustered == str((out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve())
     started = OmegaConf.load(out / "asr" / "config.yaml").objective.encoder_init
