@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data import": ("mmssl.data.importers", "convert fairseq / AV-HuBERT .tsv/.wrd manifests to JSON lines"),
     "data prepare": ("mmssl.data.prepare.cli", "manifests from a local copy of LibriSpeech, LRS3, VoxCeleb2, SpokenCOCO, Flickr8k Audio or MUSAN"),
     "data lips": ("mmssl.data.lip_roi", "crop 88x88 mouth regions from face video"),
+    "data pack": ("mmssl.data.store", "decode audio and lip video once into memory-mapped shards"),
     "kmeans": ("mmssl.kmeans_cli", "fit k-means on MFCC or a checkpoint's layer and write labels"),
     "pretrain": ("mmssl.train.cli", "pretrain a speech or audio-visual model from a recipe"),
     "finetune-asr": ("mmssl.eval.asr", "fine-tune a pretrained encoder for ASR with CTC"),
