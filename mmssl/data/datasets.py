@@ -19,9 +19,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmssl.data.importers import read_labels
-from mmssl.data.io import load_audio, load_image, load_video
+from mmssl.data.io import load_image
 from mmssl.data.manifest import duration_seconds, read_manifest
-from mmssl.data.store import PACKED, PackedReader
+from mmssl.data.store import record_audio, record_video
 from mmssl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,6 @@ class ManifestDataset(Dataset):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.source = str(manifest) if isinstance(manifest, (str, os.PathLike)) else "<records>"
-        # packed files lie beside their manifest (records given as a list: the working folder)
-        self.root = Path(manifest).resolve().parent if isinstance(manifest, (str, os.PathLike)) else Path.cwd()
-        self._packed = PackedReader()
         self.records = read_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
         self.modalities = tuple(modalities)
         self.labels = None
@@ -163,19 +160,14 @@ class ManifestDataset(Dataset):
 
     def _load(self, index: int, record: dict) -> dict:
         item: dict = {"id": str(record["id"])}
-        packed = record.get(PACKED)  # decoded once by `mmssl data pack`: memory-mapped slices
+        # records packed by `mmssl data pack` are read from memory-mapped slices, not decoded
         if "audio" in self.modalities:
-            if packed is not None and "audio" in packed:
-                audio = self._packed.audio(self.root, packed)
-            else:
-                audio = load_audio(self._path(record, "audio"))
+            self._path(record, "audio")
+            audio = record_audio(record)
             item["audio"] = self.audio_transform(audio) if self.audio_transform else audio
         if "video" in self.modalities:
             path = self._path(record, "video")
-            if packed is not None and "video" in packed:
-                frames = self._packed.video(self.root, packed)
-            else:
-                frames = load_video(path)
+            frames = record_video(record)
             try:
                 item["video"] = lip_frames(frames)
             except DataError as err:

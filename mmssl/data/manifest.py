@@ -82,6 +82,8 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
             for name in PATH_KEYS:
                 if record.get(name):
                     record[name] = str(root / record[name])  # an absolute path stays as it is
+            if isinstance(record.get("packed"), dict) and record["packed"].get("file"):  # `mmssl data pack`
+                record["packed"] = {**record["packed"], "file": str(root / record["packed"]["file"])}
             records.append(record)
     return records
 
@@ -114,6 +116,8 @@ def write_manifest(path: str | os.PathLike, records: Iterable[dict]) -> Path:
                 for name in PATH_KEYS:
                     if record.get(name):
                         record[name] = _relative(str(record[name]), root)
+                if isinstance(record.get("packed"), dict) and record["packed"].get("file"):
+                    record["packed"] = {**record["packed"], "file": _relative(str(record["packed"]["file"]), root)}
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -112,7 +112,7 @@ def pack_shard(manifest: str | os.PathLike, out: str | os.PathLike, shard: int =
             if reason is not None:
                 skipped.append({"id": record["id"], "reason": reason})
                 continue
-            packed: dict = {"file": name, "index": index}
+            packed: dict = {"file": str(out / name), "index": index}
             if audio is not None:
                 packed["audio"] = [offsets["audio.i16"], int(audio.shape[0])]
                 fa.write(audio.tobytes())
@@ -155,17 +155,32 @@ class PackedReader:
             self._maps[path] = np.memmap(path, dtype=dtype, mode="r")
         return self._maps[path]
 
-    def audio(self, root: Path, packed: dict) -> Tensor:
-        """``(S,)`` float32 in [-1, 1]."""
+    def audio(self, packed: dict) -> Tensor:
+        """``(S,)`` float32 in [-1, 1] of a record's ``packed`` entry."""
         offset, count = packed["audio"]
-        data = self._map(str(root / f"{packed['file']}.audio.i16"), np.int16)[offset : offset + count]
+        data = self._map(f"{packed['file']}.audio.i16", np.int16)[offset : offset + count]
         return torch.from_numpy(data.astype(np.float32)) / PCM_SCALE
 
-    def video(self, root: Path, packed: dict) -> Tensor:
-        """``(T, H, W)`` uint8."""
+    def video(self, packed: dict) -> Tensor:
+        """``(T, H, W)`` uint8 of a record's ``packed`` entry."""
         offset, t, h, w = packed["video"]
-        data = self._map(str(root / f"{packed['file']}.video.u8"), np.uint8)[offset : offset + t * h * w]
+        data = self._map(f"{packed['file']}.video.u8", np.uint8)[offset : offset + t * h * w]
         return torch.from_numpy(np.array(data).reshape(t, h, w))
+
+
+READER = PackedReader()  # one per process: what every loader of records shares
+
+
+def record_audio(record: dict) -> Tensor:
+    """A record's ``(S,)`` float32 16 kHz waveform: from its packed slice, else decoded."""
+    packed = record.get(PACKED)
+    return READER.audio(packed) if packed and "audio" in packed else load_audio(record["audio"])
+
+
+def record_video(record: dict) -> Tensor:
+    """A record's ``(T, H, W)`` uint8 frames at 25 fps: from its packed slice, else decoded."""
+    packed = record.get(PACKED)
+    return READER.video(packed) if packed and "video" in packed else load_video(record["video"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
