@@ -112,7 +112,7 @@ def pack_shard(manifest: str | os.PathLike, out: str | os.PathLike, shard: int =
             if reason is not None:
                 skipped.append({"id": record["id"], "reason": reason})
                 continue
-            packed: dict = {"file": str(out / name), "index": index}
+            packed: dict = {"file": str((out / name).resolve()), "index": index}
             if audio is not None:
                 packed["audio"] = [offsets["audio.i16"], int(audio.shape[0])]
                 fa.write(audio.tobytes())

@@ -73,3 +73,13 @@ def test_the_command_packs_and_says_where(av_manifest, tmp_path, capsys):
 def test_shard_spec_is_checked(spec):
     with pytest.raises(ConfigError, match="--shard"):
         parse_shard(spec)
+
+
+def test_a_relative_output_folder_packs_a_manifest_that_reads_from_anywhere(av_manifest, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pack_shard(av_manifest, "store", progress=False)
+    packed = merge(av_manifest, "store", 1)
+    monkeypatch.chdir(av_manifest.parent)  # read from elsewhere: the files are found beside the manifest
+    data = ManifestDataset(tmp_path / packed, modalities=("audio", "video"))
+    assert data[0] is not None and data.bad_count == 0
+    assert json.loads((tmp_path / packed).read_text().splitlines()[0])[PACKED]["file"] == shard_name("train", 0, 1)
