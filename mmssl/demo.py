@@ -128,15 +128,20 @@ def clusters_done(km: Path, pretrain: Path) -> bool:
     return info.get("weights") == str((latest / MODEL_FILE).resolve())
 
 
-def noisy_done(asr: Path, out: Path) -> bool:
-    """``wer.md`` made from the fine-tuning run's latest checkpoint."""
-    from mmssl.eval.noisy import read_results
+def noisy_done(asr: Path, out: Path, noise_types: str, snrs: str) -> bool:
+    """``wer.md`` made from the fine-tuning run's latest checkpoint over every test record,
+    with a cell for each noise type x SNR asked for."""
+    from mmssl.eval.noisy import CLEAN, parse_snrs, read_results
 
     latest = _latest(asr)
     if latest is None or not (out / "wer.md").is_file():
         return False
-    found, _ = read_results(out / "results.jsonl")
-    return found is not None and found.get("checkpoint") == str(latest.resolve())
+    found, cells = read_results(out / "results.jsonl")
+    if found is None or found.get("checkpoint") != str(latest.resolve()) or found.get("limit") is not None:
+        return False
+    wanted = {("none", CLEAN) if snr == CLEAN else (noise, snr)
+              for noise in noise_types.split(",") for snr in parse_snrs(snrs)}
+    return wanted <= {(noise, snr) for noise, snr, _ in cells}
 
 
 @dataclass
@@ -190,7 +195,7 @@ def noisy_stage(plan: Plan, title: str, asr: Path, noise_types: str, snrs: str) 
     return Stage(title, ["eval-noisy", "--run", str(asr), "--manifest", str(plan.av / "test.jsonl"),
                          "--noise", str(plan.out / "corpus" / "noise" / "test"), "--noise-types", noise_types,
                          "--snrs", snrs, "--device", plan.device, "--seed", str(plan.seed)],
-                 lambda: noisy_done(asr, asr / "eval_noisy"))
+                 lambda: noisy_done(asr, asr / "eval_noisy", noise_types, snrs))
 
 
 def retrieval_stages(plan: Plan) -> list[Stage]:

@@ -59,3 +59,28 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert (out / "asr" / "init" / "encoder_init" / "config.yaml").is_file()
     header = json.loads((out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[0])
     assert header["fingerprint"]["checkpoint"] == str((out / "asr" / "checkpoints" / "step_00000002").resolve())
+
+
+def test_a_noisy_evaluation_counts_as_done_only_over_every_record_and_cell(tmp_path):
+    from mmssl.demo import noisy_done
+    from mmssl.train.checkpoint import LATEST, MODEL_FILE, STATE_FILE
+
+    step = tmp_path / "asr" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    for name in (MODEL_FILE, STATE_FILE):
+        (step / name).write_bytes(b"")
+    (step.parent / LATEST).write_text(step.name)
+    out = tmp_path / "asr" / "eval_noisy"
+    out.mkdir()
+    (out / "wer.md").write_text("table")
+
+    def write(limit, cells):
+        header = {"fingerprint": {"checkpoint": str(step.resolve()), "limit": limit}}
+        rows = [{"noise": n, "snr": s, "modality": "audio", "wer": 0.5} for n, s in cells]
+        (out / "results.jsonl").write_text("\n".join(json.dumps(r) for r in [header, *rows]) + "\n")
+
+    write(None, [("none", "clean"), ("babble", "-5")])
+    assert noisy_done(tmp_path / "asr", out, "babble", "clean,-5")
+    assert not noisy_done(tmp_path / "asr", out, "babble,music", "clean,-5")  # a noise type missing
+    write(50, [("none", "clean"), ("babble", "-5")])
+    assert not noisy_done(tmp_path / "asr", out, "babble", "clean,-5")  # only the first 50 records
