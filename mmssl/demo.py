@@ -1,20 +1,28 @@
 """``mmssl demo``: the main job end to end on the built-in generated corpus.
 
-Generate the corpus, check it, cluster MFCC frames into iteration-1 targets, pretrain
-AV-HuBERT's first iteration on audio and lip video (recipe ``av_hubert_iter1``: feature
-masking, no modality dropout), then cluster the pretrained model's last audio-visual layer on
-the validation split and compare both clusterings against the corpus's phone alignments
-(phone purity, cluster purity, PNMI, as in the HuBERT paper). Iteration-2 targets for the
-whole training set are the same ``mmssl kmeans`` command over ``train.jsonl``, and the later
-iterations pretrain with recipe ``av_hubert`` (input masking, modality dropout). Then
-fine-tune the pretrained model for ASR with CTC (character units) and measure its WER on the
-test split under babble and music noise at several SNRs, from audio alone, video alone and
-both. Each stage is an ordinary ``mmssl`` command,
-printed before it runs so it can be repeated by hand. A stage whose output exists is
-skipped, so an interrupted demo continues where it stopped (pretraining resumes). The ASR
-stages depend on their inputs: a fine-tuning run that started from another pretraining
-checkpoint than the latest (``demo --steps 40`` after a finished 30-step demo) is removed and
-redone, and so is the noisy evaluation of another fine-tuning checkpoint.
+Generate the corpus, decode its audio-visual splits once into memory-mapped files
+(``mmssl data pack``, which also lists any record that does not decode), cluster MFCC frames
+into iteration-1 targets, pretrain AV-HuBERT's first iteration on audio and lip video
+(recipe ``av_hubert_iter1``: feature masking, no modality dropout), then cluster the
+pretrained model's last audio-visual layer on the validation split and compare both
+clusterings against the corpus's phone alignments (phone purity, cluster purity, PNMI, as in
+the HuBERT paper). Iteration-2 targets for the whole training set are the same ``mmssl
+kmeans`` command over ``train.jsonl``, and the later iterations pretrain with recipe
+``av_hubert`` (input masking, modality dropout). Then fine-tune the pretrained model for ASR
+with CTC (character units) and measure its WER on every test record under babble and music
+noise at several SNRs, from audio alone, video alone and both; fine-tune it again on a
+seeded tenth of the transcripts, and the same encoder from random weights on the same tenth,
+and compare them clean and at -5 dB babble; train speech-image retrieval on the image part
+of the corpus and measure recall@K on the test split's unseen images. The demo ends with
+``summary.json`` and ``report.md`` and prints each of its claims as met, not met or not
+measured (:mod:`mmssl.eval.summary`).
+
+Each stage is an ordinary ``mmssl`` command, printed before it runs so it can be repeated by
+hand. A stage whose output exists is skipped, so an interrupted demo continues where it
+stopped (training resumes). The later stages depend on their inputs: a fine-tuning run that
+started from another pretraining checkpoint than the latest (``demo --steps 40`` after a
+finished 30-step demo) is removed and redone, and so is the noisy evaluation of another
+fine-tuning checkpoint.
 """
 
 from __future__ import annotations
@@ -159,7 +167,8 @@ class Plan:
 
     @property
     def av(self) -> Path:
-        return self.out / "corpus" / "av"
+        """The audio-visual manifests the runs read: packed by ``mmssl data pack``."""
+        return self.out / "corpus" / "packed"
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -231,6 +240,7 @@ def index_done(index: Path, run: Path) -> bool:
 def stages(args: argparse.Namespace) -> list[Stage]:
     plan = make_plan(args)
     av, model, steps = plan.av, plan.model, plan.steps
+    source = [str(args.out / "corpus" / "av" / f"{split}.jsonl") for split in ("train", "valid", "test")]
     train, valid = str(av / "train.jsonl"), str(av / "valid.jsonl")
     km1, km2, run = args.out / "km_mfcc", args.out / "km_av", args.out / "av_hubert"
     last_layer = "2" if model == "tiny" else "12"
@@ -240,7 +250,9 @@ def stages(args: argparse.Namespace) -> list[Stage]:
         Stage("generate the built-in corpus",
               ["synth", "--size", args.size, "--seed", str(args.seed), "--out", str(args.out / "corpus")],
               _exists(args.out / "corpus" / "synth.json")),
-        Stage("check every record of the training manifest", ["data", "check", train]),
+        Stage("decode the audio-visual splits once into memory-mapped files (bad records are listed)",
+              ["data", "pack", *source, "--out", str(av)],
+              lambda: all((av / f"{Path(m).stem}.jsonl").is_file() for m in source)),
         Stage("iteration 1 targets: k-means on MFCC frames",
               ["kmeans", "--manifest", train, valid, "--features", "mfcc", "--k", str(CLUSTERS), "--out", str(km1),
                "--seed", str(args.seed)],

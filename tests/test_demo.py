@@ -44,13 +44,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert scratch.objective.encoder_init in (None, "none")
     # a second run finds every output and redoes nothing
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("already done, skipped") == 10
+    assert capsys.readouterr().out.count("already done, skipped") == 11
     # pretraining goes on: the clustering of its layer, the fine-tuning and its noisy evaluation
     # are redone from the new checkpoint
     assert main([*argv[:4], "3", *argv[5:]]) == 0
     printed = capsys.readouterr().out
-    # (the corpus, the MFCC clusters, the scratch baseline with its evaluation and the index stay)
-    assert printed.count("already done, skipped") == 5 and "started from another checkpoint" in printed
+    # (the corpus, the packed splits, the MFCC clusters, the scratch baseline with its evaluation and the index stay)
+    assert printed.count("already done, skipped") == 6 and "started from another checkpoint" in printed
     clustered = torch.load(out / "km_av" / "kmeans.pt", weights_only=True)["weights"]
     assert clustered == str((out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve())
     started = OmegaConf.load(out / "asr" / "config.yaml").objective.encoder_init

@@ -6,6 +6,7 @@ Keys (all optional but ``id``)::
     audio          path to a file with an audio stream (wav, flac, mp4, ...)
     video          path to a file with a video stream (25 fps grayscale mouth crops or faces)
     image          path to an image
+    align          path to a phone and word alignment (JSON; the built-in corpus writes them)
     audio_samples  int, samples at 16 kHz (lets samplers bucket without decoding)
     video_frames   int, frames at 25 fps
     transcript     str, what is said
@@ -30,7 +31,7 @@ import torch
 
 from mmssl.errors import ConfigError, DataError
 
-PATH_KEYS = ("audio", "video", "image")
+PATH_KEYS = ("audio", "video", "image", "align")
 INT_KEYS = ("audio_samples", "video_frames")
 TEXT_KEYS = ("id", "transcript", "speaker", "group", "caption")
 KNOWN_KEYS = PATH_KEYS + INT_KEYS + TEXT_KEYS

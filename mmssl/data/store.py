@@ -184,7 +184,7 @@ def record_video(record: dict) -> Tensor:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", help="JSON-lines manifest to pack")
+    parser.add_argument("manifests", nargs="+", help="JSON-lines manifests to pack (each to OUT/<its stem>.jsonl)")
     parser.add_argument("--out", required=True, help="folder of the packed files and manifests")
     parser.add_argument("--shard", default="0/1", help="I/N: pack every N-th record from the I-th (default 0/1)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -194,10 +194,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     shard, shards = parse_shard(args.shard)
-    part = pack_shard(args.manifest, args.out, shard, shards, args.workers, not args.no_progress)
-    skipped = (part.parent / part.name.replace(".jsonl", ".skipped.jsonl")).read_text().splitlines()
-    print(f"packed {part} ({len(skipped)} records left out: see its .skipped.jsonl)" if skipped else f"packed {part}")
-    whole = merge(args.manifest, args.out, shards)
-    print(f"wrote {whole}: train on it as on the source manifest" if whole else
-          f"the whole manifest is written once all {shards} shards are packed")
+    stems = [Path(m).stem for m in args.manifests]
+    if len(set(stems)) < len(stems):
+        raise ConfigError(f"manifests {args.manifests} share a file stem; pack them into different --out folders")
+    for manifest in args.manifests:
+        part = pack_shard(manifest, args.out, shard, shards, args.workers, not args.no_progress)
+        skipped = part.with_name(part.name.replace(".jsonl", ".skipped.jsonl")).read_text().splitlines()
+        print(f"packed {part}" + (f" ({len(skipped)} records left out: see its .skipped.jsonl)" if skipped else ""))
+        whole = merge(manifest, args.out, shards)
+        print(f"wrote {whole}: train on it as on {manifest}" if whole else
+              f"{Path(manifest).name}: the whole manifest is written once all {shards} shards are packed")
     return 0
