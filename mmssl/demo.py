@@ -83,6 +83,11 @@ class Stage:
     done: Callable[[], bool] = lambda: False
     before: Callable[[], None] | None = None
 
+    @property
+    def resumes(self) -> bool:
+        """Runs every time and continues its own earlier work (``--resume``)."""
+        return "--resume" in self.argv and self.before is None
+
 
 def _exists(path: Path) -> Callable[[], bool]:
     return path.exists
@@ -395,7 +400,9 @@ def run(args: argparse.Namespace) -> int:
         if code != 0:
             raise MmsslError(f"stage {i} ({stage.title}) failed with exit status {code}; "
                              f"run `mmssl demo` again to continue from there")
-        seconds[stage.title] = round(time.time() - start, 1)
+        # a stage that resumes (training) adds to its earlier runs' time; one that is redone replaces it
+        earlier = seconds.get(stage.title, 0.0) if stage.resumes else 0.0
+        seconds[stage.title] = round(earlier + time.time() - start, 1)
         (args.out / "seconds.json").write_text(json.dumps(seconds, indent=2) + "\n", encoding="utf-8")
         print(f"    done in {seconds[stage.title]:.0f} s", flush=True)
     print(summary(args.out))
