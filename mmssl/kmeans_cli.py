@@ -36,12 +36,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_alignment
-from mmssl.eval.features import is_audio_visual, num_layers, pick_device, record_layers
+from mmssl.eval.features import is_audio_visual, num_layers, record_layers
+from mmssl.files import atomic_write
+from mmssl.nn.kmeans import KMeans
 from mmssl.runs import load_encoder_from_run
 from mmssl.train.checkpoint import resolve_weights
-from mmssl.nn.kmeans import KMeans
 
 FeatureFn = Callable[[dict], Tensor]  # manifest record -> features (T, D) on the device
 MFCC_RATE = 100.0
@@ -205,8 +207,8 @@ def assign(manifest: Path, records: list[dict], feature_fn: FeatureFn, km: KMean
     quality = QualityAccumulator(km.k)
     has_align = all(r.get("align") for r in records)
     km_path = out / f"{manifest.stem}.km"
-    tmp = km_path.with_suffix(".km.tmp")
-    with open(tmp, "w", encoding="utf-8") as lines:
+
+    def write(lines) -> None:
         for index, record in enumerate(tqdm(records, desc=f"kmeans: assign {manifest.stem}", unit="utt")):
             feats = cache.pop(index, None)
             if feats is None:
@@ -216,7 +218,8 @@ def assign(manifest: Path, records: list[dict], feature_fn: FeatureFn, km: KMean
             if has_align:
                 alignment, sr = read_alignment(manifest_dir / record["align"])
                 quality.add(frame_phones(alignment, labels.shape[0], rate, sr), labels)
-    os.replace(tmp, km_path)
+
+    atomic_write(km_path, write, text=True)
     print(f"wrote {km_path} ({len(records)} records, k={km.k}, {rate:g} Hz labels, "
           f"inertia of the fit {km.inertia:.4g})")
     if not has_align:

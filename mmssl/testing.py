@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SAMPLE_RATE = 16_000
+from mmssl.constants import SAMPLE_RATE
 
 
 def tiny_audio_batch(

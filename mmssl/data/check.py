@@ -28,8 +28,9 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.io import load_audio, load_image, load_video, probe
-from mmssl.data.manifest import AUDIO_RATE, VIDEO_FPS, read_manifest
+from mmssl.data.manifest import read_manifest
 from mmssl.errors import DataError
 
 DEFAULT_TOLERANCE = 1.0 / VIDEO_FPS  # one video frame
@@ -60,20 +61,20 @@ def _check_audio(record: dict, path: str, tolerance: float) -> tuple[list[str], 
     if not info.has_audio:
         raise DataError(f"{path}: no audio stream")
     reasons, notes = [], []
-    if info.audio_rate < AUDIO_RATE:
-        reasons.append(f"sample rate {info.audio_rate} Hz, expected {AUDIO_RATE} Hz "
+    if info.audio_rate < SAMPLE_RATE:
+        reasons.append(f"sample rate {info.audio_rate} Hz, expected {SAMPLE_RATE} Hz "
                        f"(resampling cannot fill the band above {info.audio_rate // 2} Hz)")
-    elif info.audio_rate != AUDIO_RATE:
-        notes.append(f"audio resampled {info.audio_rate} Hz -> {AUDIO_RATE} Hz")
+    elif info.audio_rate != SAMPLE_RATE:
+        notes.append(f"audio resampled {info.audio_rate} Hz -> {SAMPLE_RATE} Hz")
     if info.audio_channels and info.audio_channels > 1:
         notes.append(f"{info.audio_channels} audio channels averaged to mono")
-    wav = load_audio(path, AUDIO_RATE)
+    wav = load_audio(path, SAMPLE_RATE)
     if float(wav.abs().max()) < SILENCE_PEAK:
         reasons.append("all-silent audio")
     expected = record.get("audio_samples")
-    if expected is not None and abs(wav.numel() - expected) > tolerance * AUDIO_RATE:
+    if expected is not None and abs(wav.numel() - expected) > tolerance * SAMPLE_RATE:
         reasons.append(f"manifest says {expected} audio samples, decoded {wav.numel()}")
-    return reasons, notes, wav.numel() / AUDIO_RATE, info.duration
+    return reasons, notes, wav.numel() / SAMPLE_RATE, info.duration
 
 
 def _check_video(record: dict, path: str, tolerance: float) -> tuple[list[str], list[str], float, float | None]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.importers import read_labels
 from mmssl.data.io import load_audio, load_image, load_video
 from mmssl.data.manifest import duration_seconds, read_manifest
@@ -31,8 +32,6 @@ LIP_STORE = 96  # AV-HuBERT's stored crops, from which training takes random 88x
 # AV-HuBERT normalises grayscale lip crops (in [0, 1]) with these (avhubert/hubert_dataset.py)
 LIP_MEAN = 0.421
 LIP_STD = 0.165
-AUDIO_RATE = 16_000
-VIDEO_FPS = 25.0
 
 
 def lip_frames(frames: Tensor, size: int = LIP_STORE) -> Tensor:
@@ -192,7 +191,7 @@ class ManifestDataset(Dataset):
         """Decoded lengths against the manifest's counts (a truncated file) and audio against
         video, within ``av_tolerance`` seconds (default one video frame), as ``mmssl data check``."""
         seconds = {}
-        for key, count_key, unit, rate in (("audio", "audio_samples", "audio samples", AUDIO_RATE),
+        for key, count_key, unit, rate in (("audio", "audio_samples", "audio samples", SAMPLE_RATE),
                                            ("video", "video_frames", "video frames", VIDEO_FPS)):
             if key not in item:
                 continue

@@ -20,6 +20,8 @@ import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 from torch import Tensor
 
+from mmssl.constants import SAMPLE_RATE
+
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 # the Kaldi framing shared by fbank and mfcc: 25 ms / 10 ms, no dither, whole windows only
@@ -27,7 +29,7 @@ _KALDI_FRAMING = dict(frame_length=FRAME_LENGTH_MS, frame_shift=FRAME_SHIFT_MS, 
                       snip_edges=True)
 
 
-def num_frames(num_samples: int, sample_rate: int = 16000) -> int:
+def num_frames(num_samples: int, sample_rate: int = SAMPLE_RATE) -> int:
     """Frames a 25 ms / 10 ms window with ``snip_edges=True`` gives for ``num_samples``."""
     window = int(sample_rate * FRAME_LENGTH_MS / 1000)
     shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
@@ -40,7 +42,7 @@ def _check_waveform(waveform: Tensor, name: str) -> Tensor:
     return waveform.float().unsqueeze(0)  # (1, S): kaldi functions take (channels, S)
 
 
-def fbank(waveform: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80) -> Tensor:
+def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80) -> Tensor:
     """Kaldi-compatible log mel filterbank: ``waveform (S,)`` -> ``(T, num_mel_bins)``.
 
     No dither (deterministic features, as fairseq and AV-HuBERT extract them). Input shorter
@@ -58,7 +60,7 @@ def fbank(waveform: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80) ->
 
 
 def fbank_batch(
-    audio: Tensor, lengths: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80
+    audio: Tensor, lengths: Tensor, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80
 ) -> tuple[Tensor, Tensor]:
     """``fbank`` of a padded batch in one pass (same device, no per-utterance loop):
     ``audio (B, S)``, ``lengths (B,)`` -> ``feats (B, T, num_mel_bins)``, ``frame_lens (B,)``.
@@ -106,7 +108,7 @@ def _fbank_constants(window: int, num_mel_bins: int, sample_rate: int, device: t
         return taper.to(device), banks.to(device)
 
 
-def mfcc(waveform: Tensor, sample_rate: int = 16000, deltas: bool = True) -> Tensor:
+def mfcc(waveform: Tensor, sample_rate: int = SAMPLE_RATE, deltas: bool = True) -> Tensor:
     """Kaldi MFCC at 100 Hz: ``waveform (S,)`` -> ``(T, 39)`` with deltas, else ``(T, 13)``.
 
     With ``deltas`` the 13 cepstra are followed by their deltas and delta-deltas (window of

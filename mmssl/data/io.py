@@ -27,6 +27,7 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import DataError
 
 # Errors PyAV (and the OS under it) raise on a file it cannot use.
@@ -194,7 +195,7 @@ def _decode_audio(container, path: str) -> tuple[np.ndarray, int]:
     return data, rate
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> Tensor:
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Tensor:
     """Decode the first audio stream -> ``(S,)`` float32 mono in [-1, 1] at ``sample_rate``.
 
     Channels are averaged; other rates are resampled (``torchaudio.functional.resample``,

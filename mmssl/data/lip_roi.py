@@ -37,10 +37,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.io import load_audio, load_video, probe
 from mmssl.errors import ConfigError, DataError
+from mmssl.files import atomic_path
 
-FPS = 25.0
 STORE_SIZE = 96  # AV-HuBERT stores 96x96 crops ...
 CROP_SIZE = 88  # ... and trains on 88x88 windows
 # Mouth centre inside a face box, as fractions of (width, height) from its top-left corner, and
@@ -231,13 +232,12 @@ def crop_mouths(frames: np.ndarray, centres: np.ndarray, sides: np.ndarray, size
     return out
 
 
-def write_av(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray | None, fps: float = FPS, sample_rate: int = 16000) -> None:
+def write_av(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray | None, fps: float = VIDEO_FPS, sample_rate: int = SAMPLE_RATE) -> None:
     """Mux grayscale ``frames (T, H, W)`` uint8 (H.264) and mono ``audio (S,)`` float in
     [-1, 1] (AAC) into an mp4, written to a temporary name then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".part" + path.suffix)
-    with av.open(str(tmp), "w") as out:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w") as out:
         vs = out.add_stream("libx264", rate=int(round(fps)), options={"crf": "15"})
         vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         a_s = out.add_stream("aac", rate=sample_rate, layout="mono") if audio is not None else None
@@ -257,7 +257,6 @@ def write_av(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray | No
                     out.mux(packet)
             for packet in a_s.encode():
                 out.mux(packet)
-    os.replace(tmp, path)
 
 
 def mouth_track(frames: np.ndarray, finder: MouthFinder | None, landmarks: str | os.PathLike | None,
@@ -277,12 +276,12 @@ def process_video(src: str | os.PathLike, dst: str | os.PathLike, finder: MouthF
                   landmarks: str | os.PathLike | None = None, size: int = CROP_SIZE, window: int = 5) -> dict:
     """Crop the mouth track of video ``src`` into ``dst`` (mp4 with the clip's audio, if any).
     Returns ``{"video_frames", "audio_samples"}`` for the manifest."""
-    frames = load_video(src, FPS).numpy()  # (T, H, W) at 25 fps
+    frames = load_video(src, VIDEO_FPS).numpy()  # (T, H, W) at 25 fps
     centres, sides = mouth_track(frames, finder, landmarks, window, str(src))
     crops = crop_mouths(frames, centres, sides, size)
     audio = load_audio(src).numpy() if probe(src).has_audio else None
     if audio is not None:  # AAC sources decode with encoder padding: keep the video's span
-        audio = audio[: int(round(len(crops) / FPS * 16000))]
+        audio = audio[: int(round(len(crops) / VIDEO_FPS * SAMPLE_RATE))]
     write_av(dst, crops, audio)
     return {"video_frames": len(crops), "audio_samples": None if audio is None else len(audio)}
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.data.io import load_audio
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.padding import lengths_to_padding_mask
@@ -79,7 +80,7 @@ class NoiseBank:
     list of files, decoded on demand to mono at ``sample_rate`` (a few recent files cached)."""
 
     def __init__(self, folder_or_files: str | os.PathLike | Sequence[str | os.PathLike],
-                 sample_rate: int = 16000, cache_files: int = 8) -> None:
+                 sample_rate: int = SAMPLE_RATE, cache_files: int = 8) -> None:
         if isinstance(folder_or_files, (str, os.PathLike)):
             folder = Path(folder_or_files)
             if not folder.is_dir():

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmssl.constants import VIDEO_FPS
 from mmssl.encoders.audio import build_preset
 from mmssl.encoders.base import EncoderOutput
 from mmssl.encoders.fusion import AVFusion
@@ -43,7 +44,7 @@ from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.nn.transformer import TransformerEncoder, TransformerOptions
 from mmssl.registry import ENCODERS
 
-FRAME_RATE = 25.0
+FRAME_RATE = VIDEO_FPS  # both streams meet at the video's frame rate
 
 
 class AVEncoder(nn.Module):

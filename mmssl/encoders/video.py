@@ -37,11 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import conv1x1, conv3x3
 
+from mmssl.constants import VIDEO_FPS
 from mmssl.encoders.base import EncoderOutput
 from mmssl.errors import DataError
 from mmssl.nn.padding import lengths_to_padding_mask
-
-VIDEO_FRAME_RATE = 25.0
 
 ActLayer = Callable[[int], nn.Module]
 
@@ -179,7 +178,7 @@ class LipEncoder(nn.Module):
         self.crop = crop
         self.flip = flip
         self.dim = widths[-1]
-        self.frame_rate = VIDEO_FRAME_RATE
+        self.frame_rate = VIDEO_FPS
         # AV-HuBERT ResEncoder.frontend3D
         self.stem_conv = nn.Conv3d(1, stem_channels, (5, 7, 7), (1, 2, 2), (2, 3, 3), bias=False)
         self.stem_bn = MaskedBatchNorm(stem_channels)

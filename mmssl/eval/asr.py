@@ -37,7 +37,9 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.errors import ConfigError, DataError
+from mmssl.files import atomic_write, write_text
 
 BLANK = 0
 UNITS_FILE = "units.model"
@@ -77,8 +79,6 @@ class Units:
         return cls(path.read_bytes(), str(path))
 
     def save(self, path: str | Path) -> Path:
-        from mmssl.train.checkpoint import atomic_write
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: f.write(self.proto))
@@ -191,9 +191,9 @@ class Clip:
     @property
     def seconds(self) -> float:
         if self.audio is not None:
-            return self.audio.shape[0] / 16_000
+            return self.audio.shape[0] / SAMPLE_RATE
         assert self.video is not None
-        return self.video.shape[0] / 25.0
+        return self.video.shape[0] / VIDEO_FPS
 
 
 def load_clips(manifest: str | Path, modalities: Sequence[str], progress: bool = True,
@@ -404,8 +404,6 @@ def prepare_units(cfg, resume: bool) -> Path:
 
 def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batch_seconds: float = 60.0) -> dict:
     """Decode ``manifest`` with the run's model; write ``wer.json`` and ``hyps.jsonl`` there."""
-    from mmssl.train.checkpoint import atomic_write
-
     from mmssl.train.checkpoint import latest_step_dir
 
     objective = load_asr_model(run_dir, device)
@@ -416,16 +414,16 @@ def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batc
     result = {**word_errors(refs, hyps), "manifest": str(manifest), "modalities": list(objective.modalities),
               "checkpoint": folder.name if folder is not None else None}
     lines = "".join(json.dumps({"id": c.id, "ref": r, "hyp": h}) + "\n" for c, r, h in zip(clips, refs, hyps))
-    atomic_write(run_dir / "hyps.jsonl", lambda f: f.write(lines.encode()))
-    atomic_write(run_dir / "wer.json", lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    write_text(run_dir / "hyps.jsonl", lines)
+    write_text(run_dir / "wer.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmssl.devices import pick_device
     from mmssl.train.build import check_options
     from mmssl.train.cli import pretrain
     from mmssl.train.distributed import env_from_torchrun
-    from mmssl.eval.features import pick_device
 
     cfg = _config(args)
     check_options(cfg)
@@ -437,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.data.valid is None:
         print(f"run folder: {run_dir} (no data.valid to decode)")
         return 0
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, option="train.device")
     result = evaluate_run(run_dir, cfg.data.valid, device)
     print(f"WER on {cfg.data.valid}: {100 * result['wer']:.2f}% ({result['errors']} errors / {result['words']} words: "
           f"{result['substitutions']} sub, {result['deletions']} del, {result['insertions']} ins)")

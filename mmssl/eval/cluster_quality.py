@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import DataError
 
 
@@ -67,13 +68,13 @@ def read_alignment(path: str | os.PathLike) -> tuple[list[tuple[str, int, int]],
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         items = [(str(name), int(start), int(end)) for name, start, end in doc["phonemes"]]
-        return items, int(doc.get("sample_rate", 16000))
+        return items, int(doc.get("sample_rate", SAMPLE_RATE))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: cannot read phone alignment ({err})") from None
 
 
 def frame_phones(
-    alignment: list[tuple[str, int, int]], num_frames: int, frame_rate: float, sample_rate: int = 16000,
+    alignment: list[tuple[str, int, int]], num_frames: int, frame_rate: float, sample_rate: int = SAMPLE_RATE,
     window: int = 400,
 ) -> list[str | None]:
     """The phone at the centre of each of ``num_frames`` frames (frame ``t`` spans samples

@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmssl.errors import ConfigError, DataError
+from mmssl.files import atomic_path, write_text
 
 INDEX = "index.jsonl"
 SUMMARY = "extract.json"
@@ -110,22 +111,15 @@ class ShardWriter:
             return
         for layer in self.layers:
             path = self.out / layer_dir(layer) / f"shard_{self.shard:05d}.safetensors"
-            tmp = path.with_name(path.name + ".tmp")
-            save_file(self.buffer[layer], str(tmp), metadata={"layer": str(layer), "frame_rate": str(self.frame_rate)})
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file(self.buffer[layer], str(tmp), metadata={"layer": str(layer), "frame_rate": str(self.frame_rate)})
             self.buffer[layer] = {}
         self.shard += 1
         self.bytes = 0
 
     def close(self) -> None:
         self.flush()
-        _write_text(self.out / INDEX, "".join(json.dumps(line) + "\n" for line in self.index))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+        write_text(self.out / INDEX, "".join(json.dumps(line) + "\n" for line in self.index))
 
 
 def parse_modalities(spec: str | None) -> tuple[str, ...] | None:
@@ -172,7 +166,8 @@ def extract(
 
 def run(args: argparse.Namespace) -> int:
     from mmssl.data.manifest import read_manifest
-    from mmssl.eval.features import num_layers, pick_device
+    from mmssl.devices import pick_device
+    from mmssl.eval.features import num_layers
     from mmssl.runs import load_encoder_from_run
 
     device = pick_device(args.device)
@@ -190,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                      int(args.shard_mb * (1 << 20)))
     summary = {"checkpoint": str(args.checkpoint), "manifest": str(args.manifest), "layers": layers,
                "dtype": args.dtype, **result}
-    _write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out / INDEX}: {result['records']} records x {len(layers)} layer(s) at {result['frame_rate']:g} Hz"
           + (f"; skipped {len(result['skipped'])} bad record(s), listed in {out / SUMMARY}" if result["skipped"] else ""))
     return 0

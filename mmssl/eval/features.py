@@ -29,17 +29,6 @@ from torch import Tensor
 from mmssl.errors import ConfigError, DataError
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu or cuda; got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but no CUDA GPU is available")
-    return torch.device(name)
-
-
 def is_audio_visual(encoder) -> bool:
     return hasattr(encoder, "fused_input")
 

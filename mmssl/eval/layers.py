@@ -126,10 +126,10 @@ def write_report(values: np.ndarray, columns: Sequence[str], out: Path, method: 
 
 def run(args: argparse.Namespace) -> int:
     from mmssl.data.manifest import read_manifest
+    from mmssl.devices import pick_device
     from mmssl.eval.extract import parse_modalities
-    from mmssl.eval.features import pick_device
-    from mmssl.runs import load_encoder_from_run
     from mmssl.eval.probes import layerwise_similarity
+    from mmssl.runs import load_encoder_from_run
 
     device = pick_device(args.device)
     if args.max_records < 1:

@@ -23,7 +23,6 @@ the terminal, the curves to ``wer_vs_snr.png``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import zlib
 from pathlib import Path
@@ -36,6 +35,7 @@ from mmssl.data.noise import AUDIO_SUFFIXES, NoiseBank, mix_at_snr
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.asr import Clip, load_asr_model, load_clips, normalize_text, transcribe, word_errors
 from mmssl.eval.report import PALETTE, line_plot, markdown_table
+from mmssl.files import sha256_file
 
 MODALITY_KEYS = {"audio": ("audio",), "video": ("video",), "audio+video": ("audio", "video")}
 CLEAN = "clean"
@@ -116,14 +116,6 @@ def _file_id(path: Path) -> list:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fingerprint(run: Path, manifest: Path, banks: dict[str, NoiseBank], limit: int | None, seed: int) -> dict:
     """What the cells of a grid depend on besides their (noise, SNR, modality)."""
     from mmssl.train.checkpoint import MODEL_FILE, latest_step_dir
@@ -132,7 +124,7 @@ def fingerprint(run: Path, manifest: Path, banks: dict[str, NoiseBank], limit: i
     if folder is None:
         raise DataError(f"{run}: no checkpoint yet")
     return {
-        "checkpoint": str(folder.resolve()), "weights_sha256": _sha256(folder / MODEL_FILE),
+        "checkpoint": str(folder.resolve()), "weights_sha256": sha256_file(folder / MODEL_FILE),
         "manifest": _file_id(manifest), "limit": limit, "seed": seed,
         "noise": {name: [_file_id(Path(f))[:2] for f in bank.files] for name, bank in banks.items()},
     }
@@ -223,7 +215,7 @@ def evaluate(
     the results by (noise, snr, modality)."""
     from tqdm import tqdm
 
-    from mmssl.eval.features import pick_device
+    from mmssl.devices import pick_device
 
     device = pick_device(device_name)
     snrs = [canonical_snr(s) for s in snrs]

@@ -39,11 +39,11 @@ from mmssl.eval.retrieval import (
     embed_speech_records,
     embed_texts,
     embed_waveforms,
-    file_sha256,
     load_run,
     read_embeddings,
     read_jsonl,
 )
+from mmssl.files import sha256_file
 
 THUMB = 128  # contact sheet thumbnail side, pixels
 LABEL = 18  # height of the text line under each thumbnail
@@ -79,7 +79,7 @@ def query_model(meta: dict, checkpoint: str | None, device: torch.device) -> tup
         checkpoint = meta["run"]
         notes.append(f"the index's checkpoint {index_weights} is gone; queries use the latest checkpoint of {checkpoint}")
     loaded = load_run(checkpoint if checkpoint is not None else index_weights, device)
-    if file_sha256(loaded.weights) != meta.get("weights_sha256"):
+    if sha256_file(loaded.weights) != meta.get("weights_sha256"):
         notes.append(f"the index was made with other weights ({index_weights}, step {meta.get('step')}) than "
                      f"these queries use ({loaded.weights}, step {loaded.step}); scores compare two different "
                      "models: run `mmssl index` again")
@@ -196,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmssl.eval.features import pick_device
+    from mmssl.devices import pick_device
 
     if args.top < 1 or args.batch_size < 1:
         raise ConfigError("--top and --batch-size must be positive")

@@ -30,7 +30,6 @@ Shape legend: Q queries, N candidates, D embedding dim, S samples.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmssl.errors import ConfigError, DataError
+from mmssl.files import atomic_path, sha256_file, write_text
 
 KS = (1, 5, 10)
 INDEX_FILE = "index.json"
@@ -119,14 +119,6 @@ class LoadedRun:
     run_dir: Path
     weights: Path
     step: int | None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def step_of(weights: Path) -> int | None:
@@ -282,17 +274,14 @@ def distinct_images(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _write_embeddings(path: Path, embeddings: Tensor) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"embeddings": embeddings.float().contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": embeddings.float().contiguous()}, str(tmp))
 
 
 def read_embeddings(path: str | os.PathLike) -> Tensor:
@@ -389,7 +378,7 @@ def build_index(loaded: LoadedRun, manifest: str | os.PathLike, out: str | os.Pa
         for r, g in zip(records, caption_groups)
     ])
     meta = {"run": str(loaded.run_dir), "weights": str(loaded.weights), "step": loaded.step,
-            "weights_sha256": file_sha256(loaded.weights), "manifest": str(Path(manifest).resolve()),
+            "weights_sha256": sha256_file(loaded.weights), "manifest": str(Path(manifest).resolve()),
             "dim": int(objective.dim), "images": len(images), "captions": len(records)}
     (out / INDEX_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return write_recall(out, speech_emb, caption_groups, image_emb, [row["group"] for row in images], ks)
@@ -416,7 +405,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmssl.eval.features import pick_device
+    from mmssl.devices import pick_device
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive; got {args.batch_size}")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.data.features import fbank_batch, stack_frames
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.outputs import FrameSpec
@@ -110,7 +111,7 @@ class ConvFrontend(nn.Module):
         strides = tuple(b.conv.stride[0] for b in blocks)
         self.frame_spec = _frame_spec(kernels, strides)
         self.hop = math.prod(strides)
-        self.frame_rate = 16000 / self.hop
+        self.frame_rate = SAMPLE_RATE / self.hop
         # samples needed for one frame
         field = 1
         for k, s in zip(reversed(kernels), reversed(strides)):
@@ -175,7 +176,7 @@ class FbankFrontend(nn.Module):
     """
 
     def __init__(
-        self, num_mel_bins: int = 80, stack: int = 4, sample_rate: int = 16000, normalize: bool = False
+        self, num_mel_bins: int = 80, stack: int = 4, sample_rate: int = SAMPLE_RATE, normalize: bool = False
     ) -> None:
         super().__init__()
         if stack < 1:

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.data.features import fbank_batch, stack_frames
 from mmssl.errors import ConfigError
 from mmssl.nn.frontend import check_waveform
@@ -33,7 +34,6 @@ from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import instance_norm, lengths_to_padding_mask
 
 NORMALIZATIONS = ("utterance", "running", "none")
-SAMPLE_RATE = 16000
 WINDOW, HOP = 400, 160  # 25 ms / 10 ms at 16 kHz: 100 Hz frames
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mmssl.encoders  # noqa: F401  (registers the encoder presets)
-from mmssl.encoders.base import Features, SpeechEncoder
+from mmssl.encoders.base import SpeechEncoder
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.masking import SpanMasker, compute_span_mask
 from mmssl.nn.padding import lengths_to_padding_mask

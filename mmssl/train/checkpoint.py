@@ -14,14 +14,11 @@ therefore leaves ``latest`` naming a checkpoint whose files are all complete.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, BinaryIO
 
 import numpy as np
 import torch
@@ -29,6 +26,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from mmssl.errors import DataError
+from mmssl.files import atomic_write
 
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
@@ -42,34 +40,6 @@ def step_dir_name(step: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.pt"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:

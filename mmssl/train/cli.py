@@ -14,10 +14,11 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 from mmssl.config import load_run_config, resolve
+from mmssl.devices import pick_device
 from mmssl.registry import OBJECTIVES, Registry
 from mmssl.runs import resume_config
 from mmssl.train.build import StreamBuilder, build_stream, build_trainer, check_options, prepare_run_dir
-from mmssl.train.distributed import barrier, env_from_torchrun, init_process_group, pick_device, shutdown
+from mmssl.train.distributed import barrier, env_from_torchrun, init_process_group, shutdown
 from mmssl.train.loop import StepCallback
 
 
@@ -40,7 +41,7 @@ def pretrain(
     """Train from a resolved config; returns the run folder."""
     check_options(cfg, registry)  # a misspelt option fails before the run folder is made
     env = env_from_torchrun()
-    device = pick_device(cfg.train.device, env)
+    device = pick_device(cfg.train.device, env.local_rank, "train.device")
     init_process_group(env, device, cfg.train.dist_timeout_s)
     try:
         run_dir = prepare_run_dir(cfg, resume, env)  # saves cfg as given

@@ -45,18 +45,6 @@ def env_from_torchrun() -> DistEnv:
         raise ConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {err}") from None
 
 
-def pick_device(name: str, env: DistEnv) -> torch.device:
-    """``auto`` -> this process's CUDA device when there is one, else the CPU."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device: {name!r} is not one of auto, cpu, cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(env.local_rank)
-    return torch.device("cuda", env.local_rank)
-
-
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
     """NCCL on CUDA (with gloo beside it for the odd CPU tensor), gloo on the CPU; a no-op for
     one process or an existing group."""

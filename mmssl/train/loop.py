@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import MmsslError
 from mmssl.objectives.base import Objective
 from mmssl.train import checkpoint as ckpt
@@ -43,7 +44,6 @@ from mmssl.train.logging import MetricWindow, RunLogger, Throughput
 from mmssl.train.optim import Schedule
 from mmssl.train.stream import BatchStream, batch_seed, to_device
 
-SAMPLE_RATE = 16_000
 StepCallback = Callable[[int], None]
 
 

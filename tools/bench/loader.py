@@ -47,13 +47,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from mmssl.config import load_config, resolve
+from mmssl.constants import SAMPLE_RATE
+from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, MmsslError
 from mmssl.eval.report import markdown_table
 from mmssl.registry import OBJECTIVES
 from mmssl.train.build import build_objective, build_stream
-from mmssl.train.distributed import DistEnv, pick_device
+from mmssl.train.distributed import DistEnv
 
-SAMPLE_RATE = 16_000
 PREFETCH = 2  # torch DataLoader's default prefetch_factor: batches queued per worker
 HEADER = ["objective", "workers", "batches (timed)", "first batch (s)", "batches/s", "utt/s", "audio s/s",
           "padding %", "loader / step", "keeps up"]
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         torch.manual_seed(cfg.train.seed)
         # as ``build_trainer``: the objective is on its device before the stream takes its batch
         # hook; built once, outside the timing
-        objective = build_objective(cfg).to(pick_device(cfg.train.device, DistEnv()))
+        objective = build_objective(cfg).to(pick_device(cfg.train.device, option="train.device"))
         for count in workers:
             results.append(add_ratio(measure(cfg, objective, count, args.batches, not args.quiet),
                                      args.step_rate, steps))

@@ -18,12 +18,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import synthetic_batch
 from mmssl.train.loop import LoopOptions, Trainer
 from mmssl.train.optim import Schedule, build_adamw
-
-SAMPLE_RATE = 16_000
 
 
 class _Once:

@@ -13,7 +13,6 @@ its reason. :func:`write_outputs` writes ``OUT/<split>.jsonl``, ``OUT/skipped.js
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -23,10 +22,12 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.io import load_audio, probe
-from mmssl.data.manifest import AUDIO_RATE, VIDEO_FPS, duration_seconds, write_manifest
+from mmssl.data.manifest import duration_seconds, write_manifest
 from mmssl.errors import DataError
 from mmssl.eval.report import markdown_table
+from mmssl.files import write_text
 
 MEDIA_KEYS = ("audio", "video", "image")
 
@@ -127,7 +128,7 @@ def measure_file(path: str) -> Measured:
         info = probe(path)
         seconds = info.audio_duration
         if info.has_audio and not seconds:
-            seconds = load_audio(path, AUDIO_RATE).numel() / AUDIO_RATE
+            seconds = load_audio(path, SAMPLE_RATE).numel() / SAMPLE_RATE
         return Measured(seconds, info.audio_rate, info.video_frames, info.video_fps,
                         has_video=bool(info.width and info.height))
     except DataError as err:
@@ -142,7 +143,7 @@ def _problem(key: str, fact: Measured) -> str | None:
         return fact.error
     if key == "audio" and fact.audio_rate is None:
         return "no audio stream"
-    if key == "audio" and round((fact.audio_seconds or 0.0) * AUDIO_RATE) <= 0:
+    if key == "audio" and round((fact.audio_seconds or 0.0) * SAMPLE_RATE) <= 0:
         return "zero-length audio"
     if key == "video" and (not fact.has_video or fact.video_fps is None):
         return "no video stream"
@@ -172,7 +173,7 @@ def _fill(record: dict, facts: dict[str, Measured]) -> tuple[str, str] | None:
         if reason is not None:
             return path, reason
         if key == "audio":
-            record["audio_samples"] = round(fact.audio_seconds * AUDIO_RATE)
+            record["audio_samples"] = round(fact.audio_seconds * SAMPLE_RATE)
         elif key == "video":
             record["video_frames"] = _frames(fact)
     return None
@@ -204,19 +205,13 @@ def measure(listing: Listing, workers: int = 1,
             if problem is not None:
                 skipped.append(Skip(split, record["id"], *problem))
                 continue
-            if record.get("audio") and facts[record["audio"]].audio_rate != AUDIO_RATE:
+            if record.get("audio") and facts[record["audio"]].audio_rate != SAMPLE_RATE:
                 other_rate[split] += 1
             kept[split].append(record)
     return kept, skipped, other_rate
 
 
 # --- writing -----------------------------------------------------------------------------------
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def summarise(corpus: str, root: Path, splits: dict[str, list[dict]], skipped: list[Skip],
               other_rate: Counter, options: dict) -> dict:
     """The ``prepare.json`` document: per split records, hours, skipped (with reasons)."""
@@ -243,8 +238,8 @@ def write_outputs(out: Path, summary: dict, splits: dict[str, list[dict]], skipp
     written = [write_manifest(out / f"{split}.jsonl", records) for split, records in splits.items() if records]
     lines = [json.dumps({"split": s.split, "id": s.id, "file": s.path, "reason": s.reason}, ensure_ascii=False)
              for s in skipped]
-    _write_text(out / "skipped.jsonl", "".join(line + "\n" for line in lines))
-    _write_text(out / "prepare.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / "skipped.jsonl", "".join(line + "\n" for line in lines))
+    write_text(out / "prepare.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return written
 
 

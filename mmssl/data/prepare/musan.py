@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mmssl.data.manifest import AUDIO_RATE
+from mmssl.constants import SAMPLE_RATE
 from mmssl.data.noise import NoiseBank, fit_length
 from mmssl.data.prepare.common import Listing, pick_splits, require
 from mmssl.data.synth.writers import write_wav
@@ -82,7 +82,7 @@ def _babble(index: int, files: list[str], talkers: int, num_samples: int, seed: 
     """Babble file ``index``: the mean of ``talkers`` distinct files -> (``(S,)`` int16, the files)."""
     # one stream per (seed, split, file): the same file whichever splits or workers a run has
     generator = torch.Generator().manual_seed(seed * 1_000_003 + split_index * 100_003 + index)
-    bank = NoiseBank(files, AUDIO_RATE, cache_files=0)
+    bank = NoiseBank(files, SAMPLE_RATE, cache_files=0)
     chosen = torch.randperm(len(files), generator=generator)[:talkers]
     mix = torch.stack([fit_length(bank.load(int(i)), num_samples, generator) for i in chosen]).mean(0)
     return np.round(mix.clamp(-1, 1).numpy() * 32767).astype(np.int16), [files[int(i)] for i in chosen]
@@ -97,7 +97,7 @@ def write_babble(folder: Path, speech: list[str], count: int, split_index: int, 
         return []
     if len(speech) < 2:
         raise DataError(f"{folder}: babble needs at least 2 speech files in the split, found {len(speech)}")
-    num_samples = round(seconds * AUDIO_RATE)
+    num_samples = round(seconds * SAMPLE_RATE)
     make = partial(_babble, files=speech, talkers=min(talkers, len(speech)), num_samples=num_samples,
                    seed=seed, split_index=split_index)
     bar = dict(total=count, desc=f"babble {folder.name}", unit="file", disable=not progress, file=sys.stderr)
@@ -108,7 +108,7 @@ def write_babble(folder: Path, speech: list[str], count: int, split_index: int, 
         mixes = pool.map(make, range(count)) if pool else map(make, range(count))
         for n, (audio, mixed) in enumerate(tqdm(mixes, **bar)):
             path = folder / f"babble_{n:0{width}d}.wav"
-            write_wav(path, audio, AUDIO_RATE)
+            write_wav(path, audio, SAMPLE_RATE)
             records.append({"id": path.stem, "audio": str(path.resolve()), "audio_samples": num_samples,
                             "noise_type": "babble", "source": "babble", "mixed": mixed})
     finally:

@@ -12,9 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mmssl.constants import VIDEO_FPS
 from mmssl.data.synth import grammar, lips, scenes
-from mmssl.data.synth.phonemes import phoneme_class
 from mmssl.data.synth.corpus import CAPTIONS_PER_IMAGE, SynthConfig, appearance, speak, speaker_splits
+from mmssl.data.synth.phonemes import phoneme_class
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _SHORT = {
@@ -36,7 +37,7 @@ def lip_strip(text: str, speaker: str, seed: int = 0, columns: int = 12, rows: i
     audio, phonemes, words = speak(text, speaker, rng, cfg, frame_align=True)
     num_frames = len(audio) // lips.SAMPLES_PER_FRAME
     video = lips.render_video(phonemes, num_frames, appearance(seed, speaker), lips.Jitter.sample(rng), rng)
-    first = int(start * lips.FPS)
+    first = int(start * VIDEO_FPS)
     cell_h = lips.SIZE + 30
     canvas = np.full((rows * cell_h, columns * lips.SIZE), 255, np.uint8)
     for k in range(rows * columns):

@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.synth.phonemes import VISEMES, visemes
 
-FPS = 25
-SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
+SAMPLES_PER_FRAME = round(SAMPLE_RATE / VIDEO_FPS)  # 640
 SIZE = 88
 _GRID = 80  # samples per trajectory step (5 ms at 16 kHz)
 _STEPS_PER_FRAME = SAMPLES_PER_FRAME // _GRID
@@ -195,5 +195,5 @@ def render_video(
     tracks = mouth_tracks(phonemes, num_frames, look.articulation)
     noise = rng.standard_normal(size=(num_frames, SIZE, SIZE), dtype=np.float32) * np.float32(jitter.noise)
     light = lighting(jitter)
-    frames = [render_frame(tracks[f], look, jitter, (f + 0.5) / FPS, noise[f], light) for f in range(num_frames)]
+    frames = [render_frame(tracks[f], look, jitter, (f + 0.5) / VIDEO_FPS, noise[f], light) for f in range(num_frames)]
     return np.stack(frames) if frames else np.zeros((0, SIZE, SIZE), np.uint8)

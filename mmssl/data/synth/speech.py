@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import resample_poly
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import ConfigError
 
-SAMPLE_RATE = 16_000
 ESPEAK_RATE = 22_050  # what espeak_Initialize reports for its voices
 # espeak_AUDIO_OUTPUT AUDIO_OUTPUT_SYNCHRONOUS; options: phoneme events (0x1) named in IPA (0x2)
 _OUTPUT_SYNCHRONOUS = 2
