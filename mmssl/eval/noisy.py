@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from mmssl.data.noise import AUDIO_SUFFIXES, NoiseBank, mix_at_snr
+from mmssl.data.units import normalize_text
 from mmssl.errors import ConfigError, DataError
-from mmssl.eval.asr import Clip, load_asr_model, load_clips, normalize_text, transcribe, word_errors
+from mmssl.eval.asr import Clip, load_asr_model, load_clips, transcribe, word_errors
 from mmssl.eval.report import PALETTE, line_plot, markdown_table
 from mmssl.files import sha256_file
 

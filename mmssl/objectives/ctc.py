@@ -4,7 +4,7 @@ for ASR.
 
 Parts: the encoder (a ``SpeechEncoder`` or an ``AVEncoder``), dropout (fairseq
 ``final_dropout``) and a linear head to the units plus the blank (class 0,
-``mmssl.eval.asr.Units``). The loss is ``torch.nn.functional.ctc_loss`` summed over the
+``mmssl.data.units.Units``). The loss is ``torch.nn.functional.ctc_loss`` summed over the
 feasible utterances of the batch and divided by their number (fairseq ``sentence_avg=true``,
 the wav2vec 2.0 fine-tuning setting). An utterance whose targets cannot fit its frames (target
 units plus one blank between each pair of equal neighbours exceed the frames) has no CTC path:
@@ -47,10 +47,10 @@ from torch import Tensor, nn
 
 import mmssl.encoders  # noqa: F401  (registers the encoder presets)
 from mmssl.data.noise import AddNoise, NoiseBank
+from mmssl.data.units import BLANK, UNIT_KINDS, Units, default_units
 from mmssl.encoders.base import FrameSpec
 from mmssl.encoders.fusion import sample_keep
 from mmssl.errors import ConfigError, DataError
-from mmssl.eval.asr import BLANK, UNIT_KINDS, Units, default_units
 from mmssl.nn.frontend import ConvFrontend
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.padding import lengths_to_padding_mask

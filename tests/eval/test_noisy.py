@@ -6,7 +6,8 @@ import torch
 import mmssl.eval.noisy as noisy
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest, write_manifest
-from mmssl.eval.asr import load_asr_model, load_clips, normalize_text, transcribe, word_errors
+from mmssl.data.units import normalize_text
+from mmssl.eval.asr import load_asr_model, load_clips, transcribe, word_errors
 
 
 def finetune(out, manifest, encoder):

@@ -4,7 +4,7 @@ Layout: ``ROOT/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` with
 ``<speaker>-<chapter>.trans.txt`` per chapter (``ID TEXT`` per line, upper case). Records:
 ``id`` (the utterance id), ``audio``, ``audio_samples``, ``transcript`` (the corpus's own
 text: normalisation, e.g. lower-casing, happens where text is scored,
-``mmssl.eval.asr.normalize_text``), ``speaker``.
+``mmssl.data.units.normalize_text``), ``speaker``.
 """
 
 from __future__ import annotations
