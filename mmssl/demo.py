@@ -73,18 +73,14 @@ def _exists(path: Path) -> Callable[[], bool]:
     return path.exists
 
 
-def _latest(run: Path) -> Path | None:
-    from mmssl.train.checkpoint import latest_step_dir
-
-    return latest_step_dir(run / "checkpoints") if (run / "checkpoints").is_dir() else None
-
-
 def started_from_latest(asr: Path, pretrain: Path) -> bool:
     """The fine-tuning run in ``asr`` started from ``pretrain``'s latest checkpoint (the one
     its config.yaml records in ``objective.encoder_init``)."""
     from omegaconf import OmegaConf
 
-    latest = _latest(pretrain)
+    from mmssl.runs import latest_checkpoint
+
+    latest = latest_checkpoint(pretrain)
     if latest is None or not (asr / "config.yaml").is_file():
         return False
     started = OmegaConf.select(OmegaConf.load(asr / "config.yaml"), "objective.encoder_init")
@@ -94,9 +90,9 @@ def started_from_latest(asr: Path, pretrain: Path) -> bool:
 def asr_done(asr: Path, pretrain: Path, steps: int) -> bool:
     """``wer.json`` of the fine-tuning run's latest checkpoint, of ``steps`` steps, started from
     the pretraining run's latest checkpoint."""
-    from mmssl.train.checkpoint import step_dir_name
+    from mmssl.runs import latest_checkpoint, step_dir_name
 
-    latest, wer = _latest(asr), asr / "wer.json"
+    latest, wer = latest_checkpoint(asr), asr / "wer.json"
     if latest is None or not wer.is_file() or not started_from_latest(asr, pretrain):
         return False
     return json.loads(wer.read_text()).get("checkpoint") == latest.name and latest.name == step_dir_name(steps)
@@ -110,22 +106,21 @@ def clear_stale_asr(asr: Path, pretrain: Path) -> None:
 
 def clusters_done(km: Path, pretrain: Path) -> bool:
     """``kmeans.pt`` of a clustering of the pretraining run's latest checkpoint."""
-    import torch
+    from mmssl.data.importers import KMEANS_FILE, read_kmeans_state
+    from mmssl.runs import MODEL_FILE, latest_checkpoint
 
-    from mmssl.train.checkpoint import MODEL_FILE
-
-    latest = _latest(pretrain)
-    if latest is None or not (km / "kmeans.pt").is_file():
+    latest = latest_checkpoint(pretrain)
+    if latest is None or not (km / KMEANS_FILE).is_file():
         return False
-    info = torch.load(km / "kmeans.pt", map_location="cpu", weights_only=True)
-    return info.get("weights") == str((latest / MODEL_FILE).resolve())
+    return read_kmeans_state(km).get("weights") == str((latest / MODEL_FILE).resolve())
 
 
 def noisy_done(asr: Path, out: Path) -> bool:
     """``wer.md`` made from the fine-tuning run's latest checkpoint."""
     from mmssl.eval.noisy import read_results
+    from mmssl.runs import latest_checkpoint
 
-    latest = _latest(asr)
+    latest = latest_checkpoint(asr)
     if latest is None or not (out / "wer.md").is_file():
         return False
     found, _ = read_results(out / "results.jsonl")

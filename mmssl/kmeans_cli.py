@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -42,8 +41,7 @@ from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_al
 from mmssl.eval.features import is_audio_visual, num_layers, record_layers
 from mmssl.files import atomic_write
 from mmssl.nn.kmeans import KMeans
-from mmssl.runs import load_encoder_from_run
-from mmssl.train.checkpoint import resolve_weights
+from mmssl.runs import load_encoder_from_run, resolve_weights
 
 FeatureFn = Callable[[dict], Tensor]  # manifest record -> features (T, D) on the device
 MFCC_RATE = 100.0
@@ -92,17 +90,6 @@ def mfcc_features(device: torch.device) -> tuple[FeatureFn, float]:
     from mmssl.data.features import mfcc
 
     return (lambda record: mfcc(_load(record)).to(device).float()), MFCC_RATE
-
-
-def kmeans_info(labels_dir: str | os.PathLike) -> dict:
-    """``k`` and ``label_rate`` (Hz) of an ``mmssl kmeans`` output folder, from its
-    ``kmeans.pt``: what a HuBERT-style objective needs as ``num_classes`` and ``label_rate``."""
-    path = Path(labels_dir) / "kmeans.pt"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return {"k": int(state["k"]), "label_rate": float(state["label_rate"])}
-    except (OSError, RuntimeError, KeyError, EOFError) as err:
-        raise DataError(f"{path}: cannot read k-means state ({err})") from None
 
 
 def _load(record: dict) -> Tensor:

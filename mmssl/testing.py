@@ -147,10 +147,8 @@ def save_tiny_run(folder, recipe: str, manifest, overrides=HUBERT_STYLE, adjust=
     ``(objective in eval mode, step folder)``."""
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     from mmssl.config import load_config, save_resolved
-    from mmssl.train.build import build_objective
+    from mmssl.runs import CHECKPOINTS, MODEL_FILE, build_objective, save_weights, step_dir_name
 
     folder = Path(folder)
     cfg = load_config(recipe, [f"data.train={manifest}", "model.size=tiny", *overrides])
@@ -159,7 +157,7 @@ def save_tiny_run(folder, recipe: str, manifest, overrides=HUBERT_STYLE, adjust=
     objective = build_objective(cfg)
     if adjust is not None:
         adjust(objective)
-    step = folder / "checkpoints" / "step_00000001"
+    step = folder / CHECKPOINTS / step_dir_name(1)
     step.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
+    save_weights(objective.state_dict(), step / MODEL_FILE)
     return objective.eval(), step

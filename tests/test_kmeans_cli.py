@@ -5,8 +5,8 @@ import torch
 
 from mmssl.cli import main
 from mmssl.data.features import mfcc
+from mmssl.data.importers import kmeans_info
 from mmssl.data.io import load_audio
-from mmssl.kmeans_cli import kmeans_info
 from mmssl.nn.kmeans import nearest
 from mmssl.testing import save_tiny_run
 
@@ -120,11 +120,10 @@ def test_bad_input_is_reported_by_name(tmp_path, capsys):
 
 
 def test_audio_visual_checkpoint_gives_25hz_labels(tmp_path):
-    from tests.data.media import moving_frames, tone, write_av
-
     from mmssl.data.datasets import lip_frames
     from mmssl.data.io import load_video
     from mmssl.encoders.av import av_features
+    from tests.data.media import moving_frames, tone, write_av
 
     lines = []
     for i, frames in enumerate((20, 13)):

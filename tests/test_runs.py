@@ -9,7 +9,13 @@ import torch
 from mmssl.cli import main
 from mmssl.eval.asr import load_asr_model
 from mmssl.registry import OBJECTIVES
-from mmssl.runs import STRUCTURE_ONLY, load_encoder_from_run, structure_config
+from mmssl.runs import (
+    STRUCTURE_ONLY,
+    load_encoder_from_run,
+    load_weights,
+    save_weights,
+    structure_config,
+)
 from mmssl.testing import save_tiny_run
 
 
@@ -80,3 +86,10 @@ def test_weights_that_do_not_fit_the_config_are_named(synth_tiny, tmp_path):
     OmegaConf.save(cfg, tmp_path / "pre" / "config.yaml")
     with pytest.raises(DataError, match="model.safetensors: weights do not fit .*config.yaml"):
         load_objective_from_run(step)
+
+
+def test_tied_weights_are_saved(tmp_path):
+    w = torch.randn(3, 2)
+    save_weights({"a": w, "b": w}, tmp_path / "m.safetensors")
+    loaded = load_weights(tmp_path / "m.safetensors")
+    assert torch.equal(loaded["a"], w) and torch.equal(loaded["b"], w)

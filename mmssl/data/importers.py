@@ -5,12 +5,16 @@
   ``id<TAB>video<TAB>audio<TAB>n_video_frames<TAB>n_audio_samples`` (paths relative to the root).
 * ``.wrd``: one transcript per line, in the ``.tsv`` order.
 * ``.km``: one line of space-separated cluster ids per record, in the ``.tsv`` order.
+
+A labels folder of ``mmssl kmeans`` holds one ``<manifest stem>.km`` per manifest and
+``kmeans.pt``, the clustering's summary (:func:`read_kmeans_state`, :func:`kmeans_info`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -99,6 +103,29 @@ def read_labels(km_path: str | os.PathLike) -> list[Tensor]:
             raise DataError(f"{km_path}:{number}: labels must be space-separated integers") from None
         labels.append(torch.tensor(values, dtype=torch.long))
     return labels
+
+
+KMEANS_FILE = "kmeans.pt"
+
+
+def read_kmeans_state(labels_dir: str | os.PathLike) -> dict:
+    """The ``kmeans.pt`` of an ``mmssl kmeans`` folder: ``centroids``, ``k``, ``features``,
+    ``label_rate``, ``inertia``, ``weights`` (the weights file clustered, or None for MFCC)."""
+    path = Path(labels_dir) / KMEANS_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise DataError(f"{path}: cannot read k-means state ({err})") from None
+
+
+def kmeans_info(labels_dir: str | os.PathLike) -> dict:
+    """``k`` and ``label_rate`` (Hz) of an ``mmssl kmeans`` folder: what a HuBERT-style
+    objective needs as ``num_classes`` and ``label_rate``."""
+    state = read_kmeans_state(labels_dir)
+    try:
+        return {"k": int(state["k"]), "label_rate": float(state["label_rate"])}
+    except (KeyError, TypeError) as err:
+        raise DataError(f"{Path(labels_dir) / KMEANS_FILE}: cannot read k-means state ({err!r})") from None
 
 
 def attach_transcripts(records: list[dict], transcripts: list[str], source: str) -> list[dict]:

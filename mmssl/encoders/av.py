@@ -1,4 +1,5 @@
-"""The audio-visual encoder: two 25 Hz streams, fusion, one shared transformer (AV-HuBERT).
+"""The audio-visual encoder (an ``AudioVisualEncoder``): two 25 Hz streams, fusion, one
+shared transformer (AV-HuBERT).
 
 * audio: 26 Kaldi log filterbanks stacked x4 (100 Hz -> 25 Hz, 104 values per frame), each
   stacked frame layer-normed, and a linear projection (AV-HuBERT: ``logfbank``'s 26 filters,
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from mmssl.constants import VIDEO_FPS
 from mmssl.encoders.audio import build_preset
-from mmssl.encoders.base import EncoderOutput
+from mmssl.encoders.base import AudioVisualEncoder, EncoderOutput
 from mmssl.encoders.fusion import AVFusion
 from mmssl.encoders.video import LipEncoder, lip_resnet18, lip_tiny
 from mmssl.errors import ConfigError, DataError
@@ -47,7 +48,7 @@ from mmssl.registry import ENCODERS
 FRAME_RATE = VIDEO_FPS  # both streams meet at the video's frame rate
 
 
-class AVEncoder(nn.Module):
+class AVEncoder(AudioVisualEncoder):
     """Injected parts: ``audio_frontend`` + ``audio_proj`` (or None), ``video_frontend`` +
     ``video_proj`` (or None), ``fusion``, ``transformer``."""
 
@@ -124,16 +125,6 @@ class AVEncoder(nn.Module):
         if out["audio"] is None and out["video"] is None:
             raise DataError(f"the batch has none of this encoder's modalities {self.modalities}")
         return out
-
-    def fused_input(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """The transformer's input ``(x (B, T, C), lengths (B,))`` from the ``audio``/``audio_lens``
-        and/or ``video``/``video_lens`` of ``batch`` (modality dropout applies in training)."""
-        s = self.streams(batch)
-        return self.fuse(s["audio"], s["audio_lens"], s["video"], s["video_lens"])
-
-    def encode(self, batch: dict) -> EncoderOutput:
-        """Run on whichever of audio / video the batch has; a missing one is zeros in the fusion."""
-        return self.contextualize(*self.fused_input(batch))
 
     def forward(
         self,

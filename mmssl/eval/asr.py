@@ -33,6 +33,9 @@ from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.units import BLANK, UNITS_FILE, normalize_text, train_units
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import write_text
+from mmssl.runs import (
+    CONFIG, MODEL_FILE, check_options, has_checkpoint, latest_checkpoint, load_objective_from_run, resolve_weights,
+)
 
 
 def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
@@ -181,27 +184,15 @@ def transcribe(
 
 def load_asr_model(run_dir: str | Path, device: torch.device):
     """The CTC objective of a ``mmssl finetune-asr`` run (its latest checkpoint), in eval mode
-    on ``device``, with the run's ``units.model``."""
-    from mmssl.runs import structure_config
-    from mmssl.train import checkpoint as ckpt
-    from mmssl.train.build import build_objective
-
+    on ``device``, with the run's ``units.model``. The encoder is rebuilt from the copy of the
+    pretraining run's config kept in the run folder (``mmssl.runs``), so decoding does not need
+    the pretraining run any more."""
     run_dir = Path(run_dir)
-    config = run_dir / "config.yaml"
-    if not config.is_file():
+    if not (run_dir / CONFIG).is_file():
         raise DataError(f"{run_dir}: no config.yaml (not an `mmssl finetune-asr` run folder)")
-    # the encoder is rebuilt from the copy of the pretraining run's config kept in the run
-    # folder (mmssl.runs), so decoding does not need the pretraining run any more
-    cfg = structure_config(run_dir)
-    if cfg.objective.name != "ctc":
-        raise ConfigError(f"{run_dir}: a {cfg.objective.name!r} run, not a CTC fine-tuning run")
-    if (run_dir / UNITS_FILE).is_file():
-        cfg.objective.units_file = str(run_dir / UNITS_FILE)
-    folder = ckpt.latest_step_dir(run_dir / "checkpoints")
-    if folder is None:
+    if latest_checkpoint(run_dir) is None:
         raise DataError(f"{run_dir}: no checkpoint yet")
-    objective = build_objective(cfg)
-    objective.load_state_dict(ckpt.load_weights(folder / ckpt.MODEL_FILE))
+    objective, _ = load_objective_from_run(run_dir, expect="ctc")
     return objective.to(device).eval()
 
 
@@ -240,7 +231,7 @@ def _config(args: argparse.Namespace):
                           "--init none (a fresh objective.encoder of model.size, a from-scratch baseline)")
     cfg = resolve(cfg)
     run_dir = Path(cfg.train.out_dir)
-    if args.resume and (run_dir / "checkpoints" / "latest").is_file():
+    if args.resume and has_checkpoint(run_dir):
         cfg.objective.encoder_init = OmegaConf.load(run_dir / "config.yaml").objective.encoder_init
         return cfg
     init = OmegaConf.select(cfg, "objective.encoder_init")
@@ -252,8 +243,6 @@ def _config(args: argparse.Namespace):
 def init_checkpoint(path: str | Path) -> str:
     """The checkpoint folder a start-from run, checkpoint folder or weights file resolves to
     (the latest checkpoint of a run)."""
-    from mmssl.train.checkpoint import MODEL_FILE, resolve_weights
-
     path = Path(path)
     if not path.exists():
         raise DataError(f"objective.encoder_init={path}: not found")
@@ -280,7 +269,7 @@ def prepare_units(cfg, resume: bool) -> Path:
     from mmssl.data.manifest import read_manifest
 
     run_dir = Path(cfg.train.out_dir)
-    if not resume and (run_dir / "checkpoints" / "latest").exists():
+    if not resume and has_checkpoint(run_dir):
         raise ConfigError(f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
                           "it or choose another train.out_dir")
     path = run_dir / UNITS_FILE
@@ -299,10 +288,8 @@ def prepare_units(cfg, resume: bool) -> Path:
 
 def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batch_seconds: float = 60.0) -> dict:
     """Decode ``manifest`` with the run's model; write ``wer.json`` and ``hyps.jsonl`` there."""
-    from mmssl.train.checkpoint import latest_step_dir
-
     objective = load_asr_model(run_dir, device)
-    folder = latest_step_dir(run_dir / "checkpoints")
+    folder = latest_checkpoint(run_dir)
     clips = load_clips(manifest, objective.modalities)
     hyps = transcribe(objective, clips, objective.modalities, device, batch_seconds, desc="decode valid")
     refs = [normalize_text(c.transcript) for c in clips]
@@ -316,7 +303,6 @@ def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batc
 
 def run(args: argparse.Namespace) -> int:
     from mmssl.devices import pick_device
-    from mmssl.train.build import check_options
     from mmssl.train.cli import pretrain
     from mmssl.train.distributed import env_from_torchrun
 

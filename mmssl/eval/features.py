@@ -8,7 +8,7 @@ its encoder for one record, unpadded, with the input features the encoder read:
 * a speech encoder (``extract`` + ``contextualize``) reads the record's audio; its inputs are
   the frontend output (``"conv"`` for the waveform conv frontend, ``"fbank"`` for stacked
   filterbanks) and the projected transformer input (``"input"``);
-* an audio-visual encoder (``fused_input``) reads the record's audio and/or lip video; its
+* an audio-visual encoder (an ``AudioVisualEncoder``) reads the record's audio and/or lip video; its
   inputs are the stacked filterbanks (``"fbank"``), the projected lip features (``"lips"``)
   and the fused transformer input (``"fused"``).
 
@@ -26,11 +26,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from mmssl.encoders.base import AudioVisualEncoder
 from mmssl.errors import ConfigError, DataError
 
 
 def is_audio_visual(encoder) -> bool:
-    return hasattr(encoder, "fused_input")
+    return isinstance(encoder, AudioVisualEncoder)
 
 
 def num_layers(encoder) -> int:

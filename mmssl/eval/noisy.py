@@ -37,6 +37,7 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.eval.asr import Clip, load_asr_model, load_clips, transcribe, word_errors
 from mmssl.eval.report import PALETTE, line_plot, markdown_table
 from mmssl.files import sha256_file
+from mmssl.runs import MODEL_FILE, latest_checkpoint
 
 MODALITY_KEYS = {"audio": ("audio",), "video": ("video",), "audio+video": ("audio", "video")}
 CLEAN = "clean"
@@ -119,9 +120,7 @@ def _file_id(path: Path) -> list:
 
 def fingerprint(run: Path, manifest: Path, banks: dict[str, NoiseBank], limit: int | None, seed: int) -> dict:
     """What the cells of a grid depend on besides their (noise, SNR, modality)."""
-    from mmssl.train.checkpoint import MODEL_FILE, latest_step_dir
-
-    folder = latest_step_dir(Path(run) / "checkpoints")
+    folder = latest_checkpoint(run)
     if folder is None:
         raise DataError(f"{run}: no checkpoint yet")
     return {

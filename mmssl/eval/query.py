@@ -44,6 +44,7 @@ from mmssl.eval.retrieval import (
     read_jsonl,
 )
 from mmssl.files import sha256_file
+from mmssl.runs import resolve_weights
 
 THUMB = 128  # contact sheet thumbnail side, pixels
 LABEL = 18  # height of the text line under each thumbnail
@@ -71,8 +72,6 @@ def read_index(index_dir: str | Path) -> tuple[dict, Tensor, list[dict]]:
 
 def query_model(meta: dict, checkpoint: str | None, device: torch.device) -> tuple[LoadedRun, list[str]]:
     """The run that embeds the queries, and notes when its weights differ from the index's."""
-    from mmssl.train.checkpoint import resolve_weights
-
     notes = []
     index_weights = Path(meta["weights"])
     if checkpoint is None and not index_weights.is_file():

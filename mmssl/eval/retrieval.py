@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from tqdm import tqdm
 
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import atomic_path, sha256_file, write_text
+from mmssl.runs import load_objective_from_run, run_dir_of, step_of
 
 KS = (1, 5, 10)
 INDEX_FILE = "index.json"
@@ -121,28 +121,16 @@ class LoadedRun:
     step: int | None
 
 
-def step_of(weights: Path) -> int | None:
-    match = re.fullmatch(r"step_(\d+)", weights.parent.name)
-    return int(match.group(1)) if match else None
-
-
 def load_run(run_or_ckpt: str | os.PathLike, device: torch.device = torch.device("cpu")) -> LoadedRun:
     """Rebuild a ``speech_image`` run's objective from its ``config.yaml`` and load the
     checkpoint (the latest for a run folder). The towers are built without the SSL run or CLIP
     file they started from (``speech_init`` / ``clip_pretrained``): the checkpoint holds them
     (``mmssl.runs``)."""
-    from omegaconf import OmegaConf
-
-    from mmssl.runs import load_objective_from_run, run_dir_of
-
     path = Path(run_or_ckpt)
     if not path.exists():
         raise DataError(f"{path}: run or checkpoint not found")
-    run_dir = run_dir_of(path if path.is_dir() else path.parent)
-    name = OmegaConf.load(run_dir / "config.yaml").objective.name
-    if name != "speech_image":
-        raise ConfigError(f"{run_dir}: objective {name!r} is not speech_image (no image tower)")
-    objective, weights = load_objective_from_run(path)
+    objective, weights = load_objective_from_run(path, expect="speech_image")
+    run_dir = run_dir_of(weights.parent)
     return LoadedRun(objective.to(device).eval(), run_dir.resolve(), weights.resolve(), step_of(weights))
 
 

@@ -2,7 +2,7 @@
 wav2vec 2.0 (Baevski et al., 2020, sec. 4.4), HuBERT and AV-HuBERT (Shi et al., 2022) fine-tune
 for ASR.
 
-Parts: the encoder (a ``SpeechEncoder`` or an ``AVEncoder``), dropout (fairseq
+Parts: the encoder (a ``SpeechEncoder`` or an ``AudioVisualEncoder``), dropout (fairseq
 ``final_dropout``) and a linear head to the units plus the blank (class 0,
 ``mmssl.data.units.Units``). The loss is ``torch.nn.functional.ctc_loss`` summed over the
 feasible utterances of the batch and divided by their number (fairseq ``sentence_avg=true``,
@@ -45,17 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mmssl.encoders  # noqa: F401  (registers the encoder presets)
 from mmssl.data.noise import AddNoise, NoiseBank
 from mmssl.data.units import BLANK, UNIT_KINDS, Units, default_units
-from mmssl.encoders.base import FrameSpec
+from mmssl.encoders import build_family
+from mmssl.encoders.audio import AudioEncoder
+from mmssl.encoders.base import AudioVisualEncoder, FrameSpec, SpeechEncoder
 from mmssl.encoders.fusion import sample_keep
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.frontend import ConvFrontend
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.registry import ENCODERS, OBJECTIVES
+from mmssl.registry import OBJECTIVES
 
 
 def make_targets(batch: dict, units: Units) -> tuple[Tensor, Tensor]:
@@ -191,7 +192,7 @@ class CTCObjective(Objective):
     ) -> None:
         super().__init__()
         self.encoder, self.units, self.hook = encoder, units, hook
-        self.audio_visual = hasattr(encoder, "fused_input")
+        self.audio_visual = isinstance(encoder, AudioVisualEncoder)
         self.modalities = tuple(encoder.modalities) if self.audio_visual else ("audio",)
         self.dropout = nn.Dropout(final_dropout)
         self.head = nn.Linear(encoder.dim, units.size)
@@ -253,7 +254,7 @@ class CTCObjective(Objective):
             raise DataError("a speech encoder needs audio; the batch has none")
         feats = enc.extract(batch["audio"], batch["audio_lens"])
         x, lengths = feats.x, feats.lengths
-        if hasattr(enc, "mask"):
+        if isinstance(enc, AudioEncoder):
             x = self._mask(batch, x, lengths, enc.mask)
         return enc.contextualize(x, lengths).hidden, lengths
 
@@ -307,31 +308,29 @@ def _sync_updates(module: CTCObjective, incompatible_keys: Any) -> None:
     module._updates = int(module.updates)
 
 
-def build_ctc_encoder(encoder: str, size: str, encoder_init: str | None, options: dict[str, Any] | None) -> nn.Module:
-    """The encoder of the pretraining run ``encoder_init`` (a run folder, a checkpoint folder
-    or a ``.safetensors`` file), or a fresh ``<encoder>_<size>`` preset (from-scratch baseline)."""
-    if encoder_init not in (None, "", "none"):
-        from mmssl.runs import load_encoder_from_run
-
+def build_ctc_encoder(
+    encoder: str, size: str, encoder_init: nn.Module | None, options: dict[str, Any] | None
+) -> SpeechEncoder | AudioVisualEncoder:
+    """``encoder_init`` (the encoder of a pretraining run, loaded by whoever builds the
+    objective), or a fresh ``<encoder>_<size>`` preset (from-scratch baseline)."""
+    if encoder_init is not None:
+        if not isinstance(encoder_init, (SpeechEncoder, AudioVisualEncoder)):
+            raise ConfigError(f"objective.encoder_init: the ctc builder takes the encoder of a run, got "
+                              f"{type(encoder_init).__name__} (mmssl.runs.build_objective loads a run's path)")
         if options:
             raise ConfigError("objective.encoder_options apply to a fresh encoder only, not to encoder_init")
-        return load_encoder_from_run(encoder_init)
-    name = f"{encoder}_{size}"
-    if name not in ENCODERS:
-        known = sorted({n.rsplit("_", 1)[0] for n in ENCODERS.names()})
-        raise ConfigError(f"objective.encoder={encoder!r}, model.size={size!r}: no encoder preset {name!r} "
-                          f"(families: {', '.join(known)})")
-    return ENCODERS.build(name, **(options or {}))
+        return encoder_init
+    return build_family(encoder, size, options, what="objective.encoder")
 
 
 @OBJECTIVES.register(init_runs=("encoder_init",), run_files=("units_file",))
 def ctc(
     size: str = "base",
     encoder: str = "hubert",  # a fresh encoder preset family, used when encoder_init is none
-    encoder_init: str | None = None,  # a pretraining run / checkpoint to start from
+    encoder_init: nn.Module | None = None,  # the encoder of the pretraining run (config: its path)
     encoder_options: dict[str, Any] | None = None,  # preset overrides of a fresh encoder
     units: str = "char",  # char | unigram: what `mmssl finetune-asr` trains on the transcripts
-    vocab_size: int = 1000,  # unigram only (AV-HuBERT on LRS3: 1000)
+    vocab_size: int = 1000,  # unigram only (AV-HuBERT on LRS3: 1000): read by finetune-asr's unit training
     units_file: str | None = None,  # a units.model; None: built-in character units
     final_dropout: float = 0.0,  # fairseq wav2vec 2.0 base_10h ``final_dropout``
     freeze_steps: int = 0,  # fairseq ``freeze_finetune_updates`` (base_10h: 10000)
@@ -349,30 +348,35 @@ def ctc(
     seed: int = 0,
 ) -> CTCObjective:
     """CTC fine-tuning of a pretrained (``encoder_init``) or fresh (``encoder``, ``size``)
-    encoder on the units of ``units_file``."""
+    encoder on the units of ``units_file``.
+
+    ``encoder_init`` is the encoder module itself: the recipe key ``objective.encoder_init``
+    names a run, which the run-folder layer (``mmssl.runs.build_objective``, as it registered in
+    ``init_runs``) loads before calling this builder. ``units`` and ``vocab_size`` say which units
+    ``mmssl finetune-asr`` trains into ``units_file``; the head's size comes from that file."""
     if units not in UNIT_KINDS:
         raise ConfigError(f"objective.units: {units!r} is not one of {', '.join(UNIT_KINDS)}")
     if freeze_steps < 0:
         raise ConfigError(f"objective.freeze_steps must be >= 0, got {freeze_steps}")
     enc = build_ctc_encoder(encoder, size, encoder_init, encoder_options)
-    frontend = getattr(enc, "frontend", None)
-    if isinstance(frontend, ConvFrontend) and encoder_init not in (None, "", "none"):
-        frontend.requires_grad_(False)  # fairseq fine-tuning ``feature_grad_mult=0.0``, pretrained only
-    fusion = getattr(enc, "fusion", None)
-    if fusion is not None:
-        fusion.modality_dropout = fusion.modality_dropout if modality_dropout is None else modality_dropout
-        fusion.audio_dropout = fusion.audio_dropout if audio_dropout is None else audio_dropout
+    if isinstance(enc, SpeechEncoder) and isinstance(enc.frontend, ConvFrontend) and encoder_init is not None:
+        enc.frontend.requires_grad_(False)  # fairseq fine-tuning ``feature_grad_mult=0.0``, pretrained only
     vocab = Units.load(units_file) if units_file else default_units()
     noise = AddNoise(NoiseBank(noise_dir), noise_prob, (snr_low, snr_high)) if noise_dir else None
-    both = fusion is not None and len(enc.modalities) == 2
-    if fusion is not None:  # channel masks act on the audio stream before fusion
-        channels = fusion.audio_dim if getattr(enc, "audio_mask_embedding", None) is not None else 0
+    if isinstance(enc, AudioVisualEncoder):
+        fusion = enc.fusion
+        fusion.modality_dropout = fusion.modality_dropout if modality_dropout is None else modality_dropout
+        fusion.audio_dropout = fusion.audio_dropout if audio_dropout is None else audio_dropout
+        both = len(enc.modalities) == 2
+        # channel masks act on the audio stream before fusion
+        channels = fusion.audio_dim if enc.audio_mask_embedding is not None else 0
+        hook = CTCHook(
+            vocab, enc.frame_spec, mask_prob, mask_span, min_masks, seed, noise,
+            fusion.modality_dropout if both else 0.0, fusion.audio_dropout if both else 0.5,
+            tuple(enc.modalities), channels, mask_channel_prob, mask_channel_length,
+        )
     else:
-        channels = enc.dim if hasattr(enc, "mask") else 0
-    streams = tuple(enc.modalities) if fusion is not None else ("audio",)
-    hook = CTCHook(
-        vocab, getattr(enc, "frame_spec", None), mask_prob, mask_span, min_masks, seed, noise,
-        fusion.modality_dropout if both else 0.0, fusion.audio_dropout if both else 0.5,
-        streams, channels, mask_channel_prob, mask_channel_length,
-    )
+        channels = enc.dim if isinstance(enc, AudioEncoder) else 0
+        hook = CTCHook(vocab, enc.frame_spec, mask_prob, mask_span, min_masks, seed, noise, 0.0, 0.5, ("audio",),
+                       channels, mask_channel_prob, mask_channel_length)
     return CTCObjective(enc, vocab, hook, final_dropout, freeze_steps)

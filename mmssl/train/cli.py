@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 from mmssl.config import load_run_config, resolve
 from mmssl.devices import pick_device
 from mmssl.registry import OBJECTIVES, Registry
-from mmssl.runs import resume_config
-from mmssl.train.build import StreamBuilder, build_stream, build_trainer, check_options, prepare_run_dir
+from mmssl.runs import check_options, resume_config
+from mmssl.train.build import StreamBuilder, build_stream, build_trainer, prepare_run_dir
 from mmssl.train.distributed import barrier, env_from_torchrun, init_process_group, shutdown
 from mmssl.train.loop import StepCallback
 

@@ -28,8 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mmssl import runs
 from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import MmsslError
+from mmssl.files import write_text
 from mmssl.objectives.base import Objective
 from mmssl.train import checkpoint as ckpt
 from mmssl.train.distributed import (
@@ -96,7 +98,7 @@ class Trainer:
         self.optimizer, self.schedule, self.stream, self.opts = optimizer, schedule, stream, opts
         self.valid_stream, self.callbacks = valid_stream, list(callbacks)
         self.run_dir, self.device, self.env = Path(run_dir), device, env
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / runs.CHECKPOINTS
         self.step = 0
         self.nonfinite = torch.zeros((), device=device)
         self.fused = all(g.get("fused") for g in optimizer.param_groups)
@@ -132,7 +134,7 @@ class Trainer:
     def save(self) -> None:
         """Collective: every rank takes part (FSDP gathers full tensors); rank 0 writes."""
         model_state, optim_state = self._state_dicts()
-        folder = self.ckpt_dir / ckpt.step_dir_name(self.step)
+        folder = self.ckpt_dir / runs.step_dir_name(self.step)
         if self.env.is_main:
             folder.mkdir(parents=True, exist_ok=True)
         barrier(self.env)
@@ -140,7 +142,7 @@ class Trainer:
         mine = {"data": self.stream.state_dict(), "rng": ckpt.capture_rng()}
         ckpt.save_state(mine, folder / ckpt.rank_file(self.env.rank))
         if self.env.is_main:
-            ckpt.save_weights(model_state, folder / ckpt.MODEL_FILE)
+            runs.save_weights(model_state, folder / runs.MODEL_FILE)
             state = {
                 "step": self.step,
                 "optimizer": optim_state,
@@ -148,7 +150,7 @@ class Trainer:
                 "nonfinite": self.nonfinite.cpu(),
                 "world_size": self.env.world_size,
             }
-            ckpt.save_state(state, folder / ckpt.STATE_FILE)
+            ckpt.save_state(state, folder / runs.STATE_FILE)
         barrier(self.env)  # every rank's file is on disk before `latest` moves
         if self.env.is_main:
             ckpt.write_latest(self.ckpt_dir, folder.name)
@@ -157,13 +159,13 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint, if any; True when one was loaded."""
-        folder = ckpt.latest_step_dir(self.ckpt_dir)
+        folder = runs.latest_step_dir(self.ckpt_dir)
         if folder is None:
             if self.env.is_main:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", 0)
             return False
-        weights = ckpt.load_weights(folder / ckpt.MODEL_FILE)
-        state = ckpt.load_state(folder / ckpt.STATE_FILE)
+        weights = runs.load_weights(folder / runs.MODEL_FILE)
+        state = ckpt.load_state(folder / runs.STATE_FILE)
         self._load_state_dicts(weights, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step = int(state["step"])
@@ -324,4 +326,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut by the kill
             continue
-    ckpt.atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in keep).encode()))
+    write_text(path, "".join(f"{line}\n" for line in keep))

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest, write_manifest
 from mmssl.data.units import Units, normalize_text
+from mmssl.errors import ConfigError
 from mmssl.eval.asr import (
     clip_batch,
     greedy_decode,
@@ -188,9 +189,12 @@ def test_a_frozen_encoder_for_the_whole_run_is_announced(synth_tiny, tmp_path, c
 
 def test_the_conv_frontend_is_frozen_only_for_a_pretrained_encoder(synth_tiny, tmp_path):
     from mmssl.registry import OBJECTIVES
+    from mmssl.runs import resolve_inits
 
     _, step = save_tiny_run(tmp_path / "pre", "hubert", synth_tiny / "av" / "train.jsonl")
-    pretrained = OBJECTIVES.build("ctc", encoder_init=str(step))
+    pretrained = OBJECTIVES.build("ctc", **resolve_inits("ctc", {"encoder_init": str(step)}))
     assert not any(p.requires_grad for p in pretrained.encoder.frontend.parameters())
+    with pytest.raises(ConfigError, match="encoder_init: the ctc builder takes the encoder of a run"):
+        OBJECTIVES.build("ctc", encoder_init=str(step))  # objectives never read run folders
     fresh = OBJECTIVES.build("ctc", size="tiny", encoder="hubert")
     assert all(p.requires_grad for p in fresh.encoder.frontend.parameters())

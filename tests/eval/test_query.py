@@ -9,7 +9,7 @@ from PIL import Image
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest
 from mmssl.eval.query import LABEL, THUMB, top_images
-from mmssl.train.checkpoint import load_weights, resolve_weights, save_weights
+from mmssl.runs import load_weights, resolve_weights, save_weights
 
 
 @pytest.fixture(scope="module")

@@ -318,15 +318,15 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
 
 
 def test_speech_tower_starts_from_a_pretraining_run(speech_image_run):
-    from mmssl.runs import load_encoder_from_run
+    from mmssl.runs import load_encoder_from_run, resolve_inits
 
     run, _ = speech_image_run
     pretrained = load_encoder_from_run(run).state_dict()
-    objective = OBJECTIVES.build("speech_image", size="tiny", speech_init=str(run))
+    objective = OBJECTIVES.build("speech_image", size="tiny", **resolve_inits("speech_image", {"speech_init": str(run)}))
     started = objective.encoder.state_dict()
     assert started.keys() == pretrained.keys() and len(started) > 10
     for name, p in started.items():
         torch.testing.assert_close(p, pretrained[name], msg=name)
     assert objective.encoder.training  # fine-tuned, not frozen
     with pytest.raises(ConfigError, match="overrides"):
-        OBJECTIVES.build("speech_image", size="tiny", speech_init=str(run), encoder={"dropout": 0.0})
+        OBJECTIVES.build("speech_image", size="tiny", speech_init=load_encoder_from_run(run), encoder={"dropout": 0.0})

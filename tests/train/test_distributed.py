@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mmssl.nn.gather import gather_no_grad, gather_with_grad, gather_with_grad_and_offset
-from mmssl.train.checkpoint import load_weights
+from mmssl.runs import load_weights
 from mmssl.train.distributed import DistEnv
 from tests.train.toy import make_trainer, params, read_metrics
 

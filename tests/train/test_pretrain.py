@@ -13,8 +13,8 @@ from mmssl.config import load_config, resolve
 from mmssl.errors import ConfigError
 from mmssl.registry import Registry
 from mmssl.data.manifest import subset_indices
-from mmssl.train.build import build_objective, build_schedule, build_stream
-from mmssl.train.checkpoint import load_weights
+from mmssl.runs import build_objective, load_weights
+from mmssl.train.build import build_schedule, build_stream
 from mmssl.train.cli import pretrain
 from mmssl.train.distributed import DistEnv
 from tests.train.toy import ToyObjective, read_metrics
@@ -74,11 +74,11 @@ def test_pretrain_writes_the_run_folder_and_resumes(tmp_path):
 
 def test_builder_gets_size_and_distributed_context(tmp_path):
     cfg = _cfg(tmp_path, tmp_path / "x.jsonl", "objective.dropout=0.0")
-    objective = build_objective(cfg, DistEnv(rank=1, world_size=4), LOCAL)
+    objective = build_objective(cfg, 1, 4, LOCAL)
     assert objective.built_with == ("tiny", 1, 4) and objective.drop.p == 0.0
     bad = _cfg(tmp_path, tmp_path / "x.jsonl", "objective.nope=1")
     with pytest.raises(ConfigError, match="unknown config key objective.nope"):
-        build_objective(bad, DistEnv(), LOCAL)
+        build_objective(bad, registry=LOCAL)
 
 
 def test_a_misspelt_option_names_its_key_and_leaves_no_run_folder(tmp_path):
@@ -110,14 +110,14 @@ def test_objective_classes_must_match_the_labels_kmeans(tmp_path, capsys):
     torch.save({"k": 500, "label_rate": 50.0}, labels / "kmeans.pt")
     base = ["objective.name=toy_classes", f"data.labels={labels}"]
     with pytest.raises(ConfigError, match="num_classes=100 .* k=500"):
-        build_objective(_cfg(tmp_path, tmp_path / "x.jsonl", *base), DistEnv(), LOCAL)
+        build_objective(_cfg(tmp_path, tmp_path / "x.jsonl", *base), registry=LOCAL)
     with pytest.raises(ConfigError, match="label_rate=100.0 .* label_rate=50.0"):
-        build_objective(_cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=500"), DistEnv(), LOCAL)
+        build_objective(_cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=500"), registry=LOCAL)
     ok = _cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=500", "objective.label_rate=50")
-    assert isinstance(build_objective(ok, DistEnv(), LOCAL), ToyObjective)
+    assert isinstance(build_objective(ok, registry=LOCAL), ToyObjective)
     # more classes than clusters: some classes never occur, which trains; only a note
     more = _cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=600", "objective.label_rate=50")
-    assert isinstance(build_objective(more, DistEnv(), LOCAL), ToyObjective)
+    assert isinstance(build_objective(more, registry=LOCAL), ToyObjective)
     assert "only k=500" in capsys.readouterr().out
 
 

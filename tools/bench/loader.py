@@ -52,7 +52,8 @@ from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, MmsslError
 from mmssl.eval.report import markdown_table
 from mmssl.registry import OBJECTIVES
-from mmssl.train.build import build_objective, build_stream
+from mmssl.runs import build_objective
+from mmssl.train.build import build_stream
 from mmssl.train.distributed import DistEnv
 
 PREFETCH = 2  # torch DataLoader's default prefetch_factor: batches queued per worker
