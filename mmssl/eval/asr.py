@@ -34,7 +34,13 @@ from mmssl.data.units import BLANK, UNITS_FILE, normalize_text, train_units
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import write_text
 from mmssl.runs import (
-    CONFIG, MODEL_FILE, check_options, has_checkpoint, latest_checkpoint, load_objective_from_run, resolve_weights,
+    CONFIG,
+    MODEL_FILE,
+    check_options,
+    has_checkpoint,
+    latest_checkpoint,
+    load_objective_from_run,
+    resolve_weights,
 )
 
 

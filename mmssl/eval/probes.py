@@ -3,7 +3,7 @@ each layer of an encoder keeps, as a table and a PNG plot.
 
 Three scores of two sets of frames ``x (N, Dx)``, ``y (N, Dy)`` (rows are the same frames):
 
-* ``"mean"``: mean of the top canonical correlations (linear CCA, ``mmssl.objectives.cca``);
+* ``"mean"``: mean of the top canonical correlations (linear CCA, ``mmssl.nn.cca``);
 * ``"svcca"``: SVCCA (Raghu et al., 2017): each view is first reduced to the top singular
   directions that keep ``keep_variance`` (0.99 in the paper) of its variance, then mean CCA;
 * ``"pwcca"``: projection-weighted CCA (Morcos et al., 2018, eq. 2): canonical correlations
@@ -31,8 +31,8 @@ from mmssl.encoders.av import AVEncoder
 from mmssl.encoders.base import EncoderOutput
 from mmssl.errors import ConfigError
 from mmssl.eval.report import line_plot, markdown_table
+from mmssl.nn.cca import linear_cca
 from mmssl.nn.padding import lengths_to_padding_mask
-from mmssl.objectives.cca import linear_cca
 
 METHODS = ("mean", "svcca", "pwcca")
 # float32 features keep ~1e-7 of relative noise in a direction they do not vary in

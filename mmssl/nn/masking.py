@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mmssl.errors import ConfigError, DataError
 from mmssl.nn.outputs import FrameSpec
-from mmssl.errors import ConfigError
 from mmssl.nn.padding import lengths_to_padding_mask
 
 
@@ -167,3 +167,18 @@ class SpanMasker:
             frames.cpu(), max_len, self.mask_prob, self.span, self.min_masks, hook_generator(self.seed)
         )
         return batch
+
+
+def prediction_mask(batch: dict, masker: SpanMasker, lengths: Tensor, frames: int) -> Tensor:
+    """``pred_mask (B, T)`` from the batch hook, or made here (on the device) when the batch
+    has none; checked against the encoder's frame count, restricted to valid frames."""
+    pred_mask = batch.get("pred_mask")
+    if pred_mask is None:
+        pred_mask = compute_span_mask(lengths, frames, masker.mask_prob, masker.span, masker.min_masks)
+    elif pred_mask.shape != (lengths.shape[0], frames):
+        raise DataError(
+            f"batch 'pred_mask' has shape {tuple(pred_mask.shape)} but the encoder gives "
+            f"({lengths.shape[0]}, {frames}) frames: the mask hook and the encoder disagree"
+        )
+    pred_mask = pred_mask.to(lengths.device, non_blocking=True)
+    return pred_mask & ~lengths_to_padding_mask(lengths, frames)

@@ -2,7 +2,7 @@
 
 Pieces, each built from plain arguments and injected into the next: a convolutional relative
 position embedding (wav2vec 2.0, sec. 2 and 4.2: one grouped convolution, kernel 128,
-16 groups, weight norm), self-attention through PyTorch's ``scaled_dot_product_attention``
+16 groups, weight norm) or fixed sinusoidal positions (Mockingjay), self-attention through PyTorch's ``scaled_dot_product_attention``
 with a key padding mask, an optional gated relative position bias (WavLM, Chen et al. 2022),
 a feed-forward block, and pre- or post-LayerNorm layers with layer drop.
 
@@ -26,6 +26,26 @@ from torch import Tensor, nn
 from mmssl.errors import ConfigError
 from mmssl.nn.outputs import EncoderOutput
 from mmssl.nn.padding import lengths_to_padding_mask
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal absolute positions (Vaswani et al., 2017, sec. 3.5), Mockingjay's
+    position encoding (sec. 2.2): ``sin`` on even and ``cos`` on odd channels of angle
+    ``t / 10000^(2 floor(i/2) / C)``. Takes the place of the transformer's position
+    convolution: ``x (B, T, C)`` -> the table ``(1, T, C)``, which the encoder adds."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        t, c = x.shape[1], x.shape[2]
+        steps = torch.arange(t, device=x.device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
+        channel = torch.arange(c, device=x.device)
+        rate = torch.exp(-math.log(10000.0) * torch.div(channel, 2, rounding_mode="floor").float() * 2.0 / c)
+        angle = steps * rate  # (T, C)
+        table = torch.where(channel % 2 == 0, angle.sin(), angle.cos())
+        return table.unsqueeze(0).to(x.dtype)  # (1, T, C)
 
 
 def bert_init(module: nn.Module) -> None:

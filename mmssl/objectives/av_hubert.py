@@ -18,7 +18,7 @@ up to the fourth iteration and ``input`` in the last; ``configs/av_hubert_iter1.
 
 The fused stream (with modality dropout, :class:`mmssl.encoders.fusion.AVFusion`, then input
 dropout) goes through the transformer; the loss is HuBERT's (Hsu et al., 2021, eq. 2-3; the
-parts combined as in :func:`mmssl.objectives.hubert.prediction_loss`): cross-entropy of cosine
+parts combined as in :func:`mmssl.nn.prediction.prediction_loss`): cross-entropy of cosine
 similarities between the projected output and one embedding per cluster, divided by 0.1, plus
 10 x the mean square of the fused features before their LayerNorm (``features_pen``,
 ``loss_weights: [10]``). Targets come from ``mmssl kmeans``: MFCC clusters in the first
@@ -51,9 +51,8 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.nn.gradient import scale_grad
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.prediction import cosine_logits, feature_penalty, prediction_loss, resample_targets
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.objectives.hubert import cosine_logits, prediction_loss, resample_targets
-from mmssl.objectives.wav2vec2 import feature_penalty
 from mmssl.registry import OBJECTIVES
 
 
@@ -305,7 +304,7 @@ class AVHubert(Objective):
 
 
 # AV-HuBERT ``final_dim: 256`` for BASE and LARGE alike (HuBERT LARGE uses 768)
-FINAL_DIM = {"tiny": 32, "base": 256, "large": 256}
+AV_FINAL_DIM = {"tiny": 32, "base": 256, "large": 256}
 MASKING_TYPES = ("input", "feature")
 
 
@@ -366,6 +365,6 @@ def av_hubert(
     masks = AVMasks(enc.frame_spec, audio_mask_prob, audio_mask_span, video_mask_prob, video_mask_span, min_masks,
                     seed, enc.fusion.modality_dropout, enc.fusion.audio_dropout, masking_type)
     noise = AddNoise(NoiseBank(noise_dir), noise_prob, _snr_range(noise_snr)) if noise_dir else None
-    dim = final_dim if final_dim is not None else FINAL_DIM.get(size, 256)
+    dim = final_dim if final_dim is not None else AV_FINAL_DIM.get(size, 256)
     return AVHubert(enc, masks, num_classes, dim, label_rate, temperature, unmasked_weight, penalty_weight,
                     input_dropout, feature_grad_mult, noise)

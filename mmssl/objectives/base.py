@@ -31,6 +31,7 @@ Three optional hooks, all called by the trainer:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import Tensor, nn
@@ -38,6 +39,18 @@ from torch import Tensor, nn
 from mmssl.errors import ConfigError
 
 BatchHook = Callable[[dict], dict]
+
+
+@dataclass
+class ChainHook:
+    """Run picklable batch hooks one after the other (e.g. utterance mixing, then masking)."""
+
+    hooks: tuple[BatchHook, ...]
+
+    def __call__(self, batch: dict) -> dict:
+        for hook in self.hooks:
+            batch = hook(batch)
+        return batch
 
 
 class Objective(nn.Module):

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.encoders import build_family
 from mmssl.encoders.audio import CPCEncoder
 from mmssl.errors import ConfigError
+from mmssl.nn.contrastive import gather_logits, info_nce, sample_negatives
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.base import Objective
-from mmssl.objectives.wav2vec2 import build_encoder, gather_logits, info_nce, sample_negatives
 from mmssl.registry import OBJECTIVES
 
 LOSSES = ("infonce", "binary")
@@ -111,7 +112,7 @@ def build_cpc(
 ) -> CPCObjective:
     """A ``CPCObjective`` on the ``cpc_<size>`` encoder preset with ``context`` and ``overrides``
     (``channels``, ``context_dim``, ``context_layers``)."""
-    encoder = build_encoder("cpc", size, {"context": context, **(overrides or {})})
+    encoder = build_family("cpc", size, {"context": context, **(overrides or {})})
     return CPCObjective(encoder, num_steps, num_negatives, loss)
 
 

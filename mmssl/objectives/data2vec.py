@@ -42,15 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.encoders import build_family
 from mmssl.encoders.base import SpeechEncoder
 from mmssl.errors import ConfigError
-from mmssl.nn.masking import SpanMasker
+from mmssl.nn.masking import SpanMasker, prediction_mask
 from mmssl.nn.padding import instance_norm
 from mmssl.nn.transformer import TransformerEncoder
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.objectives.wav2vec2 import build_encoder, prediction_mask
 from mmssl.registry import OBJECTIVES
-
 
 # teacher parameters copied from the student instead of averaged (data2vec ``ema_layers_only``)
 COPIED_PREFIX = "pos_conv."
@@ -194,6 +193,6 @@ def data2vec(
     encoder: dict[str, Any] | None = None,
 ) -> Data2VecObjective:
     """data2vec on the ``data2vec_<size>`` encoder; ``encoder`` holds preset overrides."""
-    enc = build_encoder("data2vec", size, encoder)
+    enc = build_family("data2vec", size, encoder)
     masker = SpanMasker(enc.frame_spec, mask_prob, mask_span, min_masks, seed)
     return Data2VecObjective(enc, masker, top_k, ema_start, ema_end, ema_anneal_steps, loss_beta)

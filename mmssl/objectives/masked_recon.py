@@ -39,7 +39,7 @@ frontend's ``FrameSpec``) as small tensors: ``pred_mask (B, T)``, ``alter_mode (
 log mels, applies them (``alter``), and draws the same tensors itself on the device when the
 batch has none in training (no alteration in eval mode). No host sync, no boolean indexing.
 
-The encoder (``.encoder``, a ``MaskedReconEncoder``) is the stacked log-mel frontend, a linear
+The encoder (``.encoder``, a ``MaskedReconEncoder`` of ``mmssl.encoders.mockingjay``) is the stacked log-mel frontend, a linear
 projection and the transformer with sinusoidal positions, so ``mmssl extract``, ``mmssl
 kmeans --checkpoint`` and ``mmssl layers`` read these runs as any other. Its ``mask`` (what
 ``mmssl finetune-asr``'s time masking calls) gives masked frames what a zeroed input frame
@@ -52,7 +52,6 @@ F = K * M features per stacked frame, C model dim.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,100 +59,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.encoders.audio import AudioEncoder
+from mmssl.encoders.mockingjay import MaskedReconEncoder, build_masked_recon_encoder
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn import transformer as tr
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import lengths_to_padding_mask
-from mmssl.nn.reconstruction import LogMelFrontend, StackedLogMelFrontend, reconstruction_loss
+from mmssl.nn.reconstruction import StackedLogMelFrontend, reconstruction_loss
 from mmssl.objectives.base import BatchHook, Objective, check_settings, size_preset
 from mmssl.registry import OBJECTIVES
-
-# --- encoder ---------------------------------------------------------------------------------
-
-
-class SinusoidalPositions(nn.Module):
-    """Fixed sinusoidal absolute positions (Vaswani et al., 2017, sec. 3.5), Mockingjay's
-    position encoding (sec. 2.2): ``sin`` on even and ``cos`` on odd channels of angle
-    ``t / 10000^(2 floor(i/2) / C)``. Takes the place of the transformer's position
-    convolution: ``x (B, T, C)`` -> the table ``(1, T, C)``, which the encoder adds."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        t, c = x.shape[1], x.shape[2]
-        steps = torch.arange(t, device=x.device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
-        channel = torch.arange(c, device=x.device)
-        rate = torch.exp(-math.log(10000.0) * torch.div(channel, 2, rounding_mode="floor").float() * 2.0 / c)
-        angle = steps * rate  # (T, C)
-        table = torch.where(channel % 2 == 0, angle.sin(), angle.cos())
-        return table.unsqueeze(0).to(x.dtype)  # (1, T, C)
-
-
-class MaskedReconEncoder(AudioEncoder):
-    """An ``AudioEncoder`` (``StackedLogMelFrontend`` -> linear projection -> transformer) whose
-    ``mask`` matches masked-reconstruction pretraining: there a chosen input frame is zeroed
-    (80% of the time, Mockingjay sec. 2.3) before the projection, so a masked projected frame
-    is the projection of the zero frame (its bias). It keeps no ``mask_embedding``; weights
-    saved with one (an unused random vector) still load."""
-
-    def __init__(
-        self, frontend: StackedLogMelFrontend, projection: nn.Linear, transformer: tr.TransformerEncoder
-    ) -> None:
-        super().__init__(frontend, projection, transformer)  # type: ignore[arg-type]
-        del self.mask_embedding  # drawn by AudioEncoder (same random stream), never used here
-        self.register_load_state_dict_pre_hook(_drop_mask_embedding)
-
-    def project(self, raw: Tensor) -> tuple[Tensor, Tensor]:
-        """One linear layer, no input dropout: ``clean`` and ``x`` are the same ``(B, T, C)``."""
-        x = self.projection(raw)
-        return x, x
-
-    def mask(self, x: Tensor, pred_mask: Tensor) -> Tensor:
-        """``x (B, T, C)`` projected features -> the frames where ``pred_mask (B, T)`` is True
-        replaced by the projection of a zero input frame ``(C,)``."""
-        zero = self.projection(x.new_zeros(self.feature_dim))  # (C,): W 0 + b
-        return torch.where(pred_mask.unsqueeze(-1), zero.to(x.dtype), x)
-
-
-def _drop_mask_embedding(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    state_dict.pop(prefix + "mask_embedding", None)
-
-
-def build_masked_recon_encoder(
-    dim: int = 768,
-    num_layers: int = 3,
-    num_heads: int = 12,
-    ffn_dim: int = 3072,
-    num_mel_bins: int = 80,
-    stack: int = 3,
-    dropout: float = 0.1,
-    attention_dropout: float = 0.1,
-    activation_dropout: float = 0.0,
-    layer_drop: float = 0.0,
-    pre_norm: bool = False,
-) -> MaskedReconEncoder:
-    """Stacked normalised log mels -> linear projection -> post-LN transformer with sinusoidal
-    positions. Defaults: Mockingjay / TERA base (3 layers, 768 dims, 12 heads, FFN 3072,
-    dropout 0.1, GELU; s3prl ``config_model``)."""
-    frontend = StackedLogMelFrontend(LogMelFrontend(num_mel_bins, normalize="utterance"), stack)
-    layers = tr.build_transformer(
-        dim, num_layers, num_heads, ffn_dim,
-        dropout=dropout, attention_dropout=attention_dropout, activation_dropout=activation_dropout,
-        pre_norm=pre_norm, pos_conv_kernel=0,
-    ).layers
-    transformer = tr.TransformerEncoder(
-        SinusoidalPositions(dim), list(layers), dim, dropout, pre_norm, layer_drop  # type: ignore[arg-type]
-    )
-    # Mockingjay's input projection (s3prl ``spec_transform``) is one linear layer; the
-    # post-LN transformer adds the positions and layer-normalises the sum, ``LN(W x + p)``
-    projection = nn.Linear(frontend.out_dim, dim)
-    tr.bert_init(projection)
-    return MaskedReconEncoder(frontend, projection, transformer)
-
 
 # Mockingjay / TERA base: 3 layers (s3prl TERA ``logMelBase``); large: 12 layers of the same
 # width (Mockingjay LARGE, s3prl ``config_model_large``); tiny for tests and the built-in corpus

@@ -3,15 +3,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from mmssl.objectives.cca import (
-    SoftDecorrelation,
-    cca_correlation,
-    dcca,
-    dccae,
-    linear_cca,
-    soft_cca,
-)
 from mmssl.errors import ConfigError, DataError
+from mmssl.nn.cca import SoftDecorrelation, cca_correlation, linear_cca
+from mmssl.objectives.cca import dcca, dccae, soft_cca
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_av_batch
 

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from mmssl.data.io import load_audio
 from mmssl.errors import ConfigError
+from mmssl.nn.contrastive import sample_negatives
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.cpc import binary_contrastive
-from mmssl.objectives.wav2vec2 import sample_negatives
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import overfit, save_tiny_run, tiny_audio_batch
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmssl.errors import DataError
 from mmssl.data.units import default_units
+from mmssl.errors import DataError
 from mmssl.objectives.ctc import feasible, make_targets
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_audio_batch, tiny_av_batch

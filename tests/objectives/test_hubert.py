@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmssl.errors import DataError
-from mmssl.objectives.hubert import cosine_logits, prediction_loss, resample_targets
+from mmssl.nn.prediction import cosine_logits, prediction_loss, resample_targets
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import overfit, tiny_audio_batch, tiny_labelled_audio_batch, utterances_alone
 

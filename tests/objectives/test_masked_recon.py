@@ -9,19 +9,19 @@ from mmssl.data.io import load_audio
 from mmssl.data.manifest import read_manifest
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.extract import load_features
-from mmssl.runs import load_encoder_from_run
 from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.transformer import SinusoidalPositions
 from mmssl.objectives.masked_recon import (
     KEEP,
     RANDOM,
     ZERO,
     AlterationSampler,
-    SinusoidalPositions,
     alter,
     loss_weight,
     weighted_reconstruction,
 )
 from mmssl.registry import OBJECTIVES
+from mmssl.runs import load_encoder_from_run
 from mmssl.testing import overfit, tiny_audio_batch
 
 QUIET = dict(dropout=0.0, attention_dropout=0.0)

@@ -6,9 +6,9 @@ import torch
 from mmssl.cli import main
 from mmssl.errors import ConfigError
 from mmssl.eval.extract import load_features, read_index
-from mmssl.runs import load_encoder_from_run
 from mmssl.nn.reconstruction import log_mel
 from mmssl.objectives.vqvae import autoencoder, vqvae
+from mmssl.runs import load_encoder_from_run
 from mmssl.testing import overfit, tiny_audio_batch, utterances_alone
 
 

@@ -1,7 +1,9 @@
 import torch
 import torch.nn.functional as F
 
-from mmssl.objectives.wav2vec2 import feature_penalty, gather_logits, info_nce, sample_negatives, wav2vec2
+from mmssl.nn.contrastive import gather_logits, info_nce, sample_negatives
+from mmssl.nn.prediction import feature_penalty
+from mmssl.objectives.wav2vec2 import wav2vec2
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_audio_batch
 

@@ -7,12 +7,12 @@ import itertools
 import pytest
 import torch
 
+from mmssl.data.mixing import UtteranceMixer
 from mmssl.encoders.base import FrameSpec
 from mmssl.nn.frontend import WAV2VEC2_KERNELS, WAV2VEC2_STRIDES
 from mmssl.nn.masking import SpanMasker
 from mmssl.objectives.av_hubert import AVMasks
-from mmssl.objectives.hubert import ChainHook
-from mmssl.objectives.wavlm import UtteranceMixer
+from mmssl.objectives.base import ChainHook
 from mmssl.train.stream import BatchStream
 from tests.train.toy import ToyBatchSampler, toy_collate
 
