@@ -178,11 +178,6 @@ def stages(args: argparse.Namespace) -> list[Stage]:
     ]
 
 
-def _name(argv: list[str]) -> str:
-    two = " ".join(argv[:2])
-    return two if two in cli.SUBCOMMANDS else argv[0]
-
-
 def summary(out: Path) -> str:
     """What the demo measured, read back from the files its stages wrote."""
     lines = ["", "what the demo measured:"]

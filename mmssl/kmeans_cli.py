@@ -38,7 +38,7 @@ from tqdm import tqdm
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_alignment
-from mmssl.eval.features import is_audio_visual, num_layers, record_layers
+from mmssl.eval.record_layers import is_audio_visual, num_layers, record_layers
 from mmssl.files import atomic_write
 from mmssl.nn.kmeans import KMeans
 from mmssl.runs import load_encoder_from_run, resolve_weights
@@ -73,7 +73,7 @@ def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[F
     """A feature function giving layer ``layer`` of ``encoder`` for one record, and its frame rate.
 
     A speech encoder reads the record's audio; an audio-visual encoder reads its audio and lip
-    video, both required (``mmssl.eval.features.record_layers``)."""
+    video, both required (``mmssl.eval.record_layers.record_layers``)."""
     top = num_layers(encoder)
     if not 0 <= layer <= top:
         raise ConfigError(f"--layer {layer}: the encoder has layers 1..{top} (0: their input)")
@@ -87,7 +87,7 @@ def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[F
 
 
 def mfcc_features(device: torch.device) -> tuple[FeatureFn, float]:
-    from mmssl.data.features import mfcc
+    from mmssl.nn.fbank import mfcc
 
     return (lambda record: mfcc(_load(record)).to(device).float()), MFCC_RATE
 

@@ -30,9 +30,10 @@ def test_console_script_runs():
 def test_errors_from_data_workers_print_only_their_message(tmp_path, capsys):
     import json
 
-    from mmssl.data.datasets import ManifestDataset
-    from mmssl.data.collate import collate
     from torch.utils.data import DataLoader
+
+    from mmssl.data.collate import collate
+    from mmssl.data.datasets import ManifestDataset
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"r{i}", "audio": f"missing{i}.wav"}) + "\n" for i in range(4)))

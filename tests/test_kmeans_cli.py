@@ -4,9 +4,9 @@ import wave
 import torch
 
 from mmssl.cli import main
-from mmssl.data.features import mfcc
 from mmssl.data.importers import kmeans_info
 from mmssl.data.io import load_audio
+from mmssl.nn.fbank import mfcc
 from mmssl.nn.kmeans import nearest
 from mmssl.testing import save_tiny_run
 

@@ -29,11 +29,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from mmssl.data.features import fbank, stack_frames
 from mmssl.data.io import load_audio, load_video
 from mmssl.data.manifest import read_manifest
 from mmssl.data.noise import NoiseBank, mix_at_snr
 from mmssl.data.synth.phonemes import CLASS_INDEX, phoneme_class
+from mmssl.nn.fbank import fbank, stack_frames
 
 FRAME = 640  # samples per video frame
 

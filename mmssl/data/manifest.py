@@ -35,7 +35,6 @@ from mmssl.files import atomic_write
 PATH_KEYS = ("audio", "video", "image")
 INT_KEYS = ("audio_samples", "video_frames")
 TEXT_KEYS = ("id", "transcript", "speaker", "group", "caption")
-KNOWN_KEYS = PATH_KEYS + INT_KEYS + TEXT_KEYS
 
 
 def _check_record(record: object, where: str) -> dict:

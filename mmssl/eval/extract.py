@@ -145,7 +145,7 @@ def extract(
 ) -> dict:
     """Write ``layers`` of ``encoder`` (eval mode) for every record into ``out`` (layout in the
     module docstring). Returns ``{"records": written, "skipped": [{"id", "error"}], "frame_rate"}``."""
-    from mmssl.eval.features import record_layers
+    from mmssl.eval.record_layers import record_layers
 
     out = Path(out)
     encoder = encoder.to(device)
@@ -167,7 +167,7 @@ def extract(
 def run(args: argparse.Namespace) -> int:
     from mmssl.data.manifest import read_manifest
     from mmssl.devices import pick_device
-    from mmssl.eval.features import num_layers
+    from mmssl.eval.record_layers import num_layers
     from mmssl.runs import load_encoder_from_run
 
     device = pick_device(args.device)

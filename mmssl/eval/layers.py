@@ -38,8 +38,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmssl.errors import ConfigError, DataError
+from mmssl.eval.probes import METHODS
 
-METHODS = {"cca": "mean", "svcca": "svcca", "pwcca": "pwcca"}  # command-line name -> probes name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     against = parser.add_mutually_exclusive_group()
     against.add_argument("--against", help="another run whose every layer is a reference")
     against.add_argument("--against-inputs", action="store_true", help="compare with the encoder's inputs (default)")
-    parser.add_argument("--method", choices=sorted(METHODS), default="pwcca", help="similarity (default pwcca)")
+    parser.add_argument("--method", choices=METHODS, default="pwcca", help="similarity (default pwcca)")
     parser.add_argument("--max-records", type=int, default=100, help="first N records of the manifest (default 100)")
     parser.add_argument("--modalities", help="audio-visual encoders: comma list of audio,video to read (default both)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -82,7 +82,7 @@ def collect(
     """Valid frames pooled over ``records``: the layers ``[(N, C)] * L`` of ``encoder`` and the
     references name -> ``(N, D)`` on the same frames (its inputs, or the layers ``"1".."L2"``
     of ``other``). Both encoders in eval mode on ``device``."""
-    from mmssl.eval.features import is_audio_visual, record_layers
+    from mmssl.eval.record_layers import is_audio_visual, record_layers
 
     layers: list[list[Tensor]] = []
     refs: dict[str, list[Tensor]] = {}
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {frames} frames for up to {widest} dimensions; CCA scores are unreliable below "
               f"~{10 * widest} frames (raise --max-records)")
     columns = list(refs)
-    values = layerwise_similarity(layers, [refs[c] for c in columns], METHODS[args.method])
+    values = layerwise_similarity(layers, [refs[c] for c in columns], args.method)
     about = {"checkpoint": str(args.checkpoint), "manifest": str(args.manifest), "records": len(records),
              "frames": frames, "against": args.against}
     table = write_report(values, columns, Path(args.out), args.method, about)

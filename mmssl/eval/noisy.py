@@ -35,9 +35,10 @@ from mmssl.data.noise import AUDIO_SUFFIXES, NoiseBank, mix_at_snr
 from mmssl.data.units import normalize_text
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.asr import Clip, load_asr_model, load_clips, transcribe, word_errors
-from mmssl.eval.report import PALETTE, line_plot, markdown_table
+from mmssl.eval.report import PALETTE, line_plot
 from mmssl.files import sha256_file
 from mmssl.runs import MODEL_FILE, latest_checkpoint
+from mmssl.tables import markdown_table
 
 MODALITY_KEYS = {"audio": ("audio",), "video": ("video",), "audio+video": ("audio", "video")}
 CLEAN = "clean"

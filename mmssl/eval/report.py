@@ -1,6 +1,6 @@
-"""Tables and plots shared by the evaluations: Markdown tables for the terminal and for
-README-ready results, line plots (matplotlib, written without a display) for pictures such as
-WER against SNR, recall@K against K or similarity against layer."""
+"""Plots shared by the evaluations: line plots (matplotlib, written without a display) for
+pictures such as WER against SNR, recall@K against K or similarity against layer. Their
+Markdown tables come from ``mmssl.tables``."""
 
 from __future__ import annotations
 
@@ -10,21 +10,6 @@ from typing import Mapping, Sequence
 # colour-blind-safe palette (Okabe & Ito, 2008)
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], digits: int = 2) -> str:
-    """A Markdown table; floats are written with ``digits`` decimals, None as an empty cell."""
-
-    def cell(value: object) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, float):
-            return f"{value:.{digits}f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def line_plot(

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import atomic_path, sha256_file, write_text
 from mmssl.runs import load_objective_from_run, run_dir_of, step_of
+from mmssl.tables import markdown_table
 
 KS = (1, 5, 10)
 INDEX_FILE = "index.json"
@@ -299,8 +300,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def recall_table(recall: dict, ks: Sequence[int]) -> str:
-    from mmssl.eval.report import markdown_table
-
     rows = [[label, *(100 * recall[key][k] for k in ks)] for key, label in DIRECTIONS.items()]
     rows += [[f"chance, {label}", *(100 * recall[f"chance_{key}"][k] for k in ks)] for key, label in DIRECTIONS.items()]
     return markdown_table(["direction", *(f"R@{k} (%)" for k in ks)], rows, digits=1)

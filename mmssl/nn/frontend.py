@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl.constants import SAMPLE_RATE
-from mmssl.data.features import fbank_batch, stack_frames
 from mmssl.errors import ConfigError, DataError
+from mmssl.nn.fbank import fbank_batch, stack_frames
 from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import lengths_to_padding_mask
 
@@ -161,7 +161,7 @@ class FbankFrontend(nn.Module):
     """Kaldi log mel filterbanks (25 ms / 10 ms, 100 Hz), ``stack`` frames stacked into one.
 
     ``audio (B, S)`` -> ``(B, T, num_mel_bins * stack)``. The whole padded batch is computed
-    in one pass on its device (``mmssl.data.features.fbank_batch``, no host sync); each
+    in one pass on its device (``mmssl.nn.fbank.fbank_batch``, no host sync); each
     utterance gets the features of its valid samples alone, zeros after its last frame.
 
     ``normalize``: each stacked frame is layer-normed over its ``num_mel_bins * stack``

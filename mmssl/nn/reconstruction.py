@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from mmssl.constants import SAMPLE_RATE
-from mmssl.data.features import fbank_batch, stack_frames
 from mmssl.errors import ConfigError
+from mmssl.nn.fbank import fbank_batch, stack_frames
 from mmssl.nn.frontend import check_waveform
 from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import instance_norm, lengths_to_padding_mask
@@ -66,7 +66,7 @@ def log_mel(
 ) -> tuple[Tensor, Tensor]:
     """``audio (B, S)``, ``audio_lens (B,)`` -> ``x (B, T, M=num_mel_bins)``, ``lengths (B,)``.
 
-    Kaldi log mel filterbanks (``mmssl.data.features.fbank_batch``: 25 ms windows every 10 ms,
+    Kaldi log mel filterbanks (``mmssl.nn.fbank.fbank_batch``: 25 ms windows every 10 ms,
     100 Hz, each frame from its own window alone), then per mel bin: ``"utterance"`` shifts and
     scales each utterance to zero mean and unit variance over its valid frames (DeCoAR,
     Mockingjay / TERA and the autoencoders read per-utterance CMVN; frame ``t`` then depends on
@@ -107,7 +107,7 @@ class LogMelFrontend(nn.Module):
 
 class StackedLogMelFrontend(nn.Module):
     """An injected ``LogMelFrontend`` (100 Hz) with every ``stack`` consecutive frames stacked
-    into one (``mmssl.data.features.stack_frames``; the last group padded with zero frames):
+    into one (``mmssl.nn.fbank.stack_frames``; the last group padded with zero frames):
     ``audio (B, S)`` -> ``(B, T, F = stack * M)``, ``lengths (B,)`` = ``ceil(mel frames / stack)``.
     Mockingjay's 1/3 downsampling (sec. 2.2), the autoencoders' 50 Hz latents. No parameters."""
 

@@ -18,7 +18,7 @@ clusters onto 50 Hz frames take every second label, as fairseq's ``feat2tar_rati
 
 WavLM (Chen et al., 2022) is this objective on the ``wavlm_<size>`` encoder (gated relative
 position bias) with one more batch hook, run in the data workers before masking: utterance
-mixing (``mmssl.data.mixing.UtteranceMixer``, WavLM sec. 3.2); its builder ``wavlm`` is here.
+mixing (``mmssl.data.utterance_mixing.UtteranceMixer``, WavLM sec. 3.2); its builder ``wavlm`` is here.
 The shared pieces (target resampling, cosine logits, the loss, the feature penalty) live in
 ``mmssl.nn.prediction``, shared with AV-HuBERT.
 
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmssl.data.mixing import UtteranceMixer
+from mmssl.data.utterance_mixing import UtteranceMixer
 from mmssl.encoders import build_family
 from mmssl.encoders.base import SpeechEncoder
 from mmssl.errors import ConfigError, DataError

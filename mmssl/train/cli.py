@@ -2,7 +2,7 @@
 
 One process, or one per GPU under torchrun (rank and world size from its environment)::
 
-    torchrun --nproc-per-node 8 -m mmssl.cli pretrain hubert_base data.train=...
+    torchrun --nproc-per-node 8 -m mmssl.cli pretrain hubert model.size=base data.train=...
 """
 
 from __future__ import annotations

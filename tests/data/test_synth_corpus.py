@@ -11,7 +11,7 @@ from mmssl.data.io import load_audio, load_image, load_video
 from mmssl.data.manifest import read_manifest
 from mmssl.data.synth import SynthConfig, config_for, generate, grammar, phonemes, scenes
 from mmssl.data.synth.corpus import CAPTIONS_PER_IMAGE, SPLITS
-from mmssl.data.synth.noise import NOISE_KINDS
+from mmssl.data.synth.noise_sounds import NOISE_KINDS
 
 FRAME = 640  # samples per 25 fps video frame at 16 kHz
 

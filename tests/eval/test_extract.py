@@ -8,8 +8,8 @@ from mmssl.data.datasets import lip_frames
 from mmssl.data.io import load_audio, load_video
 from mmssl.data.manifest import read_manifest, write_manifest
 from mmssl.encoders.av import av_features
-from mmssl.eval.extract import iter_features, load_features, parse_layers, read_index
 from mmssl.errors import ConfigError
+from mmssl.eval.extract import iter_features, load_features, parse_layers, read_index
 from mmssl.testing import save_tiny_run
 
 

@@ -10,7 +10,7 @@ from mmssl.data.io import load_audio, load_video
 from mmssl.data.manifest import read_manifest, write_manifest
 from mmssl.encoders.av import av_features
 from mmssl.errors import ConfigError
-from mmssl.eval.layers import pool_frames, rate_factors
+from mmssl.eval.layers import collect, pool_frames, rate_factors
 from mmssl.eval.probes import cca_similarity, numerical_rank
 from mmssl.testing import save_tiny_run
 
@@ -94,6 +94,27 @@ def test_speech_against_audio_visual_pairs_50hz_with_25hz_frames(corpus, tmp_pat
     assert all(0.0 <= v <= 1.0 for row in doc["values"] for v in row)
 
 
+def test_an_audio_visual_encoder_against_its_inputs_on_the_same_frames(corpus):
+    manifest, _, (av, _) = corpus
+    records = read_manifest(manifest)[:2]
+    layers, refs = collect(av.encoder, records, torch.device("cpu"))
+    assert sorted(refs) == ["fbank", "fused", "lips"]
+    frames = [int(av_features(av.encoder, _batch(r), 0)[1][0]) for r in records]
+    assert all(x.shape[0] == sum(frames) for x in [*layers, *refs.values()])
+    assert refs["fbank"].shape[1] == 104  # 26 filterbanks x 4
+    # the lip features of the second record are its valid frames of video_features
+    batch = _batch(records[1])
+    with torch.no_grad():
+        v, _ = av.encoder.video_features(batch["video"], batch["video_lens"])
+    torch.testing.assert_close(refs["lips"][frames[0]:], v[0, : frames[1]])
+
+
+def _batch(record):
+    audio, video = load_audio(record["audio"]), lip_frames(load_video(record["video"]))
+    return {"audio": audio[None], "audio_lens": torch.tensor([audio.shape[0]]),
+            "video": video[None], "video_lens": torch.tensor([video.shape[0]])}
+
+
 def test_pool_frames_and_rate_factors():
     x = torch.arange(10.0).view(5, 2)
     assert pool_frames(x, 2).tolist() == [[1.0, 2.0], [5.0, 6.0]]  # means of frames (0, 1) and (2, 3)
@@ -120,5 +141,5 @@ def test_mean_cca_ignores_a_direction_a_view_does_not_vary_in():
     normed = torch.nn.functional.layer_norm(x, (8,))  # every frame has zero channel mean: rank 7
     assert numerical_rank(normed - normed.mean(0)) == 7 and numerical_rank(x - x.mean(0)) == 8
     # seven canonical correlations of 1; the eighth pair would be a (zero-variance) 0
-    assert cca_similarity(normed, normed, "mean") == pytest.approx(1.0, abs=1e-4)
-    assert cca_similarity(normed, torch.randn(800, 8, generator=g), "mean") < 0.1
+    assert cca_similarity(normed, normed, "cca") == pytest.approx(1.0, abs=1e-4)
+    assert cca_similarity(normed, torch.randn(800, 8, generator=g), "cca") < 0.1

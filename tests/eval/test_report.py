@@ -1,7 +1,8 @@
 import numpy as np
 from PIL import Image
 
-from mmssl.eval.report import line_plot, markdown_table
+from mmssl.eval.report import line_plot
+from mmssl.tables import markdown_table
 
 
 def test_markdown_table_formats_floats_and_gaps():

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmssl.data.features import fbank, stack_frames
 from mmssl.errors import DataError
+from mmssl.nn.fbank import fbank, stack_frames
 from mmssl.nn.frontend import FbankFrontend, MaskedGroupNorm, build_conv_frontend
 from mmssl.testing import tiny_audio_batch
 

@@ -3,7 +3,7 @@ import pickle
 
 import torch
 
-from mmssl.data.mixing import UtteranceMixer
+from mmssl.data.utterance_mixing import UtteranceMixer
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import overfit, tiny_audio_batch, tiny_labelled_audio_batch
 

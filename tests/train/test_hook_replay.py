@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from mmssl.data.mixing import UtteranceMixer
+from mmssl.data.utterance_mixing import UtteranceMixer
 from mmssl.encoders.base import FrameSpec
 from mmssl.nn.frontend import WAV2VEC2_KERNELS, WAV2VEC2_STRIDES
 from mmssl.nn.masking import SpanMasker

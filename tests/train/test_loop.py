@@ -109,8 +109,8 @@ def test_cuda_bf16_step_skips_nonfinite_and_logs_memory(tmp_path):
 
 
 def test_validation_logs_the_mean_over_valid_batches_in_eval_mode(tmp_path):
-    from tests.train.toy import ToyBatchSampler, toy_collate, toy_dataset
     from mmssl.train.stream import BatchStream
+    from tests.train.toy import ToyBatchSampler, toy_collate, toy_dataset
 
     trainer = make_trainer(tmp_path, max_steps=2, valid_every=2, dropout=0.5, noise=0.0)
     data = toy_dataset(n=10, seed=1)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mmssl.config import load_config, resolve
+from mmssl.data.manifest import subset_indices
 from mmssl.errors import ConfigError
 from mmssl.registry import Registry
-from mmssl.data.manifest import subset_indices
 from mmssl.runs import build_objective, load_weights
 from mmssl.train.build import build_schedule, build_stream
 from mmssl.train.cli import pretrain

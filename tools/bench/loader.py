@@ -50,9 +50,9 @@ from mmssl.config import load_config, resolve
 from mmssl.constants import SAMPLE_RATE
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, MmsslError
-from mmssl.eval.report import markdown_table
 from mmssl.registry import OBJECTIVES
 from mmssl.runs import build_objective
+from mmssl.tables import markdown_table
 from mmssl.train.build import build_stream
 from mmssl.train.distributed import DistEnv
 

@@ -26,8 +26,8 @@ from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.io import load_audio, probe
 from mmssl.data.manifest import duration_seconds, write_manifest
 from mmssl.errors import DataError
-from mmssl.eval.report import markdown_table
 from mmssl.files import write_text
+from mmssl.tables import markdown_table
 
 MEDIA_KEYS = ("audio", "video", "image")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from mmssl.data.manifest import write_manifest
 from mmssl.data.synth import grammar, lips, scenes
-from mmssl.data.synth.noise import NOISE_KINDS, make_noise
+from mmssl.data.synth.noise_sounds import NOISE_KINDS, make_noise
 from mmssl.data.synth.speech import SAMPLE_RATE, Espeak, all_voices
 from mmssl.data.synth.writers import write_mp4, write_png, write_wav
 from mmssl.errors import ConfigError

@@ -3,7 +3,7 @@
 Shape legend: S samples, T frames, C channels. All features use 25 ms windows every 10 ms
 (100 Hz) with ``snip_edges=True``, so a waveform of ``S`` samples at 16 kHz gives
 ``T = 1 + (S - 400) // 160`` frames (0 when ``S < 400``), the count
-``mmssl.encoders.base.FrameSpec((400,), (160,))`` predicts.
+``mmssl.nn.outputs.FrameSpec((400,), (160,))`` predicts.
 
 The waveform is used at the scale it is given (float in [-1, 1] from ``mmssl.data.io``);
 Kaldi itself reads int16 values, which only shifts every log energy by the constant

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
-from mmssl.data.features import fbank, fbank_batch, mfcc, num_frames, stack_frames
 from mmssl.encoders.base import FrameSpec
+from mmssl.nn.fbank import fbank, fbank_batch, mfcc, num_frames, stack_frames
 
 
 def _wave(n, seed=0):
