@@ -49,7 +49,7 @@ def test_errors_from_data_workers_print_only_their_message(tmp_path, capsys):
 
 def test_options_may_sit_between_positional_arguments(monkeypatch):
     """`mmssl pretrain hubert --resume key=value` parses as `pretrain hubert key=value --resume`."""
-    import mmssl.train.cli as pretrain_cli
+    import mmssl.commands.pretrain as pretrain_cli
 
     seen = {}
     monkeypatch.setattr(pretrain_cli, "run", lambda args: seen.update(vars(args)) or 0)

@@ -1,4 +1,5 @@
-"""``mmssl data check MANIFEST``: decode every record and report the ones training would skip.
+"""Decode every record of a manifest and report the ones training would skip (the library of
+``mmssl data check MANIFEST``, ``mmssl.commands.data_check``).
 
 Checks per record: each path exists and decodes, to the end the container declares; audio
 is at 16 kHz or more, non-empty, finite and not all silent; the audio and the video last the
@@ -15,8 +16,6 @@ the band the models hear (up to 8 kHz). AAC priming and padding are dropped by t
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 import sys
 from collections import Counter
@@ -188,18 +187,3 @@ def format_report(total: int, problems: Sequence[Problem], notes: Sequence[Probl
         counts = Counter(text for _, _, text in notes)
         lines += [f"  {count:>6}  {text}  (e.g. {example[text]})" for text, count in counts.most_common()]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", help="JSON-lines manifest")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="parallel decoding processes (default: up to 8)")
-    parser.add_argument("--av-tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="allowed audio/video duration difference in seconds (default: one frame, 0.04)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    total, problems, notes = check_manifest(args.manifest, args.workers, args.av_tolerance, not args.no_progress)
-    print(format_report(total, problems, notes))
-    return 1 if problems else 0

@@ -1,4 +1,5 @@
-"""Read the manifests fairseq and AV-HuBERT users already have, and the ``mmssl data import`` command.
+"""Read the manifests fairseq and AV-HuBERT users already have (``mmssl data import``,
+``mmssl.commands.data_import``, turns them into JSON-lines manifests).
 
 * ``.tsv``: the first line is a root folder; every other line is either the audio-only
   fairseq form ``path<TAB>n_samples`` or the AV-HuBERT form
@@ -12,7 +13,6 @@ A labels folder of ``mmssl kmeans`` holds one ``<manifest stem>.km`` per manifes
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 from pathlib import Path
@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mmssl.data.manifest import write_manifest
 from mmssl.errors import DataError
 
 
@@ -133,18 +132,3 @@ def attach_transcripts(records: list[dict], transcripts: list[str], source: str)
     if len(transcripts) != len(records):
         raise DataError(f"{source}: {len(transcripts)} transcripts for {len(records)} records")
     return [{**r, "transcript": t} for r, t in zip(records, transcripts)]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tsv", help="fairseq / AV-HuBERT .tsv (first line: root folder)")
-    parser.add_argument("--wrd", help=".wrd transcripts, one per line in the .tsv order")
-    parser.add_argument("--out", required=True, help="JSON-lines manifest to write")
-
-
-def run(args: argparse.Namespace) -> int:
-    records = read_tsv(args.tsv)
-    if args.wrd:
-        records = attach_transcripts(records, read_wrd(args.wrd), args.wrd)
-    out = write_manifest(args.out, records)
-    print(f"wrote {len(records)} records to {out}")
-    return 0

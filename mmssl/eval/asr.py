@@ -1,26 +1,16 @@
-"""ASR with CTC: greedy decoding, WER, and
-``mmssl finetune-asr [RECIPE] --init PRETRAIN_RUN|none [key=value ...] [--resume]``.
+"""ASR with CTC: greedy decoding and WER of a fine-tuning run (``mmssl finetune-asr``, which
+trains with ``mmssl.train.finetune`` and then calls :func:`evaluate_run`; ``mmssl eval-noisy``).
 
 The units (text normalisation, SentencePiece units, the blank) are ``mmssl.data.units``: they
 are trained on the transcripts of the training manifest when fine-tuning starts and saved in
 the run folder as ``units.model``, so that training, decoding and ``mmssl eval-noisy`` use the
 same units; references and hypotheses are normalised as the targets are.
 
-``finetune-asr`` reuses ``mmssl pretrain``'s engine (run folder with config.yaml,
-metrics.jsonl, checkpoints/, tb/, ``--resume``), then decodes ``data.valid`` greedily and writes
-``wer.json`` (with the checkpoint decoded) and ``hyps.jsonl``. ``--init`` is required: a
-pretraining run (its latest checkpoint folder is what config.yaml records as
-``objective.encoder_init``) or ``none``. ``--resume``
-continues with the run's saved config and, once it has a checkpoint, rebuilds its encoder from
-the copy of the pretraining config in ``RUN/init/`` (``mmssl.runs``), so it needs neither
-``--init`` nor the pretraining run.
-
 Shape legend: B batch, S samples, T frames, V CTC classes (units + blank).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +20,10 @@ import torch
 from torch import Tensor
 
 from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
-from mmssl.data.units import BLANK, UNITS_FILE, normalize_text, train_units
+from mmssl.data.units import BLANK, normalize_text
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import write_text
-from mmssl.runs import (
-    CONFIG,
-    MODEL_FILE,
-    check_options,
-    has_checkpoint,
-    latest_checkpoint,
-    load_objective_from_run,
-    resolve_weights,
-)
+from mmssl.runs import CONFIG, latest_checkpoint, load_objective_from_run
 
 
 def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
@@ -202,96 +184,6 @@ def load_asr_model(run_dir: str | Path, device: torch.device):
     return objective.to(device).eval()
 
 
-# ---------------------------------------------------------------- mmssl finetune-asr
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", nargs="?", default="ctc", help="a recipe YAML or shipped recipe name (default: ctc)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.train=M data.valid=V train.max_steps=100")
-    parser.add_argument("--init", default=None, metavar="PRETRAIN_RUN",
-                        help="pretraining run folder or checkpoint to start from (its latest checkpoint, "
-                             "recorded in config.yaml); 'none' for a fresh encoder (objective.encoder, "
-                             "model.size). Required, except with --resume")
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
-
-
-def _config(args: argparse.Namespace):
-    """The run's config: recipe < command line (``--init`` is ``objective.encoder_init``); with
-    ``--resume`` the run's saved config < command line. A run that starts (no checkpoint yet)
-    names the checkpoint folder ``encoder_init`` resolves to, so a rerun starts from the same
-    weights; a run resumed from a checkpoint keeps the one it started from (its checkpoint holds
-    the weights, and ``mmssl pretrain``'s resume builds the encoder from the copy in its folder)."""
-    from omegaconf import OmegaConf
-
-    from mmssl.config import load_run_config, resolve
-
-    recipe, overrides = args.recipe, list(args.overrides)
-    if recipe is not None and "=" in recipe:  # `mmssl finetune-asr key=value ...`
-        recipe, overrides = "ctc", [recipe, *overrides]
-    if args.init is not None:
-        init = "null" if args.init.lower() == "none" else str(Path(args.init).resolve())
-        overrides.append(f"objective.encoder_init={init}")
-    cfg = load_run_config(recipe, overrides, resume=args.resume)
-    if OmegaConf.is_missing(cfg.objective, "encoder_init"):
-        raise ConfigError("no start point: pass --init RUN (a pretraining run or checkpoint to fine-tune) or "
-                          "--init none (a fresh objective.encoder of model.size, a from-scratch baseline)")
-    cfg = resolve(cfg)
-    run_dir = Path(cfg.train.out_dir)
-    if args.resume and has_checkpoint(run_dir):
-        cfg.objective.encoder_init = OmegaConf.load(run_dir / "config.yaml").objective.encoder_init
-        return cfg
-    init = OmegaConf.select(cfg, "objective.encoder_init")
-    if init not in (None, "", "none"):
-        cfg.objective.encoder_init = init_checkpoint(init)
-    return cfg
-
-
-def init_checkpoint(path: str | Path) -> str:
-    """The checkpoint folder a start-from run, checkpoint folder or weights file resolves to
-    (the latest checkpoint of a run)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"objective.encoder_init={path}: not found")
-    weights = resolve_weights(path).resolve()
-    return str(weights.parent if weights.name == MODEL_FILE else weights)
-
-
-def check_freeze(cfg) -> None:
-    """A note when the encoder would stay frozen for the whole run."""
-    from omegaconf import OmegaConf
-
-    freeze = int(OmegaConf.select(cfg, "objective.freeze_steps", default=0) or 0)
-    if freeze >= int(cfg.train.max_steps):
-        print(f"note: objective.freeze_steps={freeze} >= train.max_steps={cfg.train.max_steps}: the encoder "
-              "never trains, only the output layer does (set objective.freeze_steps below train.max_steps, "
-              "e.g. a fifth or half of it)")
-
-
-def prepare_units(cfg, resume: bool) -> Path:
-    """Train the units on ``data.train``'s transcripts into ``<out_dir>/units.model`` (kept on
-    resume) and point ``objective.units_file`` at it."""
-    from omegaconf import OmegaConf
-
-    from mmssl.data.manifest import read_manifest
-
-    run_dir = Path(cfg.train.out_dir)
-    if not resume and has_checkpoint(run_dir):
-        raise ConfigError(f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
-                          "it or choose another train.out_dir")
-    path = run_dir / UNITS_FILE
-    if not (resume and path.is_file()):
-        texts = []
-        for record in read_manifest(cfg.data.train):
-            if not record.get("transcript"):
-                raise DataError(f"{cfg.data.train}: record {record['id']!r} has no transcript")
-            texts.append(record["transcript"])
-        kind = OmegaConf.select(cfg, "objective.units", default="char")
-        vocab = OmegaConf.select(cfg, "objective.vocab_size", default=1000)
-        train_units(texts, kind, vocab, f"data.train={cfg.data.train}").save(path)
-    cfg.objective.units_file = str(path.resolve())
-    return path
-
-
 def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batch_seconds: float = 60.0) -> dict:
     """Decode ``manifest`` with the run's model; write ``wer.json`` and ``hyps.jsonl`` there."""
     objective = load_asr_model(run_dir, device)
@@ -305,26 +197,3 @@ def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batc
     write_text(run_dir / "hyps.jsonl", lines)
     write_text(run_dir / "wer.json", json.dumps(result, indent=2) + "\n")
     return result
-
-
-def run(args: argparse.Namespace) -> int:
-    from mmssl.devices import pick_device
-    from mmssl.train.cli import pretrain
-    from mmssl.train.distributed import env_from_torchrun
-
-    cfg = _config(args)
-    check_options(cfg)
-    check_freeze(cfg)
-    prepare_units(cfg, args.resume)
-    run_dir = pretrain(cfg, resume=args.resume)
-    if not env_from_torchrun().is_main:
-        return 0
-    if cfg.data.valid is None:
-        print(f"run folder: {run_dir} (no data.valid to decode)")
-        return 0
-    device = pick_device(cfg.train.device, option="train.device")
-    result = evaluate_run(run_dir, cfg.data.valid, device)
-    print(f"WER on {cfg.data.valid}: {100 * result['wer']:.2f}% ({result['errors']} errors / {result['words']} words: "
-          f"{result['substitutions']} sub, {result['deletions']} del, {result['insertions']} ins)")
-    print(f"run folder: {run_dir}")
-    return 0

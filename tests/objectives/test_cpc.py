@@ -102,7 +102,7 @@ def test_objective_holds_its_encoder_and_kmeans_reads_its_layers(tmp_path, name)
     from mmssl.cli import main
     from mmssl.nn.kmeans import nearest
     from mmssl.runs import load_encoder_from_run
-    from tests.test_kmeans_cli import _corpus, _km_lines
+    from tests.commands.test_kmeans import _corpus, _km_lines
 
     manifest = _corpus(tmp_path, count=3)
     objective, step = save_tiny_run(tmp_path / "run", name, manifest, overrides=["objective.num_steps=2"])

@@ -15,8 +15,8 @@ from mmssl.errors import ConfigError
 from mmssl.registry import Registry
 from mmssl.runs import build_objective, load_weights
 from mmssl.train.build import build_schedule, build_stream
-from mmssl.train.cli import pretrain
 from mmssl.train.distributed import DistEnv
+from mmssl.train.pretrain import pretrain
 from tests.train.toy import ToyObjective, read_metrics
 
 LOCAL = Registry("test objective")

@@ -151,7 +151,7 @@ def test_audio_visual_checkpoint_gives_25hz_labels(tmp_path):
 
 
 def test_fit_subset_grows_to_50_frames_per_cluster_capped_by_the_manifest():
-    from mmssl.kmeans_cli import MIN_FRAMES_PER_CLUSTER, fit_kmeans
+    from mmssl.commands.kmeans import MIN_FRAMES_PER_CLUSTER, fit_kmeans
 
     assert MIN_FRAMES_PER_CLUSTER == 50
     g = torch.Generator().manual_seed(0)

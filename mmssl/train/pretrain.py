@@ -1,33 +1,22 @@
-"""``mmssl pretrain RECIPE [key=value ...] [--resume]``.
+"""Train from a resolved config into its run folder: the engine of ``mmssl pretrain``
+(``mmssl.commands.pretrain``) and of ``mmssl finetune-asr`` (``mmssl.train.finetune``).
 
-One process, or one per GPU under torchrun (rank and world size from its environment)::
-
-    torchrun --nproc-per-node 8 -m mmssl.cli pretrain hubert model.size=base data.train=...
+One process, or one per GPU under torchrun (rank and world size from its environment).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig
 
-from mmssl.config import load_run_config, resolve
 from mmssl.devices import pick_device
 from mmssl.registry import OBJECTIVES, Registry
 from mmssl.runs import check_options, resume_config
 from mmssl.train.build import StreamBuilder, build_stream, build_trainer, prepare_run_dir
 from mmssl.train.distributed import barrier, env_from_torchrun, init_process_group, shutdown
 from mmssl.train.loop import StepCallback
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a recipe YAML, or the name of one in mmssl/configs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. model.size=tiny train.max_steps=100")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in train.out_dir from its latest checkpoint")
 
 
 def pretrain(
@@ -61,11 +50,3 @@ def _fit(cfg, env, device, resume, registry, stream_builder, callbacks) -> None:
     if resume and not trainer.resume() and env.is_main:
         print(f"no checkpoint in {trainer.ckpt_dir}; starting from step 0")
     trainer.fit()
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = resolve(load_run_config(args.recipe, args.overrides, resume=args.resume))
-    run_dir = pretrain(cfg, resume=args.resume)
-    if env_from_torchrun().is_main:
-        print(f"run folder: {run_dir}")
-    return 0

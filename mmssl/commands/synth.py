@@ -1,4 +1,4 @@
-"""``mmssl synth``: generate the built-in corpus (see ``datasets/synth/README.md``)."""
+"""``mmssl synth``: generate the built-in corpus (``mmssl.data.synth``; see ``datasets/synth/README.md``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from mmssl.data.synth.corpus import PRESETS, config_for, generate
+from mmssl.data.synth.figures import write_figures
 from mmssl.errors import ConfigError
 
 
@@ -25,8 +26,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None and args.figures is None:
         raise ConfigError("give --out DIR (the corpus) and/or --figures DIR (the example PNGs)")
     if args.figures is not None:
-        from mmssl.data.synth.figures import write_figures
-
         for path in write_figures(args.figures, args.seed):
             print(f"wrote {path}")
     if args.out is None:

@@ -35,11 +35,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from mmssl.data.importers import KMEANS_FILE
+from mmssl.data.io import load_audio
+from mmssl.data.manifest import read_manifest
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_alignment
 from mmssl.eval.record_layers import is_audio_visual, num_layers, record_layers
-from mmssl.files import atomic_write
+from mmssl.files import atomic_write, write_text
+from mmssl.nn.fbank import mfcc
 from mmssl.nn.kmeans import KMeans
 from mmssl.runs import load_encoder_from_run, resolve_weights
 
@@ -87,14 +91,10 @@ def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[F
 
 
 def mfcc_features(device: torch.device) -> tuple[FeatureFn, float]:
-    from mmssl.nn.fbank import mfcc
-
     return (lambda record: mfcc(_load(record)).to(device).float()), MFCC_RATE
 
 
 def _load(record: dict) -> Tensor:
-    from mmssl.data.io import load_audio
-
     if not record.get("audio"):
         raise DataError(f"record {record.get('id')!r}: no 'audio' path to cluster")
     return load_audio(record["audio"])
@@ -142,8 +142,6 @@ def fit_kmeans(
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmssl.data.manifest import read_manifest
-
     if args.k < 2:
         raise ConfigError(f"--k must be >= 2; got {args.k}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -176,13 +174,13 @@ def run(args: argparse.Namespace) -> int:
             qualities[manifest.stem] = scores
     # the weights file whose layer was clustered (None for MFCC), so a stale clustering shows
     weights = str(resolve_weights(args.checkpoint).resolve()) if args.checkpoint is not None else None
-    torch.save({"centroids": km.centroids.cpu(), "k": args.k, "features": described, "label_rate": rate,
-                "inertia": km.inertia, "weights": weights}, out / "kmeans.pt")
+    state = {"centroids": km.centroids.cpu(), "k": args.k, "features": described, "label_rate": rate,
+             "inertia": km.inertia, "weights": weights}
+    atomic_write(out / KMEANS_FILE, lambda f: torch.save(state, f))
     if qualities:
         first = next(iter(qualities.values()))
         # quality.json: the first manifest's scores at the top level, every manifest's under "by_manifest"
-        (out / "quality.json").write_text(json.dumps({**first, "by_manifest": qualities}, indent=2) + "\n",
-                                          encoding="utf-8")
+        write_text(out / "quality.json", json.dumps({**first, "by_manifest": qualities}, indent=2) + "\n")
     return 0
 
 

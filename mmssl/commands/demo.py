@@ -27,8 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+from omegaconf import OmegaConf
+
 from mmssl import cli
+from mmssl.data.importers import KMEANS_FILE, read_kmeans_state
 from mmssl.errors import MmsslError
+from mmssl.eval.noisy import read_results
+from mmssl.runs import MODEL_FILE, latest_checkpoint, step_dir_name
 
 CLUSTERS = 50
 # the noisy evaluation grid of the demo (AV-HuBERT reports babble, music, natural and speech
@@ -53,8 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _on_gpu(device: str) -> bool:
     if device == "cpu":
         return False
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -76,10 +80,6 @@ def _exists(path: Path) -> Callable[[], bool]:
 def started_from_latest(asr: Path, pretrain: Path) -> bool:
     """The fine-tuning run in ``asr`` started from ``pretrain``'s latest checkpoint (the one
     its config.yaml records in ``objective.encoder_init``)."""
-    from omegaconf import OmegaConf
-
-    from mmssl.runs import latest_checkpoint
-
     latest = latest_checkpoint(pretrain)
     if latest is None or not (asr / "config.yaml").is_file():
         return False
@@ -90,8 +90,6 @@ def started_from_latest(asr: Path, pretrain: Path) -> bool:
 def asr_done(asr: Path, pretrain: Path, steps: int) -> bool:
     """``wer.json`` of the fine-tuning run's latest checkpoint, of ``steps`` steps, started from
     the pretraining run's latest checkpoint."""
-    from mmssl.runs import latest_checkpoint, step_dir_name
-
     latest, wer = latest_checkpoint(asr), asr / "wer.json"
     if latest is None or not wer.is_file() or not started_from_latest(asr, pretrain):
         return False
@@ -106,9 +104,6 @@ def clear_stale_asr(asr: Path, pretrain: Path) -> None:
 
 def clusters_done(km: Path, pretrain: Path) -> bool:
     """``kmeans.pt`` of a clustering of the pretraining run's latest checkpoint."""
-    from mmssl.data.importers import KMEANS_FILE, read_kmeans_state
-    from mmssl.runs import MODEL_FILE, latest_checkpoint
-
     latest = latest_checkpoint(pretrain)
     if latest is None or not (km / KMEANS_FILE).is_file():
         return False
@@ -117,9 +112,6 @@ def clusters_done(km: Path, pretrain: Path) -> bool:
 
 def noisy_done(asr: Path, out: Path) -> bool:
     """``wer.md`` made from the fine-tuning run's latest checkpoint."""
-    from mmssl.eval.noisy import read_results
-    from mmssl.runs import latest_checkpoint
-
     latest = latest_checkpoint(asr)
     if latest is None or not (out / "wer.md").is_file():
         return False
