@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import sys
 
+from mmssl import __version__
 from mmssl.errors import MmsslError
 
 # name -> (module, one-line help). Order is the order of `mmssl --help`.
@@ -71,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(commands))
         return 0
     if argv[0] in ("-V", "--version"):
-        from mmssl import __version__
-
         print(f"mmssl {__version__}")
         return 0
     two = " ".join(argv[:2])

@@ -5,10 +5,15 @@ Everything here is small enough to run forward and backward on a CPU in well und
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
+from mmssl.config import load_config, save_resolved
 from mmssl.constants import SAMPLE_RATE
+from mmssl.data.collate import collate
+from mmssl.runs import CHECKPOINTS, MODEL_FILE, build_objective, save_weights, step_dir_name
 
 
 def tiny_audio_batch(
@@ -80,8 +85,6 @@ def synthetic_batch(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), 
     """A batch with every key ``objective`` reads, made as the data pipeline makes them: the
     ``synthetic_items`` of ``seconds``, collated by ``mmssl.data.collate`` and passed through
     the objective's batch hook (``hook=False``: not). For tests and benchmarks."""
-    from mmssl.data.collate import collate
-
     batch = collate(synthetic_items(objective, seconds, seed, image_size))
     batch_hook = objective.batch_hook() if hook else None
     return batch_hook(batch) if batch_hook is not None else batch
@@ -145,10 +148,6 @@ def save_tiny_run(folder, recipe: str, manifest, overrides=HUBERT_STYLE, adjust=
     saves it (``config.yaml`` and ``checkpoints/step_00000001/model.safetensors``);
     ``adjust(objective)`` may change the weights before they are saved. Returns
     ``(objective in eval mode, step folder)``."""
-    from pathlib import Path
-
-    from mmssl.config import load_config, save_resolved
-    from mmssl.runs import CHECKPOINTS, MODEL_FILE, build_objective, save_weights, step_dir_name
 
     folder = Path(folder)
     cfg = load_config(recipe, [f"data.train={manifest}", "model.size=tiny", *overrides])

@@ -96,6 +96,7 @@ def opencv_cascade() -> CascadeMouths | None:
 def skimage_cascade() -> CascadeMouths | None:
     """scikit-image's LBP frontal-face cascade (shipped inside scikit-image), if installed."""
     try:
+        # lazy: scikit-image, only when OpenCV has no face cascade
         from skimage import data as skdata
         from skimage.feature import Cascade
     except ImportError:

@@ -21,6 +21,8 @@ import unicodedata
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import sentencepiece as spm
+
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import write_bytes
 
@@ -46,8 +48,6 @@ class Units:
     Picklable (it carries the serialised model), so data workers can tokenise."""
 
     def __init__(self, model_proto: bytes, source: str = "<memory>") -> None:
-        import sentencepiece as spm
-
         self.proto, self.source = bytes(model_proto), source
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
@@ -93,8 +93,6 @@ def train_units(texts: Iterable[str], kind: str = "char", vocab_size: int = 1000
     SentencePiece's default word-start marker (``add_dummy_prefix``, as AV-HuBERT's units);
     character units keep the space as a unit of its own. ``ConfigError`` naming
     ``objective.vocab_size`` when it is below the number of characters of ``texts`` (``source``)."""
-    import sentencepiece as spm
-
     if kind not in UNIT_KINDS:
         raise ConfigError(f"objective.units: {kind!r} is not one of {', '.join(UNIT_KINDS)}")
     lines = [t for t in (normalize_text(x) for x in texts) if t]

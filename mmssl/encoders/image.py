@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import os
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.transforms.functional import to_pil_image
 
 from mmssl.errors import ConfigError, DataError
 from mmssl.registry import ENCODERS
@@ -80,12 +82,14 @@ def is_plain_clip(config: dict) -> bool:
 
 def clip_configs() -> list[str]:
     """open_clip's built-in config names that ``build_open_clip`` supports."""
+    # lazy: open_clip takes seconds to import; only its towers need it
     import open_clip
 
     return [name for name in open_clip.list_models() if is_plain_clip(open_clip.get_model_config(name))]
 
 
 def _clip_config(model_name: str) -> dict:
+    # lazy: open_clip takes seconds to import; only its towers need it
     import open_clip
 
     config = None if model_name.startswith(("hf-hub:", "local-dir:")) else open_clip.get_model_config(model_name)
@@ -120,13 +124,13 @@ def build_open_clip(model_name: str, pretrained: str | os.PathLike | None = None
     ``.text``), its joint embedding dim as ``.embed_dim``. ``model_name``: ``"tiny"`` or a plain
     CLIP config of open_clip (``clip_configs()``); ``pretrained``: a local open_clip-format
     checkpoint file or None (random weights)."""
+    # lazy: open_clip takes seconds to import; only its towers need it
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
     path = check_pretrained(pretrained)
     if model_name == TINY:
-        from dataclasses import asdict
-
+        # lazy: open_clip takes seconds to import; only its towers need it
         from open_clip.transform import PreprocessCfg
 
         model = CustomTextCLIP(TINY_EMBED_DIM, CLIPVisionCfg(**TINY_VISION), CLIPTextCfg(**TINY_TEXT))
@@ -164,6 +168,7 @@ class ClipImageTransform:
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...],
                  interpolation: str = "bicubic", resize_mode: str = "shortest") -> None:
+        # lazy: open_clip takes seconds to import; only its towers need it
         from open_clip.transform import image_transform
 
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
@@ -171,8 +176,6 @@ class ClipImageTransform:
                                          interpolation=interpolation, resize_mode=resize_mode)
 
     def __call__(self, image: Tensor) -> Tensor:
-        from torchvision.transforms.functional import to_pil_image
-
         if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
             raise DataError(f"an image must be (3, H, W) uint8 RGB, got {tuple(image.shape)} {image.dtype}")
         return self.transform(to_pil_image(image))
@@ -213,6 +216,7 @@ class ImageTower(nn.Module):
 
 def image_tower_from(model: nn.Module, freeze: bool = False) -> ImageTower:
     """The vision half of an open_clip model built by ``build_open_clip``."""
+    # lazy: open_clip takes seconds to import; only its towers need it
     import open_clip
 
     return ImageTower(model.visual, int(model.embed_dim), open_clip.get_model_preprocess_cfg(model), freeze)

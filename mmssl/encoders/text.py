@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.data.collate import pad_sequences
 from mmssl.encoders.image import TINY, build_open_clip, set_frozen
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.padding import lengths_to_padding_mask
@@ -35,6 +36,7 @@ class ClipTokenizer:
     at most ``context_length`` of them."""
 
     def __init__(self, context_length: int = 77) -> None:
+        # lazy: open_clip takes seconds to import; only its towers need it
         from open_clip.tokenizer import SimpleTokenizer
 
         self.context_length = context_length
@@ -50,8 +52,6 @@ class ClipTokenizer:
 
     def batch(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Captions -> ``text (B, L)`` padded with 0, ``text_lens (B,)`` (as ``collate`` makes them)."""
-        from mmssl.data.collate import pad_sequences
-
         return pad_sequences([self(t) for t in texts], 0)
 
 

@@ -16,10 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import jiwer
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
+from mmssl.data.collate import pad_sequences
+from mmssl.data.datasets import lip_frames
+from mmssl.data.io import load_audio, load_video
+from mmssl.data.manifest import read_manifest
+from mmssl.data.samplers import pack_batches
 from mmssl.data.units import BLANK, normalize_text
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import write_text
@@ -41,8 +48,6 @@ def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     """Corpus-level WER over normalised texts (jiwer): ``wer``, ``substitutions``,
     ``deletions``, ``insertions``, ``hits``, ``errors``, ``words`` (reference words),
     ``utterances``. An empty reference adds its hypothesis words as insertions."""
-    import jiwer
-
     refs = [normalize_text(r) for r in refs]
     hyps = [normalize_text(h) for h in hyps]
     if len(refs) != len(hyps):
@@ -87,10 +92,6 @@ def load_clips(manifest: str | Path, modalities: Sequence[str], progress: bool =
     """The records of ``manifest`` (the first ``limit`` when given) with the ``modalities`` they
     are decoded with. ``DataError`` naming the record when it has no transcript or lacks a file
     for one of ``modalities``."""
-    from tqdm import tqdm
-
-    from mmssl.data.io import load_audio, load_video
-    from mmssl.data.manifest import read_manifest
 
     records = read_manifest(manifest)[:limit]
     if not records:
@@ -115,8 +116,6 @@ def load_clips(manifest: str | Path, modalities: Sequence[str], progress: bool =
 
 def length_batches(clips: Sequence[Clip], batch_seconds: float) -> list[list[int]]:
     """Indices of ``clips`` sorted by length and packed under ``batch_seconds`` of padded audio."""
-    from mmssl.data.samplers import pack_batches
-
     if batch_seconds <= 0:
         raise ConfigError(f"--batch-seconds must be positive, got {batch_seconds}")
     seconds = [c.seconds for c in clips]
@@ -128,9 +127,6 @@ def clip_batch(clips: Sequence[Clip], modalities: Sequence[str], device: torch.d
                audios: Sequence[Tensor] | None = None) -> dict:
     """A padded batch of ``clips`` with only the keys of ``modalities`` (``audios`` replaces
     the clips' own waveforms, e.g. noisy copies)."""
-    from mmssl.data.collate import pad_sequences
-    from mmssl.data.datasets import lip_frames
-
     batch: dict = {"ids": [c.id for c in clips]}
     if "audio" in modalities:
         waves = list(audios) if audios is not None else [c.audio for c in clips]
@@ -155,8 +151,6 @@ def transcribe(
 ) -> list[str]:
     """Greedy CTC transcripts of ``clips`` (in their order) by a CTC objective in eval mode,
     batched by length. ``audios``: one waveform per clip replacing its own."""
-    from tqdm import tqdm
-
     hyps: list[str] = [""] * len(clips)
     batches = length_batches(clips, batch_seconds)
     with tqdm(total=len(clips), desc=desc, unit="utt", disable=not progress, leave=False) as bar:

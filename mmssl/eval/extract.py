@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from mmssl.errors import ConfigError, DataError
+from mmssl.eval.record_layers import record_layers
 from mmssl.files import atomic_path, write_text
 
 INDEX = "index.jsonl"
@@ -80,8 +83,6 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not any(self.buffer[layer] for layer in self.layers):
             return
         for layer in self.layers:
@@ -120,8 +121,6 @@ def extract(
 ) -> dict:
     """Write ``layers`` of ``encoder`` (eval mode) for every record into ``out`` (layout in the
     module docstring). Returns ``{"records": written, "skipped": [{"id", "error"}], "frame_rate"}``."""
-    from mmssl.eval.record_layers import record_layers
-
     out = Path(out)
     encoder = encoder.to(device)
     writer = ShardWriter(out, layers, float(encoder.frame_rate), shard_bytes)
@@ -150,8 +149,6 @@ def read_index(out_dir: str | os.PathLike) -> list[dict]:
 def iter_features(out_dir: str | os.PathLike, layer: int) -> Iterator[tuple[str, Tensor]]:
     """``(id, (T, C))`` of layer ``layer`` for every extracted record, in manifest order,
     reading one shard at a time."""
-    from safetensors import safe_open
-
     lines = [line for line in read_index(out_dir) if line["layer"] == layer]
     if not lines:
         raise DataError(f"{Path(out_dir) / INDEX}: layer {layer} was not extracted")

@@ -20,6 +20,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmssl.errors import ConfigError, DataError
+from mmssl.eval.probes import format_table, plot_layers
+from mmssl.eval.record_layers import is_audio_visual, record_layers
 
 
 def pool_frames(x: Tensor, factor: int) -> Tensor:
@@ -49,8 +51,6 @@ def collect(
     """Valid frames pooled over ``records``: the layers ``[(N, C)] * L`` of ``encoder`` and the
     references name -> ``(N, D)`` on the same frames (its inputs, or the layers ``"1".."L2"``
     of ``other``). Both encoders in eval mode on ``device``."""
-    from mmssl.eval.record_layers import is_audio_visual, record_layers
-
     layers: list[list[Tensor]] = []
     refs: dict[str, list[Tensor]] = {}
     factors = (1, 1)
@@ -77,8 +77,6 @@ def collect(
 
 def write_report(values: np.ndarray, columns: Sequence[str], out: Path, method: str, about: dict) -> str:
     """``layers.md``, ``layers.json`` and ``layers.png`` in ``out``; returns the Markdown table."""
-    from mmssl.eval.probes import format_table, plot_layers
-
     rows = [str(i) for i in range(1, values.shape[0] + 1)]
     table = format_table(values, rows, columns)
     title = f"layer-wise {method.upper()} similarity"

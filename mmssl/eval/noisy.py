@@ -30,9 +30,11 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from mmssl.data.noise import AUDIO_SUFFIXES, NoiseBank, mix_at_snr
 from mmssl.data.units import normalize_text
+from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.asr import Clip, load_asr_model, load_clips, transcribe, word_errors
 from mmssl.eval.report import PALETTE, line_plot
@@ -214,9 +216,6 @@ def evaluate(
 ) -> dict:
     """Run every missing cell; write ``results.jsonl``, ``wer.md``, ``wer_vs_snr.png``. Returns
     the results by (noise, snr, modality)."""
-    from tqdm import tqdm
-
-    from mmssl.devices import pick_device
 
     device = pick_device(device_name)
     snrs = [canonical_snr(s) for s in snrs]

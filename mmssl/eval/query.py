@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import Tensor
 
 from mmssl.errors import DataError
@@ -92,8 +93,6 @@ def contact_sheet(results: Sequence[dict], path: Path, index_dir: str | Path = "
     """A PNG with a row per query: its top images as thumbnails labelled ``rank: score``. An
     indexed image that cannot be read any more (moved, deleted) gets a grey tile; returns a note
     naming each such image and the index."""
-    from PIL import Image, ImageDraw, UnidentifiedImageError
-
     columns = max(len(r["results"]) for r in results)
     sheet = Image.new("RGB", (columns * THUMB, len(results) * (THUMB + LABEL)), "white")
     draw = ImageDraw.Draw(sheet)

@@ -26,8 +26,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from mmssl.data.datasets import lip_frames
+from mmssl.data.io import load_audio, load_video
 from mmssl.encoders.base import AudioVisualEncoder
 from mmssl.errors import ConfigError, DataError
+from mmssl.nn.frontend import ConvFrontend
 
 
 def is_audio_visual(encoder) -> bool:
@@ -57,9 +60,6 @@ def record_batch(record: dict, modalities: Sequence[str], device: torch.device, 
     ``video (1, T, 1, 88, 88)``/``video_lens`` for the ``modalities`` the record has a path for.
     ``DataError`` naming the record when it lacks a path for one of ``required``, has none of
     ``modalities``, or a file cannot be read."""
-    from mmssl.data.datasets import lip_frames
-    from mmssl.data.io import load_audio, load_video
-
     rid = record.get("id")
     missing = [m for m in required if not record.get(m)]
     if missing:
@@ -81,8 +81,6 @@ def record_batch(record: dict, modalities: Sequence[str], device: torch.device, 
 
 
 def _speech_layers(encoder, batch: dict, upto: int) -> RecordLayers:
-    from mmssl.nn.frontend import ConvFrontend
-
     if "audio" not in batch:
         raise DataError("a speech encoder needs audio")
     feats = encoder.extract(batch["audio"], batch["audio_lens"])

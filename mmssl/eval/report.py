@@ -29,9 +29,11 @@ def line_plot(
     matplotlib line style (``"-"``, ``"--"``, ``":"``), e.g. one style per noise type with one
     colour per modality given by ``colors`` (series name -> matplotlib colour; by default each
     series takes the next colour of the palette). Returns the path."""
+    # lazy: matplotlib takes a second to import; only plots need it
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    # lazy: matplotlib takes a second to import; only plots need it
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)

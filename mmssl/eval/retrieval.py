@@ -36,10 +36,15 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from mmssl.data.collate import pad_sequences
+from mmssl.data.io import load_audio, load_image
+from mmssl.data.manifest import read_manifest
 from mmssl.errors import ConfigError, DataError
+from mmssl.eval.report import line_plot
 from mmssl.files import atomic_path, sha256_file, write_text
 from mmssl.runs import load_objective_from_run, run_dir_of, step_of
 from mmssl.tables import markdown_table
@@ -140,8 +145,6 @@ def _chunks(order: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 def _load_audio(record: dict) -> Tensor:
-    from mmssl.data.io import load_audio
-
     path = record.get("audio")
     if not path:
         raise DataError(f"record {record.get('id')!r} has no 'audio' path")
@@ -169,8 +172,6 @@ def _embed_speech(objective, load: Callable[[int], Tensor], sizes: Sequence[int]
     """``load(i) -> (S_i,)`` for ``i < len(sizes)`` -> normalised ``(Q, D)`` on the CPU, row ``i``
     for waveform ``i`` (``names[i]`` in errors). Batches hold waveforms of similar ``sizes``
     (sorted), padded, loaded one batch at a time; padding never changes an embedding."""
-    from mmssl.data.collate import pad_sequences
-
     out = torch.zeros(len(sizes), objective.dim)
     order = sorted(range(len(sizes)), key=lambda i: sizes[i])
     with tqdm(total=len(sizes), desc="speech", unit="utt", disable=not progress) as bar:
@@ -204,8 +205,6 @@ def embed_speech_records(objective, records: Sequence[dict], batch_size: int, de
 def embed_image_files(objective, paths: Sequence[str], batch_size: int, device: torch.device,
                       progress: bool = True) -> Tensor:
     """Image files -> normalised ``(N, D)`` on the CPU, through the objective's image transform."""
-    from mmssl.data.io import load_image
-
     out = torch.zeros(len(paths), objective.dim)
     with tqdm(total=len(paths), desc="images", unit="img", disable=not progress) as bar:
         for rows in _chunks(range(len(paths)), batch_size):
@@ -263,15 +262,11 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 
 def _write_embeddings(path: Path, embeddings: Tensor) -> None:
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         save_file({"embeddings": embeddings.float().contiguous()}, str(tmp))
 
 
 def read_embeddings(path: str | os.PathLike) -> Tensor:
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: not found (make the index with `mmssl index`)")
@@ -319,8 +314,6 @@ def recall_warnings(images: int, captions: int, ks: Sequence[int]) -> list[str]:
 def write_recall(out: Path, speech: Tensor, speech_groups: Sequence[str], images: Tensor,
                  image_groups: Sequence[str], ks: Sequence[int]) -> dict:
     """``recall.json``, ``recall.md`` and ``recall_at_k.png`` in ``out``; returns the recall dict."""
-    from mmssl.eval.report import line_plot
-
     curve_ks = list(range(1, max(ks) + 1))  # every K up to the largest, for the plot
     curve = retrieval_recall(speech, speech_groups, images, image_groups, sorted({*curve_ks, *ks}))
     recall = {key: {k: value[k] for k in ks} for key, value in curve.items()}
@@ -342,8 +335,6 @@ def build_index(loaded: LoadedRun, manifest: str | os.PathLike, out: str | os.Pa
                 ks: Sequence[int] = KS, device: torch.device = torch.device("cpu"), progress: bool = True) -> dict:
     """Embed ``manifest``'s images and spoken captions into ``out`` (layout in the module
     docstring); returns the recall dict of ``retrieval_recall``."""
-    from mmssl.data.manifest import read_manifest
-
     records = read_manifest(manifest)
     if not records:
         raise DataError(f"{manifest}: the manifest has no records")

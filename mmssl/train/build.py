@@ -15,6 +15,10 @@ from omegaconf import DictConfig
 from torch.utils.data import Subset
 
 from mmssl.config import save_resolved
+from mmssl.data.collate import collate
+from mmssl.data.datasets import MODALITIES, ManifestDataset
+from mmssl.data.manifest import subset_indices
+from mmssl.data.samplers import BucketBatchSampler
 from mmssl.errors import ConfigError, DataError
 from mmssl.objectives.base import Objective
 from mmssl.registry import OBJECTIVES, Registry
@@ -35,11 +39,6 @@ def build_stream(cfg: DictConfig, split: str, objective: Objective, env: DistEnv
     Objectives that read images or text may carry ``image_transform`` / ``text_tokenizer``
     attributes; the dataset uses them to make ``image`` and ``text`` tensors.
     """
-    from mmssl.data.collate import collate
-    from mmssl.data.datasets import MODALITIES, ManifestDataset
-    from mmssl.data.manifest import subset_indices
-    from mmssl.data.samplers import BucketBatchSampler
-
     data = cfg.data
     manifest = data[split]
     if manifest is None:

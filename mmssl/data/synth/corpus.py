@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from mmssl.data.manifest import write_manifest
 from mmssl.data.synth import grammar, lips, scenes
@@ -262,8 +263,6 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1, progress: bool = Tru
 
 
 def _map(jobs: list[_Job], cfg: SynthConfig, out: Path, workers: int, progress: bool) -> list[list[dict]]:
-    from tqdm import tqdm
-
     bar = tqdm(total=len(jobs), desc="synth", unit="job", disable=not progress)
     results: list[list[dict]] = []
     # Always in spawned workers, even one: espeak-ng runs in a fork per utterance (see

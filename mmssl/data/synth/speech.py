@@ -89,6 +89,7 @@ class Espeak:
 
     def __init__(self) -> None:
         try:
+            # lazy: espeak-ng loads only to generate the corpus
             import espeakng_loader
         except ImportError as err:  # pragma: no cover - a dependency of the package
             raise ConfigError("the synthetic corpus needs the espeakng-loader package") from err
