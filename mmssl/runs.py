@@ -44,7 +44,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 import mmssl.objectives  # noqa: F401  (registers the objectives)
-from mmssl.config import builder_kwargs
+from mmssl.config import CONFIG_FILE, builder_kwargs
 from mmssl.data.importers import read_kmeans_state
 from mmssl.encoders.base import AudioVisualEncoder, SpeechEncoder
 from mmssl.errors import ConfigError, DataError
@@ -52,7 +52,6 @@ from mmssl.files import write_bytes
 from mmssl.objectives.base import Objective
 from mmssl.registry import OBJECTIVES, Registry
 
-CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
@@ -222,7 +221,7 @@ def run_dir_of(path: str | os.PathLike) -> Path:
     """The run folder holding ``path`` (the first with a ``config.yaml``)."""
     path = Path(path)
     for folder in [path, *path.parents]:
-        if (folder / CONFIG).is_file():
+        if (folder / CONFIG_FILE).is_file():
             return folder
     raise DataError(f"{path}: no config.yaml in this folder or above it (not an `mmssl pretrain` run)")
 
@@ -252,8 +251,8 @@ def snapshot_inits(cfg: DictConfig, run_dir: Path) -> list[Path]:
         if (src_run / INIT_DIR).is_dir():
             shutil.copytree(src_run / INIT_DIR, dst / INIT_DIR)
         dst.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src_run / CONFIG, dst / CONFIG)
-        _copy_run_files(OmegaConf.load(src_run / CONFIG), src_run, dst)
+        shutil.copy2(src_run / CONFIG_FILE, dst / CONFIG_FILE)
+        _copy_run_files(OmegaConf.load(src_run / CONFIG_FILE), src_run, dst)
         (dst / STRUCTURE_ONLY).write_text(f"config of {src_run.resolve()}, copied when this run started\n")
         written.append(dst)
     return written
@@ -269,7 +268,7 @@ def _copy_run_files(cfg: DictConfig, src_run: Path, dst: Path) -> None:
         file = Path(str(value))
         file = file if file.is_file() else src_run / file.name
         if not file.is_file():
-            raise DataError(f"{src_run / CONFIG}: objective.{key}={value} not found")
+            raise DataError(f"{src_run / CONFIG_FILE}: objective.{key}={value} not found")
         shutil.copy2(file, dst / file.name)
 
 
@@ -291,7 +290,7 @@ def structure_config(run_dir: Path) -> DictConfig:
     """``run_dir``'s config as it rebuilds the run's objective for its own checkpoint: start-from
     runs read from their copies, start-from weight files unset, the run's own files (``run_files``)
     from its folder (also after the folder moved)."""
-    cfg = _use_copies(OmegaConf.load(run_dir / CONFIG), run_dir)
+    cfg = _use_copies(OmegaConf.load(run_dir / CONFIG_FILE), run_dir)
     for key in _meta(cfg).get("run_files", ()):
         value = OmegaConf.select(cfg, f"objective.{key}")
         if _set(value) and (run_dir / Path(str(value)).name).is_file():
@@ -334,11 +333,11 @@ def load_objective_from_run(
     try:
         missing, unexpected = objective.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes that differ: the config and the weights disagree
-        raise DataError(f"{file}: weights do not fit the model built from {run_dir / CONFIG}: "
+        raise DataError(f"{file}: weights do not fit the model built from {run_dir / CONFIG_FILE}: "
                         f"{str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise DataError(f"{file}: weights do not match objective {objective.__class__.__name__} of "
-                        f"{run_dir / CONFIG} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+                        f"{run_dir / CONFIG_FILE} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return objective.eval(), file
 
 

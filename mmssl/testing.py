@@ -77,6 +77,45 @@ def utterances_alone(batch: dict, frame_lens: Tensor) -> list[dict]:
     return out
 
 
+def alone_average(model, batch: dict, weight: str) -> float:
+    """The loss of each utterance of ``batch`` alone (``utterances_alone``), averaged with the
+    weight each reports as ``out[weight]`` (its predicted frames, slices...): what a padded
+    batch's loss must equal when padding changes nothing. Call in eval mode."""
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for alone in utterances_alone(batch, model.encoder.frame_lengths(batch["audio_lens"])):
+            single = model(alone)
+            total += single["loss"].item() * single[weight].item()
+            count += single[weight].item()
+    return total / count
+
+
+def noisy_padding(batch: dict, scale: float = 1.0) -> dict:
+    """A copy of a speech batch with random samples (times ``scale``) in the padding of ``audio``."""
+    audio = batch["audio"].clone()
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        audio[i, n:] = scale * torch.randn(audio.shape[1] - n)
+    return dict(batch, audio=audio)
+
+
+def on_meta(batch: dict) -> dict:
+    """``batch`` with every tensor on the meta device."""
+    return {k: v.to("meta") if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def meta_step(model, batch: dict) -> dict:
+    """One forward and backward of ``model`` (built under ``torch.device("meta")``) on
+    ``batch`` moved to the meta device. Meta tensors hold no data: ``.item()``, ``bool(tensor)``
+    and boolean-mask indexing raise there, so a step that runs shows it needs no host sync
+    (checked without a GPU). Asserts a meta loss and a gradient for every parameter; returns
+    the outputs."""
+    model.zero_grad()
+    out = model(on_meta(batch))
+    out["loss"].backward()
+    assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())
+    return out
+
+
 WORDS = ("one", "red", "circle", "above", "a", "big", "blue", "square", "two", "green", "stars")
 
 

@@ -31,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mmssl import cli
+from mmssl.config import CONFIG_FILE
 from mmssl.data.importers import KMEANS_FILE, read_kmeans_state
 from mmssl.errors import MmsslError
 from mmssl.eval.noisy import read_results
@@ -81,9 +82,9 @@ def started_from_latest(asr: Path, pretrain: Path) -> bool:
     """The fine-tuning run in ``asr`` started from ``pretrain``'s latest checkpoint (the one
     its config.yaml records in ``objective.encoder_init``)."""
     latest = latest_checkpoint(pretrain)
-    if latest is None or not (asr / "config.yaml").is_file():
+    if latest is None or not (asr / CONFIG_FILE).is_file():
         return False
-    started = OmegaConf.select(OmegaConf.load(asr / "config.yaml"), "objective.encoder_init")
+    started = OmegaConf.select(OmegaConf.load(asr / CONFIG_FILE), "objective.encoder_init")
     return started == str(latest.resolve())
 
 
@@ -97,7 +98,7 @@ def asr_done(asr: Path, pretrain: Path, steps: int) -> bool:
 
 
 def clear_stale_asr(asr: Path, pretrain: Path) -> None:
-    if (asr / "config.yaml").is_file() and not started_from_latest(asr, pretrain):
+    if (asr / CONFIG_FILE).is_file() and not started_from_latest(asr, pretrain):
         print(f"    {asr} started from another checkpoint of {pretrain}: removed, fine-tuning again")
         shutil.rmtree(asr)
 
@@ -145,7 +146,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
         Stage("iteration 1 targets: k-means on MFCC frames",
               ["kmeans", "--manifest", train, valid, "--features", "mfcc", "--k", str(CLUSTERS), "--out", str(km1),
                "--seed", str(args.seed)],
-              _exists(km1 / "kmeans.pt")),
+              _exists(km1 / KMEANS_FILE)),
         Stage("pretrain AV-HuBERT, iteration 1, on audio + lip video (masked prediction of the MFCC targets)",
               ["pretrain", "av_hubert_iter1", f"data.train={train}", f"data.valid={valid}", f"data.labels={km1}",
                f"objective.num_classes={CLUSTERS}", f"model.size={model}", f"train.max_steps={steps}",

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from mmssl.config import CONFIG_FILE
 from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.collate import pad_sequences
 from mmssl.data.datasets import lip_frames
@@ -30,7 +31,7 @@ from mmssl.data.samplers import pack_batches
 from mmssl.data.units import BLANK, normalize_text
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import write_text
-from mmssl.runs import CONFIG, latest_checkpoint, load_objective_from_run
+from mmssl.runs import latest_checkpoint, load_objective_from_run
 
 
 def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
@@ -170,7 +171,7 @@ def load_asr_model(run_dir: str | Path, device: torch.device):
     pretraining run's config kept in the run folder (``mmssl.runs``), so decoding does not need
     the pretraining run any more."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         raise DataError(f"{run_dir}: no config.yaml (not an `mmssl finetune-asr` run folder)")
     if latest_checkpoint(run_dir) is None:
         raise DataError(f"{run_dir}: no checkpoint yet")

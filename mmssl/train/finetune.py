@@ -17,11 +17,11 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from mmssl.config import load_run_config, resolve
+from mmssl.config import CONFIG_FILE, load_run_config, resolve
 from mmssl.data.manifest import read_manifest
 from mmssl.data.units import UNITS_FILE, train_units
 from mmssl.errors import ConfigError, DataError
-from mmssl.runs import CONFIG, MODEL_FILE, check_options, has_checkpoint, resolve_weights
+from mmssl.runs import MODEL_FILE, check_options, has_checkpoint, resolve_weights
 from mmssl.train.pretrain import pretrain
 
 
@@ -45,7 +45,7 @@ def finetune_config(recipe: str | None, overrides: Sequence[str], init: str | No
     cfg = resolve(cfg)
     run_dir = Path(cfg.train.out_dir)
     if resume and has_checkpoint(run_dir):
-        cfg.objective.encoder_init = OmegaConf.load(run_dir / CONFIG).objective.encoder_init
+        cfg.objective.encoder_init = OmegaConf.load(run_dir / CONFIG_FILE).objective.encoder_init
         return cfg
     init = OmegaConf.select(cfg, "objective.encoder_init")
     if init not in (None, "", "none"):

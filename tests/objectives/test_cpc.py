@@ -10,7 +10,7 @@ from mmssl.nn.contrastive import sample_negatives
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.cpc import binary_contrastive
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import overfit, save_tiny_run, tiny_audio_batch
+from mmssl.testing import noisy_padding, overfit, save_tiny_run, tiny_audio_batch
 
 
 def test_binary_loss_matches_hand_computation():
@@ -69,9 +69,7 @@ def test_padding_values_change_no_loss(context):
     torch.manual_seed(0)
     model = OBJECTIVES.build("cpc", size="tiny", context=context)
     batch = tiny_audio_batch()
-    noisy = dict(batch, audio=batch["audio"].clone())
-    for i, n in enumerate(batch["audio_lens"].tolist()):
-        noisy["audio"][i, n:] = torch.randn(batch["audio"].shape[1] - n)
+    noisy = noisy_padding(batch)
     torch.manual_seed(3)
     a = model(batch)["loss"]
     torch.manual_seed(3)

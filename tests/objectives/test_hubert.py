@@ -6,7 +6,13 @@ import torch
 from mmssl.errors import DataError
 from mmssl.nn.prediction import cosine_logits, prediction_loss, resample_targets
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import overfit, tiny_audio_batch, tiny_labelled_audio_batch, utterances_alone
+from mmssl.testing import (
+    noisy_padding,
+    overfit,
+    tiny_audio_batch,
+    tiny_labelled_audio_batch,
+    utterances_alone,
+)
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
 
@@ -102,9 +108,7 @@ def test_forward_backward_and_masked_only_by_default():
 def test_padding_values_change_no_loss():
     model = _model()
     batch = model.batch_hook()(_batch())
-    noisy = dict(batch, audio=batch["audio"].clone())
-    for i, n in enumerate(batch["audio_lens"].tolist()):
-        noisy["audio"][i, n:] = 3 * torch.randn(batch["audio"].shape[1] - n)
+    noisy = noisy_padding(batch, 3.0)
     a, b = model(batch), model(noisy)
     assert torch.allclose(a["loss"], b["loss"], atol=1e-5)
 

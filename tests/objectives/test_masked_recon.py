@@ -22,7 +22,7 @@ from mmssl.objectives.masked_recon import (
 )
 from mmssl.registry import OBJECTIVES
 from mmssl.runs import load_encoder_from_run
-from mmssl.testing import overfit, tiny_audio_batch
+from mmssl.testing import meta_step, overfit, tiny_audio_batch
 
 QUIET = dict(dropout=0.0, attention_dropout=0.0)
 TERA = dict(stack=1, channel_alteration=True, magnitude_alteration=True)
@@ -337,11 +337,7 @@ def test_training_step_runs_on_the_meta_device():
     with torch.device("meta"):
         model = _model(**TERA).train()
     for batch in (model.batch_hook()(tiny_audio_batch()), tiny_audio_batch()):
-        batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in batch.items()}
-        model.zero_grad()
-        out = model(batch)
-        out["loss"].backward()
-        assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())
+        meta_step(model, batch)
 
 
 def test_sizes_follow_the_papers():
