@@ -20,9 +20,14 @@ from mmssl.errors import MmsslError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mmssl.commands.synth", "generate the built-in audio-visual and image-caption corpus"),
     "data check": ("mmssl.commands.data_check", "decode every record of a manifest and report the bad ones"),
-    "data import": ("mmssl.commands.data_import", "convert fairseq / AV-HuBERT .tsv/.wrd manifests to JSON lines"),
-    "data prepare": ("mmssl.commands.data_prepare",
-                     "manifests from a local copy of LibriSpeech, LRS3, VoxCeleb2, SpokenCOCO, Flickr8k Audio or MUSAN"),
+    "data import": (
+        "mmssl.commands.data_import",
+        "convert fairseq / AV-HuBERT .tsv/.wrd manifests to JSON lines",
+    ),
+    "data prepare": (
+        "mmssl.commands.data_prepare",
+        "manifests from a local copy of LibriSpeech, LRS3, VoxCeleb2, SpokenCOCO, Flickr8k Audio or MUSAN",
+    ),
     "data lips": ("mmssl.commands.data_lips", "crop 88x88 mouth regions from face video"),
     "kmeans": ("mmssl.commands.kmeans", "fit k-means on MFCC or a checkpoint's layer and write labels"),
     "pretrain": ("mmssl.commands.pretrain", "pretrain a speech or audio-visual model from a recipe"),
@@ -31,7 +36,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "index": ("mmssl.commands.index", "embed images into a retrieval index"),
     "retrieve": ("mmssl.commands.retrieve", "query an index with speech"),
     "extract": ("mmssl.commands.extract", "extract features from a checkpoint"),
-    "layers": ("mmssl.commands.layers", "layer-wise CCA similarity of a run's encoder to its inputs or to another run"),
+    "layers": (
+        "mmssl.commands.layers",
+        "layer-wise CCA similarity of a run's encoder to its inputs or to another run",
+    ),
     "demo": ("mmssl.commands.demo", "run the main job end to end on the built-in corpus"),
 }
 
@@ -62,7 +70,7 @@ def user_message(err: BaseException) -> str:
         return text
     last = text.rstrip().splitlines()[-1]
     prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    return last[len(prefix) :] if last.startswith(prefix) else last
 
 
 def main(argv: list[str] | None = None) -> int:

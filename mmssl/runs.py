@@ -151,7 +151,9 @@ def check_options(cfg: DictConfig, registry: Registry = OBJECTIVES) -> Mapping[s
         for section, keys in (("objective", objective_keys), ("model", model_keys)):
             unknown = sorted(set(keys) - set(params))
             if unknown:
-                raise ConfigError(f"unknown config key {section}.{unknown[0]} (objective {name!r} takes: {takes})")
+                raise ConfigError(
+                    f"unknown config key {section}.{unknown[0]} (objective {name!r} takes: {takes})"
+                )
     return params
 
 
@@ -174,11 +176,15 @@ def _check_labels(cfg: DictConfig, kwargs: dict, params: Mapping[str, inspect.Pa
         if value is inspect.Parameter.empty or float(value) == float(info[source]):
             continue
         if key == "num_classes" and value > info[source]:
-            print(f"note: objective.num_classes={value} but data.labels={labels} "
-                  f"has only k={info[source]} clusters")
+            print(
+                f"note: objective.num_classes={value} but data.labels={labels} "
+                f"has only k={info[source]} clusters"
+            )
             continue
-        raise ConfigError(f"objective.{key}={value} but data.labels={labels} has {source}={info[source]}; "
-                          f"set objective.{key}={info[source]}")
+        raise ConfigError(
+            f"objective.{key}={value} but data.labels={labels} has {source}={info[source]}; "
+            f"set objective.{key}={info[source]}"
+        )
 
 
 def resolve_inits(name: str, kwargs: dict, registry: Registry = OBJECTIVES) -> dict:
@@ -192,8 +198,9 @@ def resolve_inits(name: str, kwargs: dict, registry: Registry = OBJECTIVES) -> d
     return out
 
 
-def build_objective(cfg: DictConfig, rank: int = 0, world_size: int = 1,
-                    registry: Registry = OBJECTIVES) -> Objective:
+def build_objective(
+    cfg: DictConfig, rank: int = 0, world_size: int = 1, registry: Registry = OBJECTIVES
+) -> Objective:
     """``registry.build(objective.name, size=model.size, **objective keys, **model keys)``, plus
     ``rank``/``world_size`` when the builder takes them; the runs it starts from (``init_runs``)
     are loaded here and given to the builder as modules."""
@@ -333,11 +340,15 @@ def load_objective_from_run(
     try:
         missing, unexpected = objective.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes that differ: the config and the weights disagree
-        raise DataError(f"{file}: weights do not fit the model built from {run_dir / CONFIG_FILE}: "
-                        f"{str(err).splitlines()[-1].strip()}") from None
+        raise DataError(
+            f"{file}: weights do not fit the model built from {run_dir / CONFIG_FILE}: "
+            f"{str(err).splitlines()[-1].strip()}"
+        ) from None
     if missing or unexpected:
-        raise DataError(f"{file}: weights do not match objective {objective.__class__.__name__} of "
-                        f"{run_dir / CONFIG_FILE} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise DataError(
+            f"{file}: weights do not match objective {objective.__class__.__name__} of "
+            f"{run_dir / CONFIG_FILE} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return objective.eval(), file
 
 
@@ -348,6 +359,8 @@ def load_encoder_from_run(run_dir_or_ckpt: str | os.PathLike) -> SpeechEncoder |
     objective, source = load_objective_from_run(run_dir_or_ckpt)
     encoder = getattr(objective, "encoder", None)
     if not isinstance(encoder, (SpeechEncoder, AudioVisualEncoder)):
-        raise DataError(f"{source}: objective {objective.__class__.__name__} has no single speech or "
-                        "audio-visual encoder to read layers from")
+        raise DataError(
+            f"{source}: objective {objective.__class__.__name__} has no single speech or "
+            "audio-visual encoder to read layers from"
+        )
     return encoder.eval()

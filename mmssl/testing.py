@@ -16,9 +16,7 @@ from mmssl.data.collate import collate
 from mmssl.runs import CHECKPOINTS, MODEL_FILE, build_objective, save_weights, step_dir_name
 
 
-def tiny_audio_batch(
-    lengths: tuple[int, ...] = (8000, 5600, 3200), seed: int = 0
-) -> dict[str, Tensor]:
+def tiny_audio_batch(lengths: tuple[int, ...] = (8000, 5600, 3200), seed: int = 0) -> dict[str, Tensor]:
     """A padded waveform batch: ``audio (B, S)``, ``audio_lens (B,)``, zeros after each length."""
     g = torch.Generator().manual_seed(seed)
     audio = torch.zeros(len(lengths), max(lengths))
@@ -26,7 +24,11 @@ def tiny_audio_batch(
         t = torch.arange(n) / SAMPLE_RATE
         tone = torch.sin(2 * torch.pi * (150 + 50 * i) * t)
         audio[i, :n] = 0.3 * tone + 0.05 * torch.randn(n, generator=g)
-    return {"audio": audio, "audio_lens": torch.tensor(lengths), "ids": [f"u{i}" for i in range(len(lengths))]}
+    return {
+        "audio": audio,
+        "audio_lens": torch.tensor(lengths),
+        "ids": [f"u{i}" for i in range(len(lengths))],
+    }
 
 
 def tiny_video_batch(
@@ -119,8 +121,13 @@ def meta_step(model, batch: dict) -> dict:
 WORDS = ("one", "red", "circle", "above", "a", "big", "blue", "square", "two", "green", "stars")
 
 
-def synthetic_batch(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), seed: int = 0,
-                    image_size: int = 64, hook: bool = True) -> dict:
+def synthetic_batch(
+    objective,
+    seconds: tuple[float, ...] = (0.96, 0.72, 0.48),
+    seed: int = 0,
+    image_size: int = 64,
+    hook: bool = True,
+) -> dict:
     """A batch with every key ``objective`` reads, made as the data pipeline makes them: the
     ``synthetic_items`` of ``seconds``, collated by ``mmssl.data.collate`` and passed through
     the objective's batch hook (``hook=False``: not). For tests and benchmarks."""
@@ -129,8 +136,9 @@ def synthetic_batch(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), 
     return batch_hook(batch) if batch_hook is not None else batch
 
 
-def synthetic_items(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), seed: int = 0,
-                    image_size: int = 64) -> list[dict]:
+def synthetic_items(
+    objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), seed: int = 0, image_size: int = 64
+) -> list[dict]:
     """Dataset items with every key ``objective`` reads: one per utterance of ``seconds``
     (audio and/or 25 fps video by ``objective.modalities``; cluster targets at
     ``objective.label_rate`` (default 100 Hz) when it has ``num_classes``; a transcript; a
@@ -148,7 +156,9 @@ def synthetic_items(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), 
         item: dict = {"id": f"u{i}", "transcript": " ".join(words), "group": f"img{i}"}
         if "audio" in modalities:
             t = torch.arange(n) / SAMPLE_RATE
-            item["audio"] = 0.3 * torch.sin(2 * torch.pi * (150 + 50 * i) * t) + 0.05 * torch.randn(n, generator=g)
+            item["audio"] = 0.3 * torch.sin(2 * torch.pi * (150 + 50 * i) * t) + 0.05 * torch.randn(
+                n, generator=g
+            )
         if "video" in modalities:
             item["video"] = torch.rand(frames, 1, 88, 88, generator=g)
         if classes:

@@ -75,15 +75,21 @@ def imports(module: str) -> list[tuple[str, ast.stmt, bool]]:
     """``(imported mmssl module, statement, inside a function)`` for every import of ``module``;
     ``from pkg import sub`` counts as importing ``pkg.sub`` when that is a module."""
     tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
-    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for n in ast.walk(f)}
+    local = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(f)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             source = _resolve(module, node)
-            targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in MODULES else source for a in node.names]
+            targets = [
+                f"{source}.{a.name}" if f"{source}.{a.name}" in MODULES else source for a in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -102,22 +108,35 @@ def test_every_module_has_a_layer():
 
 
 def test_no_lower_layer_imports_a_higher_one():
-    wrong = [f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
-             for m, targets in GRAPH.items() for t in targets if layer_of(t) > layer_of(m)]
+    wrong = [
+        f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
+        for m, targets in GRAPH.items()
+        for t in targets
+        if layer_of(t) > layer_of(m)
+    ]
     assert not wrong, "\n".join(wrong)
 
 
 def test_train_and_eval_do_not_import_each_other():
     a, b = PEERS_APART
-    wrong = [f"{m} imports {t}" for m, targets in GRAPH.items() for t in targets
-             if (m.startswith(a) and t.startswith(b)) or (m.startswith(b) and t.startswith(a))]
+    wrong = [
+        f"{m} imports {t}"
+        for m, targets in GRAPH.items()
+        for t in targets
+        if (m.startswith(a) and t.startswith(b)) or (m.startswith(b) and t.startswith(a))
+    ]
     assert not wrong, "\n".join(wrong)
 
 
 def test_objectives_share_code_through_lower_layers_not_each_other():
     allowed = {"mmssl.objectives", "mmssl.objectives.base"}
-    wrong = [f"{m} imports {t}" for m, targets in GRAPH.items() if m.startswith("mmssl.objectives.")
-             for t in targets if t.startswith("mmssl.objectives") and t not in allowed]
+    wrong = [
+        f"{m} imports {t}"
+        for m, targets in GRAPH.items()
+        if m.startswith("mmssl.objectives.")
+        for t in targets
+        if t.startswith("mmssl.objectives") and t not in allowed
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -174,8 +193,12 @@ def test_function_local_imports_say_why():
                 row = node.lineno - 1
                 while row > 0 and lines[row - 1].lstrip().startswith(("import ", "from ")):
                     row -= 1  # the first of a run of import lines
-                if "# lazy:" not in lines[node.lineno - 1] and not (row > 0 and _is_lazy_comment(lines[row - 1])):
-                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+                if "# lazy:" not in lines[node.lineno - 1] and not (
+                    row > 0 and _is_lazy_comment(lines[row - 1])
+                ):
+                    missing.append(
+                        f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}"
+                    )
     assert not missing, "function-local imports without a `# lazy: reason` comment:\n" + "\n".join(missing)
 
 
@@ -197,8 +220,13 @@ print(json.dumps({"failed": failed, "slowest": sorted(slow)[-3:]}))
 
 def test_every_module_imports_alone():
     names = sorted(MODULES)
-    done = subprocess.run([sys.executable, "-c", IMPORT_EACH, json.dumps(names)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_EACH, json.dumps(names)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert not result["failed"], "\n".join(f"{k}:\n{v}" for k, v in result["failed"].items())
@@ -209,4 +237,3 @@ def test_the_command_line_starts_without_torch():
     code = "import sys, mmssl.cli as c; c._available(); print(sorted(m for m in sys.modules if m.startswith('torch'))[:3])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
-

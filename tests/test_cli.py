@@ -36,9 +36,15 @@ def test_errors_from_data_workers_print_only_their_message(tmp_path, capsys):
     from mmssl.data.datasets import ManifestDataset
 
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"r{i}", "audio": f"missing{i}.wav"}) + "\n" for i in range(4)))
-    loader = DataLoader(ManifestDataset(str(manifest), max_bad_fraction=0.0, min_seen=1), batch_size=2,
-                        num_workers=1, collate_fn=collate)
+    manifest.write_text(
+        "".join(json.dumps({"id": f"r{i}", "audio": f"missing{i}.wav"}) + "\n" for i in range(4))
+    )
+    loader = DataLoader(
+        ManifestDataset(str(manifest), max_bad_fraction=0.0, min_seen=1),
+        batch_size=2,
+        num_workers=1,
+        collate_fn=collate,
+    )
     try:
         next(iter(loader))
     except Exception as err:  # the worker's DataError, re-raised with its traceback as text

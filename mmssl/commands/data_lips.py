@@ -25,16 +25,34 @@ from mmssl.files import write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="face videos, or JSON-lines manifests whose records have 'video'")
-    parser.add_argument("--out", required=True, help="output folder: <stem>.mp4 per video; a rewritten manifest per manifest")
-    parser.add_argument("--landmarks", help="folder of 68-point landmark files <record id>.pkl|.npy or <video stem>.pkl|.npy (AV-HuBERT style)")
-    parser.add_argument("--face-model", help="OpenCV DNN face detector model (YuNet .onnx) instead of a cascade")
-    parser.add_argument("--size", type=int, default=STORE_SIZE, choices=(CROP_SIZE, STORE_SIZE),
-                        help="crop side kept (default 96, as AV-HuBERT stores them; training takes random 88x88 windows)")
-    parser.add_argument("--smooth", type=int, default=5, help="moving-average window of the mouth track, frames")
+    parser.add_argument(
+        "inputs", nargs="+", help="face videos, or JSON-lines manifests whose records have 'video'"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder: <stem>.mp4 per video; a rewritten manifest per manifest"
+    )
+    parser.add_argument(
+        "--landmarks",
+        help="folder of 68-point landmark files <record id>.pkl|.npy or <video stem>.pkl|.npy (AV-HuBERT style)",
+    )
+    parser.add_argument(
+        "--face-model", help="OpenCV DNN face detector model (YuNet .onnx) instead of a cascade"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=STORE_SIZE,
+        choices=(CROP_SIZE, STORE_SIZE),
+        help="crop side kept (default 96, as AV-HuBERT stores them; training takes random 88x88 windows)",
+    )
+    parser.add_argument(
+        "--smooth", type=int, default=5, help="moving-average window of the mouth track, frames"
+    )
 
 
-def _jobs(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Path, str | None]], list[tuple[Path, list[dict]]]]:
+def _jobs(
+    inputs: list[str], out: Path
+) -> tuple[list[tuple[Path, Path, str | None]], list[tuple[Path, list[dict]]]]:
     """(source video, output crop, record id or None) per video, and the manifests to rewrite."""
     jobs, manifests = [], []
     for item in map(Path, inputs):
@@ -62,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     jobs, manifests = _jobs(args.inputs, out)
     done: dict[Path, dict] = {}
     for src, dst, rid in tqdm(jobs, desc="lips", unit="video"):
-        done[dst] = process_video(src, dst, finder, landmark_file(args.landmarks, src, rid), args.size, args.smooth)
+        done[dst] = process_video(
+            src, dst, finder, landmark_file(args.landmarks, src, rid), args.size, args.smooth
+        )
     for path, records in manifests:
         lines = []
         for rec in records:

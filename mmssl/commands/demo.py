@@ -45,14 +45,27 @@ SNRS = "clean,10,0,-5"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the corpus and the runs")
-    parser.add_argument("--size", default="demo", choices=["tiny", "demo"], help="built-in corpus size (default demo)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="pretraining steps (default: 30 on a CPU, 2000 on a GPU)")
-    parser.add_argument("--asr-steps", type=int, default=None,
-                        help="CTC fine-tuning steps (default: 30 on a CPU, 1000 on a GPU)")
-    parser.add_argument("--model-size", default=None, choices=["tiny", "base"],
-                        help="model preset (default: tiny on a CPU, base on a GPU)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="folder for the corpus and the runs"
+    )
+    parser.add_argument(
+        "--size", default="demo", choices=["tiny", "demo"], help="built-in corpus size (default demo)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="pretraining steps (default: 30 on a CPU, 2000 on a GPU)"
+    )
+    parser.add_argument(
+        "--asr-steps",
+        type=int,
+        default=None,
+        help="CTC fine-tuning steps (default: 30 on a CPU, 1000 on a GPU)",
+    )
+    parser.add_argument(
+        "--model-size",
+        default=None,
+        choices=["tiny", "base"],
+        help="model preset (default: tiny on a CPU, base on a GPU)",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
 
@@ -94,7 +107,9 @@ def asr_done(asr: Path, pretrain: Path, steps: int) -> bool:
     latest, wer = latest_checkpoint(asr), asr / "wer.json"
     if latest is None or not wer.is_file() or not started_from_latest(asr, pretrain):
         return False
-    return json.loads(wer.read_text()).get("checkpoint") == latest.name and latest.name == step_dir_name(steps)
+    return json.loads(wer.read_text()).get("checkpoint") == latest.name and latest.name == step_dir_name(
+        steps
+    )
 
 
 def clear_stale_asr(asr: Path, pretrain: Path) -> None:
@@ -139,35 +154,118 @@ def stages(args: argparse.Namespace) -> list[Stage]:
     asr_batch = [] if gpu else ["data.max_seconds_per_batch=20"]
     test_limit = [] if gpu else ["--limit", "50"]
     return [
-        Stage("generate the built-in corpus",
-              ["synth", "--size", args.size, "--seed", str(args.seed), "--out", str(args.out / "corpus")],
-              _exists(args.out / "corpus" / "synth.json")),
+        Stage(
+            "generate the built-in corpus",
+            ["synth", "--size", args.size, "--seed", str(args.seed), "--out", str(args.out / "corpus")],
+            _exists(args.out / "corpus" / "synth.json"),
+        ),
         Stage("check every record of the training manifest", ["data", "check", train]),
-        Stage("iteration 1 targets: k-means on MFCC frames",
-              ["kmeans", "--manifest", train, valid, "--features", "mfcc", "--k", str(CLUSTERS), "--out", str(km1),
-               "--seed", str(args.seed)],
-              _exists(km1 / KMEANS_FILE)),
-        Stage("pretrain AV-HuBERT, iteration 1, on audio + lip video (masked prediction of the MFCC targets)",
-              ["pretrain", "av_hubert_iter1", f"data.train={train}", f"data.valid={valid}", f"data.labels={km1}",
-               f"objective.num_classes={CLUSTERS}", f"model.size={model}", f"train.max_steps={steps}",
-               f"train.save_every={max(steps // 3, 1)}", f"train.valid_every={steps}", f"train.out_dir={run}",
-               f"train.device={args.device}", f"train.seed={args.seed}", "--resume"]),
-        Stage("cluster the pretrained model's last audio-visual layer (validation split)",
-              ["kmeans", "--manifest", valid, "--checkpoint", str(run), "--layer", last_layer, "--fit-fraction", "1",
-               "--k", str(CLUSTERS), "--out", str(km2), "--device", args.device, "--seed", str(args.seed)],
-              lambda: clusters_done(km2, run)),
-        Stage("fine-tune the pretrained model for ASR with CTC on the transcripts (character units)",
-              ["finetune-asr", "ctc", "--init", str(run), f"data.train={train}", f"data.valid={valid}",
-               f"train.max_steps={asr_steps}", f"train.save_every={max(asr_steps // 3, 1)}", "train.valid_every=0",
-               f"objective.freeze_steps={asr_steps // 5}", "train.lr=1e-3", "train.accum_steps=1", *asr_batch,
-               f"train.out_dir={asr}", f"train.device={args.device}", f"train.seed={args.seed}",
-               "--resume"],
-              lambda: asr_done(asr, run, asr_steps), lambda: clear_stale_asr(asr, run)),
-        Stage("WER under noise on the test split: audio only, video only, audio-visual",
-              ["eval-noisy", "--run", str(asr), "--manifest", str(av / "test.jsonl"),
-               "--noise", str(args.out / "corpus" / "noise" / "test"), "--noise-types", NOISE_TYPES, "--snrs", SNRS,
-               "--device", args.device, "--seed", str(args.seed), *test_limit],
-              lambda: noisy_done(asr, noisy)),
+        Stage(
+            "iteration 1 targets: k-means on MFCC frames",
+            [
+                "kmeans",
+                "--manifest",
+                train,
+                valid,
+                "--features",
+                "mfcc",
+                "--k",
+                str(CLUSTERS),
+                "--out",
+                str(km1),
+                "--seed",
+                str(args.seed),
+            ],
+            _exists(km1 / KMEANS_FILE),
+        ),
+        Stage(
+            "pretrain AV-HuBERT, iteration 1, on audio + lip video (masked prediction of the MFCC targets)",
+            [
+                "pretrain",
+                "av_hubert_iter1",
+                f"data.train={train}",
+                f"data.valid={valid}",
+                f"data.labels={km1}",
+                f"objective.num_classes={CLUSTERS}",
+                f"model.size={model}",
+                f"train.max_steps={steps}",
+                f"train.save_every={max(steps // 3, 1)}",
+                f"train.valid_every={steps}",
+                f"train.out_dir={run}",
+                f"train.device={args.device}",
+                f"train.seed={args.seed}",
+                "--resume",
+            ],
+        ),
+        Stage(
+            "cluster the pretrained model's last audio-visual layer (validation split)",
+            [
+                "kmeans",
+                "--manifest",
+                valid,
+                "--checkpoint",
+                str(run),
+                "--layer",
+                last_layer,
+                "--fit-fraction",
+                "1",
+                "--k",
+                str(CLUSTERS),
+                "--out",
+                str(km2),
+                "--device",
+                args.device,
+                "--seed",
+                str(args.seed),
+            ],
+            lambda: clusters_done(km2, run),
+        ),
+        Stage(
+            "fine-tune the pretrained model for ASR with CTC on the transcripts (character units)",
+            [
+                "finetune-asr",
+                "ctc",
+                "--init",
+                str(run),
+                f"data.train={train}",
+                f"data.valid={valid}",
+                f"train.max_steps={asr_steps}",
+                f"train.save_every={max(asr_steps // 3, 1)}",
+                "train.valid_every=0",
+                f"objective.freeze_steps={asr_steps // 5}",
+                "train.lr=1e-3",
+                "train.accum_steps=1",
+                *asr_batch,
+                f"train.out_dir={asr}",
+                f"train.device={args.device}",
+                f"train.seed={args.seed}",
+                "--resume",
+            ],
+            lambda: asr_done(asr, run, asr_steps),
+            lambda: clear_stale_asr(asr, run),
+        ),
+        Stage(
+            "WER under noise on the test split: audio only, video only, audio-visual",
+            [
+                "eval-noisy",
+                "--run",
+                str(asr),
+                "--manifest",
+                str(av / "test.jsonl"),
+                "--noise",
+                str(args.out / "corpus" / "noise" / "test"),
+                "--noise-types",
+                NOISE_TYPES,
+                "--snrs",
+                SNRS,
+                "--device",
+                args.device,
+                "--seed",
+                str(args.seed),
+                *test_limit,
+            ],
+            lambda: noisy_done(asr, noisy),
+        ),
     ]
 
 
@@ -179,11 +277,15 @@ def summary(out: Path) -> str:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         train = [r for r in rows if "loss" in r]
         if train:
-            lines.append(f"  AV-HuBERT loss: {train[0]['loss']:.3f} at step {train[0]['step']} -> "
-                         f"{train[-1]['loss']:.3f} at step {train[-1]['step']}")
+            lines.append(
+                f"  AV-HuBERT loss: {train[0]['loss']:.3f} at step {train[0]['step']} -> "
+                f"{train[-1]['loss']:.3f} at step {train[-1]['step']}"
+            )
         valid = [r for r in rows if "valid_loss" in r]
         if valid:
-            lines.append(f"  AV-HuBERT validation loss at step {valid[-1]['step']}: {valid[-1]['valid_loss']:.3f}")
+            lines.append(
+                f"  AV-HuBERT validation loss at step {valid[-1]['step']}: {valid[-1]['valid_loss']:.3f}"
+            )
     lines.append("  cluster quality on the valid split (phones from the corpus alignments):")
     lines.append(f"    {'targets':<34} {'phone purity':>12} {'cluster purity':>14} {'PNMI':>6}")
     for name, folder in (("MFCC (iteration-1 targets)", "km_mfcc"), ("AV-HuBERT last layer", "km_av")):
@@ -191,12 +293,16 @@ def summary(out: Path) -> str:
         if path.is_file():
             q = json.loads(path.read_text())["by_manifest"].get("valid", {})
             if q:
-                lines.append(f"    {name:<34} {q['phone_purity']:>12.3f} {q['cluster_purity']:>14.3f} {q['pnmi']:>6.3f}")
+                lines.append(
+                    f"    {name:<34} {q['phone_purity']:>12.3f} {q['cluster_purity']:>14.3f} {q['pnmi']:>6.3f}"
+                )
     wer = out / "asr" / "wer.json"
     if wer.is_file():
         w = json.loads(wer.read_text())
-        lines.append(f"  CTC fine-tuning, valid split (audio + video): WER {100 * w['wer']:.1f}% "
-                     f"({w['errors']} errors / {w['words']} words)")
+        lines.append(
+            f"  CTC fine-tuning, valid split (audio + video): WER {100 * w['wer']:.1f}% "
+            f"({w['errors']} errors / {w['words']} words)"
+        )
     table = out / "asr" / "eval_noisy" / "wer.md"
     if table.is_file():
         lines.append("  WER (%) on the test split under noise:")
@@ -217,10 +323,14 @@ def run(args: argparse.Namespace) -> int:
         start = time.time()
         code = cli.main(stage.argv)
         if code != 0:
-            raise MmsslError(f"stage {i} ({stage.title}) failed with exit status {code}; "
-                             f"run `mmssl demo` again to continue from there")
+            raise MmsslError(
+                f"stage {i} ({stage.title}) failed with exit status {code}; "
+                f"run `mmssl demo` again to continue from there"
+            )
         print(f"    done in {time.time() - start:.0f} s", flush=True)
     print(summary(args.out))
-    print(f"\nmmssl demo: finished; corpus, labels, run folders (TensorBoard logs in av_hubert/tb and asr/tb) "
-          f"under {args.out}")
+    print(
+        f"\nmmssl demo: finished; corpus, labels, run folders (TensorBoard logs in av_hubert/tb and asr/tb) "
+        f"under {args.out}"
+    )
     return 0

@@ -40,15 +40,28 @@ from mmssl.runs import load_encoder_from_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or .safetensors file")
+    parser.add_argument(
+        "--checkpoint", required=True, help="run folder, checkpoint folder or .safetensors file"
+    )
     parser.add_argument("--manifest", required=True, help="JSON-lines manifest of the records to extract")
-    parser.add_argument("--layer", required=True,
-                        help="transformer layer (1 = first, 0 = their input), a comma list, or 'all'")
+    parser.add_argument(
+        "--layer",
+        required=True,
+        help="transformer layer (1 = first, 0 = their input), a comma list, or 'all'",
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored precision (default float32)")
-    parser.add_argument("--modalities", help="audio-visual encoders: comma list of audio,video to read (default both)")
-    parser.add_argument("--shard-mb", type=float, default=256.0, help="close a shard at this size (default 256 MB)")
-    parser.add_argument("--skip-bad", action="store_true", help="skip and count unreadable records instead of stopping")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="stored precision (default float32)"
+    )
+    parser.add_argument(
+        "--modalities", help="audio-visual encoders: comma list of audio,video to read (default both)"
+    )
+    parser.add_argument(
+        "--shard-mb", type=float, default=256.0, help="close a shard at this size (default 256 MB)"
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip and count unreadable records instead of stopping"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
 
 
@@ -64,11 +77,31 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layer, num_layers(encoder))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = extract(encoder, records, layers, out, device, DTYPES[args.dtype], modalities, args.skip_bad,
-                     int(args.shard_mb * (1 << 20)))
-    summary = {"checkpoint": str(args.checkpoint), "manifest": str(args.manifest), "layers": layers,
-               "dtype": args.dtype, **result}
+    result = extract(
+        encoder,
+        records,
+        layers,
+        out,
+        device,
+        DTYPES[args.dtype],
+        modalities,
+        args.skip_bad,
+        int(args.shard_mb * (1 << 20)),
+    )
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        "manifest": str(args.manifest),
+        "layers": layers,
+        "dtype": args.dtype,
+        **result,
+    }
     write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out / INDEX}: {result['records']} records x {len(layers)} layer(s) at {result['frame_rate']:g} Hz"
-          + (f"; skipped {len(result['skipped'])} bad record(s), listed in {out / SUMMARY}" if result["skipped"] else ""))
+    print(
+        f"wrote {out / INDEX}: {result['records']} records x {len(layers)} layer(s) at {result['frame_rate']:g} Hz"
+        + (
+            f"; skipped {len(result['skipped'])} bad record(s), listed in {out / SUMMARY}"
+            if result["skipped"]
+            else ""
+        )
+    )
     return 0

@@ -14,13 +14,23 @@ from mmssl.train.finetune import finetune, finetune_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", nargs="?", default="ctc", help="a recipe YAML or shipped recipe name (default: ctc)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.train=M data.valid=V train.max_steps=100")
-    parser.add_argument("--init", default=None, metavar="PRETRAIN_RUN",
-                        help="pretraining run folder or checkpoint to start from (its latest checkpoint, "
-                             "recorded in config.yaml); 'none' for a fresh encoder (objective.encoder, "
-                             "model.size). Required, except with --resume")
+    parser.add_argument(
+        "recipe", nargs="?", default="ctc", help="a recipe YAML or shipped recipe name (default: ctc)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. data.train=M data.valid=V train.max_steps=100",
+    )
+    parser.add_argument(
+        "--init",
+        default=None,
+        metavar="PRETRAIN_RUN",
+        help="pretraining run folder or checkpoint to start from (its latest checkpoint, "
+        "recorded in config.yaml); 'none' for a fresh encoder (objective.encoder, "
+        "model.size). Required, except with --resume",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
 
 
@@ -34,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     device = pick_device(cfg.train.device, option="train.device")
     result = evaluate_run(run_dir, cfg.data.valid, device)
-    print(f"WER on {cfg.data.valid}: {100 * result['wer']:.2f}% ({result['errors']} errors / {result['words']} words: "
-          f"{result['substitutions']} sub, {result['deletions']} del, {result['insertions']} ins)")
+    print(
+        f"WER on {cfg.data.valid}: {100 * result['wer']:.2f}% ({result['errors']} errors / {result['words']} words: "
+        f"{result['substitutions']} sub, {result['deletions']} del, {result['insertions']} ins)"
+    )
     print(f"run folder: {run_dir}")
     return 0

@@ -26,10 +26,16 @@ def parse_ks(spec: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="speech_image run folder, checkpoint folder or .safetensors file")
-    parser.add_argument("--manifest", required=True, help="image-caption manifest (records with audio, image, group)")
+    parser.add_argument(
+        "--run", required=True, help="speech_image run folder, checkpoint folder or .safetensors file"
+    )
+    parser.add_argument(
+        "--manifest", required=True, help="image-caption manifest (records with audio, image, group)"
+    )
     parser.add_argument("--out", required=True, help="index folder to write")
-    parser.add_argument("--batch-size", type=int, default=16, help="captions or images per batch (default 16)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="captions or images per batch (default 16)"
+    )
     parser.add_argument("--ks", default="1,5,10", help="K values of recall@K (default 1,5,10)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -43,10 +49,14 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.manifest}: manifest not found")
     device = pick_device(args.device)
     loaded = load_run(args.run, device)
-    recall = build_index(loaded, args.manifest, args.out, args.batch_size, ks, device, progress=not args.quiet)
+    recall = build_index(
+        loaded, args.manifest, args.out, args.batch_size, ks, device, progress=not args.quiet
+    )
     meta = json.loads((Path(args.out) / INDEX_FILE).read_text())
-    print(f"indexed {meta['images']} images and {meta['captions']} spoken captions of {args.manifest} "
-          f"with {loaded.weights} into {args.out}\n")
+    print(
+        f"indexed {meta['images']} images and {meta['captions']} spoken captions of {args.manifest} "
+        f"with {loaded.weights} into {args.out}\n"
+    )
     print(recall_table(recall, ks))
     for note in recall_warnings(meta["images"], meta["captions"], ks):
         print(f"warning: {note}", file=sys.stderr)

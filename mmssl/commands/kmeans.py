@@ -55,22 +55,37 @@ MIN_FRAMES_PER_CLUSTER = 50
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", required=True, nargs="+",
-                        help="JSON-lines manifests with an 'audio' path per record; k-means is fitted on the first, "
-                             "every one is labelled")
+    parser.add_argument(
+        "--manifest",
+        required=True,
+        nargs="+",
+        help="JSON-lines manifests with an 'audio' path per record; k-means is fitted on the first, "
+        "every one is labelled",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--features", choices=["mfcc"], help="cluster 39-dim MFCC (+deltas) at 100 Hz")
     source.add_argument("--checkpoint", help="run folder or checkpoint whose encoder layer to cluster")
     parser.add_argument("--layer", type=int, help="transformer layer (1 = first) with --checkpoint")
     parser.add_argument("--k", type=int, required=True, help="number of clusters")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--fit-fraction", type=float, default=0.1, help="fraction of records to fit on (default 0.1)")
+    parser.add_argument(
+        "--fit-fraction", type=float, default=0.1, help="fraction of records to fit on (default 0.1)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-iter", type=int, default=100, help="Lloyd iterations at most (passes over the frames with --batch-size)")
+    parser.add_argument(
+        "--max-iter",
+        type=int,
+        default=100,
+        help="Lloyd iterations at most (passes over the frames with --batch-size)",
+    )
     parser.add_argument("--n-init", type=int, default=1, help="k-means++ restarts, the best kept")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="mini-batch k-means with this many frames per step (default: full Lloyd)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="mini-batch k-means with this many frames per step (default: full Lloyd)",
+    )
 
 
 def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[FeatureFn, float]:
@@ -109,8 +124,15 @@ def fit_subset(num_records: int, fraction: float, seed: int) -> tuple[list[int],
 
 
 def fit_kmeans(
-    records: list[dict], feature_fn: FeatureFn, k: int, fraction: float, seed: int, max_iter: int, n_init: int,
-    min_frames_per_cluster: int = MIN_FRAMES_PER_CLUSTER, batch_size: int | None = None,
+    records: list[dict],
+    feature_fn: FeatureFn,
+    k: int,
+    fraction: float,
+    seed: int,
+    max_iter: int,
+    n_init: int,
+    min_frames_per_cluster: int = MIN_FRAMES_PER_CLUSTER,
+    batch_size: int | None = None,
 ) -> tuple[KMeans, dict[int, Tensor]]:
     """Fit on a random subset of records: ``fraction`` of them, grown until it holds at least
     ``min_frames_per_cluster * k`` frames or every record is taken; ``batch_size`` fits with
@@ -133,6 +155,7 @@ def fit_kmeans(
     km = KMeans(k, max_iter=max_iter, n_init=n_init, seed=seed, batch_size=batch_size)
     desc = "kmeans: Lloyd" if batch_size is None else "kmeans: mini-batch passes"
     with tqdm(total=max_iter * n_init, desc=desc, unit="it") as bar:
+
         def progress(it: int, inertia: float) -> None:
             bar.update(1)
             bar.set_postfix(inertia=f"{inertia:.4g}")
@@ -152,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     manifests = [Path(m) for m in args.manifest]
     stems = [m.stem for m in manifests]
     if len(set(stems)) != len(stems):
-        raise ConfigError(f"manifests {', '.join(map(str, manifests))} share a file name; their labels would collide")
+        raise ConfigError(
+            f"manifests {', '.join(map(str, manifests))} share a file name; their labels would collide"
+        )
     all_records = [read_manifest(m) for m in manifests]
     for manifest, records in zip(manifests, all_records):
         if not records:
@@ -165,8 +190,16 @@ def run(args: argparse.Namespace) -> int:
         described = "mfcc"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    km, cache = fit_kmeans(all_records[0], feature_fn, args.k, args.fit_fraction, args.seed, args.max_iter,
-                           args.n_init, batch_size=args.batch_size)
+    km, cache = fit_kmeans(
+        all_records[0],
+        feature_fn,
+        args.k,
+        args.fit_fraction,
+        args.seed,
+        args.max_iter,
+        args.n_init,
+        batch_size=args.batch_size,
+    )
     qualities = {}
     for i, (manifest, records) in enumerate(zip(manifests, all_records)):
         scores = assign(manifest, records, feature_fn, km, rate, cache if i == 0 else {}, out)
@@ -174,8 +207,14 @@ def run(args: argparse.Namespace) -> int:
             qualities[manifest.stem] = scores
     # the weights file whose layer was clustered (None for MFCC), so a stale clustering shows
     weights = str(resolve_weights(args.checkpoint).resolve()) if args.checkpoint is not None else None
-    state = {"centroids": km.centroids.cpu(), "k": args.k, "features": described, "label_rate": rate,
-             "inertia": km.inertia, "weights": weights}
+    state = {
+        "centroids": km.centroids.cpu(),
+        "k": args.k,
+        "features": described,
+        "label_rate": rate,
+        "inertia": km.inertia,
+        "weights": weights,
+    }
     atomic_write(out / KMEANS_FILE, lambda f: torch.save(state, f))
     if qualities:
         first = next(iter(qualities.values()))
@@ -184,8 +223,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def assign(manifest: Path, records: list[dict], feature_fn: FeatureFn, km: KMeans, rate: float,
-           cache: dict[int, Tensor], out: Path) -> dict | None:
+def assign(
+    manifest: Path,
+    records: list[dict],
+    feature_fn: FeatureFn,
+    km: KMeans,
+    rate: float,
+    cache: dict[int, Tensor],
+    out: Path,
+) -> dict | None:
     """Label every record of ``manifest`` into ``out/<stem>.km`` (atomically); the cluster
     quality scores when every record has a phone alignment, else None."""
     manifest_dir = manifest.resolve().parent
@@ -205,11 +251,15 @@ def assign(manifest: Path, records: list[dict], feature_fn: FeatureFn, km: KMean
                 quality.add(frame_phones(alignment, labels.shape[0], rate, sr), labels)
 
     atomic_write(km_path, write, text=True)
-    print(f"wrote {km_path} ({len(records)} records, k={km.k}, {rate:g} Hz labels, "
-          f"inertia of the fit {km.inertia:.4g})")
+    print(
+        f"wrote {km_path} ({len(records)} records, k={km.k}, {rate:g} Hz labels, "
+        f"inertia of the fit {km.inertia:.4g})"
+    )
     if not has_align:
         return None
     scores = quality.result()
-    print(f"cluster quality ({manifest.stem}): " + ", ".join(
-        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+    print(
+        f"cluster quality ({manifest.stem}): "
+        + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+    )
     return scores

@@ -39,14 +39,22 @@ from mmssl.runs import load_encoder_from_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or .safetensors file")
+    parser.add_argument(
+        "--checkpoint", required=True, help="run folder, checkpoint folder or .safetensors file"
+    )
     parser.add_argument("--manifest", required=True, help="JSON-lines manifest of the records to compare on")
     against = parser.add_mutually_exclusive_group()
     against.add_argument("--against", help="another run whose every layer is a reference")
-    against.add_argument("--against-inputs", action="store_true", help="compare with the encoder's inputs (default)")
+    against.add_argument(
+        "--against-inputs", action="store_true", help="compare with the encoder's inputs (default)"
+    )
     parser.add_argument("--method", choices=METHODS, default="pwcca", help="similarity (default pwcca)")
-    parser.add_argument("--max-records", type=int, default=100, help="first N records of the manifest (default 100)")
-    parser.add_argument("--modalities", help="audio-visual encoders: comma list of audio,video to read (default both)")
+    parser.add_argument(
+        "--max-records", type=int, default=100, help="first N records of the manifest (default 100)"
+    )
+    parser.add_argument(
+        "--modalities", help="audio-visual encoders: comma list of audio,video to read (default both)"
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
 
@@ -64,12 +72,19 @@ def run(args: argparse.Namespace) -> int:
     layers, refs = collect(encoder, records, device, other, modalities)
     frames, widest = layers[0].shape[0], max(x.shape[1] for x in [*layers, *refs.values()])
     if frames < 10 * widest:  # CCA estimates need many more frames than dimensions
-        print(f"note: {frames} frames for up to {widest} dimensions; CCA scores are unreliable below "
-              f"~{10 * widest} frames (raise --max-records)")
+        print(
+            f"note: {frames} frames for up to {widest} dimensions; CCA scores are unreliable below "
+            f"~{10 * widest} frames (raise --max-records)"
+        )
     columns = list(refs)
     values = layerwise_similarity(layers, [refs[c] for c in columns], args.method)
-    about = {"checkpoint": str(args.checkpoint), "manifest": str(args.manifest), "records": len(records),
-             "frames": frames, "against": args.against}
+    about = {
+        "checkpoint": str(args.checkpoint),
+        "manifest": str(args.manifest),
+        "records": len(records),
+        "frames": frames,
+        "against": args.against,
+    }
     table = write_report(values, columns, Path(args.out), args.method, about)
     print(table)
     print(f"wrote {Path(args.out) / 'layers.md'}, layers.json and layers.png")

@@ -17,10 +17,15 @@ from mmssl.train.pretrain import pretrain
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a recipe YAML, or the name of one in mmssl/configs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. model.size=tiny train.max_steps=100")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in train.out_dir from its latest checkpoint")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. model.size=tiny train.max_steps=100",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

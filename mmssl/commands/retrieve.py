@@ -39,7 +39,9 @@ from mmssl.eval.query import contact_sheet, query_model, read_index, top_images
 from mmssl.eval.retrieval import LoadedRun, embed_speech_records, embed_texts, embed_waveforms
 
 
-def embed_queries(loaded: LoadedRun, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, list[dict]]:
+def embed_queries(
+    loaded: LoadedRun, args: argparse.Namespace, device: torch.device
+) -> tuple[Tensor, list[dict]]:
     """``(embeddings (Q, D), descriptions)`` of the queries named on the command line."""
     objective = loaded.objective
     if args.audio:
@@ -92,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=5, help="images per query (default 5)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--out", help="also write results.json and contact_sheet.png here")
-    parser.add_argument("--checkpoint", help="embed queries with this run or checkpoint instead of the index's")
+    parser.add_argument(
+        "--checkpoint", help="embed queries with this run or checkpoint instead of the index's"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="queries per batch (default 16)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
 
@@ -107,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     queries, described = embed_queries(loaded, args, device)
     if queries.shape[1] != images.shape[1]:
-        raise DataError(f"{args.index}: image embeddings are {images.shape[1]}-d, the queries {queries.shape[1]}-d "
-                        "(an index of another model)")
+        raise DataError(
+            f"{args.index}: image embeddings are {images.shape[1]}-d, the queries {queries.shape[1]}-d "
+            "(an index of another model)"
+        )
     results = []
     for entry, hits in zip(described, top_images(queries, images, rows, args.top)):
         if "group" in entry:

@@ -14,12 +14,16 @@ from mmssl.errors import ConfigError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(PRESETS), default="tiny", help="preset size (default: tiny)")
-    parser.add_argument("--hours", type=float, default=None, help="hours of audio-visual speech instead of a preset")
+    parser.add_argument(
+        "--hours", type=float, default=None, help="hours of audio-visual speech instead of a preset"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same corpus")
     parser.add_argument("--out", type=Path, help="corpus folder (av/, image/, noise/)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--figures", type=Path, help="also render the README's two example PNGs into this folder")
+    parser.add_argument(
+        "--figures", type=Path, help="also render the README's two example PNGs into this folder"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -54,15 +54,19 @@ def _reason(err: DataError, path: str) -> str:
     return text[len(path) + 2 :] if text.startswith(path + ": ") else text
 
 
-def _check_audio(record: dict, path: str, tolerance: float) -> tuple[list[str], list[str], float, float | None]:
+def _check_audio(
+    record: dict, path: str, tolerance: float
+) -> tuple[list[str], list[str], float, float | None]:
     """-> (problems, notes, decoded seconds, seconds the container declares)."""
     info = probe(path)
     if not info.has_audio:
         raise DataError(f"{path}: no audio stream")
     reasons, notes = [], []
     if info.audio_rate < SAMPLE_RATE:
-        reasons.append(f"sample rate {info.audio_rate} Hz, expected {SAMPLE_RATE} Hz "
-                       f"(resampling cannot fill the band above {info.audio_rate // 2} Hz)")
+        reasons.append(
+            f"sample rate {info.audio_rate} Hz, expected {SAMPLE_RATE} Hz "
+            f"(resampling cannot fill the band above {info.audio_rate // 2} Hz)"
+        )
     elif info.audio_rate != SAMPLE_RATE:
         notes.append(f"audio resampled {info.audio_rate} Hz -> {SAMPLE_RATE} Hz")
     if info.audio_channels and info.audio_channels > 1:
@@ -76,7 +80,9 @@ def _check_audio(record: dict, path: str, tolerance: float) -> tuple[list[str], 
     return reasons, notes, wav.numel() / SAMPLE_RATE, info.duration
 
 
-def _check_video(record: dict, path: str, tolerance: float) -> tuple[list[str], list[str], float, float | None]:
+def _check_video(
+    record: dict, path: str, tolerance: float
+) -> tuple[list[str], list[str], float, float | None]:
     """-> (problems, notes, decoded seconds, seconds the container declares)."""
     info = probe(path)
     frames = load_video(path, VIDEO_FPS)
@@ -89,8 +95,9 @@ def _check_video(record: dict, path: str, tolerance: float) -> tuple[list[str], 
     return reasons, notes, frames.shape[0] / VIDEO_FPS, info.duration
 
 
-def _truncated(decoded: dict[str, list[float]], declared: dict[str, float | None],
-               tolerance: float) -> list[tuple[str, str]]:
+def _truncated(
+    decoded: dict[str, list[float]], declared: dict[str, float | None], tolerance: float
+) -> list[tuple[str, str]]:
     """Files whose longest decoded stream stops short of the container's duration (a
     container header written first, as mkv, opens fine when the end is cut off)."""
     found = []
@@ -132,8 +139,13 @@ def inspect_record(record: dict, tolerance: float = DEFAULT_TOLERANCE) -> Record
     problems += [(key, path, reason) for path, reason in _truncated(decoded, declared, tolerance)]
     a, v = seconds.get("audio"), seconds.get("video")
     if a is not None and v is not None and abs(a - v) > tolerance + 1e-9:
-        problems.append((key, record["video"], f"audio lasts {a:.3f} s, video {v:.3f} s "
-                         f"(differ by {abs(a - v):.3f} s > {tolerance:.3f} s)"))
+        problems.append(
+            (
+                key,
+                record["video"],
+                f"audio lasts {a:.3f} s, video {v:.3f} s (differ by {abs(a - v):.3f} s > {tolerance:.3f} s)",
+            )
+        )
     return RecordReport(problems, notes)
 
 
@@ -146,14 +158,16 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # parallelism comes from the processes
 
 
-def check_manifest(path: str, workers: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-                   progress: bool = True) -> tuple[int, list[Problem], list[Problem]]:
+def check_manifest(
+    path: str, workers: int = 1, tolerance: float = DEFAULT_TOLERANCE, progress: bool = True
+) -> tuple[int, list[Problem], list[Problem]]:
     """Check every record of a manifest -> (number of records, problems, notes), each list in
     manifest order."""
     records = read_manifest(path)
     inspect = partial(inspect_record, tolerance=tolerance)
-    bar = partial(tqdm, total=len(records), desc="checking", unit="rec",
-                  disable=not progress, file=sys.stderr)
+    bar = partial(
+        tqdm, total=len(records), desc="checking", unit="rec", disable=not progress, file=sys.stderr
+    )
     if workers <= 1:
         results = [inspect(r) for r in bar(records)]
     else:

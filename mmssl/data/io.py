@@ -115,7 +115,9 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             a = container.streams.audio[0]
             a_dur = _seconds(a.duration, a.time_base) or duration
             if a_dur and a.codec_context.name == "aac":  # the declared length counts the priming
-                a_dur = max(0.0, a_dur - _priming(a, *_first_timestamps(container, a)) / a.codec_context.sample_rate)
+                a_dur = max(
+                    0.0, a_dur - _priming(a, *_first_timestamps(container, a)) / a.codec_context.sample_rate
+                )
             fields.update(
                 audio_rate=a.codec_context.sample_rate,
                 audio_channels=a.codec_context.channels,

@@ -65,7 +65,9 @@ def _largest(boxes: list[tuple[float, float, float, float]]) -> tuple[float, flo
 class CascadeMouths:
     """The largest face of a cascade detector; the mouth at ``MOUTH_IN_BOX[kind]`` of its box."""
 
-    def __init__(self, detect: Callable[[np.ndarray], list[tuple[float, float, float, float]]], kind: str) -> None:
+    def __init__(
+        self, detect: Callable[[np.ndarray], list[tuple[float, float, float, float]]], kind: str
+    ) -> None:
         self.detect, self.kind = detect, kind
 
     def __call__(self, gray: np.ndarray) -> tuple[float, float, float] | None:
@@ -107,8 +109,11 @@ def skimage_cascade() -> CascadeMouths | None:
         h, w = gray.shape
         smallest = max(24, min(h, w) // 8)
         found = cascade.detect_multi_scale(
-            img=gray.astype(np.float32) / 255.0, scale_factor=1.2, step_ratio=1,
-            min_size=(smallest, smallest), max_size=(min(h, w), min(h, w)),
+            img=gray.astype(np.float32) / 255.0,
+            scale_factor=1.2,
+            step_ratio=1,
+            min_size=(smallest, smallest),
+            max_size=(min(h, w), min(h, w)),
         )
         return [(float(f["c"]), float(f["r"]), float(f["width"]), float(f["height"])) for f in found]
 
@@ -214,7 +219,9 @@ def smooth_track(centres: np.ndarray, sides: np.ndarray, window: int = 5, what: 
     return out[:, :2], out[:, 2]
 
 
-def crop_mouths(frames: np.ndarray, centres: np.ndarray, sides: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+def crop_mouths(
+    frames: np.ndarray, centres: np.ndarray, sides: np.ndarray, size: int = CROP_SIZE
+) -> np.ndarray:
     """Square crops around the track, resized to 96x96, centre ``size x size`` kept.
     ``frames (T, H, W)`` uint8 -> ``(T, size, size)`` uint8. Outside the frame is edge-replicated."""
     if size > STORE_SIZE:
@@ -226,12 +233,20 @@ def crop_mouths(frames: np.ndarray, centres: np.ndarray, sides: np.ndarray, size
         # affine map from the square window to the 96x96 crop; sub-pixel, borders replicated
         scale = STORE_SIZE / side
         m = np.array([[scale, 0, STORE_SIZE / 2 - scale * cx], [0, scale, STORE_SIZE / 2 - scale * cy]])
-        crop = cv2.warpAffine(frame, m, (STORE_SIZE, STORE_SIZE), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+        crop = cv2.warpAffine(
+            frame, m, (STORE_SIZE, STORE_SIZE), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE
+        )
         out[t] = crop[off : off + size, off : off + size]
     return out
 
 
-def write_av(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray | None, fps: float = VIDEO_FPS, sample_rate: int = SAMPLE_RATE) -> None:
+def write_av(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    audio: np.ndarray | None,
+    fps: float = VIDEO_FPS,
+    sample_rate: int = SAMPLE_RATE,
+) -> None:
     """Mux grayscale ``frames (T, H, W)`` uint8 (H.264) and mono ``audio (S,)`` float in
     [-1, 1] (AAC) into an mp4, written to a temporary name then renamed."""
     path = Path(path)
@@ -258,21 +273,34 @@ def write_av(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray | No
                 out.mux(packet)
 
 
-def mouth_track(frames: np.ndarray, finder: MouthFinder | None, landmarks: str | os.PathLike | None,
-                window: int, what: str) -> Track:
+def mouth_track(
+    frames: np.ndarray,
+    finder: MouthFinder | None,
+    landmarks: str | os.PathLike | None,
+    window: int,
+    what: str,
+) -> Track:
     """The smoothed mouth track of ``frames (T, H, W)``, from landmarks when given."""
     if landmarks is not None:
         marks = read_landmarks(landmarks)
         if len(marks) != len(frames):
-            raise DataError(f"{landmarks}: {len(marks)} landmark frames for {len(frames)} video frames of {what}")
+            raise DataError(
+                f"{landmarks}: {len(marks)} landmark frames for {len(frames)} video frames of {what}"
+            )
         raw = landmark_track(marks)
     else:
         raw = find_mouths(frames, finder or default_finder())
     return smooth_track(*raw, window=window, what=what)
 
 
-def process_video(src: str | os.PathLike, dst: str | os.PathLike, finder: MouthFinder | None = None,
-                  landmarks: str | os.PathLike | None = None, size: int = CROP_SIZE, window: int = 5) -> dict:
+def process_video(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    finder: MouthFinder | None = None,
+    landmarks: str | os.PathLike | None = None,
+    size: int = CROP_SIZE,
+    window: int = 5,
+) -> dict:
     """Crop the mouth track of video ``src`` into ``dst`` (mp4 with the clip's audio, if any).
     Returns ``{"video_frames", "audio_samples"}`` for the manifest."""
     frames = load_video(src, VIDEO_FPS).numpy()  # (T, H, W) at 25 fps

@@ -79,8 +79,12 @@ class NoiseBank:
     """Noise recordings from a folder (searched recursively, e.g. MUSAN's ``noise/``) or a
     list of files, decoded on demand to mono at ``sample_rate`` (a few recent files cached)."""
 
-    def __init__(self, folder_or_files: str | os.PathLike | Sequence[str | os.PathLike],
-                 sample_rate: int = SAMPLE_RATE, cache_files: int = 8) -> None:
+    def __init__(
+        self,
+        folder_or_files: str | os.PathLike | Sequence[str | os.PathLike],
+        sample_rate: int = SAMPLE_RATE,
+        cache_files: int = 8,
+    ) -> None:
         if isinstance(folder_or_files, (str, os.PathLike)):
             folder = Path(folder_or_files)
             if not folder.is_dir():

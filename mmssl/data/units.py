@@ -86,7 +86,9 @@ class Units:
         self.__init__(state["proto"], state["source"])  # type: ignore[misc]
 
 
-def train_units(texts: Iterable[str], kind: str = "char", vocab_size: int = 1000, source: str = "data.train") -> Units:
+def train_units(
+    texts: Iterable[str], kind: str = "char", vocab_size: int = 1000, source: str = "data.train"
+) -> Units:
     """SentencePiece units over normalised ``texts``: every character (``char``) or a unigram
     vocabulary of at most ``vocab_size`` pieces (``unigram``; fewer when the texts are too small
     for that many, as SentencePiece's ``hard_vocab_limit=false``). Unigram pieces keep
@@ -101,16 +103,27 @@ def train_units(texts: Iterable[str], kind: str = "char", vocab_size: int = 1000
     if kind == "unigram":
         chars = set("".join(lines).replace(" ", "")) | {"\u2581"}  # each a piece; spaces become "▁"
         if vocab_size < len(chars) + 1:  # + <unk>
-            raise ConfigError(f"objective.vocab_size={vocab_size} is smaller than the {len(chars)} characters "
-                              f"(with the word-start marker) of the transcripts of {source}, plus <unk>; "
-                              f"set objective.vocab_size >= {len(chars) + 1}")
+            raise ConfigError(
+                f"objective.vocab_size={vocab_size} is smaller than the {len(chars)} characters "
+                f"(with the word-start marker) of the transcripts of {source}, plus <unk>; "
+                f"set objective.vocab_size >= {len(chars) + 1}"
+            )
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=proto, model_type=kind,
-        vocab_size=100_000 if kind == "char" else vocab_size, use_all_vocab=kind == "char",
-        hard_vocab_limit=False, character_coverage=1.0, add_dummy_prefix=kind == "unigram",
-        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-        minloglevel=2, num_threads=1,
+        sentence_iterator=iter(lines),
+        model_writer=proto,
+        model_type=kind,
+        vocab_size=100_000 if kind == "char" else vocab_size,
+        use_all_vocab=kind == "char",
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        add_dummy_prefix=kind == "unigram",
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        minloglevel=2,
+        num_threads=1,
     )
     return Units(proto.getvalue(), f"<{kind} units>")
 

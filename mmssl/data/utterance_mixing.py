@@ -39,8 +39,10 @@ class UtteranceMixer:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0 or not 0.0 < self.max_fraction <= 1.0:
-            raise ConfigError(f"utterance mixing: prob must be in [0, 1] and max_fraction in (0, 1]; "
-                              f"got {self.prob}, {self.max_fraction}")
+            raise ConfigError(
+                f"utterance mixing: prob must be in [0, 1] and max_fraction in (0, 1]; "
+                f"got {self.prob}, {self.max_fraction}"
+            )
         self.energy_db = tuple(self.energy_db)  # type: ignore[assignment]
 
     def _int(self, low: int, high: int, g: torch.Generator) -> int:
@@ -62,7 +64,9 @@ class UtteranceMixer:
             src = self._int(0, lens[j] - size, g)
             dst = self._int(0, n - size, g)
             segment = source[j, src : src + size]
-            ratio_db = self.energy_db[0] + (self.energy_db[1] - self.energy_db[0]) * float(torch.rand(1, generator=g))
+            ratio_db = self.energy_db[0] + (self.energy_db[1] - self.energy_db[0]) * float(
+                torch.rand(1, generator=g)
+            )
             primary_power = source[i, :n].pow(2).mean()
             segment_power = segment.pow(2).mean().clamp(min=1e-10)
             scale = torch.sqrt(primary_power / (segment_power * 10 ** (ratio_db / 10)))

@@ -38,8 +38,9 @@ def build_family(
     if name not in ENCODERS:
         known = sorted({n.rsplit("_", 1)[0] for n in ENCODERS.names()})
         chosen = f"{what}={family!r}, " if what else ""
-        raise ConfigError(f"{chosen}model.size={size!r}: there is no encoder preset {name!r} "
-                          f"(families: {', '.join(known)})")
+        raise ConfigError(
+            f"{chosen}model.size={size!r}: there is no encoder preset {name!r} (families: {', '.join(known)})"
+        )
     overrides = dict(overrides or {})
     if feature_grad_mult is not None:
         overrides["feature_grad_scale"] = feature_grad_mult

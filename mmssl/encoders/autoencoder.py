@@ -67,7 +67,10 @@ class FrameAutoencoderEncoder(SpeechEncoder):
     ``z_e`` and (with a quantizer) ``z_q`` in ``layers``, ``hidden`` the last of them."""
 
     def __init__(
-        self, frontend: StackedLogMelFrontend, convs: ConvStack, latent_dim: int,
+        self,
+        frontend: StackedLogMelFrontend,
+        convs: ConvStack,
+        latent_dim: int,
         quantizer: VectorQuantizer | None = None,
     ) -> None:
         super().__init__()

@@ -78,7 +78,9 @@ class AVEncoder(AudioVisualEncoder):
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m, f in (("audio", self.audio_frontend), ("video", self.video_frontend)) if f is not None)
+        return tuple(
+            m for m, f in (("audio", self.audio_frontend), ("video", self.video_frontend)) if f is not None
+        )
 
     def audio_features(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``audio (B, S)`` -> ``(x (B, T, Ca), raw (B, T, F), lengths (B,))`` at 25 Hz."""
@@ -117,9 +119,13 @@ class AVEncoder(AudioVisualEncoder):
         """Each stream of ``batch`` this encoder reads, before fusion: ``audio``, ``audio_raw``
         (the stacked filterbanks), ``audio_lens``, ``video``, ``video_lens``; None for a stream
         the batch or the encoder lacks."""
-        out: dict[str, Tensor | None] = dict.fromkeys(("audio", "audio_raw", "audio_lens", "video", "video_lens"))
+        out: dict[str, Tensor | None] = dict.fromkeys(
+            ("audio", "audio_raw", "audio_lens", "video", "video_lens")
+        )
         if "audio" in batch and self.audio_frontend is not None:
-            out["audio"], out["audio_raw"], out["audio_lens"] = self.audio_features(batch["audio"], batch["audio_lens"])
+            out["audio"], out["audio_raw"], out["audio_lens"] = self.audio_features(
+                batch["audio"], batch["audio_lens"]
+            )
         if "video" in batch and self.video_frontend is not None:
             out["video"], out["video_lens"] = self.video_features(batch["video"], batch["video_lens"])
         if out["audio"] is None and out["video"] is None:
@@ -182,11 +188,20 @@ def build_av_encoder(
     video_proj = nn.Linear(video_frontend.dim, dim) if video_frontend is not None else None
     both = audio and video
     fusion = AVFusion(dim, dim, dim, modality_dropout if both else 0.0, audio_dropout)
-    return AVEncoder(audio_frontend, audio_proj, video_frontend, video_proj, fusion, options.build(), mask_embedding)
+    return AVEncoder(
+        audio_frontend, audio_proj, video_frontend, video_proj, fusion, options.build(), mask_embedding
+    )
 
 
 AV_TINY = dict(
-    dim=64, num_layers=2, num_heads=4, ffn_dim=128, lip="tiny", pos_conv_kernel=16, pos_conv_groups=4, layer_drop=0.0
+    dim=64,
+    num_layers=2,
+    num_heads=4,
+    ffn_dim=128,
+    lip="tiny",
+    pos_conv_kernel=16,
+    pos_conv_groups=4,
+    layer_drop=0.0,
 )
 AV_BASE = dict(dim=768, num_layers=12, num_heads=12, ffn_dim=3072)  # AV-HuBERT Base
 AV_LARGE = dict(dim=1024, num_layers=24, num_heads=16, ffn_dim=4096)  # AV-HuBERT Large
@@ -266,6 +281,8 @@ def av_features(encoder: AVEncoder, batch: dict, layer: int | None = None) -> tu
             elif 1 <= layer <= len(out.layers):
                 feats = out.layers[layer - 1]
             else:
-                raise ConfigError(f"layer {layer} out of range: the encoder has layers 1..{len(out.layers)} (0: their input)")
+                raise ConfigError(
+                    f"layer {layer} out of range: the encoder has layers 1..{len(out.layers)} (0: their input)"
+                )
     pad = lengths_to_padding_mask(lengths, feats.shape[1])
     return feats.masked_fill(pad.unsqueeze(-1), 0.0), lengths

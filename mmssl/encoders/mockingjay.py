@@ -66,12 +66,23 @@ def build_masked_recon_encoder(
     dropout 0.1, GELU; s3prl ``config_model``)."""
     frontend = StackedLogMelFrontend(LogMelFrontend(num_mel_bins, normalize="utterance"), stack)
     layers = tr.build_transformer(
-        dim, num_layers, num_heads, ffn_dim,
-        dropout=dropout, attention_dropout=attention_dropout, activation_dropout=activation_dropout,
-        pre_norm=pre_norm, pos_conv_kernel=0,
+        dim,
+        num_layers,
+        num_heads,
+        ffn_dim,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        activation_dropout=activation_dropout,
+        pre_norm=pre_norm,
+        pos_conv_kernel=0,
     ).layers
     transformer = tr.TransformerEncoder(
-        tr.SinusoidalPositions(dim), list(layers), dim, dropout, pre_norm, layer_drop  # type: ignore[arg-type]
+        tr.SinusoidalPositions(dim),
+        list(layers),
+        dim,
+        dropout,
+        pre_norm,
+        layer_drop,  # type: ignore[arg-type]
     )
     # Mockingjay's input projection (s3prl ``spec_transform``) is one linear layer; the
     # post-LN transformer adds the positions and layer-normalises the sum, ``LN(W x + p)``

@@ -78,7 +78,9 @@ class TextTower(nn.Module):
         """``text (B, L)`` token ids, ``text_lens (B,)`` -> ``(B, D)``."""
         b, length = text.shape
         if length > self.context_length:
-            raise ConfigError(f"text of {length} tokens, longer than the tower's context of {self.context_length}")
+            raise ConfigError(
+                f"text of {length} tokens, longer than the tower's context of {self.context_length}"
+            )
         ids = text.masked_fill(lengths_to_padding_mask(text_lens, length), 0)
         ids = F.pad(ids, (0, self.context_length - length))  # (B, context_length)
         if self.frozen:
@@ -92,7 +94,9 @@ def text_tower_from(model: nn.Module, freeze: bool = False) -> TextTower:
     return TextTower(model.text, int(model.embed_dim), freeze)
 
 
-def build_text_tower(model_name: str = TINY, pretrained: str | None = None, freeze: bool = False) -> TextTower:
+def build_text_tower(
+    model_name: str = TINY, pretrained: str | None = None, freeze: bool = False
+) -> TextTower:
     """An open_clip text tower: ``model_name`` ``"tiny"`` or an open_clip config name,
     ``pretrained`` a local checkpoint file (or None), ``freeze`` to keep it fixed."""
     return text_tower_from(build_open_clip(model_name, pretrained), freeze)

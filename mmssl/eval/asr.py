@@ -63,12 +63,18 @@ def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     errors = subs + dels + ins
     return {
         "wer": errors / words if words else float(errors > 0),
-        "substitutions": subs, "deletions": dels, "insertions": ins, "hits": hits,
-        "errors": errors, "words": words, "utterances": len(refs),
+        "substitutions": subs,
+        "deletions": dels,
+        "insertions": ins,
+        "hits": hits,
+        "errors": errors,
+        "words": words,
+        "utterances": len(refs),
     }
 
 
 # ---------------------------------------------------------------- decoding a manifest
+
 
 @dataclass
 class Clip:
@@ -88,8 +94,9 @@ class Clip:
         return self.video.shape[0] / VIDEO_FPS
 
 
-def load_clips(manifest: str | Path, modalities: Sequence[str], progress: bool = True,
-               limit: int | None = None) -> list[Clip]:
+def load_clips(
+    manifest: str | Path, modalities: Sequence[str], progress: bool = True, limit: int | None = None
+) -> list[Clip]:
     """The records of ``manifest`` (the first ``limit`` when given) with the ``modalities`` they
     are decoded with. ``DataError`` naming the record when it has no transcript or lacks a file
     for one of ``modalities``."""
@@ -98,7 +105,9 @@ def load_clips(manifest: str | Path, modalities: Sequence[str], progress: bool =
     if not records:
         raise DataError(f"{manifest}: no records")
     clips = []
-    for record in tqdm(records, desc=f"read {Path(manifest).name}", unit="utt", disable=not progress, leave=False):
+    for record in tqdm(
+        records, desc=f"read {Path(manifest).name}", unit="utt", disable=not progress, leave=False
+    ):
         rid = str(record["id"])
         if not record.get("transcript"):
             raise DataError(f"{manifest}: record {rid!r} has no transcript (WER needs one per record)")
@@ -124,8 +133,12 @@ def length_batches(clips: Sequence[Clip], batch_seconds: float) -> list[list[int
     return pack_batches(order, seconds, batch_seconds)
 
 
-def clip_batch(clips: Sequence[Clip], modalities: Sequence[str], device: torch.device,
-               audios: Sequence[Tensor] | None = None) -> dict:
+def clip_batch(
+    clips: Sequence[Clip],
+    modalities: Sequence[str],
+    device: torch.device,
+    audios: Sequence[Tensor] | None = None,
+) -> dict:
     """A padded batch of ``clips`` with only the keys of ``modalities`` (``audios`` replaces
     the clips' own waveforms, e.g. noisy copies)."""
     batch: dict = {"ids": [c.id for c in clips]}
@@ -179,15 +192,21 @@ def load_asr_model(run_dir: str | Path, device: torch.device):
     return objective.to(device).eval()
 
 
-def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batch_seconds: float = 60.0) -> dict:
+def evaluate_run(
+    run_dir: Path, manifest: str | Path, device: torch.device, batch_seconds: float = 60.0
+) -> dict:
     """Decode ``manifest`` with the run's model; write ``wer.json`` and ``hyps.jsonl`` there."""
     objective = load_asr_model(run_dir, device)
     folder = latest_checkpoint(run_dir)
     clips = load_clips(manifest, objective.modalities)
     hyps = transcribe(objective, clips, objective.modalities, device, batch_seconds, desc="decode valid")
     refs = [normalize_text(c.transcript) for c in clips]
-    result = {**word_errors(refs, hyps), "manifest": str(manifest), "modalities": list(objective.modalities),
-              "checkpoint": folder.name if folder is not None else None}
+    result = {
+        **word_errors(refs, hyps),
+        "manifest": str(manifest),
+        "modalities": list(objective.modalities),
+        "checkpoint": folder.name if folder is not None else None,
+    }
     lines = "".join(json.dumps({"id": c.id, "ref": r, "hyp": h}) + "\n" for c, r, h in zip(clips, refs, hyps))
     write_text(run_dir / "hyps.jsonl", lines)
     write_text(run_dir / "wer.json", json.dumps(result, indent=2) + "\n")

@@ -41,7 +41,9 @@ def cluster_quality(
 ) -> dict[str, float]:
     """Phone purity, cluster purity and PNMI of aligned frames ``phones (N,)``, ``clusters (N,)``."""
     if phones.shape != clusters.shape or phones.numel() == 0:
-        raise DataError(f"cluster quality needs as many phones as clusters, > 0; got {phones.numel()} and {clusters.numel()}")
+        raise DataError(
+            f"cluster quality needs as many phones as clusters, > 0; got {phones.numel()} and {clusters.numel()}"
+        )
     y = int(num_phones or int(phones.max()) + 1)
     z = int(num_clusters or int(clusters.max()) + 1)
     p = joint_counts(phones, clusters, y, z)
@@ -74,7 +76,10 @@ def read_alignment(path: str | os.PathLike) -> tuple[list[tuple[str, int, int]],
 
 
 def frame_phones(
-    alignment: list[tuple[str, int, int]], num_frames: int, frame_rate: float, sample_rate: int = SAMPLE_RATE,
+    alignment: list[tuple[str, int, int]],
+    num_frames: int,
+    frame_rate: float,
+    sample_rate: int = SAMPLE_RATE,
     window: int = 400,
 ) -> list[str | None]:
     """The phone at the centre of each of ``num_frames`` frames (frame ``t`` spans samples

@@ -42,7 +42,9 @@ def parse_layers(spec: str, top: int) -> list[int]:
     try:
         layers = [int(part) for part in spec.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"--layer must be an integer, a comma list of integers or 'all'; got {spec!r}") from None
+        raise ConfigError(
+            f"--layer must be an integer, a comma list of integers or 'all'; got {spec!r}"
+        ) from None
     if not layers:
         raise ConfigError("--layer is empty")
     for layer in layers:
@@ -77,8 +79,16 @@ class ShardWriter:
             x = feats[layer].contiguous()
             self.buffer[layer][record_id] = x
             self.bytes += x.numel() * x.element_size()
-            self.index.append({"id": record_id, "layer": layer, "frames": int(x.shape[0]), "dim": int(x.shape[1]),
-                               "frame_rate": self.frame_rate, "file": f"{layer_dir(layer)}/shard_{self.shard:05d}.safetensors"})
+            self.index.append(
+                {
+                    "id": record_id,
+                    "layer": layer,
+                    "frames": int(x.shape[0]),
+                    "dim": int(x.shape[1]),
+                    "frame_rate": self.frame_rate,
+                    "file": f"{layer_dir(layer)}/shard_{self.shard:05d}.safetensors",
+                }
+            )
         if self.bytes >= self.max_bytes:
             self.flush()
 
@@ -88,7 +98,11 @@ class ShardWriter:
         for layer in self.layers:
             path = self.out / layer_dir(layer) / f"shard_{self.shard:05d}.safetensors"
             with atomic_path(path) as tmp:
-                save_file(self.buffer[layer], str(tmp), metadata={"layer": str(layer), "frame_rate": str(self.frame_rate)})
+                save_file(
+                    self.buffer[layer],
+                    str(tmp),
+                    metadata={"layer": str(layer), "frame_rate": str(self.frame_rate)},
+                )
             self.buffer[layer] = {}
         self.shard += 1
         self.bytes = 0

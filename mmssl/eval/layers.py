@@ -36,8 +36,10 @@ def rate_factors(rate_a: float, rate_b: float) -> tuple[int, int]:
     unless one rate is an integer multiple of the other."""
     ratio = Fraction(rate_a / rate_b).limit_denominator(1000)
     if ratio.numerator != 1 and ratio.denominator != 1:
-        raise ConfigError(f"frame rates {rate_a:g} Hz and {rate_b:g} Hz are not integer multiples; "
-                          f"the runs' frames cannot be paired")
+        raise ConfigError(
+            f"frame rates {rate_a:g} Hz and {rate_b:g} Hz are not integer multiples; "
+            f"the runs' frames cannot be paired"
+        )
     return ratio.numerator if ratio > 1 else 1, ratio.denominator if ratio < 1 else 1
 
 

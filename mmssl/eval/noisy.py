@@ -74,8 +74,10 @@ def parse_modalities(text: str, encoder_modalities: Sequence[str]) -> list[str]:
             raise ConfigError(f"--modalities: unknown condition {m!r} (audio, video, audio+video)")
         missing = [k for k in MODALITY_KEYS[m] if k not in encoder_modalities]
         if missing:
-            raise ConfigError(f"--modalities {m}: the run's encoder has no {' or '.join(missing)} stream "
-                              f"(it reads {', '.join(encoder_modalities)})")
+            raise ConfigError(
+                f"--modalities {m}: the run's encoder has no {' or '.join(missing)} stream "
+                f"(it reads {', '.join(encoder_modalities)})"
+            )
     return out
 
 
@@ -102,7 +104,9 @@ def noise_banks(specs: Sequence[str], types: Sequence[str] | None) -> dict[str, 
     wanted = list(files) if not types else list(types)
     unknown = [t for t in wanted if t not in files]
     if unknown:
-        raise ConfigError(f"--noise-types: unknown noise type {unknown[0]!r}; the noise has {', '.join(sorted(files))}")
+        raise ConfigError(
+            f"--noise-types: unknown noise type {unknown[0]!r}; the noise has {', '.join(sorted(files))}"
+        )
     return {t: NoiseBank(files[t]) for t in wanted}
 
 
@@ -127,8 +131,11 @@ def fingerprint(run: Path, manifest: Path, banks: dict[str, NoiseBank], limit: i
     if folder is None:
         raise DataError(f"{run}: no checkpoint yet")
     return {
-        "checkpoint": str(folder.resolve()), "weights_sha256": sha256_file(folder / MODEL_FILE),
-        "manifest": _file_id(manifest), "limit": limit, "seed": seed,
+        "checkpoint": str(folder.resolve()),
+        "weights_sha256": sha256_file(folder / MODEL_FILE),
+        "manifest": _file_id(manifest),
+        "limit": limit,
+        "seed": seed,
         "noise": {name: [_file_id(Path(f))[:2] for f in bank.files] for name, bank in banks.items()},
     }
 
@@ -160,12 +167,16 @@ def reusable(path: Path, current: dict) -> dict[tuple[str, str, str], dict]:
         same = old is not None and all(old.get(k) == v for k, v in current.items() if k != "noise")
         if not same:
             differ = sorted(k for k, v in current.items() if k != "noise" and (old or {}).get(k) != v)
-            print(f"note: {path} was made with another {', '.join(differ) or 'version'}; starting the grid afresh")
+            print(
+                f"note: {path} was made with another {', '.join(differ) or 'version'}; starting the grid afresh"
+            )
             done = {}
         else:
             stale = {n for n, files in current["noise"].items() if old["noise"].get(n, files) != files}
             if stale:
-                print(f"note: the files of noise {', '.join(sorted(stale))} changed since {path}; redoing its cells")
+                print(
+                    f"note: the files of noise {', '.join(sorted(stale))} changed since {path}; redoing its cells"
+                )
             done = {k: v for k, v in done.items() if k[0] not in stale}
             current = {**current, "noise": {**old.get("noise", {}), **current["noise"]}}
     lines = [json.dumps({"fingerprint": current})] + [json.dumps(row) for row in done.values()]
@@ -188,7 +199,9 @@ def table(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities:
     return markdown_table(["noise", "SNR (dB)"] + [f"WER % {m}" for m in modalities], rows)
 
 
-def plot(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities: Sequence[str], path: Path) -> Path:
+def plot(
+    results: dict, noises: Sequence[str], snrs: Sequence[str], modalities: Sequence[str], path: Path
+) -> Path:
     """WER against SNR: one line per (modality, noise), a colour per modality and a line style
     per noise type; the clean point is shared."""
     series, styles, colors = {}, {}, {}
@@ -199,8 +212,16 @@ def plot(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities: 
             series[name] = [None if c is None else 100 * c["wer"] for c in cells]
             styles[name] = LINE_STYLES[j % len(LINE_STYLES)]
             colors[name] = PALETTE[k % len(PALETTE)]
-    return line_plot(list(snrs), series, path, xlabel="SNR (dB)", ylabel="WER (%)",
-                     title="WER under noise", styles=styles, colors=colors)
+    return line_plot(
+        list(snrs),
+        series,
+        path,
+        xlabel="SNR (dB)",
+        ylabel="WER (%)",
+        title="WER under noise",
+        styles=styles,
+        colors=colors,
+    )
 
 
 def _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress, desc) -> dict:
@@ -209,10 +230,18 @@ def _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress
 
 
 def evaluate(
-    run: Path, manifest: Path, noise_specs: Sequence[str], out: Path, noise_types: Sequence[str] | None = None,
+    run: Path,
+    manifest: Path,
+    noise_specs: Sequence[str],
+    out: Path,
+    noise_types: Sequence[str] | None = None,
     snrs: Sequence[str] = ("clean", "20", "10", "5", "0", "-5"),
-    modalities_text: str = "audio,video,audio+video", device_name: str = "auto", seed: int = 0,
-    batch_seconds: float = 60.0, progress: bool = True, limit: int | None = None,
+    modalities_text: str = "audio,video,audio+video",
+    device_name: str = "auto",
+    seed: int = 0,
+    batch_seconds: float = 60.0,
+    progress: bool = True,
+    limit: int | None = None,
 ) -> dict:
     """Run every missing cell; write ``results.jsonl``, ``wer.md``, ``wer_vs_snr.png``. Returns
     the results by (noise, snr, modality)."""
@@ -239,8 +268,9 @@ def evaluate(
             audios = None
             if "audio" in keys and snr != CLEAN:
                 audios = [noisy_audio(c, banks[noise], noise, snr, seed) for c in clips]
-            score = _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress,
-                                 f"{modality} {noise} {snr}")
+            score = _decode_cell(
+                objective, clips, keys, device, batch_seconds, audios, progress, f"{modality} {noise} {snr}"
+            )
         row = {"noise": noise, "snr": snr, "modality": modality, **score}
         results[(noise, snr, modality)] = row
         with open(results_path, "a", encoding="utf-8") as f:

@@ -118,4 +118,6 @@ def plot_layers(values: np.ndarray, path: str | Path, series: Sequence[str], tit
     values = np.asarray(values, dtype=np.float64).reshape(-1, len(series))  # (L, M)
     layers = [str(i) for i in range(1, values.shape[0] + 1)]
     lines = {name: values[:, j].tolist() for j, name in enumerate(series)}
-    return line_plot(layers, lines, path, xlabel="layer", ylabel="similarity", title=title, ylim=(-0.02, 1.02))
+    return line_plot(
+        layers, lines, path, xlabel="layer", ylabel="similarity", title=title, ylim=(-0.02, 1.02)
+    )

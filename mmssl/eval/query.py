@@ -48,7 +48,9 @@ def read_index(index_dir: str | Path) -> tuple[dict, Tensor, list[dict]]:
     embeddings = read_embeddings(index_dir / f"{IMAGES}.safetensors")
     rows = read_jsonl(index_dir / f"{IMAGES}.jsonl")
     if embeddings.shape[0] != len(rows):
-        raise DataError(f"{index_dir}: {embeddings.shape[0]} image embeddings but {len(rows)} lines in {IMAGES}.jsonl")
+        raise DataError(
+            f"{index_dir}: {embeddings.shape[0]} image embeddings but {len(rows)} lines in {IMAGES}.jsonl"
+        )
     return meta, embeddings, rows
 
 
@@ -58,20 +60,26 @@ def query_model(meta: dict, checkpoint: str | None, device: torch.device) -> tup
     index_weights = Path(meta["weights"])
     if checkpoint is None and not index_weights.is_file():
         checkpoint = meta["run"]
-        notes.append(f"the index's checkpoint {index_weights} is gone; queries use the latest checkpoint of {checkpoint}")
+        notes.append(
+            f"the index's checkpoint {index_weights} is gone; queries use the latest checkpoint of {checkpoint}"
+        )
     loaded = load_run(checkpoint if checkpoint is not None else index_weights, device)
     if sha256_file(loaded.weights) != meta.get("weights_sha256"):
-        notes.append(f"the index was made with other weights ({index_weights}, step {meta.get('step')}) than "
-                     f"these queries use ({loaded.weights}, step {loaded.step}); scores compare two different "
-                     "models: run `mmssl index` again")
+        notes.append(
+            f"the index was made with other weights ({index_weights}, step {meta.get('step')}) than "
+            f"these queries use ({loaded.weights}, step {loaded.step}); scores compare two different "
+            "models: run `mmssl index` again"
+        )
     elif checkpoint is None:
         try:
             latest = resolve_weights(loaded.run_dir).resolve()
         except DataError:
             latest = loaded.weights
         if latest != loaded.weights:
-            notes.append(f"the run has a newer checkpoint ({latest}) than the index's ({loaded.weights}); "
-                         "queries use the index's: run `mmssl index` again to use it")
+            notes.append(
+                f"the run has a newer checkpoint ({latest}) than the index's ({loaded.weights}); "
+                "queries use the index's: run `mmssl index` again to use it"
+            )
     return loaded, notes
 
 
@@ -80,8 +88,16 @@ def top_images(queries: Tensor, images: Tensor, rows: Sequence[dict], top: int) 
     scores = queries.float() @ images.float().T  # (Q, N)
     values, indices = scores.topk(min(top, images.shape[0]), dim=1)
     return [
-        [{"rank": r + 1, "score": round(float(v), 4), "group": rows[i].get("group"), "image": rows[i].get("image"),
-          "captions": rows[i].get("captions", [])} for r, (v, i) in enumerate(zip(vs.tolist(), ix.tolist()))]
+        [
+            {
+                "rank": r + 1,
+                "score": round(float(v), 4),
+                "group": rows[i].get("group"),
+                "image": rows[i].get("image"),
+                "captions": rows[i].get("captions", []),
+            }
+            for r, (v, i) in enumerate(zip(vs.tolist(), ix.tolist()))
+        ]
         for vs, ix in zip(values, indices)
     ]
 
@@ -105,8 +121,10 @@ def contact_sheet(results: Sequence[dict], path: Path, index_dir: str | Path = "
                     sheet.paste(img.convert("RGB").resize((THUMB, THUMB)), (col * THUMB, top))
             except (OSError, UnidentifiedImageError) as err:
                 sheet.paste(Image.new("RGB", (THUMB, THUMB), MISSING_TILE), (col * THUMB, top))
-                notes[hit["image"]] = (f"{hit['image']} (image of index {index_dir}) cannot be read "
-                                       f"({type(err).__name__}): a grey tile in {path}")
+                notes[hit["image"]] = (
+                    f"{hit['image']} (image of index {index_dir}) cannot be read "
+                    f"({type(err).__name__}): a grey tile in {path}"
+                )
             draw.text((col * THUMB + 4, top + THUMB + 3), f"{hit['rank']}: {hit['score']:.3f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

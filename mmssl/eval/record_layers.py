@@ -55,7 +55,9 @@ class RecordLayers:
     frame_rate: float
 
 
-def record_batch(record: dict, modalities: Sequence[str], device: torch.device, required: Sequence[str] = ()) -> dict:
+def record_batch(
+    record: dict, modalities: Sequence[str], device: torch.device, required: Sequence[str] = ()
+) -> dict:
     """A batch of one from a manifest record: ``audio (1, S)``/``audio_lens`` and/or
     ``video (1, T, 1, 88, 88)``/``video_lens`` for the ``modalities`` the record has a path for.
     ``DataError`` naming the record when it lacks a path for one of ``required``, has none of
@@ -63,15 +65,21 @@ def record_batch(record: dict, modalities: Sequence[str], device: torch.device, 
     rid = record.get("id")
     missing = [m for m in required if not record.get(m)]
     if missing:
-        raise DataError(f"record {rid!r}: no {' or '.join(map(repr, missing))} path, which --modalities asks for")
+        raise DataError(
+            f"record {rid!r}: no {' or '.join(map(repr, missing))} path, which --modalities asks for"
+        )
     batch: dict = {}
     try:
         if "audio" in modalities and record.get("audio"):
             wave = load_audio(record["audio"])  # (S,)
-            batch.update(audio=wave.to(device).unsqueeze(0), audio_lens=torch.tensor([wave.shape[0]], device=device))
+            batch.update(
+                audio=wave.to(device).unsqueeze(0), audio_lens=torch.tensor([wave.shape[0]], device=device)
+            )
         if "video" in modalities and record.get("video"):
             video = lip_frames(load_video(record["video"]))  # (T, 1, 88, 88)
-            batch.update(video=video.to(device).unsqueeze(0), video_lens=torch.tensor([video.shape[0]], device=device))
+            batch.update(
+                video=video.to(device).unsqueeze(0), video_lens=torch.tensor([video.shape[0]], device=device)
+            )
     except DataError as err:
         raise DataError(f"record {rid!r}: {err}") from None
     if not batch:
@@ -102,14 +110,20 @@ def _av_layers(encoder, batch: dict, upto: int) -> RecordLayers:
     if upto > 0:
         out = encoder.transformer(x, lengths, frame_rate=encoder.frame_rate, num_layers=upto)
         layers += [layer[0, :n] for layer in out.layers]
-    inputs = {name: s[key][0, :n] for name, key in (("fbank", "audio_raw"), ("lips", "video")) if s[key] is not None}
+    inputs = {
+        name: s[key][0, :n] for name, key in (("fbank", "audio_raw"), ("lips", "video")) if s[key] is not None
+    }
     inputs["fused"] = x[0, :n]
     return RecordLayers(layers, inputs, float(encoder.frame_rate))
 
 
 @torch.no_grad()
 def record_layers(
-    encoder, record: dict, device: torch.device, modalities: Sequence[str] | None = None, upto: int | None = None
+    encoder,
+    record: dict,
+    device: torch.device,
+    modalities: Sequence[str] | None = None,
+    upto: int | None = None,
 ) -> RecordLayers:
     """Layers ``0..upto`` (default all) of ``encoder`` (already on ``device``, in eval mode) for
     one manifest record, as float32 on ``device``; the transformer stops after layer ``upto``.
@@ -122,7 +136,9 @@ def record_layers(
         modalities = encoder.modalities if modalities is None else modalities
         unknown = sorted(set(modalities) - set(encoder.modalities))
         if unknown:
-            raise ConfigError(f"--modalities {','.join(unknown)}: the encoder reads only {', '.join(encoder.modalities)}")
+            raise ConfigError(
+                f"--modalities {','.join(unknown)}: the encoder reads only {', '.join(encoder.modalities)}"
+            )
     else:
         if modalities is not None and tuple(modalities) != ("audio",):
             raise ConfigError(f"--modalities {','.join(modalities)}: a speech encoder reads only audio")
@@ -133,7 +149,11 @@ def record_layers(
         raise ConfigError(f"layer {upto}: the encoder has layers 1..{top} (0: their input)")
     batch = record_batch(record, modalities, device, required)
     try:
-        result = _av_layers(encoder, batch, upto) if is_audio_visual(encoder) else _speech_layers(encoder, batch, upto)
+        result = (
+            _av_layers(encoder, batch, upto)
+            if is_audio_visual(encoder)
+            else _speech_layers(encoder, batch, upto)
+        )
     except DataError as err:
         raise DataError(f"record {record.get('id')!r}: {err}") from None
     result.layers = [t.float() for t in result.layers]

@@ -41,8 +41,16 @@ def line_plot(
     for j, (name, ys) in enumerate(series.items()):
         values = [float("nan") if y is None else float(y) for y in ys]
         colour = (colors or {}).get(name, PALETTE[j % len(PALETTE)])
-        ax.plot(positions, values, label=name, color=colour, marker=MARKERS[j % len(MARKERS)],
-                linestyle=(styles or {}).get(name, "-"), linewidth=1.8, markersize=4)
+        ax.plot(
+            positions,
+            values,
+            label=name,
+            color=colour,
+            marker=MARKERS[j % len(MARKERS)],
+            linestyle=(styles or {}).get(name, "-"),
+            linewidth=1.8,
+            markersize=4,
+        )
     if x and isinstance(x[0], str):
         ax.set_xticks(positions, list(x))
     ax.set_xlabel(xlabel)

@@ -77,7 +77,9 @@ def linear_cca(
     ``corrs``. ``reg`` is added to both covariance diagonals.
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"linear_cca needs x (N, Dx) and y (N, Dy); got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"linear_cca needs x (N, Dx) and y (N, Dy); got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if not 1 <= k <= min(x.shape[1], y.shape[1]):
         raise ValueError(f"k must be in [1, min(Dx, Dy)] = [1, {min(x.shape[1], y.shape[1])}], got {k}")
     if x.shape[0] < 2:

@@ -54,7 +54,9 @@ class LogitScale(nn.Module):
     come back. The forward clamp stays as a guard for loops that skip ``clamp_``; at the cap
     itself its gradient passes (``clamp``'s bounds are inclusive)."""
 
-    def __init__(self, init_temperature: float = INIT_TEMPERATURE, max_scale: float = MAX_LOGIT_SCALE) -> None:
+    def __init__(
+        self, init_temperature: float = INIT_TEMPERATURE, max_scale: float = MAX_LOGIT_SCALE
+    ) -> None:
         super().__init__()
         if init_temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {init_temperature}")
@@ -88,12 +90,20 @@ def same_group_mask(groups: Tensor, all_groups: Tensor, offset: int) -> Tensor:
     ``j`` shares row ``i``'s group but is not its positive (column ``i + offset``)."""
     same = groups.unsqueeze(1) == all_groups.unsqueeze(0)
     columns = torch.arange(all_groups.shape[0], device=groups.device)
-    positive = columns.unsqueeze(0) == (torch.arange(groups.shape[0], device=groups.device) + offset).unsqueeze(1)
+    positive = columns.unsqueeze(0) == (
+        torch.arange(groups.shape[0], device=groups.device) + offset
+    ).unsqueeze(1)
     return same & ~positive
 
 
 def pair_info_nce(
-    x: Tensor, y: Tensor, all_x: Tensor, all_y: Tensor, offset: int, scale: Tensor, excluded: Tensor | None = None
+    x: Tensor,
+    y: Tensor,
+    all_x: Tensor,
+    all_y: Tensor,
+    offset: int,
+    scale: Tensor,
+    excluded: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CLIP's loss of local ``x (B, D)`` / ``y (B, D)`` against gathered ``all_x (N, D)`` /
     ``all_y (N, D)``, whose rows ``offset .. offset + B`` are the local ones. ``excluded (B, N)``:

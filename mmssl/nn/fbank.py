@@ -25,8 +25,9 @@ from mmssl.constants import SAMPLE_RATE
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 # the Kaldi framing shared by fbank and mfcc: 25 ms / 10 ms, no dither, whole windows only
-_KALDI_FRAMING = dict(frame_length=FRAME_LENGTH_MS, frame_shift=FRAME_SHIFT_MS, dither=0.0, energy_floor=0.0,
-                      snip_edges=True)
+_KALDI_FRAMING = dict(
+    frame_length=FRAME_LENGTH_MS, frame_shift=FRAME_SHIFT_MS, dither=0.0, energy_floor=0.0, snip_edges=True
+)
 
 
 def num_frames(num_samples: int, sample_rate: int = SAMPLE_RATE) -> int:
@@ -84,7 +85,11 @@ def fbank_batch(
     taper, banks = _fbank_constants(window, num_mel_bins, sample_rate, audio.device)
     # float32 throughout, also under autocast: log energies of small powers need the range
     kind = audio.device.type
-    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+    with (
+        torch.autocast(kind, enabled=False)
+        if torch.amp.is_autocast_available(kind)
+        else contextlib.nullcontext()
+    ):
         x = audio.float().unfold(-1, window, shift)  # (B, T, window)
         x = x - x.mean(-1, keepdim=True)
         previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
@@ -97,13 +102,17 @@ def fbank_batch(
 
 
 @functools.lru_cache(maxsize=16)
-def _fbank_constants(window: int, num_mel_bins: int, sample_rate: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _fbank_constants(
+    window: int, num_mel_bins: int, sample_rate: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """The Povey window ``(window,)`` and mel triangles ``(F, padded/2 + 1)`` of ``fbank_batch``,
     made once per device: no host-to-device copy in the training step."""
     padded = 1 << (window - 1).bit_length()
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in any later mode
         taper = torch.hann_window(window, periodic=False, dtype=torch.float32).pow(0.85)  # Kaldi "povey"
-        banks, _ = kaldi.get_mel_banks(num_mel_bins, padded, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
+        banks, _ = kaldi.get_mel_banks(
+            num_mel_bins, padded, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0
+        )
         banks = torch.nn.functional.pad(banks.float(), (0, 1))  # (F, padded/2 + 1): no Nyquist bin
         return taper.to(device), banks.to(device)
 

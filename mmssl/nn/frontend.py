@@ -191,7 +191,9 @@ class FbankFrontend(nn.Module):
 
     def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         check_waveform(audio, lengths, self.receptive_field, "fbank frontend")
-        feats, fbank_lens = fbank_batch(audio, lengths, self.sample_rate, self.num_mel_bins)  # (B, T, F), zero padded
+        feats, fbank_lens = fbank_batch(
+            audio, lengths, self.sample_rate, self.num_mel_bins
+        )  # (B, T, F), zero padded
         # frames past an utterance's end are zero, so its last group is padded with zero
         # frames exactly as stacking it alone would
         stacked = stack_frames(feats, self.stack)  # (B, T / stack, F * stack)

@@ -171,7 +171,9 @@ class KMeans:
                 got = torch.bincount(labels, minlength=self.k).to(x.dtype)
                 counts += got
                 # c <- c + (sum_b - n_b c) / count: the running mean of every point it has seen
-                centroids = centroids + (sums - got.unsqueeze(1) * centroids) / counts.clamp(min=1).unsqueeze(1)
+                centroids = centroids + (sums - got.unsqueeze(1) * centroids) / counts.clamp(min=1).unsqueeze(
+                    1
+                )
                 seen += dists.sum().item()
             if progress is not None:
                 progress(it, seen * n / (steps * batch))  # the pass's batch inertia, scaled to N

@@ -98,9 +98,7 @@ def compute_span_mask(
     # frame t is masked when a span started in (t - row_span, t]
     counts = starts.long().cumsum(1)
     behind = steps.unsqueeze(0) - row_span.unsqueeze(1)  # (B, T)
-    before = torch.where(
-        behind >= 0, counts.gather(1, behind.clamp(min=0)), torch.zeros_like(counts)
-    )
+    before = torch.where(behind >= 0, counts.gather(1, behind.clamp(min=0)), torch.zeros_like(counts))
     mask = (counts - before) > 0
     mask &= ~lengths_to_padding_mask(lengths, max_len)
     full = mask.sum(1) >= lengths  # (B,) spans cover the whole utterance

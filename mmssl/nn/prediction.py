@@ -55,7 +55,12 @@ def cross_entropy_sums(logits: Tensor, targets: Tensor, weight: Tensor) -> tuple
 
 
 def prediction_loss(
-    logits: Tensor, targets: Tensor, pred_mask: Tensor, labelled: Tensor, masked_weight: float, unmasked_weight: float
+    logits: Tensor,
+    targets: Tensor,
+    pred_mask: Tensor,
+    labelled: Tensor,
+    masked_weight: float,
+    unmasked_weight: float,
 ) -> dict[str, Tensor]:
     """HuBERT's loss (fairseq ``hubert_criterion``): ``masked_weight`` x the summed
     cross-entropy of the masked frames plus ``unmasked_weight`` x that of the unmasked ones,

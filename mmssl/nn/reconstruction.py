@@ -53,7 +53,10 @@ def running_normalize(x: Tensor, lengths: Tensor, eps: float = 1e-5) -> Tensor:
     return (y - mean) * torch.rsqrt(var + eps) * keep
 
 
-NORMALIZERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"utterance": instance_norm, "running": running_normalize}
+NORMALIZERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "utterance": instance_norm,
+    "running": running_normalize,
+}
 
 
 def _check_normalize(what: str, normalize: str) -> None:
@@ -173,8 +176,9 @@ def reconstruction_loss(kind: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]
     try:
         return RECONSTRUCTION_LOSSES[kind]
     except KeyError:
-        raise ConfigError(f"reconstruction loss must be one of {', '.join(RECONSTRUCTION_LOSSES)}; "
-                          f"got {kind!r}") from None
+        raise ConfigError(
+            f"reconstruction loss must be one of {', '.join(RECONSTRUCTION_LOSSES)}; got {kind!r}"
+        ) from None
 
 
 def shift_targets(x: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -199,7 +203,9 @@ def future_slices(x: Tensor, lengths: Tensor, k: int, offset: int = 0) -> tuple[
         raise ConfigError(f"future_slices: need k >= 1 and offset >= 0; got k={k}, offset={offset}")
     b, t, f = x.shape
     need = t + offset + k - 1
-    padded = torch.cat([x, x.new_zeros(b, need - t, f)], dim=1) if need > t else x  # (B, T + offset + K - 1, F)
+    padded = (
+        torch.cat([x, x.new_zeros(b, need - t, f)], dim=1) if need > t else x
+    )  # (B, T + offset + K - 1, F)
     windows = padded[:, offset:].unfold(1, k, 1)[:, :t]  # (B, T, F, K)
     targets = windows.permute(0, 1, 3, 2)  # (B, T, K, F)
     index = torch.arange(t, device=x.device)[:, None] + offset + torch.arange(k, device=x.device)  # (T, K)

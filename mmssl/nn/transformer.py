@@ -354,7 +354,9 @@ class TransformerEncoder(nn.Module):
                 ffn.append(torch.zeros_like(x))
             outputs.append(x)
         hidden = self.norm(x) if (self.pre_norm and depth == len(self.layers)) else x
-        return EncoderOutput(hidden=hidden, lengths=lengths, layers=outputs, frame_rate=frame_rate, ffn=ffn or [])
+        return EncoderOutput(
+            hidden=hidden, lengths=lengths, layers=outputs, frame_rate=frame_rate, ffn=ffn or []
+        )
 
 
 def build_transformer(
@@ -438,8 +440,10 @@ class TransformerOptions:
         """A copy with ``fields`` changed; an unknown name is a ``ConfigError`` naming it."""
         unknown = sorted(set(fields) - set(self.field_names()))
         if unknown:
-            raise ConfigError(f"transformer has no option {', '.join(map(repr, unknown))}; "
-                              f"it takes: {', '.join(self.field_names())}")
+            raise ConfigError(
+                f"transformer has no option {', '.join(map(repr, unknown))}; "
+                f"it takes: {', '.join(self.field_names())}"
+            )
         return dataclasses.replace(self, **fields)
 
     def build(self) -> TransformerEncoder:

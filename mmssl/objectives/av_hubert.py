@@ -160,7 +160,9 @@ class AVMasks:
         else:
             out = {
                 "audio_mask": span_mask,
-                "video_mask": compute_span_mask(lengths, t, self.video_prob, self.video_span, self.min_masks, generator),
+                "video_mask": compute_span_mask(
+                    lengths, t, self.video_prob, self.video_span, self.min_masks, generator
+                ),
             }
         if "video" in batch and self.masking_type == "input":
             tv = batch["video"].shape[1]
@@ -172,7 +174,11 @@ class AVMasks:
         return out
 
     def __call__(self, batch: dict) -> dict:
-        batch.update(self.make({k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in batch.items()}, self.generator()))
+        batch.update(
+            self.make(
+                {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in batch.items()}, self.generator()
+            )
+        )
         return batch
 
 
@@ -319,7 +325,9 @@ def _snr_range(noise_snr: float | list[float]) -> tuple[float, float]:
 
 def _check_masking(masking_type: str, audio: tuple[float, int], video: tuple[float, int]) -> None:
     if masking_type not in MASKING_TYPES:
-        raise ConfigError(f"objective.masking_type must be one of {', '.join(MASKING_TYPES)}, got {masking_type!r}")
+        raise ConfigError(
+            f"objective.masking_type must be one of {', '.join(MASKING_TYPES)}, got {masking_type!r}"
+        )
     if masking_type == "feature" and audio != video:
         raise ConfigError(
             "objective.masking_type=feature masks both streams with one mask (AV-HuBERT asserts the same "
@@ -362,9 +370,30 @@ def av_hubert(
     enc = presets[size](**overrides)
     if enc.frame_spec is None:
         raise ConfigError("av_hubert needs an encoder with an audio stream")
-    masks = AVMasks(enc.frame_spec, audio_mask_prob, audio_mask_span, video_mask_prob, video_mask_span, min_masks,
-                    seed, enc.fusion.modality_dropout, enc.fusion.audio_dropout, masking_type)
+    masks = AVMasks(
+        enc.frame_spec,
+        audio_mask_prob,
+        audio_mask_span,
+        video_mask_prob,
+        video_mask_span,
+        min_masks,
+        seed,
+        enc.fusion.modality_dropout,
+        enc.fusion.audio_dropout,
+        masking_type,
+    )
     noise = AddNoise(NoiseBank(noise_dir), noise_prob, _snr_range(noise_snr)) if noise_dir else None
     dim = final_dim if final_dim is not None else AV_FINAL_DIM.get(size, 256)
-    return AVHubert(enc, masks, num_classes, dim, label_rate, temperature, unmasked_weight, penalty_weight,
-                    input_dropout, feature_grad_mult, noise)
+    return AVHubert(
+        enc,
+        masks,
+        num_classes,
+        dim,
+        label_rate,
+        temperature,
+        unmasked_weight,
+        penalty_weight,
+        input_dropout,
+        feature_grad_mult,
+        noise,
+    )

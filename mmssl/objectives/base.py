@@ -90,6 +90,7 @@ def check_settings(
     ``settings`` does not hold are left to the builder's defaults). The error names
     the key as the user set it: ``objective.encoder.<key>`` when ``encoder`` (the builder's
     ``encoder`` overrides) holds it, else ``objective.<key>``; ``what`` names the objective."""
+
     def fail(key: str, rule: str) -> None:
         where = f"objective.encoder.{key}" if key in (encoder or {}) else f"objective.{key}"
         raise ConfigError(f"{what}: {where} must be {rule}; got {settings[key]!r}")

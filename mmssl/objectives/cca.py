@@ -47,7 +47,9 @@ class SoftCCA(Objective):
 
     modalities = ("audio", "video")
 
-    def __init__(self, views: TwoTowerViews, out_dim: int, decorrelation: float = 1.0, alpha: float = 0.9) -> None:
+    def __init__(
+        self, views: TwoTowerViews, out_dim: int, decorrelation: float = 1.0, alpha: float = 0.9
+    ) -> None:
         super().__init__()
         self.views, self.decorrelation = views, decorrelation
         self.sdl_audio = SoftDecorrelation(out_dim, alpha)
@@ -111,7 +113,9 @@ class DCCAE(Objective):
         corr = cca_correlation(za, zv, lengths, self.k, self.reg)
         keep = (~lengths_to_padding_mask(lengths, za.shape[1])).to(za.dtype).unsqueeze(-1)
         frames = (keep.sum() * 1.0).clamp(min=1)
-        audio_err = (self.audio_decoder(za) - self._audio_target(raw, lengths)).square().mean(-1, keepdim=True)
+        audio_err = (
+            (self.audio_decoder(za) - self._audio_target(raw, lengths)).square().mean(-1, keepdim=True)
+        )
         video_err = (self.video_decoder(zv) - self._video_target(batch["video"], za.shape[1])).square()
         audio_loss = (audio_err * keep).sum() / frames
         video_loss = (video_err.mean(-1, keepdim=True) * keep).sum() / frames
@@ -138,7 +142,9 @@ def dcca(size: str = "base", out_dim: int = 64, k: int | None = None, reg: float
 
 
 @OBJECTIVES.register
-def soft_cca(size: str = "base", out_dim: int = 256, decorrelation: float = 1.0, alpha: float = 0.9) -> SoftCCA:
+def soft_cca(
+    size: str = "base", out_dim: int = 256, decorrelation: float = 1.0, alpha: float = 0.9
+) -> SoftCCA:
     """Soft CCA; suited to wide codes (no inverse of a ``out_dim x out_dim`` matrix)."""
     audio, video = paired_towers(size)
     return SoftCCA(TwoTowerViews(audio, video, out_dim), out_dim, decorrelation, alpha)

@@ -70,7 +70,9 @@ class CPCObjective(Objective):
         if loss not in LOSSES:
             raise ConfigError(f"cpc: loss must be one of {', '.join(LOSSES)}; got {loss!r}")
         if num_steps < 1 or num_negatives < 1:
-            raise ConfigError(f"cpc: num_steps and num_negatives must be >= 1; got {num_steps}, {num_negatives}")
+            raise ConfigError(
+                f"cpc: num_steps and num_negatives must be >= 1; got {num_steps}, {num_negatives}"
+            )
         self.encoder = encoder
         self.predictor = nn.Linear(encoder.dim, num_steps * encoder.feature_dim)
         self.num_steps, self.num_negatives, self.loss_kind = num_steps, num_negatives, loss

@@ -142,19 +142,28 @@ class CTCHook:
         if "audio" in batch and self.frame_spec is not None and self.mask_prob > 0:
             audio_frames = self.frame_spec(batch["audio_lens"].cpu())
             width = int(self.frame_spec(torch.tensor(batch["audio"].shape[1])))
-            batch["time_mask"] = compute_span_mask(audio_frames, width, self.mask_prob, self.mask_span,
-                                                   self.min_masks, g)
+            batch["time_mask"] = compute_span_mask(
+                audio_frames, width, self.mask_prob, self.mask_span, self.min_masks, g
+            )
         if "audio" in batch and self.channels > 0 and self.mask_channel_prob > 0:
-            batch["channel_mask"] = channel_mask(batch["audio_lens"].shape[0], self.channels,
-                                                 self.mask_channel_prob, self.mask_channel_span, g)
+            batch["channel_mask"] = channel_mask(
+                batch["audio_lens"].shape[0], self.channels, self.mask_channel_prob, self.mask_channel_span, g
+            )
         if "audio" in batch and "video" in batch and self.modality_dropout > 0:
             batch["keep_audio"], batch["keep_video"] = sample_keep(
-                batch["audio_lens"].shape[0], self.modality_dropout, self.audio_dropout, g)
+                batch["audio_lens"].shape[0], self.modality_dropout, self.audio_dropout, g
+            )
         return batch
 
 
-def channel_mask(batch: int, channels: int, prob: float, span: int, generator: torch.Generator | None = None,
-                 device: torch.device | None = None) -> Tensor:
+def channel_mask(
+    batch: int,
+    channels: int,
+    prob: float,
+    span: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
     """bool ``(B, C)``, True = channel zeroed in every frame: spans of ``span`` channels drawn as
     time spans are (``mmssl.nn.masking``, no minimum count; fairseq ``mask_channel_prob``,
     ``mask_channel_length``, wav2vec 2.0 fine-tuning)."""
@@ -162,15 +171,25 @@ def channel_mask(batch: int, channels: int, prob: float, span: int, generator: t
     return compute_span_mask(lengths, channels, prob, span, 0, generator)
 
 
-def ctc_loss(log_probs: Tensor, lengths: Tensor | list[int], targets: Tensor, target_lens: Tensor | list[int],
-             ok: Tensor) -> Tensor:
+def ctc_loss(
+    log_probs: Tensor,
+    lengths: Tensor | list[int],
+    targets: Tensor,
+    target_lens: Tensor | list[int],
+    ok: Tensor,
+) -> Tensor:
     """Sum over the feasible utterances (``ok (B,)`` bool) of the CTC loss divided by their
     number (fairseq ``sentence_avg``; 0 when none is). ``log_probs (B, T, V)`` float,
     ``lengths`` / ``target_lens (B,)`` (host lists keep ``ctc_loss`` from syncing),
     ``targets (B, L)``."""
     per_utt = F.ctc_loss(
-        log_probs.float().transpose(0, 1), targets, lengths, target_lens,
-        blank=BLANK, reduction="none", zero_infinity=True,
+        log_probs.float().transpose(0, 1),
+        targets,
+        lengths,
+        target_lens,
+        blank=BLANK,
+        reduction="none",
+        zero_infinity=True,
     )  # (B,)
     ok = ok.to(per_utt.device)
     return torch.where(ok, per_utt, 0.0).sum() / ok.sum().clamp(min=1)
@@ -219,10 +238,14 @@ class CTCObjective(Objective):
             return None
         mask = batch.get("time_mask")
         if mask is None:
-            mask = compute_span_mask(lengths, t, self.hook.mask_prob, self.hook.mask_span, self.hook.min_masks)
+            mask = compute_span_mask(
+                lengths, t, self.hook.mask_prob, self.hook.mask_span, self.hook.min_masks
+            )
         elif mask.shape != (lengths.shape[0], t):
-            raise DataError(f"batch 'time_mask' has shape {tuple(mask.shape)} but the encoder gives "
-                            f"({lengths.shape[0]}, {t}) frames: the hook and the encoder disagree")
+            raise DataError(
+                f"batch 'time_mask' has shape {tuple(mask.shape)} but the encoder gives "
+                f"({lengths.shape[0]}, {t}) frames: the hook and the encoder disagree"
+            )
         return mask.to(lengths.device, non_blocking=True) & ~lengths_to_padding_mask(lengths, t)
 
     def _channel_mask(self, batch: dict, x: Tensor) -> Tensor | None:
@@ -231,11 +254,18 @@ class CTCObjective(Objective):
             return None
         mask = batch.get("channel_mask")
         if mask is None:
-            mask = channel_mask(x.shape[0], x.shape[-1], self.hook.mask_channel_prob, self.hook.mask_channel_span,
-                                device=x.device)
+            mask = channel_mask(
+                x.shape[0],
+                x.shape[-1],
+                self.hook.mask_channel_prob,
+                self.hook.mask_channel_span,
+                device=x.device,
+            )
         elif mask.shape != (x.shape[0], x.shape[-1]):
-            raise DataError(f"batch 'channel_mask' has shape {tuple(mask.shape)} but the features are "
-                            f"({x.shape[0]}, {x.shape[-1]}) channels: the hook and the encoder disagree")
+            raise DataError(
+                f"batch 'channel_mask' has shape {tuple(mask.shape)} but the features are "
+                f"({x.shape[0]}, {x.shape[-1]}) channels: the hook and the encoder disagree"
+            )
         return mask.to(x.device, non_blocking=True)
 
     def _mask(self, batch: dict, x: Tensor, lengths: Tensor, embed) -> Tensor:
@@ -282,8 +312,10 @@ class CTCObjective(Objective):
             targets = batch["ctc_targets"].to(lengths.device, non_blocking=True)
             frames, target_lens, ok = batch["ctc_frame_lens"], batch["ctc_target_lens"], batch["ctc_feasible"]
             if len(frames) != log_probs.shape[0] or max(frames) > log_probs.shape[1]:
-                raise DataError(f"batch 'ctc_frame_lens' {frames[:4]} does not fit the encoder's "
-                                f"{tuple(log_probs.shape[:2])} frames: the hook and the encoder disagree")
+                raise DataError(
+                    f"batch 'ctc_frame_lens' {frames[:4]} does not fit the encoder's "
+                    f"{tuple(log_probs.shape[:2])} frames: the hook and the encoder disagree"
+                )
         else:  # the slow path (tests, evaluation): the lengths are read back from the device
             targets, target_lens = make_targets(batch, self.units)
             targets, target_lens = targets.to(lengths.device), target_lens.to(lengths.device)
@@ -315,8 +347,10 @@ def build_ctc_encoder(
     objective), or a fresh ``<encoder>_<size>`` preset (from-scratch baseline)."""
     if encoder_init is not None:
         if not isinstance(encoder_init, (SpeechEncoder, AudioVisualEncoder)):
-            raise ConfigError(f"objective.encoder_init: the ctc builder takes the encoder of a run, got "
-                              f"{type(encoder_init).__name__} (mmssl.runs.build_objective loads a run's path)")
+            raise ConfigError(
+                f"objective.encoder_init: the ctc builder takes the encoder of a run, got "
+                f"{type(encoder_init).__name__} (mmssl.runs.build_objective loads a run's path)"
+            )
         if options:
             raise ConfigError("objective.encoder_options apply to a fresh encoder only, not to encoder_init")
         return encoder_init
@@ -371,12 +405,35 @@ def ctc(
         # channel masks act on the audio stream before fusion
         channels = fusion.audio_dim if enc.audio_mask_embedding is not None else 0
         hook = CTCHook(
-            vocab, enc.frame_spec, mask_prob, mask_span, min_masks, seed, noise,
-            fusion.modality_dropout if both else 0.0, fusion.audio_dropout if both else 0.5,
-            tuple(enc.modalities), channels, mask_channel_prob, mask_channel_length,
+            vocab,
+            enc.frame_spec,
+            mask_prob,
+            mask_span,
+            min_masks,
+            seed,
+            noise,
+            fusion.modality_dropout if both else 0.0,
+            fusion.audio_dropout if both else 0.5,
+            tuple(enc.modalities),
+            channels,
+            mask_channel_prob,
+            mask_channel_length,
         )
     else:
         channels = enc.dim if isinstance(enc, AudioEncoder) else 0
-        hook = CTCHook(vocab, enc.frame_spec, mask_prob, mask_span, min_masks, seed, noise, 0.0, 0.5, ("audio",),
-                       channels, mask_channel_prob, mask_channel_length)
+        hook = CTCHook(
+            vocab,
+            enc.frame_spec,
+            mask_prob,
+            mask_span,
+            min_masks,
+            seed,
+            noise,
+            0.0,
+            0.5,
+            ("audio",),
+            channels,
+            mask_channel_prob,
+            mask_channel_length,
+        )
     return CTCObjective(enc, vocab, hook, final_dropout, freeze_steps)

@@ -105,7 +105,9 @@ class Data2VecObjective(Objective):
         self.encoder, self.masker = encoder, masker
         student = getattr(encoder, "transformer", None)
         if not isinstance(student, TransformerEncoder):
-            raise ConfigError(f"data2vec: the encoder {type(encoder).__name__} has no transformer to copy as teacher")
+            raise ConfigError(
+                f"data2vec: the encoder {type(encoder).__name__} has no transformer to copy as teacher"
+            )
         # data2vec ``ema_transformer_only``: the teacher is the transformer alone
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
         self.head = nn.Linear(encoder.dim, encoder.dim)  # data2vec ``final_proj``

@@ -74,7 +74,9 @@ class HubertObjective(Objective):
             raise ConfigError(f"hubert: num_classes must be >= 2, got {num_classes}")
         self.encoder, self.masker, self.augment = encoder, masker, augment
         self.final_proj = nn.Linear(encoder.dim, final_dim)
-        self.label_embeddings = nn.Parameter(torch.empty(num_classes, final_dim).uniform_())  # fairseq ``label_embs_concat``
+        self.label_embeddings = nn.Parameter(
+            torch.empty(num_classes, final_dim).uniform_()
+        )  # fairseq ``label_embs_concat``
         self.num_classes, self.label_rate, self.temperature = num_classes, label_rate, temperature
         self.masked_weight, self.unmasked_weight = masked_weight, unmasked_weight
         self.penalty_weight = penalty_weight
@@ -90,7 +92,9 @@ class HubertObjective(Objective):
         lengths = feats.lengths
         valid = ~lengths_to_padding_mask(lengths, t)
         pred_mask = prediction_mask(batch, self.masker, lengths, t)
-        targets = resample_targets(batch["targets"].to(lengths.device), t, self.label_rate, self.encoder.frame_rate)
+        targets = resample_targets(
+            batch["targets"].to(lengths.device), t, self.label_rate, self.encoder.frame_rate
+        )
         labelled = valid & (targets >= 0)
 
         hidden = self.encoder.contextualize(self.encoder.mask(feats.x, pred_mask), lengths).hidden
@@ -125,8 +129,15 @@ def build_hubert(
     final_dim = final_dim_for(size, final_dim)
     masker = SpanMasker(enc.frame_spec, mask_prob, mask_span, min_masks, seed)
     return HubertObjective(
-        enc, masker, num_classes, final_dim, label_rate, temperature,
-        unmasked_weight=unmasked_weight, penalty_weight=penalty_weight, augment=augment,
+        enc,
+        masker,
+        num_classes,
+        final_dim,
+        label_rate,
+        temperature,
+        unmasked_weight=unmasked_weight,
+        penalty_weight=penalty_weight,
+        augment=augment,
     )
 
 
@@ -148,8 +159,20 @@ def hubert(
 ) -> HubertObjective:
     """HuBERT on the ``hubert_<size>`` encoder; ``encoder`` holds preset overrides."""
     return build_hubert(
-        "hubert", size, num_classes, label_rate, mask_prob, mask_span, min_masks, temperature,
-        unmasked_weight, penalty_weight, feature_grad_mult, final_dim, seed, encoder,
+        "hubert",
+        size,
+        num_classes,
+        label_rate,
+        mask_prob,
+        mask_span,
+        min_masks,
+        temperature,
+        unmasked_weight,
+        penalty_weight,
+        feature_grad_mult,
+        final_dim,
+        seed,
+        encoder,
     )
 
 
@@ -175,6 +198,19 @@ def wavlm(
     """WavLM on the ``wavlm_<size>`` encoder (gated relative position bias)."""
     mixer = UtteranceMixer(mix_prob, mix_max_fraction, tuple(mix_energy_db), seed)
     return build_hubert(
-        "wavlm", size, num_classes, label_rate, mask_prob, mask_span, min_masks, temperature,
-        unmasked_weight, penalty_weight, feature_grad_mult, final_dim, seed, encoder, augment=mixer,
+        "wavlm",
+        size,
+        num_classes,
+        label_rate,
+        mask_prob,
+        mask_span,
+        min_masks,
+        temperature,
+        unmasked_weight,
+        penalty_weight,
+        feature_grad_mult,
+        final_dim,
+        seed,
+        encoder,
+        augment=mixer,
     )

@@ -105,29 +105,42 @@ class AlterationSampler:
     noise_prob: float = 0.0  # TERA, sec. III-C (s3prl ``noise_proportion: 0.15``)
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.zero_prob and 0.0 <= self.random_prob and self.zero_prob + self.random_prob <= 1.0):
-            raise ConfigError(f"masked_recon: zero_prob={self.zero_prob} and random_prob={self.random_prob} "
-                              "must be >= 0 and sum to at most 1")
+        if not (
+            0.0 <= self.zero_prob and 0.0 <= self.random_prob and self.zero_prob + self.random_prob <= 1.0
+        ):
+            raise ConfigError(
+                f"masked_recon: zero_prob={self.zero_prob} and random_prob={self.random_prob} "
+                "must be >= 0 and sum to at most 1"
+            )
         if not 0.0 <= self.channel_fraction <= 1.0 or not 0.0 <= self.noise_prob <= 1.0:
-            raise ConfigError(f"masked_recon: channel_fraction={self.channel_fraction} and "
-                              f"noise_prob={self.noise_prob} must be in [0, 1]")
+            raise ConfigError(
+                f"masked_recon: channel_fraction={self.channel_fraction} and "
+                f"noise_prob={self.noise_prob} must be in [0, 1]"
+            )
         if self.span < 1 or self.min_masks < 0:
-            raise ConfigError(f"masked_recon: span must be >= 1 and min_masks >= 0; got {self.span}, {self.min_masks}")
+            raise ConfigError(
+                f"masked_recon: span must be >= 1 and min_masks >= 0; got {self.span}, {self.min_masks}"
+            )
         if self.time and not 0.0 < self.mask_prob <= self.span:
-            raise ConfigError(f"masked_recon: mask_prob must be in (0, span={self.span}]; got {self.mask_prob}")
+            raise ConfigError(
+                f"masked_recon: mask_prob must be in (0, span={self.span}]; got {self.mask_prob}"
+            )
 
     @property
     def max_channels(self) -> int:
         """The widest channel block (s3prl: ``int(M * mask_frequency)``)."""
         return int(self.num_mel_bins * self.channel_fraction)
 
-    def __call__(self, frames: Tensor, max_len: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def __call__(
+        self, frames: Tensor, max_len: int, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """``frames (B,)`` valid (stacked) frames, ``max_len`` the padded T -> the alteration
         tensors (see the module docstring), on ``frames.device`` (``generator`` must live there)."""
         device, b = frames.device, frames.shape[0]
         if self.time:
-            pred_mask = compute_span_mask(frames, max_len, self.mask_prob, self.span, self.min_masks,
-                                          generator, same_count=False)
+            pred_mask = compute_span_mask(
+                frames, max_len, self.mask_prob, self.span, self.min_masks, generator, same_count=False
+            )
         else:
             pred_mask = torch.zeros(b, max_len, dtype=torch.bool, device=device)
         dice = torch.rand(b, device=device, generator=generator)
@@ -143,12 +156,19 @@ class AlterationSampler:
         m = self.num_mel_bins
         block = (torch.rand(b, device=device, generator=generator) * (self.max_channels + 1)).long()
         block = block.clamp(max=self.max_channels)
-        start = (torch.rand(b, device=device, generator=generator) * (m - block + 1)).long().minimum(m - block)
+        start = (
+            (torch.rand(b, device=device, generator=generator) * (m - block + 1)).long().minimum(m - block)
+        )
         channel = torch.arange(m, device=device).unsqueeze(0)  # (1, M)
         channel_mask = (channel >= start.unsqueeze(1)) & (channel < (start + block).unsqueeze(1))  # (B, M)
         noise_mask = torch.rand(b, device=device, generator=generator) < self.noise_prob
-        return {"pred_mask": pred_mask, "alter_mode": mode, "alter_shift": shift,
-                "channel_mask": channel_mask, "noise_mask": noise_mask}
+        return {
+            "pred_mask": pred_mask,
+            "alter_mode": mode,
+            "alter_shift": shift,
+            "channel_mask": channel_mask,
+            "noise_mask": noise_mask,
+        }
 
 
 @dataclass
@@ -192,7 +212,11 @@ def alter(x: Tensor, lengths: Tensor, alterations: dict[str, Tensor], stack: int
 
 
 def loss_weight(
-    alterations: dict[str, Tensor] | None, mel_lens: Tensor, frames: int, stack: int, num_mel_bins: int,
+    alterations: dict[str, Tensor] | None,
+    mel_lens: Tensor,
+    frames: int,
+    stack: int,
+    num_mel_bins: int,
     reconstruct_all: bool,
 ) -> Tensor:
     """Which elements of the stacked target ``(B, T, F)`` the loss reads (bool): the chosen
@@ -259,8 +283,10 @@ class MaskedReconstruction(Objective):
         if not isinstance(frontend, StackedLogMelFrontend):
             raise ConfigError("masked_recon: the encoder must read a StackedLogMelFrontend")
         if frontend.num_mel_bins != sampler.num_mel_bins:
-            raise ConfigError(f"masked_recon: the sampler draws {sampler.num_mel_bins} channels, "
-                              f"the frontend has {frontend.num_mel_bins}")
+            raise ConfigError(
+                f"masked_recon: the sampler draws {sampler.num_mel_bins} channels, "
+                f"the frontend has {frontend.num_mel_bins}"
+            )
         self.encoder, self.head, self.sampler = encoder, head, sampler
         self.noise_std, self.seed = noise_std, seed
         reconstruction_loss(loss)  # an unknown name is a ConfigError now, not at the first step
@@ -280,11 +306,18 @@ class MaskedReconstruction(Objective):
         if missing:
             raise DataError(f"masked_recon: the batch has 'pred_mask' but no {', '.join(missing)}")
         b, m = lengths.shape[0], self.sampler.num_mel_bins
-        for key, shape in (("pred_mask", (b, frames)), ("channel_mask", (b, m)), ("alter_mode", (b,)),
-                           ("alter_shift", (b,)), ("noise_mask", (b,))):
+        for key, shape in (
+            ("pred_mask", (b, frames)),
+            ("channel_mask", (b, m)),
+            ("alter_mode", (b,)),
+            ("alter_shift", (b,)),
+            ("noise_mask", (b,)),
+        ):
             if tuple(batch[key].shape) != shape:
-                raise DataError(f"batch {key!r} has shape {tuple(batch[key].shape)} but the encoder gives "
-                                f"{shape}: the alteration hook and the encoder disagree")
+                raise DataError(
+                    f"batch {key!r} has shape {tuple(batch[key].shape)} but the encoder gives "
+                    f"{shape}: the alteration hook and the encoder disagree"
+                )
         out = {k: batch[k].to(lengths.device, non_blocking=True) for k in ALTERATION_KEYS}
         out["pred_mask"] = out["pred_mask"] & ~lengths_to_padding_mask(lengths, frames)
         return out
@@ -295,10 +328,16 @@ class MaskedReconstruction(Objective):
         target, lengths = frontend.stacked(mels, mel_lens)  # (B, T, F)
         b, t, _ = target.shape
         alterations = self._alterations(batch, lengths, t)
-        x = target if alterations is None else alter(target, lengths, alterations, frontend.stack, self.noise_std)
+        x = (
+            target
+            if alterations is None
+            else alter(target, lengths, alterations, frontend.stack, self.noise_std)
+        )
         hidden = self.encoder.contextualize(self.encoder.projection(x), lengths).hidden
         pred = self.head(hidden)  # (B, T, F)
-        weight = loss_weight(alterations, mel_lens, t, frontend.stack, frontend.num_mel_bins, self.reconstruct_all)
+        weight = loss_weight(
+            alterations, mel_lens, t, frontend.stack, frontend.num_mel_bins, self.reconstruct_all
+        )
         loss = weighted_reconstruction(pred, target, weight, self.loss_kind)
         valid = ~lengths_to_padding_mask(lengths, t)
         chosen = torch.zeros_like(valid) if alterations is None else alterations["pred_mask"]
@@ -335,23 +374,38 @@ def masked_recon(
     """Mockingjay (time alteration only) or TERA (time + channel + magnitude) on the
     ``size`` preset (``tiny``, ``base``: 3 layers, ``large``: 12 layers); ``encoder`` holds
     overrides of ``build_masked_recon_encoder``'s arguments."""
-    check_settings("masked_recon", {"mask_span": mask_span, "min_masks": min_masks, "stack": stack},
-                   minimum={"mask_span": 1, "min_masks": 0, "stack": 1})
+    check_settings(
+        "masked_recon",
+        {"mask_span": mask_span, "min_masks": min_masks, "stack": stack},
+        minimum={"mask_span": 1, "min_masks": 0, "stack": 1},
+    )
     if time_alteration and not 0.0 < mask_prob <= mask_span:
-        raise ConfigError(f"masked_recon: objective.mask_prob must be in (0, objective.mask_span={mask_span}]; "
-                          f"got {mask_prob}")
-    options = {**size_preset("masked_recon", size, SIZES), "stack": stack, "num_mel_bins": num_mel_bins,
-               **(encoder or {})}
+        raise ConfigError(
+            f"masked_recon: objective.mask_prob must be in (0, objective.mask_span={mask_span}]; "
+            f"got {mask_prob}"
+        )
+    options = {
+        **size_preset("masked_recon", size, SIZES),
+        "stack": stack,
+        "num_mel_bins": num_mel_bins,
+        **(encoder or {}),
+    }
     try:
         enc = build_masked_recon_encoder(**options)
     except TypeError as err:
         raise ConfigError(f"masked_recon: objective.encoder: {err}") from None
     sampler = AlterationSampler(
-        num_mel_bins=num_mel_bins, time=time_alteration, mask_prob=mask_prob, span=mask_span,
-        min_masks=min_masks, zero_prob=zero_prob, random_prob=random_prob,
+        num_mel_bins=num_mel_bins,
+        time=time_alteration,
+        mask_prob=mask_prob,
+        span=mask_span,
+        min_masks=min_masks,
+        zero_prob=zero_prob,
+        random_prob=random_prob,
         channel_fraction=channel_fraction if channel_alteration else 0.0,
         noise_prob=noise_prob if magnitude_alteration else 0.0,
     )
     head = ReconstructionHead(enc.dim, enc.feature_dim)
-    return MaskedReconstruction(enc, head, sampler, noise_std=noise_std if magnitude_alteration else 0.0,
-                                loss=loss, seed=seed)
+    return MaskedReconstruction(
+        enc, head, sampler, noise_std=noise_std if magnitude_alteration else 0.0, loss=loss, seed=seed
+    )

@@ -53,7 +53,9 @@ class FrameDecoder(nn.Module):
     """Linear ``D -> C``, residual blocks, linear ``C -> stack * F``, unstacked:
     ``z (B, T, D)``, ``lengths (B,)`` -> ``(B, stack * T, F)``."""
 
-    def __init__(self, latent_dim: int, channels: int, num_blocks: int, num_mel_bins: int, stack: int) -> None:
+    def __init__(
+        self, latent_dim: int, channels: int, num_blocks: int, num_mel_bins: int, stack: int
+    ) -> None:
         super().__init__()
         self.stack, self.num_mel_bins = stack, num_mel_bins
         self.from_latent = nn.Linear(latent_dim, channels)
@@ -76,7 +78,9 @@ class FrameAutoencoderObjective(Objective):
 
     modalities = ("audio",)
 
-    def __init__(self, encoder: FrameAutoencoderEncoder, decoder: FrameDecoder, reconstruction: str = "mse") -> None:
+    def __init__(
+        self, encoder: FrameAutoencoderEncoder, decoder: FrameDecoder, reconstruction: str = "mse"
+    ) -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.reconstruction, self.reconstruction_loss = reconstruction, reconstruction_loss(reconstruction)
@@ -116,7 +120,10 @@ ENCODER_KEYS = ("channels", "num_blocks", "latent_dim", "num_mel_bins")
 
 
 def build_frame_autoencoder(
-    size: str, downsample: bool, reconstruction: str, overrides: dict[str, Any] | None,
+    size: str,
+    downsample: bool,
+    reconstruction: str,
+    overrides: dict[str, Any] | None,
     quantizer: dict[str, Any] | None,
 ) -> FrameAutoencoderObjective:
     """Encoder, optional ``VectorQuantizer(**quantizer)`` and decoder of the ``size`` preset;
@@ -126,9 +133,13 @@ def build_frame_autoencoder(
     unknown = sorted(set(settings) - set(ENCODER_KEYS))
     if unknown:
         raise ConfigError(f"objective.encoder: unknown key {unknown[0]!r}; known: {', '.join(ENCODER_KEYS)}")
-    check_settings(what, settings, overrides, {"channels": 1, "num_blocks": 0, "latent_dim": 1, "num_mel_bins": 1})
+    check_settings(
+        what, settings, overrides, {"channels": 1, "num_blocks": 0, "latent_dim": 1, "num_mel_bins": 1}
+    )
     stack = 2 if downsample else 1
-    mels, channels, blocks, latent = (settings[k] for k in ("num_mel_bins", "channels", "num_blocks", "latent_dim"))
+    mels, channels, blocks, latent = (
+        settings[k] for k in ("num_mel_bins", "channels", "num_blocks", "latent_dim")
+    )
     vq = VectorQuantizer(latent, **quantizer) if quantizer is not None else None
     convs = ConvStack(mels * stack, channels, blocks)
     encoder = FrameAutoencoderEncoder(StackedLogMelFrontend(LogMelFrontend(mels), stack), convs, latent, vq)
@@ -163,6 +174,11 @@ def vqvae(
     for key, value in (("beta", beta), ("restart_threshold", restart_threshold)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ConfigError(f"vqvae: objective.{key} must be a number >= 0; got {value!r}")
-    quantizer = {"entries": entries, "beta": beta, "ema_decay": ema_decay,
-                 "restart_threshold": restart_threshold, "world_size": world_size}
+    quantizer = {
+        "entries": entries,
+        "beta": beta,
+        "ema_decay": ema_decay,
+        "restart_threshold": restart_threshold,
+        "world_size": world_size,
+    }
     return build_frame_autoencoder(size, downsample, reconstruction, encoder, quantizer)

@@ -69,7 +69,9 @@ class Wav2Vec2Objective(Objective):
         if num_negatives < 1:
             raise ConfigError(f"wav2vec2: num_negatives must be >= 1, got {num_negatives}")
         if not 0.0 <= dropout_features < 1.0:
-            raise ConfigError(f"wav2vec2: objective.dropout_features must be in [0, 1), got {dropout_features}")
+            raise ConfigError(
+                f"wav2vec2: objective.dropout_features must be in [0, 1), got {dropout_features}"
+            )
         self.encoder, self.quantizer, self.masker = encoder, quantizer, masker
         self.quantizer_norm = quantizer_norm
         self.feature_dropout = nn.Dropout(dropout_features)  # fairseq ``dropout_features``
@@ -164,6 +166,14 @@ def wav2vec2(
     if dropout_features is None:
         dropout_features = DROPOUT_FEATURES.get(size, 0.1)
     return Wav2Vec2Objective(
-        enc, quantizer, masker, norm, dim, num_negatives, temperature, diversity_weight, penalty_weight,
+        enc,
+        quantizer,
+        masker,
+        norm,
+        dim,
+        num_negatives,
+        temperature,
+        diversity_weight,
+        penalty_weight,
         dropout_features,
     )

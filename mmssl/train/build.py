@@ -61,11 +61,17 @@ def build_stream(cfg: DictConfig, split: str, objective: Objective, env: DistEnv
     chosen = subset_indices(count, data.train_subset, data.train_subset_seed) if train else range(count)
     keep = [i for i in chosen if data.min_audio_seconds <= durations[i] <= data.max_audio_seconds]
     if not keep:
-        raise DataError(f"data.{split}: no record of {manifest} lasts between data.min_audio_seconds="
-                        f"{data.min_audio_seconds} and data.max_audio_seconds={data.max_audio_seconds}")
+        raise DataError(
+            f"data.{split}: no record of {manifest} lasts between data.min_audio_seconds="
+            f"{data.min_audio_seconds} and data.max_audio_seconds={data.max_audio_seconds}"
+        )
     sampler = BucketBatchSampler(
-        [durations[i] for i in keep], data.max_seconds_per_batch, shuffle=train,
-        seed=cfg.train.seed, rank=env.rank, world_size=env.world_size,
+        [durations[i] for i in keep],
+        data.max_seconds_per_batch,
+        shuffle=train,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
     )
     return BatchStream(
         Subset(dataset, keep) if len(keep) < len(durations) else dataset,
@@ -145,16 +151,29 @@ def build_trainer(
         if _has_labels_for(cfg.data.labels, cfg.data.valid):
             valid = stream_builder(cfg, "valid", objective, env)
         elif env.is_main:
-            print(f"no labels for data.valid in {cfg.data.labels} (run `mmssl kmeans` on {cfg.data.valid} "
-                  "with the same model); validation is off")
+            print(
+                f"no labels for data.valid in {cfg.data.labels} (run `mmssl kmeans` on {cfg.data.valid} "
+                "with the same model); validation is off"
+            )
     model = wrap_model(objective, env, device, train.strategy, train.find_unused_parameters)
     if train.compile:
         model.compile()  # in place: parameter names (and checkpoints) keep no `_orig_mod.` prefix
-    optimizer = build_adamw(model, lr=train.lr, weight_decay=train.weight_decay,
-                            betas=tuple(train.betas), eps=train.eps)
-    return Trainer(objective, optimizer, build_schedule(train), stream, loop_options(train),
-                   Path(train.out_dir), device=device, env=env, model=model,
-                   valid_stream=valid, callbacks=callbacks)
+    optimizer = build_adamw(
+        model, lr=train.lr, weight_decay=train.weight_decay, betas=tuple(train.betas), eps=train.eps
+    )
+    return Trainer(
+        objective,
+        optimizer,
+        build_schedule(train),
+        stream,
+        loop_options(train),
+        Path(train.out_dir),
+        device=device,
+        env=env,
+        model=model,
+        valid_stream=valid,
+        callbacks=callbacks,
+    )
 
 
 def prepare_run_dir(cfg: DictConfig, resume: bool, env: DistEnv) -> Path:
@@ -162,8 +181,10 @@ def prepare_run_dir(cfg: DictConfig, resume: bool, env: DistEnv) -> Path:
     folder that already holds checkpoints; ``--resume`` continues it."""
     run_dir = Path(cfg.train.out_dir)
     if not resume and has_checkpoint(run_dir):  # every rank stops alike
-        raise ConfigError(f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
-                          "it or choose another train.out_dir")
+        raise ConfigError(
+            f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
+            "it or choose another train.out_dir"
+        )
     if env.is_main:
         if not resume and (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()

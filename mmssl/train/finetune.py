@@ -25,7 +25,9 @@ from mmssl.runs import MODEL_FILE, check_options, has_checkpoint, resolve_weight
 from mmssl.train.pretrain import pretrain
 
 
-def finetune_config(recipe: str | None, overrides: Sequence[str], init: str | None, resume: bool) -> DictConfig:
+def finetune_config(
+    recipe: str | None, overrides: Sequence[str], init: str | None, resume: bool
+) -> DictConfig:
     """The run's config: recipe < ``overrides`` (``init``, a run, a checkpoint or ``none``, is
     ``objective.encoder_init``); with ``resume`` the run's saved config < ``overrides``. A run
     that starts (no checkpoint yet) names the checkpoint folder ``encoder_init`` resolves to, so
@@ -40,8 +42,10 @@ def finetune_config(recipe: str | None, overrides: Sequence[str], init: str | No
         overrides.append(f"objective.encoder_init={init}")
     cfg = load_run_config(recipe, overrides, resume=resume)
     if OmegaConf.is_missing(cfg.objective, "encoder_init"):
-        raise ConfigError("no start point: pass --init RUN (a pretraining run or checkpoint to fine-tune) or "
-                          "--init none (a fresh objective.encoder of model.size, a from-scratch baseline)")
+        raise ConfigError(
+            "no start point: pass --init RUN (a pretraining run or checkpoint to fine-tune) or "
+            "--init none (a fresh objective.encoder of model.size, a from-scratch baseline)"
+        )
     cfg = resolve(cfg)
     run_dir = Path(cfg.train.out_dir)
     if resume and has_checkpoint(run_dir):
@@ -67,9 +71,11 @@ def check_freeze(cfg: DictConfig) -> None:
     """A note when the encoder would stay frozen for the whole run."""
     freeze = int(OmegaConf.select(cfg, "objective.freeze_steps", default=0) or 0)
     if freeze >= int(cfg.train.max_steps):
-        print(f"note: objective.freeze_steps={freeze} >= train.max_steps={cfg.train.max_steps}: the encoder "
-              "never trains, only the output layer does (set objective.freeze_steps below train.max_steps, "
-              "e.g. a fifth or half of it)")
+        print(
+            f"note: objective.freeze_steps={freeze} >= train.max_steps={cfg.train.max_steps}: the encoder "
+            "never trains, only the output layer does (set objective.freeze_steps below train.max_steps, "
+            "e.g. a fifth or half of it)"
+        )
 
 
 def prepare_units(cfg: DictConfig, resume: bool) -> Path:
@@ -77,8 +83,10 @@ def prepare_units(cfg: DictConfig, resume: bool) -> Path:
     resume) and point ``objective.units_file`` at it."""
     run_dir = Path(cfg.train.out_dir)
     if not resume and has_checkpoint(run_dir):
-        raise ConfigError(f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
-                          "it or choose another train.out_dir")
+        raise ConfigError(
+            f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
+            "it or choose another train.out_dir"
+        )
     path = run_dir / UNITS_FILE
     if not (resume and path.is_file()):
         texts = []
@@ -91,8 +99,6 @@ def prepare_units(cfg: DictConfig, resume: bool) -> Path:
         train_units(texts, kind, vocab, f"data.train={cfg.data.train}").save(path)
     cfg.objective.units_file = str(path.resolve())
     return path
-
-
 
 
 def finetune(cfg: DictConfig, resume: bool = False) -> Path:

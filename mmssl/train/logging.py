@@ -58,7 +58,9 @@ class RunLogger:
     """Writes one JSON object per log step to ``metrics.jsonl`` and the same scalars to
     TensorBoard (``tb/``); shows a tqdm bar with ETA. Only rank 0 writes."""
 
-    def __init__(self, run_dir: Path, env: DistEnv, total_steps: int, start_step: int, progress: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, env: DistEnv, total_steps: int, start_step: int, progress: bool = True
+    ) -> None:
         self.env = env
         self.jsonl = None
         self.tb = None

@@ -60,12 +60,12 @@ class LoopOptions:
     max_steps: int
     log_every: int = 10
     save_every: int = 500
-    valid_every: int = 0          # 0: no validation
-    grad_clip: float = 0.0        # max global L2 norm; 0 turns clipping off (the norm is still logged)
-    accum_steps: int = 1          # micro-batches per optimizer step
-    precision: str = "bf16"       # bf16: autocast on CUDA (fp32 weights); fp32: no autocast
+    valid_every: int = 0  # 0: no validation
+    grad_clip: float = 0.0  # max global L2 norm; 0 turns clipping off (the norm is still logged)
+    accum_steps: int = 1  # micro-batches per optimizer step
+    precision: str = "bf16"  # bf16: autocast on CUDA (fp32 weights); fp32: no autocast
     max_nonfinite_steps: int = 100
-    keep_checkpoints: int = 3     # newest checkpoint folders kept; 0 keeps all
+    keep_checkpoints: int = 3  # newest checkpoint folders kept; 0 keeps all
     progress: bool = True
     seed: int = 0
 
@@ -267,8 +267,11 @@ class Trainer:
                 window.add(out, applied)
                 speed.step()
                 logger.advance()
-                validating = bool(opts.valid_every) and self.valid_stream is not None \
+                validating = (
+                    bool(opts.valid_every)
+                    and self.valid_stream is not None
                     and self.step % opts.valid_every == 0
+                )
                 if validating or self.step % opts.log_every == 0 or self.step == opts.max_steps:
                     self._log(logger, window, speed, self.validate() if validating else {})
                 if self.step % opts.save_every == 0 or self.step == opts.max_steps:
@@ -282,13 +285,17 @@ class Trainer:
     def _log(self, logger: RunLogger, window: MetricWindow, speed: Throughput, extra: dict) -> None:
         values = {**window.means(self.env), **extra}
         perf = speed.read()
-        values["audio_sec_per_sec"] = float(all_reduce_sum(torch.tensor(perf["audio_sec_per_sec"], device=self.device), self.env))
+        values["audio_sec_per_sec"] = float(
+            all_reduce_sum(torch.tensor(perf["audio_sec_per_sec"], device=self.device), self.env)
+        )
         values["steps_per_sec"] = perf["steps_per_sec"]
         values["lr"] = self.schedule.lr_at(self.step - 1)
         values["epoch"] = float(self.stream.epoch)
         bad = float(self.nonfinite)
         values["nonfinite_steps"] = bad
-        values["bad_records"] = float(all_reduce_sum(torch.tensor(float(self.stream.skipped), device=self.device), self.env))
+        values["bad_records"] = float(
+            all_reduce_sum(torch.tensor(float(self.stream.skipped), device=self.device), self.env)
+        )
         if self.device.type == "cuda":
             values["gpu_mem_gb"] = torch.cuda.memory_allocated(self.device) / 2**30
             values["gpu_max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -45,8 +45,9 @@ def pretrain(
 
 
 def _fit(cfg, env, device, resume, registry, stream_builder, callbacks) -> None:
-    trainer = build_trainer(cfg, env, device, registry=registry, stream_builder=stream_builder,
-                            callbacks=callbacks)
+    trainer = build_trainer(
+        cfg, env, device, registry=registry, stream_builder=stream_builder, callbacks=callbacks
+    )
     if resume and not trainer.resume() and env.is_main:
         print(f"no checkpoint in {trainer.ckpt_dir}; starting from step 0")
     trainer.fit()

@@ -151,8 +151,10 @@ class BatchStream:
                 produced += 1
                 yield batch
             if start == 0 and produced == 0:
-                raise DataError(f"epoch {self.epoch} gave no usable batch (an empty manifest, every clip "
-                                "over the batch duration limit, or every record bad?)")
+                raise DataError(
+                    f"epoch {self.epoch} gave no usable batch (an empty manifest, every clip "
+                    "over the batch duration limit, or every record bad?)"
+                )
             self.epoch, self.offset = self.epoch + 1, 0
 
 

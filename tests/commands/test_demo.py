@@ -8,7 +8,19 @@ from mmssl.cli import main
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--size", "tiny", "--steps", "2", "--asr-steps", "2", "--device", "cpu", "--out", str(out)]
+    argv = [
+        "demo",
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--asr-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "av_hubert" / "metrics.jsonl").read_text().splitlines()]
@@ -20,11 +32,15 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         assert 0.0 < quality["by_manifest"]["valid"]["pnmi"] <= 1.0
     assert "MFCC (iteration-1 targets)" in printed and "AV-HuBERT last layer" in printed
     assert (out / "km_av" / "valid.km").read_text().count("\n") == len(
-        (out / "corpus" / "av" / "valid.jsonl").read_text().splitlines())
+        (out / "corpus" / "av" / "valid.jsonl").read_text().splitlines()
+    )
     # CTC fine-tuning decoded the valid split; the noisy grid covers clean + 2 noises x 3 SNRs x 3 conditions
     wer = json.loads((out / "asr" / "wer.json").read_text())
     assert wer["utterances"] == len((out / "corpus" / "av" / "valid.jsonl").read_text().splitlines())
-    cells = [json.loads(line) for line in (out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[1:]]
+    cells = [
+        json.loads(line)
+        for line in (out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[1:]
+    ]
     assert len(cells) == (1 + 2 * 3) * 3 and {c["noise"] for c in cells} == {"none", "babble", "music"}
     assert "WER (%) on the test split under noise" in printed and "| music | -5 |" in printed
     # a second run finds every output and redoes nothing
@@ -36,10 +52,14 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("already done, skipped") == 2 and "started from another checkpoint" in printed
     clustered = torch.load(out / "km_av" / "kmeans.pt", weights_only=True)["weights"]
-    assert clustered == str((out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve())
+    assert clustered == str(
+        (out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve()
+    )
     started = OmegaConf.load(out / "asr" / "config.yaml").objective.encoder_init
     assert started == str((out / "av_hubert" / "checkpoints" / "step_00000003").resolve())
     # started with --resume into an empty folder, the run still keeps the pretraining config
     assert (out / "asr" / "init" / "encoder_init" / "config.yaml").is_file()
     header = json.loads((out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[0])
-    assert header["fingerprint"]["checkpoint"] == str((out / "asr" / "checkpoints" / "step_00000002").resolve())
+    assert header["fingerprint"]["checkpoint"] == str(
+        (out / "asr" / "checkpoints" / "step_00000002").resolve()
+    )

@@ -5,7 +5,7 @@ from mmssl.errors import ConfigError
 
 
 def test_text_normalisation():
-    assert normalize_text("  Hello, World!  It's \"fine\"--ok. ") == "hello world it's fine ok"
+    assert normalize_text('  Hello, World!  It\'s "fine"--ok. ') == "hello world it's fine ok"
 
 
 @pytest.mark.parametrize("kind", ["char", "unigram"])
@@ -29,6 +29,8 @@ def test_units_round_trip_and_reserve_the_blank(kind, tmp_path):
 
 def test_a_unigram_vocabulary_smaller_than_the_characters_is_named():
     texts = ["abc def", "ghi"]  # 9 letters + the word-start marker + <unk>: at least 11
-    with pytest.raises(ConfigError, match=r"objective.vocab_size=8 .* 10 characters .*data.train=m.jsonl.*>= 11"):
+    with pytest.raises(
+        ConfigError, match=r"objective.vocab_size=8 .* 10 characters .*data.train=m.jsonl.*>= 11"
+    ):
         train_units(texts, "unigram", 8, "data.train=m.jsonl")
     assert train_units(texts, "unigram", 11).size <= 12

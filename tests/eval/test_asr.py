@@ -56,17 +56,33 @@ def av_init(synth_tiny, tmp_path_factory):
     return step
 
 
-QUICK = ["train.device=cpu", "data.num_workers=0", "train.progress=false", "data.max_seconds_per_batch=20",
-         "train.accum_steps=1", "train.lr=1e-3"]
+QUICK = [
+    "train.device=cpu",
+    "data.num_workers=0",
+    "train.progress=false",
+    "data.max_seconds_per_batch=20",
+    "train.accum_steps=1",
+    "train.lr=1e-3",
+]
 
 
 @pytest.fixture(scope="module")
 def finetuned(synth_tiny, av_init, tmp_path_factory):
     out = tmp_path_factory.mktemp("asr_ft") / "ft"
     av = synth_tiny / "av"
-    code = main(["finetune-asr", "--init", str(av_init.parent.parent), f"data.train={av / 'train.jsonl'}",
-                 f"data.valid={av / 'valid.jsonl'}", "train.max_steps=2", f"train.out_dir={out}",
-                 "objective.freeze_steps=1", *QUICK])
+    code = main(
+        [
+            "finetune-asr",
+            "--init",
+            str(av_init.parent.parent),
+            f"data.train={av / 'train.jsonl'}",
+            f"data.valid={av / 'valid.jsonl'}",
+            "train.max_steps=2",
+            f"train.out_dir={out}",
+            "objective.freeze_steps=1",
+            *QUICK,
+        ]
+    )
     assert code == 0
     return out
 
@@ -116,11 +132,28 @@ def test_padded_batches_decode_as_one_at_a_time(finetuned, synth_tiny):
 def test_fine_tuning_on_one_repeated_utterance_reaches_zero_wer(synth_tiny, tmp_path):
     record = min(read_manifest(synth_tiny / "av" / "train.jsonl"), key=lambda r: r["audio_samples"])
     manifest = write_manifest(tmp_path / "one.jsonl", [record])
-    code = main(["finetune-asr", "--init", "none", "objective.encoder=fbank", "model.size=tiny",
-                 "train.accum_steps=1", "objective.mask_channel_prob=0",
-                 f"data.train={manifest}", f"data.valid={manifest}", "train.max_steps=70", "train.lr=3e-3",
-                 "objective.freeze_steps=0", "objective.mask_prob=0", f"train.out_dir={tmp_path / 'run'}",
-                 "train.device=cpu", "data.num_workers=0", "train.progress=false", "train.log_every=10"])
+    code = main(
+        [
+            "finetune-asr",
+            "--init",
+            "none",
+            "objective.encoder=fbank",
+            "model.size=tiny",
+            "train.accum_steps=1",
+            "objective.mask_channel_prob=0",
+            f"data.train={manifest}",
+            f"data.valid={manifest}",
+            "train.max_steps=70",
+            "train.lr=3e-3",
+            "objective.freeze_steps=0",
+            "objective.mask_prob=0",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.device=cpu",
+            "data.num_workers=0",
+            "train.progress=false",
+            "train.log_every=10",
+        ]
+    )
     assert code == 0
     wer = json.loads((tmp_path / "run" / "wer.json").read_text())
     assert wer["wer"] == 0.0 and wer["words"] == len(record["transcript"].split())
@@ -128,16 +161,30 @@ def test_fine_tuning_on_one_repeated_utterance_reaches_zero_wer(synth_tiny, tmp_
 
 def test_a_second_run_in_the_same_folder_needs_resume(finetuned, synth_tiny, capsys):
     av = synth_tiny / "av"
-    code = main(["finetune-asr", "--init", "none", f"data.train={av / 'train.jsonl'}", f"train.out_dir={finetuned}"])
+    code = main(
+        ["finetune-asr", "--init", "none", f"data.train={av / 'train.jsonl'}", f"train.out_dir={finetuned}"]
+    )
     assert code == 2 and "--resume" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_units_and_continues_the_run(finetuned, synth_tiny, av_init):
     units = (finetuned / "units.model").stat().st_mtime_ns
     av = synth_tiny / "av"
-    code = main(["finetune-asr", "ctc", "--init", str(av_init), f"data.train={av / 'train.jsonl'}",
-                 f"data.valid={av / 'valid.jsonl'}", "train.max_steps=3", f"train.out_dir={finetuned}",
-                 "objective.freeze_steps=1", *QUICK, "--resume"])
+    code = main(
+        [
+            "finetune-asr",
+            "ctc",
+            "--init",
+            str(av_init),
+            f"data.train={av / 'train.jsonl'}",
+            f"data.valid={av / 'valid.jsonl'}",
+            "train.max_steps=3",
+            f"train.out_dir={finetuned}",
+            "objective.freeze_steps=1",
+            *QUICK,
+            "--resume",
+        ]
+    )
     assert code == 0
     assert (finetuned / "units.model").stat().st_mtime_ns == units
     steps = [json.loads(line)["step"] for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
@@ -152,8 +199,15 @@ def test_resume_without_init_and_after_the_pretraining_run_moved(synth_tiny, tmp
     av = synth_tiny / "av"
     _, step = save_tiny_run(tmp_path / "pre", "hubert", av / "train.jsonl")
     ft = tmp_path / "ft"
-    base = ["finetune-asr", f"data.train={av / 'train.jsonl'}", f"data.valid={av / 'valid.jsonl'}",
-            f"train.out_dir={ft}", "objective.freeze_steps=0", "train.save_every=1", *QUICK]
+    base = [
+        "finetune-asr",
+        f"data.train={av / 'train.jsonl'}",
+        f"data.valid={av / 'valid.jsonl'}",
+        f"train.out_dir={ft}",
+        "objective.freeze_steps=0",
+        "train.save_every=1",
+        *QUICK,
+    ]
     assert main([*base, "--init", str(step), "train.max_steps=1"]) == 0
     before = load_asr_model(ft, torch.device("cpu"))
     # --resume alone: the saved config (encoder_init included) carries on, and the folder decodes
@@ -173,7 +227,9 @@ def test_resume_without_init_and_after_the_pretraining_run_moved(synth_tiny, tmp
 
 
 def test_no_init_is_an_error_that_says_what_to_pass(synth_tiny, tmp_path, capsys):
-    code = main(["finetune-asr", f"data.train={synth_tiny / 'av' / 'train.jsonl'}", f"train.out_dir={tmp_path / 'x'}"])
+    code = main(
+        ["finetune-asr", f"data.train={synth_tiny / 'av' / 'train.jsonl'}", f"train.out_dir={tmp_path / 'x'}"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--init RUN" in err and "--init none" in err
     assert not (tmp_path / "x").exists()
@@ -181,9 +237,23 @@ def test_no_init_is_an_error_that_says_what_to_pass(synth_tiny, tmp_path, capsys
 
 def test_a_frozen_encoder_for_the_whole_run_is_announced(synth_tiny, tmp_path, capsys):
     av = synth_tiny / "av"
-    assert main(["finetune-asr", "--init", "none", "objective.encoder=fbank", "model.size=tiny",
-                 f"data.train={av / 'valid.jsonl'}", "train.max_steps=1", "objective.freeze_steps=1",
-                 f"train.out_dir={tmp_path / 'ft'}", *QUICK]) == 0
+    assert (
+        main(
+            [
+                "finetune-asr",
+                "--init",
+                "none",
+                "objective.encoder=fbank",
+                "model.size=tiny",
+                f"data.train={av / 'valid.jsonl'}",
+                "train.max_steps=1",
+                "objective.freeze_steps=1",
+                f"train.out_dir={tmp_path / 'ft'}",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     assert "objective.freeze_steps=1 >= train.max_steps=1" in capsys.readouterr().out
 
 

@@ -25,8 +25,20 @@ def test_mean_cca_is_the_average_canonical_correlation():
     g = _gen(1)
     z = torch.randn(3000, 1, generator=g, dtype=torch.float64)
     # first dims share z with correlation 1/sqrt(2) each; the second dims are independent
-    x = torch.cat([z + torch.randn(3000, 1, generator=g, dtype=torch.float64), torch.randn(3000, 1, generator=g, dtype=torch.float64)], 1)
-    y = torch.cat([z + torch.randn(3000, 1, generator=g, dtype=torch.float64), torch.randn(3000, 1, generator=g, dtype=torch.float64)], 1)
+    x = torch.cat(
+        [
+            z + torch.randn(3000, 1, generator=g, dtype=torch.float64),
+            torch.randn(3000, 1, generator=g, dtype=torch.float64),
+        ],
+        1,
+    )
+    y = torch.cat(
+        [
+            z + torch.randn(3000, 1, generator=g, dtype=torch.float64),
+            torch.randn(3000, 1, generator=g, dtype=torch.float64),
+        ],
+        1,
+    )
     # canonical correlations: 0.5 (corr of z+e1 and z+e2) and ~0
     assert cca_similarity(x, y, "cca") == pytest.approx(0.25, abs=0.04)
 
@@ -37,7 +49,13 @@ def test_pwcca_weights_the_directions_that_carry_x():
     z = torch.randn(n, 1, generator=g, dtype=torch.float64)
     # x: one big direction shared with y, three small private ones
     x = torch.cat([10 * z, 0.1 * torch.randn(n, 3, generator=g, dtype=torch.float64)], 1)
-    y = torch.cat([z + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)], 1)
+    y = torch.cat(
+        [
+            z + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64),
+            torch.randn(n, 3, generator=g, dtype=torch.float64),
+        ],
+        1,
+    )
     mean, pw = cca_similarity(x, y, "cca"), cca_similarity(x, y, "pwcca")
     assert mean < 0.4 and pw > 0.9
 
@@ -68,7 +86,9 @@ def _near(img, rgb, tol=40):
 
 
 def test_plot_puts_high_values_high(tmp_path):
-    path = plot_layers(np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]), tmp_path / "p.png", ["high", "low"], "t")
+    path = plot_layers(
+        np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]), tmp_path / "p.png", ["high", "low"], "t"
+    )
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)
     blue_rows = np.nonzero(_near(img, (0, 114, 178)))[0]  # series 1 (mmssl.eval.report.PALETTE)
     orange_rows = np.nonzero(_near(img, (213, 94, 0)))[0]  # series 2

@@ -97,7 +97,11 @@ def test_bad_settings_name_the_key():
 
 
 def test_recipe_names_a_bad_width_or_dropout(synth_tiny, tmp_path, capsys):
-    common = ["model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}", f"train.out_dir={tmp_path / 'r'}"]
+    common = [
+        "model.size=tiny",
+        f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+        f"train.out_dir={tmp_path / 'r'}",
+    ]
     assert main(["pretrain", "apc", *common, "objective.encoder.dim=0"]) != 0
     assert "objective.encoder.dim must be an integer >= 1; got 0" in capsys.readouterr().err
     assert main(["pretrain", "apc", *common, "objective.dropout=2.0"]) != 0
@@ -106,18 +110,51 @@ def test_recipe_names_a_bad_width_or_dropout(synth_tiny, tmp_path, capsys):
 
 def test_recipe_pretrains_and_its_run_extracts_every_layer(synth_tiny, tmp_path):
     run = tmp_path / "apc"
-    assert main(["pretrain", "apc", "model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
-                 "train.max_steps=2", "train.log_every=1", f"train.out_dir={run}", "data.num_workers=0",
-                 "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "apc",
+                "model.size=tiny",
+                f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+                "train.max_steps=2",
+                "train.log_every=1",
+                f"train.out_dir={run}",
+                "data.num_workers=0",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     assert all(0 < m["loss"] < 10 and m["l1_loss"] == m["loss"] for m in lines)
     feats = tmp_path / "feats"
     manifest = synth_tiny / "av" / "valid.jsonl"
-    assert main(["extract", "--checkpoint", str(run), "--manifest", str(manifest), "--layer", "all",
-                 "--out", str(feats), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(run),
+                "--manifest",
+                str(manifest),
+                "--layer",
+                "all",
+                "--out",
+                str(feats),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     index = read_index(feats)
-    assert {(x["layer"], x["dim"], x["frame_rate"]) for x in index} == {(0, 80, 100.0), (1, 32, 100.0), (2, 32, 100.0)}
+    assert {(x["layer"], x["dim"], x["frame_rate"]) for x in index} == {
+        (0, 80, 100.0),
+        (1, 32, 100.0),
+        (2, 32, 100.0),
+    }
     stored = load_features(feats, 2)
     assert len(stored) == 4 and all(torch.isfinite(v).all() for v in stored.values())
 

@@ -124,7 +124,10 @@ def test_soft_decorrelation_running_estimate():
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("name,kwargs", [("dcca", {"out_dim": 4}), ("soft_cca", {"out_dim": 8}), ("dccae", {"out_dim": 4, "decoder_dim": 16})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("dcca", {"out_dim": 4}), ("soft_cca", {"out_dim": 8}), ("dccae", {"out_dim": 4, "decoder_dim": 16})],
+)
 def test_objectives_forward_backward_and_overfit(name, kwargs):
     torch.manual_seed(0)
     objective = OBJECTIVES.build(name, size="tiny", **kwargs)
@@ -174,4 +177,6 @@ def test_dccae_audio_target_is_normalised_per_utterance_over_valid_frames():
     valid = target[1, :4]
     torch.testing.assert_close(valid.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(valid.var(0, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
-    torch.testing.assert_close(target[0], (raw[0] - raw[0].mean(0)) / raw[0].std(0, unbiased=False), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        target[0], (raw[0] - raw[0].mean(0)) / raw[0].std(0, unbiased=False), atol=1e-3, rtol=0
+    )

@@ -110,8 +110,25 @@ def test_objective_holds_its_encoder_and_kmeans_reads_its_layers(tmp_path, name)
     for key, value in objective.encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[key], value), key
     out = tmp_path / "km"
-    code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(step), "--layer", "2",
-                 "--k", "2", "--out", str(out), "--fit-fraction", "1.0", "--device", "cpu"])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(manifest),
+            "--checkpoint",
+            str(step),
+            "--layer",
+            "2",
+            "--k",
+            "2",
+            "--out",
+            str(out),
+            "--fit-fraction",
+            "1.0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     state = torch.load(out / "kmeans.pt", weights_only=True)
     assert state["label_rate"] == 100.0 and state["centroids"].shape == (2, encoder.dim)

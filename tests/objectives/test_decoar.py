@@ -100,14 +100,43 @@ def test_bad_settings_name_the_key():
 
 def test_recipe_pretrains_and_its_features_are_both_directions(synth_tiny, tmp_path):
     run = tmp_path / "decoar"
-    assert main(["pretrain", "decoar", "model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
-                 "train.max_steps=2", "train.log_every=1", f"train.out_dir={run}", "data.num_workers=0",
-                 "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "decoar",
+                "model.size=tiny",
+                f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+                "train.max_steps=2",
+                "train.log_every=1",
+                f"train.out_dir={run}",
+                "data.num_workers=0",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all(0 < m["loss"] < 10 and m["slices"] > 0 for m in lines)
     feats = tmp_path / "feats"
-    assert main(["extract", "--checkpoint", str(run), "--manifest", str(synth_tiny / "av" / "valid.jsonl"),
-                 "--layer", "2", "--out", str(feats), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(run),
+                "--manifest",
+                str(synth_tiny / "av" / "valid.jsonl"),
+                "--layer",
+                "2",
+                "--out",
+                str(feats),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert {(x["layer"], x["dim"]) for x in read_index(feats)} == {(2, 64)}
     assert all(torch.isfinite(v).all() for v in load_features(feats, 2).values())
 

@@ -159,7 +159,9 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
 
     out = torch.zeros(2, 3, 9).share_memory_()
     # fork: the workers inherit the imported modules instead of importing them again
-    mp.start_processes(_rank_worker, args=(2, f"file://{tmp_path / 'pg'}", out), nprocs=2, start_method="fork")
+    mp.start_processes(
+        _rank_worker, args=(2, f"file://{tmp_path / 'pg'}", out), nprocs=2, start_method="fork"
+    )
     za = _unit(6, 4, seed=10).requires_grad_()
     zv = _unit(6, 4, seed=11).requires_grad_()
     loss, _ = utterance_info_nce(za, zv, torch.tensor(5.0))

@@ -58,7 +58,10 @@ def test_info_nce_equals_cross_entropy_on_explicit_logits():
 
 def test_excluded_negatives_drop_out_of_the_softmax():
     logits = gather_logits(
-        torch.ones(1, 1, 2), torch.eye(2)[None], torch.tensor([[0]]), torch.tensor([[[1, 1]]]),
+        torch.ones(1, 1, 2),
+        torch.eye(2)[None],
+        torch.tensor([[0]]),
+        torch.tensor([[[1, 1]]]),
         exclude=torch.tensor([[[True, False]]]),
     )
     # positive logit 1, one remaining negative logit 1: loss = log 2

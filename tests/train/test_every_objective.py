@@ -28,7 +28,9 @@ NAMES = OBJECTIVES.names()
 
 def _aten_kernels():
     """oneDNN off, its other flags untouched: the same CPU kernels on every x86-64 CPU (above)."""
-    return torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None)
+    return torch.backends.mkldnn.flags(
+        enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
+    )
 
 
 def _loss_and_grads(objective, batch: dict, bf16: bool) -> tuple[torch.Tensor, list]:

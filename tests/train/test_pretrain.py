@@ -47,12 +47,26 @@ def _write_corpus(folder: Path, n: int = 12) -> Path:
 
 
 def _cfg(tmp_path, manifest, *extra):
-    return resolve(load_config(None, [
-        "objective.name=toy", f"data.train={manifest}", f"train.out_dir={tmp_path / 'run'}",
-        "data.max_seconds_per_batch=3.0", "data.num_workers=0", "data.min_audio_seconds=0.1",
-        "train.log_every=1", "train.save_every=2", "train.progress=false", "train.lr=0.01",
-        "train.device=cpu", "model.size=tiny", *extra,
-    ]))
+    return resolve(
+        load_config(
+            None,
+            [
+                "objective.name=toy",
+                f"data.train={manifest}",
+                f"train.out_dir={tmp_path / 'run'}",
+                "data.max_seconds_per_batch=3.0",
+                "data.num_workers=0",
+                "data.min_audio_seconds=0.1",
+                "train.log_every=1",
+                "train.save_every=2",
+                "train.progress=false",
+                "train.lr=0.01",
+                "train.device=cpu",
+                "model.size=tiny",
+                *extra,
+            ],
+        )
+    )
 
 
 def test_pretrain_writes_the_run_folder_and_resumes(tmp_path):
@@ -91,8 +105,15 @@ def test_a_misspelt_option_names_its_key_and_leaves_no_run_folder(tmp_path):
 
 
 def test_schedule_from_config_fractions(tmp_path):
-    cfg = _cfg(tmp_path, tmp_path / "x.jsonl", "train.max_steps=100", "train.schedule=tri_stage",
-               "train.warmup_fraction=0.1", "train.hold_fraction=0.4", "train.final_lr_scale=0.05")
+    cfg = _cfg(
+        tmp_path,
+        tmp_path / "x.jsonl",
+        "train.max_steps=100",
+        "train.schedule=tri_stage",
+        "train.warmup_fraction=0.1",
+        "train.hold_fraction=0.4",
+        "train.final_lr_scale=0.05",
+    )
     schedule = build_schedule(cfg.train)
     assert (schedule.warmup_steps, schedule.hold_steps) == (10, 40)
     assert schedule.lr_at(50) == pytest.approx(0.01)
@@ -112,7 +133,9 @@ def test_objective_classes_must_match_the_labels_kmeans(tmp_path, capsys):
     with pytest.raises(ConfigError, match="num_classes=100 .* k=500"):
         build_objective(_cfg(tmp_path, tmp_path / "x.jsonl", *base), registry=LOCAL)
     with pytest.raises(ConfigError, match="label_rate=100.0 .* label_rate=50.0"):
-        build_objective(_cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=500"), registry=LOCAL)
+        build_objective(
+            _cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=500"), registry=LOCAL
+        )
     ok = _cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=500", "objective.label_rate=50")
     assert isinstance(build_objective(ok, registry=LOCAL), ToyObjective)
     # more classes than clusters: some classes never occur, which trains; only a note
@@ -134,7 +157,9 @@ def test_bad_records_are_skipped_and_their_count_logged(tmp_path):
 
 def test_train_subset_keeps_the_seeded_records_and_only_in_training(tmp_path):
     manifest = _write_corpus(tmp_path, n=12)
-    cfg = _cfg(tmp_path, manifest, "data.train_subset=0.25", "data.train_subset_seed=5", f"data.valid={manifest}")
+    cfg = _cfg(
+        tmp_path, manifest, "data.train_subset=0.25", "data.train_subset_seed=5", f"data.valid={manifest}"
+    )
     objective = build_objective(cfg, registry=LOCAL)
     seen = {}
     for split in ("train", "valid"):

@@ -79,8 +79,9 @@ def read_json(path: Path, corpus: str, what: str) -> object:
         raise DataError(f"{path}: cannot read {what} ({err})") from None
 
 
-def pick_splits(present: list[str], known: Sequence[str], wanted: list[str] | None, root: Path,
-                corpus: str) -> list[str]:
+def pick_splits(
+    present: list[str], known: Sequence[str], wanted: list[str] | None, root: Path, corpus: str
+) -> list[str]:
     """The splits to prepare: ``wanted`` (each must be present), else every present one."""
     if wanted:
         unknown = [s for s in wanted if s not in known]
@@ -88,12 +89,16 @@ def pick_splits(present: list[str], known: Sequence[str], wanted: list[str] | No
             raise DataError(f"{corpus}: unknown split(s) {', '.join(unknown)}; known: {', '.join(known)}")
         missing = [s for s in wanted if s not in present]
         if missing:
-            raise DataError(f"{root}: split folder(s) {', '.join(missing)} not found; "
-                            f"{corpus} is expected in the layout of {readme(corpus)}")
+            raise DataError(
+                f"{root}: split folder(s) {', '.join(missing)} not found; "
+                f"{corpus} is expected in the layout of {readme(corpus)}"
+            )
         return list(wanted)
     if not present:
-        raise DataError(f"{root}: none of the {corpus} splits ({', '.join(known)}) found; "
-                        f"expected the layout of {readme(corpus)}")
+        raise DataError(
+            f"{root}: none of the {corpus} splits ({', '.join(known)}) found; "
+            f"expected the layout of {readme(corpus)}"
+        )
     return present
 
 
@@ -129,8 +134,13 @@ def measure_file(path: str) -> Measured:
         seconds = info.audio_duration
         if info.has_audio and not seconds:
             seconds = load_audio(path, SAMPLE_RATE).numel() / SAMPLE_RATE
-        return Measured(seconds, info.audio_rate, info.video_frames, info.video_fps,
-                        has_video=bool(info.width and info.height))
+        return Measured(
+            seconds,
+            info.audio_rate,
+            info.video_frames,
+            info.video_fps,
+            has_video=bool(info.width and info.height),
+        )
     except DataError as err:
         return Measured(error=_reason(err, path))
     except Exception as err:  # a measurer reports every file, it does not stop at one
@@ -179,14 +189,16 @@ def _fill(record: dict, facts: dict[str, Measured]) -> tuple[str, str] | None:
     return None
 
 
-def measure(listing: Listing, workers: int = 1,
-            progress: bool = True) -> tuple[dict[str, list[dict]], list[Skip], Counter]:
+def measure(
+    listing: Listing, workers: int = 1, progress: bool = True
+) -> tuple[dict[str, list[dict]], list[Skip], Counter]:
     """Read every media file's header once (``workers`` processes, a progress bar) ->
     (records with ``audio_samples`` / ``video_frames``, everything skipped, per split the
     number of audio files not at 16 kHz)."""
     paths = sorted({r[k] for rs in listing.splits.values() for r in rs for k in MEDIA_KEYS if r.get(k)})
-    bar = dict(total=len(paths), desc=f"probing {listing.corpus}", unit="file", disable=not progress,
-               file=sys.stderr)
+    bar = dict(
+        total=len(paths), desc=f"probing {listing.corpus}", unit="file", disable=not progress, file=sys.stderr
+    )
     if workers <= 1 or len(paths) < 2:
         found = [measure_file(p) for p in tqdm(paths, **bar)]
     else:
@@ -212,18 +224,34 @@ def measure(listing: Listing, workers: int = 1,
 
 
 # --- writing -----------------------------------------------------------------------------------
-def summarise(corpus: str, root: Path, splits: dict[str, list[dict]], skipped: list[Skip],
-              other_rate: Counter, options: dict) -> dict:
+def summarise(
+    corpus: str,
+    root: Path,
+    splits: dict[str, list[dict]],
+    skipped: list[Skip],
+    other_rate: Counter,
+    options: dict,
+) -> dict:
     """The ``prepare.json`` document: per split records, hours, skipped (with reasons)."""
     table = {}
     for split, records in splits.items():
         reasons = Counter(s.reason for s in skipped if s.split == split)
         seconds = sum(duration_seconds(r) or 0.0 for r in records)
-        table[split] = {"records": len(records), "hours": round(seconds / 3600, 4),
-                        "skipped": sum(reasons.values()), "skipped_reasons": dict(reasons.most_common()),
-                        "not_16k": other_rate.get(split, 0), "written": bool(records)}
-    return {"corpus": corpus, "root": str(root.resolve()), "options": options, "splits": table,
-            "skipped_total": len(skipped)}
+        table[split] = {
+            "records": len(records),
+            "hours": round(seconds / 3600, 4),
+            "skipped": sum(reasons.values()),
+            "skipped_reasons": dict(reasons.most_common()),
+            "not_16k": other_rate.get(split, 0),
+            "written": bool(records),
+        }
+    return {
+        "corpus": corpus,
+        "root": str(root.resolve()),
+        "options": options,
+        "splits": table,
+        "skipped_total": len(skipped),
+    }
 
 
 def summary_table(summary: dict) -> str:
@@ -235,9 +263,13 @@ def write_outputs(out: Path, summary: dict, splits: dict[str, list[dict]], skipp
     """``OUT/<split>.jsonl`` for each split with records, ``OUT/skipped.jsonl`` (every entry
     left out, with its reason) and ``OUT/prepare.json``; each file replaced atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_manifest(out / f"{split}.jsonl", records) for split, records in splits.items() if records]
-    lines = [json.dumps({"split": s.split, "id": s.id, "file": s.path, "reason": s.reason}, ensure_ascii=False)
-             for s in skipped]
+    written = [
+        write_manifest(out / f"{split}.jsonl", records) for split, records in splits.items() if records
+    ]
+    lines = [
+        json.dumps({"split": s.split, "id": s.id, "file": s.path, "reason": s.reason}, ensure_ascii=False)
+        for s in skipped
+    ]
     write_text(out / "skipped.jsonl", "".join(line + "\n" for line in lines))
     write_text(out / "prepare.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return written
@@ -256,6 +288,8 @@ def format_report(summary: dict, skipped: list[Skip], out: Path) -> str:
         if not s["written"]:
             lines.append(f"{split}: no records, no manifest written")
         if s["not_16k"]:
-            lines.append(f"{split}: {s['not_16k']} audio files are not at 16 kHz (loading resamples them; "
-                         f"`mmssl data check` reports them)")
+            lines.append(
+                f"{split}: {s['not_16k']} audio files are not at 16 kHz (loading resamples them; "
+                f"`mmssl data check` reports them)"
+            )
     return "\n".join(lines).rstrip()

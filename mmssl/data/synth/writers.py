@@ -25,7 +25,13 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> 
         out.writeframes(audio.tobytes())
 
 
-def write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, fps: int = round(VIDEO_FPS), sample_rate: int = SAMPLE_RATE) -> None:
+def write_mp4(
+    path: Path,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    fps: int = round(VIDEO_FPS),
+    sample_rate: int = SAMPLE_RATE,
+) -> None:
     """``frames (T, H, W)`` uint8 grayscale as H.264 (yuv420p) and ``audio (S,)`` int16 as AAC,
     in one mp4. x264's ``ultrafast`` preset on one thread has no macroblock-tree lookahead,
     whose output was seen to vary from run to run, so the same frames give the same bytes;
