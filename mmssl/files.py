@@ -14,8 +14,9 @@ import contextlib
 import hashlib
 import os
 import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -35,8 +35,8 @@ import inspect
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf

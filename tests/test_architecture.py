@@ -181,7 +181,7 @@ def test_function_local_imports_say_why():
     """Allowed only to keep a heavy optional library out of start-up, with ``# lazy: reason`` on
     the line above (one comment covers the import lines right under it) or at the end of the line."""
     missing = []
-    for m, path in MODULES.items():
+    for path in MODULES.values():
         lines = path.read_text(encoding="utf-8").splitlines()
         tree = ast.parse("\n".join(lines))
         for f in ast.walk(tree):
@@ -234,6 +234,9 @@ def test_every_module_imports_alone():
 
 def test_the_command_line_starts_without_torch():
     """``mmssl --help`` lists the commands without importing any of them (or PyTorch)."""
-    code = "import sys, mmssl.cli as c; c._available(); print(sorted(m for m in sys.modules if m.startswith('torch'))[:3])"
+    code = (
+        "import sys, mmssl.cli as c; c._available(); "
+        "print(sorted(m for m in sys.modules if m.startswith('torch'))[:3])"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

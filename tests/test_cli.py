@@ -7,7 +7,7 @@ from mmssl import cli
 def test_help_lists_available_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name, (module, _) in cli._available().items():
+    for name in cli._available():
         assert name in out
     # every listed command's module exists and exposes the two entry points
     import importlib

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--landmarks",
-        help="folder of 68-point landmark files <record id>.pkl|.npy or <video stem>.pkl|.npy (AV-HuBERT style)",
+        help="folder of 68-point landmark files <record id>.pkl|.npy or <video stem>.pkl|.npy "
+        "(AV-HuBERT style)",
     )
     parser.add_argument(
         "--face-model", help="OpenCV DNN face detector model (YuNet .onnx) instead of a cascade"

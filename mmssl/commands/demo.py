@@ -23,9 +23,9 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -294,7 +294,8 @@ def summary(out: Path) -> str:
             q = json.loads(path.read_text())["by_manifest"].get("valid", {})
             if q:
                 lines.append(
-                    f"    {name:<34} {q['phone_purity']:>12.3f} {q['cluster_purity']:>14.3f} {q['pnmi']:>6.3f}"
+                    f"    {name:<34} {q['phone_purity']:>12.3f} {q['cluster_purity']:>14.3f} "
+                    f"{q['pnmi']:>6.3f}"
                 )
     wer = out / "asr" / "wer.json"
     if wer.is_file():

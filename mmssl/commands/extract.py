@@ -14,7 +14,8 @@ Writes, for each layer ``L``, ``DIR/layer_LL/shard_NNNNN.safetensors`` (keys: re
 values: ``(T, C)`` features of the record's valid frames, no padding) and one
 ``DIR/index.jsonl`` with a line per record and layer::
 
-    {"id": ..., "layer": L, "frames": T, "dim": C, "frame_rate": Hz, "file": "layer_LL/shard_NNNNN.safetensors"}
+    {"id": ..., "layer": L, "frames": T, "dim": C, "frame_rate": Hz,
+     "file": "layer_LL/shard_NNNNN.safetensors"}
 
 plus ``DIR/extract.json`` (checkpoint, manifest, layers, dtype, counts). Shards close once
 they hold ``--shard-mb`` of features (all layers together), so memory stays bounded.
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     }
     write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     print(
-        f"wrote {out / INDEX}: {result['records']} records x {len(layers)} layer(s) at {result['frame_rate']:g} Hz"
+        f"wrote {out / INDEX}: {result['records']} records x {len(layers)} layer(s) "
+        f"at {result['frame_rate']:g} Hz"
         + (
             f"; skipped {len(result['skipped'])} bad record(s), listed in {out / SUMMARY}"
             if result["skipped"]

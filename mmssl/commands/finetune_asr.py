@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(cfg.train.device, option="train.device")
     result = evaluate_run(run_dir, cfg.data.valid, device)
     print(
-        f"WER on {cfg.data.valid}: {100 * result['wer']:.2f}% ({result['errors']} errors / {result['words']} words: "
+        f"WER on {cfg.data.valid}: {100 * result['wer']:.2f}% "
+        f"({result['errors']} errors / {result['words']} words: "
         f"{result['substitutions']} sub, {result['deletions']} del, {result['insertions']} ins)"
     )
     print(f"run folder: {run_dir}")

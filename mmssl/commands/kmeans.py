@@ -6,11 +6,12 @@
 writes ``DIR/<manifest stem>.km`` for every manifest (one line of space-separated cluster ids
 per record, in manifest order, at the feature's frame rate; fitted on the first manifest, so
 ``--manifest train.jsonl valid.jsonl`` labels both with the same clusters) and
-``DIR/kmeans.pt`` (centroids, k, feature description, label rate). As HuBERT (sec. IV-B), k-means is fitted on the frames of a random
-subset of the records (``--fit-fraction``, 10% by default, grown until there are at least
-``MIN_FRAMES_PER_CLUSTER`` = 50 frames per cluster or the manifest runs out, so a small
-corpus still gives every centroid enough frames) and then every frame is assigned. Features are computed on the fly and
-kept in memory only for the fitting subset; nothing is dumped to disk. When the records carry
+``DIR/kmeans.pt`` (centroids, k, feature description, label rate). As HuBERT (sec. IV-B),
+k-means is fitted on the frames of a random subset of the records (``--fit-fraction``, 10% by
+default, grown until there are at least ``MIN_FRAMES_PER_CLUSTER`` = 50 frames per cluster or
+the manifest runs out, so a small corpus still gives every centroid enough frames) and then
+every frame is assigned. Features are computed on the fly and kept in memory only for the
+fitting subset; nothing is dumped to disk. When the records carry
 phone alignments (the built-in corpus's ``align`` key), phone purity, cluster purity and PNMI
 are printed and written to ``DIR/quality.json``. ``--batch-size N`` fits with mini-batch
 k-means (HuBERT's ``learn_kmeans.py`` uses scikit-learn's ``MiniBatchKMeans`` with 10000)
@@ -28,8 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor

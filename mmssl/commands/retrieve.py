@@ -1,6 +1,7 @@
 """``mmssl retrieve``: query an image index (``mmssl index``) with speech or text.
 
-    mmssl retrieve --index INDEX_DIR (--audio FILE [FILE ...] | --manifest M.jsonl | --text "a red circle" [...])
+    mmssl retrieve --index INDEX_DIR
+                   (--audio FILE [FILE ...] | --manifest M.jsonl | --text "a red circle" [...])
                    [--top 5] [--json] [--out DIR] [--checkpoint RUN_OR_CKPT] [--device auto|cpu|cuda]
 
 Each query is embedded with the checkpoint that made the index (``index.json`` names it) and
@@ -25,8 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor

@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out}: av {av['train']}/{av['valid']}/{av['test']} utterances "
         f"({summary['hours']['av']:.2f} h), image captions {image['train']}/{image['valid']}/{image['test']} "
-        f"({summary['hours']['image']:.2f} h), noise {summary['noise_files']['train']}+{summary['noise_files']['test']} files "
+        f"({summary['hours']['image']:.2f} h), "
+        f"noise {summary['noise_files']['train']}+{summary['noise_files']['test']} files "
         f"in {seconds:.0f} s"
     )
     return 0

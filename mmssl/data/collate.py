@@ -14,7 +14,7 @@ A key is in the batch only when the items carry it (missing modalities are absen
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -3,7 +3,8 @@
 
 For each video: find the mouth in every frame, smooth its track over time, crop a square
 around it, resize to 96x96 grayscale (AV-HuBERT's stored size, from which training takes
-random 88x88 windows; ``--size 88`` keeps only the centre 88x88), at 25 fps, muxed with the clip's audio into an mp4 (PyAV: H.264 video, AAC audio).
+random 88x88 windows; ``--size 88`` keeps only the centre 88x88), at 25 fps, muxed with the
+clip's audio into an mp4 (PyAV: H.264 video, AAC audio).
 
 Where the mouth comes from (nothing is downloaded):
 
@@ -27,9 +28,10 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import av
 import cv2

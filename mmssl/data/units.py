@@ -18,8 +18,8 @@ from __future__ import annotations
 import io
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -55,7 +55,7 @@ class Units:
             raise DataError(f"{source}: not a SentencePiece model ({err})") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "Units":
+    def load(cls, path: str | Path) -> Units:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: units model not found (made by `mmssl finetune-asr`)")

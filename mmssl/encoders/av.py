@@ -282,7 +282,8 @@ def av_features(encoder: AVEncoder, batch: dict, layer: int | None = None) -> tu
                 feats = out.layers[layer - 1]
             else:
                 raise ConfigError(
-                    f"layer {layer} out of range: the encoder has layers 1..{len(out.layers)} (0: their input)"
+                    f"layer {layer} out of range: the encoder has layers 1..{len(out.layers)} "
+                    "(0: their input)"
                 )
     pad = lengths_to_padding_mask(lengths, feats.shape[1])
     return feats.masked_fill(pad.unsqueeze(-1), 0.0), lengths

@@ -227,7 +227,7 @@ class ImageTower(nn.Module):
         if freeze:
             self.visual.eval()
 
-    def train(self, mode: bool = True) -> "ImageTower":
+    def train(self, mode: bool = True) -> ImageTower:
         super().train(mode and not self.frozen)  # a frozen tower stays in eval mode
         return self
 

@@ -67,7 +67,7 @@ class TextTower(nn.Module):
         if freeze:
             self.text.eval()
 
-    def train(self, mode: bool = True) -> "TextTower":
+    def train(self, mode: bool = True) -> TextTower:
         super().train(mode and not self.frozen)  # a frozen tower stays in eval mode
         return self
 

@@ -30,7 +30,7 @@ Shape legend: B batch, T frames, C channels, H/W pixels.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +140,10 @@ def random_crop_flip(
         tops = torch.randint(0, h - crop + 1, (b,), generator=generator).tolist()
         lefts = torch.randint(0, w - crop + 1, (b,), generator=generator).tolist()
         video = torch.stack(
-            [video[i, :, :, t : t + crop, l : l + crop] for i, (t, l) in enumerate(zip(tops, lefts))]
+            [
+                video[i, :, :, top : top + crop, left : left + crop]
+                for i, (top, left) in enumerate(zip(tops, lefts))
+            ]
         )
     if flip:
         flags = torch.rand(b, generator=generator) < 0.5

@@ -12,9 +12,9 @@ Shape legend: B batch, S samples, T frames, V CTC classes (units + blank).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import jiwer
 import torch

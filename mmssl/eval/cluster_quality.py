@@ -42,7 +42,8 @@ def cluster_quality(
     """Phone purity, cluster purity and PNMI of aligned frames ``phones (N,)``, ``clusters (N,)``."""
     if phones.shape != clusters.shape or phones.numel() == 0:
         raise DataError(
-            f"cluster quality needs as many phones as clusters, > 0; got {phones.numel()} and {clusters.numel()}"
+            "cluster quality needs as many phones as clusters, > 0; "
+            f"got {phones.numel()} and {clusters.numel()}"
         )
     y = int(num_phones or int(phones.max()) + 1)
     z = int(num_clusters or int(clusters.max()) + 1)

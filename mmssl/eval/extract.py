@@ -7,7 +7,8 @@ Layout of an extraction folder: for each layer ``L``, ``DIR/layer_LL/shard_NNNNN
 (keys: record ids; values: ``(T, C)`` features of the record's valid frames, no padding) and
 one ``DIR/index.jsonl`` with a line per record and layer::
 
-    {"id": ..., "layer": L, "frames": T, "dim": C, "frame_rate": Hz, "file": "layer_LL/shard_NNNNN.safetensors"}
+    {"id": ..., "layer": L, "frames": T, "dim": C, "frame_rate": Hz,
+     "file": "layer_LL/shard_NNNNN.safetensors"}
 
 plus ``DIR/extract.json`` (checkpoint, manifest, layers, dtype, counts). Shards close once
 they hold a given size of features (all layers together), so memory stays bounded.
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors import safe_open

@@ -10,9 +10,9 @@ Shape legend: T frames of one record, N frames pooled over records, C channels, 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -17,16 +17,17 @@ is one line of ``results.jsonl``, after a first line that records what the cells
 time, ``--limit``, ``--seed``, and per noise type its files); a rerun with the same fingerprint
 skips the cells already there, so a killed evaluation resumes. When the checkpoint, manifest,
 limit or seed differ, the grid starts afresh (it says so); when only a noise type's files
-differ, that type's cells are redone. SNRs are spelled canonically (``10.0`` is ``10``). The table goes to ``wer.md`` (rows noise x SNR, columns modalities) and
-the terminal, the curves to ``wer_vs_snr.png``.
+differ, that type's cells are redone. SNRs are spelled canonically (``10.0`` is ``10``). The
+table goes to ``wer.md`` (rows noise x SNR, columns modalities) and the terminal, the curves
+to ``wer_vs_snr.png``.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -168,14 +169,16 @@ def reusable(path: Path, current: dict) -> dict[tuple[str, str, str], dict]:
         if not same:
             differ = sorted(k for k, v in current.items() if k != "noise" and (old or {}).get(k) != v)
             print(
-                f"note: {path} was made with another {', '.join(differ) or 'version'}; starting the grid afresh"
+                f"note: {path} was made with another {', '.join(differ) or 'version'}; "
+                "starting the grid afresh"
             )
             done = {}
         else:
             stale = {n for n, files in current["noise"].items() if old["noise"].get(n, files) != files}
             if stale:
                 print(
-                    f"note: the files of noise {', '.join(sorted(stale))} changed since {path}; redoing its cells"
+                    f"note: the files of noise {', '.join(sorted(stale))} changed since {path}; "
+                    "redoing its cells"
                 )
             done = {k: v for k, v in done.items() if k[0] not in stale}
             current = {**current, "noise": {**old.get("noise", {}), **current["noise"]}}

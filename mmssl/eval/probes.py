@@ -20,8 +20,8 @@ Shape legend: B batch, T frames, C channels, N frames pooled over a data set, L 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -9,8 +9,8 @@ Shape legend: Q queries, N indexed images, D embedding dim.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -61,7 +61,8 @@ def query_model(meta: dict, checkpoint: str | None, device: torch.device) -> tup
     if checkpoint is None and not index_weights.is_file():
         checkpoint = meta["run"]
         notes.append(
-            f"the index's checkpoint {index_weights} is gone; queries use the latest checkpoint of {checkpoint}"
+            f"the index's checkpoint {index_weights} is gone; "
+            f"queries use the latest checkpoint of {checkpoint}"
         )
     loaded = load_run(checkpoint if checkpoint is not None else index_weights, device)
     if sha256_file(loaded.weights) != meta.get("weights_sha256"):

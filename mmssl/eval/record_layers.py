@@ -20,8 +20,8 @@ Shape legend: S samples, T frames, C channels, F input features, L transformer l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

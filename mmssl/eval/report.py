@@ -4,8 +4,8 @@ Markdown tables come from ``mmssl.tables``."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 # colour-blind-safe palette (Okabe & Ito, 2008)
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]

@@ -31,9 +31,9 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file

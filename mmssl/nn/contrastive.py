@@ -27,7 +27,7 @@ dim, T frames, A anchors.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -69,9 +69,9 @@ def compute_span_mask(
     ``same_count`` (the default, and what ``SpanMasker`` uses) every non-empty utterance then
     keeps a random subset of its masked frames so that all have the batch's smallest count
     (fairseq ``require_same_masks``): the fraction masked in the longer utterances of a
-    mixed-length batch drops well below ~49% (see the module docstring). An utterance of at most ``span`` frames gets
-    one span of ``n - 1`` frames, and the last frame of an utterance is left visible whenever
-    spans would cover all of it, so every utterance keeps some context.
+    mixed-length batch drops well below ~49% (see the module docstring). An utterance of at
+    most ``span`` frames gets one span of ``n - 1`` frames, and the last frame of an utterance
+    is left visible whenever spans would cover all of it, so every utterance keeps some context.
     ``generator`` must live on ``lengths.device``.
     """
     _check(mask_prob, span, min_masks)

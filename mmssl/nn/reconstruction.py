@@ -21,7 +21,7 @@ Shape legend: B batch, S samples, T frames, F features, M mel bins, K frames per
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

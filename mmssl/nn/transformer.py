@@ -2,9 +2,10 @@
 
 Pieces, each built from plain arguments and injected into the next: a convolutional relative
 position embedding (wav2vec 2.0, sec. 2 and 4.2: one grouped convolution, kernel 128,
-16 groups, weight norm) or fixed sinusoidal positions (Mockingjay), self-attention through PyTorch's ``scaled_dot_product_attention``
-with a key padding mask, an optional gated relative position bias (WavLM, Chen et al. 2022),
-a feed-forward block, and pre- or post-LayerNorm layers with layer drop.
+16 groups, weight norm) or fixed sinusoidal positions (Mockingjay), self-attention through
+PyTorch's ``scaled_dot_product_attention`` with a key padding mask, an optional gated relative
+position bias (WavLM, Chen et al. 2022), a feed-forward block, and pre- or post-LayerNorm
+layers with layer drop.
 
 Shape legend: B batch, T frames, C channels, H heads, D head dim.
 

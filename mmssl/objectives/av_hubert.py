@@ -340,7 +340,7 @@ def av_hubert(
     size: str = "base",
     num_classes: int = 100,  # first iteration: k-means on MFCC (AV-HuBERT, sec. 4: 100 clusters)
     label_rate: float = 100.0,  # MFCC labels at 100 Hz; labels from a 25 Hz AV layer: 25
-    masking_type: str = "input",  # AV-HuBERT ``masking_type``: input (last iteration) | feature (earlier ones)
+    masking_type: str = "input",  # AV-HuBERT ``masking_type``: input (last iteration) | feature (earlier)
     audio_mask_prob: float = 0.8,  # AV-HuBERT mask_prob_audio
     audio_mask_span: int = 10,  # mask_length_audio
     video_mask_prob: float = 0.3,  # mask_prob_image

@@ -38,8 +38,9 @@ Shape legend: B batch, S samples, T frames, L target units, C model dim, V units
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -122,7 +122,7 @@ class Data2VecObjective(Objective):
         """The EMA decay of update ``step`` (the last update's; logged as ``ema_decay``)."""
         self.ema_decay = ema_decay_at(step, self.ema_start, self.ema_end, self.ema_anneal_steps)
 
-    def train(self, mode: bool = True) -> "Data2VecObjective":
+    def train(self, mode: bool = True) -> Data2VecObjective:
         super().train(mode)
         self.teacher.eval()
         return self

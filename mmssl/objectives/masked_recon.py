@@ -39,9 +39,10 @@ frontend's ``FrameSpec``) as small tensors: ``pred_mask (B, T)``, ``alter_mode (
 log mels, applies them (``alter``), and draws the same tensors itself on the device when the
 batch has none in training (no alteration in eval mode). No host sync, no boolean indexing.
 
-The encoder (``.encoder``, a ``MaskedReconEncoder`` of ``mmssl.encoders.mockingjay``) is the stacked log-mel frontend, a linear
-projection and the transformer with sinusoidal positions, so ``mmssl extract``, ``mmssl
-kmeans --checkpoint`` and ``mmssl layers`` read these runs as any other. Its ``mask`` (what
+The encoder (``.encoder``, a ``MaskedReconEncoder`` of ``mmssl.encoders.mockingjay``) is the
+stacked log-mel frontend, a linear projection and the transformer with sinusoidal positions,
+so ``mmssl extract``, ``mmssl kmeans --checkpoint`` and ``mmssl layers`` read these runs as
+any other. Its ``mask`` (what
 ``mmssl finetune-asr``'s time masking calls) gives masked frames what a zeroed input frame
 becomes after the projection, as pretraining zeroes chosen frames; it has no learned mask
 embedding.

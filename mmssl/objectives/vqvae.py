@@ -3,11 +3,11 @@ quantised one (``vqvae``; van den Oord et al., 2017, "Neural discrete representa
 learning"; for speech, Chorowski et al., 2019, "Unsupervised speech representation learning
 using WaveNet autoencoders").
 
-* Encoder (``FrameAutoencoderEncoder``, ``mmssl.encoders.autoencoder``): normalised 80-d log mels (100 Hz), optionally
-  downsampled x2 by stacking frame pairs (50 Hz; Chorowski et al. downsample their encoder to
-  50 Hz with a strided convolution), a convolution of kernel 3 and residual blocks
-  (ReLU, conv 3, ReLU, conv 1, plus the input: van den Oord et al., sec. 4.1), and a linear
-  projection to the latent ``z_e``.
+* Encoder (``FrameAutoencoderEncoder``, ``mmssl.encoders.autoencoder``): normalised 80-d log
+  mels (100 Hz), optionally downsampled x2 by stacking frame pairs (50 Hz; Chorowski et al.
+  downsample their encoder to 50 Hz with a strided convolution), a convolution of kernel 3
+  and residual blocks (ReLU, conv 3, ReLU, conv 1, plus the input: van den Oord et al.,
+  sec. 4.1), and a linear projection to the latent ``z_e``.
 * Bottleneck: ``z_e`` as it is (``autoencoder``) or its nearest codebook entry with a
   straight-through gradient (``vqvae``: ``mmssl.nn.quantizer.VectorQuantizer``, K = 512,
   beta = 0.25, EMA codebook with decay 0.99 and dead-entry restarts by default).

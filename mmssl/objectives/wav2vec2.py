@@ -11,8 +11,8 @@ not after the projection and input dropout the transformer reads; the diversity 
 its batch-averaged code distribution to uniform (weight 0.1, eq. 4).
 fairseq quantizes only the masked frames (``unmasked_features[mask_indices]``), so that
 average, and the reported perplexities, run over masked frames only: here every frame is
-quantized (no data-dependent shapes) and the average is weighted by ``pred_mask``. An L2 penalty keeps the frontend outputs small (weight 10,
-fairseq ``feature_pen``).
+quantized (no data-dependent shapes) and the average is weighted by ``pred_mask``. An L2
+penalty keeps the frontend outputs small (weight 10, fairseq ``feature_pen``).
 
 The step never syncs with the host: negatives are sampled with torch ops on the device, and
 the contrastive loss is computed for every frame and weighted by the mask instead of picking

@@ -7,8 +7,8 @@ config, and everything they build takes plain arguments.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from omegaconf import DictConfig

@@ -12,8 +12,8 @@ checkpoint, rebuilds its encoder from the copy of the pretraining config in ``RU
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 

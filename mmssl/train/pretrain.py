@@ -6,8 +6,8 @@ One process, or one per GPU under torchrun (rank and world size from its environ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import DictConfig
 

@@ -11,7 +11,8 @@ stores: ``{"epoch", "offset"}``, the batch sampler's own state format.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset

@@ -95,7 +95,10 @@ def test_durations_from_counts(tmp_path):
 
 def test_text_and_image(media):
     records = [{"id": "i", "image": str(media.png), "caption": "a cat"}]
-    tokenizer = lambda s: torch.tensor([[len(w) for w in s.split()]])  # (1, L) like open_clip
+
+    def tokenizer(s):
+        return torch.tensor([[len(w) for w in s.split()]])  # (1, L) like open_clip
+
     item = ManifestDataset(records, ("image", "text"), text_tokenizer=tokenizer)[0]
     assert item["text"].tolist() == [1, 3]
     torch.testing.assert_close(item["image"], torch.from_numpy(media.rgb).permute(2, 0, 1).float() / 255)

@@ -355,7 +355,7 @@ def test_flickr8k_records_and_splits(tmp_path):
     root, images = tmp_path / "flickr_audio", tmp_path / "Flicker8k_Dataset"
     names = {"img1": "train", "img2": "dev", "img3": "test", "img4": None}
     capt, token, spk = [], [], []
-    for i, (name, split) in enumerate(names.items()):
+    for i, name in enumerate(names):
         _image(images / f"{name}.jpg", i)
         for n in range(2):
             wav = f"{name}_{n}.wav"

@@ -88,7 +88,9 @@ def test_audio_visual_features_across_shards(corpus, tmp_path):
     )
     records = read_manifest(manifest)
     files = {line["file"] for line in read_index(out)}
-    assert files == {f"layer_{l:02d}/shard_{s:05d}.safetensors" for l in (1, 2) for s in range(len(records))}
+    assert files == {
+        f"layer_{layer:02d}/shard_{s:05d}.safetensors" for layer in (1, 2) for s in range(len(records))
+    }
     got = dict(iter_features(out, 2))
     assert list(got) == [r["id"] for r in records]  # manifest order
     for record in records:

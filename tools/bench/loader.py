@@ -265,7 +265,10 @@ def table(results: list[dict]) -> str:
 
 def machine() -> str:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
-    return f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, {cuda}, torch {torch.__version__}"
+    return (
+        f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, {cuda}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -42,7 +42,7 @@ class Appearance:
     articulation: float  # how far this speaker moves toward each target (hypo/hyper-articulation)
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> "Appearance":
+    def sample(cls, rng: np.random.Generator) -> Appearance:
         skin = float(rng.uniform(110, 200))
         return cls(
             skin=skin,
@@ -69,7 +69,7 @@ class Jitter:
     noise: float  # std of per-pixel noise, grey levels
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> "Jitter":
+    def sample(cls, rng: np.random.Generator) -> Jitter:
         return cls(
             motion_amp=(float(rng.uniform(0.3, 2.0)), float(rng.uniform(0.3, 1.5))),
             motion_freq=(float(rng.uniform(0.2, 1.0)), float(rng.uniform(0.2, 1.0))),

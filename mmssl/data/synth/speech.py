@@ -106,7 +106,7 @@ class Utterance:
 class Espeak:
     """The espeak-ng library, initialised once per process."""
 
-    _instance: "Espeak | None" = None
+    _instance: Espeak | None = None
 
     def __init__(self) -> None:
         try:
@@ -130,7 +130,7 @@ class Espeak:
         )
 
     @classmethod
-    def get(cls) -> "Espeak":
+    def get(cls) -> Espeak:
         if cls._instance is None:
             cls._instance = cls()
         return cls._instance
