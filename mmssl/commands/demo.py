@@ -135,6 +135,16 @@ def noisy_done(asr: Path, out: Path) -> bool:
     return found is not None and found.get("checkpoint") == str(latest.resolve())
 
 
+def options(**values: object) -> list[str]:
+    """``--key value`` pairs in the order given (``fit_fraction`` is ``--fit-fraction``; a list
+    gives several values)."""
+    argv: list[str] = []
+    for key, value in values.items():
+        argv.append("--" + key.replace("_", "-"))
+        argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return argv
+
+
 def stages(args: argparse.Namespace) -> list[Stage]:
     gpu = _on_gpu(args.device)
     steps = args.steps or (2000 if gpu else 30)
@@ -143,20 +153,11 @@ def stages(args: argparse.Namespace) -> list[Stage]:
     train, valid = str(av / "train.jsonl"), str(av / "valid.jsonl")
     km1, km2, run = args.out / "km_mfcc", args.out / "km_av", args.out / "av_hubert"
     last_layer = "2" if model == "tiny" else "12"
-    asr, asr_steps = args.out / "asr", args.asr_steps or (1000 if gpu else 30)
-    noisy = asr / "eval_noisy"
-    # on a CPU: small batches and the first 50 test records keep both stages near two minutes;
-    # the fine-tuning rate is raised from the recipe's 5e-5 (tuned for 20k updates) so that a
-    # short run moves at all, one batch per update (not the recipe's 8), and the encoder trains
-    # after the first fifth of the steps. Fine-tuning applies no time or channel masks: the
-    # iteration-1 encoder (feature masking) has no audio mask embedding, and AV-HuBERT masks in
-    # fine-tuning only models pretrained with input masking
-    asr_batch = [] if gpu else ["data.max_seconds_per_batch=20"]
-    test_limit = [] if gpu else ["--limit", "50"]
+    seeded = [f"train.device={args.device}", f"train.seed={args.seed}", "--resume"]
     return [
         Stage(
             "generate the built-in corpus",
-            ["synth", "--size", args.size, "--seed", str(args.seed), "--out", str(args.out / "corpus")],
+            ["synth", *options(size=args.size, seed=args.seed, out=args.out / "corpus")],
             _exists(args.out / "corpus" / "synth.json"),
         ),
         Stage("check every record of the training manifest", ["data", "check", train]),
@@ -164,17 +165,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
             "iteration 1 targets: k-means on MFCC frames",
             [
                 "kmeans",
-                "--manifest",
-                train,
-                valid,
-                "--features",
-                "mfcc",
-                "--k",
-                str(CLUSTERS),
-                "--out",
-                str(km1),
-                "--seed",
-                str(args.seed),
+                *options(manifest=[train, valid], features="mfcc", k=CLUSTERS, out=km1, seed=args.seed),
             ],
             _exists(km1 / KMEANS_FILE),
         ),
@@ -186,61 +177,48 @@ def stages(args: argparse.Namespace) -> list[Stage]:
                 f"data.train={train}",
                 f"data.valid={valid}",
                 f"data.labels={km1}",
-                f"objective.num_classes={CLUSTERS}",
-                f"model.size={model}",
-                f"train.max_steps={steps}",
-                f"train.save_every={max(steps // 3, 1)}",
-                f"train.valid_every={steps}",
-                f"train.out_dir={run}",
-                f"train.device={args.device}",
-                f"train.seed={args.seed}",
-                "--resume",
-            ],
+            ]
+            + [f"objective.num_classes={CLUSTERS}", f"model.size={model}", f"train.max_steps={steps}"]
+            + [f"train.save_every={max(steps // 3, 1)}", f"train.valid_every={steps}", f"train.out_dir={run}"]
+            + seeded,
         ),
         Stage(
             "cluster the pretrained model's last audio-visual layer (validation split)",
             [
                 "kmeans",
-                "--manifest",
-                valid,
-                "--checkpoint",
-                str(run),
-                "--layer",
-                last_layer,
-                "--fit-fraction",
-                "1",
-                "--k",
-                str(CLUSTERS),
-                "--out",
-                str(km2),
-                "--device",
-                args.device,
-                "--seed",
-                str(args.seed),
-            ],
+                *options(manifest=[valid], checkpoint=run, layer=last_layer, fit_fraction=1, k=CLUSTERS),
+            ]
+            + options(out=km2, device=args.device, seed=args.seed),
             lambda: clusters_done(km2, run),
         ),
+        *asr_stages(args, gpu, train, valid, run),
+    ]
+
+
+def asr_stages(args: argparse.Namespace, gpu: bool, train: str, valid: str, run: Path) -> list[Stage]:
+    """CTC fine-tuning of the pretraining run, then its WER under noise."""
+    asr, asr_steps = args.out / "asr", args.asr_steps or (1000 if gpu else 30)
+    # on a CPU: small batches and the first 50 test records keep both stages near two minutes;
+    # the fine-tuning rate is raised from the recipe's 5e-5 (tuned for 20k updates) so that a
+    # short run moves at all, one batch per update (not the recipe's 8), and the encoder trains
+    # after the first fifth of the steps. Fine-tuning applies no time or channel masks: the
+    # iteration-1 encoder (feature masking) has no audio mask embedding, and AV-HuBERT masks in
+    # fine-tuning only models pretrained with input masking
+    asr_batch = [] if gpu else ["data.max_seconds_per_batch=20"]
+    test_limit = [] if gpu else ["--limit", "50"]
+    noise = args.out / "corpus" / "noise" / "test"
+    test = args.out / "corpus" / "av" / "test.jsonl"
+    return [
         Stage(
             "fine-tune the pretrained model for ASR with CTC on the transcripts (character units)",
-            [
-                "finetune-asr",
-                "ctc",
-                "--init",
-                str(run),
-                f"data.train={train}",
-                f"data.valid={valid}",
+            ["finetune-asr", "ctc", "--init", str(run), f"data.train={train}", f"data.valid={valid}"]
+            + [
                 f"train.max_steps={asr_steps}",
                 f"train.save_every={max(asr_steps // 3, 1)}",
                 "train.valid_every=0",
-                f"objective.freeze_steps={asr_steps // 5}",
-                "train.lr=1e-3",
-                "train.accum_steps=1",
-                *asr_batch,
-                f"train.out_dir={asr}",
-                f"train.device={args.device}",
-                f"train.seed={args.seed}",
-                "--resume",
-            ],
+            ]
+            + [f"objective.freeze_steps={asr_steps // 5}", "train.lr=1e-3", "train.accum_steps=1", *asr_batch]
+            + [f"train.out_dir={asr}", f"train.device={args.device}", f"train.seed={args.seed}", "--resume"],
             lambda: asr_done(asr, run, asr_steps),
             lambda: clear_stale_asr(asr, run),
         ),
@@ -248,23 +226,11 @@ def stages(args: argparse.Namespace) -> list[Stage]:
             "WER under noise on the test split: audio only, video only, audio-visual",
             [
                 "eval-noisy",
-                "--run",
-                str(asr),
-                "--manifest",
-                str(av / "test.jsonl"),
-                "--noise",
-                str(args.out / "corpus" / "noise" / "test"),
-                "--noise-types",
-                NOISE_TYPES,
-                "--snrs",
-                SNRS,
-                "--device",
-                args.device,
-                "--seed",
-                str(args.seed),
-                *test_limit,
-            ],
-            lambda: noisy_done(asr, noisy),
+                *options(run=asr, manifest=[test], noise=[noise], noise_types=NOISE_TYPES, snrs=SNRS),
+            ]
+            + options(device=args.device, seed=args.seed)
+            + test_limit,
+            lambda: noisy_done(asr, asr / "eval_noisy"),
         ),
     ]
 
