@@ -5,8 +5,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+LINTED  := mmssl tests tools datasets
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mmssl demo --out $(DEMO_DIR)
 
-test: $(STAMP)
+# a lint error (ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade) or a file that
+# `ruff format` would change fails the tests, as in CI (.ci/run runs `make test`)
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+test: lint
 	$(BIN)/python -m pytest tests
 
 clean:

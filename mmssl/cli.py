@@ -1,6 +1,7 @@
 """The ``mmssl`` command.
 
-Each capability is a module with ``add_arguments(parser)`` and ``run(args) -> int``,
+Each subcommand is a module of ``mmssl.commands`` named after it (``mmssl data check`` is
+``mmssl/commands/data_check.py``) with ``add_arguments(parser)`` and ``run(args) -> int``,
 listed once in ``SUBCOMMANDS``; only the chosen one is imported, so ``mmssl --help``
 is instant. Errors a user can fix (``MmsslError``) print one line and exit 2.
 """
@@ -12,25 +13,35 @@ import importlib
 import importlib.util
 import sys
 
+from mmssl import __version__
 from mmssl.errors import MmsslError
 
 # name -> (module, one-line help). Order is the order of `mmssl --help`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("mmssl.data.synth.cli", "generate the built-in audio-visual and image-caption corpus"),
-    "data check": ("mmssl.data.check", "decode every record of a manifest and report the bad ones"),
-    "data import": ("mmssl.data.importers", "convert fairseq / AV-HuBERT .tsv/.wrd manifests to JSON lines"),
-    "data prepare": ("mmssl.data.prepare.cli", "manifests from a local copy of LibriSpeech, LRS3, VoxCeleb2, SpokenCOCO, Flickr8k Audio or MUSAN"),
-    "data lips": ("mmssl.data.lip_roi", "crop 88x88 mouth regions from face video"),
-    "data pack": ("mmssl.data.store", "decode audio and lip video once into memory-mapped shards"),
-    "kmeans": ("mmssl.kmeans_cli", "fit k-means on MFCC or a checkpoint's layer and write labels"),
-    "pretrain": ("mmssl.train.cli", "pretrain a speech or audio-visual model from a recipe"),
-    "finetune-asr": ("mmssl.eval.asr", "fine-tune a pretrained encoder for ASR with CTC"),
-    "eval-noisy": ("mmssl.eval.noisy", "WER over noise types x SNRs, audio / video / audio-visual"),
-    "index": ("mmssl.eval.retrieval", "embed images into a retrieval index"),
-    "retrieve": ("mmssl.eval.query", "query an index with speech"),
-    "extract": ("mmssl.eval.extract", "extract features from a checkpoint"),
-    "layers": ("mmssl.eval.layers", "layer-wise CCA similarity of a run's encoder to its inputs or to another run"),
-    "demo": ("mmssl.demo", "run the main job end to end on the built-in corpus"),
+    "synth": ("mmssl.commands.synth", "generate the built-in audio-visual and image-caption corpus"),
+    "data check": ("mmssl.commands.data_check", "decode every record of a manifest and report the bad ones"),
+    "data import": (
+        "mmssl.commands.data_import",
+        "convert fairseq / AV-HuBERT .tsv/.wrd manifests to JSON lines",
+    ),
+    "data prepare": (
+        "mmssl.commands.data_prepare",
+        "manifests from a local copy of LibriSpeech, LRS3, VoxCeleb2, SpokenCOCO, Flickr8k Audio or MUSAN",
+    ),
+    "data lips": ("mmssl.commands.data_lips", "crop 88x88 mouth regions from face video"),
+    "data pack": ("mmssl.commands.data_pack", "decode audio and lip video once into memory-mapped shards"),
+    "kmeans": ("mmssl.commands.kmeans", "fit k-means on MFCC or a checkpoint's layer and write labels"),
+    "pretrain": ("mmssl.commands.pretrain", "pretrain a speech or audio-visual model from a recipe"),
+    "finetune-asr": ("mmssl.commands.finetune_asr", "fine-tune a pretrained encoder for ASR with CTC"),
+    "eval-noisy": ("mmssl.commands.eval_noisy", "WER over noise types x SNRs, audio / video / audio-visual"),
+    "index": ("mmssl.commands.index", "embed images into a retrieval index"),
+    "retrieve": ("mmssl.commands.retrieve", "query an index with speech"),
+    "extract": ("mmssl.commands.extract", "extract features from a checkpoint"),
+    "layers": (
+        "mmssl.commands.layers",
+        "layer-wise CCA similarity of a run's encoder to its inputs or to another run",
+    ),
+    "demo": ("mmssl.commands.demo", "run the main job end to end on the built-in corpus"),
 }
 
 
@@ -60,7 +71,7 @@ def user_message(err: BaseException) -> str:
         return text
     last = text.rstrip().splitlines()[-1]
     prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    return last[len(prefix) :] if last.startswith(prefix) else last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(commands))
         return 0
     if argv[0] in ("-V", "--version"):
-        from mmssl import __version__
-
         print(f"mmssl {__version__}")
         return 0
     two = " ".join(argv[:2])

@@ -7,8 +7,8 @@ The resolved config is saved beside every run (``save_resolved``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -17,6 +17,7 @@ from mmssl.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULTS = CONFIG_DIR / "defaults.yaml"
+CONFIG_FILE = "config.yaml"  # the resolved config in every run folder
 OPEN_SECTIONS = ("objective", "model")
 
 
@@ -96,7 +97,7 @@ def load_run_config(
     if not resume:
         return cfg
     try:
-        saved = Path(str(OmegaConf.select(cfg, "train.out_dir"))) / "config.yaml"
+        saved = Path(str(OmegaConf.select(cfg, "train.out_dir"))) / CONFIG_FILE
     except OmegaConfBaseException:
         return cfg
     if not saved.is_file():
@@ -124,7 +125,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
 
 def save_resolved(cfg: DictConfig, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     OmegaConf.save(cfg, path, resolve=True)
     return path
 

@@ -1,11 +1,26 @@
-"""Run folders as things to load: rebuild a run's objective from its ``config.yaml`` and load
-its checkpoint, also after the runs it started from have moved away.
+"""Run folders: their layout, the objective a config builds, and loading a trained run.
+
+Layout of a run folder (``mmssl pretrain`` and ``mmssl finetune-asr`` write it)::
+
+    config.yaml                         the resolved config the run was built from
+    checkpoints/step_00000500/          model.safetensors (the objective's full state) and
+                                        train_state.pt (optimizer, schedule, data position...)
+    checkpoints/latest                  the name of the newest complete checkpoint folder
+    init/<key>/config.yaml              copies of the configs of the runs it started from
+    units.model, metrics.jsonl, tb/     ...
+
+Reading a run needs no trainer: this module names the checkpoint folders, reads and writes
+weights, and builds the objective of a config (:func:`build_objective`, which the trainer uses
+too). Objectives never read run folders; whoever builds one loads the runs it starts from
+(open_clip's factory, not its model, loads weights).
 
 Some objectives start from another run: CTC fine-tuning from a pretraining run
 (``objective.encoder_init``), speech-image learning from an SSL run (``objective.speech_init``)
 or from open_clip weights (``objective.clip_pretrained``). Their builders declare those keys
 when they register (``@OBJECTIVES.register(init_runs=(...), init_files=(...))``), and the
-files of their own run folder their config names (``run_files``, e.g. CTC's units). A fresh run
+files of their own run folder their config names (``run_files``, e.g. CTC's units).
+:func:`build_objective` replaces each ``init_runs`` path by the encoder of that run (loaded
+with its weights) before it calls the builder, so the builder receives a module. A fresh run
 copies the config of each run it starts from into ``RUN/init/<key>/`` (with that run's own
 ``init/`` folder, so chains of runs work); rebuilding the run for its checkpoint then makes the
 same encoders from those copies, with no weights, and the checkpoint fills them in. As fairseq
@@ -16,23 +31,204 @@ own folder.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
-from mmssl.errors import DataError
+import mmssl.objectives  # noqa: F401  (registers the objectives)
+from mmssl.config import CONFIG_FILE, builder_kwargs
+from mmssl.data.importers import read_kmeans_state
+from mmssl.encoders.base import AudioVisualEncoder, SpeechEncoder
+from mmssl.errors import ConfigError, DataError
+from mmssl.files import write_bytes
+from mmssl.objectives.base import Objective
+from mmssl.registry import OBJECTIVES, Registry
 
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
 INIT_DIR = "init"
 STRUCTURE_ONLY = "STRUCTURE_ONLY"  # marks a copied config: build the encoder, load no weights
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# ---------------------------------------------------------------- checkpoint folders
 
 
-def run_dir_of(path: Path) -> Path:
-    """The ``mmssl pretrain`` run folder holding ``path`` (the first with a ``config.yaml``)."""
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: str | os.PathLike) -> int | None:
+    """The step of a checkpoint folder, or of the weights file inside one; None for another path."""
+    path = Path(path)
+    match = STEP_DIR.match(path.name) or STEP_DIR.match(path.parent.name)
+    return int(match.group(1)) if match else None
+
+
+def latest_step_dir(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The folder ``ckpt_dir/latest`` names, or None when there is no complete checkpoint yet."""
+    pointer = Path(ckpt_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    folder = Path(ckpt_dir) / name
+    if not STEP_DIR.match(name) or not (folder / MODEL_FILE).is_file() or not (folder / STATE_FILE).is_file():
+        raise DataError(f"{pointer}: names {name!r}, which is not a complete checkpoint folder")
+    return folder
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of a run folder, or None."""
+    return latest_step_dir(Path(run_dir) / CHECKPOINTS)
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether the run folder has saved a checkpoint (its ``latest`` pointer exists)."""
+    return (Path(run_dir) / CHECKPOINTS / LATEST).is_file()
+
+
+def resolve_weights(path: str | os.PathLike) -> Path:
+    """A run folder, its ``checkpoints`` folder, a step folder or a ``.safetensors`` file ->
+    the weights file (the latest checkpoint when given a folder)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for ckpt_dir in (path / CHECKPOINTS, path):
+        if (ckpt_dir / LATEST).is_file():
+            folder = latest_step_dir(ckpt_dir)
+            assert folder is not None
+            return folder / MODEL_FILE
+    if (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
+    raise DataError(f"{path}: no checkpoint here (expected a run folder, a step folder or {MODEL_FILE})")
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The objective's state dict from a checkpoint (see ``resolve_weights`` for ``path``)."""
+    file = resolve_weights(path)
+    try:
+        return load_safetensors_bytes(file.read_bytes())
+    except Exception as err:  # safetensors raises its own error types
+        raise DataError(f"{file}: cannot read weights: {err}") from err
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Tensors -> safetensors, atomically. Shared storage (tied weights) is stored once per name."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    write_bytes(path, save_safetensors_bytes(tensors))
+
+
+# ---------------------------------------------------------------- config -> objective
+
+
+def _set(value: object) -> bool:
+    return value not in (None, "", "none")
+
+
+def check_options(cfg: DictConfig, registry: Registry = OBJECTIVES) -> Mapping[str, inspect.Parameter]:
+    """The builder's parameters, after checking that every ``objective.*`` and ``model.*`` key
+    is one of them: an unknown key is a ``ConfigError`` naming it (before any run folder exists)."""
+    name = cfg.objective.name
+    try:
+        params = inspect.signature(registry.get(name)).parameters
+    except KeyError as err:
+        raise ConfigError(f"objective.name: {err.args[0]}") from None
+    objective_keys, model_keys = builder_kwargs(cfg.objective), builder_kwargs(cfg.model, drop=())
+    clash = sorted(set(objective_keys) & set(model_keys))
+    if clash:
+        raise ConfigError(f"objective.{clash[0]} and model.{clash[0]} are both set; keep one")
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        takes = ", ".join(k for k in params if k not in ("rank", "world_size"))
+        for section, keys in (("objective", objective_keys), ("model", model_keys)):
+            unknown = sorted(set(keys) - set(params))
+            if unknown:
+                raise ConfigError(
+                    f"unknown config key {section}.{unknown[0]} (objective {name!r} takes: {takes})"
+                )
+    return params
+
+
+def _check_labels(cfg: DictConfig, kwargs: dict, params: Mapping[str, inspect.Parameter]) -> None:
+    """``objective.num_classes`` / ``label_rate`` against the k-means that made ``data.labels``
+    (its ``kmeans.pt`` records ``k`` and ``label_rate``): fewer classes than clusters or another
+    label rate would train on wrong targets (an error); more classes than clusters only leaves
+    some unused (a note)."""
+    labels = OmegaConf.select(cfg, "data.labels")
+    if not labels or not Path(labels).is_dir():
+        return
+    try:
+        info = read_kmeans_state(labels)
+    except DataError:  # an unreadable summary is the k-means command's concern, not training's
+        return
+    for key, source in (("num_classes", "k"), ("label_rate", "label_rate")):
+        if key not in params or source not in info:
+            continue
+        value = kwargs.get(key, params[key].default)
+        if value is inspect.Parameter.empty or float(value) == float(info[source]):
+            continue
+        if key == "num_classes" and value > info[source]:
+            print(
+                f"note: objective.num_classes={value} but data.labels={labels} "
+                f"has only k={info[source]} clusters"
+            )
+            continue
+        raise ConfigError(
+            f"objective.{key}={value} but data.labels={labels} has {source}={info[source]}; "
+            f"set objective.{key}={info[source]}"
+        )
+
+
+def resolve_inits(name: str, kwargs: dict, registry: Registry = OBJECTIVES) -> dict:
+    """``kwargs`` of the builder ``name`` with every option it declares in ``init_runs`` turned
+    from the path of a run (or checkpoint, or copied config) into that run's encoder, loaded with
+    its weights (None when unset)."""
+    out = dict(kwargs)
+    for key in registry.meta(name).get("init_runs", ()):
+        if key in out:
+            out[key] = load_encoder_from_run(out[key]) if _set(out[key]) else None
+    return out
+
+
+def build_objective(
+    cfg: DictConfig, rank: int = 0, world_size: int = 1, registry: Registry = OBJECTIVES
+) -> Objective:
+    """``registry.build(objective.name, size=model.size, **objective keys, **model keys)``, plus
+    ``rank``/``world_size`` when the builder takes them; the runs it starts from (``init_runs``)
+    are loaded here and given to the builder as modules."""
+    name = cfg.objective.name
+    params = check_options(cfg, registry)
+    kwargs = {**builder_kwargs(cfg.objective), **builder_kwargs(cfg.model, drop=())}
+    for key, value in (("rank", rank), ("world_size", world_size)):
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    _check_labels(cfg, kwargs, params)
+    kwargs = resolve_inits(name, kwargs, registry)
+    try:
+        objective = registry.build(name, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"objective {name!r}: {err}") from None
+    if not isinstance(objective, torch.nn.Module) or not callable(getattr(objective, "on_step", None)):
+        raise ConfigError(f"objective {name!r} did not build an Objective module")
+    return objective  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- the runs a run starts from
+
+
+def run_dir_of(path: str | os.PathLike) -> Path:
+    """The run folder holding ``path`` (the first with a ``config.yaml``)."""
+    path = Path(path)
     for folder in [path, *path.parents]:
-        if (folder / "config.yaml").is_file():
+        if (folder / CONFIG_FILE).is_file():
             return folder
     raise DataError(f"{path}: no config.yaml in this folder or above it (not an `mmssl pretrain` run)")
 
@@ -40,16 +236,8 @@ def run_dir_of(path: Path) -> Path:
 def _meta(cfg: DictConfig) -> dict:
     """What the objective's builder registered about its options; nothing for a name that is
     not registered (building it reports that)."""
-    from mmssl.registry import OBJECTIVES
-
-    import mmssl.objectives  # noqa: F401  (registers the objectives)
-
     name = OmegaConf.select(cfg, "objective.name")
     return OBJECTIVES.meta(name) if name in OBJECTIVES else {}
-
-
-def _set(value: object) -> bool:
-    return value not in (None, "", "none")
 
 
 def snapshot_inits(cfg: DictConfig, run_dir: Path) -> list[Path]:
@@ -70,8 +258,8 @@ def snapshot_inits(cfg: DictConfig, run_dir: Path) -> list[Path]:
         if (src_run / INIT_DIR).is_dir():
             shutil.copytree(src_run / INIT_DIR, dst / INIT_DIR)
         dst.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src_run / "config.yaml", dst / "config.yaml")
-        _copy_run_files(OmegaConf.load(src_run / "config.yaml"), src_run, dst)
+        shutil.copy2(src_run / CONFIG_FILE, dst / CONFIG_FILE)
+        _copy_run_files(OmegaConf.load(src_run / CONFIG_FILE), src_run, dst)
         (dst / STRUCTURE_ONLY).write_text(f"config of {src_run.resolve()}, copied when this run started\n")
         written.append(dst)
     return written
@@ -87,7 +275,7 @@ def _copy_run_files(cfg: DictConfig, src_run: Path, dst: Path) -> None:
         file = Path(str(value))
         file = file if file.is_file() else src_run / file.name
         if not file.is_file():
-            raise DataError(f"{src_run / 'config.yaml'}: objective.{key}={value} not found")
+            raise DataError(f"{src_run / CONFIG_FILE}: objective.{key}={value} not found")
         shutil.copy2(file, dst / file.name)
 
 
@@ -96,9 +284,9 @@ def _use_copies(cfg: DictConfig, run_dir: Path) -> DictConfig:
     before copies existed still read the originals) and unset its start-from weight files."""
     meta = _meta(cfg)
     for key in meta.get("init_runs", ()):
-        copy = run_dir / INIT_DIR / key
-        if _set(OmegaConf.select(cfg, f"objective.{key}")) and (copy / STRUCTURE_ONLY).is_file():
-            cfg.objective[key] = str(copy)
+        copied = run_dir / INIT_DIR / key
+        if _set(OmegaConf.select(cfg, f"objective.{key}")) and (copied / STRUCTURE_ONLY).is_file():
+            cfg.objective[key] = str(copied)
     for key in meta.get("init_files", ()):
         if key in cfg.objective:
             cfg.objective[key] = None
@@ -109,7 +297,7 @@ def structure_config(run_dir: Path) -> DictConfig:
     """``run_dir``'s config as it rebuilds the run's objective for its own checkpoint: start-from
     runs read from their copies, start-from weight files unset, the run's own files (``run_files``)
     from its folder (also after the folder moved)."""
-    cfg = _use_copies(OmegaConf.load(run_dir / "config.yaml"), run_dir)
+    cfg = _use_copies(OmegaConf.load(run_dir / CONFIG_FILE), run_dir)
     for key in _meta(cfg).get("run_files", ()):
         value = OmegaConf.select(cfg, f"objective.{key}")
         if _set(value) and (run_dir / Path(str(value)).name).is_file():
@@ -117,50 +305,62 @@ def structure_config(run_dir: Path) -> DictConfig:
     return cfg
 
 
-def load_objective_from_run(run_dir_or_ckpt: str | os.PathLike, weights: bool = True) -> tuple[torch.nn.Module, Path]:
-    """The objective of a run, rebuilt from its config, with the checkpoint's weights (the
-    latest one for a run folder; none with ``weights=False`` or for a copied config). Returns
-    ``(objective, weights file or run folder)``, the objective in eval mode."""
-    from mmssl.train.build import build_objective
-    from mmssl.train.checkpoint import load_weights, resolve_weights
-
-    path = Path(run_dir_or_ckpt)
-    if not path.exists():
-        raise DataError(f"{path}: checkpoint not found")
-    run_dir = run_dir_of(path if path.is_dir() else path.parent)
-    objective = build_objective(structure_config(run_dir))
-    if not weights or (run_dir / STRUCTURE_ONLY).is_file():
-        return objective.eval(), run_dir
-    file = resolve_weights(path)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in load_weights(file).items()}
-    try:
-        missing, unexpected = objective.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shapes that differ: the config and the weights disagree
-        raise DataError(f"{file}: weights do not fit the model built from {run_dir / 'config.yaml'}: "
-                        f"{str(err).splitlines()[-1].strip()}") from None
-    if missing or unexpected:
-        raise DataError(f"{file}: weights do not match objective {objective.__class__.__name__} of "
-                        f"{run_dir / 'config.yaml'} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return objective.eval(), file
-
-
-def load_encoder_from_run(run_dir_or_ckpt: str | os.PathLike):
-    """The encoder of a run (``objective.encoder``) in eval mode, with its checkpoint's weights;
-    ``run_dir_or_ckpt``: a run folder, a checkpoint folder, a ``.safetensors`` file, or a copied
-    config (``RUN/init/<key>``: the encoder is built without weights)."""
-    objective, source = load_objective_from_run(run_dir_or_ckpt)
-    encoder = getattr(objective, "encoder", None)
-    if encoder is None or not hasattr(encoder, "contextualize"):
-        raise DataError(f"{source}: objective {objective.__class__.__name__} has no single speech or "
-                        "audio-visual encoder to read layers from")
-    return encoder.eval()
-
-
 def resume_config(cfg: DictConfig) -> DictConfig:
     """For ``--resume`` of a run that has a checkpoint: a copy of ``cfg`` whose start-from keys
     point at the copies in its folder (the checkpoint holds the weights), so it resumes after its
     sources moved. What builds the run, not what its ``config.yaml`` records."""
     run_dir = Path(str(cfg.train.out_dir))
-    if not (run_dir / "checkpoints" / "latest").is_file():
+    if not has_checkpoint(run_dir):
         return cfg  # nothing saved yet: it starts again from its sources
     return _use_copies(copy.deepcopy(cfg), run_dir)
+
+
+# ---------------------------------------------------------------- loading a trained run
+
+
+def load_objective_from_run(
+    run_dir_or_ckpt: str | os.PathLike, weights: bool = True, expect: str | None = None
+) -> tuple[torch.nn.Module, Path]:
+    """The objective of a run, rebuilt from its config, with the checkpoint's weights (the
+    latest one for a run folder; none with ``weights=False`` or for a copied config). Returns
+    ``(objective, weights file or run folder)``, the objective in eval mode. ``expect``: the
+    objective the run must have (a ``ConfigError`` naming the run otherwise)."""
+    path = Path(run_dir_or_ckpt)
+    if not path.exists():
+        raise DataError(f"{path}: checkpoint not found")
+    run_dir = run_dir_of(path if path.is_dir() else path.parent)
+    cfg = structure_config(run_dir)
+    if expect is not None and cfg.objective.name != expect:
+        raise ConfigError(f"{run_dir}: objective {cfg.objective.name!r} is not {expect}")
+    if not weights or (run_dir / STRUCTURE_ONLY).is_file():
+        return build_objective(cfg).eval(), run_dir
+    file = resolve_weights(path)  # before building: a run without a checkpoint fails fast
+    objective = build_objective(cfg)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in load_weights(file).items()}
+    try:
+        missing, unexpected = objective.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ: the config and the weights disagree
+        raise DataError(
+            f"{file}: weights do not fit the model built from {run_dir / CONFIG_FILE}: "
+            f"{str(err).splitlines()[-1].strip()}"
+        ) from None
+    if missing or unexpected:
+        raise DataError(
+            f"{file}: weights do not match objective {objective.__class__.__name__} of "
+            f"{run_dir / CONFIG_FILE} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return objective.eval(), file
+
+
+def load_encoder_from_run(run_dir_or_ckpt: str | os.PathLike) -> SpeechEncoder | AudioVisualEncoder:
+    """The encoder of a run (``objective.encoder``) in eval mode, with its checkpoint's weights;
+    ``run_dir_or_ckpt``: a run folder, a checkpoint folder, a ``.safetensors`` file, or a copied
+    config (``RUN/init/<key>``: the encoder is built without weights)."""
+    objective, source = load_objective_from_run(run_dir_or_ckpt)
+    encoder = getattr(objective, "encoder", None)
+    if not isinstance(encoder, (SpeechEncoder, AudioVisualEncoder)):
+        raise DataError(
+            f"{source}: objective {objective.__class__.__name__} has no single speech or "
+            "audio-visual encoder to read layers from"
+        )
+    return encoder.eval()

@@ -5,15 +5,18 @@ Everything here is small enough to run forward and backward on a CPU in well und
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-SAMPLE_RATE = 16_000
+from mmssl.config import load_config, save_resolved
+from mmssl.constants import SAMPLE_RATE
+from mmssl.data.collate import collate
+from mmssl.runs import CHECKPOINTS, MODEL_FILE, build_objective, save_weights, step_dir_name
 
 
-def tiny_audio_batch(
-    lengths: tuple[int, ...] = (8000, 5600, 3200), seed: int = 0
-) -> dict[str, Tensor]:
+def tiny_audio_batch(lengths: tuple[int, ...] = (8000, 5600, 3200), seed: int = 0) -> dict[str, Tensor]:
     """A padded waveform batch: ``audio (B, S)``, ``audio_lens (B,)``, zeros after each length."""
     g = torch.Generator().manual_seed(seed)
     audio = torch.zeros(len(lengths), max(lengths))
@@ -21,7 +24,11 @@ def tiny_audio_batch(
         t = torch.arange(n) / SAMPLE_RATE
         tone = torch.sin(2 * torch.pi * (150 + 50 * i) * t)
         audio[i, :n] = 0.3 * tone + 0.05 * torch.randn(n, generator=g)
-    return {"audio": audio, "audio_lens": torch.tensor(lengths), "ids": [f"u{i}" for i in range(len(lengths))]}
+    return {
+        "audio": audio,
+        "audio_lens": torch.tensor(lengths),
+        "ids": [f"u{i}" for i in range(len(lengths))],
+    }
 
 
 def tiny_video_batch(
@@ -72,23 +79,66 @@ def utterances_alone(batch: dict, frame_lens: Tensor) -> list[dict]:
     return out
 
 
+def alone_average(model, batch: dict, weight: str) -> float:
+    """The loss of each utterance of ``batch`` alone (``utterances_alone``), averaged with the
+    weight each reports as ``out[weight]`` (its predicted frames, slices...): what a padded
+    batch's loss must equal when padding changes nothing. Call in eval mode."""
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for alone in utterances_alone(batch, model.encoder.frame_lengths(batch["audio_lens"])):
+            single = model(alone)
+            total += single["loss"].item() * single[weight].item()
+            count += single[weight].item()
+    return total / count
+
+
+def noisy_padding(batch: dict, scale: float = 1.0) -> dict:
+    """A copy of a speech batch with random samples (times ``scale``) in the padding of ``audio``."""
+    audio = batch["audio"].clone()
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        audio[i, n:] = scale * torch.randn(audio.shape[1] - n)
+    return dict(batch, audio=audio)
+
+
+def on_meta(batch: dict) -> dict:
+    """``batch`` with every tensor on the meta device."""
+    return {k: v.to("meta") if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def meta_step(model, batch: dict) -> dict:
+    """One forward and backward of ``model`` (built under ``torch.device("meta")``) on
+    ``batch`` moved to the meta device. Meta tensors hold no data: ``.item()``, ``bool(tensor)``
+    and boolean-mask indexing raise there, so a step that runs shows it needs no host sync
+    (checked without a GPU). Asserts a meta loss and a gradient for every parameter; returns
+    the outputs."""
+    model.zero_grad()
+    out = model(on_meta(batch))
+    out["loss"].backward()
+    assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())
+    return out
+
+
 WORDS = ("one", "red", "circle", "above", "a", "big", "blue", "square", "two", "green", "stars")
 
 
-def synthetic_batch(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), seed: int = 0,
-                    image_size: int = 64, hook: bool = True) -> dict:
+def synthetic_batch(
+    objective,
+    seconds: tuple[float, ...] = (0.96, 0.72, 0.48),
+    seed: int = 0,
+    image_size: int = 64,
+    hook: bool = True,
+) -> dict:
     """A batch with every key ``objective`` reads, made as the data pipeline makes them: the
     ``synthetic_items`` of ``seconds``, collated by ``mmssl.data.collate`` and passed through
     the objective's batch hook (``hook=False``: not). For tests and benchmarks."""
-    from mmssl.data.collate import collate
-
     batch = collate(synthetic_items(objective, seconds, seed, image_size))
     batch_hook = objective.batch_hook() if hook else None
     return batch_hook(batch) if batch_hook is not None else batch
 
 
-def synthetic_items(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), seed: int = 0,
-                    image_size: int = 64) -> list[dict]:
+def synthetic_items(
+    objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), seed: int = 0, image_size: int = 64
+) -> list[dict]:
     """Dataset items with every key ``objective`` reads: one per utterance of ``seconds``
     (audio and/or 25 fps video by ``objective.modalities``; cluster targets at
     ``objective.label_rate`` (default 100 Hz) when it has ``num_classes``; a transcript; a
@@ -106,7 +156,9 @@ def synthetic_items(objective, seconds: tuple[float, ...] = (0.96, 0.72, 0.48), 
         item: dict = {"id": f"u{i}", "transcript": " ".join(words), "group": f"img{i}"}
         if "audio" in modalities:
             t = torch.arange(n) / SAMPLE_RATE
-            item["audio"] = 0.3 * torch.sin(2 * torch.pi * (150 + 50 * i) * t) + 0.05 * torch.randn(n, generator=g)
+            item["audio"] = 0.3 * torch.sin(2 * torch.pi * (150 + 50 * i) * t) + 0.05 * torch.randn(
+                n, generator=g
+            )
         if "video" in modalities:
             item["video"] = torch.rand(frames, 1, 88, 88, generator=g)
         if classes:
@@ -145,12 +197,6 @@ def save_tiny_run(folder, recipe: str, manifest, overrides=HUBERT_STYLE, adjust=
     saves it (``config.yaml`` and ``checkpoints/step_00000001/model.safetensors``);
     ``adjust(objective)`` may change the weights before they are saved. Returns
     ``(objective in eval mode, step folder)``."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from mmssl.config import load_config, save_resolved
-    from mmssl.train.build import build_objective
 
     folder = Path(folder)
     cfg = load_config(recipe, [f"data.train={manifest}", "model.size=tiny", *overrides])
@@ -159,7 +205,7 @@ def save_tiny_run(folder, recipe: str, manifest, overrides=HUBERT_STYLE, adjust=
     objective = build_objective(cfg)
     if adjust is not None:
         adjust(objective)
-    step = folder / "checkpoints" / "step_00000001"
+    step = folder / CHECKPOINTS / step_dir_name(1)
     step.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(step / "model.safetensors"))
+    save_weights(objective.state_dict(), step / MODEL_FILE)
     return objective.eval(), step

@@ -35,9 +35,23 @@ def speech_image_run(synth_tiny, tmp_path_factory):
     manifest = out / "pairs.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records if r["id"].endswith(("_0", "_1"))))
     run = out / "run"
-    code = main(["pretrain", "speech_image", f"data.train={manifest}", "model.size=tiny", "objective.speech=fbank",
-                 "train.max_steps=30", "train.lr=3e-3", "train.warmup_fraction=0.1", "train.save_every=30",
-                 "train.valid_every=0", "train.progress=false", "data.num_workers=0", f"train.out_dir={run}"])
+    code = main(
+        [
+            "pretrain",
+            "speech_image",
+            f"data.train={manifest}",
+            "model.size=tiny",
+            "objective.speech=fbank",
+            "train.max_steps=30",
+            "train.lr=3e-3",
+            "train.warmup_fraction=0.1",
+            "train.save_every=30",
+            "train.valid_every=0",
+            "train.progress=false",
+            "data.num_workers=0",
+            f"train.out_dir={run}",
+        ]
+    )
     assert code == 0
     return run, manifest
 

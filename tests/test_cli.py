@@ -7,7 +7,7 @@ from mmssl import cli
 def test_help_lists_available_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name, (module, _) in cli._available().items():
+    for name in cli._available():
         assert name in out
     # every listed command's module exists and exposes the two entry points
     import importlib
@@ -30,14 +30,21 @@ def test_console_script_runs():
 def test_errors_from_data_workers_print_only_their_message(tmp_path, capsys):
     import json
 
-    from mmssl.data.datasets import ManifestDataset
-    from mmssl.data.collate import collate
     from torch.utils.data import DataLoader
 
+    from mmssl.data.collate import collate
+    from mmssl.data.datasets import ManifestDataset
+
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"r{i}", "audio": f"missing{i}.wav"}) + "\n" for i in range(4)))
-    loader = DataLoader(ManifestDataset(str(manifest), max_bad_fraction=0.0, min_seen=1), batch_size=2,
-                        num_workers=1, collate_fn=collate)
+    manifest.write_text(
+        "".join(json.dumps({"id": f"r{i}", "audio": f"missing{i}.wav"}) + "\n" for i in range(4))
+    )
+    loader = DataLoader(
+        ManifestDataset(str(manifest), max_bad_fraction=0.0, min_seen=1),
+        batch_size=2,
+        num_workers=1,
+        collate_fn=collate,
+    )
     try:
         next(iter(loader))
     except Exception as err:  # the worker's DataError, re-raised with its traceback as text
@@ -48,7 +55,7 @@ def test_errors_from_data_workers_print_only_their_message(tmp_path, capsys):
 
 def test_options_may_sit_between_positional_arguments(monkeypatch):
     """`mmssl pretrain hubert --resume key=value` parses as `pretrain hubert key=value --resume`."""
-    import mmssl.train.cli as pretrain_cli
+    import mmssl.commands.pretrain as pretrain_cli
 
     seen = {}
     monkeypatch.setattr(pretrain_cli, "run", lambda args: seen.update(vars(args)) or 0)

@@ -9,14 +9,33 @@ import torch
 from mmssl.cli import main
 from mmssl.eval.asr import load_asr_model
 from mmssl.registry import OBJECTIVES
-from mmssl.runs import STRUCTURE_ONLY, load_encoder_from_run, structure_config
+from mmssl.runs import (
+    STRUCTURE_ONLY,
+    load_encoder_from_run,
+    load_weights,
+    save_weights,
+    structure_config,
+)
 from mmssl.testing import save_tiny_run
 
 
 def _finetune(init, out, manifest, steps=1):
-    code = main(["finetune-asr", "--init", str(init), f"data.train={manifest}", f"train.max_steps={steps}",
-                 f"train.out_dir={out}", "train.device=cpu", "data.num_workers=0", "train.progress=false",
-                 "data.max_seconds_per_batch=20", "train.lr=1e-2", "objective.freeze_steps=0"])
+    code = main(
+        [
+            "finetune-asr",
+            "--init",
+            str(init),
+            f"data.train={manifest}",
+            f"train.max_steps={steps}",
+            f"train.out_dir={out}",
+            "train.device=cpu",
+            "data.num_workers=0",
+            "train.progress=false",
+            "data.max_seconds_per_batch=20",
+            "train.lr=1e-2",
+            "objective.freeze_steps=0",
+        ]
+    )
     assert code == 0
 
 
@@ -41,7 +60,9 @@ def test_a_chain_of_fine_tuned_runs_loads_after_its_sources_are_gone(synth_tiny,
     after = _logits(load_asr_model(tmp_path / "ft2", torch.device("cpu")), batch)
     torch.testing.assert_close(after, before)
     shutil.move(tmp_path / "ft2", tmp_path / "moved")  # the run folder itself may move too
-    torch.testing.assert_close(_logits(load_asr_model(tmp_path / "moved", torch.device("cpu")), batch), before)
+    torch.testing.assert_close(
+        _logits(load_asr_model(tmp_path / "moved", torch.device("cpu")), batch), before
+    )
     shutil.move(tmp_path / "moved", tmp_path / "ft2")
     # the rebuilt config points at the copies, and a copied config gives an encoder without weights
     assert structure_config(tmp_path / "ft2").objective.encoder_init == str(copy)
@@ -49,13 +70,26 @@ def test_a_chain_of_fine_tuned_runs_loads_after_its_sources_are_gone(synth_tiny,
 
 
 def test_a_missing_start_run_is_named_before_training(synth_tiny, tmp_path, capsys):
-    code = main(["finetune-asr", "--init", str(tmp_path / "nowhere"), f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
-                 f"train.out_dir={tmp_path / 'ft'}", "train.device=cpu"])
+    code = main(
+        [
+            "finetune-asr",
+            "--init",
+            str(tmp_path / "nowhere"),
+            f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+            f"train.out_dir={tmp_path / 'ft'}",
+            "train.device=cpu",
+        ]
+    )
     assert code == 2 and "nowhere" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, runs, files, own", [("ctc", ("encoder_init",), (), ("units_file",)),
-                                                    ("speech_image", ("speech_init",), ("clip_pretrained",), ())])
+@pytest.mark.parametrize(
+    "name, runs, files, own",
+    [
+        ("ctc", ("encoder_init",), (), ("units_file",)),
+        ("speech_image", ("speech_init",), ("clip_pretrained",), ()),
+    ],
+)
 def test_builders_declare_the_options_that_name_start_points(name, runs, files, own):
     import inspect
 
@@ -80,3 +114,10 @@ def test_weights_that_do_not_fit_the_config_are_named(synth_tiny, tmp_path):
     OmegaConf.save(cfg, tmp_path / "pre" / "config.yaml")
     with pytest.raises(DataError, match="model.safetensors: weights do not fit .*config.yaml"):
         load_objective_from_run(step)
+
+
+def test_tied_weights_are_saved(tmp_path):
+    w = torch.randn(3, 2)
+    save_weights({"a": w, "b": w}, tmp_path / "m.safetensors")
+    loaded = load_weights(tmp_path / "m.safetensors")
+    assert torch.equal(loaded["a"], w) and torch.equal(loaded["b"], w)

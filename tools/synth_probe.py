@@ -29,11 +29,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from mmssl.data.features import fbank, stack_frames
 from mmssl.data.io import load_audio, load_video
 from mmssl.data.manifest import read_manifest
 from mmssl.data.noise import NoiseBank, mix_at_snr
 from mmssl.data.synth.phonemes import CLASS_INDEX, phoneme_class
+from mmssl.nn.fbank import fbank, stack_frames
 
 FRAME = 640  # samples per video frame
 
@@ -98,7 +98,9 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("corpus", type=Path, help="folder written by mmssl synth")
-    parser.add_argument("--train-utterances", type=int, default=800, help="train utterances to fit on (0: all)")
+    parser.add_argument(
+        "--train-utterances", type=int, default=800, help="train utterances to fit on (0: all)"
+    )
     parser.add_argument("--test-utterances", type=int, default=0, help="test utterances to score (0: all)")
     parser.add_argument("--snr", type=float, nargs="*", default=[10.0, 0.0, -5.0], help="babble SNRs (dB)")
     parser.add_argument("--seed", type=int, default=0)
@@ -110,20 +112,26 @@ def main() -> None:
     train_y = np.concatenate([r["labels"] for r in train])
     test_y = np.concatenate([r["labels"] for r in test])
     majority = float((test_y == np.bincount(train_y).argmax()).mean())
-    video = probe(np.concatenate([r["vid"] for r in train]), train_y, np.concatenate([r["vid"] for r in test]), test_y)
+    video = probe(
+        np.concatenate([r["vid"] for r in train]), train_y, np.concatenate([r["vid"] for r in test]), test_y
+    )
     banks = {
         split: NoiseBank(sorted(str(p) for p in (args.corpus / "noise" / split).glob("babble_*.wav")))
         for split in ("train", "test")
     }
     rows = [("clean", None)] + [(f"babble {snr:g} dB", snr) for snr in args.snr]
-    print(f"{len(train)} train / {len(test)} test utterances, {len(train_y)} / {len(test_y)} frames, "
-          f"{len(CLASS_INDEX)} phoneme classes\n")
+    print(
+        f"{len(train)} train / {len(test)} test utterances, {len(train_y)} / {len(test_y)} frames, "
+        f"{len(CLASS_INDEX)} phoneme classes\n"
+    )
     print("| condition | audio (fbank) | video (mouth pixels) | majority class |")
     print("|---|---|---|---|")
     for name, snr in rows:
         audio = probe(
-            audio_matrix(train, banks["train"], snr, args.seed), train_y,
-            audio_matrix(test, banks["test"], snr, args.seed + 1), test_y,
+            audio_matrix(train, banks["train"], snr, args.seed),
+            train_y,
+            audio_matrix(test, banks["test"], snr, args.seed + 1),
+            test_y,
         )
         print(f"| {name} | {100 * audio:.1f}% | {100 * video:.1f}% | {100 * majority:.1f}% |", flush=True)
     print(f"\n({time.perf_counter() - start:.0f} s)")

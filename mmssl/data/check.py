@@ -1,4 +1,5 @@
-"""``mmssl data check MANIFEST``: decode every record and report the ones training would skip.
+"""Decode every record of a manifest and report the ones training would skip (the library of
+``mmssl data check MANIFEST``, ``mmssl.commands.data_check``).
 
 Checks per record: each path exists and decodes, to the end the container declares; audio
 is at 16 kHz or more, non-empty, finite and not all silent; the audio and the video last the
@@ -15,8 +16,6 @@ the band the models hear (up to 8 kHz). AAC priming and padding are dropped by t
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 import sys
 from collections import Counter
@@ -28,8 +27,9 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.io import load_audio, load_image, load_video, probe
-from mmssl.data.manifest import AUDIO_RATE, VIDEO_FPS, read_manifest
+from mmssl.data.manifest import read_manifest
 from mmssl.errors import DataError
 
 DEFAULT_TOLERANCE = 1.0 / VIDEO_FPS  # one video frame
@@ -54,29 +54,35 @@ def _reason(err: DataError, path: str) -> str:
     return text[len(path) + 2 :] if text.startswith(path + ": ") else text
 
 
-def _check_audio(record: dict, path: str, tolerance: float) -> tuple[list[str], list[str], float, float | None]:
+def _check_audio(
+    record: dict, path: str, tolerance: float
+) -> tuple[list[str], list[str], float, float | None]:
     """-> (problems, notes, decoded seconds, seconds the container declares)."""
     info = probe(path)
     if not info.has_audio:
         raise DataError(f"{path}: no audio stream")
     reasons, notes = [], []
-    if info.audio_rate < AUDIO_RATE:
-        reasons.append(f"sample rate {info.audio_rate} Hz, expected {AUDIO_RATE} Hz "
-                       f"(resampling cannot fill the band above {info.audio_rate // 2} Hz)")
-    elif info.audio_rate != AUDIO_RATE:
-        notes.append(f"audio resampled {info.audio_rate} Hz -> {AUDIO_RATE} Hz")
+    if info.audio_rate < SAMPLE_RATE:
+        reasons.append(
+            f"sample rate {info.audio_rate} Hz, expected {SAMPLE_RATE} Hz "
+            f"(resampling cannot fill the band above {info.audio_rate // 2} Hz)"
+        )
+    elif info.audio_rate != SAMPLE_RATE:
+        notes.append(f"audio resampled {info.audio_rate} Hz -> {SAMPLE_RATE} Hz")
     if info.audio_channels and info.audio_channels > 1:
         notes.append(f"{info.audio_channels} audio channels averaged to mono")
-    wav = load_audio(path, AUDIO_RATE)
+    wav = load_audio(path, SAMPLE_RATE)
     if float(wav.abs().max()) < SILENCE_PEAK:
         reasons.append("all-silent audio")
     expected = record.get("audio_samples")
-    if expected is not None and abs(wav.numel() - expected) > tolerance * AUDIO_RATE:
+    if expected is not None and abs(wav.numel() - expected) > tolerance * SAMPLE_RATE:
         reasons.append(f"manifest says {expected} audio samples, decoded {wav.numel()}")
-    return reasons, notes, wav.numel() / AUDIO_RATE, info.duration
+    return reasons, notes, wav.numel() / SAMPLE_RATE, info.duration
 
 
-def _check_video(record: dict, path: str, tolerance: float) -> tuple[list[str], list[str], float, float | None]:
+def _check_video(
+    record: dict, path: str, tolerance: float
+) -> tuple[list[str], list[str], float, float | None]:
     """-> (problems, notes, decoded seconds, seconds the container declares)."""
     info = probe(path)
     frames = load_video(path, VIDEO_FPS)
@@ -89,8 +95,9 @@ def _check_video(record: dict, path: str, tolerance: float) -> tuple[list[str], 
     return reasons, notes, frames.shape[0] / VIDEO_FPS, info.duration
 
 
-def _truncated(decoded: dict[str, list[float]], declared: dict[str, float | None],
-               tolerance: float) -> list[tuple[str, str]]:
+def _truncated(
+    decoded: dict[str, list[float]], declared: dict[str, float | None], tolerance: float
+) -> list[tuple[str, str]]:
     """Files whose longest decoded stream stops short of the container's duration (a
     container header written first, as mkv, opens fine when the end is cut off)."""
     found = []
@@ -132,8 +139,13 @@ def inspect_record(record: dict, tolerance: float = DEFAULT_TOLERANCE) -> Record
     problems += [(key, path, reason) for path, reason in _truncated(decoded, declared, tolerance)]
     a, v = seconds.get("audio"), seconds.get("video")
     if a is not None and v is not None and abs(a - v) > tolerance + 1e-9:
-        problems.append((key, record["video"], f"audio lasts {a:.3f} s, video {v:.3f} s "
-                         f"(differ by {abs(a - v):.3f} s > {tolerance:.3f} s)"))
+        problems.append(
+            (
+                key,
+                record["video"],
+                f"audio lasts {a:.3f} s, video {v:.3f} s (differ by {abs(a - v):.3f} s > {tolerance:.3f} s)",
+            )
+        )
     return RecordReport(problems, notes)
 
 
@@ -146,14 +158,16 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # parallelism comes from the processes
 
 
-def check_manifest(path: str, workers: int = 1, tolerance: float = DEFAULT_TOLERANCE,
-                   progress: bool = True) -> tuple[int, list[Problem], list[Problem]]:
+def check_manifest(
+    path: str, workers: int = 1, tolerance: float = DEFAULT_TOLERANCE, progress: bool = True
+) -> tuple[int, list[Problem], list[Problem]]:
     """Check every record of a manifest -> (number of records, problems, notes), each list in
     manifest order."""
     records = read_manifest(path)
     inspect = partial(inspect_record, tolerance=tolerance)
-    bar = partial(tqdm, total=len(records), desc="checking", unit="rec",
-                  disable=not progress, file=sys.stderr)
+    bar = partial(
+        tqdm, total=len(records), desc="checking", unit="rec", disable=not progress, file=sys.stderr
+    )
     if workers <= 1:
         results = [inspect(r) for r in bar(records)]
     else:
@@ -187,18 +201,3 @@ def format_report(total: int, problems: Sequence[Problem], notes: Sequence[Probl
         counts = Counter(text for _, _, text in notes)
         lines += [f"  {count:>6}  {text}  (e.g. {example[text]})" for text, count in counts.most_common()]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", help="JSON-lines manifest")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="parallel decoding processes (default: up to 8)")
-    parser.add_argument("--av-tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="allowed audio/video duration difference in seconds (default: one frame, 0.04)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    total, problems, notes = check_manifest(args.manifest, args.workers, args.av_tolerance, not args.no_progress)
-    print(format_report(total, problems, notes))
-    return 1 if problems else 0

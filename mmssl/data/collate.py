@@ -14,7 +14,7 @@ A key is in the batch only when the items carry it (missing modalities are absen
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -70,8 +70,10 @@ def collate(items: list[dict | None]) -> dict:
     if images is not None:
         sizes = {tuple(img.shape) for img in images}
         if len(sizes) > 1:
-            raise DataError(f"collate: images of different sizes {sorted(sizes)} in batch {batch['ids']}; "
-                            "give the dataset an image_transform that resizes")
+            raise DataError(
+                f"collate: images of different sizes {sorted(sizes)} in batch {batch['ids']}; "
+                "give the dataset an image_transform that resizes"
+            )
         batch["image"] = torch.stack(images)
     for key, out_key in (("transcript", "transcript"), ("group", "groups")):
         if any(key in item for item in kept):

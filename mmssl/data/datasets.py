@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.importers import read_labels
 from mmssl.data.io import load_image
 from mmssl.data.manifest import duration_seconds, read_manifest
@@ -32,8 +33,6 @@ LIP_STORE = 96  # AV-HuBERT's stored crops, from which training takes random 88x
 # AV-HuBERT normalises grayscale lip crops (in [0, 1]) with these (avhubert/hubert_dataset.py)
 LIP_MEAN = 0.421
 LIP_STD = 0.165
-AUDIO_RATE = 16_000
-VIDEO_FPS = 25.0
 
 
 def lip_frames(frames: Tensor, size: int = LIP_STORE) -> Tensor:
@@ -45,7 +44,9 @@ def lip_frames(frames: Tensor, size: int = LIP_STORE) -> Tensor:
     """
     t, h, w = frames.shape
     if h < LIP_SIZE or w < LIP_SIZE:
-        raise DataError(f"video frames are {h}x{w}, smaller than the {LIP_SIZE}x{LIP_SIZE} mouth crops expected")
+        raise DataError(
+            f"video frames are {h}x{w}, smaller than the {LIP_SIZE}x{LIP_SIZE} mouth crops expected"
+        )
     size = min(size, h, w)
     top, left = (h - size) // 2, (w - size) // 2
     crop = frames[:, top : top + size, left : left + size]
@@ -57,8 +58,9 @@ def _find_labels(labels: str | os.PathLike, manifest: str | list[dict]) -> Path:
     path = Path(labels)
     if path.is_dir():
         if not isinstance(manifest, (str, os.PathLike)):
-            raise ConfigError(f"labels folder {path} needs a manifest path to find <stem>.km; "
-                              "pass the .km file")
+            raise ConfigError(
+                f"labels folder {path} needs a manifest path to find <stem>.km; pass the .km file"
+            )
         path = path / f"{Path(manifest).stem}.km"
     if not path.is_file():
         raise ConfigError(f"labels {path} not found (a .km file, or an `mmssl kmeans` output folder)")
@@ -117,8 +119,9 @@ class ManifestDataset(Dataset):
             path = _find_labels(labels, manifest)
             self.labels = read_labels(path)
             if len(self.labels) != len(self.records):
-                raise DataError(f"{path}: {len(self.labels)} label lines for "
-                                f"{len(self.records)} records in {self.source}")
+                raise DataError(
+                    f"{path}: {len(self.labels)} label lines for {len(self.records)} records in {self.source}"
+                )
         self.image_transform = image_transform
         self.text_tokenizer = text_tokenizer
         self.audio_transform = audio_transform
@@ -138,8 +141,9 @@ class ManifestDataset(Dataset):
         for record in self.records:
             seconds = duration_seconds(record)
             if seconds is None:
-                raise DataError(f"{self.source}: record {record['id']!r} has neither "
-                                "audio_samples nor video_frames")
+                raise DataError(
+                    f"{self.source}: record {record['id']!r} has neither audio_samples nor video_frames"
+                )
             out.append(seconds)
         return out
 
@@ -195,19 +199,25 @@ class ManifestDataset(Dataset):
         """Decoded lengths against the manifest's counts (a truncated file) and audio against
         video, within ``av_tolerance`` seconds (default one video frame), as ``mmssl data check``."""
         seconds = {}
-        for key, count_key, unit, rate in (("audio", "audio_samples", "audio samples", AUDIO_RATE),
-                                           ("video", "video_frames", "video frames", VIDEO_FPS)):
+        for key, count_key, unit, rate in (
+            ("audio", "audio_samples", "audio samples", SAMPLE_RATE),
+            ("video", "video_frames", "video frames", VIDEO_FPS),
+        ):
             if key not in item:
                 continue
             decoded = item[key].shape[0]
             seconds[key] = decoded / rate
             declared = record.get(count_key)
             if declared is not None and abs(seconds[key] - declared / rate) > self.av_tolerance:
-                raise DataError(f"{record[key]}: decoded {decoded} {unit}, the manifest says {declared} "
-                                "(truncated or changed file?)")
+                raise DataError(
+                    f"{record[key]}: decoded {decoded} {unit}, the manifest says {declared} "
+                    "(truncated or changed file?)"
+                )
         if len(seconds) == 2 and abs(seconds["audio"] - seconds["video"]) > self.av_tolerance + 1e-9:
-            raise DataError(f"record {record['id']!r}: audio lasts {seconds['audio']:.3f} s and video "
-                            f"{seconds['video']:.3f} s (more than {self.av_tolerance:.3f} s apart)")
+            raise DataError(
+                f"record {record['id']!r}: audio lasts {seconds['audio']:.3f} s and video "
+                f"{seconds['video']:.3f} s (more than {self.av_tolerance:.3f} s apart)"
+            )
 
     def _skip(self, record: dict, err: DataError) -> None:
         self.bad_count += 1
@@ -215,8 +225,11 @@ class ManifestDataset(Dataset):
         reason = _reason_key(message, record)
         if reason not in self._logged:
             self._logged.add(reason)
-            log.warning("skipping bad record %r: %s (more records failing this way are only counted)",
-                        record["id"], message)
+            log.warning(
+                "skipping bad record %r: %s (more records failing this way are only counted)",
+                record["id"],
+                message,
+            )
         if self.seen >= self.min_seen and self.bad_count > self.max_bad_fraction * self.seen:
             raise DataError(
                 f"{self.source}: {self.bad_count} of {self.seen} records seen are bad "

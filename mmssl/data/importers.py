@@ -1,22 +1,25 @@
-"""Read the manifests fairseq and AV-HuBERT users already have, and the ``mmssl data import`` command.
+"""Read the manifests fairseq and AV-HuBERT users already have (``mmssl data import``,
+``mmssl.commands.data_import``, turns them into JSON-lines manifests).
 
 * ``.tsv``: the first line is a root folder; every other line is either the audio-only
   fairseq form ``path<TAB>n_samples`` or the AV-HuBERT form
   ``id<TAB>video<TAB>audio<TAB>n_video_frames<TAB>n_audio_samples`` (paths relative to the root).
 * ``.wrd``: one transcript per line, in the ``.tsv`` order.
 * ``.km``: one line of space-separated cluster ids per record, in the ``.tsv`` order.
+
+A labels folder of ``mmssl kmeans`` holds one ``<manifest stem>.km`` per manifest and
+``kmeans.pt``, the clustering's summary (:func:`read_kmeans_state`, :func:`kmeans_info`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import pickle
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from mmssl.data.manifest import write_manifest
 from mmssl.errors import DataError
 
 
@@ -101,23 +104,31 @@ def read_labels(km_path: str | os.PathLike) -> list[Tensor]:
     return labels
 
 
+KMEANS_FILE = "kmeans.pt"
+
+
+def read_kmeans_state(labels_dir: str | os.PathLike) -> dict:
+    """The ``kmeans.pt`` of an ``mmssl kmeans`` folder: ``centroids``, ``k``, ``features``,
+    ``label_rate``, ``inertia``, ``weights`` (the weights file clustered, or None for MFCC)."""
+    path = Path(labels_dir) / KMEANS_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise DataError(f"{path}: cannot read k-means state ({err})") from None
+
+
+def kmeans_info(labels_dir: str | os.PathLike) -> dict:
+    """``k`` and ``label_rate`` (Hz) of an ``mmssl kmeans`` folder: what a HuBERT-style
+    objective needs as ``num_classes`` and ``label_rate``."""
+    state = read_kmeans_state(labels_dir)
+    try:
+        return {"k": int(state["k"]), "label_rate": float(state["label_rate"])}
+    except (KeyError, TypeError) as err:
+        raise DataError(f"{Path(labels_dir) / KMEANS_FILE}: cannot read k-means state ({err!r})") from None
+
+
 def attach_transcripts(records: list[dict], transcripts: list[str], source: str) -> list[dict]:
     """Copy ``transcripts`` into ``records`` (same order); the counts must agree."""
     if len(transcripts) != len(records):
         raise DataError(f"{source}: {len(transcripts)} transcripts for {len(records)} records")
     return [{**r, "transcript": t} for r, t in zip(records, transcripts)]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tsv", help="fairseq / AV-HuBERT .tsv (first line: root folder)")
-    parser.add_argument("--wrd", help=".wrd transcripts, one per line in the .tsv order")
-    parser.add_argument("--out", required=True, help="JSON-lines manifest to write")
-
-
-def run(args: argparse.Namespace) -> int:
-    records = read_tsv(args.tsv)
-    if args.wrd:
-        records = attach_transcripts(records, read_wrd(args.wrd), args.wrd)
-    out = write_manifest(args.out, records)
-    print(f"wrote {len(records)} records to {out}")
-    return 0

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import av
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import DataError
 
 # Errors PyAV (and the OS under it) raise on a file it cannot use.
@@ -114,7 +115,9 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             a = container.streams.audio[0]
             a_dur = _seconds(a.duration, a.time_base) or duration
             if a_dur and a.codec_context.name == "aac":  # the declared length counts the priming
-                a_dur = max(0.0, a_dur - _priming(a, *_first_timestamps(container, a)) / a.codec_context.sample_rate)
+                a_dur = max(
+                    0.0, a_dur - _priming(a, *_first_timestamps(container, a)) / a.codec_context.sample_rate
+                )
             fields.update(
                 audio_rate=a.codec_context.sample_rate,
                 audio_channels=a.codec_context.channels,
@@ -194,7 +197,7 @@ def _decode_audio(container, path: str) -> tuple[np.ndarray, int]:
     return data, rate
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> Tensor:
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Tensor:
     """Decode the first audio stream -> ``(S,)`` float32 mono in [-1, 1] at ``sample_rate``.
 
     Channels are averaged; other rates are resampled (``torchaudio.functional.resample``,

@@ -1,8 +1,10 @@
-"""``mmssl data lips``: mouth regions of interest from face video, ready for lip encoders.
+"""Mouth regions of interest from face video, ready for lip encoders (the library of
+``mmssl data lips``, ``mmssl.commands.data_lips``).
 
 For each video: find the mouth in every frame, smooth its track over time, crop a square
 around it, resize to 96x96 grayscale (AV-HuBERT's stored size, from which training takes
-random 88x88 windows; ``--size 88`` keeps only the centre 88x88), at 25 fps, muxed with the clip's audio into an mp4 (PyAV: H.264 video, AAC audio).
+random 88x88 windows; ``--size 88`` keeps only the centre 88x88), at 25 fps, muxed with the
+clip's audio into an mp4 (PyAV: H.264 video, AAC audio).
 
 Where the mouth comes from (nothing is downloaded):
 
@@ -24,23 +26,22 @@ Shape legend: T frames, H/W pixels.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pickle
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import av
 import cv2
 import numpy as np
-from tqdm import tqdm
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.io import load_audio, load_video, probe
 from mmssl.errors import ConfigError, DataError
+from mmssl.files import atomic_path
 
-FPS = 25.0
 STORE_SIZE = 96  # AV-HuBERT stores 96x96 crops ...
 CROP_SIZE = 88  # ... and trains on 88x88 windows
 # Mouth centre inside a face box, as fractions of (width, height) from its top-left corner, and
@@ -66,7 +67,9 @@ def _largest(boxes: list[tuple[float, float, float, float]]) -> tuple[float, flo
 class CascadeMouths:
     """The largest face of a cascade detector; the mouth at ``MOUTH_IN_BOX[kind]`` of its box."""
 
-    def __init__(self, detect: Callable[[np.ndarray], list[tuple[float, float, float, float]]], kind: str) -> None:
+    def __init__(
+        self, detect: Callable[[np.ndarray], list[tuple[float, float, float, float]]], kind: str
+    ) -> None:
         self.detect, self.kind = detect, kind
 
     def __call__(self, gray: np.ndarray) -> tuple[float, float, float] | None:
@@ -97,6 +100,7 @@ def opencv_cascade() -> CascadeMouths | None:
 def skimage_cascade() -> CascadeMouths | None:
     """scikit-image's LBP frontal-face cascade (shipped inside scikit-image), if installed."""
     try:
+        # lazy: scikit-image, only when OpenCV has no face cascade
         from skimage import data as skdata
         from skimage.feature import Cascade
     except ImportError:
@@ -107,8 +111,11 @@ def skimage_cascade() -> CascadeMouths | None:
         h, w = gray.shape
         smallest = max(24, min(h, w) // 8)
         found = cascade.detect_multi_scale(
-            img=gray.astype(np.float32) / 255.0, scale_factor=1.2, step_ratio=1,
-            min_size=(smallest, smallest), max_size=(min(h, w), min(h, w)),
+            img=gray.astype(np.float32) / 255.0,
+            scale_factor=1.2,
+            step_ratio=1,
+            min_size=(smallest, smallest),
+            max_size=(min(h, w), min(h, w)),
         )
         return [(float(f["c"]), float(f["r"]), float(f["width"]), float(f["height"])) for f in found]
 
@@ -214,7 +221,9 @@ def smooth_track(centres: np.ndarray, sides: np.ndarray, window: int = 5, what: 
     return out[:, :2], out[:, 2]
 
 
-def crop_mouths(frames: np.ndarray, centres: np.ndarray, sides: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+def crop_mouths(
+    frames: np.ndarray, centres: np.ndarray, sides: np.ndarray, size: int = CROP_SIZE
+) -> np.ndarray:
     """Square crops around the track, resized to 96x96, centre ``size x size`` kept.
     ``frames (T, H, W)`` uint8 -> ``(T, size, size)`` uint8. Outside the frame is edge-replicated."""
     if size > STORE_SIZE:
@@ -226,18 +235,25 @@ def crop_mouths(frames: np.ndarray, centres: np.ndarray, sides: np.ndarray, size
         # affine map from the square window to the 96x96 crop; sub-pixel, borders replicated
         scale = STORE_SIZE / side
         m = np.array([[scale, 0, STORE_SIZE / 2 - scale * cx], [0, scale, STORE_SIZE / 2 - scale * cy]])
-        crop = cv2.warpAffine(frame, m, (STORE_SIZE, STORE_SIZE), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+        crop = cv2.warpAffine(
+            frame, m, (STORE_SIZE, STORE_SIZE), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE
+        )
         out[t] = crop[off : off + size, off : off + size]
     return out
 
 
-def write_av(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray | None, fps: float = FPS, sample_rate: int = 16000) -> None:
+def write_av(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    audio: np.ndarray | None,
+    fps: float = VIDEO_FPS,
+    sample_rate: int = SAMPLE_RATE,
+) -> None:
     """Mux grayscale ``frames (T, H, W)`` uint8 (H.264) and mono ``audio (S,)`` float in
     [-1, 1] (AAC) into an mp4, written to a temporary name then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".part" + path.suffix)
-    with av.open(str(tmp), "w") as out:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w") as out:
         vs = out.add_stream("libx264", rate=int(round(fps)), options={"crf": "15"})
         vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         a_s = out.add_stream("aac", rate=sample_rate, layout="mono") if audio is not None else None
@@ -257,48 +273,49 @@ def write_av(path: str | os.PathLike, frames: np.ndarray, audio: np.ndarray | No
                     out.mux(packet)
             for packet in a_s.encode():
                 out.mux(packet)
-    os.replace(tmp, path)
 
 
-def mouth_track(frames: np.ndarray, finder: MouthFinder | None, landmarks: str | os.PathLike | None,
-                window: int, what: str) -> Track:
+def mouth_track(
+    frames: np.ndarray,
+    finder: MouthFinder | None,
+    landmarks: str | os.PathLike | None,
+    window: int,
+    what: str,
+) -> Track:
     """The smoothed mouth track of ``frames (T, H, W)``, from landmarks when given."""
     if landmarks is not None:
         marks = read_landmarks(landmarks)
         if len(marks) != len(frames):
-            raise DataError(f"{landmarks}: {len(marks)} landmark frames for {len(frames)} video frames of {what}")
+            raise DataError(
+                f"{landmarks}: {len(marks)} landmark frames for {len(frames)} video frames of {what}"
+            )
         raw = landmark_track(marks)
     else:
         raw = find_mouths(frames, finder or default_finder())
     return smooth_track(*raw, window=window, what=what)
 
 
-def process_video(src: str | os.PathLike, dst: str | os.PathLike, finder: MouthFinder | None = None,
-                  landmarks: str | os.PathLike | None = None, size: int = CROP_SIZE, window: int = 5) -> dict:
+def process_video(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    finder: MouthFinder | None = None,
+    landmarks: str | os.PathLike | None = None,
+    size: int = CROP_SIZE,
+    window: int = 5,
+) -> dict:
     """Crop the mouth track of video ``src`` into ``dst`` (mp4 with the clip's audio, if any).
     Returns ``{"video_frames", "audio_samples"}`` for the manifest."""
-    frames = load_video(src, FPS).numpy()  # (T, H, W) at 25 fps
+    frames = load_video(src, VIDEO_FPS).numpy()  # (T, H, W) at 25 fps
     centres, sides = mouth_track(frames, finder, landmarks, window, str(src))
     crops = crop_mouths(frames, centres, sides, size)
     audio = load_audio(src).numpy() if probe(src).has_audio else None
     if audio is not None:  # AAC sources decode with encoder padding: keep the video's span
-        audio = audio[: int(round(len(crops) / FPS * 16000))]
+        audio = audio[: int(round(len(crops) / VIDEO_FPS * SAMPLE_RATE))]
     write_av(dst, crops, audio)
     return {"video_frames": len(crops), "audio_samples": None if audio is None else len(audio)}
 
 
-# --- command line ----------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="face videos, or JSON-lines manifests whose records have 'video'")
-    parser.add_argument("--out", required=True, help="output folder: <stem>.mp4 per video; a rewritten manifest per manifest")
-    parser.add_argument("--landmarks", help="folder of 68-point landmark files <record id>.pkl|.npy or <video stem>.pkl|.npy (AV-HuBERT style)")
-    parser.add_argument("--face-model", help="OpenCV DNN face detector model (YuNet .onnx) instead of a cascade")
-    parser.add_argument("--size", type=int, default=STORE_SIZE, choices=(CROP_SIZE, STORE_SIZE),
-                        help="crop side kept (default 96, as AV-HuBERT stores them; training takes random 88x88 windows)")
-    parser.add_argument("--smooth", type=int, default=5, help="moving-average window of the mouth track, frames")
-
-
-def _landmark_file(folder: str | None, video: Path, record_id: str | None = None) -> Path | None:
+def landmark_file(folder: str | None, video: Path, record_id: str | None = None) -> Path | None:
     """``<folder>/<record id>.pkl|.npy`` (ids such as LRS3's ``trainval/<talk>/<clip>`` follow
     AV-HuBERT's ``landmark/<split>/<talk>/<clip>.pkl`` tree), else ``<folder>/<video stem>``."""
     if folder is None:
@@ -312,45 +329,3 @@ def _landmark_file(folder: str | None, video: Path, record_id: str | None = None
                 return path
     tried = " or ".join(f"{name}.pkl|.npy" for name in names)
     raise DataError(f"{video}: no landmark file {tried} in {folder}")
-
-
-def _jobs(inputs: list[str], out: Path) -> tuple[list[tuple[Path, Path, str | None]], list[tuple[Path, list[dict]]]]:
-    """(source video, output crop, record id or None) per video, and the manifests to rewrite."""
-    jobs, manifests = [], []
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise DataError(f"{item}: not found")
-        if item.suffix == ".jsonl":
-            records = [json.loads(line) for line in item.read_text().splitlines() if line.strip()]
-            for i, rec in enumerate(records):
-                if "video" not in rec:
-                    raise DataError(f"{item}: record {i} ({rec.get('id', '?')}) has no 'video'")
-                src = Path(rec["video"]) if os.path.isabs(rec["video"]) else item.parent / rec["video"]
-                rid = str(rec["id"]) if rec.get("id") is not None else None
-                jobs.append((src, out / "lips" / f"{rid or src.stem}.mp4", rid))
-            manifests.append((item, records))
-        else:
-            jobs.append((item, out / f"{item.stem}.mp4", None))
-    return jobs, manifests
-
-
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    finder: MouthFinder | None = None
-    if args.landmarks is None:
-        finder = YuNetMouths(args.face_model) if args.face_model else default_finder()
-    jobs, manifests = _jobs(args.inputs, out)
-    done: dict[Path, dict] = {}
-    for src, dst, rid in tqdm(jobs, desc="lips", unit="video"):
-        done[dst] = process_video(src, dst, finder, _landmark_file(args.landmarks, src, rid), args.size, args.smooth)
-    for path, records in manifests:
-        with open(out / path.name, "w") as f:
-            for rec in records:
-                dst = out / "lips" / f"{rec.get('id', Path(rec['video']).stem)}.mp4"
-                rec = {**rec, "video": os.path.relpath(dst, out), "video_frames": done[dst]["video_frames"]}
-                for key in ("audio", "image"):  # other relative paths now start from the output folder
-                    if isinstance(rec.get(key), str) and not os.path.isabs(rec[key]):
-                        rec[key] = os.path.relpath(path.parent / rec[key], out)
-                f.write(json.dumps(rec) + "\n")
-    print(f"{len(jobs)} videos -> {out}")
-    return 0

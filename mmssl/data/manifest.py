@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.errors import ConfigError, DataError
+from mmssl.files import atomic_write
 
 PATH_KEYS = ("audio", "video", "image", "align")
 INT_KEYS = ("audio_samples", "video_frames")
 TEXT_KEYS = ("id", "transcript", "speaker", "group", "caption")
-KNOWN_KEYS = PATH_KEYS + INT_KEYS + TEXT_KEYS
-AUDIO_RATE = 16000
-VIDEO_FPS = 25.0
 
 
 def _check_record(record: object, where: str) -> dict:
@@ -106,31 +105,30 @@ def write_manifest(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     root = path.resolve().parent
     seen: set[str] = set()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as out:
-            for index, record in enumerate(records):
-                record = _check_record(dict(record), f"{path}: record {index}")
-                if record["id"] in seen:
-                    raise DataError(f"{path}: duplicate id {record['id']!r} (record {index})")
-                seen.add(record["id"])
-                for name in PATH_KEYS:
-                    if record.get(name):
-                        record[name] = _relative(str(record[name]), root)
-                if isinstance(record.get("packed"), dict) and record["packed"].get("file"):
-                    record["packed"] = {**record["packed"], "file": _relative(str(record["packed"]["file"]), root)}
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return path
+
+    def write(out) -> None:
+        for index, record in enumerate(records):
+            record = _check_record(dict(record), f"{path}: record {index}")
+            if record["id"] in seen:
+                raise DataError(f"{path}: duplicate id {record['id']!r} (record {index})")
+            seen.add(record["id"])
+            for name in PATH_KEYS:
+                if record.get(name):
+                    record[name] = _relative(str(record[name]), root)
+            if isinstance(record.get("packed"), dict) and record["packed"].get("file"):
+                record["packed"] = {
+                    **record["packed"],
+                    "file": _relative(str(record["packed"]["file"]), root),
+                }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    return atomic_write(path, write, text=True)
 
 
 def duration_seconds(record: dict) -> float | None:
     """Length of a record from its counts, without decoding: audio first, then video."""
     if record.get("audio_samples") is not None:
-        return record["audio_samples"] / AUDIO_RATE
+        return record["audio_samples"] / SAMPLE_RATE
     if record.get("video_frames") is not None:
         return record["video_frames"] / VIDEO_FPS
     return None

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.data.io import load_audio
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.padding import lengths_to_padding_mask
@@ -88,8 +89,12 @@ class NoiseBank:
     """Noise recordings from a folder (searched recursively, e.g. MUSAN's ``noise/``) or a
     list of files, decoded on demand to mono at ``sample_rate`` (a few recent files cached)."""
 
-    def __init__(self, folder_or_files: str | os.PathLike | Sequence[str | os.PathLike],
-                 sample_rate: int = 16000, cache_files: int = 8) -> None:
+    def __init__(
+        self,
+        folder_or_files: str | os.PathLike | Sequence[str | os.PathLike],
+        sample_rate: int = SAMPLE_RATE,
+        cache_files: int = 8,
+    ) -> None:
         if isinstance(folder_or_files, (str, os.PathLike)):
             folder = Path(folder_or_files)
             if not folder.is_dir():

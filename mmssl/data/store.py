@@ -26,7 +26,6 @@ Shape legend: S samples, T frames, H/W pixels.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -35,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from mmssl.data.io import load_audio, load_video
 from mmssl.data.manifest import read_manifest, write_manifest
-from mmssl.errors import ConfigError, DataError
+from mmssl.errors import DataError
 
 PACKED = "packed"
 LIP_STORE = 96  # as mmssl.data.datasets.LIP_STORE: the largest crop the loader uses
@@ -47,17 +47,6 @@ PCM_SCALE = 32768.0
 
 def shard_name(stem: str, shard: int, shards: int) -> str:
     return f"{stem}.{shard:05d}-of-{shards:05d}"
-
-
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``"I/N"`` (0 <= I < N) -> ``(I, N)``."""
-    try:
-        i, n = (int(part) for part in spec.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard must be I/N with whole numbers (0/4, 1/4...); got {spec!r}") from None
-    if not 0 <= i < n:
-        raise ConfigError(f"--shard {spec}: I must be in [0, N)")
-    return i, n
 
 
 def centre_crop(frames: Tensor, size: int = LIP_STORE) -> Tensor:
@@ -88,8 +77,14 @@ def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def pack_shard(manifest: str | os.PathLike, out: str | os.PathLike, shard: int = 0, shards: int = 1,
-               workers: int = 1, progress: bool = True) -> Path:
+def pack_shard(
+    manifest: str | os.PathLike,
+    out: str | os.PathLike,
+    shard: int = 0,
+    shards: int = 1,
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
     """Pack records ``shard, shard + shards, ...`` of ``manifest`` into ``out``; returns the
     shard's manifest (at once when it is already there)."""
     out = Path(out)
@@ -102,13 +97,19 @@ def pack_shard(manifest: str | os.PathLike, out: str | os.PathLike, shard: int =
     indices = range(shard, shard + len(records) * shards, shards)  # manifest positions
     files = {kind: out / f"{name}.{kind}" for kind in ("audio.i16", "video.u8")}
     kept, skipped, offsets = [], [], {"audio.i16": 0, "video.u8": 0}
-    from tqdm import tqdm
-
-    with open(_tmp(files["audio.i16"]), "wb") as fa, open(_tmp(files["video.u8"]), "wb") as fv, \
-            ProcessPoolExecutor(max(1, workers)) as pool:
+    with (
+        open(_tmp(files["audio.i16"]), "wb") as fa,
+        open(_tmp(files["video.u8"]), "wb") as fv,
+        ProcessPoolExecutor(max(1, workers)) as pool,
+    ):
         decoded = pool.map(decode, records, chunksize=4)
-        for index, record, (audio, video, reason) in tqdm(zip(indices, records, decoded), total=len(records),
-                                                          desc=f"pack {name}", unit="utt", disable=not progress):
+        for index, record, (audio, video, reason) in tqdm(
+            zip(indices, records, decoded),
+            total=len(records),
+            desc=f"pack {name}",
+            unit="utt",
+            disable=not progress,
+        ):
             if reason is not None:
                 skipped.append({"id": record["id"], "reason": reason})
                 continue
@@ -124,7 +125,9 @@ def pack_shard(manifest: str | os.PathLike, out: str | os.PathLike, shard: int =
             kept.append({**record, PACKED: packed})
     for path in files.values():
         os.replace(_tmp(path), path)
-    (out / f"{name}.skipped.jsonl").write_text("".join(json.dumps(s) + "\n" for s in skipped), encoding="utf-8")
+    (out / f"{name}.skipped.jsonl").write_text(
+        "".join(json.dumps(s) + "\n" for s in skipped), encoding="utf-8"
+    )
     return write_manifest(done, kept)  # written last: the shard is complete
 
 
@@ -181,27 +184,3 @@ def record_video(record: dict) -> Tensor:
     """A record's ``(T, H, W)`` uint8 frames at 25 fps: from its packed slice, else decoded."""
     packed = record.get(PACKED)
     return READER.video(packed) if packed and "video" in packed else load_video(record["video"])
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifests", nargs="+", help="JSON-lines manifests to pack (each to OUT/<its stem>.jsonl)")
-    parser.add_argument("--out", required=True, help="folder of the packed files and manifests")
-    parser.add_argument("--shard", default="0/1", help="I/N: pack every N-th record from the I-th (default 0/1)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="parallel decoding processes (default: up to 8)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    shard, shards = parse_shard(args.shard)
-    stems = [Path(m).stem for m in args.manifests]
-    if len(set(stems)) < len(stems):
-        raise ConfigError(f"manifests {args.manifests} share a file stem; pack them into different --out folders")
-    for manifest in args.manifests:
-        part = pack_shard(manifest, args.out, shard, shards, args.workers, not args.no_progress)
-        skipped = part.with_name(part.name.replace(".jsonl", ".skipped.jsonl")).read_text().splitlines()
-        print(f"packed {part}" + (f" ({len(skipped)} records left out: see its .skipped.jsonl)" if skipped else ""))
-        whole = merge(manifest, args.out, shards)
-        print(f"wrote {whole}: train on it as on {manifest}" if whole else
-              f"{Path(manifest).name}: the whole manifest is written once all {shards} shards are packed")
-    return 0

@@ -242,7 +242,9 @@ def build_preset(builder: Any, preset: str, defaults: dict[str, Any], overrides:
     ``TransformerOptions`` fields (not a whole ``transformer`` value, which the preset's own
     fields would override); any other key is a ``ConfigError`` naming the preset."""
     params = inspect.signature(builder).parameters
-    known = {k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD and k != "transformer"}
+    known = {
+        k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD and k != "transformer"
+    }
     if "transformer_fields" in params:
         known |= set(tr.TransformerOptions.field_names())
     unknown = sorted(set(overrides) - known)
@@ -277,8 +279,13 @@ WAVLM = dict(rel_pos_buckets=320, rel_pos_max_distance=800)
 # ``dropout_input: 0.0``, ``feature_grad_mult: 1.0``; there is no published data2vec 1.0 large
 # audio config, so large keeps these too)
 DATA2VEC = dict(
-    conv_norm="layer", conv_bias=False, pos_conv_depth=5, pos_conv_kernel=19, pos_conv_groups=16,
-    input_dropout=0.0, feature_grad_scale=1.0,
+    conv_norm="layer",
+    conv_bias=False,
+    pos_conv_depth=5,
+    pos_conv_kernel=19,
+    pos_conv_groups=16,
+    input_dropout=0.0,
+    feature_grad_scale=1.0,
 )
 
 
@@ -294,7 +301,9 @@ def wav2vec2_base(**overrides: Any) -> AudioEncoder:
 
 @ENCODERS.register
 def wav2vec2_large(**overrides: Any) -> AudioEncoder:
-    return build_preset(build_conv_encoder, "wav2vec2_large", {**LARGE, **CONV_LARGE, "conv_bias": True}, overrides)
+    return build_preset(
+        build_conv_encoder, "wav2vec2_large", {**LARGE, **CONV_LARGE, "conv_bias": True}, overrides
+    )
 
 
 @ENCODERS.register

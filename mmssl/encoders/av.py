@@ -1,4 +1,5 @@
-"""The audio-visual encoder: two 25 Hz streams, fusion, one shared transformer (AV-HuBERT).
+"""The audio-visual encoder (an ``AudioVisualEncoder``): two 25 Hz streams, fusion, one
+shared transformer (AV-HuBERT).
 
 * audio: 26 Kaldi log filterbanks stacked x4 (100 Hz -> 25 Hz, 104 values per frame), each
   stacked frame layer-normed, and a linear projection (AV-HuBERT: ``logfbank``'s 26 filters,
@@ -33,8 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmssl.constants import VIDEO_FPS
 from mmssl.encoders.audio import build_preset
-from mmssl.encoders.base import EncoderOutput
+from mmssl.encoders.base import AudioVisualEncoder, EncoderOutput
 from mmssl.encoders.fusion import AVFusion
 from mmssl.encoders.video import LipEncoder, lip_resnet18, lip_tiny
 from mmssl.errors import ConfigError, DataError
@@ -43,10 +45,10 @@ from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.nn.transformer import TransformerEncoder, TransformerOptions
 from mmssl.registry import ENCODERS
 
-FRAME_RATE = 25.0
+FRAME_RATE = VIDEO_FPS  # both streams meet at the video's frame rate
 
 
-class AVEncoder(nn.Module):
+class AVEncoder(AudioVisualEncoder):
     """Injected parts: ``audio_frontend`` + ``audio_proj`` (or None), ``video_frontend`` +
     ``video_proj`` (or None), ``fusion``, ``transformer``."""
 
@@ -76,7 +78,9 @@ class AVEncoder(nn.Module):
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m, f in (("audio", self.audio_frontend), ("video", self.video_frontend)) if f is not None)
+        return tuple(
+            m for m, f in (("audio", self.audio_frontend), ("video", self.video_frontend)) if f is not None
+        )
 
     def audio_features(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``audio (B, S)`` -> ``(x (B, T, Ca), raw (B, T, F), lengths (B,))`` at 25 Hz."""
@@ -115,24 +119,18 @@ class AVEncoder(nn.Module):
         """Each stream of ``batch`` this encoder reads, before fusion: ``audio``, ``audio_raw``
         (the stacked filterbanks), ``audio_lens``, ``video``, ``video_lens``; None for a stream
         the batch or the encoder lacks."""
-        out: dict[str, Tensor | None] = dict.fromkeys(("audio", "audio_raw", "audio_lens", "video", "video_lens"))
+        out: dict[str, Tensor | None] = dict.fromkeys(
+            ("audio", "audio_raw", "audio_lens", "video", "video_lens")
+        )
         if "audio" in batch and self.audio_frontend is not None:
-            out["audio"], out["audio_raw"], out["audio_lens"] = self.audio_features(batch["audio"], batch["audio_lens"])
+            out["audio"], out["audio_raw"], out["audio_lens"] = self.audio_features(
+                batch["audio"], batch["audio_lens"]
+            )
         if "video" in batch and self.video_frontend is not None:
             out["video"], out["video_lens"] = self.video_features(batch["video"], batch["video_lens"])
         if out["audio"] is None and out["video"] is None:
             raise DataError(f"the batch has none of this encoder's modalities {self.modalities}")
         return out
-
-    def fused_input(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """The transformer's input ``(x (B, T, C), lengths (B,))`` from the ``audio``/``audio_lens``
-        and/or ``video``/``video_lens`` of ``batch`` (modality dropout applies in training)."""
-        s = self.streams(batch)
-        return self.fuse(s["audio"], s["audio_lens"], s["video"], s["video_lens"])
-
-    def encode(self, batch: dict) -> EncoderOutput:
-        """Run on whichever of audio / video the batch has; a missing one is zeros in the fusion."""
-        return self.contextualize(*self.fused_input(batch))
 
     def forward(
         self,
@@ -190,11 +188,20 @@ def build_av_encoder(
     video_proj = nn.Linear(video_frontend.dim, dim) if video_frontend is not None else None
     both = audio and video
     fusion = AVFusion(dim, dim, dim, modality_dropout if both else 0.0, audio_dropout)
-    return AVEncoder(audio_frontend, audio_proj, video_frontend, video_proj, fusion, options.build(), mask_embedding)
+    return AVEncoder(
+        audio_frontend, audio_proj, video_frontend, video_proj, fusion, options.build(), mask_embedding
+    )
 
 
 AV_TINY = dict(
-    dim=64, num_layers=2, num_heads=4, ffn_dim=128, lip="tiny", pos_conv_kernel=16, pos_conv_groups=4, layer_drop=0.0
+    dim=64,
+    num_layers=2,
+    num_heads=4,
+    ffn_dim=128,
+    lip="tiny",
+    pos_conv_kernel=16,
+    pos_conv_groups=4,
+    layer_drop=0.0,
 )
 AV_BASE = dict(dim=768, num_layers=12, num_heads=12, ffn_dim=3072)  # AV-HuBERT Base
 AV_LARGE = dict(dim=1024, num_layers=24, num_heads=16, ffn_dim=4096)  # AV-HuBERT Large
@@ -274,6 +281,9 @@ def av_features(encoder: AVEncoder, batch: dict, layer: int | None = None) -> tu
             elif 1 <= layer <= len(out.layers):
                 feats = out.layers[layer - 1]
             else:
-                raise ConfigError(f"layer {layer} out of range: the encoder has layers 1..{len(out.layers)} (0: their input)")
+                raise ConfigError(
+                    f"layer {layer} out of range: the encoder has layers 1..{len(out.layers)} "
+                    "(0: their input)"
+                )
     pad = lengths_to_padding_mask(lengths, feats.shape[1])
     return feats.masked_fill(pad.unsqueeze(-1), 0.0), lengths

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import os
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.transforms.functional import to_pil_image
 
 from mmssl.errors import ConfigError, DataError
 from mmssl.registry import ENCODERS
@@ -59,8 +61,10 @@ def check_pretrained(pretrained: str | os.PathLike | None) -> str | None:
         return None
     path = Path(pretrained)
     if not path.is_file():
-        raise ConfigError(f"pretrained={pretrained}: no such file (give the path of a local open_clip or "
-                          "OpenAI CLIP checkpoint; mmssl never downloads weights)")
+        raise ConfigError(
+            f"pretrained={pretrained}: no such file (give the path of a local open_clip or "
+            "OpenAI CLIP checkpoint; mmssl never downloads weights)"
+        )
     return str(path)
 
 
@@ -72,28 +76,42 @@ def is_plain_clip(config: dict) -> bool:
     tower, no Hugging Face text tower or tokenizer, no multimodal decoder, CLIP's vocabulary,
     a causal text transformer pooled at the end token (``argmax``)."""
     vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
-    return (not vision.get("timm_model_name") and not text.get("hf_model_name")
-            and not text.get("hf_tokenizer_name") and "multimodal_cfg" not in config
-            and text.get("vocab_size", CLIP_VOCAB) == CLIP_VOCAB and text.get("pool_type", "argmax") == "argmax"
-            and not text.get("no_causal_mask") and not text.get("embed_cls"))
+    return (
+        not vision.get("timm_model_name")
+        and not text.get("hf_model_name")
+        and not text.get("hf_tokenizer_name")
+        and "multimodal_cfg" not in config
+        and text.get("vocab_size", CLIP_VOCAB) == CLIP_VOCAB
+        and text.get("pool_type", "argmax") == "argmax"
+        and not text.get("no_causal_mask")
+        and not text.get("embed_cls")
+    )
 
 
 def clip_configs() -> list[str]:
     """open_clip's built-in config names that ``build_open_clip`` supports."""
+    # lazy: open_clip takes seconds to import; only its towers need it
     import open_clip
 
     return [name for name in open_clip.list_models() if is_plain_clip(open_clip.get_model_config(name))]
 
 
 def _clip_config(model_name: str) -> dict:
+    # lazy: open_clip takes seconds to import; only its towers need it
     import open_clip
 
-    config = None if model_name.startswith(("hf-hub:", "local-dir:")) else open_clip.get_model_config(model_name)
+    config = (
+        None if model_name.startswith(("hf-hub:", "local-dir:")) else open_clip.get_model_config(model_name)
+    )
     if config is None or not is_plain_clip(config):
-        why = "is not one of open_clip's built-in configs" if config is None else \
-            "is not a plain CLIP (timm image tower, Hugging Face text tower or another tokenizer)"
-        raise ConfigError(f"objective.clip_model={model_name!r} {why}; use {TINY!r} or one of: "
-                          f"{', '.join(clip_configs())}")
+        why = (
+            "is not one of open_clip's built-in configs"
+            if config is None
+            else "is not a plain CLIP (timm image tower, Hugging Face text tower or another tokenizer)"
+        )
+        raise ConfigError(
+            f"objective.clip_model={model_name!r} {why}; use {TINY!r} or one of: {', '.join(clip_configs())}"
+        )
     return config
 
 
@@ -107,12 +125,16 @@ def _is_torchscript(path: str) -> bool:
 def _load_error(path: str, model_name: str, err: Exception) -> DataError:
     """A ``DataError`` naming the weights file that did not load, and what to do about it."""
     if _is_torchscript(path):
-        return DataError(f"{path}: a TorchScript archive (OpenAI's original CLIP format), not an open_clip state "
-                         "dict: convert it once with torch.save(open_clip.load_openai_model(FILE, device='cpu', "
-                         "jit=False).state_dict(), OUT) and use a -quickgelu config (objective.clip_model)")
+        return DataError(
+            f"{path}: a TorchScript archive (OpenAI's original CLIP format), not an open_clip state "
+            "dict: convert it once with torch.save(open_clip.load_openai_model(FILE, device='cpu', "
+            "jit=False).state_dict(), OUT) and use a -quickgelu config (objective.clip_model)"
+        )
     first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]  # torch.load's messages run long
-    return DataError(f"{path}: cannot load open_clip weights for {model_name} ({type(err).__name__}: {first}); "
-                     "give an open_clip-format state dict (.pt, .bin or .safetensors) of that model")
+    return DataError(
+        f"{path}: cannot load open_clip weights for {model_name} ({type(err).__name__}: {first}); "
+        "give an open_clip-format state dict (.pt, .bin or .safetensors) of that model"
+    )
 
 
 def build_open_clip(model_name: str, pretrained: str | os.PathLike | None = None) -> nn.Module:
@@ -120,13 +142,13 @@ def build_open_clip(model_name: str, pretrained: str | os.PathLike | None = None
     ``.text``), its joint embedding dim as ``.embed_dim``. ``model_name``: ``"tiny"`` or a plain
     CLIP config of open_clip (``clip_configs()``); ``pretrained``: a local open_clip-format
     checkpoint file or None (random weights)."""
+    # lazy: open_clip takes seconds to import; only its towers need it
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
     path = check_pretrained(pretrained)
     if model_name == TINY:
-        from dataclasses import asdict
-
+        # lazy: open_clip takes seconds to import; only its towers need it
         from open_clip.transform import PreprocessCfg
 
         model = CustomTextCLIP(TINY_EMBED_DIM, CLIPVisionCfg(**TINY_VISION), CLIPTextCfg(**TINY_TEXT))
@@ -142,8 +164,14 @@ def build_open_clip(model_name: str, pretrained: str | os.PathLike | None = None
     # on the current default device (create_model would move a model built on "meta" to the CPU)
     device = torch.empty(()).device
     try:
-        model = open_clip.create_model(model_name, pretrained=path, force_custom_text=True, device=device,
-                                       pretrained_text=False, pretrained_image=False)
+        model = open_clip.create_model(
+            model_name,
+            pretrained=path,
+            force_custom_text=True,
+            device=device,
+            pretrained_text=False,
+            pretrained_image=False,
+        )
     except Exception as err:
         if path is None:
             raise
@@ -162,17 +190,28 @@ class ClipImageTransform:
     """Picklable per-image preprocessing for a data worker: ``(3, H, W)`` uint8 RGB ->
     ``(3, S, S)`` float, through open_clip's evaluation ``image_transform`` on a PIL image."""
 
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 interpolation: str = "bicubic", resize_mode: str = "shortest") -> None:
+    def __init__(
+        self,
+        size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        interpolation: str = "bicubic",
+        resize_mode: str = "shortest",
+    ) -> None:
+        # lazy: open_clip takes seconds to import; only its towers need it
         from open_clip.transform import image_transform
 
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
-        self.transform = image_transform(size, is_train=False, mean=self.mean, std=self.std,
-                                         interpolation=interpolation, resize_mode=resize_mode)
+        self.transform = image_transform(
+            size,
+            is_train=False,
+            mean=self.mean,
+            std=self.std,
+            interpolation=interpolation,
+            resize_mode=resize_mode,
+        )
 
     def __call__(self, image: Tensor) -> Tensor:
-        from torchvision.transforms.functional import to_pil_image
-
         if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
             raise DataError(f"an image must be (3, H, W) uint8 RGB, got {tuple(image.shape)} {image.dtype}")
         return self.transform(to_pil_image(image))
@@ -188,7 +227,7 @@ class ImageTower(nn.Module):
         if freeze:
             self.visual.eval()
 
-    def train(self, mode: bool = True) -> "ImageTower":
+    def train(self, mode: bool = True) -> ImageTower:
         super().train(mode and not self.frozen)  # a frozen tower stays in eval mode
         return self
 
@@ -200,8 +239,13 @@ class ImageTower(nn.Module):
     def transform(self) -> ClipImageTransform:
         """The preprocessing images need before ``forward`` (see ``ClipImageTransform``)."""
         p = self.preprocess
-        return ClipImageTransform(self.image_size, p["mean"], p["std"], p.get("interpolation", "bicubic"),
-                                  p.get("resize_mode", "shortest"))
+        return ClipImageTransform(
+            self.image_size,
+            p["mean"],
+            p["std"],
+            p.get("interpolation", "bicubic"),
+            p.get("resize_mode", "shortest"),
+        )
 
     def forward(self, image: Tensor) -> Tensor:
         """``image (B, 3, S, S)``, preprocessed -> ``(B, D)``."""
@@ -213,12 +257,15 @@ class ImageTower(nn.Module):
 
 def image_tower_from(model: nn.Module, freeze: bool = False) -> ImageTower:
     """The vision half of an open_clip model built by ``build_open_clip``."""
+    # lazy: open_clip takes seconds to import; only its towers need it
     import open_clip
 
     return ImageTower(model.visual, int(model.embed_dim), open_clip.get_model_preprocess_cfg(model), freeze)
 
 
-def build_image_tower(model_name: str = TINY, pretrained: str | None = None, freeze: bool = False) -> ImageTower:
+def build_image_tower(
+    model_name: str = TINY, pretrained: str | None = None, freeze: bool = False
+) -> ImageTower:
     """An open_clip image tower: ``model_name`` ``"tiny"`` or an open_clip config name,
     ``pretrained`` a local checkpoint file (or None), ``freeze`` to keep it fixed."""
     return image_tower_from(build_open_clip(model_name, pretrained), freeze)

@@ -52,10 +52,14 @@ class BiRecurrentEncoder(SpeechEncoder):
     state at ``t`` with the backward state at ``t + K``); ``contextualize`` concatenates them per
     frame: ``hidden (B, T, 2C)``."""
 
-    def __init__(self, frontend: LogMelFrontend, forward_net: RecurrentContext, backward_net: RecurrentContext) -> None:
+    def __init__(
+        self, frontend: LogMelFrontend, forward_net: RecurrentContext, backward_net: RecurrentContext
+    ) -> None:
         super().__init__()
         if len(forward_net.layers) != len(backward_net.layers) or forward_net.dim != backward_net.dim:
-            raise ConfigError("bidirectional encoder: the forward and backward stacks must have the same shape")
+            raise ConfigError(
+                "bidirectional encoder: the forward and backward stacks must have the same shape"
+            )
         self.frontend, self.forward_net, self.backward_net = frontend, forward_net, backward_net
         self.dim = 2 * forward_net.dim
         self.feature_dim = frontend.out_dim
@@ -110,6 +114,7 @@ def build_bilstm_encoder(
 ) -> BiRecurrentEncoder:
     """DeCoAR's encoder; defaults are DeCoAR's released model (80-d log mels, four LSTM layers
     of 1024 units in each direction)."""
+
     def stack() -> RecurrentContext:
         return RecurrentContext(num_mel_bins, dim, num_layers, cell="lstm", dropout=dropout)
 

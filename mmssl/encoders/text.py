@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.data.collate import pad_sequences
 from mmssl.encoders.image import TINY, build_open_clip, set_frozen
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.padding import lengths_to_padding_mask
@@ -35,6 +36,7 @@ class ClipTokenizer:
     at most ``context_length`` of them."""
 
     def __init__(self, context_length: int = 77) -> None:
+        # lazy: open_clip takes seconds to import; only its towers need it
         from open_clip.tokenizer import SimpleTokenizer
 
         self.context_length = context_length
@@ -50,8 +52,6 @@ class ClipTokenizer:
 
     def batch(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Captions -> ``text (B, L)`` padded with 0, ``text_lens (B,)`` (as ``collate`` makes them)."""
-        from mmssl.data.collate import pad_sequences
-
         return pad_sequences([self(t) for t in texts], 0)
 
 
@@ -67,7 +67,7 @@ class TextTower(nn.Module):
         if freeze:
             self.text.eval()
 
-    def train(self, mode: bool = True) -> "TextTower":
+    def train(self, mode: bool = True) -> TextTower:
         super().train(mode and not self.frozen)  # a frozen tower stays in eval mode
         return self
 
@@ -78,7 +78,9 @@ class TextTower(nn.Module):
         """``text (B, L)`` token ids, ``text_lens (B,)`` -> ``(B, D)``."""
         b, length = text.shape
         if length > self.context_length:
-            raise ConfigError(f"text of {length} tokens, longer than the tower's context of {self.context_length}")
+            raise ConfigError(
+                f"text of {length} tokens, longer than the tower's context of {self.context_length}"
+            )
         ids = text.masked_fill(lengths_to_padding_mask(text_lens, length), 0)
         ids = F.pad(ids, (0, self.context_length - length))  # (B, context_length)
         if self.frozen:
@@ -92,7 +94,9 @@ def text_tower_from(model: nn.Module, freeze: bool = False) -> TextTower:
     return TextTower(model.text, int(model.embed_dim), freeze)
 
 
-def build_text_tower(model_name: str = TINY, pretrained: str | None = None, freeze: bool = False) -> TextTower:
+def build_text_tower(
+    model_name: str = TINY, pretrained: str | None = None, freeze: bool = False
+) -> TextTower:
     """An open_clip text tower: ``model_name`` ``"tiny"`` or an open_clip config name,
     ``pretrained`` a local checkpoint file (or None), ``freeze`` to keep it fixed."""
     return text_tower_from(build_open_clip(model_name, pretrained), freeze)

@@ -30,18 +30,17 @@ Shape legend: B batch, T frames, C channels, H/W pixels.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import conv1x1, conv3x3
 
+from mmssl.constants import VIDEO_FPS
 from mmssl.encoders.base import EncoderOutput
 from mmssl.errors import DataError
 from mmssl.nn.padding import lengths_to_padding_mask
-
-VIDEO_FRAME_RATE = 25.0
 
 ActLayer = Callable[[int], nn.Module]
 
@@ -141,7 +140,10 @@ def random_crop_flip(
         tops = torch.randint(0, h - crop + 1, (b,), generator=generator).tolist()
         lefts = torch.randint(0, w - crop + 1, (b,), generator=generator).tolist()
         video = torch.stack(
-            [video[i, :, :, t : t + crop, l : l + crop] for i, (t, l) in enumerate(zip(tops, lefts))]
+            [
+                video[i, :, :, top : top + crop, left : left + crop]
+                for i, (top, left) in enumerate(zip(tops, lefts))
+            ]
         )
     if flip:
         flags = torch.rand(b, generator=generator) < 0.5
@@ -179,7 +181,7 @@ class LipEncoder(nn.Module):
         self.crop = crop
         self.flip = flip
         self.dim = widths[-1]
-        self.frame_rate = VIDEO_FRAME_RATE
+        self.frame_rate = VIDEO_FPS
         # AV-HuBERT ResEncoder.frontend3D
         self.stem_conv = nn.Conv3d(1, stem_channels, (5, 7, 7), (1, 2, 2), (2, 3, 3), bias=False)
         self.stem_bn = MaskedBatchNorm(stem_channels)

@@ -1,143 +1,37 @@
-"""ASR with CTC: output units, text normalisation, greedy decoding, WER, and
-``mmssl finetune-asr [RECIPE] --init PRETRAIN_RUN|none [key=value ...] [--resume]``.
+"""ASR with CTC: greedy decoding and WER of a fine-tuning run (``mmssl finetune-asr``, which
+trains with ``mmssl.train.finetune`` and then calls :func:`evaluate_run`; ``mmssl eval-noisy``).
 
-Units are SentencePiece pieces (the real library) trained on the transcripts of the training
-manifest when fine-tuning starts: characters (``objective.units=char``, the default, right for
-small corpora) or a unigram vocabulary (``objective.units=unigram``, ``objective.vocab_size``;
-AV-HuBERT, Shi et al. 2022, sec. 4.1, fine-tunes on LRS3 with 1000 unigram units). The model
-is saved in the run folder as ``units.model`` so that training, decoding and ``mmssl
-eval-noisy`` use the same units. CTC class 0 is the blank; SentencePiece piece ``i`` is CTC
-class ``i + 1`` (ids are offset by one, so SentencePiece keeps its own ``<unk>`` at piece 0).
-
-One function, :func:`normalize_text`, makes both the training targets and the WER references.
-
-``finetune-asr`` reuses ``mmssl pretrain``'s engine (run folder with config.yaml,
-metrics.jsonl, checkpoints/, tb/, ``--resume``), then decodes ``data.valid`` greedily and writes
-``wer.json`` (with the checkpoint decoded) and ``hyps.jsonl``. ``--init`` is required: a
-pretraining run (its latest checkpoint folder is what config.yaml records as
-``objective.encoder_init``) or ``none``. ``--resume``
-continues with the run's saved config and, once it has a checkpoint, rebuilds its encoder from
-the copy of the pretraining config in ``RUN/init/`` (``mmssl.runs``), so it needs neither
-``--init`` nor the pretraining run.
+The units (text normalisation, SentencePiece units, the blank) are ``mmssl.data.units``: they
+are trained on the transcripts of the training manifest when fine-tuning starts and saved in
+the run folder as ``units.model``, so that training, decoding and ``mmssl eval-noisy`` use the
+same units; references and hypotheses are normalised as the targets are.
 
 Shape legend: B batch, S samples, T frames, V CTC classes (units + blank).
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
-import re
-import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
+import jiwer
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
+from mmssl.config import CONFIG_FILE
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
+from mmssl.data.collate import pad_sequences
+from mmssl.data.datasets import lip_frames
+from mmssl.data.io import load_audio, load_video
+from mmssl.data.manifest import read_manifest
+from mmssl.data.samplers import pack_batches
+from mmssl.data.units import BLANK, normalize_text
 from mmssl.errors import ConfigError, DataError
-
-BLANK = 0
-UNITS_FILE = "units.model"
-UNIT_KINDS = ("char", "unigram")
-# the built-in character set of a model built without a units file (tests, from-scratch checks)
-DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz'0123456789"
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, punctuation to spaces (apostrophes inside words are kept: "don't"),
-    whitespace collapsed. Used for CTC targets and for WER references and hypotheses."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = re.sub(r"[^\w\s']|_", " ", text)
-    text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)  # quotes, not apostrophes
-    return " ".join(text.split())
-
-
-class Units:
-    """A SentencePiece model as CTC classes: class 0 is the blank, piece ``i`` is class ``i + 1``.
-
-    Picklable (it carries the serialised model), so data workers can tokenise."""
-
-    def __init__(self, model_proto: bytes, source: str = "<memory>") -> None:
-        import sentencepiece as spm
-
-        self.proto, self.source = bytes(model_proto), source
-        try:
-            self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
-        except Exception as err:  # sentencepiece raises RuntimeError / OSError
-            raise DataError(f"{source}: not a SentencePiece model ({err})") from None
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Units":
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: units model not found (made by `mmssl finetune-asr`)")
-        return cls(path.read_bytes(), str(path))
-
-    def save(self, path: str | Path) -> Path:
-        from mmssl.train.checkpoint import atomic_write
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: f.write(self.proto))
-        return path
-
-    @property
-    def size(self) -> int:
-        """``V``: SentencePiece pieces plus the blank."""
-        return self.sp.get_piece_size() + 1
-
-    def encode(self, text: str) -> list[int]:
-        """Normalised ``text`` -> CTC classes (never 0)."""
-        return [i + 1 for i in self.sp.encode(normalize_text(text))]
-
-    def decode(self, classes: Sequence[int]) -> str:
-        """CTC classes (blanks are dropped) -> normalised text."""
-        return normalize_text(self.sp.decode([int(c) - 1 for c in classes if int(c) != BLANK]))
-
-    def __getstate__(self) -> dict:
-        return {"proto": self.proto, "source": self.source}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["proto"], state["source"])  # type: ignore[misc]
-
-
-def train_units(texts: Iterable[str], kind: str = "char", vocab_size: int = 1000, source: str = "data.train") -> Units:
-    """SentencePiece units over normalised ``texts``: every character (``char``) or a unigram
-    vocabulary of at most ``vocab_size`` pieces (``unigram``; fewer when the texts are too small
-    for that many, as SentencePiece's ``hard_vocab_limit=false``). Unigram pieces keep
-    SentencePiece's default word-start marker (``add_dummy_prefix``, as AV-HuBERT's units);
-    character units keep the space as a unit of its own. ``ConfigError`` naming
-    ``objective.vocab_size`` when it is below the number of characters of ``texts`` (``source``)."""
-    import sentencepiece as spm
-
-    if kind not in UNIT_KINDS:
-        raise ConfigError(f"objective.units: {kind!r} is not one of {', '.join(UNIT_KINDS)}")
-    lines = [t for t in (normalize_text(x) for x in texts) if t]
-    if not lines:
-        raise DataError("no transcript to train units on")
-    if kind == "unigram":
-        chars = set("".join(lines).replace(" ", "")) | {"\u2581"}  # each a piece; spaces become "▁"
-        if vocab_size < len(chars) + 1:  # + <unk>
-            raise ConfigError(f"objective.vocab_size={vocab_size} is smaller than the {len(chars)} characters "
-                              f"(with the word-start marker) of the transcripts of {source}, plus <unk>; "
-                              f"set objective.vocab_size >= {len(chars) + 1}")
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=proto, model_type=kind,
-        vocab_size=100_000 if kind == "char" else vocab_size, use_all_vocab=kind == "char",
-        hard_vocab_limit=False, character_coverage=1.0, add_dummy_prefix=kind == "unigram",
-        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-        minloglevel=2, num_threads=1,
-    )
-    return Units(proto.getvalue(), f"<{kind} units>")
-
-
-def default_units() -> Units:
-    """Character units over ``DEFAULT_ALPHABET`` (a model built without a units file)."""
-    return train_units([" ".join(DEFAULT_ALPHABET)], "char")
+from mmssl.files import write_text
+from mmssl.runs import latest_checkpoint, load_objective_from_run
 
 
 def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
@@ -155,8 +49,6 @@ def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     """Corpus-level WER over normalised texts (jiwer): ``wer``, ``substitutions``,
     ``deletions``, ``insertions``, ``hits``, ``errors``, ``words`` (reference words),
     ``utterances``. An empty reference adds its hypothesis words as insertions."""
-    import jiwer
-
     refs = [normalize_text(r) for r in refs]
     hyps = [normalize_text(h) for h in hyps]
     if len(refs) != len(hyps):
@@ -171,12 +63,18 @@ def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     errors = subs + dels + ins
     return {
         "wer": errors / words if words else float(errors > 0),
-        "substitutions": subs, "deletions": dels, "insertions": ins, "hits": hits,
-        "errors": errors, "words": words, "utterances": len(refs),
+        "substitutions": subs,
+        "deletions": dels,
+        "insertions": ins,
+        "hits": hits,
+        "errors": errors,
+        "words": words,
+        "utterances": len(refs),
     }
 
 
 # ---------------------------------------------------------------- decoding a manifest
+
 
 @dataclass
 class Clip:
@@ -191,26 +89,25 @@ class Clip:
     @property
     def seconds(self) -> float:
         if self.audio is not None:
-            return self.audio.shape[0] / 16_000
+            return self.audio.shape[0] / SAMPLE_RATE
         assert self.video is not None
-        return self.video.shape[0] / 25.0
+        return self.video.shape[0] / VIDEO_FPS
 
 
-def load_clips(manifest: str | Path, modalities: Sequence[str], progress: bool = True,
-               limit: int | None = None) -> list[Clip]:
+def load_clips(
+    manifest: str | Path, modalities: Sequence[str], progress: bool = True, limit: int | None = None
+) -> list[Clip]:
     """The records of ``manifest`` (the first ``limit`` when given) with the ``modalities`` they
     are decoded with. ``DataError`` naming the record when it has no transcript or lacks a file
     for one of ``modalities``."""
-    from tqdm import tqdm
-
-    from mmssl.data.io import load_audio, load_video
-    from mmssl.data.manifest import read_manifest
 
     records = read_manifest(manifest)[:limit]
     if not records:
         raise DataError(f"{manifest}: no records")
     clips = []
-    for record in tqdm(records, desc=f"read {Path(manifest).name}", unit="utt", disable=not progress, leave=False):
+    for record in tqdm(
+        records, desc=f"read {Path(manifest).name}", unit="utt", disable=not progress, leave=False
+    ):
         rid = str(record["id"])
         if not record.get("transcript"):
             raise DataError(f"{manifest}: record {rid!r} has no transcript (WER needs one per record)")
@@ -229,8 +126,6 @@ def load_clips(manifest: str | Path, modalities: Sequence[str], progress: bool =
 
 def length_batches(clips: Sequence[Clip], batch_seconds: float) -> list[list[int]]:
     """Indices of ``clips`` sorted by length and packed under ``batch_seconds`` of padded audio."""
-    from mmssl.data.samplers import pack_batches
-
     if batch_seconds <= 0:
         raise ConfigError(f"--batch-seconds must be positive, got {batch_seconds}")
     seconds = [c.seconds for c in clips]
@@ -238,13 +133,14 @@ def length_batches(clips: Sequence[Clip], batch_seconds: float) -> list[list[int
     return pack_batches(order, seconds, batch_seconds)
 
 
-def clip_batch(clips: Sequence[Clip], modalities: Sequence[str], device: torch.device,
-               audios: Sequence[Tensor] | None = None) -> dict:
+def clip_batch(
+    clips: Sequence[Clip],
+    modalities: Sequence[str],
+    device: torch.device,
+    audios: Sequence[Tensor] | None = None,
+) -> dict:
     """A padded batch of ``clips`` with only the keys of ``modalities`` (``audios`` replaces
     the clips' own waveforms, e.g. noisy copies)."""
-    from mmssl.data.collate import pad_sequences
-    from mmssl.data.datasets import lip_frames
-
     batch: dict = {"ids": [c.id for c in clips]}
     if "audio" in modalities:
         waves = list(audios) if audios is not None else [c.audio for c in clips]
@@ -269,8 +165,6 @@ def transcribe(
 ) -> list[str]:
     """Greedy CTC transcripts of ``clips`` (in their order) by a CTC objective in eval mode,
     batched by length. ``audios``: one waveform per clip replacing its own."""
-    from tqdm import tqdm
-
     hyps: list[str] = [""] * len(clips)
     batches = length_batches(clips, batch_seconds)
     with tqdm(total=len(clips), desc=desc, unit="utt", disable=not progress, leave=False) as bar:
@@ -286,160 +180,34 @@ def transcribe(
 
 def load_asr_model(run_dir: str | Path, device: torch.device):
     """The CTC objective of a ``mmssl finetune-asr`` run (its latest checkpoint), in eval mode
-    on ``device``, with the run's ``units.model``."""
-    from mmssl.runs import structure_config
-    from mmssl.train import checkpoint as ckpt
-    from mmssl.train.build import build_objective
-
+    on ``device``, with the run's ``units.model``. The encoder is rebuilt from the copy of the
+    pretraining run's config kept in the run folder (``mmssl.runs``), so decoding does not need
+    the pretraining run any more."""
     run_dir = Path(run_dir)
-    config = run_dir / "config.yaml"
-    if not config.is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         raise DataError(f"{run_dir}: no config.yaml (not an `mmssl finetune-asr` run folder)")
-    # the encoder is rebuilt from the copy of the pretraining run's config kept in the run
-    # folder (mmssl.runs), so decoding does not need the pretraining run any more
-    cfg = structure_config(run_dir)
-    if cfg.objective.name != "ctc":
-        raise ConfigError(f"{run_dir}: a {cfg.objective.name!r} run, not a CTC fine-tuning run")
-    if (run_dir / UNITS_FILE).is_file():
-        cfg.objective.units_file = str(run_dir / UNITS_FILE)
-    folder = ckpt.latest_step_dir(run_dir / "checkpoints")
-    if folder is None:
+    if latest_checkpoint(run_dir) is None:
         raise DataError(f"{run_dir}: no checkpoint yet")
-    objective = build_objective(cfg)
-    objective.load_state_dict(ckpt.load_weights(folder / ckpt.MODEL_FILE))
+    objective, _ = load_objective_from_run(run_dir, expect="ctc")
     return objective.to(device).eval()
 
 
-# ---------------------------------------------------------------- mmssl finetune-asr
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", nargs="?", default="ctc", help="a recipe YAML or shipped recipe name (default: ctc)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.train=M data.valid=V train.max_steps=100")
-    parser.add_argument("--init", default=None, metavar="PRETRAIN_RUN",
-                        help="pretraining run folder or checkpoint to start from (its latest checkpoint, "
-                             "recorded in config.yaml); 'none' for a fresh encoder (objective.encoder, "
-                             "model.size). Required, except with --resume")
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
-
-
-def _config(args: argparse.Namespace):
-    """The run's config: recipe < command line (``--init`` is ``objective.encoder_init``); with
-    ``--resume`` the run's saved config < command line. A run that starts (no checkpoint yet)
-    names the checkpoint folder ``encoder_init`` resolves to, so a rerun starts from the same
-    weights; a run resumed from a checkpoint keeps the one it started from (its checkpoint holds
-    the weights, and ``mmssl pretrain``'s resume builds the encoder from the copy in its folder)."""
-    from omegaconf import OmegaConf
-
-    from mmssl.config import load_run_config, resolve
-
-    recipe, overrides = args.recipe, list(args.overrides)
-    if recipe is not None and "=" in recipe:  # `mmssl finetune-asr key=value ...`
-        recipe, overrides = "ctc", [recipe, *overrides]
-    if args.init is not None:
-        init = "null" if args.init.lower() == "none" else str(Path(args.init).resolve())
-        overrides.append(f"objective.encoder_init={init}")
-    cfg = load_run_config(recipe, overrides, resume=args.resume)
-    if OmegaConf.is_missing(cfg.objective, "encoder_init"):
-        raise ConfigError("no start point: pass --init RUN (a pretraining run or checkpoint to fine-tune) or "
-                          "--init none (a fresh objective.encoder of model.size, a from-scratch baseline)")
-    cfg = resolve(cfg)
-    run_dir = Path(cfg.train.out_dir)
-    if args.resume and (run_dir / "checkpoints" / "latest").is_file():
-        cfg.objective.encoder_init = OmegaConf.load(run_dir / "config.yaml").objective.encoder_init
-        return cfg
-    init = OmegaConf.select(cfg, "objective.encoder_init")
-    if init not in (None, "", "none"):
-        cfg.objective.encoder_init = init_checkpoint(init)
-    return cfg
-
-
-def init_checkpoint(path: str | Path) -> str:
-    """The checkpoint folder a start-from run, checkpoint folder or weights file resolves to
-    (the latest checkpoint of a run)."""
-    from mmssl.train.checkpoint import MODEL_FILE, resolve_weights
-
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"objective.encoder_init={path}: not found")
-    weights = resolve_weights(path).resolve()
-    return str(weights.parent if weights.name == MODEL_FILE else weights)
-
-
-def check_freeze(cfg) -> None:
-    """A note when the encoder would stay frozen for the whole run."""
-    from omegaconf import OmegaConf
-
-    freeze = int(OmegaConf.select(cfg, "objective.freeze_steps", default=0) or 0)
-    if freeze >= int(cfg.train.max_steps):
-        print(f"note: objective.freeze_steps={freeze} >= train.max_steps={cfg.train.max_steps}: the encoder "
-              "never trains, only the output layer does (set objective.freeze_steps below train.max_steps, "
-              "e.g. a fifth or half of it)")
-
-
-def prepare_units(cfg, resume: bool) -> Path:
-    """Train the units on ``data.train``'s transcripts into ``<out_dir>/units.model`` (kept on
-    resume) and point ``objective.units_file`` at it."""
-    from omegaconf import OmegaConf
-
-    from mmssl.data.manifest import read_manifest
-
-    run_dir = Path(cfg.train.out_dir)
-    if not resume and (run_dir / "checkpoints" / "latest").exists():
-        raise ConfigError(f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
-                          "it or choose another train.out_dir")
-    path = run_dir / UNITS_FILE
-    if not (resume and path.is_file()):
-        texts = []
-        for record in read_manifest(cfg.data.train):
-            if not record.get("transcript"):
-                raise DataError(f"{cfg.data.train}: record {record['id']!r} has no transcript")
-            texts.append(record["transcript"])
-        kind = OmegaConf.select(cfg, "objective.units", default="char")
-        vocab = OmegaConf.select(cfg, "objective.vocab_size", default=1000)
-        train_units(texts, kind, vocab, f"data.train={cfg.data.train}").save(path)
-    cfg.objective.units_file = str(path.resolve())
-    return path
-
-
-def evaluate_run(run_dir: Path, manifest: str | Path, device: torch.device, batch_seconds: float = 60.0) -> dict:
+def evaluate_run(
+    run_dir: Path, manifest: str | Path, device: torch.device, batch_seconds: float = 60.0
+) -> dict:
     """Decode ``manifest`` with the run's model; write ``wer.json`` and ``hyps.jsonl`` there."""
-    from mmssl.train.checkpoint import atomic_write
-
-    from mmssl.train.checkpoint import latest_step_dir
-
     objective = load_asr_model(run_dir, device)
-    folder = latest_step_dir(run_dir / "checkpoints")
+    folder = latest_checkpoint(run_dir)
     clips = load_clips(manifest, objective.modalities)
     hyps = transcribe(objective, clips, objective.modalities, device, batch_seconds, desc="decode valid")
     refs = [normalize_text(c.transcript) for c in clips]
-    result = {**word_errors(refs, hyps), "manifest": str(manifest), "modalities": list(objective.modalities),
-              "checkpoint": folder.name if folder is not None else None}
+    result = {
+        **word_errors(refs, hyps),
+        "manifest": str(manifest),
+        "modalities": list(objective.modalities),
+        "checkpoint": folder.name if folder is not None else None,
+    }
     lines = "".join(json.dumps({"id": c.id, "ref": r, "hyp": h}) + "\n" for c, r, h in zip(clips, refs, hyps))
-    atomic_write(run_dir / "hyps.jsonl", lambda f: f.write(lines.encode()))
-    atomic_write(run_dir / "wer.json", lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    write_text(run_dir / "hyps.jsonl", lines)
+    write_text(run_dir / "wer.json", json.dumps(result, indent=2) + "\n")
     return result
-
-
-def run(args: argparse.Namespace) -> int:
-    from mmssl.train.build import check_options
-    from mmssl.train.cli import pretrain
-    from mmssl.train.distributed import env_from_torchrun
-    from mmssl.eval.features import pick_device
-
-    cfg = _config(args)
-    check_options(cfg)
-    check_freeze(cfg)
-    prepare_units(cfg, args.resume)
-    run_dir = pretrain(cfg, resume=args.resume)
-    if not env_from_torchrun().is_main:
-        return 0
-    if cfg.data.valid is None:
-        print(f"run folder: {run_dir} (no data.valid to decode)")
-        return 0
-    device = pick_device(cfg.train.device)
-    result = evaluate_run(run_dir, cfg.data.valid, device)
-    print(f"WER on {cfg.data.valid}: {100 * result['wer']:.2f}% ({result['errors']} errors / {result['words']} words: "
-          f"{result['substitutions']} sub, {result['deletions']} del, {result['insertions']} ins)")
-    print(f"run folder: {run_dir}")
-    return 0

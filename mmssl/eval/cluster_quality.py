@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import DataError
 
 
@@ -40,7 +41,10 @@ def cluster_quality(
 ) -> dict[str, float]:
     """Phone purity, cluster purity and PNMI of aligned frames ``phones (N,)``, ``clusters (N,)``."""
     if phones.shape != clusters.shape or phones.numel() == 0:
-        raise DataError(f"cluster quality needs as many phones as clusters, > 0; got {phones.numel()} and {clusters.numel()}")
+        raise DataError(
+            "cluster quality needs as many phones as clusters, > 0; "
+            f"got {phones.numel()} and {clusters.numel()}"
+        )
     y = int(num_phones or int(phones.max()) + 1)
     z = int(num_clusters or int(clusters.max()) + 1)
     p = joint_counts(phones, clusters, y, z)
@@ -67,13 +71,16 @@ def read_alignment(path: str | os.PathLike) -> tuple[list[tuple[str, int, int]],
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         items = [(str(name), int(start), int(end)) for name, start, end in doc["phonemes"]]
-        return items, int(doc.get("sample_rate", 16000))
+        return items, int(doc.get("sample_rate", SAMPLE_RATE))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: cannot read phone alignment ({err})") from None
 
 
 def frame_phones(
-    alignment: list[tuple[str, int, int]], num_frames: int, frame_rate: float, sample_rate: int = 16000,
+    alignment: list[tuple[str, int, int]],
+    num_frames: int,
+    frame_rate: float,
+    sample_rate: int = SAMPLE_RATE,
     window: int = 400,
 ) -> list[str | None]:
     """The phone at the centre of each of ``num_frames`` frames (frame ``t`` spans samples

@@ -1,4 +1,5 @@
-"""``mmssl eval-noisy``: WER of a CTC fine-tuning run over noise types x SNRs, audio-only vs
+"""WER of a CTC fine-tuning run over noise types x SNRs (``mmssl eval-noisy``,
+``mmssl.commands.eval_noisy``), audio-only vs
 video-only vs audio-visual (the noisy evaluation of AV-HuBERT, Shi et al., 2022, and of the
 robustness tables of HuBERT / WavLM).
 
@@ -16,26 +17,31 @@ is one line of ``results.jsonl``, after a first line that records what the cells
 time, ``--limit``, ``--seed``, and per noise type its files); a rerun with the same fingerprint
 skips the cells already there, so a killed evaluation resumes. When the checkpoint, manifest,
 limit or seed differ, the grid starts afresh (it says so); when only a noise type's files
-differ, that type's cells are redone. SNRs are spelled canonically (``10.0`` is ``10``). The table goes to ``wer.md`` (rows noise x SNR, columns modalities) and
-the terminal, the curves to ``wer_vs_snr.png``.
+differ, that type's cells are redone. SNRs are spelled canonically (``10.0`` is ``10``). The
+table goes to ``wer.md`` (rows noise x SNR, columns modalities) and the terminal, the curves
+to ``wer_vs_snr.png``.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from mmssl.data.noise import AUDIO_SUFFIXES, NoiseBank, mix_at_snr
+from mmssl.data.units import normalize_text
+from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
-from mmssl.eval.asr import Clip, load_asr_model, load_clips, normalize_text, transcribe, word_errors
-from mmssl.eval.report import PALETTE, line_plot, markdown_table
+from mmssl.eval.asr import Clip, load_asr_model, load_clips, transcribe, word_errors
+from mmssl.eval.report import PALETTE, line_plot
+from mmssl.files import sha256_file
+from mmssl.runs import MODEL_FILE, latest_checkpoint
+from mmssl.tables import markdown_table
 
 MODALITY_KEYS = {"audio": ("audio",), "video": ("video",), "audio+video": ("audio", "video")}
 CLEAN = "clean"
@@ -69,8 +75,10 @@ def parse_modalities(text: str, encoder_modalities: Sequence[str]) -> list[str]:
             raise ConfigError(f"--modalities: unknown condition {m!r} (audio, video, audio+video)")
         missing = [k for k in MODALITY_KEYS[m] if k not in encoder_modalities]
         if missing:
-            raise ConfigError(f"--modalities {m}: the run's encoder has no {' or '.join(missing)} stream "
-                              f"(it reads {', '.join(encoder_modalities)})")
+            raise ConfigError(
+                f"--modalities {m}: the run's encoder has no {' or '.join(missing)} stream "
+                f"(it reads {', '.join(encoder_modalities)})"
+            )
     return out
 
 
@@ -97,7 +105,9 @@ def noise_banks(specs: Sequence[str], types: Sequence[str] | None) -> dict[str, 
     wanted = list(files) if not types else list(types)
     unknown = [t for t in wanted if t not in files]
     if unknown:
-        raise ConfigError(f"--noise-types: unknown noise type {unknown[0]!r}; the noise has {', '.join(sorted(files))}")
+        raise ConfigError(
+            f"--noise-types: unknown noise type {unknown[0]!r}; the noise has {', '.join(sorted(files))}"
+        )
     return {t: NoiseBank(files[t]) for t in wanted}
 
 
@@ -116,24 +126,17 @@ def _file_id(path: Path) -> list:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fingerprint(run: Path, manifest: Path, banks: dict[str, NoiseBank], limit: int | None, seed: int) -> dict:
     """What the cells of a grid depend on besides their (noise, SNR, modality)."""
-    from mmssl.train.checkpoint import MODEL_FILE, latest_step_dir
-
-    folder = latest_step_dir(Path(run) / "checkpoints")
+    folder = latest_checkpoint(run)
     if folder is None:
         raise DataError(f"{run}: no checkpoint yet")
     return {
-        "checkpoint": str(folder.resolve()), "weights_sha256": _sha256(folder / MODEL_FILE),
-        "manifest": _file_id(manifest), "limit": limit, "seed": seed,
+        "checkpoint": str(folder.resolve()),
+        "weights_sha256": sha256_file(folder / MODEL_FILE),
+        "manifest": _file_id(manifest),
+        "limit": limit,
+        "seed": seed,
         "noise": {name: [_file_id(Path(f))[:2] for f in bank.files] for name, bank in banks.items()},
     }
 
@@ -165,12 +168,18 @@ def reusable(path: Path, current: dict) -> dict[tuple[str, str, str], dict]:
         same = old is not None and all(old.get(k) == v for k, v in current.items() if k != "noise")
         if not same:
             differ = sorted(k for k, v in current.items() if k != "noise" and (old or {}).get(k) != v)
-            print(f"note: {path} was made with another {', '.join(differ) or 'version'}; starting the grid afresh")
+            print(
+                f"note: {path} was made with another {', '.join(differ) or 'version'}; "
+                "starting the grid afresh"
+            )
             done = {}
         else:
             stale = {n for n, files in current["noise"].items() if old["noise"].get(n, files) != files}
             if stale:
-                print(f"note: the files of noise {', '.join(sorted(stale))} changed since {path}; redoing its cells")
+                print(
+                    f"note: the files of noise {', '.join(sorted(stale))} changed since {path}; "
+                    "redoing its cells"
+                )
             done = {k: v for k, v in done.items() if k[0] not in stale}
             current = {**current, "noise": {**old.get("noise", {}), **current["noise"]}}
     lines = [json.dumps({"fingerprint": current})] + [json.dumps(row) for row in done.values()]
@@ -193,7 +202,9 @@ def table(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities:
     return markdown_table(["noise", "SNR (dB)"] + [f"WER % {m}" for m in modalities], rows)
 
 
-def plot(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities: Sequence[str], path: Path) -> Path:
+def plot(
+    results: dict, noises: Sequence[str], snrs: Sequence[str], modalities: Sequence[str], path: Path
+) -> Path:
     """WER against SNR: one line per (modality, noise), a colour per modality and a line style
     per noise type; the clean point is shared."""
     series, styles, colors = {}, {}, {}
@@ -204,8 +215,16 @@ def plot(results: dict, noises: Sequence[str], snrs: Sequence[str], modalities: 
             series[name] = [None if c is None else 100 * c["wer"] for c in cells]
             styles[name] = LINE_STYLES[j % len(LINE_STYLES)]
             colors[name] = PALETTE[k % len(PALETTE)]
-    return line_plot(list(snrs), series, path, xlabel="SNR (dB)", ylabel="WER (%)",
-                     title="WER under noise", styles=styles, colors=colors)
+    return line_plot(
+        list(snrs),
+        series,
+        path,
+        xlabel="SNR (dB)",
+        ylabel="WER (%)",
+        title="WER under noise",
+        styles=styles,
+        colors=colors,
+    )
 
 
 def _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress, desc) -> dict:
@@ -214,16 +233,21 @@ def _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress
 
 
 def evaluate(
-    run: Path, manifest: Path, noise_specs: Sequence[str], out: Path, noise_types: Sequence[str] | None = None,
+    run: Path,
+    manifest: Path,
+    noise_specs: Sequence[str],
+    out: Path,
+    noise_types: Sequence[str] | None = None,
     snrs: Sequence[str] = ("clean", "20", "10", "5", "0", "-5"),
-    modalities_text: str = "audio,video,audio+video", device_name: str = "auto", seed: int = 0,
-    batch_seconds: float = 60.0, progress: bool = True, limit: int | None = None,
+    modalities_text: str = "audio,video,audio+video",
+    device_name: str = "auto",
+    seed: int = 0,
+    batch_seconds: float = 60.0,
+    progress: bool = True,
+    limit: int | None = None,
 ) -> dict:
     """Run every missing cell; write ``results.jsonl``, ``wer.md``, ``wer_vs_snr.png``. Returns
     the results by (noise, snr, modality)."""
-    from tqdm import tqdm
-
-    from mmssl.eval.features import pick_device
 
     device = pick_device(device_name)
     snrs = [canonical_snr(s) for s in snrs]
@@ -247,8 +271,9 @@ def evaluate(
             audios = None
             if "audio" in keys and snr != CLEAN:
                 audios = [noisy_audio(c, banks[noise], noise, snr, seed) for c in clips]
-            score = _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress,
-                                 f"{modality} {noise} {snr}")
+            score = _decode_cell(
+                objective, clips, keys, device, batch_seconds, audios, progress, f"{modality} {noise} {snr}"
+            )
         row = {"noise": noise, "snr": snr, "modality": modality, **score}
         results[(noise, snr, modality)] = row
         with open(results_path, "a", encoding="utf-8") as f:
@@ -258,31 +283,3 @@ def evaluate(
     plot(results, list(banks) or ["none"], snrs, modalities, out / "wer_vs_snr.png")
     print(text)
     return results
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", type=Path, required=True, help="an `mmssl finetune-asr` run folder")
-    parser.add_argument("--manifest", type=Path, required=True, help="test manifest with transcripts")
-    parser.add_argument("--noise", action="append", default=[], metavar="DIR|TYPE=DIR",
-                        help="noise folder with <type>_*.wav files, or TYPE=DIR (repeatable)")
-    parser.add_argument("--noise-types", default=None, help="comma-separated noise types (default: all found)")
-    parser.add_argument("--snrs", default="clean,20,10,5,0,-5", help="comma-separated SNRs in dB, or clean")
-    parser.add_argument("--modalities", default="audio,video,audio+video",
-                        help="comma-separated conditions: audio, video, audio+video")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN/eval_noisy)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio seconds per batch")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records of the manifest")
-
-
-def run(args: argparse.Namespace) -> int:
-    snrs = parse_snrs(args.snrs)
-    if any(s != CLEAN for s in snrs) and not args.noise:
-        raise ConfigError("--snrs has noisy conditions but no --noise folder was given")
-    types = [t.strip() for t in args.noise_types.split(",") if t.strip()] if args.noise_types else None
-    out = args.out or args.run / "eval_noisy"
-    evaluate(args.run, args.manifest, args.noise, out, types, snrs, args.modalities, args.device, args.seed,
-             args.batch_seconds, limit=args.limit)
-    print(f"results: {out / 'results.jsonl'}, table: {out / 'wer.md'}, plot: {out / 'wer_vs_snr.png'}")
-    return 0

@@ -3,7 +3,7 @@ each layer of an encoder keeps, as a table and a PNG plot.
 
 Three scores of two sets of frames ``x (N, Dx)``, ``y (N, Dy)`` (rows are the same frames):
 
-* ``"mean"``: mean of the top canonical correlations (linear CCA, ``mmssl.objectives.cca``);
+* ``"cca"``: mean of the top canonical correlations (linear CCA, ``mmssl.nn.cca``);
 * ``"svcca"``: SVCCA (Raghu et al., 2017): each view is first reduced to the top singular
   directions that keep ``keep_variance`` (0.99 in the paper) of its variance, then mean CCA;
 * ``"pwcca"``: projection-weighted CCA (Morcos et al., 2018, eq. 2): canonical correlations
@@ -11,38 +11,30 @@ Three scores of two sets of frames ``x (N, Dx)``, ``y (N, Dy)`` (rows are the sa
   ``alpha_i ~ sum_j |<h_i, x_j>|`` with ``h_i`` the i-th canonical variate and ``x_j`` the
   centred columns of ``x``.
 
-Frames come from padded batches through :func:`valid_frames`, so padding never enters a
-statistic. CCA needs many more frames than dimensions (``N >> D``); ``reg`` adds a small ridge.
-Tables and plots are made with ``mmssl.eval.report``.
+Frames are the valid frames of each record (``mmssl.eval.layers.collect``), so padding never
+enters a statistic. CCA needs many more frames than dimensions (``N >> D``); ``reg`` adds a small ridge.
+Tables are made with ``mmssl.tables``, plots with ``mmssl.eval.report``.
 
 Shape legend: B batch, T frames, C channels, N frames pooled over a data set, L layers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mmssl.encoders.av import AVEncoder
-from mmssl.encoders.base import EncoderOutput
 from mmssl.errors import ConfigError
-from mmssl.eval.report import line_plot, markdown_table
-from mmssl.nn.padding import lengths_to_padding_mask
-from mmssl.objectives.cca import linear_cca
+from mmssl.eval.report import line_plot
+from mmssl.nn.cca import linear_cca
+from mmssl.tables import markdown_table
 
-METHODS = ("mean", "svcca", "pwcca")
+METHODS = ("cca", "svcca", "pwcca")  # the names `mmssl layers --method` takes
 # float32 features keep ~1e-7 of relative noise in a direction they do not vary in
 RANK_RTOL = 1e-5
-
-
-def valid_frames(x: Tensor, lengths: Tensor) -> Tensor:
-    """``x (B, T, C)`` -> ``(N, C)``: the valid frames of every utterance, in order."""
-    keep = ~lengths_to_padding_mask(lengths.to(x.device), x.shape[1])
-    return x[keep]
 
 
 def _centre(x: Tensor) -> Tensor:
@@ -73,7 +65,7 @@ def numerical_rank(x: Tensor, rtol: float = RANK_RTOL) -> int:
 def cca_similarity(
     x: Tensor,
     y: Tensor,
-    method: str = "mean",
+    method: str = "cca",
     k: int | None = None,
     reg: float = 1e-6,
     keep_variance: float = 0.99,
@@ -102,60 +94,8 @@ def cca_similarity(
     return float((alpha / alpha.sum().clamp(min=1e-300) * corrs).sum())
 
 
-def collect_layers(
-    encode: Callable[[dict], EncoderOutput], batches: Iterable[dict], inputs: Callable[[dict], tuple[Tensor, Tensor]] | None = None
-) -> tuple[list[Tensor], Tensor | None]:
-    """Run ``encode`` without gradients over ``batches``; return every layer's valid frames
-    ``[(N, C)] * L`` and, when ``inputs(batch) -> (features (B, T', F), lengths)`` is given, the
-    input features cut to the same frames ``(N, F)``."""
-    layers: list[list[Tensor]] = []
-    feats: list[Tensor] = []
-    with torch.no_grad():
-        for batch in batches:
-            out = encode(batch)
-            if not layers:
-                layers = [[] for _ in out.layers]
-            for store, layer in zip(layers, out.layers):
-                store.append(valid_frames(layer, out.lengths).cpu())
-            if inputs is not None:
-                f, f_lens = inputs(batch)
-                t = min(f.shape[1], out.layers[0].shape[1])
-                feats.append(valid_frames(f[:, :t], torch.minimum(f_lens, out.lengths).clamp(max=t)).cpu())
-    if not layers:
-        raise ConfigError("no batches to collect layers from")
-    return [torch.cat(s) for s in layers], (torch.cat(feats) if feats else None)
-
-
-def av_layers_and_inputs(encoder: AVEncoder, batches: Iterable[dict]) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """Valid frames of every transformer layer of an audio-visual encoder (eval mode, no
-    gradients) and of its inputs on the same frames: ``"fbank"`` (the stacked filterbanks)
-    and ``"lips"`` (the projected lip-encoder features) for the modalities the batches have."""
-    layers: list[list[Tensor]] = []
-    inputs: dict[str, list[Tensor]] = {}
-    encoder.eval()
-    with torch.no_grad():
-        for batch in batches:
-            a = a_lens = raw = v = v_lens = None
-            if "audio" in batch and encoder.audio_frontend is not None:
-                a, raw, a_lens = encoder.audio_features(batch["audio"], batch["audio_lens"])
-            if "video" in batch and encoder.video_frontend is not None:
-                v, v_lens = encoder.video_features(batch["video"], batch["video_lens"])
-            x, lengths = encoder.fuse(a, a_lens, v, v_lens)
-            out = encoder.contextualize(x, lengths)
-            layers = layers or [[] for _ in out.layers]
-            for store, layer in zip(layers, out.layers):
-                store.append(valid_frames(layer, lengths).cpu())
-            t = x.shape[1]
-            for name, feats in (("fbank", raw), ("lips", v)):
-                if feats is not None:
-                    inputs.setdefault(name, []).append(valid_frames(feats[:, :t], lengths).cpu())
-    if not layers:
-        raise ConfigError("no batches to collect layers from")
-    return [torch.cat(s) for s in layers], {k: torch.cat(v) for k, v in inputs.items()}
-
-
 def layerwise_similarity(
-    layers: Sequence[Tensor], references: Sequence[Tensor], method: str = "mean", **kwargs: float
+    layers: Sequence[Tensor], references: Sequence[Tensor], method: str = "cca", **kwargs: float
 ) -> np.ndarray:
     """``(L, M)`` matrix: similarity of each of ``L`` layers ``(N, C)`` with each of ``M``
     references ``(N, D)`` (input features, or another model's layers)."""
@@ -178,19 +118,6 @@ def plot_layers(values: np.ndarray, path: str | Path, series: Sequence[str], tit
     values = np.asarray(values, dtype=np.float64).reshape(-1, len(series))  # (L, M)
     layers = [str(i) for i in range(1, values.shape[0] + 1)]
     lines = {name: values[:, j].tolist() for j, name in enumerate(series)}
-    return line_plot(layers, lines, path, xlabel="layer", ylabel="similarity", title=title, ylim=(-0.02, 1.02))
-
-
-def layerwise_report(
-    layers: Sequence[Tensor], references: dict[str, Tensor], out_dir: str | Path, method: str = "pwcca", **kwargs: float
-) -> np.ndarray:
-    """Write ``cca_<method>.md`` (table) and ``cca_<method>.png`` (plot) in ``out_dir``; return
-    the ``(L, M)`` values."""
-    names = list(references)
-    values = layerwise_similarity(layers, [references[n] for n in names], method, **kwargs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [str(i + 1) for i in range(len(layers))]
-    (out / f"cca_{method}.md").write_text(format_table(values, rows, names) + "\n")
-    plot_layers(values, out / f"cca_{method}.png", names, title=f"layer-wise {method.upper()} similarity")
-    return values
+    return line_plot(
+        layers, lines, path, xlabel="layer", ylabel="similarity", title=title, ylim=(-0.02, 1.02)
+    )

@@ -1,49 +1,32 @@
-"""``mmssl retrieve``: query an image index (``mmssl index``) with speech or text.
-
-    mmssl retrieve --index INDEX_DIR (--audio FILE [FILE ...] | --manifest M.jsonl | --text "a red circle" [...])
-                   [--top 5] [--json] [--out DIR] [--checkpoint RUN_OR_CKPT] [--device auto|cpu|cuda]
-
-Each query is embedded with the checkpoint that made the index (``index.json`` names it) and
-compared with every indexed image by cosine similarity; the top ``--top`` images are printed
-with their scores and captions, or as JSON with ``--json`` (notes then go to stderr, so stdout
-parses). A manifest query uses each record's audio and, when the record has a ``group``, says
-whether the top image is its own. Text queries go through the text tower, which only a model
-trained with the caption term has (an error otherwise).
-
-When the weights that embed the queries are not the ones that made the index (``--checkpoint``
-names others, the index's checkpoint was pruned, or its file changed since), the scores compare
-embeddings of two different models: the command says so.
-
-``--out DIR`` also writes ``DIR/results.json`` and ``DIR/contact_sheet.png``: a row per query
-with its top images, each labelled with its rank and score.
+"""Querying a retrieval index (``mmssl index``) with speech or text, for ``mmssl retrieve``
+(``mmssl.commands.retrieve``, whose docstring describes the command): reading the index, the
+run that embeds the queries (and whether its weights are the index's), the best images of
+each query, and the contact sheet of the results.
 
 Shape legend: Q queries, N indexed images, D embedding dim.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import Tensor
 
-from mmssl.errors import ConfigError, DataError
+from mmssl.errors import DataError
 from mmssl.eval.retrieval import (
     IMAGES,
     INDEX_FILE,
     LoadedRun,
-    embed_speech_records,
-    embed_texts,
-    embed_waveforms,
-    file_sha256,
     load_run,
     read_embeddings,
     read_jsonl,
 )
+from mmssl.files import sha256_file
+from mmssl.runs import resolve_weights
 
 THUMB = 128  # contact sheet thumbnail side, pixels
 LABEL = 18  # height of the text line under each thumbnail
@@ -65,66 +48,40 @@ def read_index(index_dir: str | Path) -> tuple[dict, Tensor, list[dict]]:
     embeddings = read_embeddings(index_dir / f"{IMAGES}.safetensors")
     rows = read_jsonl(index_dir / f"{IMAGES}.jsonl")
     if embeddings.shape[0] != len(rows):
-        raise DataError(f"{index_dir}: {embeddings.shape[0]} image embeddings but {len(rows)} lines in {IMAGES}.jsonl")
+        raise DataError(
+            f"{index_dir}: {embeddings.shape[0]} image embeddings but {len(rows)} lines in {IMAGES}.jsonl"
+        )
     return meta, embeddings, rows
 
 
 def query_model(meta: dict, checkpoint: str | None, device: torch.device) -> tuple[LoadedRun, list[str]]:
     """The run that embeds the queries, and notes when its weights differ from the index's."""
-    from mmssl.train.checkpoint import resolve_weights
-
     notes = []
     index_weights = Path(meta["weights"])
     if checkpoint is None and not index_weights.is_file():
         checkpoint = meta["run"]
-        notes.append(f"the index's checkpoint {index_weights} is gone; queries use the latest checkpoint of {checkpoint}")
+        notes.append(
+            f"the index's checkpoint {index_weights} is gone; "
+            f"queries use the latest checkpoint of {checkpoint}"
+        )
     loaded = load_run(checkpoint if checkpoint is not None else index_weights, device)
-    if file_sha256(loaded.weights) != meta.get("weights_sha256"):
-        notes.append(f"the index was made with other weights ({index_weights}, step {meta.get('step')}) than "
-                     f"these queries use ({loaded.weights}, step {loaded.step}); scores compare two different "
-                     "models: run `mmssl index` again")
+    if sha256_file(loaded.weights) != meta.get("weights_sha256"):
+        notes.append(
+            f"the index was made with other weights ({index_weights}, step {meta.get('step')}) than "
+            f"these queries use ({loaded.weights}, step {loaded.step}); scores compare two different "
+            "models: run `mmssl index` again"
+        )
     elif checkpoint is None:
         try:
             latest = resolve_weights(loaded.run_dir).resolve()
         except DataError:
             latest = loaded.weights
         if latest != loaded.weights:
-            notes.append(f"the run has a newer checkpoint ({latest}) than the index's ({loaded.weights}); "
-                         "queries use the index's: run `mmssl index` again to use it")
+            notes.append(
+                f"the run has a newer checkpoint ({latest}) than the index's ({loaded.weights}); "
+                "queries use the index's: run `mmssl index` again to use it"
+            )
     return loaded, notes
-
-
-def embed_queries(loaded: LoadedRun, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, list[dict]]:
-    """``(embeddings (Q, D), descriptions)`` of the queries named on the command line."""
-    from mmssl.data.io import load_audio
-    from mmssl.data.manifest import read_manifest
-
-    objective = loaded.objective
-    if args.audio:
-        waves = []
-        for path in args.audio:
-            if not Path(path).is_file():
-                raise DataError(f"{path}: audio file not found")
-            waves.append(load_audio(path))
-        emb = embed_waveforms(objective, waves, args.batch_size, device, progress=False, names=args.audio)
-        return emb, [{"query": str(path)} for path in args.audio]
-    if args.manifest:
-        if not Path(args.manifest).is_file():
-            raise DataError(f"{args.manifest}: manifest not found")
-        records = read_manifest(args.manifest)
-        if not records:
-            raise DataError(f"{args.manifest}: the manifest has no records")
-        emb = embed_speech_records(objective, records, args.batch_size, device, progress=not args.json)
-        described = []
-        for r in records:
-            entry = {"query": str(r.get("id")), "audio": r.get("audio")}
-            if r.get("caption"):
-                entry["caption"] = r["caption"]
-            if r.get("group"):
-                entry["group"] = str(r["group"])
-            described.append(entry)
-        return emb, described
-    return embed_texts(objective, args.text, args.batch_size, device), [{"query": t} for t in args.text]
 
 
 def top_images(queries: Tensor, images: Tensor, rows: Sequence[dict], top: int) -> list[list[dict]]:
@@ -132,8 +89,16 @@ def top_images(queries: Tensor, images: Tensor, rows: Sequence[dict], top: int) 
     scores = queries.float() @ images.float().T  # (Q, N)
     values, indices = scores.topk(min(top, images.shape[0]), dim=1)
     return [
-        [{"rank": r + 1, "score": round(float(v), 4), "group": rows[i].get("group"), "image": rows[i].get("image"),
-          "captions": rows[i].get("captions", [])} for r, (v, i) in enumerate(zip(vs.tolist(), ix.tolist()))]
+        [
+            {
+                "rank": r + 1,
+                "score": round(float(v), 4),
+                "group": rows[i].get("group"),
+                "image": rows[i].get("image"),
+                "captions": rows[i].get("captions", []),
+            }
+            for r, (v, i) in enumerate(zip(vs.tolist(), ix.tolist()))
+        ]
         for vs, ix in zip(values, indices)
     ]
 
@@ -145,8 +110,6 @@ def contact_sheet(results: Sequence[dict], path: Path, index_dir: str | Path = "
     """A PNG with a row per query: its top images as thumbnails labelled ``rank: score``. An
     indexed image that cannot be read any more (moved, deleted) gets a grey tile; returns a note
     naming each such image and the index."""
-    from PIL import Image, ImageDraw, UnidentifiedImageError
-
     columns = max(len(r["results"]) for r in results)
     sheet = Image.new("RGB", (columns * THUMB, len(results) * (THUMB + LABEL)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -159,71 +122,11 @@ def contact_sheet(results: Sequence[dict], path: Path, index_dir: str | Path = "
                     sheet.paste(img.convert("RGB").resize((THUMB, THUMB)), (col * THUMB, top))
             except (OSError, UnidentifiedImageError) as err:
                 sheet.paste(Image.new("RGB", (THUMB, THUMB), MISSING_TILE), (col * THUMB, top))
-                notes[hit["image"]] = (f"{hit['image']} (image of index {index_dir}) cannot be read "
-                                       f"({type(err).__name__}): a grey tile in {path}")
+                notes[hit["image"]] = (
+                    f"{hit['image']} (image of index {index_dir}) cannot be read "
+                    f"({type(err).__name__}): a grey tile in {path}"
+                )
             draw.text((col * THUMB + 4, top + THUMB + 3), f"{hit['rank']}: {hit['score']:.3f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return list(notes.values())
-
-
-def _print_results(results: Sequence[dict]) -> None:
-    for result in results:
-        head = f"query: {result['query']}"
-        if "caption" in result:
-            head += f"  ({result['caption']!r})"
-        if "hit" in result:
-            head += "  [top-1 is its image]" if result["hit"] else "  [top-1 is another image]"
-        print(head)
-        for hit in result["results"]:
-            caption = hit["captions"][0] if hit["captions"] else ""
-            print(f"  {hit['rank']:>2}. {hit['score']:+.3f}  {hit['group']}  {hit['image']}  {caption}")
-        print()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", required=True, help="index folder written by `mmssl index`")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--audio", nargs="+", help="audio files, one query each")
-    what.add_argument("--manifest", help="manifest whose records' audio are the queries")
-    what.add_argument("--text", nargs="+", help="text queries (needs a model trained with the caption term)")
-    parser.add_argument("--top", type=int, default=5, help="images per query (default 5)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--out", help="also write results.json and contact_sheet.png here")
-    parser.add_argument("--checkpoint", help="embed queries with this run or checkpoint instead of the index's")
-    parser.add_argument("--batch-size", type=int, default=16, help="queries per batch (default 16)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from mmssl.eval.features import pick_device
-
-    if args.top < 1 or args.batch_size < 1:
-        raise ConfigError("--top and --batch-size must be positive")
-    meta, images, rows = read_index(args.index)
-    device = pick_device(args.device)
-    loaded, notes = query_model(meta, args.checkpoint, device)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    queries, described = embed_queries(loaded, args, device)
-    if queries.shape[1] != images.shape[1]:
-        raise DataError(f"{args.index}: image embeddings are {images.shape[1]}-d, the queries {queries.shape[1]}-d "
-                        "(an index of another model)")
-    results = []
-    for entry, hits in zip(described, top_images(queries, images, rows, args.top)):
-        if "group" in entry:
-            entry["hit"] = hits[0]["group"] == entry["group"]
-        results.append({**entry, "results": hits})
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        for note in contact_sheet(results, out / "contact_sheet.png", args.index):
-            print(f"note: {note}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        _print_results(results)
-        if args.out:
-            print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'contact_sheet.png'}")
-    return 0

@@ -1,30 +1,15 @@
-"""Tables and plots shared by the evaluations: Markdown tables for the terminal and for
-README-ready results, line plots (matplotlib, written without a display) for pictures such as
-WER against SNR, recall@K against K or similarity against layer."""
+"""Plots shared by the evaluations: line plots (matplotlib, written without a display) for
+pictures such as WER against SNR, recall@K against K or similarity against layer. Their
+Markdown tables come from ``mmssl.tables``."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 # colour-blind-safe palette (Okabe & Ito, 2008)
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], digits: int = 2) -> str:
-    """A Markdown table; floats are written with ``digits`` decimals, None as an empty cell."""
-
-    def cell(value: object) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, float):
-            return f"{value:.{digits}f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def line_plot(
@@ -44,9 +29,11 @@ def line_plot(
     matplotlib line style (``"-"``, ``"--"``, ``":"``), e.g. one style per noise type with one
     colour per modality given by ``colors`` (series name -> matplotlib colour; by default each
     series takes the next colour of the palette). Returns the path."""
+    # lazy: matplotlib takes a second to import; only plots need it
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    # lazy: matplotlib takes a second to import; only plots need it
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
@@ -54,8 +41,16 @@ def line_plot(
     for j, (name, ys) in enumerate(series.items()):
         values = [float("nan") if y is None else float(y) for y in ys]
         colour = (colors or {}).get(name, PALETTE[j % len(PALETTE)])
-        ax.plot(positions, values, label=name, color=colour, marker=MARKERS[j % len(MARKERS)],
-                linestyle=(styles or {}).get(name, "-"), linewidth=1.8, markersize=4)
+        ax.plot(
+            positions,
+            values,
+            label=name,
+            color=colour,
+            marker=MARKERS[j % len(MARKERS)],
+            linestyle=(styles or {}).get(name, "-"),
+            linewidth=1.8,
+            markersize=4,
+        )
     if x and isinstance(x[0], str):
         ax.set_xticks(positions, list(x))
     ax.set_xlabel(xlabel)

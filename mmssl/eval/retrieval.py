@@ -1,7 +1,5 @@
-"""Speech-image retrieval: recall@K and ``mmssl index``.
-
-    mmssl index --run RUN --manifest image/test.jsonl --out INDEX_DIR
-                [--batch-size 16] [--ks 1,5,10] [--device auto|cpu|cuda]
+"""Speech-image retrieval: recall@K, embedding a run's towers, and the index that ``mmssl index``
+(``mmssl.commands.index``) builds and ``mmssl retrieve`` (``mmssl.eval.query``) reads.
 
 ``RUN``: a ``speech_image`` run folder (its latest checkpoint), a checkpoint folder or a
 ``.safetensors`` file. Every distinct image of the manifest (one per ``group``; records
@@ -29,23 +27,27 @@ Shape legend: Q queries, N candidates, D embedding dim, S samples.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
 import os
-import re
-import sys
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from mmssl.data.collate import pad_sequences
+from mmssl.data.io import load_audio, load_image
+from mmssl.data.manifest import read_manifest
 from mmssl.errors import ConfigError, DataError
+from mmssl.eval.report import line_plot
+from mmssl.files import atomic_path, sha256_file, write_text
+from mmssl.runs import load_objective_from_run, run_dir_of, step_of
+from mmssl.tables import markdown_table
 
 KS = (1, 5, 10)
 INDEX_FILE = "index.json"
@@ -81,7 +83,9 @@ def chance_recall(relevant: Tensor, ks: Sequence[int] = KS) -> dict[int, float]:
     out = {}
     for k in ks:
         kk = min(int(k), n)
-        out[int(k)] = sum(q * (1.0 - math.comb(n - r, kk) / math.comb(n, kk)) for r, q in counts.items()) / queries
+        out[int(k)] = (
+            sum(q * (1.0 - math.comb(n - r, kk) / math.comb(n, kk)) for r, q in counts.items()) / queries
+        )
     return out
 
 
@@ -94,7 +98,11 @@ def group_relevance(query_groups: Sequence[str], candidate_groups: Sequence[str]
 
 
 def retrieval_recall(
-    speech: Tensor, speech_groups: Sequence[str], images: Tensor, image_groups: Sequence[str], ks: Sequence[int] = KS
+    speech: Tensor,
+    speech_groups: Sequence[str],
+    images: Tensor,
+    image_groups: Sequence[str],
+    ks: Sequence[int] = KS,
 ) -> dict[str, dict[int, float]]:
     """Recall@K both ways from normalised ``speech (Q, D)`` and ``images (N, D)`` embeddings and
     their groups (a caption's group is its image's). Also gives each direction's chance level."""
@@ -121,36 +129,16 @@ class LoadedRun:
     step: int | None
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def step_of(weights: Path) -> int | None:
-    match = re.fullmatch(r"step_(\d+)", weights.parent.name)
-    return int(match.group(1)) if match else None
-
-
 def load_run(run_or_ckpt: str | os.PathLike, device: torch.device = torch.device("cpu")) -> LoadedRun:
     """Rebuild a ``speech_image`` run's objective from its ``config.yaml`` and load the
     checkpoint (the latest for a run folder). The towers are built without the SSL run or CLIP
     file they started from (``speech_init`` / ``clip_pretrained``): the checkpoint holds them
     (``mmssl.runs``)."""
-    from omegaconf import OmegaConf
-
-    from mmssl.runs import load_objective_from_run, run_dir_of
-
     path = Path(run_or_ckpt)
     if not path.exists():
         raise DataError(f"{path}: run or checkpoint not found")
-    run_dir = run_dir_of(path if path.is_dir() else path.parent)
-    name = OmegaConf.load(run_dir / "config.yaml").objective.name
-    if name != "speech_image":
-        raise ConfigError(f"{run_dir}: objective {name!r} is not speech_image (no image tower)")
-    objective, weights = load_objective_from_run(path)
+    objective, weights = load_objective_from_run(path, expect="speech_image")
+    run_dir = run_dir_of(weights.parent)
     return LoadedRun(objective.to(device).eval(), run_dir.resolve(), weights.resolve(), step_of(weights))
 
 
@@ -163,8 +151,6 @@ def _chunks(order: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 def _load_audio(record: dict) -> Tensor:
-    from mmssl.data.io import load_audio
-
     path = record.get("audio")
     if not path:
         raise DataError(f"record {record.get('id')!r} has no 'audio' path")
@@ -182,18 +168,25 @@ def check_frames(objective, lens: Tensor, names: Sequence[str]) -> None:
     short = [(name, int(n)) for name, n, f in zip(names, lens.tolist(), frames.tolist()) if f < 1]
     if short:
         listed = ", ".join(f"{name} ({n} samples)" for name, n in short)
-        raise DataError(f"{listed}: too short for one frame of the speech encoder (16 kHz audio; "
-                        "leave such clips out of the manifest)")
+        raise DataError(
+            f"{listed}: too short for one frame of the speech encoder (16 kHz audio; "
+            "leave such clips out of the manifest)"
+        )
 
 
 @torch.no_grad()
-def _embed_speech(objective, load: Callable[[int], Tensor], sizes: Sequence[int], names: Sequence[str],
-                  batch_size: int, device: torch.device, progress: bool) -> Tensor:
+def _embed_speech(
+    objective,
+    load: Callable[[int], Tensor],
+    sizes: Sequence[int],
+    names: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> Tensor:
     """``load(i) -> (S_i,)`` for ``i < len(sizes)`` -> normalised ``(Q, D)`` on the CPU, row ``i``
     for waveform ``i`` (``names[i]`` in errors). Batches hold waveforms of similar ``sizes``
     (sorted), padded, loaded one batch at a time; padding never changes an embedding."""
-    from mmssl.data.collate import pad_sequences
-
     out = torch.zeros(len(sizes), objective.dim)
     order = sorted(range(len(sizes)), key=lambda i: sizes[i])
     with tqdm(total=len(sizes), desc="speech", unit="utt", disable=not progress) as bar:
@@ -205,30 +198,39 @@ def _embed_speech(objective, load: Callable[[int], Tensor], sizes: Sequence[int]
     return out
 
 
-def embed_waveforms(objective, waves: Sequence[Tensor], batch_size: int, device: torch.device,
-                    progress: bool = True, names: Sequence[str] | None = None) -> Tensor:
+def embed_waveforms(
+    objective,
+    waves: Sequence[Tensor],
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    names: Sequence[str] | None = None,
+) -> Tensor:
     """Waveforms ``(S_i,)`` at 16 kHz -> normalised ``(Q, D)`` on the CPU, in the given order;
     ``names`` (e.g. file paths) name a clip too short to embed."""
     names = names if names is not None else [f"waveform {i}" for i in range(len(waves))]
-    return _embed_speech(objective, waves.__getitem__, [w.shape[0] for w in waves], names, batch_size, device,
-                         progress)
+    return _embed_speech(
+        objective, waves.__getitem__, [w.shape[0] for w in waves], names, batch_size, device, progress
+    )
 
 
-def embed_speech_records(objective, records: Sequence[dict], batch_size: int, device: torch.device,
-                         progress: bool = True) -> Tensor:
+def embed_speech_records(
+    objective, records: Sequence[dict], batch_size: int, device: torch.device, progress: bool = True
+) -> Tensor:
     """The spoken captions of ``records`` -> normalised ``(Q, D)``, in manifest order (batched by
     the manifest's ``audio_samples``; audio is decoded one batch at a time)."""
     sizes = [int(r.get("audio_samples") or 0) for r in records]
     names = [f"record {r.get('id')!r} ({r.get('audio')})" for r in records]
-    return _embed_speech(objective, lambda i: _load_audio(records[i]), sizes, names, batch_size, device, progress)
+    return _embed_speech(
+        objective, lambda i: _load_audio(records[i]), sizes, names, batch_size, device, progress
+    )
 
 
 @torch.no_grad()
-def embed_image_files(objective, paths: Sequence[str], batch_size: int, device: torch.device,
-                      progress: bool = True) -> Tensor:
+def embed_image_files(
+    objective, paths: Sequence[str], batch_size: int, device: torch.device, progress: bool = True
+) -> Tensor:
     """Image files -> normalised ``(N, D)`` on the CPU, through the objective's image transform."""
-    from mmssl.data.io import load_image
-
     out = torch.zeros(len(paths), objective.dim)
     with tqdm(total=len(paths), desc="images", unit="img", disable=not progress) as bar:
         for rows in _chunks(range(len(paths)), batch_size):
@@ -242,8 +244,9 @@ def embed_image_files(objective, paths: Sequence[str], batch_size: int, device: 
 def embed_texts(objective, texts: Sequence[str], batch_size: int, device: torch.device) -> Tensor:
     """Captions -> normalised ``(Q, D)`` through the text tower (``ConfigError`` without one)."""
     if getattr(objective, "text_tower", None) is None:
-        raise ConfigError("this run has no text tower: text queries need a model trained with "
-                          "objective.caption_weight > 0")
+        raise ConfigError(
+            "this run has no text tower: text queries need a model trained with objective.caption_weight > 0"
+        )
     out = torch.zeros(len(texts), objective.dim)
     for rows in _chunks(range(len(texts)), batch_size):
         text, lens = objective.text_tokenizer.batch([texts[i] for i in rows])
@@ -274,7 +277,9 @@ def distinct_images(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
         group = record_group(record)
         row = rows.setdefault(group, {"group": group, "image": str(image), "captions": []})
         if row["image"] != str(image):
-            raise DataError(f"record {record.get('id')!r}: group {group!r} has two images, {row['image']} and {image}")
+            raise DataError(
+                f"record {record.get('id')!r}: group {group!r} has two images, {row['image']} and {image}"
+            )
         if record.get("caption"):
             row["captions"].append(record["caption"])
         groups.append(group)
@@ -282,22 +287,15 @@ def distinct_images(records: Sequence[dict]) -> tuple[list[dict], list[str]]:
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _write_embeddings(path: Path, embeddings: Tensor) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"embeddings": embeddings.float().contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": embeddings.float().contiguous()}, str(tmp))
 
 
 def read_embeddings(path: str | os.PathLike) -> Tensor:
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: not found (make the index with `mmssl index`)")
@@ -322,10 +320,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def recall_table(recall: dict, ks: Sequence[int]) -> str:
-    from mmssl.eval.report import markdown_table
-
     rows = [[label, *(100 * recall[key][k] for k in ks)] for key, label in DIRECTIONS.items()]
-    rows += [[f"chance, {label}", *(100 * recall[f"chance_{key}"][k] for k in ks)] for key, label in DIRECTIONS.items()]
+    rows += [
+        [f"chance, {label}", *(100 * recall[f"chance_{key}"][k] for k in ks)]
+        for key, label in DIRECTIONS.items()
+    ]
     return markdown_table(["direction", *(f"R@{k} (%)" for k in ks)], rows, digits=1)
 
 
@@ -334,44 +333,72 @@ def recall_warnings(images: int, captions: int, ks: Sequence[int]) -> list[str]:
     that reaches the number of candidates of a direction (recall@K is then 100 %, as chance)."""
     notes = []
     if images == 1:
-        notes.append("the manifest has a single image: speech -> image recall is 100 % at every K; "
-                     "index a manifest with many images (e.g. image/train.jsonl, or the demo corpus)")
+        notes.append(
+            "the manifest has a single image: speech -> image recall is 100 % at every K; "
+            "index a manifest with many images (e.g. image/train.jsonl, or the demo corpus)"
+        )
     for direction, candidates in (("speech -> image", images), ("image -> speech", captions)):
         reached = [k for k in ks if k >= candidates]
         if reached and not (images == 1 and direction == "speech -> image"):
-            notes.append(f"{direction}: K = {', '.join(map(str, reached))} >= the {candidates} candidates: "
-                         "recall is 100 % there, as chance")
+            notes.append(
+                f"{direction}: K = {', '.join(map(str, reached))} >= the {candidates} candidates: "
+                "recall is 100 % there, as chance"
+            )
     return notes
 
 
-def write_recall(out: Path, speech: Tensor, speech_groups: Sequence[str], images: Tensor,
-                 image_groups: Sequence[str], ks: Sequence[int]) -> dict:
+def write_recall(
+    out: Path,
+    speech: Tensor,
+    speech_groups: Sequence[str],
+    images: Tensor,
+    image_groups: Sequence[str],
+    ks: Sequence[int],
+) -> dict:
     """``recall.json``, ``recall.md`` and ``recall_at_k.png`` in ``out``; returns the recall dict."""
-    from mmssl.eval.report import line_plot
-
     curve_ks = list(range(1, max(ks) + 1))  # every K up to the largest, for the plot
     curve = retrieval_recall(speech, speech_groups, images, image_groups, sorted({*curve_ks, *ks}))
     recall = {key: {k: value[k] for k in ks} for key, value in curve.items()}
     summary = {key: {f"R@{k}": round(v, 6) for k, v in value.items()} for key, value in recall.items()}
-    summary.update(images=len(image_groups), captions=len(speech_groups),
-                   warnings=recall_warnings(len(image_groups), len(speech_groups), ks))
+    summary.update(
+        images=len(image_groups),
+        captions=len(speech_groups),
+        warnings=recall_warnings(len(image_groups), len(speech_groups), ks),
+    )
     (out / "recall.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "recall.md").write_text(recall_table(recall, ks) + "\n", encoding="utf-8")
     series = {label: [curve[key][k] for k in curve_ks] for key, label in DIRECTIONS.items()}
-    series.update({f"chance, {label}": [curve[f"chance_{key}"][k] for k in curve_ks] for key, label in DIRECTIONS.items()})
+    series.update(
+        {
+            f"chance, {label}": [curve[f"chance_{key}"][k] for k in curve_ks]
+            for key, label in DIRECTIONS.items()
+        }
+    )
     styles = {f"chance, {label}": ":" for label in DIRECTIONS.values()}
-    line_plot(curve_ks, series, out / "recall_at_k.png", xlabel="K", ylabel="recall@K",
-              title=f"{len(image_groups)} images, {len(speech_groups)} spoken captions", ylim=(0, 1.02),
-              styles=styles)
+    line_plot(
+        curve_ks,
+        series,
+        out / "recall_at_k.png",
+        xlabel="K",
+        ylabel="recall@K",
+        title=f"{len(image_groups)} images, {len(speech_groups)} spoken captions",
+        ylim=(0, 1.02),
+        styles=styles,
+    )
     return recall
 
 
-def build_index(loaded: LoadedRun, manifest: str | os.PathLike, out: str | os.PathLike, batch_size: int = 16,
-                ks: Sequence[int] = KS, device: torch.device = torch.device("cpu"), progress: bool = True) -> dict:
+def build_index(
+    loaded: LoadedRun,
+    manifest: str | os.PathLike,
+    out: str | os.PathLike,
+    batch_size: int = 16,
+    ks: Sequence[int] = KS,
+    device: torch.device = torch.device("cpu"),
+    progress: bool = True,
+) -> dict:
     """Embed ``manifest``'s images and spoken captions into ``out`` (layout in the module
     docstring); returns the recall dict of ``retrieval_recall``."""
-    from mmssl.data.manifest import read_manifest
-
     records = read_manifest(manifest)
     if not records:
         raise DataError(f"{manifest}: the manifest has no records")
@@ -384,52 +411,22 @@ def build_index(loaded: LoadedRun, manifest: str | os.PathLike, out: str | os.Pa
     _write_embeddings(out / f"{IMAGES}.safetensors", image_emb)
     _write_jsonl(out / f"{IMAGES}.jsonl", images)
     _write_embeddings(out / f"{SPEECH}.safetensors", speech_emb)
-    _write_jsonl(out / f"{SPEECH}.jsonl", [
-        {"id": r.get("id"), "audio": r.get("audio"), "group": g, "caption": r.get("caption")}
-        for r, g in zip(records, caption_groups)
-    ])
-    meta = {"run": str(loaded.run_dir), "weights": str(loaded.weights), "step": loaded.step,
-            "weights_sha256": file_sha256(loaded.weights), "manifest": str(Path(manifest).resolve()),
-            "dim": int(objective.dim), "images": len(images), "captions": len(records)}
+    _write_jsonl(
+        out / f"{SPEECH}.jsonl",
+        [
+            {"id": r.get("id"), "audio": r.get("audio"), "group": g, "caption": r.get("caption")}
+            for r, g in zip(records, caption_groups)
+        ],
+    )
+    meta = {
+        "run": str(loaded.run_dir),
+        "weights": str(loaded.weights),
+        "step": loaded.step,
+        "weights_sha256": sha256_file(loaded.weights),
+        "manifest": str(Path(manifest).resolve()),
+        "dim": int(objective.dim),
+        "images": len(images),
+        "captions": len(records),
+    }
     (out / INDEX_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return write_recall(out, speech_emb, caption_groups, image_emb, [row["group"] for row in images], ks)
-
-
-def parse_ks(spec: str) -> list[int]:
-    try:
-        ks = sorted({int(k) for k in spec.split(",") if k.strip()})
-    except ValueError:
-        raise ConfigError(f"--ks must be a comma list of positive integers; got {spec!r}") from None
-    if not ks or ks[0] < 1:
-        raise ConfigError(f"--ks must be a comma list of positive integers; got {spec!r}")
-    return ks
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="speech_image run folder, checkpoint folder or .safetensors file")
-    parser.add_argument("--manifest", required=True, help="image-caption manifest (records with audio, image, group)")
-    parser.add_argument("--out", required=True, help="index folder to write")
-    parser.add_argument("--batch-size", type=int, default=16, help="captions or images per batch (default 16)")
-    parser.add_argument("--ks", default="1,5,10", help="K values of recall@K (default 1,5,10)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    from mmssl.eval.features import pick_device
-
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive; got {args.batch_size}")
-    ks = parse_ks(args.ks)
-    if not Path(args.manifest).is_file():
-        raise DataError(f"{args.manifest}: manifest not found")
-    device = pick_device(args.device)
-    loaded = load_run(args.run, device)
-    recall = build_index(loaded, args.manifest, args.out, args.batch_size, ks, device, progress=not args.quiet)
-    meta = json.loads((Path(args.out) / INDEX_FILE).read_text())
-    print(f"indexed {meta['images']} images and {meta['captions']} spoken captions of {args.manifest} "
-          f"with {loaded.weights} into {args.out}\n")
-    print(recall_table(recall, ks))
-    for note in recall_warnings(meta["images"], meta["captions"], ks):
-        print(f"warning: {note}", file=sys.stderr)
-    return 0

@@ -19,9 +19,10 @@ measured (``None``), with the numbers that decide it.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 from mmssl.eval.noisy import CLEAN, canonical_snr, read_results
 
@@ -47,10 +48,17 @@ class Claim:
 def wer_rows(results: Path, init: str, labels: str) -> list[dict]:
     """The cells of an ``eval-noisy`` ``results.jsonl`` as summary rows (WER in percent)."""
     _, cells = read_results(results)
-    return [{"noise": noise, "snr": snr if snr == CLEAN else float(snr), "modality": modality,
-             "wer": round(100.0 * row["wer"], 3),
-             "init": init, "labels": labels}
-            for (noise, snr, modality), row in cells.items()]
+    return [
+        {
+            "noise": noise,
+            "snr": snr if snr == CLEAN else float(snr),
+            "modality": modality,
+            "wer": round(100.0 * row["wer"], 3),
+            "init": init,
+            "labels": labels,
+        }
+        for (noise, snr, modality), row in cells.items()
+    ]
 
 
 def retrieval_summary(recall: dict) -> dict:
@@ -71,7 +79,12 @@ def retrieval_summary(recall: dict) -> dict:
 def _find(rows: Iterable[dict], noise: str, snr: str, modality: str, init: str, labels: str) -> float | None:
     for row in rows:
         if (row["noise"], canonical_snr(row["snr"]), row["modality"], row["init"], row["labels"]) == (
-                noise, canonical_snr(snr), modality, init, labels):
+            noise,
+            canonical_snr(snr),
+            modality,
+            init,
+            labels,
+        ):
             return float(row["wer"])
     return None
 
@@ -105,8 +118,14 @@ def _claim_robust(rows: list[dict]) -> Claim:
         ok = both < audio and (both <= audio / 2 if (noise, snr) == ("babble", "-5") else True)
         met = met and ok
         parts.append(f"{noise} {snr} dB: {both:.1f} vs {audio:.1f}")
-    return Claim(4, text, met, "audio+video vs audio WER %: " + "; ".join(parts)
-                 + " (below everywhere, at most half at babble -5 dB)")
+    return Claim(
+        4,
+        text,
+        met,
+        "audio+video vs audio WER %: "
+        + "; ".join(parts)
+        + " (below everywhere, at most half at babble -5 dB)",
+    )
 
 
 def _claim_ssl(rows: list[dict]) -> Claim:
@@ -118,9 +137,15 @@ def _claim_ssl(rows: list[dict]) -> Claim:
         if pre is None or scratch is None:
             return Claim(5, text, None, f"{noise} {snr} {modality} on the subset not measured")
         met = met and pre <= (1.0 - MIN_SSL_GAIN) * scratch
-        parts.append(f"{modality} {snr if noise == 'none' else f'{noise} {snr} dB'}: {pre:.1f} vs {scratch:.1f}")
-    return Claim(5, text, met, "pretrained vs scratch WER %: " + "; ".join(parts)
-                 + f" (at least {100 * MIN_SSL_GAIN:.0f} % lower)")
+        parts.append(
+            f"{modality} {snr if noise == 'none' else f'{noise} {snr} dB'}: {pre:.1f} vs {scratch:.1f}"
+        )
+    return Claim(
+        5,
+        text,
+        met,
+        "pretrained vs scratch WER %: " + "; ".join(parts) + f" (at least {100 * MIN_SSL_GAIN:.0f} % lower)",
+    )
 
 
 def _claim_retrieval(retrieval: dict | None) -> Claim:
@@ -131,9 +156,14 @@ def _claim_retrieval(retrieval: dict | None) -> Claim:
     c_s2i = retrieval["chance"]["r10"]
     c_i2s = retrieval.get("chance_image_to_speech", retrieval["chance"])["r10"]
     met = s2i >= MIN_RECALL_OVER_CHANCE * c_s2i and i2s >= MIN_RECALL_OVER_CHANCE * c_i2s
-    return Claim(6, text, met, f"R@10 speech->image {100 * s2i:.1f} % (chance {100 * c_s2i:.1f} %), image->speech "
-                 f"{100 * i2s:.1f} % (chance {100 * c_i2s:.1f} %) on {retrieval['images']} images "
-                 f"(target {MIN_RECALL_OVER_CHANCE:.0f}x chance)")
+    return Claim(
+        6,
+        text,
+        met,
+        f"R@10 speech->image {100 * s2i:.1f} % (chance {100 * c_s2i:.1f} %), image->speech "
+        f"{100 * i2s:.1f} % (chance {100 * c_i2s:.1f} %) on {retrieval['images']} images "
+        f"(target {MIN_RECALL_OVER_CHANCE:.0f}x chance)",
+    )
 
 
 def check_claims(summary: dict) -> list[Claim]:
@@ -141,10 +171,20 @@ def check_claims(summary: dict) -> list[Claim]:
     rows = summary.get("wer", [])
     return [
         _claim_targets(summary),
-        _claim_below(2, "ASR works", _find(rows, "none", "clean", "audio", "pretrained", "all"),
-                     MAX_CLEAN_AUDIO_WER, "clean audio-only"),
-        _claim_below(3, "lip reading works", _find(rows, "none", "clean", "video", "pretrained", "all"),
-                     MAX_VIDEO_WER, "video-only"),
+        _claim_below(
+            2,
+            "ASR works",
+            _find(rows, "none", "clean", "audio", "pretrained", "all"),
+            MAX_CLEAN_AUDIO_WER,
+            "clean audio-only",
+        ),
+        _claim_below(
+            3,
+            "lip reading works",
+            _find(rows, "none", "clean", "video", "pretrained", "all"),
+            MAX_VIDEO_WER,
+            "video-only",
+        ),
         _claim_robust(rows),
         _claim_ssl(rows),
         _claim_retrieval(summary.get("retrieval")),
@@ -164,3 +204,73 @@ def write_summary(out: Path, summary: dict) -> list[Claim]:
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     tmp.replace(out / "summary.json")
     return claims
+
+
+def _quality(out: Path, folder: str) -> dict:
+    path = out / folder / "quality.json"
+    return json.loads(path.read_text())["by_manifest"].get("valid", {}) if path.is_file() else {}
+
+
+def collect(out: Path, seconds: dict[str, float]) -> dict:
+    """The summary (:mod:`mmssl.eval.summary`) from the files the stages wrote."""
+    rows = []
+    for folder, init, labels in (
+        ("asr", "pretrained", "all"),
+        ("asr_subset", "pretrained", "subset"),
+        ("asr_subset_scratch", "scratch", "subset"),
+    ):
+        rows += wer_rows(out / folder / "eval_noisy" / "results.jsonl", init, labels)
+    mfcc, pretrained = _quality(out, "km_mfcc"), _quality(out, "km_av")
+    summary: dict = {"wer": rows}
+    for key in ("pnmi", "phone_purity"):
+        summary[key] = {name: q[key] for name, q in (("mfcc", mfcc), ("pretrained", pretrained)) if key in q}
+    recall = out / "index" / "recall.json"
+    if recall.is_file():
+        summary["retrieval"] = retrieval_summary(json.loads(recall.read_text()))
+    summary["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
+    summary["cores"] = os.cpu_count()
+    return summary
+
+
+def write_report(out: Path, summary: dict, claims: list, commands: list[str]) -> Path:
+    """``report.md``: the claims, the tables and plots, and the commands that made them."""
+    lines = [
+        "# mmssl demo",
+        "",
+        f"{summary['cores']} CPU cores; {summary['seconds']['total']:.0f} s of stages run this time.",
+        "",
+        "## Claims",
+        "",
+        *[line.strip() for line in claim_lines(claims)],
+        "",
+        "## Cluster quality (valid split)",
+        "",
+        "| targets | PNMI | phone purity |",
+        "|---|---|---|",
+    ]
+    for name, label in (("mfcc", "MFCC (iteration 1)"), ("pretrained", "AV-HuBERT layer")):
+        if name in summary.get("pnmi", {}):
+            lines.append(f"| {label} | {summary['pnmi'][name]:.3f} | {summary['phone_purity'][name]:.3f} |")
+    for folder, title in (
+        ("asr", "WER (%) on the test split, fine-tuned on every transcript"),
+        ("asr_subset", "WER (%), fine-tuned from the pretrained model on the subset"),
+        ("asr_subset_scratch", "WER (%), fine-tuned from random weights on the subset"),
+    ):
+        table = out / folder / "eval_noisy" / "wer.md"
+        if table.is_file():
+            lines += ["", f"## {title}", "", table.read_text().strip()]
+            if (table.parent / "wer_vs_snr.png").is_file():
+                lines += ["", f"![WER vs SNR]({folder}/eval_noisy/wer_vs_snr.png)"]
+    if (out / "index" / "recall.md").is_file():
+        lines += [
+            "",
+            "## Speech-image retrieval on the test split's unseen images",
+            "",
+            (out / "index" / "recall.md").read_text().strip(),
+            "",
+            "![recall@K](index/recall_at_k.png)",
+        ]
+    lines += ["", "## How each number was made", "", "```", *[f"mmssl {c}" for c in commands], "```", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -43,7 +43,11 @@ def run_recurrent(layer: nn.RNNBase, x: Tensor) -> Tensor:
     autocast (its weights are float32), so every CPU and GPU takes a float32 kernel; the layers
     around it still run in bf16."""
     kind = x.device.type  # "meta" has no autocast
-    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+    with (
+        torch.autocast(kind, enabled=False)
+        if torch.amp.is_autocast_available(kind)
+        else contextlib.nullcontext()
+    ):
         y, _ = layer(x.to(layer.weight_ih_l0.dtype))
     return y
 
@@ -54,7 +58,12 @@ class RecurrentContext(nn.Module):
     (``run_recurrent``)."""
 
     def __init__(
-        self, input_dim: int, dim: int, num_layers: int = 1, cell: str = "gru", dropout: float = 0.0,
+        self,
+        input_dim: int,
+        dim: int,
+        num_layers: int = 1,
+        cell: str = "gru",
+        dropout: float = 0.0,
         residual: bool = False,
     ) -> None:
         super().__init__()
@@ -94,8 +103,15 @@ class CausalTransformerContext(nn.Module):
     attention mask, final LayerNorm."""
 
     def __init__(
-        self, input_dim: int, dim: int, num_layers: int = 2, num_heads: int = 4, ffn_dim: int | None = None,
-        dropout: float = 0.1, pos_conv_kernel: int = 16, pos_conv_groups: int = 4,
+        self,
+        input_dim: int,
+        dim: int,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        ffn_dim: int | None = None,
+        dropout: float = 0.1,
+        pos_conv_kernel: int = 16,
+        pos_conv_groups: int = 4,
     ) -> None:
         super().__init__()
         self.dim = dim

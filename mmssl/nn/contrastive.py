@@ -1,4 +1,11 @@
-"""Symmetric InfoNCE of paired embeddings (CLIP, Radford et al., 2021, fig. 3), with negatives
+"""Contrastive losses shared by the objectives.
+
+Frame-level InfoNCE against sampled distractors (CPC, wav2vec, wav2vec 2.0):
+``sample_negatives`` draws K distractor frames per anchor from the anchor's own utterance with
+device ops only, ``gather_logits`` scores the positive and the distractors (dot product or
+cosine over a temperature) and ``info_nce`` is the cross-entropy with the positive first.
+
+Symmetric InfoNCE of paired embeddings (CLIP, Radford et al., 2021, fig. 3), with negatives
 from every rank and optional groups of rows that are not negatives of each other, and CLIP's
 learnable logit scale.
 
@@ -13,13 +20,14 @@ Gathering is split from scoring so an objective with several InfoNCE terms over 
 ranks' row counts once and returns them, ``gather_ids`` reuses those counts for the group ids,
 and ``pair_info_nce`` scores already-gathered columns.
 
-Shape legend: B local rows, N rows of all ranks, D embedding dim.
+Shape legend: B local rows (or batch), N rows of all ranks (or negatives per anchor), D embedding
+dim, T frames, A anchors.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +54,9 @@ class LogitScale(nn.Module):
     come back. The forward clamp stays as a guard for loops that skip ``clamp_``; at the cap
     itself its gradient passes (``clamp``'s bounds are inclusive)."""
 
-    def __init__(self, init_temperature: float = INIT_TEMPERATURE, max_scale: float = MAX_LOGIT_SCALE) -> None:
+    def __init__(
+        self, init_temperature: float = INIT_TEMPERATURE, max_scale: float = MAX_LOGIT_SCALE
+    ) -> None:
         super().__init__()
         if init_temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {init_temperature}")
@@ -80,12 +90,20 @@ def same_group_mask(groups: Tensor, all_groups: Tensor, offset: int) -> Tensor:
     ``j`` shares row ``i``'s group but is not its positive (column ``i + offset``)."""
     same = groups.unsqueeze(1) == all_groups.unsqueeze(0)
     columns = torch.arange(all_groups.shape[0], device=groups.device)
-    positive = columns.unsqueeze(0) == (torch.arange(groups.shape[0], device=groups.device) + offset).unsqueeze(1)
+    positive = columns.unsqueeze(0) == (
+        torch.arange(groups.shape[0], device=groups.device) + offset
+    ).unsqueeze(1)
     return same & ~positive
 
 
 def pair_info_nce(
-    x: Tensor, y: Tensor, all_x: Tensor, all_y: Tensor, offset: int, scale: Tensor, excluded: Tensor | None = None
+    x: Tensor,
+    y: Tensor,
+    all_x: Tensor,
+    all_y: Tensor,
+    offset: int,
+    scale: Tensor,
+    excluded: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CLIP's loss of local ``x (B, D)`` / ``y (B, D)`` against gathered ``all_x (N, D)`` /
     ``all_y (N, D)``, whose rows ``offset .. offset + B`` are the local ones. ``excluded (B, N)``:
@@ -131,3 +149,72 @@ def symmetric_info_nce(
     if groups is not None:
         excluded = same_group_mask(groups, gather_group_ids(groups, sizes), offset)
     return pair_info_nce(x, y, all_xy[:, :d], all_xy[:, d:], offset, scale, excluded)
+
+
+def sample_negatives(
+    candidates: Tensor, positives: Tensor, num: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Draw ``num`` distractor frames per anchor, uniformly with replacement among the
+    ``candidates (B, T)`` frames of the anchor's own utterance, never its positive frame.
+
+    ``positives (B, A)``: the frame index of each anchor's positive (a candidate frame).
+    Returns ``indices (B, A, N)`` into T and ``usable (B, A, N)``: False where the utterance has
+    fewer than two candidates (no distractor exists). No host sync, no data-dependent shapes.
+    """
+    b, t = candidates.shape
+    anchors = positives.shape[1]
+    count = candidates.sum(1)  # (B,)
+    # candidate frames first, in time order: position r of this list is the r-th candidate
+    order = torch.sort((~candidates).to(torch.uint8), dim=1, stable=True).indices  # (B, T)
+    rank = candidates.long().cumsum(1) - 1  # (B, T) rank of each candidate
+    pos_rank = rank.gather(1, positives)  # (B, A)
+    u = torch.rand(b, anchors, num, device=candidates.device, generator=generator)
+    span = (count - 1).clamp(min=1).view(b, 1, 1).to(u.dtype)
+    draw = torch.floor(u * span).long().clamp(max=t - 1)  # in [0, count - 2]
+    draw = draw + (draw >= pos_rank.unsqueeze(-1)).long()  # skip the positive's own rank
+    draw = draw.clamp(max=t - 1)
+    indices = order.gather(1, draw.view(b, anchors * num)).view(b, anchors, num)
+    usable = (count >= 2).view(b, 1, 1).expand(b, anchors, num)
+    return indices, usable
+
+
+def gather_logits(
+    pred: Tensor,
+    targets: Tensor,
+    positives: Tensor,
+    negatives: Tensor,
+    temperature: float = 1.0,
+    cosine: bool = False,
+    exclude: Tensor | None = None,
+) -> Tensor:
+    """Logits ``(B, A, 1 + N)``: the positive first, then the negatives.
+
+    ``pred (B, A, D)`` predictions, ``targets (B, T, D)`` candidate latents, ``positives (B, A)``
+    and ``negatives (B, A, N)`` frame indices into T. Dot products (CPC) or cosine similarities
+    (wav2vec 2.0), divided by ``temperature``. ``exclude (B, A, N)`` True sets a negative's
+    logit to -inf (a distractor that does not exist, or equals the positive).
+    """
+    pred, targets = pred.float(), targets.float()
+    if cosine:
+        pred, targets = F.normalize(pred, dim=-1, eps=1e-6), F.normalize(targets, dim=-1, eps=1e-6)
+    # float32 scores also under bf16 autocast (which would run bmm in bf16: ~3 digits on
+    # logits of up to 1/temperature), as fairseq computes them from .float() inputs
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        sim = torch.bmm(pred, targets.transpose(1, 2)) / temperature  # (B, A, T)
+    index = torch.cat([positives.unsqueeze(-1), negatives], dim=-1)  # (B, A, 1 + N)
+    logits = sim.gather(2, index)
+    if exclude is not None:
+        keep = torch.cat([torch.zeros_like(exclude[..., :1]), exclude], dim=-1)
+        logits = logits.masked_fill(keep, float("-inf"))
+    return logits
+
+
+def info_nce(logits: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy with the positive at index 0, averaged over anchors with ``weight (B, A)``
+    (1 = counts, 0 = ignored). ``logits (B, A, 1 + N)`` -> (loss, accuracy), both scalars."""
+    w = weight.to(logits.dtype)
+    nll = -logits.log_softmax(-1)[..., 0]  # (B, A)
+    total = w.sum().clamp(min=1.0)
+    loss = (nll * w).sum() / total
+    correct = (logits.argmax(-1) == 0).to(logits.dtype)
+    return loss, (correct * w).sum() / total

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.data.features import fbank_batch, stack_frames
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import ConfigError, DataError
+from mmssl.nn.fbank import fbank_batch, stack_frames
 from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import lengths_to_padding_mask
 
@@ -110,7 +111,7 @@ class ConvFrontend(nn.Module):
         strides = tuple(b.conv.stride[0] for b in blocks)
         self.frame_spec = _frame_spec(kernels, strides)
         self.hop = math.prod(strides)
-        self.frame_rate = 16000 / self.hop
+        self.frame_rate = SAMPLE_RATE / self.hop
         # samples needed for one frame
         field = 1
         for k, s in zip(reversed(kernels), reversed(strides)):
@@ -160,7 +161,7 @@ class FbankFrontend(nn.Module):
     """Kaldi log mel filterbanks (25 ms / 10 ms, 100 Hz), ``stack`` frames stacked into one.
 
     ``audio (B, S)`` -> ``(B, T, num_mel_bins * stack)``. The whole padded batch is computed
-    in one pass on its device (``mmssl.data.features.fbank_batch``, no host sync); each
+    in one pass on its device (``mmssl.nn.fbank.fbank_batch``, no host sync); each
     utterance gets the features of its valid samples alone, zeros after its last frame.
 
     ``normalize``: each stacked frame is layer-normed over its ``num_mel_bins * stack``
@@ -175,7 +176,7 @@ class FbankFrontend(nn.Module):
     """
 
     def __init__(
-        self, num_mel_bins: int = 80, stack: int = 4, sample_rate: int = 16000, normalize: bool = False
+        self, num_mel_bins: int = 80, stack: int = 4, sample_rate: int = SAMPLE_RATE, normalize: bool = False
     ) -> None:
         super().__init__()
         if stack < 1:
@@ -190,7 +191,9 @@ class FbankFrontend(nn.Module):
 
     def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         check_waveform(audio, lengths, self.receptive_field, "fbank frontend")
-        feats, fbank_lens = fbank_batch(audio, lengths, self.sample_rate, self.num_mel_bins)  # (B, T, F), zero padded
+        feats, fbank_lens = fbank_batch(
+            audio, lengths, self.sample_rate, self.num_mel_bins
+        )  # (B, T, F), zero padded
         # frames past an utterance's end are zero, so its last group is padded with zero
         # frames exactly as stacking it alone would
         stacked = stack_frames(feats, self.stack)  # (B, T / stack, F * stack)

@@ -18,7 +18,7 @@ Shape legend: N points, D dimensions, K clusters.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -27,7 +27,8 @@ from mmssl.errors import ConfigError
 
 
 def nearest(x: Tensor, centroids: Tensor, chunk: int = 32768) -> tuple[Tensor, Tensor]:
-    """``x (N, D)``, ``centroids (K, D)`` -> (``labels (N,)`` long, ``sq_dist (N,)``) of the nearest centroid."""
+    """``x (N, D)``, ``centroids (K, D)`` -> (``labels (N,)`` long, ``sq_dist (N,)``) of the
+    nearest centroid."""
     c_sq = centroids.pow(2).sum(1)  # (K,)
     labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dists = torch.empty(x.shape[0], dtype=centroids.dtype, device=x.device)
@@ -112,7 +113,7 @@ class KMeans:
         self.inertia: float = math.inf
         self.n_iter: int = 0
 
-    def fit(self, x: Tensor, progress: Callable[[int, float], None] | None = None) -> "KMeans":
+    def fit(self, x: Tensor, progress: Callable[[int, float], None] | None = None) -> KMeans:
         """``x (N, D)`` float; ``progress(iteration, inertia)`` is called after each Lloyd step."""
         if x.ndim != 2 or x.shape[0] < self.k:
             raise ConfigError(f"k-means with k={self.k} needs a (N >= k, D) matrix; got {tuple(x.shape)}")
@@ -171,7 +172,9 @@ class KMeans:
                 got = torch.bincount(labels, minlength=self.k).to(x.dtype)
                 counts += got
                 # c <- c + (sum_b - n_b c) / count: the running mean of every point it has seen
-                centroids = centroids + (sums - got.unsqueeze(1) * centroids) / counts.clamp(min=1).unsqueeze(1)
+                centroids = centroids + (sums - got.unsqueeze(1) * centroids) / counts.clamp(min=1).unsqueeze(
+                    1
+                )
                 seen += dists.sum().item()
             if progress is not None:
                 progress(it, seen * n / (steps * batch))  # the pass's batch inertia, scaled to N
@@ -190,7 +193,7 @@ class KMeans:
         return {"centroids": self.centroids, "inertia": self.inertia, "k": self.k}
 
     @classmethod
-    def from_centroids(cls, centroids: Tensor) -> "KMeans":
+    def from_centroids(cls, centroids: Tensor) -> KMeans:
         km = cls(centroids.shape[0])
         km.centroids = centroids.float()
         return km

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mmssl.errors import ConfigError, DataError
 from mmssl.nn.outputs import FrameSpec
-from mmssl.errors import ConfigError
 from mmssl.nn.padding import lengths_to_padding_mask
 
 
@@ -69,9 +69,9 @@ def compute_span_mask(
     ``same_count`` (the default, and what ``SpanMasker`` uses) every non-empty utterance then
     keeps a random subset of its masked frames so that all have the batch's smallest count
     (fairseq ``require_same_masks``): the fraction masked in the longer utterances of a
-    mixed-length batch drops well below ~49% (see the module docstring). An utterance of at most ``span`` frames gets
-    one span of ``n - 1`` frames, and the last frame of an utterance is left visible whenever
-    spans would cover all of it, so every utterance keeps some context.
+    mixed-length batch drops well below ~49% (see the module docstring). An utterance of at
+    most ``span`` frames gets one span of ``n - 1`` frames, and the last frame of an utterance
+    is left visible whenever spans would cover all of it, so every utterance keeps some context.
     ``generator`` must live on ``lengths.device``.
     """
     _check(mask_prob, span, min_masks)
@@ -98,9 +98,7 @@ def compute_span_mask(
     # frame t is masked when a span started in (t - row_span, t]
     counts = starts.long().cumsum(1)
     behind = steps.unsqueeze(0) - row_span.unsqueeze(1)  # (B, T)
-    before = torch.where(
-        behind >= 0, counts.gather(1, behind.clamp(min=0)), torch.zeros_like(counts)
-    )
+    before = torch.where(behind >= 0, counts.gather(1, behind.clamp(min=0)), torch.zeros_like(counts))
     mask = (counts - before) > 0
     mask &= ~lengths_to_padding_mask(lengths, max_len)
     full = mask.sum(1) >= lengths  # (B,) spans cover the whole utterance
@@ -167,3 +165,18 @@ class SpanMasker:
             frames.cpu(), max_len, self.mask_prob, self.span, self.min_masks, hook_generator(self.seed)
         )
         return batch
+
+
+def prediction_mask(batch: dict, masker: SpanMasker, lengths: Tensor, frames: int) -> Tensor:
+    """``pred_mask (B, T)`` from the batch hook, or made here (on the device) when the batch
+    has none; checked against the encoder's frame count, restricted to valid frames."""
+    pred_mask = batch.get("pred_mask")
+    if pred_mask is None:
+        pred_mask = compute_span_mask(lengths, frames, masker.mask_prob, masker.span, masker.min_masks)
+    elif pred_mask.shape != (lengths.shape[0], frames):
+        raise DataError(
+            f"batch 'pred_mask' has shape {tuple(pred_mask.shape)} but the encoder gives "
+            f"({lengths.shape[0]}, {frames}) frames: the mask hook and the encoder disagree"
+        )
+    pred_mask = pred_mask.to(lengths.device, non_blocking=True)
+    return pred_mask & ~lengths_to_padding_mask(lengths, frames)

@@ -279,17 +279,23 @@ class VectorQuantizer(nn.Module):
         # K uniform draws among the usable frames, with no host sync: usable frames first, then
         # a random rank below their count
         order = torch.argsort((~usable).to(torch.uint8), stable=True)  # (N,) usable frames first
-        rank = torch.minimum((torch.rand(self.entries, device=flat_z.device) * count).long(), count - 1).clamp(min=0)
+        rank = torch.minimum(
+            (torch.rand(self.entries, device=flat_z.device) * count).long(), count - 1
+        ).clamp(min=0)
         candidates = flat_z[order[rank]].to(self.codebook.dtype)  # (K, D)
         if self.world_size > 1:
             dist.broadcast(candidates, src=0)
         self.codebook.copy_(torch.where(dead, candidates, self.codebook))
-        self.cluster_size.copy_(torch.where(dead.squeeze(1), torch.full_like(self.cluster_size,
-                                                                             self.restart_threshold),
-                                            self.cluster_size))
+        self.cluster_size.copy_(
+            torch.where(
+                dead.squeeze(1), torch.full_like(self.cluster_size, self.restart_threshold), self.cluster_size
+            )
+        )
         if self.uses_ema:
             self.ema_sum.copy_(torch.where(dead, candidates * self.restart_threshold, self.ema_sum))
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, entries={self.entries}, beta={self.beta}, ema_decay={self.ema_decay}, "
-                f"restart_threshold={self.restart_threshold}")
+        return (
+            f"dim={self.dim}, entries={self.entries}, beta={self.beta}, ema_decay={self.ema_decay}, "
+            f"restart_threshold={self.restart_threshold}"
+        )

@@ -21,19 +21,19 @@ Shape legend: B batch, S samples, T frames, F features, M mel bins, K frames per
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from mmssl.data.features import fbank_batch, stack_frames
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import ConfigError
+from mmssl.nn.fbank import fbank_batch, stack_frames
 from mmssl.nn.frontend import check_waveform
 from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import instance_norm, lengths_to_padding_mask
 
 NORMALIZATIONS = ("utterance", "running", "none")
-SAMPLE_RATE = 16000
 WINDOW, HOP = 400, 160  # 25 ms / 10 ms at 16 kHz: 100 Hz frames
 
 
@@ -53,7 +53,10 @@ def running_normalize(x: Tensor, lengths: Tensor, eps: float = 1e-5) -> Tensor:
     return (y - mean) * torch.rsqrt(var + eps) * keep
 
 
-NORMALIZERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"utterance": instance_norm, "running": running_normalize}
+NORMALIZERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "utterance": instance_norm,
+    "running": running_normalize,
+}
 
 
 def _check_normalize(what: str, normalize: str) -> None:
@@ -66,7 +69,7 @@ def log_mel(
 ) -> tuple[Tensor, Tensor]:
     """``audio (B, S)``, ``audio_lens (B,)`` -> ``x (B, T, M=num_mel_bins)``, ``lengths (B,)``.
 
-    Kaldi log mel filterbanks (``mmssl.data.features.fbank_batch``: 25 ms windows every 10 ms,
+    Kaldi log mel filterbanks (``mmssl.nn.fbank.fbank_batch``: 25 ms windows every 10 ms,
     100 Hz, each frame from its own window alone), then per mel bin: ``"utterance"`` shifts and
     scales each utterance to zero mean and unit variance over its valid frames (DeCoAR,
     Mockingjay / TERA and the autoencoders read per-utterance CMVN; frame ``t`` then depends on
@@ -107,7 +110,7 @@ class LogMelFrontend(nn.Module):
 
 class StackedLogMelFrontend(nn.Module):
     """An injected ``LogMelFrontend`` (100 Hz) with every ``stack`` consecutive frames stacked
-    into one (``mmssl.data.features.stack_frames``; the last group padded with zero frames):
+    into one (``mmssl.nn.fbank.stack_frames``; the last group padded with zero frames):
     ``audio (B, S)`` -> ``(B, T, F = stack * M)``, ``lengths (B,)`` = ``ceil(mel frames / stack)``.
     Mockingjay's 1/3 downsampling (sec. 2.2), the autoencoders' 50 Hz latents. No parameters."""
 
@@ -173,8 +176,9 @@ def reconstruction_loss(kind: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]
     try:
         return RECONSTRUCTION_LOSSES[kind]
     except KeyError:
-        raise ConfigError(f"reconstruction loss must be one of {', '.join(RECONSTRUCTION_LOSSES)}; "
-                          f"got {kind!r}") from None
+        raise ConfigError(
+            f"reconstruction loss must be one of {', '.join(RECONSTRUCTION_LOSSES)}; got {kind!r}"
+        ) from None
 
 
 def shift_targets(x: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -199,7 +203,9 @@ def future_slices(x: Tensor, lengths: Tensor, k: int, offset: int = 0) -> tuple[
         raise ConfigError(f"future_slices: need k >= 1 and offset >= 0; got k={k}, offset={offset}")
     b, t, f = x.shape
     need = t + offset + k - 1
-    padded = torch.cat([x, x.new_zeros(b, need - t, f)], dim=1) if need > t else x  # (B, T + offset + K - 1, F)
+    padded = (
+        torch.cat([x, x.new_zeros(b, need - t, f)], dim=1) if need > t else x
+    )  # (B, T + offset + K - 1, F)
     windows = padded[:, offset:].unfold(1, k, 1)[:, :t]  # (B, T, F, K)
     targets = windows.permute(0, 1, 3, 2)  # (B, T, K, F)
     index = torch.arange(t, device=x.device)[:, None] + offset + torch.arange(k, device=x.device)  # (T, K)

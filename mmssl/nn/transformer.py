@@ -2,9 +2,10 @@
 
 Pieces, each built from plain arguments and injected into the next: a convolutional relative
 position embedding (wav2vec 2.0, sec. 2 and 4.2: one grouped convolution, kernel 128,
-16 groups, weight norm), self-attention through PyTorch's ``scaled_dot_product_attention``
-with a key padding mask, an optional gated relative position bias (WavLM, Chen et al. 2022),
-a feed-forward block, and pre- or post-LayerNorm layers with layer drop.
+16 groups, weight norm) or fixed sinusoidal positions (Mockingjay), self-attention through
+PyTorch's ``scaled_dot_product_attention`` with a key padding mask, an optional gated relative
+position bias (WavLM, Chen et al. 2022), a feed-forward block, and pre- or post-LayerNorm
+layers with layer drop.
 
 Shape legend: B batch, T frames, C channels, H heads, D head dim.
 
@@ -26,6 +27,26 @@ from torch import Tensor, nn
 from mmssl.errors import ConfigError
 from mmssl.nn.outputs import EncoderOutput
 from mmssl.nn.padding import lengths_to_padding_mask
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal absolute positions (Vaswani et al., 2017, sec. 3.5), Mockingjay's
+    position encoding (sec. 2.2): ``sin`` on even and ``cos`` on odd channels of angle
+    ``t / 10000^(2 floor(i/2) / C)``. Takes the place of the transformer's position
+    convolution: ``x (B, T, C)`` -> the table ``(1, T, C)``, which the encoder adds."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        t, c = x.shape[1], x.shape[2]
+        steps = torch.arange(t, device=x.device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
+        channel = torch.arange(c, device=x.device)
+        rate = torch.exp(-math.log(10000.0) * torch.div(channel, 2, rounding_mode="floor").float() * 2.0 / c)
+        angle = steps * rate  # (T, C)
+        table = torch.where(channel % 2 == 0, angle.sin(), angle.cos())
+        return table.unsqueeze(0).to(x.dtype)  # (1, T, C)
 
 
 def bert_init(module: nn.Module) -> None:
@@ -334,7 +355,9 @@ class TransformerEncoder(nn.Module):
                 ffn.append(torch.zeros_like(x))
             outputs.append(x)
         hidden = self.norm(x) if (self.pre_norm and depth == len(self.layers)) else x
-        return EncoderOutput(hidden=hidden, lengths=lengths, layers=outputs, frame_rate=frame_rate, ffn=ffn or [])
+        return EncoderOutput(
+            hidden=hidden, lengths=lengths, layers=outputs, frame_rate=frame_rate, ffn=ffn or []
+        )
 
 
 def build_transformer(
@@ -418,8 +441,10 @@ class TransformerOptions:
         """A copy with ``fields`` changed; an unknown name is a ``ConfigError`` naming it."""
         unknown = sorted(set(fields) - set(self.field_names()))
         if unknown:
-            raise ConfigError(f"transformer has no option {', '.join(map(repr, unknown))}; "
-                              f"it takes: {', '.join(self.field_names())}")
+            raise ConfigError(
+                f"transformer has no option {', '.join(map(repr, unknown))}; "
+                f"it takes: {', '.join(self.field_names())}"
+            )
         return dataclasses.replace(self, **fields)
 
     def build(self) -> TransformerEncoder:

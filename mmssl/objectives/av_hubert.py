@@ -18,7 +18,7 @@ up to the fourth iteration and ``input`` in the last; ``configs/av_hubert_iter1.
 
 The fused stream (with modality dropout, :class:`mmssl.encoders.fusion.AVFusion`, then input
 dropout) goes through the transformer; the loss is HuBERT's (Hsu et al., 2021, eq. 2-3; the
-parts combined as in :func:`mmssl.objectives.hubert.prediction_loss`): cross-entropy of cosine
+parts combined as in :func:`mmssl.nn.prediction.prediction_loss`): cross-entropy of cosine
 similarities between the projected output and one embedding per cluster, divided by 0.1, plus
 10 x the mean square of the fused features before their LayerNorm (``features_pen``,
 ``loss_weights: [10]``). Targets come from ``mmssl kmeans``: MFCC clusters in the first
@@ -51,9 +51,8 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.nn.gradient import scale_grad
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.prediction import cosine_logits, feature_penalty, prediction_loss, resample_targets
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.objectives.hubert import cosine_logits, prediction_loss, resample_targets
-from mmssl.objectives.wav2vec2 import feature_penalty
 from mmssl.registry import OBJECTIVES
 
 
@@ -161,7 +160,9 @@ class AVMasks:
         else:
             out = {
                 "audio_mask": span_mask,
-                "video_mask": compute_span_mask(lengths, t, self.video_prob, self.video_span, self.min_masks, generator),
+                "video_mask": compute_span_mask(
+                    lengths, t, self.video_prob, self.video_span, self.min_masks, generator
+                ),
             }
         if "video" in batch and self.masking_type == "input":
             tv = batch["video"].shape[1]
@@ -173,7 +174,11 @@ class AVMasks:
         return out
 
     def __call__(self, batch: dict) -> dict:
-        batch.update(self.make({k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in batch.items()}, self.generator()))
+        batch.update(
+            self.make(
+                {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in batch.items()}, self.generator()
+            )
+        )
         return batch
 
 
@@ -305,13 +310,15 @@ class AVHubert(Objective):
 
 
 # AV-HuBERT ``final_dim: 256`` for BASE and LARGE alike (HuBERT LARGE uses 768)
-FINAL_DIM = {"tiny": 32, "base": 256, "large": 256}
+AV_FINAL_DIM = {"tiny": 32, "base": 256, "large": 256}
 MASKING_TYPES = ("input", "feature")
 
 
 def _check_masking(masking_type: str, audio: tuple[float, int], video: tuple[float, int]) -> None:
     if masking_type not in MASKING_TYPES:
-        raise ConfigError(f"objective.masking_type must be one of {', '.join(MASKING_TYPES)}, got {masking_type!r}")
+        raise ConfigError(
+            f"objective.masking_type must be one of {', '.join(MASKING_TYPES)}, got {masking_type!r}"
+        )
     if masking_type == "feature" and audio != video:
         raise ConfigError(
             "objective.masking_type=feature masks both streams with one mask (AV-HuBERT asserts the same "
@@ -324,7 +331,7 @@ def av_hubert(
     size: str = "base",
     num_classes: int = 100,  # first iteration: k-means on MFCC (AV-HuBERT, sec. 4: 100 clusters)
     label_rate: float = 100.0,  # MFCC labels at 100 Hz; labels from a 25 Hz AV layer: 25
-    masking_type: str = "input",  # AV-HuBERT ``masking_type``: input (last iteration) | feature (earlier ones)
+    masking_type: str = "input",  # AV-HuBERT ``masking_type``: input (last iteration) | feature (earlier)
     audio_mask_prob: float = 0.8,  # AV-HuBERT mask_prob_audio
     audio_mask_span: int = 10,  # mask_length_audio
     video_mask_prob: float = 0.3,  # mask_prob_image
@@ -354,9 +361,30 @@ def av_hubert(
     enc = presets[size](**overrides)
     if enc.frame_spec is None:
         raise ConfigError("av_hubert needs an encoder with an audio stream")
-    masks = AVMasks(enc.frame_spec, audio_mask_prob, audio_mask_span, video_mask_prob, video_mask_span, min_masks,
-                    seed, enc.fusion.modality_dropout, enc.fusion.audio_dropout, masking_type)
+    masks = AVMasks(
+        enc.frame_spec,
+        audio_mask_prob,
+        audio_mask_span,
+        video_mask_prob,
+        video_mask_span,
+        min_masks,
+        seed,
+        enc.fusion.modality_dropout,
+        enc.fusion.audio_dropout,
+        masking_type,
+    )
     noise = AddNoise(NoiseBank(noise_dir), noise_prob, snr_range(noise_snr)) if noise_dir else None
-    dim = final_dim if final_dim is not None else FINAL_DIM.get(size, 256)
-    return AVHubert(enc, masks, num_classes, dim, label_rate, temperature, unmasked_weight, penalty_weight,
-                    input_dropout, feature_grad_mult, noise)
+    dim = final_dim if final_dim is not None else AV_FINAL_DIM.get(size, 256)
+    return AVHubert(
+        enc,
+        masks,
+        num_classes,
+        dim,
+        label_rate,
+        temperature,
+        unmasked_weight,
+        penalty_weight,
+        input_dropout,
+        feature_grad_mult,
+        noise,
+    )

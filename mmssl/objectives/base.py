@@ -31,13 +31,27 @@ Three optional hooks, all called by the trainer:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
 from mmssl.errors import ConfigError
 
 BatchHook = Callable[[dict], dict]
+
+
+@dataclass
+class ChainHook:
+    """Run picklable batch hooks one after the other (e.g. utterance mixing, then masking)."""
+
+    hooks: tuple[BatchHook, ...]
+
+    def __call__(self, batch: dict) -> dict:
+        for hook in self.hooks:
+            batch = hook(batch)
+        return batch
 
 
 class Objective(nn.Module):
@@ -77,6 +91,7 @@ def check_settings(
     ``settings`` does not hold are left to the builder's defaults). The error names
     the key as the user set it: ``objective.encoder.<key>`` when ``encoder`` (the builder's
     ``encoder`` overrides) holds it, else ``objective.<key>``; ``what`` names the objective."""
+
     def fail(key: str, rule: str) -> None:
         where = f"objective.encoder.{key}" if key in (encoder or {}) else f"objective.{key}"
         raise ConfigError(f"{what}: {where} must be {rule}; got {settings[key]!r}")

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.encoders import build_family
 from mmssl.encoders.audio import CPCEncoder
 from mmssl.errors import ConfigError
+from mmssl.nn.contrastive import gather_logits, info_nce, sample_negatives
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.base import Objective
-from mmssl.objectives.wav2vec2 import build_encoder, gather_logits, info_nce, sample_negatives
 from mmssl.registry import OBJECTIVES
 
 LOSSES = ("infonce", "binary")
@@ -69,7 +70,9 @@ class CPCObjective(Objective):
         if loss not in LOSSES:
             raise ConfigError(f"cpc: loss must be one of {', '.join(LOSSES)}; got {loss!r}")
         if num_steps < 1 or num_negatives < 1:
-            raise ConfigError(f"cpc: num_steps and num_negatives must be >= 1; got {num_steps}, {num_negatives}")
+            raise ConfigError(
+                f"cpc: num_steps and num_negatives must be >= 1; got {num_steps}, {num_negatives}"
+            )
         self.encoder = encoder
         self.predictor = nn.Linear(encoder.dim, num_steps * encoder.feature_dim)
         self.num_steps, self.num_negatives, self.loss_kind = num_steps, num_negatives, loss
@@ -111,7 +114,7 @@ def build_cpc(
 ) -> CPCObjective:
     """A ``CPCObjective`` on the ``cpc_<size>`` encoder preset with ``context`` and ``overrides``
     (``channels``, ``context_dim``, ``context_layers``)."""
-    encoder = build_encoder("cpc", size, {"context": context, **(overrides or {})})
+    encoder = build_family("cpc", size, {"context": context, **(overrides or {})})
     return CPCObjective(encoder, num_steps, num_negatives, loss)
 
 

@@ -2,9 +2,9 @@
 wav2vec 2.0 (Baevski et al., 2020, sec. 4.4), HuBERT and AV-HuBERT (Shi et al., 2022) fine-tune
 for ASR.
 
-Parts: the encoder (a ``SpeechEncoder`` or an ``AVEncoder``), dropout (fairseq
+Parts: the encoder (a ``SpeechEncoder`` or an ``AudioVisualEncoder``), dropout (fairseq
 ``final_dropout``) and a linear head to the units plus the blank (class 0,
-``mmssl.eval.asr.Units``). The loss is ``torch.nn.functional.ctc_loss`` summed over the
+``mmssl.data.units.Units``). The loss is ``torch.nn.functional.ctc_loss`` summed over the
 feasible utterances of the batch and divided by their number (fairseq ``sentence_avg=true``,
 the wav2vec 2.0 fine-tuning setting). An utterance whose targets cannot fit its frames (target
 units plus one blank between each pair of equal neighbours exceed the frames) has no CTC path:
@@ -38,24 +38,26 @@ Shape legend: B batch, S samples, T frames, L target units, C model dim, V units
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mmssl.encoders  # noqa: F401  (registers the encoder presets)
 from mmssl.data.noise import AddNoise, NoiseBank, snr_range
-from mmssl.encoders.base import FrameSpec
+from mmssl.data.units import BLANK, UNIT_KINDS, Units, default_units
+from mmssl.encoders import build_family
+from mmssl.encoders.audio import AudioEncoder
+from mmssl.encoders.base import AudioVisualEncoder, FrameSpec, SpeechEncoder
 from mmssl.encoders.fusion import sample_keep
 from mmssl.errors import ConfigError, DataError
-from mmssl.eval.asr import BLANK, UNIT_KINDS, Units, default_units
 from mmssl.nn.frontend import ConvFrontend
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.registry import ENCODERS, OBJECTIVES
+from mmssl.registry import OBJECTIVES
 
 
 def make_targets(batch: dict, units: Units) -> tuple[Tensor, Tensor]:
@@ -141,19 +143,28 @@ class CTCHook:
         if "audio" in batch and self.frame_spec is not None and self.mask_prob > 0:
             audio_frames = self.frame_spec(batch["audio_lens"].cpu())
             width = int(self.frame_spec(torch.tensor(batch["audio"].shape[1])))
-            batch["time_mask"] = compute_span_mask(audio_frames, width, self.mask_prob, self.mask_span,
-                                                   self.min_masks, g)
+            batch["time_mask"] = compute_span_mask(
+                audio_frames, width, self.mask_prob, self.mask_span, self.min_masks, g
+            )
         if "audio" in batch and self.channels > 0 and self.mask_channel_prob > 0:
-            batch["channel_mask"] = channel_mask(batch["audio_lens"].shape[0], self.channels,
-                                                 self.mask_channel_prob, self.mask_channel_span, g)
+            batch["channel_mask"] = channel_mask(
+                batch["audio_lens"].shape[0], self.channels, self.mask_channel_prob, self.mask_channel_span, g
+            )
         if "audio" in batch and "video" in batch and self.modality_dropout > 0:
             batch["keep_audio"], batch["keep_video"] = sample_keep(
-                batch["audio_lens"].shape[0], self.modality_dropout, self.audio_dropout, g)
+                batch["audio_lens"].shape[0], self.modality_dropout, self.audio_dropout, g
+            )
         return batch
 
 
-def channel_mask(batch: int, channels: int, prob: float, span: int, generator: torch.Generator | None = None,
-                 device: torch.device | None = None) -> Tensor:
+def channel_mask(
+    batch: int,
+    channels: int,
+    prob: float,
+    span: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
     """bool ``(B, C)``, True = channel zeroed in every frame: spans of ``span`` channels drawn as
     time spans are (``mmssl.nn.masking``, no minimum count; fairseq ``mask_channel_prob``,
     ``mask_channel_length``, wav2vec 2.0 fine-tuning)."""
@@ -161,15 +172,25 @@ def channel_mask(batch: int, channels: int, prob: float, span: int, generator: t
     return compute_span_mask(lengths, channels, prob, span, 0, generator)
 
 
-def ctc_loss(log_probs: Tensor, lengths: Tensor | list[int], targets: Tensor, target_lens: Tensor | list[int],
-             ok: Tensor) -> Tensor:
+def ctc_loss(
+    log_probs: Tensor,
+    lengths: Tensor | list[int],
+    targets: Tensor,
+    target_lens: Tensor | list[int],
+    ok: Tensor,
+) -> Tensor:
     """Sum over the feasible utterances (``ok (B,)`` bool) of the CTC loss divided by their
     number (fairseq ``sentence_avg``; 0 when none is). ``log_probs (B, T, V)`` float,
     ``lengths`` / ``target_lens (B,)`` (host lists keep ``ctc_loss`` from syncing),
     ``targets (B, L)``."""
     per_utt = F.ctc_loss(
-        log_probs.float().transpose(0, 1), targets, lengths, target_lens,
-        blank=BLANK, reduction="none", zero_infinity=True,
+        log_probs.float().transpose(0, 1),
+        targets,
+        lengths,
+        target_lens,
+        blank=BLANK,
+        reduction="none",
+        zero_infinity=True,
     )  # (B,)
     ok = ok.to(per_utt.device)
     return torch.where(ok, per_utt, 0.0).sum() / ok.sum().clamp(min=1)
@@ -191,7 +212,7 @@ class CTCObjective(Objective):
     ) -> None:
         super().__init__()
         self.encoder, self.units, self.hook = encoder, units, hook
-        self.audio_visual = hasattr(encoder, "fused_input")
+        self.audio_visual = isinstance(encoder, AudioVisualEncoder)
         self.modalities = tuple(encoder.modalities) if self.audio_visual else ("audio",)
         self.dropout = nn.Dropout(final_dropout)
         self.head = nn.Linear(encoder.dim, units.size)
@@ -218,10 +239,14 @@ class CTCObjective(Objective):
             return None
         mask = batch.get("time_mask")
         if mask is None:
-            mask = compute_span_mask(lengths, t, self.hook.mask_prob, self.hook.mask_span, self.hook.min_masks)
+            mask = compute_span_mask(
+                lengths, t, self.hook.mask_prob, self.hook.mask_span, self.hook.min_masks
+            )
         elif mask.shape != (lengths.shape[0], t):
-            raise DataError(f"batch 'time_mask' has shape {tuple(mask.shape)} but the encoder gives "
-                            f"({lengths.shape[0]}, {t}) frames: the hook and the encoder disagree")
+            raise DataError(
+                f"batch 'time_mask' has shape {tuple(mask.shape)} but the encoder gives "
+                f"({lengths.shape[0]}, {t}) frames: the hook and the encoder disagree"
+            )
         return mask.to(lengths.device, non_blocking=True) & ~lengths_to_padding_mask(lengths, t)
 
     def _channel_mask(self, batch: dict, x: Tensor) -> Tensor | None:
@@ -230,11 +255,18 @@ class CTCObjective(Objective):
             return None
         mask = batch.get("channel_mask")
         if mask is None:
-            mask = channel_mask(x.shape[0], x.shape[-1], self.hook.mask_channel_prob, self.hook.mask_channel_span,
-                                device=x.device)
+            mask = channel_mask(
+                x.shape[0],
+                x.shape[-1],
+                self.hook.mask_channel_prob,
+                self.hook.mask_channel_span,
+                device=x.device,
+            )
         elif mask.shape != (x.shape[0], x.shape[-1]):
-            raise DataError(f"batch 'channel_mask' has shape {tuple(mask.shape)} but the features are "
-                            f"({x.shape[0]}, {x.shape[-1]}) channels: the hook and the encoder disagree")
+            raise DataError(
+                f"batch 'channel_mask' has shape {tuple(mask.shape)} but the features are "
+                f"({x.shape[0]}, {x.shape[-1]}) channels: the hook and the encoder disagree"
+            )
         return mask.to(x.device, non_blocking=True)
 
     def _mask(self, batch: dict, x: Tensor, lengths: Tensor, embed) -> Tensor:
@@ -253,7 +285,7 @@ class CTCObjective(Objective):
             raise DataError("a speech encoder needs audio; the batch has none")
         feats = enc.extract(batch["audio"], batch["audio_lens"])
         x, lengths = feats.x, feats.lengths
-        if hasattr(enc, "mask"):
+        if isinstance(enc, AudioEncoder):
             x = self._mask(batch, x, lengths, enc.mask)
         return enc.contextualize(x, lengths).hidden, lengths
 
@@ -281,8 +313,10 @@ class CTCObjective(Objective):
             targets = batch["ctc_targets"].to(lengths.device, non_blocking=True)
             frames, target_lens, ok = batch["ctc_frame_lens"], batch["ctc_target_lens"], batch["ctc_feasible"]
             if len(frames) != log_probs.shape[0] or max(frames) > log_probs.shape[1]:
-                raise DataError(f"batch 'ctc_frame_lens' {frames[:4]} does not fit the encoder's "
-                                f"{tuple(log_probs.shape[:2])} frames: the hook and the encoder disagree")
+                raise DataError(
+                    f"batch 'ctc_frame_lens' {frames[:4]} does not fit the encoder's "
+                    f"{tuple(log_probs.shape[:2])} frames: the hook and the encoder disagree"
+                )
         else:  # the slow path (tests, evaluation): the lengths are read back from the device
             targets, target_lens = make_targets(batch, self.units)
             targets, target_lens = targets.to(lengths.device), target_lens.to(lengths.device)
@@ -307,31 +341,31 @@ def _sync_updates(module: CTCObjective, incompatible_keys: Any) -> None:
     module._updates = int(module.updates)
 
 
-def build_ctc_encoder(encoder: str, size: str, encoder_init: str | None, options: dict[str, Any] | None) -> nn.Module:
-    """The encoder of the pretraining run ``encoder_init`` (a run folder, a checkpoint folder
-    or a ``.safetensors`` file), or a fresh ``<encoder>_<size>`` preset (from-scratch baseline)."""
-    if encoder_init not in (None, "", "none"):
-        from mmssl.runs import load_encoder_from_run
-
+def build_ctc_encoder(
+    encoder: str, size: str, encoder_init: nn.Module | None, options: dict[str, Any] | None
+) -> SpeechEncoder | AudioVisualEncoder:
+    """``encoder_init`` (the encoder of a pretraining run, loaded by whoever builds the
+    objective), or a fresh ``<encoder>_<size>`` preset (from-scratch baseline)."""
+    if encoder_init is not None:
+        if not isinstance(encoder_init, (SpeechEncoder, AudioVisualEncoder)):
+            raise ConfigError(
+                f"objective.encoder_init: the ctc builder takes the encoder of a run, got "
+                f"{type(encoder_init).__name__} (mmssl.runs.build_objective loads a run's path)"
+            )
         if options:
             raise ConfigError("objective.encoder_options apply to a fresh encoder only, not to encoder_init")
-        return load_encoder_from_run(encoder_init)
-    name = f"{encoder}_{size}"
-    if name not in ENCODERS:
-        known = sorted({n.rsplit("_", 1)[0] for n in ENCODERS.names()})
-        raise ConfigError(f"objective.encoder={encoder!r}, model.size={size!r}: no encoder preset {name!r} "
-                          f"(families: {', '.join(known)})")
-    return ENCODERS.build(name, **(options or {}))
+        return encoder_init
+    return build_family(encoder, size, options, what="objective.encoder")
 
 
 @OBJECTIVES.register(init_runs=("encoder_init",), run_files=("units_file",))
 def ctc(
     size: str = "base",
     encoder: str = "hubert",  # a fresh encoder preset family, used when encoder_init is none
-    encoder_init: str | None = None,  # a pretraining run / checkpoint to start from
+    encoder_init: nn.Module | None = None,  # the encoder of the pretraining run (config: its path)
     encoder_options: dict[str, Any] | None = None,  # preset overrides of a fresh encoder
     units: str = "char",  # char | unigram: what `mmssl finetune-asr` trains on the transcripts
-    vocab_size: int = 1000,  # unigram only (AV-HuBERT on LRS3: 1000)
+    vocab_size: int = 1000,  # unigram only (AV-HuBERT on LRS3: 1000): read by finetune-asr's unit training
     units_file: str | None = None,  # a units.model; None: built-in character units
     final_dropout: float = 0.0,  # fairseq wav2vec 2.0 base_10h ``final_dropout``
     freeze_steps: int = 0,  # fairseq ``freeze_finetune_updates`` (base_10h: 10000)
@@ -348,30 +382,58 @@ def ctc(
     seed: int = 0,
 ) -> CTCObjective:
     """CTC fine-tuning of a pretrained (``encoder_init``) or fresh (``encoder``, ``size``)
-    encoder on the units of ``units_file``."""
+    encoder on the units of ``units_file``.
+
+    ``encoder_init`` is the encoder module itself: the recipe key ``objective.encoder_init``
+    names a run, which the run-folder layer (``mmssl.runs.build_objective``, as it registered in
+    ``init_runs``) loads before calling this builder. ``units`` and ``vocab_size`` say which units
+    ``mmssl finetune-asr`` trains into ``units_file``; the head's size comes from that file."""
     if units not in UNIT_KINDS:
         raise ConfigError(f"objective.units: {units!r} is not one of {', '.join(UNIT_KINDS)}")
     if freeze_steps < 0:
         raise ConfigError(f"objective.freeze_steps must be >= 0, got {freeze_steps}")
     enc = build_ctc_encoder(encoder, size, encoder_init, encoder_options)
-    frontend = getattr(enc, "frontend", None)
-    if isinstance(frontend, ConvFrontend) and encoder_init not in (None, "", "none"):
-        frontend.requires_grad_(False)  # fairseq fine-tuning ``feature_grad_mult=0.0``, pretrained only
-    fusion = getattr(enc, "fusion", None)
-    if fusion is not None:
-        fusion.modality_dropout = fusion.modality_dropout if modality_dropout is None else modality_dropout
-        fusion.audio_dropout = fusion.audio_dropout if audio_dropout is None else audio_dropout
+    if isinstance(enc, SpeechEncoder) and isinstance(enc.frontend, ConvFrontend) and encoder_init is not None:
+        enc.frontend.requires_grad_(False)  # fairseq fine-tuning ``feature_grad_mult=0.0``, pretrained only
     vocab = Units.load(units_file) if units_file else default_units()
     noise = AddNoise(NoiseBank(noise_dir), noise_prob, snr_range(noise_snr)) if noise_dir else None
-    both = fusion is not None and len(enc.modalities) == 2
-    if fusion is not None:  # channel masks act on the audio stream before fusion
-        channels = fusion.audio_dim if getattr(enc, "audio_mask_embedding", None) is not None else 0
+    if isinstance(enc, AudioVisualEncoder):
+        fusion = enc.fusion
+        fusion.modality_dropout = fusion.modality_dropout if modality_dropout is None else modality_dropout
+        fusion.audio_dropout = fusion.audio_dropout if audio_dropout is None else audio_dropout
+        both = len(enc.modalities) == 2
+        # channel masks act on the audio stream before fusion
+        channels = fusion.audio_dim if enc.audio_mask_embedding is not None else 0
+        hook = CTCHook(
+            vocab,
+            enc.frame_spec,
+            mask_prob,
+            mask_span,
+            min_masks,
+            seed,
+            noise,
+            fusion.modality_dropout if both else 0.0,
+            fusion.audio_dropout if both else 0.5,
+            tuple(enc.modalities),
+            channels,
+            mask_channel_prob,
+            mask_channel_length,
+        )
     else:
-        channels = enc.dim if hasattr(enc, "mask") else 0
-    streams = tuple(enc.modalities) if fusion is not None else ("audio",)
-    hook = CTCHook(
-        vocab, getattr(enc, "frame_spec", None), mask_prob, mask_span, min_masks, seed, noise,
-        fusion.modality_dropout if both else 0.0, fusion.audio_dropout if both else 0.5,
-        streams, channels, mask_channel_prob, mask_channel_length,
-    )
+        channels = enc.dim if isinstance(enc, AudioEncoder) else 0
+        hook = CTCHook(
+            vocab,
+            enc.frame_spec,
+            mask_prob,
+            mask_span,
+            min_masks,
+            seed,
+            noise,
+            0.0,
+            0.5,
+            ("audio",),
+            channels,
+            mask_channel_prob,
+            mask_channel_length,
+        )
     return CTCObjective(enc, vocab, hook, final_dropout, freeze_steps)

@@ -42,15 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.encoders import build_family
 from mmssl.encoders.base import SpeechEncoder
 from mmssl.errors import ConfigError
-from mmssl.nn.masking import SpanMasker
+from mmssl.nn.masking import SpanMasker, prediction_mask
 from mmssl.nn.padding import instance_norm
 from mmssl.nn.transformer import TransformerEncoder
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.objectives.wav2vec2 import build_encoder, prediction_mask
 from mmssl.registry import OBJECTIVES
-
 
 # teacher parameters copied from the student instead of averaged (data2vec ``ema_layers_only``)
 COPIED_PREFIX = "pos_conv."
@@ -106,7 +105,9 @@ class Data2VecObjective(Objective):
         self.encoder, self.masker = encoder, masker
         student = getattr(encoder, "transformer", None)
         if not isinstance(student, TransformerEncoder):
-            raise ConfigError(f"data2vec: the encoder {type(encoder).__name__} has no transformer to copy as teacher")
+            raise ConfigError(
+                f"data2vec: the encoder {type(encoder).__name__} has no transformer to copy as teacher"
+            )
         # data2vec ``ema_transformer_only``: the teacher is the transformer alone
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
         self.head = nn.Linear(encoder.dim, encoder.dim)  # data2vec ``final_proj``
@@ -121,7 +122,7 @@ class Data2VecObjective(Objective):
         """The EMA decay of update ``step`` (the last update's; logged as ``ema_decay``)."""
         self.ema_decay = ema_decay_at(step, self.ema_start, self.ema_end, self.ema_anneal_steps)
 
-    def train(self, mode: bool = True) -> "Data2VecObjective":
+    def train(self, mode: bool = True) -> Data2VecObjective:
         super().train(mode)
         self.teacher.eval()
         return self
@@ -194,6 +195,6 @@ def data2vec(
     encoder: dict[str, Any] | None = None,
 ) -> Data2VecObjective:
     """data2vec on the ``data2vec_<size>`` encoder; ``encoder`` holds preset overrides."""
-    enc = build_encoder("data2vec", size, encoder)
+    enc = build_family("data2vec", size, encoder)
     masker = SpanMasker(enc.frame_spec, mask_prob, mask_span, min_masks, seed)
     return Data2VecObjective(enc, masker, top_k, ema_start, ema_end, ema_anneal_steps, loss_beta)

@@ -39,9 +39,10 @@ frontend's ``FrameSpec``) as small tensors: ``pred_mask (B, T)``, ``alter_mode (
 log mels, applies them (``alter``), and draws the same tensors itself on the device when the
 batch has none in training (no alteration in eval mode). No host sync, no boolean indexing.
 
-The encoder (``.encoder``, a ``MaskedReconEncoder``) is the stacked log-mel frontend, a linear
-projection and the transformer with sinusoidal positions, so ``mmssl extract``, ``mmssl
-kmeans --checkpoint`` and ``mmssl layers`` read these runs as any other. Its ``mask`` (what
+The encoder (``.encoder``, a ``MaskedReconEncoder`` of ``mmssl.encoders.mockingjay``) is the
+stacked log-mel frontend, a linear projection and the transformer with sinusoidal positions,
+so ``mmssl extract``, ``mmssl kmeans --checkpoint`` and ``mmssl layers`` read these runs as
+any other. Its ``mask`` (what
 ``mmssl finetune-asr``'s time masking calls) gives masked frames what a zeroed input frame
 becomes after the projection, as pretraining zeroes chosen frames; it has no learned mask
 embedding.
@@ -52,7 +53,6 @@ F = K * M features per stacked frame, C model dim.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,100 +60,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.encoders.audio import AudioEncoder
+from mmssl.encoders.mockingjay import MaskedReconEncoder, build_masked_recon_encoder
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn import transformer as tr
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import lengths_to_padding_mask
-from mmssl.nn.reconstruction import LogMelFrontend, StackedLogMelFrontend, reconstruction_loss
+from mmssl.nn.reconstruction import StackedLogMelFrontend, reconstruction_loss
 from mmssl.objectives.base import BatchHook, Objective, check_settings, size_preset
 from mmssl.registry import OBJECTIVES
-
-# --- encoder ---------------------------------------------------------------------------------
-
-
-class SinusoidalPositions(nn.Module):
-    """Fixed sinusoidal absolute positions (Vaswani et al., 2017, sec. 3.5), Mockingjay's
-    position encoding (sec. 2.2): ``sin`` on even and ``cos`` on odd channels of angle
-    ``t / 10000^(2 floor(i/2) / C)``. Takes the place of the transformer's position
-    convolution: ``x (B, T, C)`` -> the table ``(1, T, C)``, which the encoder adds."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        t, c = x.shape[1], x.shape[2]
-        steps = torch.arange(t, device=x.device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
-        channel = torch.arange(c, device=x.device)
-        rate = torch.exp(-math.log(10000.0) * torch.div(channel, 2, rounding_mode="floor").float() * 2.0 / c)
-        angle = steps * rate  # (T, C)
-        table = torch.where(channel % 2 == 0, angle.sin(), angle.cos())
-        return table.unsqueeze(0).to(x.dtype)  # (1, T, C)
-
-
-class MaskedReconEncoder(AudioEncoder):
-    """An ``AudioEncoder`` (``StackedLogMelFrontend`` -> linear projection -> transformer) whose
-    ``mask`` matches masked-reconstruction pretraining: there a chosen input frame is zeroed
-    (80% of the time, Mockingjay sec. 2.3) before the projection, so a masked projected frame
-    is the projection of the zero frame (its bias). It keeps no ``mask_embedding``; weights
-    saved with one (an unused random vector) still load."""
-
-    def __init__(
-        self, frontend: StackedLogMelFrontend, projection: nn.Linear, transformer: tr.TransformerEncoder
-    ) -> None:
-        super().__init__(frontend, projection, transformer)  # type: ignore[arg-type]
-        del self.mask_embedding  # drawn by AudioEncoder (same random stream), never used here
-        self.register_load_state_dict_pre_hook(_drop_mask_embedding)
-
-    def project(self, raw: Tensor) -> tuple[Tensor, Tensor]:
-        """One linear layer, no input dropout: ``clean`` and ``x`` are the same ``(B, T, C)``."""
-        x = self.projection(raw)
-        return x, x
-
-    def mask(self, x: Tensor, pred_mask: Tensor) -> Tensor:
-        """``x (B, T, C)`` projected features -> the frames where ``pred_mask (B, T)`` is True
-        replaced by the projection of a zero input frame ``(C,)``."""
-        zero = self.projection(x.new_zeros(self.feature_dim))  # (C,): W 0 + b
-        return torch.where(pred_mask.unsqueeze(-1), zero.to(x.dtype), x)
-
-
-def _drop_mask_embedding(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    state_dict.pop(prefix + "mask_embedding", None)
-
-
-def build_masked_recon_encoder(
-    dim: int = 768,
-    num_layers: int = 3,
-    num_heads: int = 12,
-    ffn_dim: int = 3072,
-    num_mel_bins: int = 80,
-    stack: int = 3,
-    dropout: float = 0.1,
-    attention_dropout: float = 0.1,
-    activation_dropout: float = 0.0,
-    layer_drop: float = 0.0,
-    pre_norm: bool = False,
-) -> MaskedReconEncoder:
-    """Stacked normalised log mels -> linear projection -> post-LN transformer with sinusoidal
-    positions. Defaults: Mockingjay / TERA base (3 layers, 768 dims, 12 heads, FFN 3072,
-    dropout 0.1, GELU; s3prl ``config_model``)."""
-    frontend = StackedLogMelFrontend(LogMelFrontend(num_mel_bins, normalize="utterance"), stack)
-    layers = tr.build_transformer(
-        dim, num_layers, num_heads, ffn_dim,
-        dropout=dropout, attention_dropout=attention_dropout, activation_dropout=activation_dropout,
-        pre_norm=pre_norm, pos_conv_kernel=0,
-    ).layers
-    transformer = tr.TransformerEncoder(
-        SinusoidalPositions(dim), list(layers), dim, dropout, pre_norm, layer_drop  # type: ignore[arg-type]
-    )
-    # Mockingjay's input projection (s3prl ``spec_transform``) is one linear layer; the
-    # post-LN transformer adds the positions and layer-normalises the sum, ``LN(W x + p)``
-    projection = nn.Linear(frontend.out_dim, dim)
-    tr.bert_init(projection)
-    return MaskedReconEncoder(frontend, projection, transformer)
-
 
 # Mockingjay / TERA base: 3 layers (s3prl TERA ``logMelBase``); large: 12 layers of the same
 # width (Mockingjay LARGE, s3prl ``config_model_large``); tiny for tests and the built-in corpus
@@ -191,29 +106,42 @@ class AlterationSampler:
     noise_prob: float = 0.0  # TERA, sec. III-C (s3prl ``noise_proportion: 0.15``)
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.zero_prob and 0.0 <= self.random_prob and self.zero_prob + self.random_prob <= 1.0):
-            raise ConfigError(f"masked_recon: zero_prob={self.zero_prob} and random_prob={self.random_prob} "
-                              "must be >= 0 and sum to at most 1")
+        if not (
+            0.0 <= self.zero_prob and 0.0 <= self.random_prob and self.zero_prob + self.random_prob <= 1.0
+        ):
+            raise ConfigError(
+                f"masked_recon: zero_prob={self.zero_prob} and random_prob={self.random_prob} "
+                "must be >= 0 and sum to at most 1"
+            )
         if not 0.0 <= self.channel_fraction <= 1.0 or not 0.0 <= self.noise_prob <= 1.0:
-            raise ConfigError(f"masked_recon: channel_fraction={self.channel_fraction} and "
-                              f"noise_prob={self.noise_prob} must be in [0, 1]")
+            raise ConfigError(
+                f"masked_recon: channel_fraction={self.channel_fraction} and "
+                f"noise_prob={self.noise_prob} must be in [0, 1]"
+            )
         if self.span < 1 or self.min_masks < 0:
-            raise ConfigError(f"masked_recon: span must be >= 1 and min_masks >= 0; got {self.span}, {self.min_masks}")
+            raise ConfigError(
+                f"masked_recon: span must be >= 1 and min_masks >= 0; got {self.span}, {self.min_masks}"
+            )
         if self.time and not 0.0 < self.mask_prob <= self.span:
-            raise ConfigError(f"masked_recon: mask_prob must be in (0, span={self.span}]; got {self.mask_prob}")
+            raise ConfigError(
+                f"masked_recon: mask_prob must be in (0, span={self.span}]; got {self.mask_prob}"
+            )
 
     @property
     def max_channels(self) -> int:
         """The widest channel block (s3prl: ``int(M * mask_frequency)``)."""
         return int(self.num_mel_bins * self.channel_fraction)
 
-    def __call__(self, frames: Tensor, max_len: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def __call__(
+        self, frames: Tensor, max_len: int, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """``frames (B,)`` valid (stacked) frames, ``max_len`` the padded T -> the alteration
         tensors (see the module docstring), on ``frames.device`` (``generator`` must live there)."""
         device, b = frames.device, frames.shape[0]
         if self.time:
-            pred_mask = compute_span_mask(frames, max_len, self.mask_prob, self.span, self.min_masks,
-                                          generator, same_count=False)
+            pred_mask = compute_span_mask(
+                frames, max_len, self.mask_prob, self.span, self.min_masks, generator, same_count=False
+            )
         else:
             pred_mask = torch.zeros(b, max_len, dtype=torch.bool, device=device)
         dice = torch.rand(b, device=device, generator=generator)
@@ -229,12 +157,19 @@ class AlterationSampler:
         m = self.num_mel_bins
         block = (torch.rand(b, device=device, generator=generator) * (self.max_channels + 1)).long()
         block = block.clamp(max=self.max_channels)
-        start = (torch.rand(b, device=device, generator=generator) * (m - block + 1)).long().minimum(m - block)
+        start = (
+            (torch.rand(b, device=device, generator=generator) * (m - block + 1)).long().minimum(m - block)
+        )
         channel = torch.arange(m, device=device).unsqueeze(0)  # (1, M)
         channel_mask = (channel >= start.unsqueeze(1)) & (channel < (start + block).unsqueeze(1))  # (B, M)
         noise_mask = torch.rand(b, device=device, generator=generator) < self.noise_prob
-        return {"pred_mask": pred_mask, "alter_mode": mode, "alter_shift": shift,
-                "channel_mask": channel_mask, "noise_mask": noise_mask}
+        return {
+            "pred_mask": pred_mask,
+            "alter_mode": mode,
+            "alter_shift": shift,
+            "channel_mask": channel_mask,
+            "noise_mask": noise_mask,
+        }
 
 
 @dataclass
@@ -278,7 +213,11 @@ def alter(x: Tensor, lengths: Tensor, alterations: dict[str, Tensor], stack: int
 
 
 def loss_weight(
-    alterations: dict[str, Tensor] | None, mel_lens: Tensor, frames: int, stack: int, num_mel_bins: int,
+    alterations: dict[str, Tensor] | None,
+    mel_lens: Tensor,
+    frames: int,
+    stack: int,
+    num_mel_bins: int,
     reconstruct_all: bool,
 ) -> Tensor:
     """Which elements of the stacked target ``(B, T, F)`` the loss reads (bool): the chosen
@@ -345,8 +284,10 @@ class MaskedReconstruction(Objective):
         if not isinstance(frontend, StackedLogMelFrontend):
             raise ConfigError("masked_recon: the encoder must read a StackedLogMelFrontend")
         if frontend.num_mel_bins != sampler.num_mel_bins:
-            raise ConfigError(f"masked_recon: the sampler draws {sampler.num_mel_bins} channels, "
-                              f"the frontend has {frontend.num_mel_bins}")
+            raise ConfigError(
+                f"masked_recon: the sampler draws {sampler.num_mel_bins} channels, "
+                f"the frontend has {frontend.num_mel_bins}"
+            )
         self.encoder, self.head, self.sampler = encoder, head, sampler
         self.noise_std, self.seed = noise_std, seed
         reconstruction_loss(loss)  # an unknown name is a ConfigError now, not at the first step
@@ -366,11 +307,18 @@ class MaskedReconstruction(Objective):
         if missing:
             raise DataError(f"masked_recon: the batch has 'pred_mask' but no {', '.join(missing)}")
         b, m = lengths.shape[0], self.sampler.num_mel_bins
-        for key, shape in (("pred_mask", (b, frames)), ("channel_mask", (b, m)), ("alter_mode", (b,)),
-                           ("alter_shift", (b,)), ("noise_mask", (b,))):
+        for key, shape in (
+            ("pred_mask", (b, frames)),
+            ("channel_mask", (b, m)),
+            ("alter_mode", (b,)),
+            ("alter_shift", (b,)),
+            ("noise_mask", (b,)),
+        ):
             if tuple(batch[key].shape) != shape:
-                raise DataError(f"batch {key!r} has shape {tuple(batch[key].shape)} but the encoder gives "
-                                f"{shape}: the alteration hook and the encoder disagree")
+                raise DataError(
+                    f"batch {key!r} has shape {tuple(batch[key].shape)} but the encoder gives "
+                    f"{shape}: the alteration hook and the encoder disagree"
+                )
         out = {k: batch[k].to(lengths.device, non_blocking=True) for k in ALTERATION_KEYS}
         out["pred_mask"] = out["pred_mask"] & ~lengths_to_padding_mask(lengths, frames)
         return out
@@ -381,10 +329,16 @@ class MaskedReconstruction(Objective):
         target, lengths = frontend.stacked(mels, mel_lens)  # (B, T, F)
         b, t, _ = target.shape
         alterations = self._alterations(batch, lengths, t)
-        x = target if alterations is None else alter(target, lengths, alterations, frontend.stack, self.noise_std)
+        x = (
+            target
+            if alterations is None
+            else alter(target, lengths, alterations, frontend.stack, self.noise_std)
+        )
         hidden = self.encoder.contextualize(self.encoder.projection(x), lengths).hidden
         pred = self.head(hidden)  # (B, T, F)
-        weight = loss_weight(alterations, mel_lens, t, frontend.stack, frontend.num_mel_bins, self.reconstruct_all)
+        weight = loss_weight(
+            alterations, mel_lens, t, frontend.stack, frontend.num_mel_bins, self.reconstruct_all
+        )
         loss = weighted_reconstruction(pred, target, weight, self.loss_kind)
         valid = ~lengths_to_padding_mask(lengths, t)
         chosen = torch.zeros_like(valid) if alterations is None else alterations["pred_mask"]
@@ -421,23 +375,38 @@ def masked_recon(
     """Mockingjay (time alteration only) or TERA (time + channel + magnitude) on the
     ``size`` preset (``tiny``, ``base``: 3 layers, ``large``: 12 layers); ``encoder`` holds
     overrides of ``build_masked_recon_encoder``'s arguments."""
-    check_settings("masked_recon", {"mask_span": mask_span, "min_masks": min_masks, "stack": stack},
-                   minimum={"mask_span": 1, "min_masks": 0, "stack": 1})
+    check_settings(
+        "masked_recon",
+        {"mask_span": mask_span, "min_masks": min_masks, "stack": stack},
+        minimum={"mask_span": 1, "min_masks": 0, "stack": 1},
+    )
     if time_alteration and not 0.0 < mask_prob <= mask_span:
-        raise ConfigError(f"masked_recon: objective.mask_prob must be in (0, objective.mask_span={mask_span}]; "
-                          f"got {mask_prob}")
-    options = {**size_preset("masked_recon", size, SIZES), "stack": stack, "num_mel_bins": num_mel_bins,
-               **(encoder or {})}
+        raise ConfigError(
+            f"masked_recon: objective.mask_prob must be in (0, objective.mask_span={mask_span}]; "
+            f"got {mask_prob}"
+        )
+    options = {
+        **size_preset("masked_recon", size, SIZES),
+        "stack": stack,
+        "num_mel_bins": num_mel_bins,
+        **(encoder or {}),
+    }
     try:
         enc = build_masked_recon_encoder(**options)
     except TypeError as err:
         raise ConfigError(f"masked_recon: objective.encoder: {err}") from None
     sampler = AlterationSampler(
-        num_mel_bins=num_mel_bins, time=time_alteration, mask_prob=mask_prob, span=mask_span,
-        min_masks=min_masks, zero_prob=zero_prob, random_prob=random_prob,
+        num_mel_bins=num_mel_bins,
+        time=time_alteration,
+        mask_prob=mask_prob,
+        span=mask_span,
+        min_masks=min_masks,
+        zero_prob=zero_prob,
+        random_prob=random_prob,
         channel_fraction=channel_fraction if channel_alteration else 0.0,
         noise_prob=noise_prob if magnitude_alteration else 0.0,
     )
     head = ReconstructionHead(enc.dim, enc.feature_dim)
-    return MaskedReconstruction(enc, head, sampler, noise_std=noise_std if magnitude_alteration else 0.0,
-                                loss=loss, seed=seed)
+    return MaskedReconstruction(
+        enc, head, sampler, noise_std=noise_std if magnitude_alteration else 0.0, loss=loss, seed=seed
+    )

@@ -97,8 +97,9 @@ class MultiviewContrastive(Objective):
         if self.utterance_weight > 0:
             ua = F.normalize(self.audio_utt(masked_mean(ha, lengths)), dim=-1)
             uv = F.normalize(self.video_utt(masked_mean(hv, lengths)), dim=-1)
-            utt, acc, _ = symmetric_info_nce(ua, uv, self.utterance_scale(), None, self.rank, self.world_size,
-                                             self.gather)
+            utt, acc, _ = symmetric_info_nce(
+                ua, uv, self.utterance_scale(), None, self.rank, self.world_size, self.gather
+            )
             loss = loss + self.utterance_weight * utt
             out.update(utterance_loss=utt, utterance_accuracy=acc)
         if self.frame_weight > 0:
@@ -132,4 +133,3 @@ def multiview_contrastive(
     return MultiviewContrastive(
         TwoTowerViews(audio, video, dim), dim, utterance_weight, frame_weight, rank, world_size
     )
-

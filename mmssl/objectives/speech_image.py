@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.encoders import build_family
 from mmssl.encoders.base import SpeechEncoder
 from mmssl.encoders.image import TINY, ImageTower, build_open_clip, image_tower_from
 from mmssl.encoders.text import TextTower, text_tower_from
@@ -41,7 +42,7 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.nn.contrastive import Gather, LogitScale, gather_ids, gather_rows, pair_info_nce, same_group_mask
 from mmssl.nn.padding import lengths_to_padding_mask, masked_mean
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.registry import ENCODERS, OBJECTIVES
+from mmssl.registry import OBJECTIVES
 
 POOLINGS = ("mean", "attention")
 # SpeechCLIP (Shih et al., 2022, sec. 4.1): HuBERT base with CLIP ViT-B/16, HuBERT large with ViT-L/14
@@ -116,7 +117,9 @@ class SpeechImage(Objective):
         if caption_weight > 0 and text_tower is None:
             raise ConfigError("speech_image: caption_weight > 0 needs a text tower")
         if text_tower is not None and text_tower.dim != image_tower.dim:
-            raise ConfigError(f"speech_image: text tower dim {text_tower.dim} != image tower dim {image_tower.dim}")
+            raise ConfigError(
+                f"speech_image: text tower dim {text_tower.dim} != image tower dim {image_tower.dim}"
+            )
         self.encoder, self.image_tower, self.text_tower = encoder, image_tower, text_tower
         self.attention_pool = AttentionPool(encoder.dim) if pooling == "attention" else None
         self.speech_proj = nn.Linear(encoder.dim, image_tower.dim)
@@ -158,15 +161,18 @@ class SpeechImage(Objective):
     def embed_text(self, text: Tensor, text_lens: Tensor) -> Tensor:
         """``text (B, L)`` token ids, ``text_lens (B,)`` -> normalised ``(B, D)``."""
         if self.text_tower is None:
-            raise ConfigError("this model has no text tower (train it with objective.caption_weight > 0 "
-                              "to embed text)")
+            raise ConfigError(
+                "this model has no text tower (train it with objective.caption_weight > 0 to embed text)"
+            )
         return F.normalize(self.text_tower(text, text_lens), dim=-1)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         missing = [k for k in self.modalities if k not in batch]
         if missing:
-            raise DataError(f"speech_image: the batch has no {', '.join(missing)} (data.modalities must list "
-                            f"{', '.join(self.modalities)})")
+            raise DataError(
+                f"speech_image: the batch has no {', '.join(missing)} (data.modalities must list "
+                f"{', '.join(self.modalities)})"
+            )
         groups = batch.get("group_ids")
         if groups is None and "groups" in batch:  # the batch hook did not run (tests, evaluation)
             groups = group_ids(batch["groups"], batch.get("ids"))
@@ -185,33 +191,47 @@ class SpeechImage(Objective):
             groups = groups.to(speech.device)
             excluded = same_group_mask(groups, gather_ids(groups, sizes), offset)
         scale = self.logit_scale()
-        loss, acc_si, acc_is = pair_info_nce(speech, image, all_speech, gathered[:, d : 2 * d], offset, scale,
-                                             excluded)
-        out = {"image_loss": loss, "speech_image_accuracy": acc_si, "image_speech_accuracy": acc_is,
-               "logit_scale": scale.detach()}
+        loss, acc_si, acc_is = pair_info_nce(
+            speech, image, all_speech, gathered[:, d : 2 * d], offset, scale, excluded
+        )
+        out = {
+            "image_loss": loss,
+            "speech_image_accuracy": acc_si,
+            "image_speech_accuracy": acc_is,
+            "logit_scale": scale.detach(),
+        }
         if self.caption_scale is not None:
             caption_scale = self.caption_scale()
-            caption, acc_st, acc_ts = pair_info_nce(speech, sides[2], all_speech, gathered[:, 2 * d :], offset,
-                                                    caption_scale)
+            caption, acc_st, acc_ts = pair_info_nce(
+                speech, sides[2], all_speech, gathered[:, 2 * d :], offset, caption_scale
+            )
             loss = loss + self.caption_weight * caption
-            out.update(caption_loss=caption, speech_text_accuracy=acc_st, text_speech_accuracy=acc_ts,
-                       caption_logit_scale=caption_scale.detach())
+            out.update(
+                caption_loss=caption,
+                speech_text_accuracy=acc_st,
+                text_speech_accuracy=acc_ts,
+                caption_logit_scale=caption_scale.detach(),
+            )
         out["loss"] = loss
         return out
 
 
-def _speech_encoder(size: str, speech: str, encoder: dict[str, Any] | None, speech_init: str | None) -> SpeechEncoder:
+def _speech_encoder(
+    size: str, speech: str, encoder: dict[str, Any] | None, speech_init: SpeechEncoder | None
+) -> SpeechEncoder:
     if speech_init is not None:
-        from mmssl.runs import load_encoder_from_run
-
-        enc = load_encoder_from_run(speech_init)
         if encoder:
-            raise ConfigError("speech_image: objective.encoder overrides cannot apply to a speech_init run's encoder")
-        enc.train()
+            raise ConfigError(
+                "speech_image: objective.encoder overrides cannot apply to a speech_init run's encoder"
+            )
+        enc = speech_init.train()
     else:
-        enc = ENCODERS.build(f"{speech}_{size}", **(encoder or {}))
+        enc = build_family(speech, size, encoder, what="objective.speech")
     if not isinstance(enc, SpeechEncoder):
-        raise ConfigError(f"speech_image: {speech_init or f'{speech}_{size}'} is not a speech encoder")
+        raise ConfigError(
+            f"speech_image: {'objective.speech_init' if speech_init is not None else f'{speech}_{size}'} "
+            "is not a speech encoder"
+        )
     return enc
 
 
@@ -220,9 +240,11 @@ def speech_image(
     size: str = "base",
     speech: str = "hubert",  # the speech encoder preset family: <speech>_<size>
     encoder: dict[str, Any] | None = None,  # overrides of the speech encoder preset
-    speech_init: str | None = None,  # an `mmssl pretrain` run (or checkpoint) whose encoder starts the speech tower
-    clip_model: str | None = None,  # "tiny" or a plain CLIP config of open_clip; None: by size (SpeechCLIP's pairing)
-    clip_pretrained: str | None = None,  # a local open_clip-format state dict file (OpenAI weights: -quickgelu config)
+    speech_init: SpeechEncoder | None = None,  # the encoder of an `mmssl pretrain` run (config: its path)
+    clip_model: str
+    | None = None,  # "tiny" or a plain CLIP config of open_clip; None: by size (SpeechCLIP's pairing)
+    clip_pretrained: str
+    | None = None,  # a local open_clip-format state dict file (OpenAI weights: -quickgelu config)
     freeze_image: bool = False,  # SpeechCLIP: True, with clip_pretrained
     freeze_text: bool = False,
     pooling: str = "mean",  # mean | attention
@@ -237,7 +259,10 @@ def speech_image(
     ``ConfigError`` listing them). ``clip_pretrained``: a local checkpoint in open_clip's format
     (a state dict); weights trained by OpenAI need the ``-quickgelu`` config of their model
     (``ViT-B-16-quickgelu``...), and their original TorchScript ``.pt`` files must be converted
-    first (``mmssl.encoders.image`` says how; loading one is a ``DataError`` that says it too)."""
+    first (``mmssl.encoders.image`` says how; loading one is a ``DataError`` that says it too).
+    ``speech_init`` is the encoder module itself: the recipe key ``objective.speech_init`` names
+    a run, which the run-folder layer (``mmssl.runs.build_objective``) loads before calling this
+    builder."""
     if size not in CLIP_MODELS:
         raise ConfigError(f"speech_image: size must be one of {', '.join(CLIP_MODELS)}; got {size!r}")
     enc = _speech_encoder(size, speech, encoder, speech_init)

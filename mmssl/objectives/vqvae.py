@@ -3,11 +3,11 @@ quantised one (``vqvae``; van den Oord et al., 2017, "Neural discrete representa
 learning"; for speech, Chorowski et al., 2019, "Unsupervised speech representation learning
 using WaveNet autoencoders").
 
-* Encoder (``FrameAutoencoderEncoder``): normalised 80-d log mels (100 Hz), optionally
-  downsampled x2 by stacking frame pairs (50 Hz; Chorowski et al. downsample their encoder to
-  50 Hz with a strided convolution), a convolution of kernel 3 and residual blocks
-  (ReLU, conv 3, ReLU, conv 1, plus the input: van den Oord et al., sec. 4.1), and a linear
-  projection to the latent ``z_e``.
+* Encoder (``FrameAutoencoderEncoder``, ``mmssl.encoders.autoencoder``): normalised 80-d log
+  mels (100 Hz), optionally downsampled x2 by stacking frame pairs (50 Hz; Chorowski et al.
+  downsample their encoder to 50 Hz with a strided convolution), a convolution of kernel 3
+  and residual blocks (ReLU, conv 3, ReLU, conv 1, plus the input: van den Oord et al.,
+  sec. 4.1), and a linear projection to the latent ``z_e``.
 * Bottleneck: ``z_e`` as it is (``autoencoder``) or its nearest codebook entry with a
   straight-through gradient (``vqvae``: ``mmssl.nn.quantizer.VectorQuantizer``, K = 512,
   beta = 0.25, EMA codebook with decay 0.99 and dead-entry restarts by default).
@@ -40,7 +40,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder, check_depth
+from mmssl.encoders.autoencoder import ConvStack, FrameAutoencoderEncoder, ResidualBlock, padding_keep
 from mmssl.errors import ConfigError
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.nn.quantizer import VectorQuantizer
@@ -49,105 +49,13 @@ from mmssl.objectives.base import Objective, check_settings, size_preset
 from mmssl.registry import OBJECTIVES
 
 
-def _keep(lengths: Tensor, t: int) -> Tensor:
-    """``(B, 1, T)`` float: 1 on valid frames, 0 on padding (channel-first layout)."""
-    return (~lengths_to_padding_mask(lengths, t)).unsqueeze(1).float()
-
-
-class ResidualBlock(nn.Module):
-    """``x + conv1(relu(conv3(relu(x))))`` (VQ-VAE, sec. 4.1) on ``x (B, C, T)``."""
-
-    def __init__(self, channels: int, hidden: int | None = None) -> None:
-        super().__init__()
-        hidden = hidden or channels
-        self.conv3 = nn.Conv1d(channels, hidden, 3, padding=1)
-        self.conv1 = nn.Conv1d(hidden, channels, 1)
-
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
-        """``x (B, C, T)``, ``keep (B, 1, T)`` -> ``(B, C, T)``, zero on padding."""
-        y = self.conv3(F.relu(x)) * keep  # zero padding before the next convolution reads it
-        return (x + self.conv1(F.relu(y))) * keep
-
-
-class ConvStack(nn.Module):
-    """Input convolution (kernel 3) then residual blocks: ``x (B, T, F_in)`` -> the output
-    ``(B, T, C)`` of every layer, each zero on padded frames."""
-
-    def __init__(self, input_dim: int, channels: int, num_blocks: int) -> None:
-        super().__init__()
-        self.input = nn.Conv1d(input_dim, channels, 3, padding=1)
-        self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(num_blocks))
-
-    def forward(self, x: Tensor, lengths: Tensor) -> list[Tensor]:
-        keep = _keep(lengths, x.shape[1])
-        h = self.input(x.transpose(1, 2)) * keep  # (B, C, T)
-        outputs = [h]
-        for block in self.blocks:
-            h = block(h, keep)
-            outputs.append(h)
-        return [o.transpose(1, 2) for o in outputs]  # each (B, T, C)
-
-
-class FrameAutoencoderEncoder(SpeechEncoder):
-    """Log mels (frame pairs: a ``StackedLogMelFrontend``) -> ``ConvStack`` -> linear
-    ``C -> D`` -> optional quantizer.
-
-    ``extract``: ``Features`` with ``x = raw =`` the (stacked) log mels ``(B, T, stack * F)``;
-    ``encode``: the convolution layers and ``z_e (B, T, D)``; ``contextualize``: every layer,
-    ``z_e`` and (with a quantizer) ``z_q`` in ``layers``, ``hidden`` the last of them."""
-
-    def __init__(
-        self, frontend: StackedLogMelFrontend, convs: ConvStack, latent_dim: int,
-        quantizer: VectorQuantizer | None = None,
-    ) -> None:
-        super().__init__()
-        self.frontend, self.convs, self.quantizer = frontend, convs, quantizer
-        self.to_latent = nn.Linear(convs.input.out_channels, latent_dim)
-        self.dim = latent_dim
-        self.feature_dim = frontend.out_dim
-        self.frame_rate = frontend.frame_rate
-        self.frame_spec = frontend.frame_spec
-
-    @property
-    def stack(self) -> int:
-        """Mel frames per latent frame."""
-        return self.frontend.stack
-
-    @property
-    def num_layers(self) -> int:
-        return 1 + len(self.convs.blocks) + 1 + (self.quantizer is not None)
-
-    def extract(self, audio: Tensor, audio_lens: Tensor) -> Features:
-        """``audio (B, S)`` -> ``Features`` with ``x = raw`` ``(B, T, stack * F)``: frame ``t``
-        holds mel frames ``stack * t .. stack * t + stack - 1`` (zeros past the end)."""
-        x, lengths = self.frontend(audio, audio_lens)
-        return Features(x=x, raw=x, lengths=lengths)
-
-    def encode(self, x: Tensor, lengths: Tensor) -> tuple[list[Tensor], Tensor]:
-        """``x (B, T, stack * F)`` -> (convolution layers ``[(B, T, C)]``, ``z_e (B, T, D)``),
-        all zero on padded frames."""
-        layers = self.convs(x, lengths)
-        keep = (~lengths_to_padding_mask(lengths, x.shape[1])).unsqueeze(-1).to(x.dtype)
-        return layers, self.to_latent(layers[-1]) * keep
-
-    def contextualize(self, x: Tensor, lengths: Tensor, num_layers: int | None = None) -> EncoderOutput:
-        """``x (B, T, stack * F)`` -> ``EncoderOutput``: layers ``1..num_layers`` of the convolution
-        stack, ``z_e`` and ``z_q``. The codebook never moves here (``VectorQuantizer.lookup``), also
-        in training mode (CTC fine-tuning of this encoder keeps the pretrained codebook)."""
-        depth = check_depth("frame autoencoder", num_layers, self.num_layers)
-        convs, z_e = self.encode(x, lengths)
-        layers = [*convs, z_e]
-        if self.quantizer is not None:
-            layers.append(self.quantizer.lookup(z_e)[0])
-        layers = layers[:depth]
-        return EncoderOutput(hidden=layers[-1], lengths=lengths, layers=layers, frame_rate=self.frame_rate)
-
-
 class FrameDecoder(nn.Module):
     """Linear ``D -> C``, residual blocks, linear ``C -> stack * F``, unstacked:
     ``z (B, T, D)``, ``lengths (B,)`` -> ``(B, stack * T, F)``."""
 
-    def __init__(self, latent_dim: int, channels: int, num_blocks: int, num_mel_bins: int, stack: int) -> None:
+    def __init__(
+        self, latent_dim: int, channels: int, num_blocks: int, num_mel_bins: int, stack: int
+    ) -> None:
         super().__init__()
         self.stack, self.num_mel_bins = stack, num_mel_bins
         self.from_latent = nn.Linear(latent_dim, channels)
@@ -156,7 +64,7 @@ class FrameDecoder(nn.Module):
 
     def forward(self, z: Tensor, lengths: Tensor) -> Tensor:
         b, t, _ = z.shape
-        keep = _keep(lengths, t)  # (B, 1, T)
+        keep = padding_keep(lengths, t)  # (B, 1, T)
         h = self.from_latent(z).transpose(1, 2) * keep  # (B, C, T)
         for block in self.blocks:
             h = block(h, keep)
@@ -170,7 +78,9 @@ class FrameAutoencoderObjective(Objective):
 
     modalities = ("audio",)
 
-    def __init__(self, encoder: FrameAutoencoderEncoder, decoder: FrameDecoder, reconstruction: str = "mse") -> None:
+    def __init__(
+        self, encoder: FrameAutoencoderEncoder, decoder: FrameDecoder, reconstruction: str = "mse"
+    ) -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.reconstruction, self.reconstruction_loss = reconstruction, reconstruction_loss(reconstruction)
@@ -210,7 +120,10 @@ ENCODER_KEYS = ("channels", "num_blocks", "latent_dim", "num_mel_bins")
 
 
 def build_frame_autoencoder(
-    size: str, downsample: bool, reconstruction: str, overrides: dict[str, Any] | None,
+    size: str,
+    downsample: bool,
+    reconstruction: str,
+    overrides: dict[str, Any] | None,
     quantizer: dict[str, Any] | None,
 ) -> FrameAutoencoderObjective:
     """Encoder, optional ``VectorQuantizer(**quantizer)`` and decoder of the ``size`` preset;
@@ -220,9 +133,13 @@ def build_frame_autoencoder(
     unknown = sorted(set(settings) - set(ENCODER_KEYS))
     if unknown:
         raise ConfigError(f"objective.encoder: unknown key {unknown[0]!r}; known: {', '.join(ENCODER_KEYS)}")
-    check_settings(what, settings, overrides, {"channels": 1, "num_blocks": 0, "latent_dim": 1, "num_mel_bins": 1})
+    check_settings(
+        what, settings, overrides, {"channels": 1, "num_blocks": 0, "latent_dim": 1, "num_mel_bins": 1}
+    )
     stack = 2 if downsample else 1
-    mels, channels, blocks, latent = (settings[k] for k in ("num_mel_bins", "channels", "num_blocks", "latent_dim"))
+    mels, channels, blocks, latent = (
+        settings[k] for k in ("num_mel_bins", "channels", "num_blocks", "latent_dim")
+    )
     vq = VectorQuantizer(latent, **quantizer) if quantizer is not None else None
     convs = ConvStack(mels * stack, channels, blocks)
     encoder = FrameAutoencoderEncoder(StackedLogMelFrontend(LogMelFrontend(mels), stack), convs, latent, vq)
@@ -257,6 +174,11 @@ def vqvae(
     for key, value in (("beta", beta), ("restart_threshold", restart_threshold)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ConfigError(f"vqvae: objective.{key} must be a number >= 0; got {value!r}")
-    quantizer = {"entries": entries, "beta": beta, "ema_decay": ema_decay,
-                 "restart_threshold": restart_threshold, "world_size": world_size}
+    quantizer = {
+        "entries": entries,
+        "beta": beta,
+        "ema_decay": ema_decay,
+        "restart_threshold": restart_threshold,
+        "world_size": world_size,
+    }
     return build_frame_autoencoder(size, downsample, reconstruction, encoder, quantizer)

@@ -11,8 +11,8 @@ not after the projection and input dropout the transformer reads; the diversity 
 its batch-averaged code distribution to uniform (weight 0.1, eq. 4).
 fairseq quantizes only the masked frames (``unmasked_features[mask_indices]``), so that
 average, and the reported perplexities, run over masked frames only: here every frame is
-quantized (no data-dependent shapes) and the average is weighted by ``pred_mask``. An L2 penalty keeps the frontend outputs small (weight 10,
-fairseq ``feature_pen``).
+quantized (no data-dependent shapes) and the average is weighted by ``pred_mask``. An L2
+penalty keeps the frontend outputs small (weight 10, fairseq ``feature_pen``).
 
 The step never syncs with the host: negatives are sampled with torch ops on the device, and
 the contrastive loss is computed for every frame and weighted by the mask instead of picking
@@ -20,8 +20,9 @@ masked frames with a boolean index. Similarities come from one ``(B, T, T)`` mat
 (each prediction against every latent of its utterance) gathered at the sampled indices,
 which is far smaller than the ``(B, T, K, D)`` tensor of gathered negatives.
 
-The helpers ``sample_negatives``, ``gather_logits``, ``info_nce`` and ``feature_penalty``
-are shared with CPC / wav2vec (``mmssl.objectives.cpc``).
+The contrastive pieces (``sample_negatives``, ``gather_logits``, ``info_nce``) live in
+``mmssl.nn.contrastive``, shared with CPC / wav2vec; the feature penalty and the default
+``final_dim`` in ``mmssl.nn.prediction``, shared with HuBERT and AV-HuBERT.
 
 Shape legend: B batch, S samples, T frames, A anchors, N negatives, C model dim, D code dim.
 """
@@ -31,108 +32,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mmssl.encoders  # noqa: F401  (registers the encoder presets)
-from mmssl.encoders.base import Features, SpeechEncoder
-from mmssl.errors import ConfigError, DataError
-from mmssl.nn.masking import SpanMasker, compute_span_mask
+from mmssl.encoders import build_family
+from mmssl.encoders.base import SpeechEncoder
+from mmssl.errors import ConfigError
+from mmssl.nn.contrastive import gather_logits, info_nce, sample_negatives
+from mmssl.nn.masking import SpanMasker, prediction_mask
 from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.prediction import feature_penalty, final_dim_for
 from mmssl.nn.quantizer import GumbelProductQuantizer, diversity_loss
 from mmssl.objectives.base import BatchHook, Objective
-from mmssl.registry import ENCODERS, OBJECTIVES
-
-
-def sample_negatives(
-    candidates: Tensor, positives: Tensor, num: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """Draw ``num`` distractor frames per anchor, uniformly with replacement among the
-    ``candidates (B, T)`` frames of the anchor's own utterance, never its positive frame.
-
-    ``positives (B, A)``: the frame index of each anchor's positive (a candidate frame).
-    Returns ``indices (B, A, N)`` into T and ``usable (B, A, N)``: False where the utterance has
-    fewer than two candidates (no distractor exists). No host sync, no data-dependent shapes.
-    """
-    b, t = candidates.shape
-    anchors = positives.shape[1]
-    count = candidates.sum(1)  # (B,)
-    # candidate frames first, in time order: position r of this list is the r-th candidate
-    order = torch.sort((~candidates).to(torch.uint8), dim=1, stable=True).indices  # (B, T)
-    rank = candidates.long().cumsum(1) - 1  # (B, T) rank of each candidate
-    pos_rank = rank.gather(1, positives)  # (B, A)
-    u = torch.rand(b, anchors, num, device=candidates.device, generator=generator)
-    span = (count - 1).clamp(min=1).view(b, 1, 1).to(u.dtype)
-    draw = torch.floor(u * span).long().clamp(max=t - 1)  # in [0, count - 2]
-    draw = draw + (draw >= pos_rank.unsqueeze(-1)).long()  # skip the positive's own rank
-    draw = draw.clamp(max=t - 1)
-    indices = order.gather(1, draw.view(b, anchors * num)).view(b, anchors, num)
-    usable = (count >= 2).view(b, 1, 1).expand(b, anchors, num)
-    return indices, usable
-
-
-def gather_logits(
-    pred: Tensor,
-    targets: Tensor,
-    positives: Tensor,
-    negatives: Tensor,
-    temperature: float = 1.0,
-    cosine: bool = False,
-    exclude: Tensor | None = None,
-) -> Tensor:
-    """Logits ``(B, A, 1 + N)``: the positive first, then the negatives.
-
-    ``pred (B, A, D)`` predictions, ``targets (B, T, D)`` candidate latents, ``positives (B, A)``
-    and ``negatives (B, A, N)`` frame indices into T. Dot products (CPC) or cosine similarities
-    (wav2vec 2.0), divided by ``temperature``. ``exclude (B, A, N)`` True sets a negative's
-    logit to -inf (a distractor that does not exist, or equals the positive).
-    """
-    pred, targets = pred.float(), targets.float()
-    if cosine:
-        pred, targets = F.normalize(pred, dim=-1, eps=1e-6), F.normalize(targets, dim=-1, eps=1e-6)
-    # float32 scores also under bf16 autocast (which would run bmm in bf16: ~3 digits on
-    # logits of up to 1/temperature), as fairseq computes them from .float() inputs
-    with torch.autocast(device_type=pred.device.type, enabled=False):
-        sim = torch.bmm(pred, targets.transpose(1, 2)) / temperature  # (B, A, T)
-    index = torch.cat([positives.unsqueeze(-1), negatives], dim=-1)  # (B, A, 1 + N)
-    logits = sim.gather(2, index)
-    if exclude is not None:
-        keep = torch.cat([torch.zeros_like(exclude[..., :1]), exclude], dim=-1)
-        logits = logits.masked_fill(keep, float("-inf"))
-    return logits
-
-
-def info_nce(logits: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Cross-entropy with the positive at index 0, averaged over anchors with ``weight (B, A)``
-    (1 = counts, 0 = ignored). ``logits (B, A, 1 + N)`` -> (loss, accuracy), both scalars."""
-    w = weight.to(logits.dtype)
-    nll = -logits.log_softmax(-1)[..., 0]  # (B, A)
-    total = w.sum().clamp(min=1.0)
-    loss = (nll * w).sum() / total
-    correct = (logits.argmax(-1) == 0).to(logits.dtype)
-    return loss, (correct * w).sum() / total
-
-
-def feature_penalty(raw: Tensor, lengths: Tensor) -> Tensor:
-    """Mean of ``raw (B, T, F) ** 2`` over valid frames and features (fairseq ``features_pen``)."""
-    keep = (~lengths_to_padding_mask(lengths, raw.shape[1])).unsqueeze(-1).to(torch.float32)
-    total = (raw.float().pow(2) * keep).sum()
-    return total / (keep.sum() * raw.shape[-1]).clamp(min=1.0)
-
-
-def prediction_mask(batch: dict, masker: SpanMasker, lengths: Tensor, frames: int) -> Tensor:
-    """``pred_mask (B, T)`` from the batch hook, or made here (on the device) when the batch
-    has none; checked against the encoder's frame count, restricted to valid frames."""
-    pred_mask = batch.get("pred_mask")
-    if pred_mask is None:
-        pred_mask = compute_span_mask(lengths, frames, masker.mask_prob, masker.span, masker.min_masks)
-    elif pred_mask.shape != (lengths.shape[0], frames):
-        raise DataError(
-            f"batch 'pred_mask' has shape {tuple(pred_mask.shape)} but the encoder gives "
-            f"({lengths.shape[0]}, {frames}) frames: the mask hook and the encoder disagree"
-        )
-    pred_mask = pred_mask.to(lengths.device, non_blocking=True)
-    return pred_mask & ~lengths_to_padding_mask(lengths, frames)
+from mmssl.registry import OBJECTIVES
 
 
 class Wav2Vec2Objective(Objective):
@@ -158,7 +69,9 @@ class Wav2Vec2Objective(Objective):
         if num_negatives < 1:
             raise ConfigError(f"wav2vec2: num_negatives must be >= 1, got {num_negatives}")
         if not 0.0 <= dropout_features < 1.0:
-            raise ConfigError(f"wav2vec2: objective.dropout_features must be in [0, 1), got {dropout_features}")
+            raise ConfigError(
+                f"wav2vec2: objective.dropout_features must be in [0, 1), got {dropout_features}"
+            )
         self.encoder, self.quantizer, self.masker = encoder, quantizer, masker
         self.quantizer_norm = quantizer_norm
         self.feature_dropout = nn.Dropout(dropout_features)  # fairseq ``dropout_features``
@@ -215,35 +128,9 @@ class Wav2Vec2Objective(Objective):
         }
 
 
-# wav2vec 2.0, sec. 4.2 / fairseq ``final_dim``: 256 for BASE, 768 for LARGE
-FINAL_DIM = {"tiny": 32, "base": 256, "large": 768}
 # fairseq ``dropout_features`` on the quantizer's input: wav2vec2_base_librispeech.yaml 0.1,
 # wav2vec2_large_librivox.yaml 0.0 (tiny follows base)
 DROPOUT_FEATURES = {"tiny": 0.1, "base": 0.1, "large": 0.0}
-
-
-def final_dim_for(size: str, final_dim: int | None) -> int:
-    if final_dim is not None:
-        return final_dim
-    if size not in FINAL_DIM:
-        raise ConfigError(f"no default final_dim for model size {size!r}; set objective.final_dim")
-    return FINAL_DIM[size]
-
-
-def build_encoder(
-    family: str, size: str, overrides: dict[str, Any] | None, feature_grad_mult: float | None = None
-) -> SpeechEncoder:
-    """The registered encoder preset ``<family>_<size>`` with keyword ``overrides``.
-
-    ``feature_grad_mult`` (fairseq's name) sets the encoder's ``feature_grad_scale``, the one
-    place the frontend gradient is scaled; None keeps the preset's (0.1 for base and large)."""
-    name = f"{family}_{size}"
-    if name not in ENCODERS:
-        raise ConfigError(f"model.size {size!r}: there is no encoder preset {name!r}")
-    overrides = dict(overrides or {})
-    if feature_grad_mult is not None:
-        overrides["feature_grad_scale"] = feature_grad_mult
-    return ENCODERS.build(name, **overrides)
 
 
 @OBJECTIVES.register
@@ -268,7 +155,7 @@ def wav2vec2(
     encoder: dict[str, Any] | None = None,
 ) -> Wav2Vec2Objective:
     """wav2vec 2.0 on the ``wav2vec2_<size>`` encoder; ``encoder`` holds preset overrides."""
-    enc = build_encoder("wav2vec2", size, encoder, feature_grad_mult)
+    enc = build_family("wav2vec2", size, encoder, feature_grad_mult)
     dim = final_dim_for(size, final_dim)
     quantizer = GumbelProductQuantizer(
         enc.feature_dim, dim, codebook_groups, codebook_entries, max_temp, min_temp, temp_decay
@@ -279,6 +166,14 @@ def wav2vec2(
     if dropout_features is None:
         dropout_features = DROPOUT_FEATURES.get(size, 0.1)
     return Wav2Vec2Objective(
-        enc, quantizer, masker, norm, dim, num_negatives, temperature, diversity_weight, penalty_weight,
+        enc,
+        quantizer,
+        masker,
+        norm,
+        dim,
+        num_negatives,
+        temperature,
+        diversity_weight,
+        penalty_weight,
         dropout_features,
     )

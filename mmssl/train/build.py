@@ -1,100 +1,34 @@
-"""Config -> objective, batch streams, optimizer and trainer: the thin glue of ``mmssl pretrain``.
+"""Config -> batch streams, optimizer and trainer: the thin glue of ``mmssl pretrain``.
 
-Only this module reads the config; everything it builds takes plain arguments.
+The objective itself is built by the run-folder layer (``mmssl.runs.build_objective``, which
+also loads the runs it starts from); this module and that one are the only readers of the
+config, and everything they build takes plain arguments.
 """
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import Subset
 
-from mmssl.config import builder_kwargs, save_resolved
+from mmssl.config import save_resolved
+from mmssl.data.collate import collate
+from mmssl.data.datasets import MODALITIES, ManifestDataset
+from mmssl.data.manifest import subset_indices
+from mmssl.data.samplers import BucketBatchSampler
 from mmssl.errors import ConfigError, DataError
 from mmssl.objectives.base import Objective
 from mmssl.registry import OBJECTIVES, Registry
-from mmssl.runs import snapshot_inits
+from mmssl.runs import build_objective, has_checkpoint, snapshot_inits
 from mmssl.train.distributed import DistEnv, wrap_model
 from mmssl.train.loop import LoopOptions, StepCallback, Trainer
 from mmssl.train.optim import Schedule, build_adamw
 from mmssl.train.stream import BatchStream
 
 StreamBuilder = Callable[[DictConfig, str, Objective, DistEnv], "BatchStream | None"]
-
-
-def build_objective(cfg: DictConfig, env: DistEnv = DistEnv(), registry: Registry = OBJECTIVES) -> Objective:
-    """``registry.build(objective.name, size=model.size, **objective keys, **model keys)``, plus
-    ``rank``/``world_size`` when the builder takes them."""
-    if registry is OBJECTIVES:
-        import mmssl.objectives  # noqa: F401  (registers the objectives)
-    name = cfg.objective.name
-    params = check_options(cfg, registry)
-    kwargs = {**builder_kwargs(cfg.objective), **builder_kwargs(cfg.model, drop=())}
-    for key, value in (("rank", env.rank), ("world_size", env.world_size)):
-        if key in params and key not in kwargs:
-            kwargs[key] = value
-    _check_labels(cfg, kwargs, params)
-    try:
-        objective = registry.build(name, **kwargs)
-    except TypeError as err:
-        raise ConfigError(f"objective {name!r}: {err}") from None
-    if not isinstance(objective, torch.nn.Module) or not callable(getattr(objective, "on_step", None)):
-        raise ConfigError(f"objective {name!r} did not build an Objective module")
-    return objective  # type: ignore[return-value]
-
-
-def check_options(cfg: DictConfig, registry: Registry = OBJECTIVES) -> Mapping[str, inspect.Parameter]:
-    """The builder's parameters, after checking that every ``objective.*`` and ``model.*`` key
-    is one of them: an unknown key is a ``ConfigError`` naming it (before any run folder exists)."""
-    if registry is OBJECTIVES:
-        import mmssl.objectives  # noqa: F401  (registers the objectives)
-    name = cfg.objective.name
-    try:
-        params = inspect.signature(registry.get(name)).parameters
-    except KeyError as err:
-        raise ConfigError(f"objective.name: {err.args[0]}") from None
-    objective_keys, model_keys = builder_kwargs(cfg.objective), builder_kwargs(cfg.model, drop=())
-    clash = sorted(set(objective_keys) & set(model_keys))
-    if clash:
-        raise ConfigError(f"objective.{clash[0]} and model.{clash[0]} are both set; keep one")
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        takes = ", ".join(k for k in params if k not in ("rank", "world_size"))
-        for section, keys in (("objective", objective_keys), ("model", model_keys)):
-            unknown = sorted(set(keys) - set(params))
-            if unknown:
-                raise ConfigError(f"unknown config key {section}.{unknown[0]} (objective {name!r} takes: {takes})")
-    return params
-
-
-def _check_labels(cfg: DictConfig, kwargs: dict, params) -> None:
-    """``objective.num_classes`` / ``label_rate`` against the k-means that made ``data.labels``
-    (its ``kmeans.pt`` records ``k`` and ``label_rate``): fewer classes than clusters or another
-    label rate would train on wrong targets (an error); more classes than clusters only leaves
-    some unused (a note)."""
-    labels = OmegaConf.select(cfg, "data.labels")
-    info_path = Path(labels) / "kmeans.pt" if labels else None
-    if info_path is None or not info_path.is_file():
-        return
-    try:
-        info = torch.load(info_path, map_location="cpu", weights_only=True)
-    except Exception:  # an unreadable summary is the k-means command's concern, not training's
-        return
-    for key, source in (("num_classes", "k"), ("label_rate", "label_rate")):
-        if key not in params or source not in info:
-            continue
-        value = kwargs.get(key, params[key].default)
-        if value is inspect.Parameter.empty or float(value) == float(info[source]):
-            continue
-        if key == "num_classes" and value > info[source]:
-            print(f"note: objective.num_classes={value} but data.labels={labels} "
-                  f"has only k={info[source]} clusters")
-            continue
-        raise ConfigError(f"objective.{key}={value} but data.labels={labels} has {source}={info[source]}; "
-                          f"set objective.{key}={info[source]}")
 
 
 def build_stream(cfg: DictConfig, split: str, objective: Objective, env: DistEnv) -> BatchStream | None:
@@ -105,11 +39,6 @@ def build_stream(cfg: DictConfig, split: str, objective: Objective, env: DistEnv
     Objectives that read images or text may carry ``image_transform`` / ``text_tokenizer``
     attributes; the dataset uses them to make ``image`` and ``text`` tensors.
     """
-    from mmssl.data.collate import collate
-    from mmssl.data.datasets import MODALITIES, ManifestDataset
-    from mmssl.data.manifest import subset_indices
-    from mmssl.data.samplers import BucketBatchSampler
-
     data = cfg.data
     manifest = data[split]
     if manifest is None:
@@ -132,11 +61,17 @@ def build_stream(cfg: DictConfig, split: str, objective: Objective, env: DistEnv
     chosen = subset_indices(count, data.train_subset, data.train_subset_seed) if train else range(count)
     keep = [i for i in chosen if data.min_audio_seconds <= durations[i] <= data.max_audio_seconds]
     if not keep:
-        raise DataError(f"data.{split}: no record of {manifest} lasts between data.min_audio_seconds="
-                        f"{data.min_audio_seconds} and data.max_audio_seconds={data.max_audio_seconds}")
+        raise DataError(
+            f"data.{split}: no record of {manifest} lasts between data.min_audio_seconds="
+            f"{data.min_audio_seconds} and data.max_audio_seconds={data.max_audio_seconds}"
+        )
     sampler = BucketBatchSampler(
-        [durations[i] for i in keep], data.max_seconds_per_batch, shuffle=train,
-        seed=cfg.train.seed, rank=env.rank, world_size=env.world_size,
+        [durations[i] for i in keep],
+        data.max_seconds_per_batch,
+        shuffle=train,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
     )
     return BatchStream(
         Subset(dataset, keep) if len(keep) < len(durations) else dataset,
@@ -207,7 +142,7 @@ def build_trainer(
     train = cfg.train
     _check_train(train)
     torch.manual_seed(train.seed)
-    objective = build_objective(cfg, env, registry).to(device)
+    objective = build_objective(cfg, env.rank, env.world_size, registry).to(device)
     stream = stream_builder(cfg, "train", objective, env)
     if stream is None:
         raise ConfigError("data.train is not set")
@@ -216,29 +151,44 @@ def build_trainer(
         if _has_labels_for(cfg.data.labels, cfg.data.valid):
             valid = stream_builder(cfg, "valid", objective, env)
         elif env.is_main:
-            print(f"no labels for data.valid in {cfg.data.labels} (run `mmssl kmeans` on {cfg.data.valid} "
-                  "with the same model); validation is off")
+            print(
+                f"no labels for data.valid in {cfg.data.labels} (run `mmssl kmeans` on {cfg.data.valid} "
+                "with the same model); validation is off"
+            )
     model = wrap_model(objective, env, device, train.strategy, train.find_unused_parameters)
     if train.compile:
         model.compile()  # in place: parameter names (and checkpoints) keep no `_orig_mod.` prefix
-    optimizer = build_adamw(model, lr=train.lr, weight_decay=train.weight_decay,
-                            betas=tuple(train.betas), eps=train.eps)
-    return Trainer(objective, optimizer, build_schedule(train), stream, loop_options(train),
-                   Path(train.out_dir), device=device, env=env, model=model,
-                   valid_stream=valid, callbacks=callbacks)
+    optimizer = build_adamw(
+        model, lr=train.lr, weight_decay=train.weight_decay, betas=tuple(train.betas), eps=train.eps
+    )
+    return Trainer(
+        objective,
+        optimizer,
+        build_schedule(train),
+        stream,
+        loop_options(train),
+        Path(train.out_dir),
+        device=device,
+        env=env,
+        model=model,
+        valid_stream=valid,
+        callbacks=callbacks,
+    )
 
 
 def prepare_run_dir(cfg: DictConfig, resume: bool, env: DistEnv) -> Path:
     """Create the run folder and save the resolved config (rank 0). A fresh run refuses a
     folder that already holds checkpoints; ``--resume`` continues it."""
     run_dir = Path(cfg.train.out_dir)
-    if not resume and (run_dir / "checkpoints" / "latest").exists():  # every rank stops alike
-        raise ConfigError(f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
-                          "it or choose another train.out_dir")
+    if not resume and has_checkpoint(run_dir):  # every rank stops alike
+        raise ConfigError(
+            f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
+            "it or choose another train.out_dir"
+        )
     if env.is_main:
         if not resume and (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()
         save_resolved(cfg, run_dir)
-        if not (run_dir / "checkpoints" / "latest").exists():  # also `--resume` of a run that saved
+        if not has_checkpoint(run_dir):  # also `--resume` of a run that saved
             snapshot_inits(cfg, run_dir)  # nothing yet: the configs of the runs it starts from
     return run_dir

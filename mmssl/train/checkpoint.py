@@ -1,4 +1,7 @@
-"""Checkpoints written atomically and loaded with ``weights_only=True``.
+"""What the trainer saves beside the weights, written atomically and loaded with
+``weights_only=True``: optimizer, schedule, data position and random state; the ``latest``
+pointer and pruning. Naming the folders and reading or writing the weights is the run
+folders' business (``mmssl.runs``), so reading a run needs no trainer.
 
 Layout of ``RUN/checkpoints``::
 
@@ -14,69 +17,21 @@ therefore leaves ``latest`` naming a checkpoint whose files are all complete.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, BinaryIO
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from mmssl.errors import DataError
-
-LATEST = "latest"
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "train_state.pt"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+from mmssl.files import atomic_write
+from mmssl.runs import LATEST, STEP_DIR, latest_step_dir
 
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.pt"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Tensors -> safetensors, atomically. Shared storage (tied weights) is stored once per name."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    data = save_safetensors_bytes(tensors)
-    atomic_write(path, lambda f: f.write(data))
 
 
 def save_state(obj: dict, path: Path) -> None:
@@ -122,49 +77,12 @@ def write_latest(ckpt_dir: Path, name: str) -> None:
     atomic_write(Path(ckpt_dir) / LATEST, lambda f: f.write(f"{name}\n".encode()))
 
 
-def latest_step_dir(ckpt_dir: Path) -> Path | None:
-    """The folder ``latest`` names, or None when there is no complete checkpoint yet."""
-    pointer = Path(ckpt_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    folder = Path(ckpt_dir) / name
-    if not _STEP_DIR.match(name) or not (folder / MODEL_FILE).is_file() or not (folder / STATE_FILE).is_file():
-        raise DataError(f"{pointer}: names {name!r}, which is not a complete checkpoint folder")
-    return folder
-
-
 def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoint folders (never the one ``latest`` names)."""
     if keep_last <= 0:
         return
     current = latest_step_dir(ckpt_dir)
-    steps = sorted(p for p in Path(ckpt_dir).iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    steps = sorted(p for p in Path(ckpt_dir).iterdir() if p.is_dir() and STEP_DIR.match(p.name))
     for folder in steps[:-keep_last]:
         if current is None or folder.name != current.name:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def resolve_weights(path: str | Path) -> Path:
-    """A run folder, its ``checkpoints`` folder, a step folder or a ``.safetensors`` file ->
-    the weights file (the latest checkpoint when given a folder)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    for ckpt_dir in (path / "checkpoints", path):
-        if (ckpt_dir / LATEST).is_file():
-            folder = latest_step_dir(ckpt_dir)
-            assert folder is not None
-            return folder / MODEL_FILE
-    if (path / MODEL_FILE).is_file():
-        return path / MODEL_FILE
-    raise DataError(f"{path}: no checkpoint here (expected a run folder, a step folder or {MODEL_FILE})")
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The objective's state dict from a checkpoint (see ``resolve_weights`` for ``path``)."""
-    file = resolve_weights(path)
-    try:
-        return load_safetensors_bytes(file.read_bytes())
-    except Exception as err:  # safetensors raises its own error types
-        raise DataError(f"{file}: cannot read weights: {err}") from err

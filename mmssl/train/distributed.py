@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mmssl.errors import ConfigError, DataError
 
@@ -43,18 +44,6 @@ def env_from_torchrun() -> DistEnv:
         )
     except ValueError as err:
         raise ConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {err}") from None
-
-
-def pick_device(name: str, env: DistEnv) -> torch.device:
-    """``auto`` -> this process's CUDA device when there is one, else the CPU."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device: {name!r} is not one of auto, cpu, cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(env.local_rank)
-    return torch.device("cuda", env.local_rank)
 
 
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
@@ -110,10 +99,9 @@ def wrap_model(
     if not env.enabled or strategy == "none":
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+    # lazy: FSDP2, only when a run shards its model
     from torch.distributed.fsdp import fully_shard
 
     for module in list(model.modules()):
@@ -127,6 +115,7 @@ def wrap_model(
 
 def is_sharded(model: nn.Module) -> bool:
     """True for an FSDP2 model (its state dicts are collectives)."""
+    # lazy: FSDP2, only when a run shards its model
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -139,6 +128,7 @@ def load_full_into_shards(model: nn.Module, state: dict[str, torch.Tensor]) -> N
     Done by hand rather than with ``set_model_state_dict`` so that a module registered under two
     names (its tensors appear under both in the file) loads once, by its first name.
     """
+    # lazy: FSDP2, only when a run shards its model
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     tensors = dict(model.named_parameters())

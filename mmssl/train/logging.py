@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mmssl.train.distributed import DistEnv, all_reduce_mean
 
@@ -57,7 +58,9 @@ class RunLogger:
     """Writes one JSON object per log step to ``metrics.jsonl`` and the same scalars to
     TensorBoard (``tb/``); shows a tqdm bar with ETA. Only rank 0 writes."""
 
-    def __init__(self, run_dir: Path, env: DistEnv, total_steps: int, start_step: int, progress: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, env: DistEnv, total_steps: int, start_step: int, progress: bool = True
+    ) -> None:
         self.env = env
         self.jsonl = None
         self.tb = None
@@ -66,12 +69,11 @@ class RunLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        # lazy: tensorboard takes a second to import; rank 0 only
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
         if progress:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, values: dict[str, float]) -> None:

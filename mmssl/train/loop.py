@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mmssl import runs
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import MmsslError
+from mmssl.files import write_text
 from mmssl.objectives.base import Objective
 from mmssl.train import checkpoint as ckpt
 from mmssl.train.distributed import (
@@ -43,7 +46,6 @@ from mmssl.train.logging import MetricWindow, RunLogger, Throughput
 from mmssl.train.optim import Schedule
 from mmssl.train.stream import BatchStream, batch_seed, to_device
 
-SAMPLE_RATE = 16_000
 StepCallback = Callable[[int], None]
 
 
@@ -58,12 +60,12 @@ class LoopOptions:
     max_steps: int
     log_every: int = 10
     save_every: int = 500
-    valid_every: int = 0          # 0: no validation
-    grad_clip: float = 0.0        # max global L2 norm; 0 turns clipping off (the norm is still logged)
-    accum_steps: int = 1          # micro-batches per optimizer step
-    precision: str = "bf16"       # bf16: autocast on CUDA (fp32 weights); fp32: no autocast
+    valid_every: int = 0  # 0: no validation
+    grad_clip: float = 0.0  # max global L2 norm; 0 turns clipping off (the norm is still logged)
+    accum_steps: int = 1  # micro-batches per optimizer step
+    precision: str = "bf16"  # bf16: autocast on CUDA (fp32 weights); fp32: no autocast
     max_nonfinite_steps: int = 100
-    keep_checkpoints: int = 3     # newest checkpoint folders kept; 0 keeps all
+    keep_checkpoints: int = 3  # newest checkpoint folders kept; 0 keeps all
     progress: bool = True
     seed: int = 0
 
@@ -96,7 +98,7 @@ class Trainer:
         self.optimizer, self.schedule, self.stream, self.opts = optimizer, schedule, stream, opts
         self.valid_stream, self.callbacks = valid_stream, list(callbacks)
         self.run_dir, self.device, self.env = Path(run_dir), device, env
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / runs.CHECKPOINTS
         self.step = 0
         self.nonfinite = torch.zeros((), device=device)
         self.fused = all(g.get("fused") for g in optimizer.param_groups)
@@ -132,7 +134,7 @@ class Trainer:
     def save(self) -> None:
         """Collective: every rank takes part (FSDP gathers full tensors); rank 0 writes."""
         model_state, optim_state = self._state_dicts()
-        folder = self.ckpt_dir / ckpt.step_dir_name(self.step)
+        folder = self.ckpt_dir / runs.step_dir_name(self.step)
         if self.env.is_main:
             folder.mkdir(parents=True, exist_ok=True)
         barrier(self.env)
@@ -140,7 +142,7 @@ class Trainer:
         mine = {"data": self.stream.state_dict(), "rng": ckpt.capture_rng()}
         ckpt.save_state(mine, folder / ckpt.rank_file(self.env.rank))
         if self.env.is_main:
-            ckpt.save_weights(model_state, folder / ckpt.MODEL_FILE)
+            runs.save_weights(model_state, folder / runs.MODEL_FILE)
             state = {
                 "step": self.step,
                 "optimizer": optim_state,
@@ -148,7 +150,7 @@ class Trainer:
                 "nonfinite": self.nonfinite.cpu(),
                 "world_size": self.env.world_size,
             }
-            ckpt.save_state(state, folder / ckpt.STATE_FILE)
+            ckpt.save_state(state, folder / runs.STATE_FILE)
         barrier(self.env)  # every rank's file is on disk before `latest` moves
         if self.env.is_main:
             ckpt.write_latest(self.ckpt_dir, folder.name)
@@ -157,13 +159,13 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the latest complete checkpoint, if any; True when one was loaded."""
-        folder = ckpt.latest_step_dir(self.ckpt_dir)
+        folder = runs.latest_step_dir(self.ckpt_dir)
         if folder is None:
             if self.env.is_main:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", 0)
             return False
-        weights = ckpt.load_weights(folder / ckpt.MODEL_FILE)
-        state = ckpt.load_state(folder / ckpt.STATE_FILE)
+        weights = runs.load_weights(folder / runs.MODEL_FILE)
+        state = ckpt.load_state(folder / runs.STATE_FILE)
         self._load_state_dicts(weights, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step = int(state["step"])
@@ -265,8 +267,11 @@ class Trainer:
                 window.add(out, applied)
                 speed.step()
                 logger.advance()
-                validating = bool(opts.valid_every) and self.valid_stream is not None \
+                validating = (
+                    bool(opts.valid_every)
+                    and self.valid_stream is not None
                     and self.step % opts.valid_every == 0
+                )
                 if validating or self.step % opts.log_every == 0 or self.step == opts.max_steps:
                     self._log(logger, window, speed, self.validate() if validating else {})
                 if self.step % opts.save_every == 0 or self.step == opts.max_steps:
@@ -280,13 +285,17 @@ class Trainer:
     def _log(self, logger: RunLogger, window: MetricWindow, speed: Throughput, extra: dict) -> None:
         values = {**window.means(self.env), **extra}
         perf = speed.read()
-        values["audio_sec_per_sec"] = float(all_reduce_sum(torch.tensor(perf["audio_sec_per_sec"], device=self.device), self.env))
+        values["audio_sec_per_sec"] = float(
+            all_reduce_sum(torch.tensor(perf["audio_sec_per_sec"], device=self.device), self.env)
+        )
         values["steps_per_sec"] = perf["steps_per_sec"]
         values["lr"] = self.schedule.lr_at(self.step - 1)
         values["epoch"] = float(self.stream.epoch)
         bad = float(self.nonfinite)
         values["nonfinite_steps"] = bad
-        values["bad_records"] = float(all_reduce_sum(torch.tensor(float(self.stream.skipped), device=self.device), self.env))
+        values["bad_records"] = float(
+            all_reduce_sum(torch.tensor(float(self.stream.skipped), device=self.device), self.env)
+        )
         if self.device.type == "cuda":
             values["gpu_mem_gb"] = torch.cuda.memory_allocated(self.device) / 2**30
             values["gpu_max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -324,4 +333,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut by the kill
             continue
-    ckpt.atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in keep).encode()))
+    write_text(path, "".join(f"{line}\n" for line in keep))

@@ -14,8 +14,16 @@ from torch import nn
 
 from mmssl.errors import ConfigError
 
-_NO_DECAY_TYPES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d,
-                   nn.BatchNorm3d, nn.InstanceNorm1d, nn.RMSNorm)
+_NO_DECAY_TYPES = (
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.RMSNorm,
+)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -86,7 +94,9 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
-            raise ConfigError(f"train.schedule: unknown schedule {self.kind!r}; known: {', '.join(self.KINDS)}")
+            raise ConfigError(
+                f"train.schedule: unknown schedule {self.kind!r}; known: {', '.join(self.KINDS)}"
+            )
         if self.warmup_steps < 0 or self.hold_steps < 0 or self.total_steps <= 0:
             raise ConfigError("train.warmup_steps/hold_steps must be >= 0 and train.max_steps > 0")
 

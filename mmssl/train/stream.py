@@ -11,7 +11,8 @@ stores: ``{"epoch", "offset"}``, the batch sampler's own state format.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -151,8 +152,10 @@ class BatchStream:
                 produced += 1
                 yield batch
             if start == 0 and produced == 0:
-                raise DataError(f"epoch {self.epoch} gave no usable batch (an empty manifest, every clip "
-                                "over the batch duration limit, or every record bad?)")
+                raise DataError(
+                    f"epoch {self.epoch} gave no usable batch (an empty manifest, every clip "
+                    "over the batch duration limit, or every record bad?)"
+                )
             self.epoch, self.offset = self.epoch + 1, 0
 
 

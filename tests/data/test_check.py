@@ -10,8 +10,18 @@ def _reasons(record, **kw):
 
 
 def test_good_records_pass(media):
-    assert _reasons({"id": "a", "audio": str(media.mkv), "video": str(media.mkv),
-                     "audio_samples": 32000, "video_frames": 50}) == []
+    assert (
+        _reasons(
+            {
+                "id": "a",
+                "audio": str(media.mkv),
+                "video": str(media.mkv),
+                "audio_samples": 32000,
+                "video_frames": 50,
+            }
+        )
+        == []
+    )
     assert _reasons({"id": "b", "audio": str(media.mp4_h264), "video": str(media.mp4_30fps)}) == []
     assert _reasons({"id": "c", "image": str(media.png)}) == []
 
@@ -19,19 +29,23 @@ def test_good_records_pass(media):
 def test_records_training_reads_by_converting_pass_with_notes(media):
     """Resampling and downmixing are what the loader does, not defects; AAC priming that the
     mp4 does not mark (PyAV muxing untimed frames) is dropped, so audio and video agree."""
-    wav44, mp4, mp4_48k, mp4_30 = (str(p) for p in (media.wav44, media.mp4_unmarked, media.mp4_unmarked48,
-                                                    media.mp4_30fps))
+    wav44, mp4, mp4_48k, mp4_30 = (
+        str(p) for p in (media.wav44, media.mp4_unmarked, media.mp4_unmarked48, media.mp4_30fps)
+    )
     assert inspect_record({"id": "w", "audio": wav44, "audio_samples": 32000}).notes == [
         ("w", wav44, "audio resampled 44100 Hz -> 16000 Hz"),
         ("w", wav44, "2 audio channels averaged to mono"),
     ]
     assert check_record({"id": "w", "audio": wav44, "audio_samples": 32000}) == []
     for path in (mp4, mp4_48k):
-        report = inspect_record({"id": "p", "audio": path, "video": path, "audio_samples": 32000, "video_frames": 50})
+        report = inspect_record(
+            {"id": "p", "audio": path, "video": path, "audio_samples": 32000, "video_frames": 50}
+        )
         assert report.problems == []
     assert report.notes == [("p", mp4_48k, "audio resampled 48000 Hz -> 16000 Hz")]
     assert inspect_record({"id": "v", "video": mp4_30}).notes == [
-        ("v", mp4_30, "video 30 fps read at 25 fps (frames dropped or repeated)")]
+        ("v", mp4_30, "video 30 fps read at 25 fps (frames dropped or repeated)")
+    ]
 
 
 def test_audio_video_length_disagreement(media):
@@ -85,11 +99,14 @@ def test_cli_table_summary_and_exit_status(media, tmp_path, capsys):
     assert main(["data", "check", str(good), "--workers", "1", "--no-progress"]) == 0
     assert "1 records checked, 0 bad (0.0%)" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
-    write_manifest(bad, [
-        {"id": "g", "audio": str(media.wav)},
-        {"id": "n", "audio": str(media.missing)},
-        {"id": "s", "audio": str(media.silent)},
-    ])
+    write_manifest(
+        bad,
+        [
+            {"id": "g", "audio": str(media.wav)},
+            {"id": "n", "audio": str(media.missing)},
+            {"id": "s", "audio": str(media.silent)},
+        ],
+    )
     assert main(["data", "check", str(bad), "--workers", "2", "--no-progress"]) == 1
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -101,11 +118,14 @@ def test_cli_table_summary_and_exit_status(media, tmp_path, capsys):
 
 def test_cli_passes_converted_records_and_counts_their_notes(media, tmp_path, capsys):
     manifest = tmp_path / "converted.jsonl"
-    write_manifest(manifest, [
-        {"id": "a", "audio": str(media.wav44)},
-        {"id": "b", "audio": str(media.wav44)},
-        {"id": "c", "audio": str(media.mp4_unmarked), "video": str(media.mp4_unmarked)},
-    ])
+    write_manifest(
+        manifest,
+        [
+            {"id": "a", "audio": str(media.wav44)},
+            {"id": "b", "audio": str(media.wav44)},
+            {"id": "c", "audio": str(media.mp4_unmarked), "video": str(media.mp4_unmarked)},
+        ],
+    )
     assert main(["data", "check", str(manifest), "--workers", "1", "--no-progress"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "3 records checked, 0 bad (0.0%)"
@@ -116,8 +136,10 @@ def test_cli_passes_converted_records_and_counts_their_notes(media, tmp_path, ca
 
 
 def test_report_counts_kinds():
-    problems = [("a", "f", "manifest says 10 audio samples, decoded 5"),
-                ("b", "g", "manifest says 20 audio samples, decoded 9")]
+    problems = [
+        ("a", "f", "manifest says 10 audio samples, decoded 5"),
+        ("b", "g", "manifest says 20 audio samples, decoded 9"),
+    ]
     report = format_report(4, problems)
     assert "4 records checked, 2 bad (50.0%)" in report
     assert "2  manifest says N audio samples, decoded N" in report

@@ -25,10 +25,18 @@ def test_lip_frames_centre_crop_and_normalise():
 
 def test_av_items_labels_and_batch_consistency(media, tmp_path):
     manifest = tmp_path / "train.jsonl"
-    write_manifest(manifest, [
-        {"id": "a", "audio": str(media.mkv), "video": str(media.mkv), "transcript": "one"},
-        {"id": "b", "audio": str(media.short_video), "video": str(media.short_video), "transcript": "two"},
-    ])
+    write_manifest(
+        manifest,
+        [
+            {"id": "a", "audio": str(media.mkv), "video": str(media.mkv), "transcript": "one"},
+            {
+                "id": "b",
+                "audio": str(media.short_video),
+                "video": str(media.short_video),
+                "transcript": "two",
+            },
+        ],
+    )
     km_dir = tmp_path / "km"
     km_dir.mkdir()
     (km_dir / "train.km").write_text("1 2 3\n4 5\n")
@@ -49,10 +57,21 @@ def test_av_items_labels_and_batch_consistency(media, tmp_path):
 
 def test_length_mismatch_and_truncation_are_skipped_and_counted(media):
     records = [
-        {"id": "ok", "audio": str(media.mkv), "video": str(media.mkv), "audio_samples": 32000, "video_frames": 50},
+        {
+            "id": "ok",
+            "audio": str(media.mkv),
+            "video": str(media.mkv),
+            "audio_samples": 32000,
+            "video_frames": 50,
+        },
         {"id": "short", "audio": str(media.short_video), "video": str(media.short_video)},
-        {"id": "cut", "audio": str(media.truncated_mkv), "video": str(media.truncated_mkv),
-         "audio_samples": 32000, "video_frames": 50},
+        {
+            "id": "cut",
+            "audio": str(media.truncated_mkv),
+            "video": str(media.truncated_mkv),
+            "audio_samples": 32000,
+            "video_frames": 50,
+        },
         {"id": "liar", "audio": str(media.mkv), "audio_samples": 48000},
     ]
     ds = ManifestDataset(records, modalities=("audio", "video"), max_bad_fraction=1.0)
@@ -76,7 +95,10 @@ def test_durations_from_counts(tmp_path):
 
 def test_text_and_image(media):
     records = [{"id": "i", "image": str(media.png), "caption": "a cat"}]
-    tokenizer = lambda s: torch.tensor([[len(w) for w in s.split()]])  # (1, L) like open_clip
+
+    def tokenizer(s):
+        return torch.tensor([[len(w) for w in s.split()]])  # (1, L) like open_clip
+
     item = ManifestDataset(records, ("image", "text"), text_tokenizer=tokenizer)[0]
     assert item["text"].tolist() == [1, 3]
     torch.testing.assert_close(item["image"], torch.from_numpy(media.rgb).permute(2, 0, 1).float() / 255)
@@ -102,9 +124,7 @@ def test_label_count_must_match(tmp_path):
 
 def test_skip_and_count_then_stop_at_fraction(media, caplog):
     # 1 bad in every 10: tolerated at 20 %, not at 5 %
-    records = [
-        {"id": f"r{i}", "audio": str(media.missing if i % 10 == 3 else media.wav)} for i in range(40)
-    ]
+    records = [{"id": f"r{i}", "audio": str(media.missing if i % 10 == 3 else media.wav)} for i in range(40)]
     ds = ManifestDataset(records, max_bad_fraction=0.2)
     with caplog.at_level(logging.WARNING, logger="mmssl.data.datasets"):
         out = [ds[i] for i in range(40)]

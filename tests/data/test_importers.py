@@ -9,8 +9,10 @@ from mmssl.errors import DataError
 
 def test_avhubert_tsv_wrd_to_manifest_via_cli(tmp_path):
     tsv = tmp_path / "train.tsv"
-    tsv.write_text("/data/lrs3\nspk1/00001\tvideo/spk1/00001.mp4\taudio/spk1/00001.wav\t50\t32000\n"
-                   "spk2/00002\tvideo/spk2/00002.mp4\taudio/spk2/00002.wav\t75\t48000\n")
+    tsv.write_text(
+        "/data/lrs3\nspk1/00001\tvideo/spk1/00001.mp4\taudio/spk1/00001.wav\t50\t32000\n"
+        "spk2/00002\tvideo/spk2/00002.mp4\taudio/spk2/00002.wav\t75\t48000\n"
+    )
     wrd = tmp_path / "train.wrd"
     wrd.write_text("HELLO THERE\nGOOD MORNING\n")
     out = tmp_path / "out" / "train.jsonl"

@@ -52,7 +52,9 @@ def test_aac_written_by_the_ffmpeg_command_decodes_to_the_written_samples(tmp_pa
     at = [rate // 2, 3 * rate // 2]
     source, path = tmp_path / "clicks.wav", tmp_path / "clicks.mp4"
     write_wav(source, clicks(2 * rate, at), rate)
-    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(source), "-c:a", "aac", str(path)], check=True)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-nostdin", "-i", str(source), "-c:a", "aac", str(path)], check=True
+    )
     wav = load_audio(path, rate)
     assert wav.shape == (2 * rate,)
     assert _click_samples(wav) == _expected_click_samples(at)

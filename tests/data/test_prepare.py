@@ -60,17 +60,24 @@ def assert_checks(path: Path) -> None:
 @pytest.fixture
 def libri(tmp_path):
     root = tmp_path / "LibriSpeech"
-    lengths = {"dev-clean/84/121/84-121-0000": 4000, "dev-clean/84/121/84-121-0001": 6400,
-               "dev-clean/84/122/84-122-0000": 5000, "test-clean/61/70/61-70-0000": 3000}
+    lengths = {
+        "dev-clean/84/121/84-121-0000": 4000,
+        "dev-clean/84/121/84-121-0001": 6400,
+        "dev-clean/84/122/84-122-0000": 5000,
+        "test-clean/61/70/61-70-0000": 3000,
+    }
     for name, n in lengths.items():
         path = root / f"{name}.flac"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_flac(path, n)
     (root / "dev-clean/84/121/84-121-0002.flac").write_bytes(np.random.default_rng(0).bytes(4000))  # corrupt
-    (root / "dev-clean/84/121/84-121-0003.flac").write_bytes((root / "dev-clean/84/121/84-121-0000.flac").read_bytes())
+    (root / "dev-clean/84/121/84-121-0003.flac").write_bytes(
+        (root / "dev-clean/84/121/84-121-0000.flac").read_bytes()
+    )
     (root / "dev-clean/84/121/84-121.trans.txt").write_text(
         "84-121-0000 HE HOPED THERE WOULD BE STEW\n84-121-0001 STUFF IT INTO YOU\n"
-        "84-121-0002 A CORRUPT ONE\n84-121-0009 NO AUDIO FOR THIS LINE\n")
+        "84-121-0002 A CORRUPT ONE\n84-121-0009 NO AUDIO FOR THIS LINE\n"
+    )
     (root / "dev-clean/84/122/84-122.trans.txt").write_text("84-122-0000 AFTER EARLY NIGHTFALL\n")
     (root / "test-clean/61/70/61-70.trans.txt").write_text("61-70-0000 YOU WILL BE FRANK WITH ME\n")
     return root, lengths
@@ -89,7 +96,9 @@ def test_librispeech_records_skips_and_summary(libri, tmp_path, capsys):
     for name, n in lengths.items():
         record = {**dev, **test}[Path(name).name]
         assert record["audio_samples"] == n and record["audio"] == str((root / f"{name}.flac").resolve())
-    skipped = {s["id"]: s["reason"] for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    skipped = {
+        s["id"]: s["reason"] for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())
+    }
     assert skipped["84-121-0003"] == "no line in 84-121.trans.txt"
     assert skipped["84-121-0009"] == "listed in the transcript file, no audio file"
     assert skipped["84-121-0002"] == "zero-length audio"  # FFmpeg's flac reader finds no frame in the noise
@@ -104,18 +113,43 @@ def test_librispeech_parallel_limit_and_splits(libri, tmp_path):
     root, _ = libri
     one, two = tmp_path / "one", tmp_path / "two"
     assert prepare("librispeech", "--root", str(root), "--out", str(one)) == 0
-    assert main(["data", "prepare", "librispeech", "--root", str(root), "--out", str(two), "--workers", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "librispeech",
+                "--root",
+                str(root),
+                "--out",
+                str(two),
+                "--workers",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (one / "dev-clean.jsonl").read_text() == (two / "dev-clean.jsonl").read_text()
     three = tmp_path / "three"
-    assert prepare("librispeech", "--root", str(root), "--out", str(three), "--splits", "test-clean", "--limit", "1") == 0
+    assert (
+        prepare(
+            "librispeech", "--root", str(root), "--out", str(three), "--splits", "test-clean", "--limit", "1"
+        )
+        == 0
+    )
     assert sorted(p.name for p in three.glob("*.jsonl")) == ["skipped.jsonl", "test-clean.jsonl"]
-    assert prepare("librispeech", "--root", str(root), "--out", str(three), "--splits", "train-clean-100") == 2
+    assert (
+        prepare("librispeech", "--root", str(root), "--out", str(three), "--splits", "train-clean-100") == 2
+    )
 
 
 def test_librispeech_missing_transcript_file_is_named(libri, tmp_path):
     root, _ = libri
     (root / "dev-clean/84/122/84-122.trans.txt").unlink()
-    with pytest.raises(DataError, match=r"84-122\.trans\.txt: transcript file not found.*datasets/librispeech/README\.md"):
+    with pytest.raises(
+        DataError, match=r"84-122\.trans\.txt: transcript file not found.*datasets/librispeech/README\.md"
+    ):
         librispeech.collect(root)
 
 
@@ -130,7 +164,9 @@ def test_a_folder_without_the_layout_names_the_readme(corpus, tmp_path, capsys):
 
 def test_option_of_another_corpus_is_refused(libri, tmp_path, capsys):
     root, _ = libri
-    assert prepare("librispeech", "--root", str(root), "--out", str(tmp_path / "o"), "--karpathy", "x.json") == 2
+    assert (
+        prepare("librispeech", "--root", str(root), "--out", str(tmp_path / "o"), "--karpathy", "x.json") == 2
+    )
     assert "--karpathy applies to spokencoco" in capsys.readouterr().err
 
 
@@ -142,7 +178,9 @@ def lrs3_root(tmp_path_factory):
     clips |= {"test/talkT/00001": 18, "pretrain/talkP/00001": 22}
     for key, frames in clips.items():
         write_clip(root / f"{key}.mp4", frames)
-        (root / f"{key}.txt").write_text(f"Text:  WORDS OF {key.upper()}\nConf:  4\n\nWORD START END ASDSCORE\n")
+        (root / f"{key}.txt").write_text(
+            f"Text:  WORDS OF {key.upper()}\nConf:  4\n\nWORD START END ASDSCORE\n"
+        )
     write_clip(root / "trainval/talk1/00009.mp4", 10)  # no .txt
     return root, clips
 
@@ -170,12 +208,17 @@ def test_lrs3_valid_hold_out_is_deterministic(lrs3_root, tmp_path):
     again = lrs3.collect(root, valid_size=2, seed=3)
     assert [r["id"] for r in first.splits["valid"]] == [r["id"] for r in again.splits["valid"]]
     ids = [f"trainval/t{i}/0000{i}" for i in range(50)]
-    assert lrs3.hold_out(ids, 10, seed=0) == lrs3.hold_out(ids[::-1], 10, seed=0)  # listing order does not matter
+    assert lrs3.hold_out(ids, 10, seed=0) == lrs3.hold_out(
+        ids[::-1], 10, seed=0
+    )  # listing order does not matter
     assert lrs3.hold_out(ids, 10, seed=0) != lrs3.hold_out(ids, 10, seed=1)
     listed = tmp_path / "valid.id"
     listed.write_text("trainval/talk1/00003\n")
     chosen = lrs3.collect(root, splits=["trainval"], valid_ids=listed)
-    assert [r["id"] for r in chosen.splits["valid"]] == ["trainval/talk1/00003"] and list(chosen.splits) == ["train", "valid"]
+    assert [r["id"] for r in chosen.splits["valid"]] == ["trainval/talk1/00003"] and list(chosen.splits) == [
+        "train",
+        "valid",
+    ]
     listed.write_text("talk1/00003\n")  # not the file-id form
     with pytest.raises(DataError, match="valid.id: none of its 1 ids is a trainval clip"):
         lrs3.collect(root, splits=["trainval"], valid_ids=listed)
@@ -184,9 +227,16 @@ def test_lrs3_valid_hold_out_is_deterministic(lrs3_root, tmp_path):
 # --- VoxCeleb2 -----------------------------------------------------------------------------------
 def test_voxceleb2_records_keep_ids_and_bad_files(tmp_path):
     root = tmp_path / "vox2"
-    for key in ("dev/mp4/id001/ytA/00001", "dev/mp4/id001/ytA/00002", "dev/mp4/id002/ytB/00001", "test/mp4/id009/ytC/00001"):
+    for key in (
+        "dev/mp4/id001/ytA/00001",
+        "dev/mp4/id001/ytA/00002",
+        "dev/mp4/id002/ytB/00001",
+        "test/mp4/id009/ytC/00001",
+    ):
         write_clip(root / f"{key}.mp4", 12)
-    write_av(root / "dev/mp4/id002/ytB/00002.mp4", moving_frames(12, 32, 32), None, video_codec="mpeg4")  # no audio
+    write_av(
+        root / "dev/mp4/id002/ytB/00002.mp4", moving_frames(12, 32, 32), None, video_codec="mpeg4"
+    )  # no audio
     (root / "dev/mp4/id003/ytD").mkdir(parents=True)
     (root / "dev/mp4/id003/ytD/00001.mp4").write_bytes(b"\x00" * 500)  # corrupt
     out = tmp_path / "out"
@@ -195,15 +245,21 @@ def test_voxceleb2_records_keep_ids_and_bad_files(tmp_path):
     assert list(dev) == ["id001/ytA/00001", "id001/ytA/00002", "id002/ytB/00001"]
     assert dev["id002/ytB/00001"]["speaker"] == "id002" and dev["id002/ytB/00001"]["video_frames"] == 12
     assert list(by_id(out / "test.jsonl")) == ["id009/ytC/00001"]
-    reasons = {s["id"]: s["reason"] for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
-    assert reasons["id002/ytB/00002"] == "no audio stream" and reasons["id003/ytD/00001"].startswith("cannot open")
+    reasons = {
+        s["id"]: s["reason"] for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())
+    }
+    assert reasons["id002/ytB/00002"] == "no audio stream" and reasons["id003/ytD/00001"].startswith(
+        "cannot open"
+    )
     assert_checks(out / "dev.jsonl")
     keep = tmp_path / "vox-en.id.gz"
     with gzip.open(keep, "wt") as f:
         f.write("dev/mp4/id001/ytA/00002\nid009/ytC/00001\n")
     kept = tmp_path / "kept"
     assert prepare("voxceleb2", "--root", str(root), "--out", str(kept), "--keep-ids", str(keep)) == 0
-    assert list(by_id(kept / "dev.jsonl")) == ["id001/ytA/00002"] and list(by_id(kept / "test.jsonl")) == ["id009/ytC/00001"]
+    assert list(by_id(kept / "dev.jsonl")) == ["id001/ytA/00002"] and list(by_id(kept / "test.jsonl")) == [
+        "id009/ytC/00001"
+    ]
 
 
 # --- SpokenCOCO ----------------------------------------------------------------------------------
@@ -228,7 +284,9 @@ def coco(tmp_path):
                 if uttid != "spk1-B1":  # its wav is missing
                     (root / wav).parent.mkdir(parents=True, exist_ok=True)
                     write_wav(root / wav, tone(3000 + 100 * k))
-                captions.append({"text": f"a photo {name} number {k} ", "speaker": f"spk{k}", "uttid": uttid, "wav": wav})
+                captions.append(
+                    {"text": f"a photo {name} number {k} ", "speaker": f"spk{k}", "uttid": uttid, "wav": wav}
+                )
             data.append({"image": image, "captions": captions})
         doc[split] = data
         (root / f"SpokenCOCO_{split}.json").write_text(json.dumps({"data": data}))
@@ -243,9 +301,15 @@ def test_spokencoco_json_splits(coco, tmp_path):
     assert list(train) == ["spk0-A0", "spk1-A1", "spk0-B0"] and list(valid) == ["spk0-C0", "spk1-C1"]
     record = train["spk1-A1"]
     assert record["caption"] == record["transcript"] == "a photo A number 1"
-    assert record["group"] == "COCO_train2014_A" and record["speaker"] == "spk1" and record["audio_samples"] == 3100
+    assert (
+        record["group"] == "COCO_train2014_A"
+        and record["speaker"] == "spk1"
+        and record["audio_samples"] == 3100
+    )
     assert record["image"] == str((root.parent / "train2014/COCO_train2014_A.png").resolve())
-    reasons = {s["id"]: s["reason"] for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    reasons = {
+        s["id"]: s["reason"] for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())
+    }
     assert reasons == {"spk1-B1": "missing file"}
     assert_checks(out / "valid.jsonl")
 
@@ -254,9 +318,24 @@ def test_spokencoco_karpathy_split(coco, tmp_path):
     root, images = coco
     karpathy = tmp_path / "dataset_coco.json"
     entries = [("train2014", "COCO_train2014_A.png", "restval"), ("val2014", "COCO_val2014_C.png", "test")]
-    karpathy.write_text(json.dumps({"images": [{"filepath": p, "filename": f, "split": s} for p, f, s in entries]}))
+    karpathy.write_text(
+        json.dumps({"images": [{"filepath": p, "filename": f, "split": s} for p, f, s in entries]})
+    )
     out = tmp_path / "out"
-    assert prepare("spokencoco", "--root", str(root), "--out", str(out), "--images", str(images), "--karpathy", str(karpathy)) == 0
+    assert (
+        prepare(
+            "spokencoco",
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            "--images",
+            str(images),
+            "--karpathy",
+            str(karpathy),
+        )
+        == 0
+    )
     assert list(by_id(out / "train.jsonl")) == ["spk0-A0", "spk1-A1"]
     assert list(by_id(out / "test.jsonl")) == ["spk0-C0", "spk1-C1"]
     assert not (out / "valid.jsonl").exists()
@@ -276,7 +355,7 @@ def test_flickr8k_records_and_splits(tmp_path):
     root, images = tmp_path / "flickr_audio", tmp_path / "Flicker8k_Dataset"
     names = {"img1": "train", "img2": "dev", "img3": "test", "img4": None}
     capt, token, spk = [], [], []
-    for i, (name, split) in enumerate(names.items()):
+    for i, name in enumerate(names):
         _image(images / f"{name}.jpg", i)
         for n in range(2):
             wav = f"{name}_{n}.wav"
@@ -294,7 +373,11 @@ def test_flickr8k_records_and_splits(tmp_path):
     out = tmp_path / "out"
     assert prepare("flickr8k", "--root", str(root), "--out", str(out)) == 0
     train, valid, test = (by_id(out / f"{s}.jsonl") for s in ("train", "valid", "test"))
-    assert list(train) == ["img1_0", "img1_1"] and list(valid) == ["img2_0", "img2_1"] and list(test) == ["img3_0", "img3_1"]
+    assert (
+        list(train) == ["img1_0", "img1_1"]
+        and list(valid) == ["img2_0", "img2_1"]
+        and list(test) == ["img3_0", "img3_1"]
+    )
     record = valid["img2_1"]
     assert record["caption"] == "A caption of img2 , number 1 ." and record["group"] == "img2"
     assert record["speaker"] == "41" and record["audio_samples"] == 2010
@@ -325,19 +408,43 @@ def musan_root(tmp_path):
 
 def test_musan_split_links_and_babble(musan_root, tmp_path):
     out = tmp_path / "out"
-    args = ("musan", "--root", str(musan_root), "--out", str(out), "--test-fraction", "0.5", "--link",
-            "--babble", "2", "--talkers", "2", "--babble-seconds", "0.25")
+    args = (
+        "musan",
+        "--root",
+        str(musan_root),
+        "--out",
+        str(out),
+        "--test-fraction",
+        "0.5",
+        "--link",
+        "--babble",
+        "2",
+        "--talkers",
+        "2",
+        "--babble-seconds",
+        "0.25",
+    )
     assert prepare(*args) == 0
     train, test = by_id(out / "train.jsonl"), by_id(out / "test.jsonl")
     assert len(train) == len(test) == 8
-    sources = {split: {r["source"] for r in records.values() if r["source"] != "babble"} for split, records in
-               (("train", train), ("test", test))}
+    sources = {
+        split: {r["source"] for r in records.values() if r["source"] != "babble"}
+        for split, records in (("train", train), ("test", test))
+    }
     assert len(sources["train"]) == len(sources["test"]) == 6 and sources["train"].isdisjoint(sources["test"])
     test_speech = {test[k]["audio"] for k in ("speech_000", "speech_001")}
     assert set(test["babble_000"]["mixed"]) == set(test["babble_001"]["mixed"]) == test_speech
     for records in (train, test):
-        assert sorted(records) == ["babble_000", "babble_001", "music_000", "music_001",
-                                   "noise_000", "noise_001", "speech_000", "speech_001"]
+        assert sorted(records) == [
+            "babble_000",
+            "babble_001",
+            "music_000",
+            "music_001",
+            "noise_000",
+            "noise_001",
+            "speech_000",
+            "speech_001",
+        ]
         for key, record in records.items():
             assert key.split("_")[0] == record["noise_type"]
     bank = NoiseBank(out / "noise" / "test")
@@ -358,7 +465,9 @@ def test_musan_split_links_and_babble(musan_root, tmp_path):
     assert {t: len(b) for t, b in banks.items()} == {"babble": 2, "music": 2, "noise": 2, "speech": 2}
     # a second run replaces the noise folder as a whole
     assert prepare(*args[:-6], "--babble", "1", "--talkers", "2", "--babble-seconds", "0.25") == 0
-    assert sorted(p.name for p in (out / "noise" / "test").iterdir() if p.name.startswith("babble")) == ["babble_000.wav"]
+    assert sorted(p.name for p in (out / "noise" / "test").iterdir() if p.name.startswith("babble")) == [
+        "babble_000.wav"
+    ]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
@@ -368,7 +477,9 @@ def test_babble_is_the_same_with_any_workers(musan_root, tmp_path):
     for workers in (1, 2):
         folder = tmp_path / f"w{workers}"
         folder.mkdir()
-        records = musan.write_babble(folder, speech, 2, 0, talkers=3, seconds=0.2, seed=5, workers=workers, progress=False)
+        records = musan.write_babble(
+            folder, speech, 2, 0, talkers=3, seconds=0.2, seed=5, workers=workers, progress=False
+        )
         made[workers] = [(r["mixed"], Path(r["audio"]).read_bytes()) for r in records]
     assert made[1] == made[2] and made[1][0] != made[1][1]
 

@@ -43,8 +43,9 @@ def test_deterministic_per_seed_and_epoch():
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_distributed_shards_disjoint_and_equal(drop_last):
     d = _durations(101)
-    shards = [list(BucketBatchSampler(d, 25.0, seed=4, rank=r, world_size=3, drop_last=drop_last))
-              for r in range(3)]
+    shards = [
+        list(BucketBatchSampler(d, 25.0, seed=4, rank=r, world_size=3, drop_last=drop_last)) for r in range(3)
+    ]
     assert len({len(s) for s in shards}) == 1
     seen = [i for s in shards for b in s for i in b]
     assert len(seen) == len(set(seen))  # disjoint

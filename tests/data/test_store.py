@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from mmssl.cli import main
+from mmssl.commands.data_pack import parse_shard
 from mmssl.data.datasets import ManifestDataset
 from mmssl.data.manifest import read_manifest
-from mmssl.data.store import PACKED, merge, pack_shard, parse_shard, shard_name
+from mmssl.data.store import PACKED, merge, pack_shard, shard_name
 from mmssl.errors import ConfigError
 
 
@@ -57,14 +58,19 @@ def test_bad_records_are_left_out_and_listed(av_manifest, tmp_path):
     part = pack_shard(manifest, tmp_path / "store", progress=False)
     kept = read_manifest(part)
     assert records[0]["id"] not in {r["id"] for r in kept} and len(kept) == len(records) - 1
-    skipped = [json.loads(line) for line in (part.parent / f"{shard_name('train', 0, 1)}.skipped.jsonl")
-               .read_text().splitlines()]
+    skipped = [
+        json.loads(line)
+        for line in (part.parent / f"{shard_name('train', 0, 1)}.skipped.jsonl").read_text().splitlines()
+    ]
     assert skipped[0]["id"] == records[0]["id"] and "gone.mp4" in skipped[0]["reason"]
     assert all(r[PACKED]["index"] == i + 1 for i, r in enumerate(kept))
 
 
 def test_the_command_packs_and_says_where(av_manifest, tmp_path, capsys):
-    assert main(["data", "pack", str(av_manifest), "--out", str(tmp_path), "--workers", "1", "--no-progress"]) == 0
+    assert (
+        main(["data", "pack", str(av_manifest), "--out", str(tmp_path), "--workers", "1", "--no-progress"])
+        == 0
+    )
     assert f"wrote {tmp_path / 'train.jsonl'}" in capsys.readouterr().out
     assert main(["data", "pack", str(av_manifest), "--out", str(tmp_path), "--shard", "2/2"]) == 2
 
@@ -75,11 +81,15 @@ def test_shard_spec_is_checked(spec):
         parse_shard(spec)
 
 
-def test_a_relative_output_folder_packs_a_manifest_that_reads_from_anywhere(av_manifest, tmp_path, monkeypatch):
+def test_a_relative_output_folder_packs_a_manifest_that_reads_from_anywhere(
+    av_manifest, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     pack_shard(av_manifest, "store", progress=False)
     packed = merge(av_manifest, "store", 1)
     monkeypatch.chdir(av_manifest.parent)  # read from elsewhere: the files are found beside the manifest
     data = ManifestDataset(tmp_path / packed, modalities=("audio", "video"))
     assert data[0] is not None and data.bad_count == 0
-    assert json.loads((tmp_path / packed).read_text().splitlines()[0])[PACKED]["file"] == shard_name("train", 0, 1)
+    assert json.loads((tmp_path / packed).read_text().splitlines()[0])[PACKED]["file"] == shard_name(
+        "train", 0, 1
+    )

@@ -11,7 +11,7 @@ from mmssl.data.io import load_audio, load_image, load_video
 from mmssl.data.manifest import read_manifest
 from mmssl.data.synth import SynthConfig, config_for, generate, grammar, phonemes, scenes
 from mmssl.data.synth.corpus import CAPTIONS_PER_IMAGE, SPLITS
-from mmssl.data.synth.noise import NOISE_KINDS
+from mmssl.data.synth.noise_sounds import NOISE_KINDS
 
 FRAME = 640  # samples per 25 fps video frame at 16 kHz
 
@@ -165,12 +165,15 @@ def test_same_seed_same_bytes_with_any_worker_count(synth_tiny, tmp_path):
     assert main(["synth", "--size", "tiny", "--out", str(tmp_path), "--workers", "2", "--quiet"]) == 0
     for task in ("av", "image"):
         for split in SPLITS:
-            assert (tmp_path / task / f"{split}.jsonl").read_bytes() == (synth_tiny / task / f"{split}.jsonl").read_bytes()
+            assert (tmp_path / task / f"{split}.jsonl").read_bytes() == (
+                synth_tiny / task / f"{split}.jsonl"
+            ).read_bytes()
     wavs = sorted(p.relative_to(synth_tiny) for p in synth_tiny.rglob("*.wav"))
     assert len(wavs) > 50
     assert all((tmp_path / p).read_bytes() == (synth_tiny / p).read_bytes() for p in wavs)
     mp4s = sorted(p.relative_to(synth_tiny) for p in synth_tiny.rglob("*.mp4"))
     assert all((tmp_path / p).read_bytes() == (synth_tiny / p).read_bytes() for p in mp4s)
+
 
 def test_another_seed_gives_another_corpus(synth_tiny, tmp_path):
     small = SynthConfig(seed=1, av=(2, 1, 1), images=(1, 1, 1), noise_seconds=0.5)

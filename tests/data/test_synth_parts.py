@@ -48,7 +48,9 @@ def test_an_before_vowels_and_no_verbless_away_from():
     assert saw_an > 50  # "an orange ..." does occur
     assert "an" in grammar.vocabulary()
     said = grammar.parse("an orange star is far away from a big red circle")
-    assert said == grammar.Description(grammar.Thing("orange", "star"), "far", grammar.Thing("red", "circle", "big"))
+    assert said == grammar.Description(
+        grammar.Thing("orange", "star"), "far", grammar.Thing("red", "circle", "big")
+    )
 
 
 def test_distinct_phrasings_are_distinct_and_deterministic():
@@ -65,8 +67,12 @@ def test_distinct_phrasings_are_distinct_and_deterministic():
 
 def test_parse_by_hand_and_mismatches():
     said = grammar.parse("above one little orange heart there is the blue star")
-    assert said == grammar.Description(grammar.Thing("blue", "star"), "above", grammar.Thing("orange", "heart", "small"))
-    scene = grammar.Description(grammar.Thing("red", "circle", "big"), "left", grammar.Thing("blue", "square", "small"))
+    assert said == grammar.Description(
+        grammar.Thing("blue", "star"), "above", grammar.Thing("orange", "heart", "small")
+    )
+    scene = grammar.Description(
+        grammar.Thing("red", "circle", "big"), "left", grammar.Thing("blue", "square", "small")
+    )
     assert grammar.agrees(grammar.parse("a big red circle to the left of a small blue square"), scene)
     assert grammar.agrees(grammar.parse("the blue square is right of the red circle"), scene)  # inverse
     assert not grammar.agrees(grammar.parse("the blue square is left of the red circle"), scene)

@@ -37,8 +37,9 @@ def test_image_transform_is_open_clips_preprocessing(tmp_path, tiny_clip):
     image_tower, _ = tiny_clip
     transform = image_tower.transform()
     ours = transform(load_image(path))
-    reference = open_clip.image_transform(64, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
-                                          std=open_clip.OPENAI_DATASET_STD)(Image.open(path))
+    reference = open_clip.image_transform(
+        64, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
+    )(Image.open(path))
     assert ours.shape == (3, 64, 64) == reference.shape
     torch.testing.assert_close(ours, reference)
     # a plain white picture: every pixel is (1 - mean) / std per channel
@@ -60,13 +61,15 @@ def test_tokenizer_works_offline_and_cuts_after_the_end_token(no_network):
     n = int((full != 0).sum())
     assert torch.equal(ids, full[:n])  # open_clip's ids, padding cut
     assert ids[0] == tok.tokenizer.sot_token_id and ids[-1] == tok.eot
-    assert open_clip.decode(ids).replace("<start_of_text>", "").replace("<end_of_text>", "").strip() == \
-        "a red circle near the blue star"
+    assert (
+        open_clip.decode(ids).replace("<start_of_text>", "").replace("<end_of_text>", "").strip()
+        == "a red circle near the blue star"
+    )
     long = tok(" ".join(["word"] * 100))
     assert long.shape == (32,) and long[-1] == tok.eot  # truncated to the context, still ended
     text, lens = tok.batch(["a red circle", "two big blue squares left of a star"])
     assert lens.tolist() == [len(tok("a red circle")), len(tok("two big blue squares left of a star"))]
-    assert (text[0, lens[0]:] == 0).all()
+    assert (text[0, lens[0] :] == 0).all()
     assert isinstance(pickle.loads(pickle.dumps(tok)), ClipTokenizer)
 
 
@@ -83,7 +86,7 @@ def test_text_tower_padded_batch_equals_each_caption_alone(tiny_clip):
         torch.testing.assert_close(batch[i : i + 1], text_tower(alone, lens[i : i + 1]), atol=1e-5, rtol=1e-5)
     # whatever sits after text_lens never changes an embedding
     garbage = text.clone()
-    garbage[0, lens[0]:] = 999
+    garbage[0, lens[0] :] = 999
     torch.testing.assert_close(text_tower(garbage, lens), batch)
 
 

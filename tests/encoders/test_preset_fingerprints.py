@@ -45,8 +45,11 @@ def _hyper_parameters(model: nn.Module) -> list:
     """``(module name, repr without children, plain public attributes)`` for every module."""
     rows = []
     for prefix, module in model.named_modules():
-        attrs = {k: (list(v) if isinstance(v, tuple) else v)
-                 for k, v in sorted(vars(module).items()) if not k.startswith("_") and _plain(v)}
+        attrs = {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in sorted(vars(module).items())
+            if not k.startswith("_") and _plain(v)
+        }
         rows.append([prefix, type(module).__name__, module.extra_repr(), attrs])
     return rows
 
@@ -89,12 +92,16 @@ def test_every_fingerprinted_preset_is_still_registered():
 @pytest.mark.parametrize("name", sorted(SAVED))
 def test_preset_builds_the_fingerprinted_modules(name):
     expected = SAVED[name]
-    assert structure_digest(name) == expected["structure"], f"{name}: names, shapes or hyper-parameters changed"
+    assert structure_digest(name) == expected["structure"], (
+        f"{name}: names, shapes or hyper-parameters changed"
+    )
     values = value_stats(name)
     assert list(values) == list(expected["values"]), f"{name}: parameter names or order changed"
     for key, (total, norm) in expected["values"].items():
         got_total, got_norm = values[key]
-        assert math.isclose(got_norm, norm, rel_tol=1e-6, abs_tol=1e-9), f"{name}.{key}: norm {got_norm} != {norm}"
+        assert math.isclose(got_norm, norm, rel_tol=1e-6, abs_tol=1e-9), (
+            f"{name}.{key}: norm {got_norm} != {norm}"
+        )
         assert math.isclose(got_total, total, rel_tol=1e-5, abs_tol=1e-5 * max(norm, 1.0)), (
             f"{name}.{key}: sum {got_total} != {total}"
         )

@@ -24,8 +24,16 @@ def test_fields_are_exactly_build_transformer_arguments_with_its_defaults():
 
 
 def test_build_equals_build_transformer_under_the_same_seed():
-    options = TransformerOptions(dim=16, num_layers=2, num_heads=2, ffn_dim=32, pos_conv_kernel=4,
-                                 pos_conv_groups=2, rel_pos_buckets=8, rel_pos_max_distance=20)
+    options = TransformerOptions(
+        dim=16,
+        num_layers=2,
+        num_heads=2,
+        ffn_dim=32,
+        pos_conv_kernel=4,
+        pos_conv_groups=2,
+        rel_pos_buckets=8,
+        rel_pos_max_distance=20,
+    )
     torch.manual_seed(3)
     a = options.build().state_dict()
     torch.manual_seed(3)

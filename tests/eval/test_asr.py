@@ -8,8 +8,14 @@ from omegaconf import OmegaConf
 
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest, write_manifest
+from mmssl.data.units import Units, normalize_text
+from mmssl.errors import ConfigError
 from mmssl.eval.asr import (
-    Units, clip_batch, greedy_decode, load_asr_model, load_clips, normalize_text, train_units, transcribe,
+    clip_batch,
+    greedy_decode,
+    load_asr_model,
+    load_clips,
+    transcribe,
     word_errors,
 )
 from mmssl.testing import save_tiny_run
@@ -33,38 +39,6 @@ def test_greedy_decoding_collapses_repeats_and_blanks_split_them():
     assert greedy_decode(logits_for([[1, 2]]), torch.tensor([2])) == [[1, 2]]
 
 
-def test_text_normalisation():
-    assert normalize_text("  Hello, World!  It's \"fine\"--ok. ") == "hello world it's fine ok"
-
-
-@pytest.mark.parametrize("kind", ["char", "unigram"])
-def test_units_round_trip_and_reserve_the_blank(kind, tmp_path):
-    texts = ["one large red triangle", "the big green star sits far from it", "i see one purple square"] * 5
-    units = train_units(texts, kind, vocab_size=30)
-    path = units.save(tmp_path / "units.model")
-    again = Units.load(path)
-    for text in ["The big, red star!", "one purple triangle"]:
-        classes = again.encode(text)
-        assert 0 not in classes and max(classes) < again.size
-        assert again.decode(classes) == normalize_text(text)
-        assert again.decode([0] + classes + [0]) == normalize_text(text)  # blanks are dropped
-    assert again.encode("x y") == units.encode("x y")
-    pieces = [again.sp.id_to_piece(i) for i in range(again.sp.get_piece_size())]
-    if kind == "unigram":  # SentencePiece's word-start marker (add_dummy_prefix), as AV-HuBERT's units
-        assert any(p.startswith("\u2581") and len(p) > 1 for p in pieces)
-    else:  # characters: the space is a unit of its own, and words decode apart
-        assert "\u2581" in pieces and again.decode(again.encode("a b")) == "a b"
-
-
-def test_a_unigram_vocabulary_smaller_than_the_characters_is_named():
-    from mmssl.errors import ConfigError
-
-    texts = ["abc def", "ghi"]  # 9 letters + the word-start marker + <unk>: at least 11
-    with pytest.raises(ConfigError, match=r"objective.vocab_size=8 .* 10 characters .*data.train=m.jsonl.*>= 11"):
-        train_units(texts, "unigram", 8, "data.train=m.jsonl")
-    assert train_units(texts, "unigram", 11).size <= 12
-
-
 def test_word_errors_against_a_hand_count():
     refs = ["the cat sat on the mat", "a big star", "hello"]
     hyps = ["the cat sat on mat", "a small big star", "yellow"]
@@ -82,17 +56,33 @@ def av_init(synth_tiny, tmp_path_factory):
     return step
 
 
-QUICK = ["train.device=cpu", "data.num_workers=0", "train.progress=false", "data.max_seconds_per_batch=20",
-         "train.accum_steps=1", "train.lr=1e-3"]
+QUICK = [
+    "train.device=cpu",
+    "data.num_workers=0",
+    "train.progress=false",
+    "data.max_seconds_per_batch=20",
+    "train.accum_steps=1",
+    "train.lr=1e-3",
+]
 
 
 @pytest.fixture(scope="module")
 def finetuned(synth_tiny, av_init, tmp_path_factory):
     out = tmp_path_factory.mktemp("asr_ft") / "ft"
     av = synth_tiny / "av"
-    code = main(["finetune-asr", "--init", str(av_init.parent.parent), f"data.train={av / 'train.jsonl'}",
-                 f"data.valid={av / 'valid.jsonl'}", "train.max_steps=2", f"train.out_dir={out}",
-                 "objective.freeze_steps=1", *QUICK])
+    code = main(
+        [
+            "finetune-asr",
+            "--init",
+            str(av_init.parent.parent),
+            f"data.train={av / 'train.jsonl'}",
+            f"data.valid={av / 'valid.jsonl'}",
+            "train.max_steps=2",
+            f"train.out_dir={out}",
+            "objective.freeze_steps=1",
+            *QUICK,
+        ]
+    )
     assert code == 0
     return out
 
@@ -142,11 +132,28 @@ def test_padded_batches_decode_as_one_at_a_time(finetuned, synth_tiny):
 def test_fine_tuning_on_one_repeated_utterance_reaches_zero_wer(synth_tiny, tmp_path):
     record = min(read_manifest(synth_tiny / "av" / "train.jsonl"), key=lambda r: r["audio_samples"])
     manifest = write_manifest(tmp_path / "one.jsonl", [record])
-    code = main(["finetune-asr", "--init", "none", "objective.encoder=fbank", "model.size=tiny",
-                 "train.accum_steps=1", "objective.mask_channel_prob=0",
-                 f"data.train={manifest}", f"data.valid={manifest}", "train.max_steps=70", "train.lr=3e-3",
-                 "objective.freeze_steps=0", "objective.mask_prob=0", f"train.out_dir={tmp_path / 'run'}",
-                 "train.device=cpu", "data.num_workers=0", "train.progress=false", "train.log_every=10"])
+    code = main(
+        [
+            "finetune-asr",
+            "--init",
+            "none",
+            "objective.encoder=fbank",
+            "model.size=tiny",
+            "train.accum_steps=1",
+            "objective.mask_channel_prob=0",
+            f"data.train={manifest}",
+            f"data.valid={manifest}",
+            "train.max_steps=70",
+            "train.lr=3e-3",
+            "objective.freeze_steps=0",
+            "objective.mask_prob=0",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.device=cpu",
+            "data.num_workers=0",
+            "train.progress=false",
+            "train.log_every=10",
+        ]
+    )
     assert code == 0
     wer = json.loads((tmp_path / "run" / "wer.json").read_text())
     assert wer["wer"] == 0.0 and wer["words"] == len(record["transcript"].split())
@@ -154,16 +161,30 @@ def test_fine_tuning_on_one_repeated_utterance_reaches_zero_wer(synth_tiny, tmp_
 
 def test_a_second_run_in_the_same_folder_needs_resume(finetuned, synth_tiny, capsys):
     av = synth_tiny / "av"
-    code = main(["finetune-asr", "--init", "none", f"data.train={av / 'train.jsonl'}", f"train.out_dir={finetuned}"])
+    code = main(
+        ["finetune-asr", "--init", "none", f"data.train={av / 'train.jsonl'}", f"train.out_dir={finetuned}"]
+    )
     assert code == 2 and "--resume" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_units_and_continues_the_run(finetuned, synth_tiny, av_init):
     units = (finetuned / "units.model").stat().st_mtime_ns
     av = synth_tiny / "av"
-    code = main(["finetune-asr", "ctc", "--init", str(av_init), f"data.train={av / 'train.jsonl'}",
-                 f"data.valid={av / 'valid.jsonl'}", "train.max_steps=3", f"train.out_dir={finetuned}",
-                 "objective.freeze_steps=1", *QUICK, "--resume"])
+    code = main(
+        [
+            "finetune-asr",
+            "ctc",
+            "--init",
+            str(av_init),
+            f"data.train={av / 'train.jsonl'}",
+            f"data.valid={av / 'valid.jsonl'}",
+            "train.max_steps=3",
+            f"train.out_dir={finetuned}",
+            "objective.freeze_steps=1",
+            *QUICK,
+            "--resume",
+        ]
+    )
     assert code == 0
     assert (finetuned / "units.model").stat().st_mtime_ns == units
     steps = [json.loads(line)["step"] for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
@@ -178,8 +199,15 @@ def test_resume_without_init_and_after_the_pretraining_run_moved(synth_tiny, tmp
     av = synth_tiny / "av"
     _, step = save_tiny_run(tmp_path / "pre", "hubert", av / "train.jsonl")
     ft = tmp_path / "ft"
-    base = ["finetune-asr", f"data.train={av / 'train.jsonl'}", f"data.valid={av / 'valid.jsonl'}",
-            f"train.out_dir={ft}", "objective.freeze_steps=0", "train.save_every=1", *QUICK]
+    base = [
+        "finetune-asr",
+        f"data.train={av / 'train.jsonl'}",
+        f"data.valid={av / 'valid.jsonl'}",
+        f"train.out_dir={ft}",
+        "objective.freeze_steps=0",
+        "train.save_every=1",
+        *QUICK,
+    ]
     assert main([*base, "--init", str(step), "train.max_steps=1"]) == 0
     before = load_asr_model(ft, torch.device("cpu"))
     # --resume alone: the saved config (encoder_init included) carries on, and the folder decodes
@@ -199,7 +227,9 @@ def test_resume_without_init_and_after_the_pretraining_run_moved(synth_tiny, tmp
 
 
 def test_no_init_is_an_error_that_says_what_to_pass(synth_tiny, tmp_path, capsys):
-    code = main(["finetune-asr", f"data.train={synth_tiny / 'av' / 'train.jsonl'}", f"train.out_dir={tmp_path / 'x'}"])
+    code = main(
+        ["finetune-asr", f"data.train={synth_tiny / 'av' / 'train.jsonl'}", f"train.out_dir={tmp_path / 'x'}"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--init RUN" in err and "--init none" in err
     assert not (tmp_path / "x").exists()
@@ -207,17 +237,34 @@ def test_no_init_is_an_error_that_says_what_to_pass(synth_tiny, tmp_path, capsys
 
 def test_a_frozen_encoder_for_the_whole_run_is_announced(synth_tiny, tmp_path, capsys):
     av = synth_tiny / "av"
-    assert main(["finetune-asr", "--init", "none", "objective.encoder=fbank", "model.size=tiny",
-                 f"data.train={av / 'valid.jsonl'}", "train.max_steps=1", "objective.freeze_steps=1",
-                 f"train.out_dir={tmp_path / 'ft'}", *QUICK]) == 0
+    assert (
+        main(
+            [
+                "finetune-asr",
+                "--init",
+                "none",
+                "objective.encoder=fbank",
+                "model.size=tiny",
+                f"data.train={av / 'valid.jsonl'}",
+                "train.max_steps=1",
+                "objective.freeze_steps=1",
+                f"train.out_dir={tmp_path / 'ft'}",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     assert "objective.freeze_steps=1 >= train.max_steps=1" in capsys.readouterr().out
 
 
 def test_the_conv_frontend_is_frozen_only_for_a_pretrained_encoder(synth_tiny, tmp_path):
     from mmssl.registry import OBJECTIVES
+    from mmssl.runs import resolve_inits
 
     _, step = save_tiny_run(tmp_path / "pre", "hubert", synth_tiny / "av" / "train.jsonl")
-    pretrained = OBJECTIVES.build("ctc", encoder_init=str(step))
+    pretrained = OBJECTIVES.build("ctc", **resolve_inits("ctc", {"encoder_init": str(step)}))
     assert not any(p.requires_grad for p in pretrained.encoder.frontend.parameters())
+    with pytest.raises(ConfigError, match="encoder_init: the ctc builder takes the encoder of a run"):
+        OBJECTIVES.build("ctc", encoder_init=str(step))  # objectives never read run folders
     fresh = OBJECTIVES.build("ctc", size="tiny", encoder="hubert")
     assert all(p.requires_grad for p in fresh.encoder.frontend.parameters())

@@ -12,7 +12,9 @@ def test_scores_match_hand_computation():
     clusters = torch.tensor([0, 0, 0, 1, 1, 1])
     s = cluster_quality(phones, clusters)
     assert math.isclose(s["phone_purity"], (3 + 2) / 6)  # cluster 0 -> phone 0 (3), cluster 1 -> phone 1 (2)
-    assert math.isclose(s["cluster_purity"], (3 + 2) / 6)  # phone 0 -> cluster 0 (3), phone 1 -> cluster 1 (2)
+    assert math.isclose(
+        s["cluster_purity"], (3 + 2) / 6
+    )  # phone 0 -> cluster 0 (3), phone 1 -> cluster 1 (2)
     p = {(0, 0): 3 / 6, (0, 1): 1 / 6, (1, 1): 2 / 6}
     py, pz = {0: 4 / 6, 1: 2 / 6}, {0: 3 / 6, 1: 3 / 6}
     mi = sum(v * math.log(v / (py[y] * pz[z])) for (y, z), v in p.items())

@@ -8,8 +8,8 @@ from mmssl.data.datasets import lip_frames
 from mmssl.data.io import load_audio, load_video
 from mmssl.data.manifest import read_manifest, write_manifest
 from mmssl.encoders.av import av_features
-from mmssl.eval.extract import iter_features, load_features, parse_layers, read_index
 from mmssl.errors import ConfigError
+from mmssl.eval.extract import iter_features, load_features, parse_layers, read_index
 from mmssl.testing import save_tiny_run
 
 
@@ -26,8 +26,24 @@ def corpus(synth_tiny, tmp_path_factory):
 def test_speech_features_equal_every_layer_of_the_encoder(corpus, tmp_path):
     manifest, (objective, step), _ = corpus
     out = tmp_path / "feats"
-    assert main(["extract", "--checkpoint", str(step), "--manifest", str(manifest), "--layer", "all",
-                 "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(step),
+                "--manifest",
+                str(manifest),
+                "--layer",
+                "all",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     encoder = objective.encoder
     top = len(encoder.transformer.layers)
     index = read_index(out)
@@ -50,17 +66,41 @@ def test_audio_visual_features_across_shards(corpus, tmp_path):
     manifest, _, (objective, step) = corpus
     out = tmp_path / "feats"
     # a shard limit of ~1 kB closes a shard after every record
-    assert main(["extract", "--checkpoint", str(step / "model.safetensors"), "--manifest", str(manifest),
-                 "--layer", "2,1", "--out", str(out), "--shard-mb", "0.001", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(step / "model.safetensors"),
+                "--manifest",
+                str(manifest),
+                "--layer",
+                "2,1",
+                "--out",
+                str(out),
+                "--shard-mb",
+                "0.001",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     records = read_manifest(manifest)
     files = {line["file"] for line in read_index(out)}
-    assert files == {f"layer_{l:02d}/shard_{s:05d}.safetensors" for l in (1, 2) for s in range(len(records))}
+    assert files == {
+        f"layer_{layer:02d}/shard_{s:05d}.safetensors" for layer in (1, 2) for s in range(len(records))
+    }
     got = dict(iter_features(out, 2))
     assert list(got) == [r["id"] for r in records]  # manifest order
     for record in records:
         audio, video = load_audio(record["audio"]), lip_frames(load_video(record["video"]))
-        batch = {"audio": audio[None], "audio_lens": torch.tensor([audio.shape[0]]),
-                 "video": video[None], "video_lens": torch.tensor([video.shape[0]])}
+        batch = {
+            "audio": audio[None],
+            "audio_lens": torch.tensor([audio.shape[0]]),
+            "video": video[None],
+            "video_lens": torch.tensor([video.shape[0]]),
+        }
         expected, lengths = av_features(objective.encoder, batch, 2)
         assert got[record["id"]].shape[0] == int(lengths[0]) == video.shape[0]  # 25 Hz, one per video frame
         torch.testing.assert_close(got[record["id"]], expected[0, : int(lengths[0])], atol=1e-5, rtol=1e-5)
@@ -69,11 +109,33 @@ def test_audio_visual_features_across_shards(corpus, tmp_path):
 def test_float16_and_audio_only_modality(corpus, tmp_path):
     manifest, _, (objective, step) = corpus
     out = tmp_path / "feats"
-    assert main(["extract", "--checkpoint", str(step), "--manifest", str(manifest), "--layer", "0",
-                 "--out", str(out), "--dtype", "float16", "--modalities", "audio", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(step),
+                "--manifest",
+                str(manifest),
+                "--layer",
+                "0",
+                "--out",
+                str(out),
+                "--dtype",
+                "float16",
+                "--modalities",
+                "audio",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     record = read_manifest(manifest)[0]
     audio = load_audio(record["audio"])
-    expected, lengths = av_features(objective.encoder, {"audio": audio[None], "audio_lens": torch.tensor([audio.shape[0]])}, 0)
+    expected, lengths = av_features(
+        objective.encoder, {"audio": audio[None], "audio_lens": torch.tensor([audio.shape[0]])}, 0
+    )
     stored = load_features(out, 0)[record["id"]]
     assert stored.dtype == torch.float16
     torch.testing.assert_close(stored.float(), expected[0, : int(lengths[0])], atol=2e-3, rtol=2e-3)
@@ -90,13 +152,47 @@ def test_parse_layers():
 def test_bad_input_exits_2_with_a_clear_message(corpus, tmp_path, capsys):
     manifest, (_, step), _ = corpus
     out = str(tmp_path / "o")
-    assert main(["extract", "--checkpoint", str(tmp_path / "nope"), "--manifest", str(manifest), "--layer", "1", "--out", out]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(tmp_path / "nope"),
+                "--manifest",
+                str(manifest),
+                "--layer",
+                "1",
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
     assert "nope: checkpoint not found" in capsys.readouterr().err
-    assert main(["extract", "--checkpoint", str(step), "--manifest", str(manifest), "--layer", "7", "--out", out]) == 2
+    assert (
+        main(
+            ["extract", "--checkpoint", str(step), "--manifest", str(manifest), "--layer", "7", "--out", out]
+        )
+        == 2
+    )
     assert "--layer 7: the encoder has layers 1..2" in capsys.readouterr().err
     records = read_manifest(manifest)
-    broken = write_manifest(tmp_path / "broken.jsonl", [records[0], {"id": "ghost", "audio": str(tmp_path / "ghost.wav")}])
-    args = ["extract", "--checkpoint", str(step), "--manifest", str(broken), "--layer", "1", "--out", out, "--device", "cpu"]
+    broken = write_manifest(
+        tmp_path / "broken.jsonl", [records[0], {"id": "ghost", "audio": str(tmp_path / "ghost.wav")}]
+    )
+    args = [
+        "extract",
+        "--checkpoint",
+        str(step),
+        "--manifest",
+        str(broken),
+        "--layer",
+        "1",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "'ghost'" in err and "ghost.wav" in err
@@ -110,12 +206,26 @@ def test_modalities_asked_for_are_required(corpus, tmp_path, capsys):
     manifest, _, (objective, step) = corpus
     record = {k: v for k, v in read_manifest(manifest)[0].items() if k != "video"}
     no_video = write_manifest(tmp_path / "no_video.jsonl", [record])
-    args = ["extract", "--checkpoint", str(step), "--manifest", str(no_video), "--layer", "1", "--out", str(tmp_path / "o"),
-            "--device", "cpu"]
+    args = [
+        "extract",
+        "--checkpoint",
+        str(step),
+        "--manifest",
+        str(no_video),
+        "--layer",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+        "--device",
+        "cpu",
+    ]
     assert main(args + ["--modalities", "audio,video"]) == 2
     assert f"record {record['id']!r}: no 'video' path" in capsys.readouterr().err
     assert main(args) == 0  # by default an audio-visual encoder reads what the record has
     audio = load_audio(record["audio"])
-    expected, lengths = av_features(objective.encoder, {"audio": audio[None], "audio_lens": torch.tensor([audio.shape[0]])}, 1)
-    torch.testing.assert_close(load_features(tmp_path / "o", 1)[record["id"]], expected[0, : int(lengths[0])],
-                               atol=1e-5, rtol=1e-5)
+    expected, lengths = av_features(
+        objective.encoder, {"audio": audio[None], "audio_lens": torch.tensor([audio.shape[0]])}, 1
+    )
+    torch.testing.assert_close(
+        load_features(tmp_path / "o", 1)[record["id"]], expected[0, : int(lengths[0])], atol=1e-5, rtol=1e-5
+    )

@@ -6,14 +6,29 @@ import torch
 import mmssl.eval.noisy as noisy
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest, write_manifest
-from mmssl.eval.asr import load_asr_model, load_clips, normalize_text, transcribe, word_errors
+from mmssl.data.units import normalize_text
+from mmssl.eval.asr import load_asr_model, load_clips, transcribe, word_errors
 
 
 def finetune(out, manifest, encoder):
     """A one-step CTC run of a fresh tiny ``encoder`` (the evaluation only needs a run folder)."""
-    code = main(["finetune-asr", "--init", "none", f"objective.encoder={encoder}", "model.size=tiny",
-                 f"data.train={manifest}", "train.max_steps=1", f"train.out_dir={out}", "train.device=cpu",
-                 "data.num_workers=0", "train.progress=false", "train.accum_steps=1", "objective.freeze_steps=0"])
+    code = main(
+        [
+            "finetune-asr",
+            "--init",
+            "none",
+            f"objective.encoder={encoder}",
+            "model.size=tiny",
+            f"data.train={manifest}",
+            "train.max_steps=1",
+            f"train.out_dir={out}",
+            "train.device=cpu",
+            "data.num_workers=0",
+            "train.progress=false",
+            "train.accum_steps=1",
+            "objective.freeze_steps=0",
+        ]
+    )
     assert code == 0
     return out
 
@@ -31,7 +46,9 @@ def setup(synth_tiny, tmp_path_factory):
 
 
 def evaluate(setup, out, **kw):
-    args = dict(noise_types=["babble", "music"], snrs=["clean", "10", "-5"], device_name="cpu", progress=False)
+    args = dict(
+        noise_types=["babble", "music"], snrs=["clean", "10", "-5"], device_name="cpu", progress=False
+    )
     return noisy.evaluate(setup["av"], setup["test"], [str(setup["noise"])], out, **{**args, **kw})
 
 
@@ -45,9 +62,12 @@ def test_grid_table_plot_and_resume(setup, tmp_path, monkeypatch):
     # one clean row and 2 noises x 2 SNRs, each under 3 modality conditions
     assert len(rows) == len(results) == 5 * 3
     assert {(r["noise"], r["snr"]) for r in rows} == {("none", "clean")} | {
-        (n, s) for n in ("babble", "music") for s in ("10", "-5")}
-    assert all(r["words"] == sum(len(normalize_text(x["transcript"]).split()) for x in read_manifest(setup["test"]))
-               for r in rows)
+        (n, s) for n in ("babble", "music") for s in ("10", "-5")
+    }
+    assert all(
+        r["words"] == sum(len(normalize_text(x["transcript"]).split()) for x in read_manifest(setup["test"]))
+        for r in rows
+    )
     # video alone hears no noise: decoded once (11 decodings: 5 audio, 5 audio+video, 1 video)
     assert len(calls) == 11
     assert len({r["wer"] for r in rows if r["modality"] == "video"}) == 1
@@ -95,8 +115,16 @@ def test_bad_requests_are_named(setup, tmp_path, synth_tiny):
     from mmssl.errors import ConfigError, DataError
 
     with pytest.raises(ConfigError, match="no video stream"):
-        noisy.evaluate(setup["audio"], setup["test"], [str(setup["noise"])], tmp_path, snrs=["clean"],
-                       modalities_text="audio,video", device_name="cpu", progress=False)
+        noisy.evaluate(
+            setup["audio"],
+            setup["test"],
+            [str(setup["noise"])],
+            tmp_path,
+            snrs=["clean"],
+            modalities_text="audio,video",
+            device_name="cpu",
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="'traffic'.*babble"):
         evaluate(setup, tmp_path, noise_types=["traffic"])
     records = read_manifest(setup["test"])
@@ -105,8 +133,26 @@ def test_bad_requests_are_named(setup, tmp_path, synth_tiny):
     with pytest.raises(DataError, match=repr(records[1]["id"])):
         noisy.evaluate(setup["av"], bad, [], tmp_path, snrs=["clean"], device_name="cpu", progress=False)
     # and through the command line, as one line on stderr
-    assert main(["eval-noisy", "--run", str(setup["audio"]), "--manifest", str(setup["test"]), "--snrs", "clean",
-                 "--modalities", "video", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "eval-noisy",
+                "--run",
+                str(setup["audio"]),
+                "--manifest",
+                str(setup["test"]),
+                "--snrs",
+                "clean",
+                "--modalities",
+                "video",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_cells_are_reused_only_under_the_same_fingerprint(setup, tmp_path, monkeypatch, capsys):
@@ -133,6 +179,13 @@ def test_cells_are_reused_only_under_the_same_fingerprint(setup, tmp_path, monke
     records = read_manifest(setup["test"])[:3]
     other = write_manifest(tmp_path / "other.jsonl", records[::-1])
     calls.clear()
-    noisy.evaluate(setup["av"], other, [str(setup["noise"])], tmp_path, device_name="cpu", progress=False,
-                   **{**small, "seed": 1})
+    noisy.evaluate(
+        setup["av"],
+        other,
+        [str(setup["noise"])],
+        tmp_path,
+        device_name="cpu",
+        progress=False,
+        **{**small, "seed": 1},
+    )
     assert len(calls) == 2 and "manifest" in capsys.readouterr().out

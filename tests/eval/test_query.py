@@ -9,7 +9,7 @@ from PIL import Image
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest
 from mmssl.eval.query import LABEL, THUMB, top_images
-from mmssl.train.checkpoint import load_weights, resolve_weights, save_weights
+from mmssl.runs import load_weights, resolve_weights, save_weights
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,23 @@ def test_audio_queries_print_scores_and_write_a_contact_sheet(index, tmp_path, c
     records = read_manifest(manifest)
     sheet_dir = tmp_path / "sheet"
     capsys.readouterr()
-    assert main(["retrieve", "--index", str(out), "--audio", records[0]["audio"], records[3]["audio"],
-                 "--top", "2", "--out", str(sheet_dir)]) == 0
+    assert (
+        main(
+            [
+                "retrieve",
+                "--index",
+                str(out),
+                "--audio",
+                records[0]["audio"],
+                records[3]["audio"],
+                "--top",
+                "2",
+                "--out",
+                str(sheet_dir),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"query: {records[0]['audio']}" in printed and printed.count("   1. ") == 2
     saved = json.loads((sheet_dir / "results.json").read_text())
@@ -90,8 +105,21 @@ def test_queries_with_other_weights_than_the_index_say_so(index, tmp_path, capsy
     state["speech_proj.weight"] = state["speech_proj.weight"] * 2 + 0.01
     save_weights(state, weights)
     capsys.readouterr()
-    assert main(["retrieve", "--index", str(out), "--manifest", str(manifest), "--checkpoint", str(other),
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "retrieve",
+                "--index",
+                str(out),
+                "--manifest",
+                str(manifest),
+                "--checkpoint",
+                str(other),
+                "--json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "other weights" in captured.err
     assert len(json.loads(captured.out)) == 8
@@ -111,8 +139,22 @@ def test_contact_sheet_of_moved_images_gets_grey_tiles_and_a_note(index, tmp_pat
     records = read_manifest(manifest)
     sheet_dir = tmp_path / "sheet"
     capsys.readouterr()
-    assert main(["retrieve", "--index", str(moved), "--audio", records[0]["audio"], "--top", "4",
-                 "--out", str(sheet_dir)]) == 0
+    assert (
+        main(
+            [
+                "retrieve",
+                "--index",
+                str(moved),
+                "--audio",
+                records[0]["audio"],
+                "--top",
+                "4",
+                "--out",
+                str(sheet_dir),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert f"note: {gone} (image of index {moved}) cannot be read" in err
     saved = json.loads((sheet_dir / "results.json").read_text())[0]["results"]
@@ -125,12 +167,21 @@ def test_contact_sheet_of_moved_images_gets_grey_tiles_and_a_note(index, tmp_pat
 def test_index_and_retrieve_a_run_started_from_a_deleted_pretraining_run(speech_image_run, tmp_path, capsys):
     # a speech_image run whose speech tower starts from a tiny masked-reconstruction run
     _, manifest = speech_image_run
-    common = [f"data.train={manifest}", "model.size=tiny", "train.max_steps=1", "train.progress=false",
-              "data.num_workers=0", "train.valid_every=0"]
+    common = [
+        f"data.train={manifest}",
+        "model.size=tiny",
+        "train.max_steps=1",
+        "train.progress=false",
+        "data.num_workers=0",
+        "train.valid_every=0",
+    ]
     ssl = tmp_path / "ssl"
     assert main(["pretrain", "mockingjay", *common, f"train.out_dir={ssl}"]) == 0
     run = tmp_path / "speech_image"
-    assert main(["pretrain", "speech_image", *common, f"objective.speech_init={ssl}", f"train.out_dir={run}"]) == 0
+    assert (
+        main(["pretrain", "speech_image", *common, f"objective.speech_init={ssl}", f"train.out_dir={run}"])
+        == 0
+    )
     shutil.rmtree(ssl)  # the run now rebuilds its speech tower from its own copy of the config
     out = tmp_path / "index"
     assert main(["index", "--run", str(run), "--manifest", str(manifest), "--out", str(out), "--quiet"]) == 0
@@ -140,8 +191,9 @@ def test_index_and_retrieve_a_run_started_from_a_deleted_pretraining_run(speech_
     records = read_manifest(manifest)
     loaded = load_run(run)
     # the loaded speech tower is the checkpoint's (not a fresh preset): the indexed embeddings match
-    alone = embed_waveforms(loaded.objective, [load_audio(records[0]["audio"])], 1, torch.device("cpu"),
-                            progress=False)
+    alone = embed_waveforms(
+        loaded.objective, [load_audio(records[0]["audio"])], 1, torch.device("cpu"), progress=False
+    )
     torch.testing.assert_close(read_embeddings(out / "speech.safetensors")[:1], alone, atol=1e-5, rtol=1e-4)
     state = load_weights(resolve_weights(run))
     for name, p in loaded.objective.encoder.state_dict().items():

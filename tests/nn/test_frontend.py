@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmssl.data.features import fbank, stack_frames
 from mmssl.errors import DataError
+from mmssl.nn.fbank import fbank, stack_frames
 from mmssl.nn.frontend import FbankFrontend, MaskedGroupNorm, build_conv_frontend
 from mmssl.testing import tiny_audio_batch
 
@@ -69,9 +69,11 @@ def test_fbank_frontend_is_stacked_kaldi_fbank_per_utterance():
     assert not x[2, lens[2] :].any()  # padding frames stay zero
 
 
-
 def test_fbank_frontend_normalize_layer_norms_each_stacked_frame_over_its_real_frames():
-    plain, normed = FbankFrontend(num_mel_bins=26, stack=4), FbankFrontend(num_mel_bins=26, stack=4, normalize=True)
+    plain, normed = (
+        FbankFrontend(num_mel_bins=26, stack=4),
+        FbankFrontend(num_mel_bins=26, stack=4, normalize=True),
+    )
     batch = tiny_audio_batch(lengths=(4000, 2321, 640))  # 23, 13 and 2 filterbank frames
     x, lens = plain(batch["audio"], batch["audio_lens"])
     y, y_lens = normed(batch["audio"], batch["audio_lens"])
@@ -83,9 +85,10 @@ def test_fbank_frontend_normalize_layer_norms_each_stacked_frame_over_its_real_f
             expected = (frame - frame.mean()) / torch.sqrt(frame.var(unbiased=False) + 1e-5)
             torch.testing.assert_close(y[i, t, :real], expected, atol=1e-4, rtol=1e-4)
             assert not y[i, t, real:].any()  # padding filterbank frames -> 0, the frame's mean
-        assert not y[i, lens[i]:].any()  # padded frames stay zero
+        assert not y[i, lens[i] :].any()  # padded frames stay zero
     quiet, _ = normed(0.01 * batch["audio"], batch["audio_lens"])  # a gain changes nothing
     torch.testing.assert_close(quiet, y, atol=1e-3, rtol=0)
+
 
 def test_fbank_frontend_reads_no_value_on_the_host():
     """On the meta device any ``.item()``, ``.tolist()`` or data-dependent shape raises: the
@@ -107,8 +110,11 @@ def test_fbank_frontend_padding_values_and_neighbours_change_nothing(stack):
     x, lens = frontend(noisy, batch["audio_lens"])
     assert lens.tolist() == [-(-max(0, 1 + (n - 400) // 160) // stack) for n in (3000, 1999, 0, 405)]
     for i, n in enumerate(batch["audio_lens"].tolist()):
-        alone, alone_lens = (frontend(noisy[i : i + 1, :n], batch["audio_lens"][i : i + 1]) if n >= 400
-                             else (torch.zeros(1, 0, 80 * stack), torch.zeros(1, dtype=torch.long)))
+        alone, alone_lens = (
+            frontend(noisy[i : i + 1, :n], batch["audio_lens"][i : i + 1])
+            if n >= 400
+            else (torch.zeros(1, 0, 80 * stack), torch.zeros(1, dtype=torch.long))
+        )
         t = int(lens[i])
         assert t == int(alone_lens[0])
         assert torch.allclose(x[i, :t], alone[0], atol=1e-5)

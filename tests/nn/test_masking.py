@@ -75,7 +75,9 @@ def test_span_masker_adds_mask_sized_by_frame_spec_and_pickles():
     fresh = SpanMasker(spec, 0.65, 10, seed=7)(dict(batch))["pred_mask"]
     assert torch.equal(again, fresh) and torch.equal(fresh, out["pred_mask"])
     torch.manual_seed(1)
-    assert not torch.equal(SpanMasker(spec, 0.65, 10, seed=8)(dict(batch))["pred_mask"], fresh)  # seed salts it
+    assert not torch.equal(
+        SpanMasker(spec, 0.65, 10, seed=8)(dict(batch))["pred_mask"], fresh
+    )  # seed salts it
 
 
 def test_default_span_masker_fraction_and_same_count():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mmssl.data.features import fbank
 from mmssl.errors import ConfigError
+from mmssl.nn.fbank import fbank
 from mmssl.nn.reconstruction import (
     LogMelFrontend,
     StackedLogMelFrontend,

@@ -147,7 +147,15 @@ def test_num_layers_stops_early_with_the_same_inner_outputs():
 def test_layer_drop_only_in_training():
     torch.manual_seed(0)
     enc = build_transformer(
-        16, 3, 2, 32, dropout=0.0, attention_dropout=0.0, layer_drop=0.999, pos_conv_kernel=4, pos_conv_groups=2
+        16,
+        3,
+        2,
+        32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        layer_drop=0.999,
+        pos_conv_kernel=4,
+        pos_conv_groups=2,
     )
     x, lengths = torch.randn(2, 5, 16), torch.tensor([5, 3])
     out = enc.train()(x, lengths)
@@ -179,7 +187,9 @@ def test_layer_drop_depends_on_the_step_seed_and_call_count_only():
 
 def test_keep_ffn_gives_each_layers_ffn_output_and_nothing_by_default():
     torch.manual_seed(0)
-    enc = build_transformer(16, 2, 2, 32, dropout=0.0, attention_dropout=0.0, pos_conv_kernel=4, pos_conv_groups=2).eval()
+    enc = build_transformer(
+        16, 2, 2, 32, dropout=0.0, attention_dropout=0.0, pos_conv_kernel=4, pos_conv_groups=2
+    ).eval()
     x, lengths = torch.randn(2, 7, 16), torch.tensor([7, 4])
     plain = enc(x, lengths)
     kept = enc(x, lengths, keep_ffn=True)

@@ -108,7 +108,9 @@ def test_a_nan_frame_leaves_every_buffer_as_it_was_and_the_next_batch_trains(ema
     assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
     clean = torch.tensor([[[0.9, 0.1], [0.1, 0.2], [0.0, 0.9]]])
     out = q(clean, torch.tensor([3]))
-    assert torch.isfinite(out.loss) and torch.isfinite(q.codebook).all() and torch.isfinite(q.cluster_size).all()
+    assert (
+        torch.isfinite(out.loss) and torch.isfinite(q.codebook).all() and torch.isfinite(q.cluster_size).all()
+    )
     assert not torch.equal(before["cluster_size"], q.cluster_size)  # a clean batch does update
 
 

@@ -7,7 +7,7 @@ from mmssl.cli import main
 from mmssl.errors import ConfigError
 from mmssl.eval.extract import load_features, read_index
 from mmssl.objectives.apc import apc
-from mmssl.testing import overfit, tiny_audio_batch, utterances_alone
+from mmssl.testing import alone_average, meta_step, overfit, tiny_audio_batch
 
 
 def _model(time_shift: int = 3):
@@ -37,12 +37,7 @@ def test_padded_batch_equals_each_utterance_alone():
     batch = tiny_audio_batch()
     with torch.no_grad():
         out = model(batch)
-        total, count = 0.0, 0.0
-        for alone in utterances_alone(batch, model.encoder.frame_lengths(batch["audio_lens"])):
-            single = model(alone)
-            total += single["loss"].item() * single["predicted_frames"].item()
-            count += single["predicted_frames"].item()
-    assert abs(out["loss"].item() - total / count) < 1e-5
+    assert abs(out["loss"].item() - alone_average(model, batch, "predicted_frames")) < 1e-5
 
 
 def test_representation_at_t_ignores_later_frames():
@@ -102,7 +97,11 @@ def test_bad_settings_name_the_key():
 
 
 def test_recipe_names_a_bad_width_or_dropout(synth_tiny, tmp_path, capsys):
-    common = ["model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}", f"train.out_dir={tmp_path / 'r'}"]
+    common = [
+        "model.size=tiny",
+        f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+        f"train.out_dir={tmp_path / 'r'}",
+    ]
     assert main(["pretrain", "apc", *common, "objective.encoder.dim=0"]) != 0
     assert "objective.encoder.dim must be an integer >= 1; got 0" in capsys.readouterr().err
     assert main(["pretrain", "apc", *common, "objective.dropout=2.0"]) != 0
@@ -111,28 +110,57 @@ def test_recipe_names_a_bad_width_or_dropout(synth_tiny, tmp_path, capsys):
 
 def test_recipe_pretrains_and_its_run_extracts_every_layer(synth_tiny, tmp_path):
     run = tmp_path / "apc"
-    assert main(["pretrain", "apc", "model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
-                 "train.max_steps=2", "train.log_every=1", f"train.out_dir={run}", "data.num_workers=0",
-                 "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "apc",
+                "model.size=tiny",
+                f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+                "train.max_steps=2",
+                "train.log_every=1",
+                f"train.out_dir={run}",
+                "data.num_workers=0",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     assert all(0 < m["loss"] < 10 and m["l1_loss"] == m["loss"] for m in lines)
     feats = tmp_path / "feats"
     manifest = synth_tiny / "av" / "valid.jsonl"
-    assert main(["extract", "--checkpoint", str(run), "--manifest", str(manifest), "--layer", "all",
-                 "--out", str(feats), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(run),
+                "--manifest",
+                str(manifest),
+                "--layer",
+                "all",
+                "--out",
+                str(feats),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     index = read_index(feats)
-    assert {(x["layer"], x["dim"], x["frame_rate"]) for x in index} == {(0, 80, 100.0), (1, 32, 100.0), (2, 32, 100.0)}
+    assert {(x["layer"], x["dim"], x["frame_rate"]) for x in index} == {
+        (0, 80, 100.0),
+        (1, 32, 100.0),
+        (2, 32, 100.0),
+    }
     stored = load_features(feats, 2)
     assert len(stored) == 4 and all(torch.isfinite(v).all() for v in stored.values())
 
 
 def test_training_step_runs_on_the_meta_device():
-    """Meta tensors hold no data: ``.item()``, ``bool(tensor)`` and boolean-mask indexing raise
-    there, so a full step on them shows the step needs no host sync (checked without a GPU)."""
+    """A full step on meta tensors: the step needs no host sync (``mmssl.testing.meta_step``)."""
     with torch.device("meta"):
         model = _model().train()
-    batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in tiny_audio_batch().items()}
-    out = model(batch)
-    out["loss"].backward()
-    assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())
+    meta_step(model, tiny_audio_batch())

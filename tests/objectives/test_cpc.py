@@ -6,11 +6,11 @@ import torch.nn.functional as F
 
 from mmssl.data.io import load_audio
 from mmssl.errors import ConfigError
+from mmssl.nn.contrastive import sample_negatives
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.cpc import binary_contrastive
-from mmssl.objectives.wav2vec2 import sample_negatives
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import overfit, save_tiny_run, tiny_audio_batch
+from mmssl.testing import noisy_padding, overfit, save_tiny_run, tiny_audio_batch
 
 
 def test_binary_loss_matches_hand_computation():
@@ -69,9 +69,7 @@ def test_padding_values_change_no_loss(context):
     torch.manual_seed(0)
     model = OBJECTIVES.build("cpc", size="tiny", context=context)
     batch = tiny_audio_batch()
-    noisy = dict(batch, audio=batch["audio"].clone())
-    for i, n in enumerate(batch["audio_lens"].tolist()):
-        noisy["audio"][i, n:] = torch.randn(batch["audio"].shape[1] - n)
+    noisy = noisy_padding(batch)
     torch.manual_seed(3)
     a = model(batch)["loss"]
     torch.manual_seed(3)
@@ -102,7 +100,7 @@ def test_objective_holds_its_encoder_and_kmeans_reads_its_layers(tmp_path, name)
     from mmssl.cli import main
     from mmssl.nn.kmeans import nearest
     from mmssl.runs import load_encoder_from_run
-    from tests.test_kmeans_cli import _corpus, _km_lines
+    from tests.commands.test_kmeans import _corpus, _km_lines
 
     manifest = _corpus(tmp_path, count=3)
     objective, step = save_tiny_run(tmp_path / "run", name, manifest, overrides=["objective.num_steps=2"])
@@ -112,8 +110,25 @@ def test_objective_holds_its_encoder_and_kmeans_reads_its_layers(tmp_path, name)
     for key, value in objective.encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[key], value), key
     out = tmp_path / "km"
-    code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(step), "--layer", "2",
-                 "--k", "2", "--out", str(out), "--fit-fraction", "1.0", "--device", "cpu"])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(manifest),
+            "--checkpoint",
+            str(step),
+            "--layer",
+            "2",
+            "--k",
+            "2",
+            "--out",
+            str(out),
+            "--fit-fraction",
+            "1.0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     state = torch.load(out / "kmeans.pt", weights_only=True)
     assert state["label_rate"] == 100.0 and state["centroids"].shape == (2, encoder.dim)

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmssl.data.units import default_units
 from mmssl.errors import DataError
-from mmssl.eval.asr import default_units
 from mmssl.objectives.ctc import feasible, make_targets
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_audio_batch, tiny_av_batch
@@ -28,15 +28,29 @@ def test_loss_is_sentence_averaged_ctc_and_padding_does_not_change_it():
     out = obj(batch)
     log_probs, lengths = obj.logits(batch)
     targets, target_lens = make_targets(batch, obj.units)
-    by_hand = F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lens, blank=0,
-                         reduction="sum", zero_infinity=True) / 2
+    by_hand = (
+        F.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets,
+            lengths,
+            target_lens,
+            blank=0,
+            reduction="sum",
+            zero_infinity=True,
+        )
+        / 2
+    )
     torch.testing.assert_close(out["loss"], by_hand)
     # each utterance alone, its padding cut: the same per-utterance losses
     alone = []
     for i in range(2):
         n = int(batch["audio_lens"][i])
-        one = {"audio": batch["audio"][i : i + 1, :n], "audio_lens": batch["audio_lens"][i : i + 1],
-               "transcript": batch["transcript"][i : i + 1], "ids": batch["ids"][i : i + 1]}
+        one = {
+            "audio": batch["audio"][i : i + 1, :n],
+            "audio_lens": batch["audio_lens"][i : i + 1],
+            "transcript": batch["transcript"][i : i + 1],
+            "ids": batch["ids"][i : i + 1],
+        }
         alone.append(obj(one)["loss"])
     torch.testing.assert_close(out["loss"], (alone[0] + alone[1]) / 2, atol=1e-4, rtol=1e-4)
 
@@ -76,8 +90,16 @@ def test_every_encoder_family_trains_and_the_hook_makes_targets_and_masks(encode
         assert a.shape[-1] == v.shape[-1] == obj.units.size
 
 
-@pytest.mark.parametrize("encoder, keys", [("hubert", ("audio",)), ("fbank", ("audio",)), ("av", ("audio", "video")),
-                                           ("av", ("audio",)), ("av", ("video",))])
+@pytest.mark.parametrize(
+    "encoder, keys",
+    [
+        ("hubert", ("audio",)),
+        ("fbank", ("audio",)),
+        ("av", ("audio", "video")),
+        ("av", ("audio",)),
+        ("av", ("video",)),
+    ],
+)
 def test_hook_counts_the_frames_the_encoder_gives(encoder, keys):
     obj = build(encoder).eval()
     full = tiny_av_batch((0.48, 0.36, 0.2)) if encoder == "av" else tiny_audio_batch((8000, 5000, 3300))
@@ -108,7 +130,11 @@ def test_infeasible_utterances_leave_the_loss_and_its_denominator():
     for b in (batch, obj.batch_hook()(dict(batch))):
         out = obj(b)
         assert float(out["infeasible_fraction"]) == pytest.approx(0.5)
-        one = {"audio": batch["audio"][:1], "audio_lens": batch["audio_lens"][:1], "transcript": ["a big star"]}
+        one = {
+            "audio": batch["audio"][:1],
+            "audio_lens": batch["audio_lens"][:1],
+            "transcript": ["a big star"],
+        }
         torch.testing.assert_close(out["loss"], obj(one)["loss"], atol=1e-4, rtol=1e-4)
 
 
@@ -121,7 +147,9 @@ def test_channel_masks_zero_feature_channels_in_every_frame(monkeypatch):
     assert mask.shape == (2, obj.encoder.dim) and mask.any() and not mask.all()
     seen = {}
     real = obj.encoder.contextualize
-    monkeypatch.setattr(obj.encoder, "contextualize", lambda x, lengths: seen.setdefault("x", x) is x and real(x, lengths))
+    monkeypatch.setattr(
+        obj.encoder, "contextualize", lambda x, lengths: seen.setdefault("x", x) is x and real(x, lengths)
+    )
     obj(hooked)
     x = seen["x"]
     assert (x.abs().sum(1)[mask] == 0).all()  # masked channels are zero over all frames
@@ -145,7 +173,11 @@ def test_encoder_frozen_for_freeze_steps_then_trains_and_resume_knows():
 
 
 def test_noise_augmentation_in_the_hook_is_seeded_and_leaves_targets_alone(synth_tiny):
-    obj = build("av", noise_dir=str(synth_tiny / "noise" / "train"), noise_prob=1.0)  # default noise_snr: 0 dB
+    obj = build(
+        "av",
+        noise_dir=str(synth_tiny / "noise" / "train"),
+        noise_prob=1.0,  # default noise_snr: 0 dB
+    )
     clean = tiny_av_batch()
     clean["transcript"] = ["one big star", "a cat", "hi"]
 

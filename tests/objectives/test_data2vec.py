@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mmssl.objectives.data2vec import ema_decay_at, instance_norm, layer_average_targets, regression_loss
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_audio_batch, utterances_alone
+from mmssl.testing import noisy_padding, tiny_audio_batch, utterances_alone
 from mmssl.train.optim import param_groups
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
@@ -66,7 +66,9 @@ def test_teacher_is_an_ema_of_the_student_and_never_trained():
     model.on_step(5)
     d = 0.999 + (0.9999 - 0.999) * 5 / 10
     names = [n for n, _ in model.teacher.named_parameters()]
-    for name, old, new, student in zip(names, before, model.teacher.parameters(), model.encoder.transformer.parameters()):
+    for name, old, new, student in zip(
+        names, before, model.teacher.parameters(), model.encoder.transformer.parameters()
+    ):
         expected = student if name.startswith("pos_conv.") else d * old + (1 - d) * student
         assert torch.allclose(new, expected, atol=1e-6), name
     model.train()
@@ -81,7 +83,9 @@ def test_loss_regresses_teacher_targets_of_the_unmasked_input():
         feats = model.encoder.extract(batch["audio"], batch["audio_lens"])
         layers = model.teacher(feats.x, feats.lengths, keep_ffn=True).ffn
         targets = layer_average_targets(layers, feats.lengths, 8)
-        hidden = model.encoder.contextualize(model.encoder.mask(feats.x, batch["pred_mask"]), feats.lengths).hidden
+        hidden = model.encoder.contextualize(
+            model.encoder.mask(feats.x, batch["pred_mask"]), feats.lengths
+        ).hidden
         expected = regression_loss(model.head(hidden), targets, batch["pred_mask"])
     assert torch.allclose(out["loss"], expected, atol=1e-5)
     out["loss"].backward()
@@ -92,9 +96,7 @@ def test_loss_regresses_teacher_targets_of_the_unmasked_input():
 def test_padding_values_change_no_loss():
     model = _model()
     batch = model.batch_hook()(tiny_audio_batch())
-    noisy = dict(batch, audio=batch["audio"].clone())
-    for i, n in enumerate(batch["audio_lens"].tolist()):
-        noisy["audio"][i, n:] = torch.randn(batch["audio"].shape[1] - n)
+    noisy = noisy_padding(batch)
     assert torch.allclose(model(batch)["loss"], model(noisy)["loss"], atol=1e-5)
 
 
@@ -129,7 +131,11 @@ def test_a_zero_length_utterance_changes_nothing():
     model = _model().eval()
     batch = model.batch_hook()(tiny_audio_batch((8000, 200)))  # 200 samples: no frame
     assert batch["pred_mask"][1].sum() == 0
-    alone = {"audio": batch["audio"][:1], "audio_lens": batch["audio_lens"][:1], "pred_mask": batch["pred_mask"][:1]}
+    alone = {
+        "audio": batch["audio"][:1],
+        "audio_lens": batch["audio_lens"][:1],
+        "pred_mask": batch["pred_mask"][:1],
+    }
     out = model(batch)
     assert torch.isfinite(out["loss"])
     assert torch.allclose(out["loss"], model(alone)["loss"], atol=1e-5)
@@ -142,7 +148,9 @@ def test_teacher_is_the_transformer_only_and_ema_touches_exactly_its_parameters(
     student = dict(model.encoder.transformer.named_parameters())
     assert teacher.keys() == student.keys()
     assert all(a.shape == b.shape for a, b in zip(teacher.values(), student.values()))
-    assert sum(p.numel() for p in model.teacher.parameters()) < sum(p.numel() for p in model.encoder.parameters())
+    assert sum(p.numel() for p in model.teacher.parameters()) < sum(
+        p.numel() for p in model.encoder.parameters()
+    )
     before = {n: p.clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.encoder.parameters():
@@ -151,9 +159,9 @@ def test_teacher_is_the_transformer_only_and_ema_touches_exactly_its_parameters(
     model.on_step(0)
     for name, p in model.named_parameters():
         if name.startswith("teacher.pos_conv."):  # ``ema_layers_only``: copied, not averaged
-            assert torch.equal(p, student[name[len("teacher."):]]), name
+            assert torch.equal(p, student[name[len("teacher.") :]]), name
         elif name.startswith("teacher."):
-            key = name[len("teacher."):]
+            key = name[len("teacher.") :]
             expected = 0.999 * before[name] + 0.001 * student[key]
             assert torch.allclose(p, expected, atol=1e-6), name
             assert not torch.equal(p, before[name]), name  # every teacher parameter moved
@@ -214,7 +222,9 @@ def test_presets_have_no_input_dropout_and_a_full_frontend_gradient(size):
 def test_targets_are_the_normalised_mean_of_the_top_k_ffn_outputs_by_hand(pre_norm):
     # data2vec audio: each block's FFN output before the last residual connection
     torch.manual_seed(0)
-    model = OBJECTIVES.build("data2vec", size="tiny", encoder=dict(QUIET, num_layers=3, pre_norm=pre_norm), top_k=2)
+    model = OBJECTIVES.build(
+        "data2vec", size="tiny", encoder=dict(QUIET, num_layers=3, pre_norm=pre_norm), top_k=2
+    )
     batch = tiny_audio_batch()
     with torch.no_grad():
         feats = model.encoder.extract(batch["audio"], batch["audio_lens"])
@@ -238,5 +248,8 @@ def test_targets_are_the_normalised_mean_of_the_top_k_ffn_outputs_by_hand(pre_no
         got = model.targets(feats.x, lengths)
     valid = ~pad
     assert torch.allclose(got[valid], expected[valid], atol=1e-5)
-    assert not torch.allclose(got[valid], layer_average_targets(
-        model.teacher(feats.x, lengths).layers, lengths, 2)[valid], atol=1e-3)  # not the residual stream
+    assert not torch.allclose(
+        got[valid],
+        layer_average_targets(model.teacher(feats.x, lengths).layers, lengths, 2)[valid],
+        atol=1e-3,
+    )  # not the residual stream

@@ -8,7 +8,7 @@ from mmssl.encoders.recurrent import reverse_padded
 from mmssl.errors import ConfigError
 from mmssl.eval.extract import load_features, read_index
 from mmssl.objectives.decoar import decoar
-from mmssl.testing import overfit, tiny_audio_batch, utterances_alone
+from mmssl.testing import alone_average, meta_step, overfit, tiny_audio_batch
 
 
 def _model(slice_size: int = 4):
@@ -77,12 +77,7 @@ def test_padded_batch_equals_each_utterance_alone():
     batch = tiny_audio_batch()
     with torch.no_grad():
         out = model(batch)
-        total, count = 0.0, 0.0
-        for alone in utterances_alone(batch, model.encoder.frame_lengths(batch["audio_lens"])):
-            single = model(alone)
-            total += single["loss"].item() * single["slices"].item()
-            count += single["slices"].item()
-    assert abs(out["loss"].item() - total / count) < 1e-5
+    assert abs(out["loss"].item() - alone_average(model, batch, "slices")) < 1e-5
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -105,24 +100,49 @@ def test_bad_settings_name_the_key():
 
 def test_recipe_pretrains_and_its_features_are_both_directions(synth_tiny, tmp_path):
     run = tmp_path / "decoar"
-    assert main(["pretrain", "decoar", "model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
-                 "train.max_steps=2", "train.log_every=1", f"train.out_dir={run}", "data.num_workers=0",
-                 "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "decoar",
+                "model.size=tiny",
+                f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+                "train.max_steps=2",
+                "train.log_every=1",
+                f"train.out_dir={run}",
+                "data.num_workers=0",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all(0 < m["loss"] < 10 and m["slices"] > 0 for m in lines)
     feats = tmp_path / "feats"
-    assert main(["extract", "--checkpoint", str(run), "--manifest", str(synth_tiny / "av" / "valid.jsonl"),
-                 "--layer", "2", "--out", str(feats), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(run),
+                "--manifest",
+                str(synth_tiny / "av" / "valid.jsonl"),
+                "--layer",
+                "2",
+                "--out",
+                str(feats),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert {(x["layer"], x["dim"]) for x in read_index(feats)} == {(2, 64)}
     assert all(torch.isfinite(v).all() for v in load_features(feats, 2).values())
 
 
 def test_training_step_runs_on_the_meta_device():
-    """Meta tensors hold no data: ``.item()``, ``bool(tensor)`` and boolean-mask indexing raise
-    there, so a full step on them shows the step needs no host sync (checked without a GPU)."""
+    """A full step on meta tensors: the step needs no host sync (``mmssl.testing.meta_step``)."""
     with torch.device("meta"):
         model = _model().train()
-    batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in tiny_audio_batch().items()}
-    out = model(batch)
-    out["loss"].backward()
-    assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())
+    meta_step(model, tiny_audio_batch())

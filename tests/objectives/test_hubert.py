@@ -4,9 +4,15 @@ import pytest
 import torch
 
 from mmssl.errors import DataError
-from mmssl.objectives.hubert import cosine_logits, prediction_loss, resample_targets
+from mmssl.nn.prediction import cosine_logits, prediction_loss, resample_targets
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import overfit, tiny_audio_batch, tiny_labelled_audio_batch, utterances_alone
+from mmssl.testing import (
+    noisy_padding,
+    overfit,
+    tiny_audio_batch,
+    tiny_labelled_audio_batch,
+    utterances_alone,
+)
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
 
@@ -53,8 +59,14 @@ def test_unmasked_weight_sums_both_parts_over_the_count_of_all_frames():
     pred_mask, labelled = torch.tensor([masked]), torch.ones(1, 5, dtype=torch.bool)
     out = prediction_loss(logits, tgt, pred_mask, labelled, 1.0, 0.5)
     assert abs(out["loss"].item() - (sum_m + 0.5 * sum_u) / 5) < 1e-5
-    assert abs(out["masked_loss"].item() - sum_m / 3) < 1e-5 and abs(out["unmasked_loss"].item() - sum_u / 2) < 1e-5
-    assert abs(out["masked_accuracy"].item() - 2 / 3) < 1e-6 and abs(out["unmasked_accuracy"].item() - 0.5) < 1e-6
+    assert (
+        abs(out["masked_loss"].item() - sum_m / 3) < 1e-5
+        and abs(out["unmasked_loss"].item() - sum_u / 2) < 1e-5
+    )
+    assert (
+        abs(out["masked_accuracy"].item() - 2 / 3) < 1e-6
+        and abs(out["unmasked_accuracy"].item() - 0.5) < 1e-6
+    )
     assert abs(prediction_loss(logits, tgt, pred_mask, labelled, 1.0, 0.0)["loss"].item() - sum_m / 3) < 1e-5
     assert abs(prediction_loss(logits, tgt, pred_mask, labelled, 0.0, 1.0)["loss"].item() - sum_u / 2) < 1e-5
     # no frame to predict: zero, not NaN
@@ -102,9 +114,7 @@ def test_forward_backward_and_masked_only_by_default():
 def test_padding_values_change_no_loss():
     model = _model()
     batch = model.batch_hook()(_batch())
-    noisy = dict(batch, audio=batch["audio"].clone())
-    for i, n in enumerate(batch["audio_lens"].tolist()):
-        noisy["audio"][i, n:] = 3 * torch.randn(batch["audio"].shape[1] - n)
+    noisy = noisy_padding(batch, 3.0)
     a, b = model(batch), model(noisy)
     assert torch.allclose(a["loss"], b["loss"], atol=1e-5)
 
@@ -157,7 +167,9 @@ def test_frontend_gradient_is_scaled_once_by_the_encoder():
     grads = {}
     for scale in (1.0, 0.1):
         torch.manual_seed(0)
-        model = OBJECTIVES.build("hubert", size="tiny", num_classes=7, encoder={**QUIET, "feature_grad_scale": scale})
+        model = OBJECTIVES.build(
+            "hubert", size="tiny", num_classes=7, encoder={**QUIET, "feature_grad_scale": scale}
+        )
         model(batch)["loss"].backward()
         grads[scale] = model.encoder.frontend.blocks[0].conv.weight.grad.clone()
     assert torch.allclose(grads[0.1], 0.1 * grads[1.0], rtol=1e-3, atol=1e-7)

@@ -137,7 +137,9 @@ def test_forward_metrics_and_overfit_one_batch_to_full_accuracy():
     torch.testing.assert_close(out["logit_scale"], torch.tensor(1 / 0.07))  # CLIP's initial temperature
     assert abs(out["loss"].item() - math.log(3)) < 1.0  # near chance at initialisation (scale 14.3)
     out["loss"].backward()
-    assert not [n for n, p in objective.named_parameters() if p.grad is None and n != "encoder.mask_embedding"]
+    assert not [
+        n for n, p in objective.named_parameters() if p.grad is None and n != "encoder.mask_embedding"
+    ]
     opt = torch.optim.Adam(objective.parameters(), lr=2e-3)
     for _ in range(25):
         opt.zero_grad()
@@ -178,7 +180,9 @@ def test_on_step_clamps_the_logit_scales_where_they_still_learn():
 def test_caption_term_gathers_speech_image_and_text_once():
     objective = _tiny(caption_weight=0.5).eval()
     batch = _batch(objective)
-    batch["text"], batch["text_lens"] = objective.text_tokenizer.batch(["a red circle", "two stars", "a big cross"])
+    batch["text"], batch["text_lens"] = objective.text_tokenizer.batch(
+        ["a red circle", "two stars", "a big cross"]
+    )
     calls = []
 
     def counting_gather(x, rank, world_size):
@@ -205,7 +209,9 @@ def test_caption_term_adds_the_text_tower():
     objective = _tiny(caption_weight=0.5)
     assert objective.modalities == ("audio", "image", "text")
     batch = _batch(objective)
-    batch["text"], batch["text_lens"] = objective.text_tokenizer.batch(["a red circle", "two stars", "a big cross"])
+    batch["text"], batch["text_lens"] = objective.text_tokenizer.batch(
+        ["a red circle", "two stars", "a big cross"]
+    )
     out = objective(batch)
     torch.testing.assert_close(out["loss"], out["image_loss"] + 0.5 * out["caption_loss"])
     assert "speech_text_accuracy" in out
@@ -232,7 +238,9 @@ def test_bad_options_and_missing_modalities_are_named():
 def test_recipe_builds_and_runs():
     from mmssl.config import builder_kwargs, load_config, resolve
 
-    cfg = resolve(load_config("speech_image", ["data.train=m.jsonl", "model.size=tiny", "objective.speech=fbank"]))
+    cfg = resolve(
+        load_config("speech_image", ["data.train=m.jsonl", "model.size=tiny", "objective.speech=fbank"])
+    )
     assert list(cfg.data.modalities) == ["audio", "image"]
     kwargs = {**builder_kwargs(cfg.objective), **builder_kwargs(cfg.model, drop=())}
     objective = OBJECTIVES.build(cfg.objective.name, **kwargs, rank=0, world_size=1)
@@ -248,7 +256,9 @@ def _rank_worker(rank, world_size, init, out):
     groups = torch.tensor([0, 1, 2, 0, 3, 1])  # groups 0 and 1 span both ranks
     a = x[rank * 3 : (rank + 1) * 3].clone().requires_grad_()
     b = y[rank * 3 : (rank + 1) * 3].clone().requires_grad_()
-    loss, _, _ = symmetric_info_nce(a, b, torch.tensor(5.0), groups[rank * 3 : (rank + 1) * 3], rank, world_size)
+    loss, _, _ = symmetric_info_nce(
+        a, b, torch.tensor(5.0), groups[rank * 3 : (rank + 1) * 3], rank, world_size
+    )
     loss.backward()
     out[rank, :, :8] = torch.cat([a.grad, b.grad], 1)
     out[rank, :, 8] = loss.detach()
@@ -274,9 +284,15 @@ def _objective_rank_worker(rank, world_size, init, objective, batch, out):
     rows = [2 * rank, 2 * rank + 1]
     n = int(batch["audio_lens"][rows].max())
     t = int(batch["text_lens"][rows].max())
-    mine = {"audio": batch["audio"][rows, :n], "audio_lens": batch["audio_lens"][rows], "image": batch["image"][rows],
-            "text": batch["text"][rows, :t], "text_lens": batch["text_lens"][rows],
-            "groups": [batch["groups"][i] for i in rows], "ids": [batch["ids"][i] for i in rows]}
+    mine = {
+        "audio": batch["audio"][rows, :n],
+        "audio_lens": batch["audio_lens"][rows],
+        "image": batch["image"][rows],
+        "text": batch["text"][rows, :t],
+        "text_lens": batch["text_lens"][rows],
+        "groups": [batch["groups"][i] for i in rows],
+        "ids": [batch["ids"][i] for i in rows],
+    }
     with torch.no_grad():
         result = objective(mine)
     out[rank, 0], out[rank, 1] = result["image_loss"], result["caption_loss"]
@@ -293,8 +309,12 @@ def test_two_gloo_ranks_of_the_objective_exchange_sizes_once(tmp_path):
     captions = ["a red circle", "two stars", "a dot", "a cross"]
     batch["text"], batch["text_lens"] = objective.text_tokenizer.batch(captions)
     out = torch.zeros(2, 3).share_memory_()
-    mp.start_processes(_objective_rank_worker, args=(2, f"file://{tmp_path / 'pg'}", objective, batch, out), nprocs=2,
-                       start_method="fork")
+    mp.start_processes(
+        _objective_rank_worker,
+        args=(2, f"file://{tmp_path / 'pg'}", objective, batch, out),
+        nprocs=2,
+        start_method="fork",
+    )
     # one size exchange per step: group ids reuse it, the caption term reuses the speech rows
     assert out[:, 2].tolist() == [1.0, 1.0]
     with torch.no_grad():
@@ -307,7 +327,9 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     import torch.multiprocessing as mp
 
     out = torch.zeros(2, 3, 9).share_memory_()
-    mp.start_processes(_rank_worker, args=(2, f"file://{tmp_path / 'pg'}", out), nprocs=2, start_method="fork")
+    mp.start_processes(
+        _rank_worker, args=(2, f"file://{tmp_path / 'pg'}", out), nprocs=2, start_method="fork"
+    )
     x = _unit(6, 4, seed=10).requires_grad_()
     y = _unit(6, 4, seed=11).requires_grad_()
     loss, _, _ = symmetric_info_nce(x, y, torch.tensor(5.0), torch.tensor([0, 1, 2, 0, 3, 1]))
@@ -318,15 +340,19 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
 
 
 def test_speech_tower_starts_from_a_pretraining_run(speech_image_run):
-    from mmssl.runs import load_encoder_from_run
+    from mmssl.runs import load_encoder_from_run, resolve_inits
 
     run, _ = speech_image_run
     pretrained = load_encoder_from_run(run).state_dict()
-    objective = OBJECTIVES.build("speech_image", size="tiny", speech_init=str(run))
+    objective = OBJECTIVES.build(
+        "speech_image", size="tiny", **resolve_inits("speech_image", {"speech_init": str(run)})
+    )
     started = objective.encoder.state_dict()
     assert started.keys() == pretrained.keys() and len(started) > 10
     for name, p in started.items():
         torch.testing.assert_close(p, pretrained[name], msg=name)
     assert objective.encoder.training  # fine-tuned, not frozen
     with pytest.raises(ConfigError, match="overrides"):
-        OBJECTIVES.build("speech_image", size="tiny", speech_init=str(run), encoder={"dropout": 0.0})
+        OBJECTIVES.build(
+            "speech_image", size="tiny", speech_init=load_encoder_from_run(run), encoder={"dropout": 0.0}
+        )

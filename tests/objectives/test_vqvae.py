@@ -6,10 +6,10 @@ import torch
 from mmssl.cli import main
 from mmssl.errors import ConfigError
 from mmssl.eval.extract import load_features, read_index
-from mmssl.runs import load_encoder_from_run
 from mmssl.nn.reconstruction import log_mel
 from mmssl.objectives.vqvae import autoencoder, vqvae
-from mmssl.testing import overfit, tiny_audio_batch, utterances_alone
+from mmssl.runs import load_encoder_from_run
+from mmssl.testing import meta_step, overfit, tiny_audio_batch, utterances_alone
 
 
 def _model(**kwargs):
@@ -105,9 +105,22 @@ def test_bad_settings_name_the_key():
 @pytest.mark.parametrize("recipe", ["vqvae", "autoencoder"])
 def test_recipe_pretrains_and_its_run_extracts(recipe, synth_tiny, tmp_path):
     run = tmp_path / recipe
-    assert main(["pretrain", recipe, "model.size=tiny", f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
-                 "train.max_steps=2", "train.log_every=1", f"train.out_dir={run}", "data.num_workers=0",
-                 "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                recipe,
+                "model.size=tiny",
+                f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+                "train.max_steps=2",
+                "train.log_every=1",
+                f"train.out_dir={run}",
+                "data.num_workers=0",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all(0 < m["reconstruction_mse_loss"] < 10 for m in lines)
     if recipe == "vqvae":
@@ -115,8 +128,24 @@ def test_recipe_pretrains_and_its_run_extracts(recipe, synth_tiny, tmp_path):
     encoder = load_encoder_from_run(run)
     top = encoder.num_layers
     feats = tmp_path / "feats"
-    assert main(["extract", "--checkpoint", str(run), "--manifest", str(synth_tiny / "av" / "valid.jsonl"),
-                 "--layer", str(top), "--out", str(feats), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--checkpoint",
+                str(run),
+                "--manifest",
+                str(synth_tiny / "av" / "valid.jsonl"),
+                "--layer",
+                str(top),
+                "--out",
+                str(feats),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert {(x["layer"], x["dim"], x["frame_rate"]) for x in read_index(feats)} == {(top, 16, 50.0)}
     stored = torch.cat(list(load_features(feats, top).values()))
     if recipe == "vqvae":  # the last layer is z_q: every frame is an entry of the trained codebook
@@ -145,7 +174,4 @@ def test_training_step_runs_on_the_meta_device(name):
     with torch.device("meta"):
         torch.manual_seed(0)
         model = (vqvae(size="tiny", entries=32) if name == "vqvae" else autoencoder(size="tiny")).train()
-    batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in tiny_audio_batch().items()}
-    out = model(batch)
-    out["loss"].backward()
-    assert out["loss"].is_meta and all(p.grad is not None for p in model.parameters())
+    meta_step(model, tiny_audio_batch())

@@ -1,9 +1,11 @@
 import torch
 import torch.nn.functional as F
 
-from mmssl.objectives.wav2vec2 import feature_penalty, gather_logits, info_nce, sample_negatives, wav2vec2
+from mmssl.nn.contrastive import gather_logits, info_nce, sample_negatives
+from mmssl.nn.prediction import feature_penalty
+from mmssl.objectives.wav2vec2 import wav2vec2
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import tiny_audio_batch
+from mmssl.testing import noisy_padding, tiny_audio_batch
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
 
@@ -56,7 +58,10 @@ def test_info_nce_equals_cross_entropy_on_explicit_logits():
 
 def test_excluded_negatives_drop_out_of_the_softmax():
     logits = gather_logits(
-        torch.ones(1, 1, 2), torch.eye(2)[None], torch.tensor([[0]]), torch.tensor([[[1, 1]]]),
+        torch.ones(1, 1, 2),
+        torch.eye(2)[None],
+        torch.tensor([[0]]),
+        torch.tensor([[[1, 1]]]),
         exclude=torch.tensor([[[True, False]]]),
     )
     # positive logit 1, one remaining negative logit 1: loss = log 2
@@ -95,9 +100,7 @@ def test_forward_backward_and_metrics_on_a_padded_batch():
 def test_padding_values_change_no_loss():
     model = _model()
     batch = model.batch_hook()(tiny_audio_batch())
-    noisy = dict(batch, audio=batch["audio"].clone())
-    for i, n in enumerate(batch["audio_lens"].tolist()):
-        noisy["audio"][i, n:] = torch.randn(batch["audio"].shape[1] - n)
+    noisy = noisy_padding(batch)
     torch.manual_seed(5)
     a = model(batch)
     torch.manual_seed(5)

@@ -3,9 +3,9 @@ import pickle
 
 import torch
 
-from mmssl.objectives.wavlm import UtteranceMixer
+from mmssl.data.utterance_mixing import UtteranceMixer
 from mmssl.registry import OBJECTIVES
-from mmssl.testing import overfit, tiny_audio_batch, tiny_labelled_audio_batch
+from mmssl.testing import noisy_padding, overfit, tiny_audio_batch, tiny_labelled_audio_batch
 
 QUIET = dict(dropout=0.0, input_dropout=0.0, attention_dropout=0.0, layer_drop=0.0)
 
@@ -91,9 +91,7 @@ def test_padding_values_change_no_loss():
     # gated relative position bias nor the loss may read it
     model = _model()
     batch = _batch()
-    noisy = dict(batch, audio=batch["audio"].clone())
-    for i, n in enumerate(batch["audio_lens"].tolist()):
-        noisy["audio"][i, n:] = 3 * torch.randn(batch["audio"].shape[1] - n)
+    noisy = noisy_padding(batch, 3.0)
     torch.manual_seed(11)
     a = model.batch_hook()(dict(batch))
     torch.manual_seed(11)

@@ -30,8 +30,22 @@ def bench(synth_tiny, tmp_path_factory):
     """One run over a whole epoch: both objectives, 0 and 1 workers, 2 training steps/s."""
     folder = tmp_path_factory.mktemp("loader_bench")
     manifest, labels, out = synth_tiny / "av" / "train.jsonl", folder / "km", folder / "loader.jsonl"
-    argv = ["--manifest", manifest, "--labels", labels, "--workers", "0,1", "--batches", "0",
-            "--step-rate", "2", "--out", out, "--quiet", *KEYS]
+    argv = [
+        "--manifest",
+        manifest,
+        "--labels",
+        labels,
+        "--workers",
+        "0,1",
+        "--batches",
+        "0",
+        "--step-rate",
+        "2",
+        "--out",
+        out,
+        "--quiet",
+        *KEYS,
+    ]
     rc = loader.main([str(a) for a in argv])
     results = [json.loads(line) for line in out.read_text().splitlines()]
     return rc, manifest, labels, results
@@ -41,7 +55,11 @@ def test_one_epoch_counts_every_kept_record_for_each_worker_count(bench, capsys)
     rc, manifest, labels, results = bench
     assert rc == 0
     assert [(r["objective"], r["workers"]) for r in results] == [
-        ("av_hubert", 0), ("av_hubert", 1), ("hubert", 0), ("hubert", 1)]
+        ("av_hubert", 0),
+        ("av_hubert", 1),
+        ("hubert", 0),
+        ("hubert", 1),
+    ]
     kept = [r for r in read_manifest(manifest) if 0.5 <= r["audio_samples"] / 16_000 <= 15.0]  # the defaults
     for r in results:
         assert r["utterances"] == len(kept)
@@ -53,7 +71,9 @@ def test_one_epoch_counts_every_kept_record_for_each_worker_count(bench, capsys)
     assert len(lines) == len(read_manifest(manifest))
     assert torch.load(labels / "kmeans.pt", weights_only=True)["k"] == 8
     assert {"targets", "video", "audio_mask", "video_mask"} <= set(results[0]["batch_keys"])
-    assert {"targets", "pred_mask"} <= set(results[2]["batch_keys"]) and "video" not in results[2]["batch_keys"]
+    assert {"targets", "pred_mask"} <= set(results[2]["batch_keys"]) and "video" not in results[2][
+        "batch_keys"
+    ]
 
 
 def test_ratio_is_loader_batches_over_training_steps(bench):
@@ -80,12 +100,40 @@ def test_steady_rates_skip_the_prefetched_burst():
 def test_step_json_compares_audio_seconds_and_labels_are_reused(bench, tmp_path, capsys):
     _, manifest, labels, _ = bench
     steps = tmp_path / "steps.jsonl"
-    steps.write_text("warming up\n" + json.dumps({"objective": "hubert", "size": "base", "steps_per_s": 3.0,
-                                                  "audio_sec_per_s": 50.0, "batch_size": 8, "seconds": 15}) + "\n")
+    steps.write_text(
+        "warming up\n"
+        + json.dumps(
+            {
+                "objective": "hubert",
+                "size": "base",
+                "steps_per_s": 3.0,
+                "audio_sec_per_s": 50.0,
+                "batch_size": 8,
+                "seconds": 15,
+            }
+        )
+        + "\n"
+    )
     made = (labels / "kmeans.pt").stat().st_mtime_ns
     out = tmp_path / "r.jsonl"
-    argv = ["--manifest", manifest, "--labels", labels, "--objectives", "hubert", "--workers", "0",
-            "--batches", "3", "--step-json", steps, "--out", out, "--quiet", *KEYS]
+    argv = [
+        "--manifest",
+        manifest,
+        "--labels",
+        labels,
+        "--objectives",
+        "hubert",
+        "--workers",
+        "0",
+        "--batches",
+        "3",
+        "--step-json",
+        steps,
+        "--out",
+        out,
+        "--quiet",
+        *KEYS,
+    ]
     assert loader.main([str(a) for a in argv]) == 0
     (r,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert r["batches"] == 3 and r["step_audio_s_per_s"] == 50.0

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mmssl.nn.gather import gather_no_grad, gather_with_grad, gather_with_grad_and_offset
-from mmssl.train.checkpoint import load_weights
+from mmssl.runs import load_weights
 from mmssl.train.distributed import DistEnv
 from tests.train.toy import make_trainer, params, read_metrics
 
@@ -44,8 +44,16 @@ def _crash_after_3(step):
 
 
 def _train(rank, run_dir, strategy, phase):
-    options = dict(max_steps=4, batch_size=2, env=DistEnv(rank, 2, rank), strategy=strategy,
-                   dropout=0.0, noise=0.0, grad_clip=1.0, save_every=2)
+    options = dict(
+        max_steps=4,
+        batch_size=2,
+        env=DistEnv(rank, 2, rank),
+        strategy=strategy,
+        dropout=0.0,
+        noise=0.0,
+        grad_clip=1.0,
+        save_every=2,
+    )
     trainer = make_trainer(run_dir, callbacks=[_crash_after_3] if phase == "crash" else [], **options)
     if phase == "resume":
         assert trainer.resume() and trainer.step == 2
@@ -65,7 +73,9 @@ def _train_rank(rank, run_dir, strategy, phase):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy,interrupted", [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)])
+@pytest.mark.parametrize(
+    "strategy,interrupted", [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
+)
 def test_two_processes_match_one_on_the_combined_batch(tmp_path, strategy, interrupted):
     single = make_trainer(tmp_path / "one", max_steps=4, batch_size=4, dropout=0.0, noise=0.0, grad_clip=1.0)
     single.fit()
@@ -78,7 +88,8 @@ def test_two_processes_match_one_on_the_combined_batch(tmp_path, strategy, inter
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     # logged losses are the rank mean, i.e. the mean over the combined batch
     assert [r["loss"] for r in read_metrics(tmp_path / "two")] == pytest.approx(
-        [r["loss"] for r in read_metrics(tmp_path / "one")], rel=1e-5)
+        [r["loss"] for r in read_metrics(tmp_path / "one")], rel=1e-5
+    )
 
 
 def _contrastive(local, everyone, offset):

@@ -1,8 +1,9 @@
 """Every registered objective, at tiny size on a batch made as the loader makes them
 (``mmssl.testing.synthetic_batch``): under bf16 autocast, and (on CUDA) without a host sync.
 
-bf16: the precision the trainer uses on CUDA. CI has no GPU, so this runs CPU autocast (``torch.autocast("cpu", torch.bfloat16)``): it casts
-matmuls, convolutions and linear layers to bf16 as CUDA autocast does, which is what breaks
+bf16: the precision the trainer uses on CUDA. CI has no GPU, so this runs CPU autocast
+(``torch.autocast("cpu", torch.bfloat16)``): it casts matmuls, convolutions and linear layers
+to bf16 as CUDA autocast does, which is what breaks
 objectives (dtype mismatches in index/scatter ops, losses or logits left in bf16). Each
 objective, at tiny size, must return a float32 loss close to its float32 loss on the same batch
 and masks, with finite gradients.
@@ -28,7 +29,9 @@ NAMES = OBJECTIVES.names()
 
 def _aten_kernels():
     """oneDNN off, its other flags untouched: the same CPU kernels on every x86-64 CPU (above)."""
-    return torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None)
+    return torch.backends.mkldnn.flags(
+        enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
+    )
 
 
 def _loss_and_grads(objective, batch: dict, bf16: bool) -> tuple[torch.Tensor, list]:

@@ -7,12 +7,12 @@ import itertools
 import pytest
 import torch
 
+from mmssl.data.utterance_mixing import UtteranceMixer
 from mmssl.encoders.base import FrameSpec
 from mmssl.nn.frontend import WAV2VEC2_KERNELS, WAV2VEC2_STRIDES
 from mmssl.nn.masking import SpanMasker
 from mmssl.objectives.av_hubert import AVMasks
-from mmssl.objectives.hubert import ChainHook
-from mmssl.objectives.wavlm import UtteranceMixer
+from mmssl.objectives.base import ChainHook
 from mmssl.train.stream import BatchStream
 from tests.train.toy import ToyBatchSampler, toy_collate
 
@@ -22,19 +22,24 @@ RANDOM_KEYS = ("audio", "mixed", "pred_mask", "audio_mask", "video_mask")
 
 def _dataset(n=12):
     g = torch.Generator().manual_seed(0)
-    return [{"audio": torch.randn(int(torch.randint(1600, 6400, (1,), generator=g)), generator=g), "id": f"u{i}"}
-            for i in range(n)]
+    return [
+        {"audio": torch.randn(int(torch.randint(1600, 6400, (1,), generator=g)), generator=g), "id": f"u{i}"}
+        for i in range(n)
+    ]
 
 
 def _hook():
     """WavLM mixing then HuBERT masking, then AV-HuBERT's audio masks: every hook kind."""
-    return ChainHook((UtteranceMixer(prob=0.5), SpanMasker(SPEC, 0.8, 5, min_masks=1), AVMasks(SPEC, audio_span=5)))
+    return ChainHook(
+        (UtteranceMixer(prob=0.5), SpanMasker(SPEC, 0.8, 5, min_masks=1), AVMasks(SPEC, audio_span=5))
+    )
 
 
 def _stream(workers, hook=None):
     data = _dataset()
-    return BatchStream(data, ToyBatchSampler(len(data), 3), toy_collate, hook=hook or _hook(),
-                       num_workers=workers, seed=7)
+    return BatchStream(
+        data, ToyBatchSampler(len(data), 3), toy_collate, hook=hook or _hook(), num_workers=workers, seed=7
+    )
 
 
 def _take(stream, n):

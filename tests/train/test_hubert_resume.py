@@ -29,8 +29,13 @@ def _dataset(n=12):
     for i in range(n):
         samples = int(torch.randint(4000, 8000, (1,), generator=g))
         frames = 1 + (samples - 400) // 160  # 100 Hz labels, as MFCC k-means writes them
-        items.append({"id": f"u{i}", "audio": 0.1 * torch.randn(samples, generator=g),
-                      "targets": torch.randint(5, (frames,), generator=g)})
+        items.append(
+            {
+                "id": f"u{i}",
+                "audio": 0.1 * torch.randn(samples, generator=g),
+                "targets": torch.randint(5, (frames,), generator=g),
+            }
+        )
     return items
 
 
@@ -38,15 +43,25 @@ def _trainer(run_dir, workers, callbacks=()):
     import mmssl.objectives  # noqa: F401  (registers the objectives)
 
     torch.manual_seed(0)
-    objective = OBJECTIVES.build("hubert", size="tiny", num_classes=5, mask_prob=0.5, mask_span=4,
-                                 encoder={"layer_drop": 0.3})
+    objective = OBJECTIVES.build(
+        "hubert", size="tiny", num_classes=5, mask_prob=0.5, mask_span=4, encoder={"layer_drop": 0.3}
+    )
     data = _dataset()
-    stream = BatchStream(data, ToyBatchSampler(len(data), 3), collate, hook=objective.batch_hook(),
-                         num_workers=workers, seed=0)
+    stream = BatchStream(
+        data, ToyBatchSampler(len(data), 3), collate, hook=objective.batch_hook(), num_workers=workers, seed=0
+    )
     opts = LoopOptions(max_steps=STEPS, log_every=1, save_every=2, progress=False)
     schedule = Schedule(peak_lr=1e-3, total_steps=STEPS, kind="linear", warmup_steps=2)
-    return Trainer(objective, build_adamw(objective, lr=1e-3), schedule, stream, opts, run_dir,
-                   device=torch.device("cpu"), callbacks=callbacks)
+    return Trainer(
+        objective,
+        build_adamw(objective, lr=1e-3),
+        schedule,
+        stream,
+        opts,
+        run_dir,
+        device=torch.device("cpu"),
+        callbacks=callbacks,
+    )
 
 
 def test_resumed_hubert_run_logs_the_same_losses(tmp_path):

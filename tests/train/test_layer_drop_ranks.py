@@ -30,8 +30,9 @@ class DropObjective(Objective):
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(FRAME, 8)
-        self.transformer = build_transformer(8, LAYERS, 2, 16, dropout=0.2, attention_dropout=0.2,
-                                             layer_drop=0.5, pos_conv_kernel=0)
+        self.transformer = build_transformer(
+            8, LAYERS, 2, 16, dropout=0.2, attention_dropout=0.2, layer_drop=0.5, pos_conv_kernel=0
+        )
         self.register_buffer("target_proj", torch.randn(FRAME, 8, generator=torch.Generator().manual_seed(0)))
         self.ran: list[int] = []
         self.steps: list[list[int]] = []
@@ -62,10 +63,21 @@ def _train_rank(rank, run_dir):
         objective = DropObjective()
         model = wrap_model(objective, env, torch.device("cpu"), "fsdp")
         data = toy_dataset()
-        stream = BatchStream(data, ToyBatchSampler(len(data), 2, rank=rank, world_size=2), toy_collate, rank=rank)
+        stream = BatchStream(
+            data, ToyBatchSampler(len(data), 2, rank=rank, world_size=2), toy_collate, rank=rank
+        )
         opts = LoopOptions(max_steps=8, log_every=4, save_every=1000, progress=False)
-        trainer = Trainer(objective, build_adamw(model, lr=1e-3), Schedule(peak_lr=1e-3, total_steps=8), stream,
-                          opts, run_dir, device=torch.device("cpu"), env=env, model=model)
+        trainer = Trainer(
+            objective,
+            build_adamw(model, lr=1e-3),
+            Schedule(peak_lr=1e-3, total_steps=8),
+            stream,
+            opts,
+            run_dir,
+            device=torch.device("cpu"),
+            env=env,
+            model=model,
+        )
         trainer.fit()
         (run_dir / f"layers{rank}.json").write_text(json.dumps(objective.steps))
     finally:

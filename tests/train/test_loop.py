@@ -48,8 +48,13 @@ def test_accumulation_equals_the_combined_batch(tmp_path):
 
 def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path):
     snapshots = {}
-    trainer = make_trainer(tmp_path, max_steps=4, nan_at=(3,), grad_clip=1.0,
-                           callbacks=[lambda step: snapshots.__setitem__(step, _trainable(trainer))])
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=4,
+        nan_at=(3,),
+        grad_clip=1.0,
+        callbacks=[lambda step: snapshots.__setitem__(step, _trainable(trainer))],
+    )
     trainer.fit()
     for name in snapshots[2]:
         assert torch.equal(snapshots[2][name], snapshots[3][name]), name  # step 3 was skipped
@@ -98,8 +103,15 @@ def test_resume_in_process_continues_the_same_run(tmp_path):
 @pytest.mark.cuda
 def test_cuda_bf16_step_skips_nonfinite_and_logs_memory(tmp_path):
     snapshots = {}
-    trainer = make_trainer(tmp_path, max_steps=4, nan_at=(2,), device="cuda", precision="bf16", grad_clip=1.0,
-                           callbacks=[lambda step: snapshots.__setitem__(step, _trainable(trainer))])
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=4,
+        nan_at=(2,),
+        device="cuda",
+        precision="bf16",
+        grad_clip=1.0,
+        callbacks=[lambda step: snapshots.__setitem__(step, _trainable(trainer))],
+    )
     trainer.fit()
     assert all(torch.equal(snapshots[1][n], snapshots[2][n]) for n in snapshots[1])
     records = read_metrics(tmp_path)
@@ -109,8 +121,8 @@ def test_cuda_bf16_step_skips_nonfinite_and_logs_memory(tmp_path):
 
 
 def test_validation_logs_the_mean_over_valid_batches_in_eval_mode(tmp_path):
-    from tests.train.toy import ToyBatchSampler, toy_collate, toy_dataset
     from mmssl.train.stream import BatchStream
+    from tests.train.toy import ToyBatchSampler, toy_collate, toy_dataset
 
     trainer = make_trainer(tmp_path, max_steps=2, valid_every=2, dropout=0.5, noise=0.0)
     data = toy_dataset(n=10, seed=1)

@@ -20,11 +20,18 @@ def test_schedules_match_their_formulas():
     assert cos.lr_at(7) == pytest.approx(1.0)  # half-way through the decay: cos(pi/2)
     assert cos.lr_at(4) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 2 / 10)))
 
-    tri = Schedule(peak_lr=1.0, total_steps=100, kind="tri_stage", warmup_steps=10, hold_steps=40,
-                   final_scale=0.05, init_scale=0.01)
+    tri = Schedule(
+        peak_lr=1.0,
+        total_steps=100,
+        kind="tri_stage",
+        warmup_steps=10,
+        hold_steps=40,
+        final_scale=0.05,
+        init_scale=0.01,
+    )
     assert tri.lr_at(0) == pytest.approx(0.01 + 0.99 * 1 / 10)
     assert tri.lr_at(9) == pytest.approx(1.0) and tri.lr_at(49) == pytest.approx(1.0)
-    assert tri.lr_at(75) == pytest.approx(0.05 ** 0.5)  # geometric mid-point of the decay
+    assert tri.lr_at(75) == pytest.approx(0.05**0.5)  # geometric mid-point of the decay
     assert Schedule(peak_lr=3.0, total_steps=5, kind="constant", warmup_steps=0).lr_at(4) == 3.0
 
 
@@ -81,5 +88,7 @@ def test_adamw_skips_the_whole_update_when_found_inf():
     # weight decay only where it belongs: a zero-gradient-free check on the first Adam step
     # (update = lr * (sign + wd * w) for decayed weights, lr * sign for the rest)
     torch.testing.assert_close(net.lin.bias, before["lin.bias"] - 0.1, atol=1e-5, rtol=0)
-    torch.testing.assert_close(net.lin.weight, before["lin.weight"] * (1 - 0.1 * 0.5) - 0.1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        net.lin.weight, before["lin.weight"] * (1 - 0.1 * 0.5) - 0.1, atol=1e-5, rtol=0
+    )
     assert torch.equal(net.teacher.weight, before["teacher.weight"])

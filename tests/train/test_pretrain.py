@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from mmssl.config import load_config, resolve
+from mmssl.data.manifest import subset_indices
 from mmssl.errors import ConfigError
 from mmssl.registry import Registry
-from mmssl.data.manifest import subset_indices
-from mmssl.train.build import build_objective, build_schedule, build_stream
-from mmssl.train.checkpoint import load_weights
-from mmssl.train.cli import pretrain
+from mmssl.runs import build_objective, load_weights
+from mmssl.train.build import build_schedule, build_stream
 from mmssl.train.distributed import DistEnv
+from mmssl.train.pretrain import pretrain
 from tests.train.toy import ToyObjective, read_metrics
 
 LOCAL = Registry("test objective")
@@ -47,12 +47,26 @@ def _write_corpus(folder: Path, n: int = 12) -> Path:
 
 
 def _cfg(tmp_path, manifest, *extra):
-    return resolve(load_config(None, [
-        "objective.name=toy", f"data.train={manifest}", f"train.out_dir={tmp_path / 'run'}",
-        "data.max_seconds_per_batch=3.0", "data.num_workers=0", "data.min_audio_seconds=0.1",
-        "train.log_every=1", "train.save_every=2", "train.progress=false", "train.lr=0.01",
-        "train.device=cpu", "model.size=tiny", *extra,
-    ]))
+    return resolve(
+        load_config(
+            None,
+            [
+                "objective.name=toy",
+                f"data.train={manifest}",
+                f"train.out_dir={tmp_path / 'run'}",
+                "data.max_seconds_per_batch=3.0",
+                "data.num_workers=0",
+                "data.min_audio_seconds=0.1",
+                "train.log_every=1",
+                "train.save_every=2",
+                "train.progress=false",
+                "train.lr=0.01",
+                "train.device=cpu",
+                "model.size=tiny",
+                *extra,
+            ],
+        )
+    )
 
 
 def test_pretrain_writes_the_run_folder_and_resumes(tmp_path):
@@ -74,11 +88,11 @@ def test_pretrain_writes_the_run_folder_and_resumes(tmp_path):
 
 def test_builder_gets_size_and_distributed_context(tmp_path):
     cfg = _cfg(tmp_path, tmp_path / "x.jsonl", "objective.dropout=0.0")
-    objective = build_objective(cfg, DistEnv(rank=1, world_size=4), LOCAL)
+    objective = build_objective(cfg, 1, 4, LOCAL)
     assert objective.built_with == ("tiny", 1, 4) and objective.drop.p == 0.0
     bad = _cfg(tmp_path, tmp_path / "x.jsonl", "objective.nope=1")
     with pytest.raises(ConfigError, match="unknown config key objective.nope"):
-        build_objective(bad, DistEnv(), LOCAL)
+        build_objective(bad, registry=LOCAL)
 
 
 def test_a_misspelt_option_names_its_key_and_leaves_no_run_folder(tmp_path):
@@ -91,8 +105,15 @@ def test_a_misspelt_option_names_its_key_and_leaves_no_run_folder(tmp_path):
 
 
 def test_schedule_from_config_fractions(tmp_path):
-    cfg = _cfg(tmp_path, tmp_path / "x.jsonl", "train.max_steps=100", "train.schedule=tri_stage",
-               "train.warmup_fraction=0.1", "train.hold_fraction=0.4", "train.final_lr_scale=0.05")
+    cfg = _cfg(
+        tmp_path,
+        tmp_path / "x.jsonl",
+        "train.max_steps=100",
+        "train.schedule=tri_stage",
+        "train.warmup_fraction=0.1",
+        "train.hold_fraction=0.4",
+        "train.final_lr_scale=0.05",
+    )
     schedule = build_schedule(cfg.train)
     assert (schedule.warmup_steps, schedule.hold_steps) == (10, 40)
     assert schedule.lr_at(50) == pytest.approx(0.01)
@@ -110,14 +131,16 @@ def test_objective_classes_must_match_the_labels_kmeans(tmp_path, capsys):
     torch.save({"k": 500, "label_rate": 50.0}, labels / "kmeans.pt")
     base = ["objective.name=toy_classes", f"data.labels={labels}"]
     with pytest.raises(ConfigError, match="num_classes=100 .* k=500"):
-        build_objective(_cfg(tmp_path, tmp_path / "x.jsonl", *base), DistEnv(), LOCAL)
+        build_objective(_cfg(tmp_path, tmp_path / "x.jsonl", *base), registry=LOCAL)
     with pytest.raises(ConfigError, match="label_rate=100.0 .* label_rate=50.0"):
-        build_objective(_cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=500"), DistEnv(), LOCAL)
+        build_objective(
+            _cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=500"), registry=LOCAL
+        )
     ok = _cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=500", "objective.label_rate=50")
-    assert isinstance(build_objective(ok, DistEnv(), LOCAL), ToyObjective)
+    assert isinstance(build_objective(ok, registry=LOCAL), ToyObjective)
     # more classes than clusters: some classes never occur, which trains; only a note
     more = _cfg(tmp_path, tmp_path / "x.jsonl", *base, "objective.num_classes=600", "objective.label_rate=50")
-    assert isinstance(build_objective(more, DistEnv(), LOCAL), ToyObjective)
+    assert isinstance(build_objective(more, registry=LOCAL), ToyObjective)
     assert "only k=500" in capsys.readouterr().out
 
 
@@ -134,7 +157,9 @@ def test_bad_records_are_skipped_and_their_count_logged(tmp_path):
 
 def test_train_subset_keeps_the_seeded_records_and_only_in_training(tmp_path):
     manifest = _write_corpus(tmp_path, n=12)
-    cfg = _cfg(tmp_path, manifest, "data.train_subset=0.25", "data.train_subset_seed=5", f"data.valid={manifest}")
+    cfg = _cfg(
+        tmp_path, manifest, "data.train_subset=0.25", "data.train_subset_seed=5", f"data.valid={manifest}"
+    )
     objective = build_objective(cfg, registry=LOCAL)
     seen = {}
     for split in ("train", "valid"):

@@ -7,7 +7,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-
 from tests.train.toy import make_trainer, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,6 +16,7 @@ SCRIPT = textwrap.dedent(
     import os, signal, sys
     import torch
     torch.set_num_threads(1)
+    from mmssl import runs
     from mmssl.train import checkpoint
     from tests.train.toy import make_trainer
 
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
         # die half-way through writing one checkpoint file: a partial temporary file is left
         real = checkpoint.atomic_write
         def dying_write(path, write):
-            if kill_in_save in str(path) and path.name == checkpoint.STATE_FILE:
+            if kill_in_save in str(path) and path.name == runs.STATE_FILE:
                 with open(path.parent / ".partial.tmp", "wb") as f:
                     f.write(b"half a checkpoint")
                 os.kill(os.getpid(), signal.SIGKILL)

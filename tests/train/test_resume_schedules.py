@@ -45,7 +45,9 @@ def _stop_at_checkpoint(step: int) -> None:
 def _scheduled_state(objective: torch.nn.Module) -> dict:
     """``{module name: {attribute: value}}`` of the plain public attributes of every module."""
     return {
-        name: {k: v for k, v in sorted(vars(module).items()) if not k.startswith("_") and isinstance(v, PLAIN)}
+        name: {
+            k: v for k, v in sorted(vars(module).items()) if not k.startswith("_") and isinstance(v, PLAIN)
+        }
         for name, module in objective.named_modules()
     }
 
@@ -57,8 +59,16 @@ def _trainer(name: str, run_dir, callbacks=()) -> tuple[Trainer, list[dict]]:
     stream = BatchStream(items, ToyBatchSampler(len(items), 3), collate, hook=objective.batch_hook(), seed=0)
     opts = LoopOptions(max_steps=STEPS, log_every=1, save_every=STOP, progress=False)
     schedule = Schedule(peak_lr=1e-3, total_steps=STEPS, kind="linear", warmup_steps=1)
-    trainer = Trainer(objective, build_adamw(objective, lr=1e-3), schedule, stream, opts, run_dir,
-                      device=torch.device("cpu"), callbacks=callbacks)
+    trainer = Trainer(
+        objective,
+        build_adamw(objective, lr=1e-3),
+        schedule,
+        stream,
+        opts,
+        run_dir,
+        device=torch.device("cpu"),
+        callbacks=callbacks,
+    )
     states: list[dict] = []
     objective.register_forward_pre_hook(lambda module, args: states.append(_scheduled_state(module)))
     return trainer, states
@@ -84,8 +94,13 @@ def test_resumed_run_continues_every_schedule(name, tmp_path):
 
     assert len(resumed_states) == STEPS - STOP
     for step, (got, want) in enumerate(zip(resumed_states, reference_states[STOP:]), STOP + 1):
-        diff = {f"{module}.{key}": (got.get(module, {}).get(key), value)
-                for module, attrs in want.items() for key, value in attrs.items()
-                if got.get(module, {}).get(key) != value}
-        assert not diff, f"step {step} of the resumed run starts with (this, not the uninterrupted run's): {diff}"
+        diff = {
+            f"{module}.{key}": (got.get(module, {}).get(key), value)
+            for module, attrs in want.items()
+            for key, value in attrs.items()
+            if got.get(module, {}).get(key) != value
+        }
+        assert not diff, (
+            f"step {step} of the resumed run starts with (this, not the uninterrupted run's): {diff}"
+        )
     assert _metrics(tmp_path / "run") == expected

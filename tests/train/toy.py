@@ -113,7 +113,9 @@ class ToyBatchSampler:
         self.epoch, self.offset = 0, 0
 
     def _batches(self) -> list[list[int]]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
         size = self.batch_size * self.world_size
         full = [order[i : i + size] for i in range(0, self.n - size + 1, size)]
         lo = self.rank * self.batch_size
@@ -161,14 +163,33 @@ def make_trainer(
 
         model = wrap_model(objective, env, torch.device("cpu"), strategy)
     optimizer = build_adamw(model, lr=3e-2, weight_decay=0.1)
-    opts = LoopOptions(max_steps=max_steps, **{"log_every": 1, "save_every": 1000, "progress": False, **options})
+    opts = LoopOptions(
+        max_steps=max_steps, **{"log_every": 1, "save_every": 1000, "progress": False, **options}
+    )
     schedule = Schedule(peak_lr=3e-2, total_steps=max_steps, kind="linear", warmup_steps=2)
     data = toy_dataset()
     sampler = ToyBatchSampler(len(data), batch_size, rank=env.rank, world_size=env.world_size)
-    stream = BatchStream(data, sampler, toy_collate, hook=objective.batch_hook(),
-                         num_workers=num_workers, seed=0, rank=env.rank)
-    return Trainer(objective, optimizer, schedule, stream, opts, run_dir, device=torch.device(device),
-                   env=env, model=model, callbacks=callbacks)
+    stream = BatchStream(
+        data,
+        sampler,
+        toy_collate,
+        hook=objective.batch_hook(),
+        num_workers=num_workers,
+        seed=0,
+        rank=env.rank,
+    )
+    return Trainer(
+        objective,
+        optimizer,
+        schedule,
+        stream,
+        opts,
+        run_dir,
+        device=torch.device(device),
+        env=env,
+        model=model,
+        callbacks=callbacks,
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -47,16 +47,28 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from mmssl.config import load_config, resolve
+from mmssl.constants import SAMPLE_RATE
+from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, MmsslError
-from mmssl.eval.report import markdown_table
 from mmssl.registry import OBJECTIVES
-from mmssl.train.build import build_objective, build_stream
-from mmssl.train.distributed import DistEnv, pick_device
+from mmssl.runs import build_objective
+from mmssl.tables import markdown_table
+from mmssl.train.build import build_stream
+from mmssl.train.distributed import DistEnv
 
-SAMPLE_RATE = 16_000
 PREFETCH = 2  # torch DataLoader's default prefetch_factor: batches queued per worker
-HEADER = ["objective", "workers", "batches (timed)", "first batch (s)", "batches/s", "utt/s", "audio s/s",
-          "padding %", "loader / step", "keeps up"]
+HEADER = [
+    "objective",
+    "workers",
+    "batches (timed)",
+    "first batch (s)",
+    "batches/s",
+    "utt/s",
+    "audio s/s",
+    "padding %",
+    "loader / step",
+    "keeps up",
+]
 
 
 def parse_workers(text: str) -> list[int]:
@@ -123,8 +135,13 @@ def measure(cfg: DictConfig, objective: torch.nn.Module, workers: int, batches: 
     audio_s: list[float] = []
     padded_samples = 0
     keys: list[str] = []
-    bar = tqdm(total=batches or None, desc=f"{cfg.objective.name} workers={workers}", unit="batch",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=batches or None,
+        desc=f"{cfg.objective.name} workers={workers}",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
     start = time.perf_counter()
     for batch in stream.one_epoch():
         arrivals.append(time.perf_counter())
@@ -139,11 +156,16 @@ def measure(cfg: DictConfig, objective: torch.nn.Module, workers: int, batches: 
     if not arrivals:
         raise ConfigError(f"{cfg.data.train}: the stream gave no batch")
     return {
-        "objective": cfg.objective.name, "workers": workers, "batches": len(arrivals),
-        "utterances": sum(utts), "audio_seconds": sum(audio_s), "first_batch_s": arrivals[0] - start,
+        "objective": cfg.objective.name,
+        "workers": workers,
+        "batches": len(arrivals),
+        "utterances": sum(utts),
+        "audio_seconds": sum(audio_s),
+        "first_batch_s": arrivals[0] - start,
         **steady_rates(arrivals, utts, audio_s, workers),
         "padding": 1.0 - sum(audio_s) * SAMPLE_RATE / max(padded_samples, 1),
-        "pinned": bool(stream.pin_memory), "batch_keys": keys,
+        "pinned": bool(stream.pin_memory),
+        "batch_keys": keys,
     }
 
 
@@ -157,9 +179,18 @@ def steady_rates(arrivals: list[float], utts: list[int], audio_s: list[float], w
         warm = 1
     span = arrivals[-1] - arrivals[warm - 1]
     if len(arrivals) <= warm or span <= 0:
-        return {"timed_batches": 0, "batches_per_s": math.nan, "utt_per_s": math.nan, "audio_s_per_s": math.nan}
-    return {"timed_batches": len(arrivals) - warm, "batches_per_s": (len(arrivals) - warm) / span,
-            "utt_per_s": sum(utts[warm:]) / span, "audio_s_per_s": sum(audio_s[warm:]) / span}
+        return {
+            "timed_batches": 0,
+            "batches_per_s": math.nan,
+            "utt_per_s": math.nan,
+            "audio_s_per_s": math.nan,
+        }
+    return {
+        "timed_batches": len(arrivals) - warm,
+        "batches_per_s": (len(arrivals) - warm) / span,
+        "utt_per_s": sum(utts[warm:]) / span,
+        "audio_s_per_s": sum(audio_s[warm:]) / span,
+    }
 
 
 def read_step_json(path: str) -> dict[str, dict]:
@@ -195,9 +226,19 @@ def add_ratio(result: dict, step_rate: float | None, steps: dict[str, dict]) -> 
 def step_table(steps: dict[str, dict]) -> str:
     """The ``pretrain_step.py`` results compared against, one row per objective."""
     header = ["objective", "size", "device", "batch", "steps/s", "audio s/s", "MFU", "peak GB"]
-    rows = [[name, r.get("size"), r.get("device"), f"{r.get('batch_size')} x {r.get('seconds')} s",
-             r.get("steps_per_s"), r.get("audio_sec_per_s"), r.get("mfu"), r.get("peak_mem_gb")]
-            for name, r in steps.items()]
+    rows = [
+        [
+            name,
+            r.get("size"),
+            r.get("device"),
+            f"{r.get('batch_size')} x {r.get('seconds')} s",
+            r.get("steps_per_s"),
+            r.get("audio_sec_per_s"),
+            r.get("mfu"),
+            r.get("peak_mem_gb"),
+        ]
+        for name, r in steps.items()
+    ]
     return markdown_table(header, rows, digits=3)
 
 
@@ -205,14 +246,29 @@ def table(results: list[dict]) -> str:
     rows = []
     for r in results:
         keeps = {True: "yes", False: "no", None: ""}[r["keeps_up"]]
-        rows.append([r["objective"], r["workers"], f"{r['batches']} ({r['timed_batches']})", r["first_batch_s"],
-                     r["batches_per_s"], r["utt_per_s"], r["audio_s_per_s"], 100.0 * r["padding"], r["ratio"], keeps])
+        rows.append(
+            [
+                r["objective"],
+                r["workers"],
+                f"{r['batches']} ({r['timed_batches']})",
+                r["first_batch_s"],
+                r["batches_per_s"],
+                r["utt_per_s"],
+                r["audio_s_per_s"],
+                100.0 * r["padding"],
+                r["ratio"],
+                keeps,
+            ]
+        )
     return markdown_table(HEADER, rows)
 
 
 def machine() -> str:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
-    return f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, {cuda}, torch {torch.__version__}"
+    return (
+        f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, {cuda}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -229,10 +285,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         torch.manual_seed(cfg.train.seed)
         # as ``build_trainer``: the objective is on its device before the stream takes its batch
         # hook; built once, outside the timing
-        objective = build_objective(cfg).to(pick_device(cfg.train.device, DistEnv()))
+        objective = build_objective(cfg).to(pick_device(cfg.train.device, option="train.device"))
         for count in workers:
-            results.append(add_ratio(measure(cfg, objective, count, args.batches, not args.quiet),
-                                     args.step_rate, steps))
+            results.append(
+                add_ratio(measure(cfg, objective, count, args.batches, not args.quiet), args.step_rate, steps)
+            )
             if args.out:  # each row as soon as it is measured: a run cut short keeps what it had
                 with open(args.out, "a") as f:
                     f.write(json.dumps(results[-1]) + "\n")
@@ -242,17 +299,28 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, help="training manifest (e.g. CORPUS/av/train.jsonl)")
-    p.add_argument("--objectives", default="av_hubert,hubert", help="comma list of recipes (default av_hubert,hubert)")
+    p.add_argument(
+        "--objectives", default="av_hubert,hubert", help="comma list of recipes (default av_hubert,hubert)"
+    )
     p.add_argument("--workers", default="0,1,2", help="comma list of data worker counts (default 0,1,2)")
-    p.add_argument("--batches", type=int, default=30, help="batches per measurement; 0: one epoch (default 30)")
-    p.add_argument("--labels", help="k-means labels folder for recipes that need data.labels "
-                                    "(made with MFCC k-means when it lacks them)")
+    p.add_argument(
+        "--batches", type=int, default=30, help="batches per measurement; 0: one epoch (default 30)"
+    )
+    p.add_argument(
+        "--labels",
+        help="k-means labels folder for recipes that need data.labels "
+        "(made with MFCC k-means when it lacks them)",
+    )
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--step-rate", type=float, help="training steps/s on these batches, to compare with")
-    rate.add_argument("--step-json", help="tools/bench/pretrain_step.py output (JSON lines), to compare audio s/s")
+    rate.add_argument(
+        "--step-json", help="tools/bench/pretrain_step.py output (JSON lines), to compare audio s/s"
+    )
     p.add_argument("--out", help="also write the results here as JSON lines, each as it is measured")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides for every recipe (e.g. model.size=tiny)")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value config overrides for every recipe (e.g. model.size=tiny)"
+    )
     args = p.parse_args(argv)
 
     if args.out:

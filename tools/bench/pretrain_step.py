@@ -18,12 +18,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import synthetic_batch
 from mmssl.train.loop import LoopOptions, Trainer
 from mmssl.train.optim import Schedule, build_adamw
-
-SAMPLE_RATE = 16_000
 
 
 class _Once:
@@ -41,14 +40,18 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="bf16", help="bf16 (autocast on CUDA) | fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the objective")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="the card's dense bf16 peak for MFU (H100 SXM: 989)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak for MFU (H100 SXM: 989)"
+    )
     args = p.parse_args()
 
     import mmssl.objectives  # noqa: F401  (registers the objectives)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.manual_seed(0)
     objective = OBJECTIVES.build(args.objective, size=args.size).to(device)
     if args.compile:
@@ -59,9 +62,15 @@ def main() -> None:
     batches = [synthetic_batch(objective, lengths, seed=seed, image_size=224) for seed in range(4)]
     optimizer = build_adamw(objective, lr=1e-4)
     total = args.warmup + args.steps + 1
-    trainer = Trainer(objective, optimizer, Schedule(1e-4, total, "constant"), _Once(),  # type: ignore[arg-type]
-                      LoopOptions(max_steps=total, grad_clip=10.0, precision=args.precision, progress=False),
-                      tempfile.mkdtemp(), device=device)
+    trainer = Trainer(
+        objective,
+        optimizer,
+        Schedule(1e-4, total, "constant"),
+        _Once(),  # type: ignore[arg-type]
+        LoopOptions(max_steps=total, grad_clip=10.0, precision=args.precision, progress=False),
+        tempfile.mkdtemp(),
+        device=device,
+    )
     objective.train()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -81,10 +90,15 @@ def main() -> None:
     params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
     steps_per_s = args.steps / elapsed
     result = {
-        "objective": args.objective, "size": args.size, "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else "cpu", "precision": args.precision if device.type == "cuda" else "fp32",
-        "compile": args.compile, "batch_size": args.batch_size, "seconds": args.seconds,
-        "trainable_params_M": round(params / 1e6, 2), "steps_per_s": round(steps_per_s, 3),
+        "objective": args.objective,
+        "size": args.size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": args.precision if device.type == "cuda" else "fp32",
+        "compile": args.compile,
+        "batch_size": args.batch_size,
+        "seconds": args.seconds,
+        "trainable_params_M": round(params / 1e6, 2),
+        "steps_per_s": round(steps_per_s, 3),
         "audio_sec_per_s": round(steps_per_s * audio_s, 1),
         "gflop_per_step": round(flops.get_total_flops() / 1e9, 2),
     }

@@ -13,20 +13,21 @@ its reason. :func:`write_outputs` writes ``OUT/<split>.jsonl``, ``OUT/skipped.js
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from tqdm import tqdm
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.io import load_audio, probe
-from mmssl.data.manifest import AUDIO_RATE, VIDEO_FPS, duration_seconds, write_manifest
+from mmssl.data.manifest import duration_seconds, write_manifest
 from mmssl.errors import DataError
-from mmssl.eval.report import markdown_table
+from mmssl.files import write_text
+from mmssl.tables import markdown_table
 
 MEDIA_KEYS = ("audio", "video", "image")
 
@@ -78,8 +79,9 @@ def read_json(path: Path, corpus: str, what: str) -> object:
         raise DataError(f"{path}: cannot read {what} ({err})") from None
 
 
-def pick_splits(present: list[str], known: Sequence[str], wanted: list[str] | None, root: Path,
-                corpus: str) -> list[str]:
+def pick_splits(
+    present: list[str], known: Sequence[str], wanted: list[str] | None, root: Path, corpus: str
+) -> list[str]:
     """The splits to prepare: ``wanted`` (each must be present), else every present one."""
     if wanted:
         unknown = [s for s in wanted if s not in known]
@@ -87,12 +89,16 @@ def pick_splits(present: list[str], known: Sequence[str], wanted: list[str] | No
             raise DataError(f"{corpus}: unknown split(s) {', '.join(unknown)}; known: {', '.join(known)}")
         missing = [s for s in wanted if s not in present]
         if missing:
-            raise DataError(f"{root}: split folder(s) {', '.join(missing)} not found; "
-                            f"{corpus} is expected in the layout of {readme(corpus)}")
+            raise DataError(
+                f"{root}: split folder(s) {', '.join(missing)} not found; "
+                f"{corpus} is expected in the layout of {readme(corpus)}"
+            )
         return list(wanted)
     if not present:
-        raise DataError(f"{root}: none of the {corpus} splits ({', '.join(known)}) found; "
-                        f"expected the layout of {readme(corpus)}")
+        raise DataError(
+            f"{root}: none of the {corpus} splits ({', '.join(known)}) found; "
+            f"expected the layout of {readme(corpus)}"
+        )
     return present
 
 
@@ -127,9 +133,14 @@ def measure_file(path: str) -> Measured:
         info = probe(path)
         seconds = info.audio_duration
         if info.has_audio and not seconds:
-            seconds = load_audio(path, AUDIO_RATE).numel() / AUDIO_RATE
-        return Measured(seconds, info.audio_rate, info.video_frames, info.video_fps,
-                        has_video=bool(info.width and info.height))
+            seconds = load_audio(path, SAMPLE_RATE).numel() / SAMPLE_RATE
+        return Measured(
+            seconds,
+            info.audio_rate,
+            info.video_frames,
+            info.video_fps,
+            has_video=bool(info.width and info.height),
+        )
     except DataError as err:
         return Measured(error=_reason(err, path))
     except Exception as err:  # a measurer reports every file, it does not stop at one
@@ -142,7 +153,7 @@ def _problem(key: str, fact: Measured) -> str | None:
         return fact.error
     if key == "audio" and fact.audio_rate is None:
         return "no audio stream"
-    if key == "audio" and round((fact.audio_seconds or 0.0) * AUDIO_RATE) <= 0:
+    if key == "audio" and round((fact.audio_seconds or 0.0) * SAMPLE_RATE) <= 0:
         return "zero-length audio"
     if key == "video" and (not fact.has_video or fact.video_fps is None):
         return "no video stream"
@@ -172,20 +183,22 @@ def _fill(record: dict, facts: dict[str, Measured]) -> tuple[str, str] | None:
         if reason is not None:
             return path, reason
         if key == "audio":
-            record["audio_samples"] = round(fact.audio_seconds * AUDIO_RATE)
+            record["audio_samples"] = round(fact.audio_seconds * SAMPLE_RATE)
         elif key == "video":
             record["video_frames"] = _frames(fact)
     return None
 
 
-def measure(listing: Listing, workers: int = 1,
-            progress: bool = True) -> tuple[dict[str, list[dict]], list[Skip], Counter]:
+def measure(
+    listing: Listing, workers: int = 1, progress: bool = True
+) -> tuple[dict[str, list[dict]], list[Skip], Counter]:
     """Read every media file's header once (``workers`` processes, a progress bar) ->
     (records with ``audio_samples`` / ``video_frames``, everything skipped, per split the
     number of audio files not at 16 kHz)."""
     paths = sorted({r[k] for rs in listing.splits.values() for r in rs for k in MEDIA_KEYS if r.get(k)})
-    bar = dict(total=len(paths), desc=f"probing {listing.corpus}", unit="file", disable=not progress,
-               file=sys.stderr)
+    bar = dict(
+        total=len(paths), desc=f"probing {listing.corpus}", unit="file", disable=not progress, file=sys.stderr
+    )
     if workers <= 1 or len(paths) < 2:
         found = [measure_file(p) for p in tqdm(paths, **bar)]
     else:
@@ -204,31 +217,41 @@ def measure(listing: Listing, workers: int = 1,
             if problem is not None:
                 skipped.append(Skip(split, record["id"], *problem))
                 continue
-            if record.get("audio") and facts[record["audio"]].audio_rate != AUDIO_RATE:
+            if record.get("audio") and facts[record["audio"]].audio_rate != SAMPLE_RATE:
                 other_rate[split] += 1
             kept[split].append(record)
     return kept, skipped, other_rate
 
 
 # --- writing -----------------------------------------------------------------------------------
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def summarise(corpus: str, root: Path, splits: dict[str, list[dict]], skipped: list[Skip],
-              other_rate: Counter, options: dict) -> dict:
+def summarise(
+    corpus: str,
+    root: Path,
+    splits: dict[str, list[dict]],
+    skipped: list[Skip],
+    other_rate: Counter,
+    options: dict,
+) -> dict:
     """The ``prepare.json`` document: per split records, hours, skipped (with reasons)."""
     table = {}
     for split, records in splits.items():
         reasons = Counter(s.reason for s in skipped if s.split == split)
         seconds = sum(duration_seconds(r) or 0.0 for r in records)
-        table[split] = {"records": len(records), "hours": round(seconds / 3600, 4),
-                        "skipped": sum(reasons.values()), "skipped_reasons": dict(reasons.most_common()),
-                        "not_16k": other_rate.get(split, 0), "written": bool(records)}
-    return {"corpus": corpus, "root": str(root.resolve()), "options": options, "splits": table,
-            "skipped_total": len(skipped)}
+        table[split] = {
+            "records": len(records),
+            "hours": round(seconds / 3600, 4),
+            "skipped": sum(reasons.values()),
+            "skipped_reasons": dict(reasons.most_common()),
+            "not_16k": other_rate.get(split, 0),
+            "written": bool(records),
+        }
+    return {
+        "corpus": corpus,
+        "root": str(root.resolve()),
+        "options": options,
+        "splits": table,
+        "skipped_total": len(skipped),
+    }
 
 
 def summary_table(summary: dict) -> str:
@@ -240,11 +263,15 @@ def write_outputs(out: Path, summary: dict, splits: dict[str, list[dict]], skipp
     """``OUT/<split>.jsonl`` for each split with records, ``OUT/skipped.jsonl`` (every entry
     left out, with its reason) and ``OUT/prepare.json``; each file replaced atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_manifest(out / f"{split}.jsonl", records) for split, records in splits.items() if records]
-    lines = [json.dumps({"split": s.split, "id": s.id, "file": s.path, "reason": s.reason}, ensure_ascii=False)
-             for s in skipped]
-    _write_text(out / "skipped.jsonl", "".join(line + "\n" for line in lines))
-    _write_text(out / "prepare.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    written = [
+        write_manifest(out / f"{split}.jsonl", records) for split, records in splits.items() if records
+    ]
+    lines = [
+        json.dumps({"split": s.split, "id": s.id, "file": s.path, "reason": s.reason}, ensure_ascii=False)
+        for s in skipped
+    ]
+    write_text(out / "skipped.jsonl", "".join(line + "\n" for line in lines))
+    write_text(out / "prepare.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return written
 
 
@@ -261,6 +288,8 @@ def format_report(summary: dict, skipped: list[Skip], out: Path) -> str:
         if not s["written"]:
             lines.append(f"{split}: no records, no manifest written")
         if s["not_16k"]:
-            lines.append(f"{split}: {s['not_16k']} audio files are not at 16 kHz (loading resamples them; "
-                         f"`mmssl data check` reports them)")
+            lines.append(
+                f"{split}: {s['not_16k']} audio files are not at 16 kHz (loading resamples them; "
+                f"`mmssl data check` reports them)"
+            )
     return "\n".join(lines).rstrip()

@@ -20,8 +20,11 @@ from mmssl.data.prepare.common import Listing, Skip, pick_splits, read_text_line
 from mmssl.errors import DataError
 
 CORPUS = "flickr8k"
-SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "valid": "Flickr_8k.devImages.txt",
-               "test": "Flickr_8k.testImages.txt"}
+SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "valid": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
 SPLITS = tuple(SPLIT_FILES)
 IMAGE_FOLDER = "Flicker8k_Dataset"
 
@@ -52,8 +55,9 @@ def read_captions(path: Path) -> dict[str, str]:
     return captions
 
 
-def collect(root: Path, splits: list[str] | None = None, images: Path | None = None,
-            text: Path | None = None) -> Listing:
+def collect(
+    root: Path, splits: list[str] | None = None, images: Path | None = None, text: Path | None = None
+) -> Listing:
     """List the audio corpus at ``root`` with the Flickr8k text and images -> records per split."""
     require(root / "wavs", CORPUS, "wav folder")
     text = text if text is not None else root
@@ -79,10 +83,18 @@ def collect(root: Path, splits: list[str] | None = None, images: Path | None = N
         elif split not in listing.splits:
             continue
         elif caption is None:
-            listing.skipped.append(Skip(split, key, str(audio), f"no caption {image}{number} in Flickr8k.token.txt"))
+            listing.skipped.append(
+                Skip(split, key, str(audio), f"no caption {image}{number} in Flickr8k.token.txt")
+            )
         else:
-            record = {"id": key, "audio": str(audio.resolve()), "image": str((images / image).resolve()),
-                      "caption": caption, "transcript": caption, "group": Path(image).stem}
+            record = {
+                "id": key,
+                "audio": str(audio.resolve()),
+                "image": str((images / image).resolve()),
+                "caption": caption,
+                "transcript": caption,
+                "group": Path(image).stem,
+            }
             if wav in speakers:
                 record["speaker"] = speakers[wav]
             listing.splits[split].append(record)

@@ -4,7 +4,7 @@ Layout: ``ROOT/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` with
 ``<speaker>-<chapter>.trans.txt`` per chapter (``ID TEXT`` per line, upper case). Records:
 ``id`` (the utterance id), ``audio``, ``audio_samples``, ``transcript`` (the corpus's own
 text: normalisation, e.g. lower-casing, happens where text is scored,
-``mmssl.eval.asr.normalize_text``), ``speaker``.
+``mmssl.data.units.normalize_text``), ``speaker``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from mmssl.data.prepare.common import Listing, Skip, pick_splits, read_text_line
 from mmssl.errors import DataError
 
 CORPUS = "librispeech"
-SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other")
+SPLITS = (
+    "train-clean-100",
+    "train-clean-360",
+    "train-other-500",
+    "dev-clean",
+    "dev-other",
+    "test-clean",
+    "test-other",
+)
 
 
 def _chapter(folder: Path, split: str) -> tuple[list[dict], list[Skip]]:
@@ -41,8 +49,9 @@ def _chapter(folder: Path, split: str) -> tuple[list[dict], list[Skip]]:
             missing = str(folder / f"{key}.flac")
             skipped.append(Skip(split, key, missing, "listed in the transcript file, no audio file"))
         else:
-            records.append({"id": key, "audio": str(audio[key].resolve()), "transcript": texts[key],
-                            "speaker": speaker})
+            records.append(
+                {"id": key, "audio": str(audio[key].resolve()), "transcript": texts[key], "speaker": speaker}
+            )
     return records, skipped
 
 

@@ -45,7 +45,9 @@ def read_transcript(path: Path) -> str | None:
 def _folder(root: Path, split: str, progress: bool) -> tuple[list[dict], list[Skip]]:
     records, skipped = [], []
     videos = sorted((root / split).glob("*/*.mp4"))
-    for video in tqdm(videos, desc=f"reading {split} transcripts", unit="clip", disable=not progress, file=sys.stderr):
+    for video in tqdm(
+        videos, desc=f"reading {split} transcripts", unit="clip", disable=not progress, file=sys.stderr
+    ):
         key = f"{split}/{video.parent.name}/{video.stem}"
         text_file = video.with_suffix(".txt")
         if not text_file.is_file():
@@ -56,7 +58,9 @@ def _folder(root: Path, split: str, progress: bool) -> tuple[list[dict], list[Sk
             skipped.append(Skip(split, key, str(text_file), "no 'Text:' line"))
             continue
         path = str(video.resolve())
-        records.append({"id": key, "audio": path, "video": path, "transcript": text, "speaker": video.parent.name})
+        records.append(
+            {"id": key, "audio": path, "video": path, "transcript": text, "speaker": video.parent.name}
+        )
     return records, skipped
 
 
@@ -67,8 +71,14 @@ def hold_out(ids: list[str], size: int, seed: int) -> set[str]:
     return set(pool[:size])
 
 
-def collect(root: Path, splits: list[str] | None = None, valid_size: int = VALID_SIZE, seed: int = 0,
-            valid_ids: Path | None = None, progress: bool = False) -> Listing:
+def collect(
+    root: Path,
+    splits: list[str] | None = None,
+    valid_size: int = VALID_SIZE,
+    seed: int = 0,
+    valid_ids: Path | None = None,
+    progress: bool = False,
+) -> Listing:
     """List ``root`` (holding ``pretrain/``, ``trainval/``, ``test/``) -> records per split."""
     require(root, CORPUS, "corpus folder")
     chosen = pick_splits([s for s in SPLITS if (root / s).is_dir()], SPLITS, splits, root, CORPUS)
@@ -80,10 +90,14 @@ def collect(root: Path, splits: list[str] | None = None, valid_size: int = VALID
             listing.splits[split] = records
             continue
         if valid_ids is not None:
-            held = {line.strip() for line in read_text_lines(valid_ids, CORPUS, "valid id list") if line.strip()}
+            held = {
+                line.strip() for line in read_text_lines(valid_ids, CORPUS, "valid id list") if line.strip()
+            }
             if records and not held & {r["id"] for r in records}:
-                raise DataError(f"{valid_ids}: none of its {len(held)} ids is a trainval clip of {root} "
-                                f"(ids look like 'trainval/<talk id>/<clip>')")
+                raise DataError(
+                    f"{valid_ids}: none of its {len(held)} ids is a trainval clip of {root} "
+                    f"(ids look like 'trainval/<talk id>/<clip>')"
+                )
         else:
             if valid_size < 0:
                 raise ConfigError(f"lrs3 valid_size must be >= 0, got {valid_size}")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mmssl.data.manifest import AUDIO_RATE
+from mmssl.constants import SAMPLE_RATE
 from mmssl.data.noise import NoiseBank, fit_length
 from mmssl.data.prepare.common import Listing, pick_splits, require
 from mmssl.data.synth.writers import write_wav
@@ -56,13 +56,17 @@ def split_files(files: list[str], test_fraction: float, seed: int) -> dict[str, 
     return {"train": sorted(pool[n_test:]), "test": sorted(pool[:n_test])}
 
 
-def collect(root: Path, splits: list[str] | None = None, test_fraction: float = 0.1, seed: int = 0) -> Listing:
+def collect(
+    root: Path, splits: list[str] | None = None, test_fraction: float = 0.1, seed: int = 0
+) -> Listing:
     """List ``root`` (holding ``noise/``, ``music/``, ``speech/``) -> records per split."""
     require(root, CORPUS, "corpus folder")
     types = [t for t in TYPES if (root / t).is_dir()]
     if not types:
-        raise DataError(f"{root}: none of the MUSAN folders ({', '.join(TYPES)}) found; "
-                        f"expected the layout of datasets/{CORPUS}/README.md")
+        raise DataError(
+            f"{root}: none of the MUSAN folders ({', '.join(TYPES)}) found; "
+            f"expected the layout of datasets/{CORPUS}/README.md"
+        )
     chosen = pick_splits(list(SPLITS), SPLITS, splits, root, CORPUS)
     listing = Listing(CORPUS, {split: [] for split in chosen})
     for kind in types:
@@ -72,24 +76,40 @@ def collect(root: Path, splits: list[str] | None = None, test_fraction: float = 
                 continue
             width = max(3, len(str(len(names) - 1)))
             for n, name in enumerate(names):
-                listing.splits[split].append({"id": f"{kind}_{n:0{width}d}", "audio": str((root / name).resolve()),
-                                              "noise_type": kind, "source": name})
+                listing.splits[split].append(
+                    {
+                        "id": f"{kind}_{n:0{width}d}",
+                        "audio": str((root / name).resolve()),
+                        "noise_type": kind,
+                        "source": name,
+                    }
+                )
     return listing
 
 
-def _babble(index: int, files: list[str], talkers: int, num_samples: int, seed: int,
-            split_index: int) -> tuple[np.ndarray, list[str]]:
+def _babble(
+    index: int, files: list[str], talkers: int, num_samples: int, seed: int, split_index: int
+) -> tuple[np.ndarray, list[str]]:
     """Babble file ``index``: the mean of ``talkers`` distinct files -> (``(S,)`` int16, the files)."""
     # one stream per (seed, split, file): the same file whichever splits or workers a run has
     generator = torch.Generator().manual_seed(seed * 1_000_003 + split_index * 100_003 + index)
-    bank = NoiseBank(files, AUDIO_RATE, cache_files=0)
+    bank = NoiseBank(files, SAMPLE_RATE, cache_files=0)
     chosen = torch.randperm(len(files), generator=generator)[:talkers]
     mix = torch.stack([fit_length(bank.load(int(i)), num_samples, generator) for i in chosen]).mean(0)
     return np.round(mix.clamp(-1, 1).numpy() * 32767).astype(np.int16), [files[int(i)] for i in chosen]
 
 
-def write_babble(folder: Path, speech: list[str], count: int, split_index: int, talkers: int = TALKERS,
-                 seconds: float = BABBLE_SECONDS, seed: int = 0, workers: int = 1, progress: bool = True) -> list[dict]:
+def write_babble(
+    folder: Path,
+    speech: list[str],
+    count: int,
+    split_index: int,
+    talkers: int = TALKERS,
+    seconds: float = BABBLE_SECONDS,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> list[dict]:
     """``count`` babble files ``folder/babble_<n>.wav`` mixed from the ``speech`` files ->
     their records (``mixed``: the files each averages). The same inputs and seed give the
     same files with any ``workers``."""
@@ -97,9 +117,15 @@ def write_babble(folder: Path, speech: list[str], count: int, split_index: int, 
         return []
     if len(speech) < 2:
         raise DataError(f"{folder}: babble needs at least 2 speech files in the split, found {len(speech)}")
-    num_samples = round(seconds * AUDIO_RATE)
-    make = partial(_babble, files=speech, talkers=min(talkers, len(speech)), num_samples=num_samples,
-                   seed=seed, split_index=split_index)
+    num_samples = round(seconds * SAMPLE_RATE)
+    make = partial(
+        _babble,
+        files=speech,
+        talkers=min(talkers, len(speech)),
+        num_samples=num_samples,
+        seed=seed,
+        split_index=split_index,
+    )
     bar = dict(total=count, desc=f"babble {folder.name}", unit="file", disable=not progress, file=sys.stderr)
     width = max(3, len(str(count - 1)))
     records = []
@@ -108,18 +134,34 @@ def write_babble(folder: Path, speech: list[str], count: int, split_index: int, 
         mixes = pool.map(make, range(count)) if pool else map(make, range(count))
         for n, (audio, mixed) in enumerate(tqdm(mixes, **bar)):
             path = folder / f"babble_{n:0{width}d}.wav"
-            write_wav(path, audio, AUDIO_RATE)
-            records.append({"id": path.stem, "audio": str(path.resolve()), "audio_samples": num_samples,
-                            "noise_type": "babble", "source": "babble", "mixed": mixed})
+            write_wav(path, audio, SAMPLE_RATE)
+            records.append(
+                {
+                    "id": path.stem,
+                    "audio": str(path.resolve()),
+                    "audio_samples": num_samples,
+                    "noise_type": "babble",
+                    "source": "babble",
+                    "mixed": mixed,
+                }
+            )
     finally:
         if pool:
             pool.shutdown()
     return records
 
 
-def build_noise_folders(out: Path, splits: dict[str, list[dict]], link: bool, babble: int, talkers: int = TALKERS,
-                        seconds: float = BABBLE_SECONDS, seed: int = 0, workers: int = 1,
-                        progress: bool = True) -> dict[str, list[dict]]:
+def build_noise_folders(
+    out: Path,
+    splits: dict[str, list[dict]],
+    link: bool,
+    babble: int,
+    talkers: int = TALKERS,
+    seconds: float = BABBLE_SECONDS,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, list[dict]]:
     """Make ``out/noise/<split>/`` (links to the measured files when ``link``, ``babble``
     mixtures per split), replacing an earlier one only once the new one is complete ->
     the babble records per split (paths inside ``out/noise``)."""
@@ -134,7 +176,9 @@ def build_noise_folders(out: Path, splits: dict[str, list[dict]], link: bool, ba
             for record in records:
                 os.symlink(record["audio"], folder / f"{record['id']}.wav")
         speech = [r["audio"] for r in records if r["noise_type"] == "speech"]
-        made = write_babble(folder, speech, babble, SPLITS.index(split), talkers, seconds, seed, workers, progress)
+        made = write_babble(
+            folder, speech, babble, SPLITS.index(split), talkers, seconds, seed, workers, progress
+        )
         added[split] = [{**r, "audio": str(final / split / Path(r["audio"]).name)} for r in made]
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -36,7 +36,9 @@ def read_karpathy(path: Path) -> dict[str, str]:
         try:
             found[f"{item['filepath']}/{item['filename']}"] = KARPATHY[item["split"]]
         except (KeyError, TypeError):
-            raise DataError(f"{path}: image {index} lacks 'filepath', 'filename' or a known 'split'") from None
+            raise DataError(
+                f"{path}: image {index} lacks 'filepath', 'filename' or a known 'split'"
+            ) from None
     return found
 
 
@@ -56,18 +58,26 @@ def _records(path: Path, root: Path, images: Path) -> list[tuple[str, dict]]:
             captions = entry["captions"]
             for caption in captions:
                 text = caption["text"].strip()
-                record = {"id": caption["uttid"], "audio": str((root / caption["wav"]).resolve()),
-                          "image": str((images / image).resolve()), "caption": text, "transcript": text,
-                          "group": Path(image).stem, "speaker": caption["speaker"]}
+                record = {
+                    "id": caption["uttid"],
+                    "audio": str((root / caption["wav"]).resolve()),
+                    "image": str((images / image).resolve()),
+                    "caption": text,
+                    "transcript": text,
+                    "group": Path(image).stem,
+                    "speaker": caption["speaker"],
+                }
                 found.append((image, record))
         except (KeyError, TypeError, AttributeError):
-            raise DataError(f"{path}: entry {index} lacks 'image' or a caption's "
-                            "'text', 'speaker', 'uttid' or 'wav'") from None
+            raise DataError(
+                f"{path}: entry {index} lacks 'image' or a caption's 'text', 'speaker', 'uttid' or 'wav'"
+            ) from None
     return found
 
 
-def collect(root: Path, splits: list[str] | None = None, images: Path | None = None,
-            karpathy: Path | None = None) -> Listing:
+def collect(
+    root: Path, splits: list[str] | None = None, images: Path | None = None, karpathy: Path | None = None
+) -> Listing:
     """List ``root`` (holding the two json files and ``wavs/``) -> records per split."""
     require(root, CORPUS, "corpus folder")
     images = images if images is not None else root.parent
@@ -84,7 +94,9 @@ def collect(root: Path, splits: list[str] | None = None, images: Path | None = N
     for name in JSON_SPLITS.values():
         for image, record in _records(root / name, root, images):
             if image not in assign:
-                listing.skipped.append(Skip("-", record["id"], record["image"], "image not in the Karpathy split file"))
+                listing.skipped.append(
+                    Skip("-", record["id"], record["image"], "image not in the Karpathy split file")
+                )
             elif assign[image] in listing.splits:
                 listing.splits[assign[image]].append(record)
     return listing

@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from mmssl.data.manifest import write_manifest
 from mmssl.data.synth import grammar, lips, scenes
-from mmssl.data.synth.noise import NOISE_KINDS, make_noise
+from mmssl.data.synth.noise_sounds import NOISE_KINDS, make_noise
 from mmssl.data.synth.speech import SAMPLE_RATE, Espeak, all_voices
 from mmssl.data.synth.writers import write_mp4, write_png, write_wav
 from mmssl.errors import ConfigError
@@ -62,7 +63,9 @@ def config_for(size: str = "tiny", hours: float | None = None, seed: int = 0) ->
         total = int(round(hours * 3600 / _MEAN_AV_SECONDS))
         av = (total - 2 * (total // 10), total // 10, total // 10)
         images = tuple(max(1, n // 4) for n in av)
-        return SynthConfig(seed=seed, av=av, images=images, noise_files=max(8, total // 300), noise_seconds=20.0)
+        return SynthConfig(
+            seed=seed, av=av, images=images, noise_files=max(8, total // 300), noise_seconds=20.0
+        )
     if size not in PRESETS:
         raise ConfigError(f"unknown --size {size!r}; known: {', '.join(PRESETS)}")
     return SynthConfig(**{**asdict(PRESETS[size]), "seed": seed})
@@ -94,7 +97,11 @@ def appearance(seed: int, speaker: str) -> lips.Appearance:
 def _voice_params(rng: np.random.Generator, cfg: SynthConfig, speaker: str) -> dict:
     base = _rng(cfg.seed, _LOOK, zlib.crc32(speaker.encode()), 1)  # a speaker's own pitch
     pitch = int(np.clip(base.integers(25, 76) + rng.integers(-6, 7), 0, 100))
-    return {"rate": int(rng.integers(cfg.rate_wpm[0], cfg.rate_wpm[1] + 1)), "pitch": pitch, "pitch_range": int(base.integers(30, 80))}
+    return {
+        "rate": int(rng.integers(cfg.rate_wpm[0], cfg.rate_wpm[1] + 1)),
+        "pitch": pitch,
+        "pitch_range": int(base.integers(30, 80)),
+    }
 
 
 def speak(
@@ -128,7 +135,11 @@ def speak(
 
 
 def _write_align(path: Path, phonemes, words) -> None:
-    doc = {"sample_rate": SAMPLE_RATE, "phonemes": [list(p) for p in phonemes], "words": [list(w) for w in words]}
+    doc = {
+        "sample_rate": SAMPLE_RATE,
+        "phonemes": [list(p) for p in phonemes],
+        "words": [list(w) for w in words],
+    }
     path.write_text(json.dumps(doc, ensure_ascii=False))
 
 
@@ -169,10 +180,18 @@ def _av_job(ctx: _Context, job: _Job) -> list[dict]:
     write_wav(root / "wav" / f"{uid}.wav", audio)
     write_mp4(root / "video" / f"{uid}.mp4", video, audio)
     _write_align(root / "align" / f"{uid}.json", phonemes, words)
-    return [{
-        "id": uid, "audio": f"wav/{uid}.wav", "video": f"video/{uid}.mp4", "audio_samples": len(audio),
-        "video_frames": num_frames, "transcript": text, "speaker": speaker, "align": f"align/{uid}.json",
-    }]
+    return [
+        {
+            "id": uid,
+            "audio": f"wav/{uid}.wav",
+            "video": f"video/{uid}.mp4",
+            "audio_samples": len(audio),
+            "video_frames": num_frames,
+            "transcript": text,
+            "speaker": speaker,
+            "align": f"align/{uid}.json",
+        }
+    ]
 
 
 def _image_job(ctx: _Context, job: _Job) -> list[dict]:
@@ -192,11 +211,20 @@ def _image_job(ctx: _Context, job: _Job) -> list[dict]:
         uid = f"{group}_{k}"
         write_wav(root / "wav" / f"{uid}.wav", audio)
         _write_align(root / "align" / f"{uid}.json", phonemes, words)
-        records.append({
-            "id": uid, "audio": f"wav/{uid}.wav", "image": f"png/{group}.png", "caption": caption,
-            "group": group, "speaker": str(speaker), "audio_samples": len(audio), "transcript": caption,
-            "align": f"align/{uid}.json", "scene": record_scene,
-        })
+        records.append(
+            {
+                "id": uid,
+                "audio": f"wav/{uid}.wav",
+                "image": f"png/{group}.png",
+                "caption": caption,
+                "group": group,
+                "speaker": str(speaker),
+                "audio_samples": len(audio),
+                "transcript": caption,
+                "align": f"align/{uid}.json",
+                "scene": record_scene,
+            }
+        )
     return records
 
 
@@ -232,11 +260,23 @@ def _jobs(cfg: SynthConfig) -> list[_Job]:
 def generate(cfg: SynthConfig, out: Path, workers: int = 1, progress: bool = True) -> dict:
     """Write the corpus under ``out`` and return its summary (also saved as ``synth.json``)."""
     out = Path(out)
-    for sub in ("av/wav", "av/video", "av/align", "image/png", "image/wav", "image/align", "noise/train", "noise/test"):
+    for sub in (
+        "av/wav",
+        "av/video",
+        "av/align",
+        "image/png",
+        "image/wav",
+        "image/align",
+        "noise/train",
+        "noise/test",
+    ):
         (out / sub).mkdir(parents=True, exist_ok=True)
     jobs = _jobs(cfg)
     results = _map(jobs, cfg, out, workers, progress)
-    manifests: dict[str, dict[str, list[dict]]] = {"av": {s: [] for s in SPLITS}, "image": {s: [] for s in SPLITS}}
+    manifests: dict[str, dict[str, list[dict]]] = {
+        "av": {s: [] for s in SPLITS},
+        "image": {s: [] for s in SPLITS},
+    }
     noise_files = {"train": 0, "test": 0}
     for job, records in zip(jobs, results):
         if job.kind == "noise":
@@ -262,8 +302,6 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1, progress: bool = Tru
 
 
 def _map(jobs: list[_Job], cfg: SynthConfig, out: Path, workers: int, progress: bool) -> list[list[dict]]:
-    from tqdm import tqdm
-
     bar = tqdm(total=len(jobs), desc="synth", unit="job", disable=not progress)
     results: list[list[dict]] = []
     # Always in spawned workers, even one: espeak-ng runs in a fork per utterance (see

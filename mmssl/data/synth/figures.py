@@ -12,16 +12,32 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mmssl.constants import VIDEO_FPS
 from mmssl.data.synth import grammar, lips, scenes
-from mmssl.data.synth.phonemes import phoneme_class
 from mmssl.data.synth.corpus import CAPTIONS_PER_IMAGE, SynthConfig, appearance, speak, speaker_splits
+from mmssl.data.synth.phonemes import phoneme_class
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _SHORT = {
-    "sil": "-", "bilabial": "p/b", "nasal_m": "m", "labiodental": "f/v", "dental": "th", "alveolar_stop": "t/d",
-    "nasal": "n", "sibilant": "s/z", "postalveolar": "sh", "velar": "k/g", "lateral": "l", "rhotic": "r",
-    "glide_w": "w", "glide_j": "y", "glottal": "h", "vowel_front": "i/e", "vowel_open": "a",
-    "vowel_round": "u/o", "vowel_central": "@",
+    "sil": "-",
+    "bilabial": "p/b",
+    "nasal_m": "m",
+    "labiodental": "f/v",
+    "dental": "th",
+    "alveolar_stop": "t/d",
+    "nasal": "n",
+    "sibilant": "s/z",
+    "postalveolar": "sh",
+    "velar": "k/g",
+    "lateral": "l",
+    "rhotic": "r",
+    "glide_w": "w",
+    "glide_j": "y",
+    "glottal": "h",
+    "vowel_front": "i/e",
+    "vowel_open": "a",
+    "vowel_round": "u/o",
+    "vowel_central": "@",
 }
 
 
@@ -29,14 +45,16 @@ def _label_at(spans: list, sample: int) -> str:
     return next((name for name, s, e in spans if s <= sample < e), "")
 
 
-def lip_strip(text: str, speaker: str, seed: int = 0, columns: int = 12, rows: int = 2, start: float = 0.2) -> np.ndarray:
+def lip_strip(
+    text: str, speaker: str, seed: int = 0, columns: int = 12, rows: int = 2, start: float = 0.2
+) -> np.ndarray:
     """``(rows * 118, columns * 88)`` uint8: frames from ``start`` seconds, labelled."""
     cfg = SynthConfig(seed=seed)
     rng = np.random.default_rng([seed, 99])
     audio, phonemes, words = speak(text, speaker, rng, cfg, frame_align=True)
     num_frames = len(audio) // lips.SAMPLES_PER_FRAME
     video = lips.render_video(phonemes, num_frames, appearance(seed, speaker), lips.Jitter.sample(rng), rng)
-    first = int(start * lips.FPS)
+    first = int(start * VIDEO_FPS)
     cell_h = lips.SIZE + 30
     canvas = np.full((rows * cell_h, columns * lips.SIZE), 255, np.uint8)
     for k in range(rows * columns):
@@ -64,8 +82,12 @@ def scene_panel(seed: int = 0, index: int = 7) -> np.ndarray:
     captions = grammar.describe_distinct(scene, rng, CAPTIONS_PER_IMAGE)
     for k, (voice, caption) in enumerate(zip(voices, captions)):
         y = 30 + k * 42
-        cv2.putText(panel, f"{k + 1}. {caption}", (scenes.SIZE + 10, y), _FONT, 0.36, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(panel, f"   voice {voice}", (scenes.SIZE + 10, y + 15), _FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)
+        cv2.putText(
+            panel, f"{k + 1}. {caption}", (scenes.SIZE + 10, y), _FONT, 0.36, (0, 0, 0), 1, cv2.LINE_AA
+        )
+        cv2.putText(
+            panel, f"   voice {voice}", (scenes.SIZE + 10, y + 15), _FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA
+        )
     return panel
 
 
@@ -76,5 +98,7 @@ def write_figures(folder: Path, seed: int = 0) -> list[Path]:
     strip = lip_strip("a big red circle to the left of a small blue square", speaker, seed)
     lips_path, scene_path = folder / "synth_lips.png", folder / "synth_scene.png"
     cv2.imwrite(str(lips_path), strip, [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    cv2.imwrite(str(scene_path), cv2.cvtColor(scene_panel(seed), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    cv2.imwrite(
+        str(scene_path), cv2.cvtColor(scene_panel(seed), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9]
+    )
     return [lips_path, scene_path]

@@ -18,10 +18,18 @@ from mmssl.errors import DataError
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "hexagon")
 SIZES: tuple[str, ...] = ("big", "small")
-SIZE_WORDS: dict[str, tuple[str, ...]] = {"big": ("big", "large", "huge"), "small": ("small", "little", "tiny")}
+SIZE_WORDS: dict[str, tuple[str, ...]] = {
+    "big": ("big", "large", "huge"),
+    "small": ("small", "little", "tiny"),
+}
 RELATIONS: tuple[str, ...] = ("left", "right", "above", "below", "near", "far")
 INVERSE: dict[str, str] = {
-    "left": "right", "right": "left", "above": "below", "below": "above", "near": "near", "far": "far",
+    "left": "right",
+    "right": "left",
+    "above": "below",
+    "below": "above",
+    "near": "near",
+    "far": "far",
 }
 RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "left": ("to the left of", "left of", "on the left of"),
@@ -38,7 +46,14 @@ VOWELS = "aeiou"
 # Openers put before "NP REL NP"; a fronted relation ("above the star there is a circle")
 # and a copula ("the circle is above the star") give the other phrasings.
 OPENERS: tuple[str, ...] = (
-    "", "there is", "i see", "we can see", "you can see", "the picture shows", "this image shows", "the photo shows",
+    "",
+    "there is",
+    "i see",
+    "we can see",
+    "you can see",
+    "the picture shows",
+    "this image shows",
+    "the photo shows",
 )
 VERBS: tuple[str, ...] = ("is", "sits", "lies", "appears")
 MIN_WORDS, MAX_WORDS = 4, 14

@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.synth.phonemes import VISEMES, visemes
 
-FPS = 25
-SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
+SAMPLES_PER_FRAME = round(SAMPLE_RATE / VIDEO_FPS)  # 640
 SIZE = 88
 _GRID = 80  # samples per trajectory step (5 ms at 16 kHz)
 _STEPS_PER_FRAME = SAMPLES_PER_FRAME // _GRID
@@ -42,7 +42,7 @@ class Appearance:
     articulation: float  # how far this speaker moves toward each target (hypo/hyper-articulation)
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> "Appearance":
+    def sample(cls, rng: np.random.Generator) -> Appearance:
         skin = float(rng.uniform(110, 200))
         return cls(
             skin=skin,
@@ -69,7 +69,7 @@ class Jitter:
     noise: float  # std of per-pixel noise, grey levels
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> "Jitter":
+    def sample(cls, rng: np.random.Generator) -> Jitter:
         return cls(
             motion_amp=(float(rng.uniform(0.3, 2.0)), float(rng.uniform(0.3, 1.5))),
             motion_freq=(float(rng.uniform(0.2, 1.0)), float(rng.uniform(0.2, 1.0))),
@@ -82,7 +82,9 @@ class Jitter:
         )
 
 
-def mouth_tracks(phonemes: list[tuple[str, int, int]], num_frames: int, articulation: float = 1.0) -> np.ndarray:
+def mouth_tracks(
+    phonemes: list[tuple[str, int, int]], num_frames: int, articulation: float = 1.0
+) -> np.ndarray:
     """Mouth parameters per video frame, ``(F, 5)`` in [0, 1], from ``(phoneme, start, end)`` in samples.
 
     Frame ``f`` covers samples ``[640 f, 640 (f + 1))`` and averages the 5 ms trajectory inside it.
@@ -131,13 +133,20 @@ def _lip_polygons(params: np.ndarray, look: Appearance, centre: tuple[float, flo
     outer_bot = inner_bot + 1.2 * th * (0.35 + 0.65 * profile)
     x = cx + hw * xs
     outer = np.concatenate([np.stack([x, outer_top], 1), np.stack([x[::-1], outer_bot[::-1]], 1)])
-    inner = np.concatenate([np.stack([x * 0.9 + cx * 0.1, inner_top], 1), np.stack([(x * 0.9 + cx * 0.1)[::-1], inner_bot[::-1]], 1)])
+    inner = np.concatenate(
+        [
+            np.stack([x * 0.9 + cx * 0.1, inner_top], 1),
+            np.stack([(x * 0.9 + cx * 0.1)[::-1], inner_bot[::-1]], 1),
+        ]
+    )
     return outer, inner, hw, oh, teeth, tongue, rounding
 
 
 def _poly(img: np.ndarray, pts: np.ndarray, value: float, rot: np.ndarray) -> None:
     pts = pts @ rot[:, :2].T + rot[:, 2]
-    cv2.fillPoly(img, [np.round(pts * _SUPER * 4).astype(np.int32)], float(value), lineType=cv2.LINE_8, shift=2)
+    cv2.fillPoly(
+        img, [np.round(pts * _SUPER * 4).astype(np.int32)], float(value), lineType=cv2.LINE_8, shift=2
+    )
 
 
 def lighting(jitter: Jitter) -> np.ndarray:
@@ -178,22 +187,53 @@ def render_frame(
         if teeth > 0.05:
             band = min(0.45 * oh, 5.0) * teeth
             half = 0.6 * hw
-            _poly(img, np.array([[centre[0] - half, top], [centre[0] + half, top], [centre[0] + half, top + band], [centre[0] - half, top + band]]), 215.0, rot)
+            _poly(
+                img,
+                np.array(
+                    [
+                        [centre[0] - half, top],
+                        [centre[0] + half, top],
+                        [centre[0] + half, top + band],
+                        [centre[0] - half, top + band],
+                    ]
+                ),
+                215.0,
+                rot,
+            )
     if teeth > 0.5 and oh <= 3.0:  # labiodental / sibilant: teeth show over the lower lip
         band = 2.5 * teeth
         half = 0.55 * hw
-        _poly(img, np.array([[centre[0] - half, centre[1] - 0.5], [centre[0] + half, centre[1] - 0.5], [centre[0] + half, centre[1] + band], [centre[0] - half, centre[1] + band]]), 205.0, rot)
+        _poly(
+            img,
+            np.array(
+                [
+                    [centre[0] - half, centre[1] - 0.5],
+                    [centre[0] + half, centre[1] - 0.5],
+                    [centre[0] + half, centre[1] + band],
+                    [centre[0] - half, centre[1] + band],
+                ]
+            ),
+            205.0,
+            rot,
+        )
     img = cv2.resize(img * light, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     img = cv2.GaussianBlur(img, (0, 0), jitter.blur)
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
 def render_video(
-    phonemes: list[tuple[str, int, int]], num_frames: int, look: Appearance, jitter: Jitter, rng: np.random.Generator
+    phonemes: list[tuple[str, int, int]],
+    num_frames: int,
+    look: Appearance,
+    jitter: Jitter,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     """Mouth video ``(F, 88, 88)`` uint8 for a phoneme timeline in 16 kHz samples."""
     tracks = mouth_tracks(phonemes, num_frames, look.articulation)
     noise = rng.standard_normal(size=(num_frames, SIZE, SIZE), dtype=np.float32) * np.float32(jitter.noise)
     light = lighting(jitter)
-    frames = [render_frame(tracks[f], look, jitter, (f + 0.5) / FPS, noise[f], light) for f in range(num_frames)]
+    frames = [
+        render_frame(tracks[f], look, jitter, (f + 0.5) / VIDEO_FPS, noise[f], light)
+        for f in range(num_frames)
+    ]
     return np.stack(frames) if frames else np.zeros((0, SIZE, SIZE), np.uint8)

@@ -11,25 +11,65 @@ SILENCE = "sil"
 # Frame-level phoneme classes (index = class id). Audio separates all of them; video merges
 # bilabial stop with nasal m, and alveolar/velar/nasal/lateral places.
 CLASSES: tuple[str, ...] = (
-    SILENCE, "bilabial", "nasal_m", "labiodental", "dental", "alveolar_stop", "nasal", "sibilant",
-    "postalveolar", "velar", "lateral", "rhotic", "glide_w", "glide_j", "glottal",
-    "vowel_front", "vowel_open", "vowel_round", "vowel_central",
+    SILENCE,
+    "bilabial",
+    "nasal_m",
+    "labiodental",
+    "dental",
+    "alveolar_stop",
+    "nasal",
+    "sibilant",
+    "postalveolar",
+    "velar",
+    "lateral",
+    "rhotic",
+    "glide_w",
+    "glide_j",
+    "glottal",
+    "vowel_front",
+    "vowel_open",
+    "vowel_round",
+    "vowel_central",
 )
 CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 
 _CONSONANTS: dict[str, str] = {
-    "p": "bilabial", "b": "bilabial", "m": "nasal_m",
-    "f": "labiodental", "v": "labiodental",
-    "θ": "dental", "ð": "dental", "t̪": "dental",
-    "t": "alveolar_stop", "d": "alveolar_stop", "ɾ": "alveolar_stop", "ʔ": "alveolar_stop",
-    "n": "nasal", "ŋ": "nasal", "n̩": "nasal",
-    "s": "sibilant", "z": "sibilant",
-    "ʃ": "postalveolar", "ʒ": "postalveolar", "tʃ": "postalveolar", "dʒ": "postalveolar",
-    "k": "velar", "ɡ": "velar", "g": "velar", "x": "velar",
-    "l": "lateral", "əl": "lateral", "ɫ": "lateral", "l̩": "lateral",
-    "ɹ": "rhotic", "r": "rhotic", "ɻ": "rhotic",
-    "w": "glide_w", "ʍ": "glide_w",
-    "j": "glide_j", "ʲ": "glide_j",
+    "p": "bilabial",
+    "b": "bilabial",
+    "m": "nasal_m",
+    "f": "labiodental",
+    "v": "labiodental",
+    "θ": "dental",
+    "ð": "dental",
+    "t̪": "dental",
+    "t": "alveolar_stop",
+    "d": "alveolar_stop",
+    "ɾ": "alveolar_stop",
+    "ʔ": "alveolar_stop",
+    "n": "nasal",
+    "ŋ": "nasal",
+    "n̩": "nasal",
+    "s": "sibilant",
+    "z": "sibilant",
+    "ʃ": "postalveolar",
+    "ʒ": "postalveolar",
+    "tʃ": "postalveolar",
+    "dʒ": "postalveolar",
+    "k": "velar",
+    "ɡ": "velar",
+    "g": "velar",
+    "x": "velar",
+    "l": "lateral",
+    "əl": "lateral",
+    "ɫ": "lateral",
+    "l̩": "lateral",
+    "ɹ": "rhotic",
+    "r": "rhotic",
+    "ɻ": "rhotic",
+    "w": "glide_w",
+    "ʍ": "glide_w",
+    "j": "glide_j",
+    "ʲ": "glide_j",
     "h": "glottal",
 }
 _FRONT = set("iɪeɛᵻæy")
@@ -54,16 +94,35 @@ VISEMES: dict[str, tuple[float, float, float, float, float]] = {
     "mid": (0.40, 0.55, 0.10, 0.30, 0.20),  # schwa
 }
 CLASS_VISEME: dict[str, str] = {
-    SILENCE: "neutral", "bilabial": "closed", "nasal_m": "closed", "labiodental": "labiodental",
-    "dental": "dental", "alveolar_stop": "alveolar", "nasal": "alveolar", "sibilant": "sibilant",
-    "postalveolar": "postalveolar", "velar": "alveolar", "lateral": "alveolar", "rhotic": "rhotic",
-    "glide_w": "rounded_glide", "glide_j": "spread", "glottal": "mid",
-    "vowel_front": "spread", "vowel_open": "open", "vowel_round": "rounded", "vowel_central": "mid",
+    SILENCE: "neutral",
+    "bilabial": "closed",
+    "nasal_m": "closed",
+    "labiodental": "labiodental",
+    "dental": "dental",
+    "alveolar_stop": "alveolar",
+    "nasal": "alveolar",
+    "sibilant": "sibilant",
+    "postalveolar": "postalveolar",
+    "velar": "alveolar",
+    "lateral": "alveolar",
+    "rhotic": "rhotic",
+    "glide_w": "rounded_glide",
+    "glide_j": "spread",
+    "glottal": "mid",
+    "vowel_front": "spread",
+    "vowel_open": "open",
+    "vowel_round": "rounded",
+    "vowel_central": "mid",
 }
 
 
 def _vowel_class(char: str) -> str | None:
-    for chars, name in ((_FRONT, "vowel_front"), (_OPEN, "vowel_open"), (_ROUND, "vowel_round"), (_CENTRAL, "vowel_central")):
+    for chars, name in (
+        (_FRONT, "vowel_front"),
+        (_OPEN, "vowel_open"),
+        (_ROUND, "vowel_round"),
+        (_CENTRAL, "vowel_central"),
+    ):
         if char in chars:
             return name
     return None

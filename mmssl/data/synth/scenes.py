@@ -16,8 +16,14 @@ from mmssl.data.synth.grammar import COLOURS, SHAPES, Description, Thing
 
 SIZE = 224
 RGB: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (245, 220, 30),
-    "purple": (140, 40, 180), "orange": (250, 140, 20), "white": (250, 250, 250), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (245, 220, 30),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 20),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
 }
 RADIUS = {"big": (34.0, 44.0), "small": (16.0, 22.0)}
 _CLUTTER_RADIUS = (5.0, 10.0)
@@ -91,8 +97,10 @@ def _shape_points(shape: str, x: float, y: float, r: float, angle: float) -> lis
         return [ring(10, [r * 1.2, r * 0.5], -np.pi / 2)]
     if shape == "cross":
         w = r * 0.38
-        return [np.array([[x - w, y - r], [x + w, y - r], [x + w, y + r], [x - w, y + r]]),
-                np.array([[x - r, y - w], [x + r, y - w], [x + r, y + w], [x - r, y + w]])]
+        return [
+            np.array([[x - w, y - r], [x + w, y - r], [x + w, y + r], [x - w, y + r]]),
+            np.array([[x - r, y - w], [x + r, y - w], [x + r, y + w], [x - r, y + w]]),
+        ]
     if shape == "heart":
         t = np.linspace(0, 2 * np.pi, 60)
         hx = 16 * np.sin(t) ** 3
@@ -117,7 +125,9 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     kind = int(rng.integers(4))
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     if kind == 0:
-        tex = cv2.GaussianBlur(rng.normal(0, 1, (SIZE, SIZE)).astype(np.float32), (0, 0), float(rng.uniform(2, 8)))
+        tex = cv2.GaussianBlur(
+            rng.normal(0, 1, (SIZE, SIZE)).astype(np.float32), (0, 0), float(rng.uniform(2, 8))
+        )
         tex = tex / (tex.std() + 1e-6)
     elif kind == 1:
         a, period = rng.uniform(0, np.pi), rng.uniform(8, 30)
@@ -150,7 +160,9 @@ def clutter(objects: list[Placed], rng: np.random.Generator, count: int) -> list
     return out
 
 
-def render_scene(objects: list[Placed], rng: np.random.Generator, clutter_count: int = 5) -> tuple[np.ndarray, list[Placed]]:
+def render_scene(
+    objects: list[Placed], rng: np.random.Generator, clutter_count: int = 5
+) -> tuple[np.ndarray, list[Placed]]:
     """``(224, 224, 3)`` uint8 RGB image of the objects on a texture, and the clutter drawn."""
     img = _background(rng)
     extra = clutter(objects, rng, clutter_count)

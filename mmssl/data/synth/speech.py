@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import resample_poly
 
+from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import ConfigError
 
-SAMPLE_RATE = 16_000
 ESPEAK_RATE = 22_050  # what espeak_Initialize reports for its voices
 # espeak_AUDIO_OUTPUT AUDIO_OUTPUT_SYNCHRONOUS; options: phoneme events (0x1) named in IPA (0x2)
 _OUTPUT_SYNCHRONOUS = 2
@@ -35,10 +35,29 @@ _RATE, _PITCH, _RANGE = 1, 3, 4
 _EV_END_LIST, _EV_WORD, _EV_MSG_TERMINATED, _EV_PHONEME = 0, 1, 5, 7
 
 LANGUAGES: tuple[str, ...] = (
-    "en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc",
+    "en",
+    "en-us",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-029",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-us-nyc",
 )
 VARIANTS: tuple[str, ...] = (
-    "f1", "f2", "f3", "f4", "f5", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "m8",
 )
 
 
@@ -66,7 +85,9 @@ class _Event(ctypes.Structure):
     ]
 
 
-_Callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
+_Callback = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event)
+)
 
 
 @dataclass
@@ -85,10 +106,11 @@ class Utterance:
 class Espeak:
     """The espeak-ng library, initialised once per process."""
 
-    _instance: "Espeak | None" = None
+    _instance: Espeak | None = None
 
     def __init__(self) -> None:
         try:
+            # lazy: espeak-ng loads only to generate the corpus
             import espeakng_loader
         except ImportError as err:  # pragma: no cover - a dependency of the package
             raise ConfigError("the synthetic corpus needs the espeakng-loader package") from err
@@ -102,10 +124,13 @@ class Espeak:
         self._callback = _Callback(self._collect)  # kept alive: the library holds the pointer
         self._lib.espeak_SetSynthCallback(self._callback)
         fn = self._lib.espeak_TextToPhonemes
-        fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+        fn.restype, fn.argtypes = (
+            ctypes.c_char_p,
+            [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int],
+        )
 
     @classmethod
-    def get(cls) -> "Espeak":
+    def get(cls) -> Espeak:
         if cls._instance is None:
             cls._instance = cls()
         return cls._instance
@@ -121,7 +146,9 @@ class Espeak:
             i += 1
         return 0
 
-    def _synth(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> tuple[np.ndarray, list]:
+    def _synth(
+        self, text: str, voice: str, rate: int, pitch: int, pitch_range: int
+    ) -> tuple[np.ndarray, list]:
         if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ConfigError(f"espeak-ng has no voice {voice!r}")
         for param, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range)):
@@ -133,7 +160,9 @@ class Espeak:
         audio = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
         return audio, self._events
 
-    def say(self, text: str, voice: str, rate: int = 175, pitch: int = 50, pitch_range: int = 50) -> Utterance:
+    def say(
+        self, text: str, voice: str, rate: int = 175, pitch: int = 50, pitch_range: int = 50
+    ) -> Utterance:
         """Speak ``text`` (words separated by single spaces) at ``rate`` words a minute.
 
         Runs in a forked child so that the result does not depend on what this process spoke
@@ -172,12 +201,15 @@ class Espeak:
         def at(sample: int) -> int:
             return min(n, int(round(sample * SAMPLE_RATE / ESPEAK_RATE)))
 
-        phones = [(at(s), name.replace("ˈ", "").replace("ˌ", ""), tp) for t, tp, _, s, name in events if t == _EV_PHONEME]
+        phones = [
+            (at(s), name.replace("ˈ", "").replace("ˌ", ""), tp)
+            for t, tp, _, s, name in events
+            if t == _EV_PHONEME
+        ]
         end = max([at(s) for t, _, _, s, _ in events if t == _EV_MSG_TERMINATED] or [n])
         phonemes = _tile([(s, name) for s, name, _ in phones], end, n)
         words = self._word_spans(text, events, phones, phonemes)
         return Utterance(audio, phonemes, words)
-
 
     def _phoneme_count(self, word: str) -> int:
         """How many phonemes espeak-ng gives ``word`` said alone (``espeak_TextToPhonemes``)."""
@@ -190,7 +222,9 @@ class Espeak:
             out.append((fn(ctypes.byref(ptr), 0, 0x02 | (ord("_") << 8)) or b"").decode("utf-8", "replace"))
         return max(1, sum(len(chunk.split("_")) for part in out for chunk in part.split()))
 
-    def _word_spans(self, text: str, events: list, phones: list, phonemes: list) -> list[tuple[str, int, int]]:
+    def _word_spans(
+        self, text: str, events: list, phones: list, phonemes: list
+    ) -> list[tuple[str, int, int]]:
         """Word spans from WORD events. espeak-ng attributes a short function word to the
         word before it ("from the" gives one event); such a group is split by each word's
         phoneme count said alone, counted from the group's end."""

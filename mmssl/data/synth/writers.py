@@ -10,10 +10,11 @@ import av
 import cv2
 import numpy as np
 
+from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.errors import DataError
 
 
-def write_wav(path: Path, audio: np.ndarray, sample_rate: int = 16_000) -> None:
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     """Mono 16-bit PCM; ``audio (S,)`` int16."""
     if audio.dtype != np.int16:
         raise DataError(f"{path}: expected int16 samples, got {audio.dtype}")
@@ -24,7 +25,13 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int = 16_000) -> None:
         out.writeframes(audio.tobytes())
 
 
-def write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, fps: int = 25, sample_rate: int = 16_000) -> None:
+def write_mp4(
+    path: Path,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    fps: int = round(VIDEO_FPS),
+    sample_rate: int = SAMPLE_RATE,
+) -> None:
     """``frames (T, H, W)`` uint8 grayscale as H.264 (yuv420p) and ``audio (S,)`` int16 as AAC,
     in one mp4. x264's ``ultrafast`` preset on one thread has no macroblock-tree lookahead,
     whose output was seen to vary from run to run, so the same frames give the same bytes;

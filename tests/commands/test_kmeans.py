@@ -4,9 +4,9 @@ import wave
 import torch
 
 from mmssl.cli import main
-from mmssl.data.features import mfcc
+from mmssl.data.importers import kmeans_info
 from mmssl.data.io import load_audio
-from mmssl.kmeans_cli import kmeans_info
+from mmssl.nn.fbank import mfcc
 from mmssl.nn.kmeans import nearest
 from mmssl.testing import save_tiny_run
 
@@ -52,8 +52,23 @@ def _km_lines(path):
 def test_mfcc_labels_one_line_per_record_nearest_centroid(tmp_path, capsys):
     manifest = _corpus(tmp_path)
     out = tmp_path / "km"
-    code = main(["kmeans", "--manifest", str(manifest), "--features", "mfcc", "--k", "3",
-                 "--out", str(out), "--fit-fraction", "0.5", "--device", "cpu"])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(manifest),
+            "--features",
+            "mfcc",
+            "--k",
+            "3",
+            "--out",
+            str(out),
+            "--fit-fraction",
+            "0.5",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     labels = _km_lines(out / "train.km")
     state = torch.load(out / "kmeans.pt", weights_only=True)
@@ -74,8 +89,23 @@ def test_checkpoint_layer_labels_at_the_encoder_rate(tmp_path):
     manifest = _corpus(tmp_path, count=3)
     objective, step = save_tiny_run(tmp_path / "run", "hubert", manifest)
     out = tmp_path / "km"
-    code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(step / "model.safetensors"),
-                 "--layer", "1", "--k", "2", "--out", str(out), "--fit-fraction", "1.0"])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(manifest),
+            "--checkpoint",
+            str(step / "model.safetensors"),
+            "--layer",
+            "1",
+            "--k",
+            "2",
+            "--out",
+            str(out),
+            "--fit-fraction",
+            "1.0",
+        ]
+    )
     assert code == 0
     labels = _km_lines(out / "train.km")
     encoder = objective.encoder.eval()
@@ -94,8 +124,24 @@ def test_several_manifests_share_the_clusters_fitted_on_the_first(tmp_path):
     train.write_text("\n".join(records[:3]) + "\n")
     valid.write_text(records[3] + "\n")
     out = tmp_path / "km"
-    code = main(["kmeans", "--manifest", str(train), str(valid), "--features", "mfcc", "--k", "3",
-                 "--out", str(out), "--fit-fraction", "1.0", "--device", "cpu"])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(train),
+            str(valid),
+            "--features",
+            "mfcc",
+            "--k",
+            "3",
+            "--out",
+            str(out),
+            "--fit-fraction",
+            "1.0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     state = torch.load(out / "kmeans.pt", weights_only=True)
     (line,) = _km_lines(out / "valid.km")
@@ -104,27 +150,61 @@ def test_several_manifests_share_the_clusters_fitted_on_the_first(tmp_path):
     quality = json.loads((out / "quality.json").read_text())
     assert set(quality["by_manifest"]) == {"train", "valid"}
     assert quality["pnmi"] == quality["by_manifest"]["train"]["pnmi"]
-    code = main(["kmeans", "--manifest", str(train), str(tmp_path / "x" / "train.jsonl"), "--features", "mfcc",
-                 "--k", "3", "--out", str(out)])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(train),
+            str(tmp_path / "x" / "train.jsonl"),
+            "--features",
+            "mfcc",
+            "--k",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2
 
 
 def test_bad_input_is_reported_by_name(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "a", "audio": "missing.wav"}) + "\n")
-    code = main(["kmeans", "--manifest", str(manifest), "--features", "mfcc", "--k", "2", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(manifest),
+            "--features",
+            "mfcc",
+            "--k",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "missing.wav" in capsys.readouterr().err
-    code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(tmp_path), "--k", "2",
-                 "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(manifest),
+            "--checkpoint",
+            str(tmp_path),
+            "--k",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "--layer" in capsys.readouterr().err
 
 
 def test_audio_visual_checkpoint_gives_25hz_labels(tmp_path):
-    from tests.data.media import moving_frames, tone, write_av
-
     from mmssl.data.datasets import lip_frames
     from mmssl.data.io import load_video
     from mmssl.encoders.av import av_features
+    from tests.data.media import moving_frames, tone, write_av
 
     lines = []
     for i, frames in enumerate((20, 13)):
@@ -134,8 +214,25 @@ def test_audio_visual_checkpoint_gives_25hz_labels(tmp_path):
     manifest.write_text("\n".join(lines) + "\n")
     objective, step = save_tiny_run(tmp_path / "run", "av_hubert", manifest)
     out = tmp_path / "km"
-    code = main(["kmeans", "--manifest", str(manifest), "--checkpoint", str(step), "--layer", "1",
-                 "--k", "2", "--out", str(out), "--fit-fraction", "1.0", "--device", "cpu"])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(manifest),
+            "--checkpoint",
+            str(step),
+            "--layer",
+            "1",
+            "--k",
+            "2",
+            "--out",
+            str(out),
+            "--fit-fraction",
+            "1.0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     labels = _km_lines(out / "av.km")
     state = torch.load(out / "kmeans.pt", weights_only=True)
@@ -144,15 +241,19 @@ def test_audio_visual_checkpoint_gives_25hz_labels(tmp_path):
     for i, line in enumerate(labels):
         video = lip_frames(load_video(tmp_path / f"v{i}.mp4"))
         audio = load_audio(tmp_path / f"v{i}.mp4")
-        batch = {"audio": audio[None], "audio_lens": torch.tensor([audio.shape[0]]),
-                 "video": video[None], "video_lens": torch.tensor([video.shape[0]])}
+        batch = {
+            "audio": audio[None],
+            "audio_lens": torch.tensor([audio.shape[0]]),
+            "video": video[None],
+            "video_lens": torch.tensor([video.shape[0]]),
+        }
         feats, lengths = av_features(encoder, batch, 1)
         assert len(line) == int(lengths[0]) == video.shape[0]  # one label per 25 fps frame
         assert line == nearest(feats[0, : int(lengths[0])], state["centroids"])[0].tolist()
 
 
 def test_fit_subset_grows_to_50_frames_per_cluster_capped_by_the_manifest():
-    from mmssl.kmeans_cli import MIN_FRAMES_PER_CLUSTER, fit_kmeans
+    from mmssl.commands.kmeans import MIN_FRAMES_PER_CLUSTER, fit_kmeans
 
     assert MIN_FRAMES_PER_CLUSTER == 50
     g = torch.Generator().manual_seed(0)
@@ -177,11 +278,48 @@ def test_fit_subset_grows_to_50_frames_per_cluster_capped_by_the_manifest():
 def test_batch_size_fits_with_minibatch_kmeans(tmp_path):
     manifest = _corpus(tmp_path)
     out = tmp_path / "km"
-    code = main(["kmeans", "--manifest", str(manifest), "--features", "mfcc", "--k", "3", "--out", str(out),
-                 "--fit-fraction", "1.0", "--device", "cpu", "--batch-size", "64", "--max-iter", "10"])
+    code = main(
+        [
+            "kmeans",
+            "--manifest",
+            str(manifest),
+            "--features",
+            "mfcc",
+            "--k",
+            "3",
+            "--out",
+            str(out),
+            "--fit-fraction",
+            "1.0",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "64",
+            "--max-iter",
+            "10",
+        ]
+    )
     assert code == 0
     state = torch.load(out / "kmeans.pt", weights_only=True)
     assert state["centroids"].shape == (3, 39)
     assert json.loads((out / "quality.json").read_text())["phone_purity"] > 0.9
-    assert main(["kmeans", "--manifest", str(manifest), "--features", "mfcc", "--k", "3", "--out", str(out),
-                 "--batch-size", "0", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "kmeans",
+                "--manifest",
+                str(manifest),
+                "--features",
+                "mfcc",
+                "--k",
+                "3",
+                "--out",
+                str(out),
+                "--batch-size",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )

@@ -1,12 +1,9 @@
-"""WavLM (Chen et al., 2022): HuBERT-style masked prediction with utterance mixing.
-
-The encoder preset ``wavlm_<size>`` adds the gated relative position bias to the
-transformer; the objective is ``HubertObjective`` with one more batch hook, run in the data
-workers before masking: ``UtteranceMixer`` (WavLM, sec. 3.2). With probability 0.2 an
-utterance gets a segment of another utterance of the batch added on top of it, at an energy
-ratio drawn uniformly in [-5, 5] dB; the segment is at most half as long as the primary
-utterance, so the primary speaker stays dominant and the targets remain the primary's.
-Mixing happens only in the batch hook: a batch that did not go through it is used unmixed.
+"""Utterance mixing (WavLM, Chen et al., 2022, sec. 3.2): a batch augmentation run in the data
+workers before masking. With probability 0.2 an utterance gets a segment of another utterance
+of the batch added on top of it, at an energy ratio drawn uniformly in [-5, 5] dB; the segment
+is at most half as long as the primary utterance, so the primary speaker stays dominant and
+the targets remain the primary's. Mixing happens only in the batch hook: a batch that did not
+go through it is used unmixed.
 
 Shape legend: B batch, S samples.
 """
@@ -14,14 +11,11 @@ Shape legend: B batch, S samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from mmssl.errors import ConfigError
 from mmssl.nn.masking import hook_generator
-from mmssl.objectives.hubert import HubertObjective, build_hubert
-from mmssl.registry import OBJECTIVES
 
 
 @dataclass
@@ -45,8 +39,10 @@ class UtteranceMixer:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prob <= 1.0 or not 0.0 < self.max_fraction <= 1.0:
-            raise ConfigError(f"utterance mixing: prob must be in [0, 1] and max_fraction in (0, 1]; "
-                              f"got {self.prob}, {self.max_fraction}")
+            raise ConfigError(
+                f"utterance mixing: prob must be in [0, 1] and max_fraction in (0, 1]; "
+                f"got {self.prob}, {self.max_fraction}"
+            )
         self.energy_db = tuple(self.energy_db)  # type: ignore[assignment]
 
     def _int(self, low: int, high: int, g: torch.Generator) -> int:
@@ -68,7 +64,9 @@ class UtteranceMixer:
             src = self._int(0, lens[j] - size, g)
             dst = self._int(0, n - size, g)
             segment = source[j, src : src + size]
-            ratio_db = self.energy_db[0] + (self.energy_db[1] - self.energy_db[0]) * float(torch.rand(1, generator=g))
+            ratio_db = self.energy_db[0] + (self.energy_db[1] - self.energy_db[0]) * float(
+                torch.rand(1, generator=g)
+            )
             primary_power = source[i, :n].pow(2).mean()
             segment_power = segment.pow(2).mean().clamp(min=1e-10)
             scale = torch.sqrt(primary_power / (segment_power * 10 ** (ratio_db / 10)))
@@ -76,30 +74,3 @@ class UtteranceMixer:
             mixed[i] = True
         batch["audio"], batch["mixed"] = out, mixed
         return batch
-
-
-@OBJECTIVES.register
-def wavlm(
-    size: str = "base",
-    num_classes: int = 100,
-    label_rate: float = 100.0,  # MFCC labels are 100 Hz; labels from a 50 Hz encoder layer: 50
-    mask_prob: float = 0.8,  # WavLM follows HuBERT: p = 8% span starts ...
-    mask_span: int = 10,  # ... of 10 frames
-    min_masks: int = 2,
-    temperature: float = 0.1,
-    unmasked_weight: float = 0.0,
-    penalty_weight: float = 10.0,
-    feature_grad_mult: float | None = None,  # None: the preset's (0.1 for base and large)
-    mix_prob: float = 0.2,  # WavLM, sec. 3.2: 20% of utterances are mixed
-    mix_max_fraction: float = 0.5,
-    mix_energy_db: tuple[float, float] = (-5.0, 5.0),
-    final_dim: int | None = None,
-    seed: int = 0,
-    encoder: dict[str, Any] | None = None,
-) -> HubertObjective:
-    """WavLM on the ``wavlm_<size>`` encoder (gated relative position bias)."""
-    mixer = UtteranceMixer(mix_prob, mix_max_fraction, tuple(mix_energy_db), seed)
-    return build_hubert(
-        "wavlm", size, num_classes, label_rate, mask_prob, mask_span, min_masks, temperature,
-        unmasked_weight, penalty_weight, feature_grad_mult, final_dim, seed, encoder, augment=mixer,
-    )

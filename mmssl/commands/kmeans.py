@@ -6,11 +6,12 @@
 writes ``DIR/<manifest stem>.km`` for every manifest (one line of space-separated cluster ids
 per record, in manifest order, at the feature's frame rate; fitted on the first manifest, so
 ``--manifest train.jsonl valid.jsonl`` labels both with the same clusters) and
-``DIR/kmeans.pt`` (centroids, k, feature description, label rate). As HuBERT (sec. IV-B), k-means is fitted on the frames of a random
-subset of the records (``--fit-fraction``, 10% by default, grown until there are at least
-``MIN_FRAMES_PER_CLUSTER`` = 50 frames per cluster or the manifest runs out, so a small
-corpus still gives every centroid enough frames) and then every frame is assigned. Features are computed on the fly and
-kept in memory only for the fitting subset; nothing is dumped to disk. When the records carry
+``DIR/kmeans.pt`` (centroids, k, feature description, label rate). As HuBERT (sec. IV-B),
+k-means is fitted on the frames of a random subset of the records (``--fit-fraction``, 10% by
+default, grown until there are at least ``MIN_FRAMES_PER_CLUSTER`` = 50 frames per cluster or
+the manifest runs out, so a small corpus still gives every centroid enough frames) and then
+every frame is assigned. Features are computed on the fly and kept in memory only for the
+fitting subset; nothing is dumped to disk. When the records carry
 phone alignments (the built-in corpus's ``align`` key), phone purity, cluster purity and PNMI
 are printed and written to ``DIR/quality.json``. ``--batch-size N`` fits with mini-batch
 k-means (HuBERT's ``learn_kmeans.py`` uses scikit-learn's ``MiniBatchKMeans`` with 10000)
@@ -28,20 +29,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from mmssl.data.importers import KMEANS_FILE
+from mmssl.data.io import load_audio
+from mmssl.data.manifest import read_manifest
+from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_alignment
-from mmssl.eval.features import is_audio_visual, num_layers, pick_device, record_layers
-from mmssl.runs import load_encoder_from_run
-from mmssl.train.checkpoint import resolve_weights
+from mmssl.eval.record_layers import is_audio_visual, num_layers, record_layers
+from mmssl.files import atomic_write, write_text
+from mmssl.nn.fbank import mfcc
 from mmssl.nn.kmeans import KMeans
+from mmssl.runs import load_encoder_from_run, resolve_weights
 
 FeatureFn = Callable[[dict], Tensor]  # manifest record -> features (T, D) on the device
 MFCC_RATE = 100.0
@@ -51,29 +56,44 @@ MIN_FRAMES_PER_CLUSTER = 50
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", required=True, nargs="+",
-                        help="JSON-lines manifests with an 'audio' path per record; k-means is fitted on the first, "
-                             "every one is labelled")
+    parser.add_argument(
+        "--manifest",
+        required=True,
+        nargs="+",
+        help="JSON-lines manifests with an 'audio' path per record; k-means is fitted on the first, "
+        "every one is labelled",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--features", choices=["mfcc"], help="cluster 39-dim MFCC (+deltas) at 100 Hz")
     source.add_argument("--checkpoint", help="run folder or checkpoint whose encoder layer to cluster")
     parser.add_argument("--layer", type=int, help="transformer layer (1 = first) with --checkpoint")
     parser.add_argument("--k", type=int, required=True, help="number of clusters")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--fit-fraction", type=float, default=0.1, help="fraction of records to fit on (default 0.1)")
+    parser.add_argument(
+        "--fit-fraction", type=float, default=0.1, help="fraction of records to fit on (default 0.1)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-iter", type=int, default=100, help="Lloyd iterations at most (passes over the frames with --batch-size)")
+    parser.add_argument(
+        "--max-iter",
+        type=int,
+        default=100,
+        help="Lloyd iterations at most (passes over the frames with --batch-size)",
+    )
     parser.add_argument("--n-init", type=int, default=1, help="k-means++ restarts, the best kept")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="mini-batch k-means with this many frames per step (default: full Lloyd)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="mini-batch k-means with this many frames per step (default: full Lloyd)",
+    )
 
 
 def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[FeatureFn, float]:
     """A feature function giving layer ``layer`` of ``encoder`` for one record, and its frame rate.
 
     A speech encoder reads the record's audio; an audio-visual encoder reads its audio and lip
-    video, both required (``mmssl.eval.features.record_layers``)."""
+    video, both required (``mmssl.eval.record_layers.record_layers``)."""
     top = num_layers(encoder)
     if not 0 <= layer <= top:
         raise ConfigError(f"--layer {layer}: the encoder has layers 1..{top} (0: their input)")
@@ -87,25 +107,10 @@ def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[F
 
 
 def mfcc_features(device: torch.device) -> tuple[FeatureFn, float]:
-    from mmssl.data.features import mfcc
-
     return (lambda record: mfcc(_load(record)).to(device).float()), MFCC_RATE
 
 
-def kmeans_info(labels_dir: str | os.PathLike) -> dict:
-    """``k`` and ``label_rate`` (Hz) of an ``mmssl kmeans`` output folder, from its
-    ``kmeans.pt``: what a HuBERT-style objective needs as ``num_classes`` and ``label_rate``."""
-    path = Path(labels_dir) / "kmeans.pt"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return {"k": int(state["k"]), "label_rate": float(state["label_rate"])}
-    except (OSError, RuntimeError, KeyError, EOFError) as err:
-        raise DataError(f"{path}: cannot read k-means state ({err})") from None
-
-
 def _load(record: dict) -> Tensor:
-    from mmssl.data.io import load_audio
-
     if not record.get("audio"):
         raise DataError(f"record {record.get('id')!r}: no 'audio' path to cluster")
     return load_audio(record["audio"])
@@ -120,8 +125,15 @@ def fit_subset(num_records: int, fraction: float, seed: int) -> tuple[list[int],
 
 
 def fit_kmeans(
-    records: list[dict], feature_fn: FeatureFn, k: int, fraction: float, seed: int, max_iter: int, n_init: int,
-    min_frames_per_cluster: int = MIN_FRAMES_PER_CLUSTER, batch_size: int | None = None,
+    records: list[dict],
+    feature_fn: FeatureFn,
+    k: int,
+    fraction: float,
+    seed: int,
+    max_iter: int,
+    n_init: int,
+    min_frames_per_cluster: int = MIN_FRAMES_PER_CLUSTER,
+    batch_size: int | None = None,
 ) -> tuple[KMeans, dict[int, Tensor]]:
     """Fit on a random subset of records: ``fraction`` of them, grown until it holds at least
     ``min_frames_per_cluster * k`` frames or every record is taken; ``batch_size`` fits with
@@ -144,6 +156,7 @@ def fit_kmeans(
     km = KMeans(k, max_iter=max_iter, n_init=n_init, seed=seed, batch_size=batch_size)
     desc = "kmeans: Lloyd" if batch_size is None else "kmeans: mini-batch passes"
     with tqdm(total=max_iter * n_init, desc=desc, unit="it") as bar:
+
         def progress(it: int, inertia: float) -> None:
             bar.update(1)
             bar.set_postfix(inertia=f"{inertia:.4g}")
@@ -153,8 +166,6 @@ def fit_kmeans(
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmssl.data.manifest import read_manifest
-
     if args.k < 2:
         raise ConfigError(f"--k must be >= 2; got {args.k}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -165,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
     manifests = [Path(m) for m in args.manifest]
     stems = [m.stem for m in manifests]
     if len(set(stems)) != len(stems):
-        raise ConfigError(f"manifests {', '.join(map(str, manifests))} share a file name; their labels would collide")
+        raise ConfigError(
+            f"manifests {', '.join(map(str, manifests))} share a file name; their labels would collide"
+        )
     all_records = [read_manifest(m) for m in manifests]
     for manifest, records in zip(manifests, all_records):
         if not records:
@@ -178,8 +191,16 @@ def run(args: argparse.Namespace) -> int:
         described = "mfcc"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    km, cache = fit_kmeans(all_records[0], feature_fn, args.k, args.fit_fraction, args.seed, args.max_iter,
-                           args.n_init, batch_size=args.batch_size)
+    km, cache = fit_kmeans(
+        all_records[0],
+        feature_fn,
+        args.k,
+        args.fit_fraction,
+        args.seed,
+        args.max_iter,
+        args.n_init,
+        batch_size=args.batch_size,
+    )
     qualities = {}
     for i, (manifest, records) in enumerate(zip(manifests, all_records)):
         scores = assign(manifest, records, feature_fn, km, rate, cache if i == 0 else {}, out)
@@ -187,26 +208,39 @@ def run(args: argparse.Namespace) -> int:
             qualities[manifest.stem] = scores
     # the weights file whose layer was clustered (None for MFCC), so a stale clustering shows
     weights = str(resolve_weights(args.checkpoint).resolve()) if args.checkpoint is not None else None
-    torch.save({"centroids": km.centroids.cpu(), "k": args.k, "features": described, "label_rate": rate,
-                "inertia": km.inertia, "weights": weights}, out / "kmeans.pt")
+    state = {
+        "centroids": km.centroids.cpu(),
+        "k": args.k,
+        "features": described,
+        "label_rate": rate,
+        "inertia": km.inertia,
+        "weights": weights,
+    }
+    atomic_write(out / KMEANS_FILE, lambda f: torch.save(state, f))
     if qualities:
         first = next(iter(qualities.values()))
         # quality.json: the first manifest's scores at the top level, every manifest's under "by_manifest"
-        (out / "quality.json").write_text(json.dumps({**first, "by_manifest": qualities}, indent=2) + "\n",
-                                          encoding="utf-8")
+        write_text(out / "quality.json", json.dumps({**first, "by_manifest": qualities}, indent=2) + "\n")
     return 0
 
 
-def assign(manifest: Path, records: list[dict], feature_fn: FeatureFn, km: KMeans, rate: float,
-           cache: dict[int, Tensor], out: Path) -> dict | None:
+def assign(
+    manifest: Path,
+    records: list[dict],
+    feature_fn: FeatureFn,
+    km: KMeans,
+    rate: float,
+    cache: dict[int, Tensor],
+    out: Path,
+) -> dict | None:
     """Label every record of ``manifest`` into ``out/<stem>.km`` (atomically); the cluster
     quality scores when every record has a phone alignment, else None."""
     manifest_dir = manifest.resolve().parent
     quality = QualityAccumulator(km.k)
     has_align = all(r.get("align") for r in records)
     km_path = out / f"{manifest.stem}.km"
-    tmp = km_path.with_suffix(".km.tmp")
-    with open(tmp, "w", encoding="utf-8") as lines:
+
+    def write(lines) -> None:
         for index, record in enumerate(tqdm(records, desc=f"kmeans: assign {manifest.stem}", unit="utt")):
             feats = cache.pop(index, None)
             if feats is None:
@@ -216,12 +250,17 @@ def assign(manifest: Path, records: list[dict], feature_fn: FeatureFn, km: KMean
             if has_align:
                 alignment, sr = read_alignment(manifest_dir / record["align"])
                 quality.add(frame_phones(alignment, labels.shape[0], rate, sr), labels)
-    os.replace(tmp, km_path)
-    print(f"wrote {km_path} ({len(records)} records, k={km.k}, {rate:g} Hz labels, "
-          f"inertia of the fit {km.inertia:.4g})")
+
+    atomic_write(km_path, write, text=True)
+    print(
+        f"wrote {km_path} ({len(records)} records, k={km.k}, {rate:g} Hz labels, "
+        f"inertia of the fit {km.inertia:.4g})"
+    )
     if not has_align:
         return None
     scores = quality.result()
-    print(f"cluster quality ({manifest.stem}): " + ", ".join(
-        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+    print(
+        f"cluster quality ({manifest.stem}): "
+        + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+    )
     return scores

@@ -3,7 +3,7 @@
 Shape legend: S samples, T frames, C channels. All features use 25 ms windows every 10 ms
 (100 Hz) with ``snip_edges=True``, so a waveform of ``S`` samples at 16 kHz gives
 ``T = 1 + (S - 400) // 160`` frames (0 when ``S < 400``), the count
-``mmssl.encoders.base.FrameSpec((400,), (160,))`` predicts.
+``mmssl.nn.outputs.FrameSpec((400,), (160,))`` predicts.
 
 The waveform is used at the scale it is given (float in [-1, 1] from ``mmssl.data.io``);
 Kaldi itself reads int16 values, which only shifts every log energy by the constant
@@ -20,14 +20,17 @@ import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 from torch import Tensor
 
+from mmssl.constants import SAMPLE_RATE
+
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 # the Kaldi framing shared by fbank and mfcc: 25 ms / 10 ms, no dither, whole windows only
-_KALDI_FRAMING = dict(frame_length=FRAME_LENGTH_MS, frame_shift=FRAME_SHIFT_MS, dither=0.0, energy_floor=0.0,
-                      snip_edges=True)
+_KALDI_FRAMING = dict(
+    frame_length=FRAME_LENGTH_MS, frame_shift=FRAME_SHIFT_MS, dither=0.0, energy_floor=0.0, snip_edges=True
+)
 
 
-def num_frames(num_samples: int, sample_rate: int = 16000) -> int:
+def num_frames(num_samples: int, sample_rate: int = SAMPLE_RATE) -> int:
     """Frames a 25 ms / 10 ms window with ``snip_edges=True`` gives for ``num_samples``."""
     window = int(sample_rate * FRAME_LENGTH_MS / 1000)
     shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
@@ -40,7 +43,7 @@ def _check_waveform(waveform: Tensor, name: str) -> Tensor:
     return waveform.float().unsqueeze(0)  # (1, S): kaldi functions take (channels, S)
 
 
-def fbank(waveform: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80) -> Tensor:
+def fbank(waveform: Tensor, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80) -> Tensor:
     """Kaldi-compatible log mel filterbank: ``waveform (S,)`` -> ``(T, num_mel_bins)``.
 
     No dither (deterministic features, as fairseq and AV-HuBERT extract them). Input shorter
@@ -58,7 +61,7 @@ def fbank(waveform: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80) ->
 
 
 def fbank_batch(
-    audio: Tensor, lengths: Tensor, sample_rate: int = 16000, num_mel_bins: int = 80
+    audio: Tensor, lengths: Tensor, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 80
 ) -> tuple[Tensor, Tensor]:
     """``fbank`` of a padded batch in one pass (same device, no per-utterance loop):
     ``audio (B, S)``, ``lengths (B,)`` -> ``feats (B, T, num_mel_bins)``, ``frame_lens (B,)``.
@@ -82,7 +85,11 @@ def fbank_batch(
     taper, banks = _fbank_constants(window, num_mel_bins, sample_rate, audio.device)
     # float32 throughout, also under autocast: log energies of small powers need the range
     kind = audio.device.type
-    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+    with (
+        torch.autocast(kind, enabled=False)
+        if torch.amp.is_autocast_available(kind)
+        else contextlib.nullcontext()
+    ):
         x = audio.float().unfold(-1, window, shift)  # (B, T, window)
         x = x - x.mean(-1, keepdim=True)
         previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
@@ -95,18 +102,22 @@ def fbank_batch(
 
 
 @functools.lru_cache(maxsize=16)
-def _fbank_constants(window: int, num_mel_bins: int, sample_rate: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _fbank_constants(
+    window: int, num_mel_bins: int, sample_rate: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """The Povey window ``(window,)`` and mel triangles ``(F, padded/2 + 1)`` of ``fbank_batch``,
     made once per device: no host-to-device copy in the training step."""
     padded = 1 << (window - 1).bit_length()
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable in any later mode
         taper = torch.hann_window(window, periodic=False, dtype=torch.float32).pow(0.85)  # Kaldi "povey"
-        banks, _ = kaldi.get_mel_banks(num_mel_bins, padded, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
+        banks, _ = kaldi.get_mel_banks(
+            num_mel_bins, padded, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0
+        )
         banks = torch.nn.functional.pad(banks.float(), (0, 1))  # (F, padded/2 + 1): no Nyquist bin
         return taper.to(device), banks.to(device)
 
 
-def mfcc(waveform: Tensor, sample_rate: int = 16000, deltas: bool = True) -> Tensor:
+def mfcc(waveform: Tensor, sample_rate: int = SAMPLE_RATE, deltas: bool = True) -> Tensor:
     """Kaldi MFCC at 100 Hz: ``waveform (S,)`` -> ``(T, 39)`` with deltas, else ``(T, 13)``.
 
     With ``deltas`` the 13 cepstra are followed by their deltas and delta-deltas (window of

@@ -8,7 +8,7 @@ its encoder for one record, unpadded, with the input features the encoder read:
 * a speech encoder (``extract`` + ``contextualize``) reads the record's audio; its inputs are
   the frontend output (``"conv"`` for the waveform conv frontend, ``"fbank"`` for stacked
   filterbanks) and the projected transformer input (``"input"``);
-* an audio-visual encoder (``fused_input``) reads the record's audio and/or lip video; its
+* an audio-visual encoder (an ``AudioVisualEncoder``) reads the record's audio and/or lip video; its
   inputs are the stacked filterbanks (``"fbank"``), the projected lip features (``"lips"``)
   and the fused transformer input (``"fused"``).
 
@@ -20,28 +20,21 @@ Shape legend: S samples, T frames, C channels, F input features, L transformer l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from mmssl.data.datasets import lip_frames
+from mmssl.data.io import load_audio, load_video
+from mmssl.encoders.base import AudioVisualEncoder
 from mmssl.errors import ConfigError, DataError
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cpu or cuda; got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but no CUDA GPU is available")
-    return torch.device(name)
+from mmssl.nn.frontend import ConvFrontend
 
 
 def is_audio_visual(encoder) -> bool:
-    return hasattr(encoder, "fused_input")
+    return isinstance(encoder, AudioVisualEncoder)
 
 
 def num_layers(encoder) -> int:
@@ -62,26 +55,31 @@ class RecordLayers:
     frame_rate: float
 
 
-def record_batch(record: dict, modalities: Sequence[str], device: torch.device, required: Sequence[str] = ()) -> dict:
+def record_batch(
+    record: dict, modalities: Sequence[str], device: torch.device, required: Sequence[str] = ()
+) -> dict:
     """A batch of one from a manifest record: ``audio (1, S)``/``audio_lens`` and/or
     ``video (1, T, 1, 88, 88)``/``video_lens`` for the ``modalities`` the record has a path for.
     ``DataError`` naming the record when it lacks a path for one of ``required``, has none of
     ``modalities``, or a file cannot be read."""
-    from mmssl.data.datasets import lip_frames
-    from mmssl.data.io import load_audio, load_video
-
     rid = record.get("id")
     missing = [m for m in required if not record.get(m)]
     if missing:
-        raise DataError(f"record {rid!r}: no {' or '.join(map(repr, missing))} path, which --modalities asks for")
+        raise DataError(
+            f"record {rid!r}: no {' or '.join(map(repr, missing))} path, which --modalities asks for"
+        )
     batch: dict = {}
     try:
         if "audio" in modalities and record.get("audio"):
             wave = load_audio(record["audio"])  # (S,)
-            batch.update(audio=wave.to(device).unsqueeze(0), audio_lens=torch.tensor([wave.shape[0]], device=device))
+            batch.update(
+                audio=wave.to(device).unsqueeze(0), audio_lens=torch.tensor([wave.shape[0]], device=device)
+            )
         if "video" in modalities and record.get("video"):
             video = lip_frames(load_video(record["video"]))  # (T, 1, 88, 88)
-            batch.update(video=video.to(device).unsqueeze(0), video_lens=torch.tensor([video.shape[0]], device=device))
+            batch.update(
+                video=video.to(device).unsqueeze(0), video_lens=torch.tensor([video.shape[0]], device=device)
+            )
     except DataError as err:
         raise DataError(f"record {rid!r}: {err}") from None
     if not batch:
@@ -91,8 +89,6 @@ def record_batch(record: dict, modalities: Sequence[str], device: torch.device, 
 
 
 def _speech_layers(encoder, batch: dict, upto: int) -> RecordLayers:
-    from mmssl.nn.frontend import ConvFrontend
-
     if "audio" not in batch:
         raise DataError("a speech encoder needs audio")
     feats = encoder.extract(batch["audio"], batch["audio_lens"])
@@ -114,14 +110,20 @@ def _av_layers(encoder, batch: dict, upto: int) -> RecordLayers:
     if upto > 0:
         out = encoder.transformer(x, lengths, frame_rate=encoder.frame_rate, num_layers=upto)
         layers += [layer[0, :n] for layer in out.layers]
-    inputs = {name: s[key][0, :n] for name, key in (("fbank", "audio_raw"), ("lips", "video")) if s[key] is not None}
+    inputs = {
+        name: s[key][0, :n] for name, key in (("fbank", "audio_raw"), ("lips", "video")) if s[key] is not None
+    }
     inputs["fused"] = x[0, :n]
     return RecordLayers(layers, inputs, float(encoder.frame_rate))
 
 
 @torch.no_grad()
 def record_layers(
-    encoder, record: dict, device: torch.device, modalities: Sequence[str] | None = None, upto: int | None = None
+    encoder,
+    record: dict,
+    device: torch.device,
+    modalities: Sequence[str] | None = None,
+    upto: int | None = None,
 ) -> RecordLayers:
     """Layers ``0..upto`` (default all) of ``encoder`` (already on ``device``, in eval mode) for
     one manifest record, as float32 on ``device``; the transformer stops after layer ``upto``.
@@ -134,7 +136,9 @@ def record_layers(
         modalities = encoder.modalities if modalities is None else modalities
         unknown = sorted(set(modalities) - set(encoder.modalities))
         if unknown:
-            raise ConfigError(f"--modalities {','.join(unknown)}: the encoder reads only {', '.join(encoder.modalities)}")
+            raise ConfigError(
+                f"--modalities {','.join(unknown)}: the encoder reads only {', '.join(encoder.modalities)}"
+            )
     else:
         if modalities is not None and tuple(modalities) != ("audio",):
             raise ConfigError(f"--modalities {','.join(modalities)}: a speech encoder reads only audio")
@@ -145,7 +149,11 @@ def record_layers(
         raise ConfigError(f"layer {upto}: the encoder has layers 1..{top} (0: their input)")
     batch = record_batch(record, modalities, device, required)
     try:
-        result = _av_layers(encoder, batch, upto) if is_audio_visual(encoder) else _speech_layers(encoder, batch, upto)
+        result = (
+            _av_layers(encoder, batch, upto)
+            if is_audio_visual(encoder)
+            else _speech_layers(encoder, batch, upto)
+        )
     except DataError as err:
         raise DataError(f"record {record.get('id')!r}: {err}") from None
     result.layers = [t.float() for t in result.layers]

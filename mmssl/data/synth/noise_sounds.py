@@ -53,7 +53,9 @@ def babble(n: int, rng: np.random.Generator, voices: list[str]) -> np.ndarray:
 
 def _note(freq: float, n: int, decay: float) -> np.ndarray:
     t = np.arange(n) / SAMPLE_RATE
-    tone = np.sin(2 * np.pi * freq * t) + 0.4 * np.sin(4 * np.pi * freq * t) + 0.2 * np.sin(6 * np.pi * freq * t)
+    tone = (
+        np.sin(2 * np.pi * freq * t) + 0.4 * np.sin(4 * np.pi * freq * t) + 0.2 * np.sin(6 * np.pi * freq * t)
+    )
     attack = np.minimum(1.0, t / 0.01)
     return tone * attack * np.exp(-t / decay)
 
@@ -73,7 +75,9 @@ def music(n: int, rng: np.random.Generator) -> np.ndarray:
     for k in range(n // beat * 2 + 1):  # eighth-note melody an octave up
         if rng.random() < 0.75:
             semis = major[int(rng.integers(7))] + 12
-            out[k * beat // 2 : k * beat // 2 + beat // 2] += 0.35 * _note(root * 2 ** (semis / 12), beat // 2, 0.15)
+            out[k * beat // 2 : k * beat // 2 + beat // 2] += 0.35 * _note(
+                root * 2 ** (semis / 12), beat // 2, 0.15
+            )
     t = np.arange(beat) / SAMPLE_RATE
     kick = np.sin(2 * np.pi * (50 + 80 * np.exp(-t / 0.03)) * t) * np.exp(-t / 0.12)
     snare = rng.normal(0, 1, beat) * np.exp(-t / 0.06) * 0.5

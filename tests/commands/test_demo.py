@@ -8,8 +8,21 @@ from mmssl.cli import main
 
 def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--size", "tiny", "--steps", "2", "--asr-steps", "2", "--device", "cpu", "--out", str(out),
-            "--retrieval-steps", "2"]
+    argv = [
+        "demo",
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--asr-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--retrieval-steps",
+        "2",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "av_hubert" / "metrics.jsonl").read_text().splitlines()]
@@ -21,18 +34,24 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         assert 0.0 < quality["by_manifest"]["valid"]["pnmi"] <= 1.0
     assert "MFCC (iteration-1 targets)" in printed and "AV-HuBERT last layer" in printed
     assert (out / "km_av" / "valid.km").read_text().count("\n") == len(
-        (out / "corpus" / "av" / "valid.jsonl").read_text().splitlines())
+        (out / "corpus" / "av" / "valid.jsonl").read_text().splitlines()
+    )
     # CTC fine-tuning decoded the valid split; the noisy grid covers clean + 2 noises x 3 SNRs x 3 conditions
     wer = json.loads((out / "asr" / "wer.json").read_text())
     assert wer["utterances"] == len((out / "corpus" / "av" / "valid.jsonl").read_text().splitlines())
-    cells = [json.loads(line) for line in (out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[1:]]
+    cells = [
+        json.loads(line)
+        for line in (out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[1:]
+    ]
     assert len(cells) == (1 + 2 * 3) * 3 and {c["noise"] for c in cells} == {"none", "babble", "music"}
     assert "WER (%) on the test split under noise" in printed and "| music | -5 |" in printed
     # the summary: every WER row of the three fine-tunings, cluster quality, retrieval, times, claims
     summary = json.loads((out / "summary.json").read_text())
     kinds = {(r["init"], r["labels"]) for r in summary["wer"]}
     assert kinds == {("pretrained", "all"), ("pretrained", "subset"), ("scratch", "subset")}
-    subset_cells = {(r["noise"], str(r["snr"]), r["modality"]) for r in summary["wer"] if r["init"] == "scratch"}
+    subset_cells = {
+        (r["noise"], str(r["snr"]), r["modality"]) for r in summary["wer"] if r["init"] == "scratch"
+    }
     assert ("none", "clean", "audio") in subset_cells and ("babble", "-5.0", "audio+video") in subset_cells
     assert set(summary["pnmi"]) == {"mfcc", "pretrained"} and summary["retrieval"]["images"] >= 1
     assert summary["seconds"]["total"] > 0 and summary["cores"] >= 1
@@ -49,21 +68,26 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     # are redone from the new checkpoint
     assert main([*argv[:4], "3", *argv[5:]]) == 0
     printed = capsys.readouterr().out
-    # (the corpus, the packed splits, the MFCC clusters, the scratch baseline with its evaluation and the index stay)
+    # (the corpus, the packed splits, the MFCC clusters, the scratch baseline with its evaluation
+    # and the index stay)
     assert printed.count("already done, skipped") == 6 and "started from another checkpoint" in printed
     clustered = torch.load(out / "km_av" / "kmeans.pt", weights_only=True)["weights"]
-    assert clustered == str((out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve())
+    assert clustered == str(
+        (out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve()
+    )
     started = OmegaConf.load(out / "asr" / "config.yaml").objective.encoder_init
     assert started == str((out / "av_hubert" / "checkpoints" / "step_00000003").resolve())
     # started with --resume into an empty folder, the run still keeps the pretraining config
     assert (out / "asr" / "init" / "encoder_init" / "config.yaml").is_file()
     header = json.loads((out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[0])
-    assert header["fingerprint"]["checkpoint"] == str((out / "asr" / "checkpoints" / "step_00000002").resolve())
+    assert header["fingerprint"]["checkpoint"] == str(
+        (out / "asr" / "checkpoints" / "step_00000002").resolve()
+    )
 
 
 def test_a_noisy_evaluation_counts_as_done_only_over_every_record_and_cell(tmp_path):
-    from mmssl.demo import noisy_done
-    from mmssl.train.checkpoint import LATEST, MODEL_FILE, STATE_FILE
+    from mmssl.commands.demo import noisy_done
+    from mmssl.runs import LATEST, MODEL_FILE, STATE_FILE
 
     step = tmp_path / "asr" / "checkpoints" / "step_00000002"
     step.mkdir(parents=True)

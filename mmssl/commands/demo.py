@@ -1,0 +1,534 @@
+"""``mmssl demo``: the main job end to end on the built-in generated corpus.
+
+Generate the corpus, decode its audio-visual splits once into memory-mapped files
+(``mmssl data pack``, which also lists any record that does not decode), cluster MFCC frames
+into iteration-1 targets, pretrain AV-HuBERT's first iteration on audio and lip video
+(recipe ``av_hubert_iter1``: feature masking, no modality dropout), then cluster the
+pretrained model's last audio-visual layer on the validation split and compare both
+clusterings against the corpus's phone alignments (phone purity, cluster purity, PNMI, as in
+the HuBERT paper). Iteration-2 targets for the whole training set are the same ``mmssl
+kmeans`` command over ``train.jsonl``, and the later iterations pretrain with recipe
+``av_hubert`` (input masking, modality dropout). Then fine-tune the pretrained model for ASR
+with CTC (character units) and measure its WER on every test record under babble and music
+noise at several SNRs, from audio alone, video alone and both; fine-tune it again on a
+seeded tenth of the transcripts, and the same encoder from random weights on the same tenth,
+and compare them clean and at -5 dB babble; train speech-image retrieval on the image part
+of the corpus and measure recall@K on the test split's unseen images. The demo ends with
+``summary.json`` and ``report.md`` and prints each of its claims as met, not met or not
+measured (:mod:`mmssl.eval.summary`).
+
+Each stage is an ordinary ``mmssl`` command, printed before it runs so it can be repeated by
+hand. A stage whose output exists is skipped, so an interrupted demo continues where it
+stopped (training resumes). The later stages depend on their inputs: a fine-tuning run that
+started from another pretraining checkpoint than the latest (``demo --steps 40`` after a
+finished 30-step demo) is removed and redone, and so is the noisy evaluation of another
+fine-tuning checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from mmssl import cli
+from mmssl.config import CONFIG_FILE
+from mmssl.data.importers import KMEANS_FILE, read_kmeans_state
+from mmssl.errors import MmsslError
+from mmssl.eval.noisy import CLEAN, parse_snrs, read_results
+from mmssl.eval.summary import claim_lines, collect, write_report, write_summary
+from mmssl.runs import MODEL_FILE, latest_checkpoint, step_dir_name
+
+CLUSTERS = 50
+# the noisy evaluation grid of the demo (AV-HuBERT reports babble, music, natural and speech
+# noise at -10..10 dB; the built-in corpus has babble, music, pink and white noise)
+NOISE_TYPES = "babble,music"
+SNRS = "clean,10,0,-5"
+# the labelled subset on which pretrained and from-scratch fine-tuning are compared, and the
+# cells they are compared in
+SUBSET = 0.1
+SUBSET_NOISE_TYPES, SUBSET_SNRS = "babble", "clean,-5"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="folder for the corpus and the runs"
+    )
+    parser.add_argument(
+        "--size", default="demo", choices=["tiny", "demo"], help="built-in corpus size (default demo)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="pretraining steps (default: 30 on a CPU, 2000 on a GPU)"
+    )
+    parser.add_argument(
+        "--asr-steps",
+        type=int,
+        default=None,
+        help="CTC fine-tuning steps (default: 30 on a CPU, 1000 on a GPU)",
+    )
+    parser.add_argument(
+        "--retrieval-steps",
+        type=int,
+        default=None,
+        help="speech-image training steps (default: 100 on a CPU, 2000 on a GPU)",
+    )
+    parser.add_argument(
+        "--model-size",
+        default=None,
+        choices=["tiny", "base"],
+        help="model preset (default: tiny on a CPU, base on a GPU)",
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _on_gpu(device: str) -> bool:
+    if device == "cpu":
+        return False
+    return torch.cuda.is_available()
+
+
+@dataclass
+class Stage:
+    """One ``mmssl`` command line; ``done()`` says its output is there and current; ``before()``
+    (when set) clears outputs made from other inputs before the stage runs."""
+
+    title: str
+    argv: list[str]
+    done: Callable[[], bool] = lambda: False
+    before: Callable[[], None] | None = None
+
+    @property
+    def resumes(self) -> bool:
+        """Runs every time and continues its own earlier work (``--resume``)."""
+        return "--resume" in self.argv and self.before is None
+
+
+def _exists(path: Path) -> Callable[[], bool]:
+    return path.exists
+
+
+def started_fromlatest_checkpoint(asr: Path, pretrain: Path) -> bool:
+    """The fine-tuning run in ``asr`` started from ``pretrain``'s latest checkpoint (the one
+    its config.yaml records in ``objective.encoder_init``)."""
+    latest = latest_checkpoint(pretrain)
+    if latest is None or not (asr / CONFIG_FILE).is_file():
+        return False
+    started = OmegaConf.select(OmegaConf.load(asr / CONFIG_FILE), "objective.encoder_init")
+    return started == str(latest.resolve())
+
+
+def asr_done(asr: Path, pretrain: Path | None, steps: int) -> bool:
+    """``wer.json`` of the fine-tuning run's latest checkpoint, of ``steps`` steps, started from
+    the pretraining run's latest checkpoint (``pretrain`` None: from scratch)."""
+    latest, wer = latest_checkpoint(asr), asr / "wer.json"
+    if (
+        latest is None
+        or not wer.is_file()
+        or (pretrain is not None and not started_fromlatest_checkpoint(asr, pretrain))
+    ):
+        return False
+    return json.loads(wer.read_text()).get("checkpoint") == latest.name and latest.name == step_dir_name(
+        steps
+    )
+
+
+def clear_stale_asr(asr: Path, pretrain: Path | None) -> None:
+    if (
+        pretrain is not None
+        and (asr / CONFIG_FILE).is_file()
+        and not started_fromlatest_checkpoint(asr, pretrain)
+    ):
+        print(f"    {asr} started from another checkpoint of {pretrain}: removed, fine-tuning again")
+        shutil.rmtree(asr)
+
+
+def clusters_done(km: Path, pretrain: Path) -> bool:
+    """``kmeans.pt`` of a clustering of the pretraining run's latest checkpoint."""
+    latest = latest_checkpoint(pretrain)
+    if latest is None or not (km / KMEANS_FILE).is_file():
+        return False
+    return read_kmeans_state(km).get("weights") == str((latest / MODEL_FILE).resolve())
+
+
+def noisy_done(asr: Path, out: Path, noise_types: str, snrs: str) -> bool:
+    """``wer.md`` made from the fine-tuning run's latest checkpoint over every test record,
+    with a cell for each noise type x SNR asked for."""
+    latest = latest_checkpoint(asr)
+    if latest is None or not (out / "wer.md").is_file():
+        return False
+    found, cells = read_results(out / "results.jsonl")
+    if found is None or found.get("checkpoint") != str(latest.resolve()) or found.get("limit") is not None:
+        return False
+    wanted = {
+        ("none", CLEAN) if snr == CLEAN else (noise, snr)
+        for noise in noise_types.split(",")
+        for snr in parse_snrs(snrs)
+    }
+    return wanted <= {(noise, snr) for noise, snr, _ in cells}
+
+
+@dataclass
+class Plan:
+    """What the demo's stages run, from its arguments and the machine."""
+
+    out: Path
+    device: str
+    seed: int
+    model: str
+    steps: int
+    asr_steps: int
+    retrieval_steps: int
+    gpu: bool
+
+    @property
+    def av(self) -> Path:
+        """The audio-visual manifests the runs read: packed by ``mmssl data pack``."""
+        return self.out / "corpus" / "packed"
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    gpu = _on_gpu(args.device)
+    return Plan(
+        args.out,
+        args.device,
+        args.seed,
+        args.model_size or ("base" if gpu else "tiny"),
+        args.steps or (2000 if gpu else 30),
+        args.asr_steps or (1000 if gpu else 30),
+        args.retrieval_steps or (2000 if gpu else 100),
+        gpu,
+    )
+
+
+def finetune_stage(plan: Plan, title: str, asr: Path, init: Path | None, subset: float | None) -> Stage:
+    """CTC fine-tuning into ``asr`` from the pretraining run ``init`` (None: from scratch, the
+    same encoder architecture), on every training transcript or on a seeded ``subset``.
+
+    On a CPU: small batches; the rate is raised from the recipe's 5e-5 (tuned for 20k updates)
+    so that a short run moves at all, one batch per update (not the recipe's 8), and the
+    encoder trains after the first fifth of the steps. No time or channel masks: the
+    iteration-1 encoder (feature masking) has no audio mask embedding, and AV-HuBERT masks in
+    fine-tuning only models pretrained with input masking."""
+    steps = plan.asr_steps
+    start = (
+        ["--init", str(init)]
+        if init is not None
+        else ["--init", "none", "objective.encoder=av", f"model.size={plan.model}"]
+    )
+    argv = [
+        "finetune-asr",
+        "ctc",
+        *start,
+        f"data.train={plan.av / 'train.jsonl'}",
+        f"data.valid={plan.av / 'valid.jsonl'}",
+        f"train.max_steps={steps}",
+        f"train.save_every={max(steps // 3, 1)}",
+        "train.valid_every=0",
+        f"objective.freeze_steps={steps // 5}",
+        "train.lr=1e-3",
+        "train.accum_steps=1",
+        *([] if plan.gpu else ["data.max_seconds_per_batch=20"]),
+        *([f"data.train_subset={subset}"] if subset else []),
+        f"train.out_dir={asr}",
+        f"train.device={plan.device}",
+        f"train.seed={plan.seed}",
+        "--resume",
+    ]
+    return Stage(title, argv, lambda: asr_done(asr, init, steps), lambda: clear_stale_asr(asr, init))
+
+
+def noisy_stage(plan: Plan, title: str, asr: Path, noise_types: str, snrs: str) -> Stage:
+    """WER of ``asr``'s latest checkpoint on every test record, noise types x SNRs x modalities."""
+    return Stage(
+        title,
+        [
+            "eval-noisy",
+            "--run",
+            str(asr),
+            "--manifest",
+            str(plan.av / "test.jsonl"),
+            "--noise",
+            str(plan.out / "corpus" / "noise" / "test"),
+            "--noise-types",
+            noise_types,
+            "--snrs",
+            snrs,
+            "--device",
+            plan.device,
+            "--seed",
+            str(plan.seed),
+        ],
+        lambda: noisy_done(asr, asr / "eval_noisy", noise_types, snrs),
+    )
+
+
+def retrieval_stages(plan: Plan) -> list[Stage]:
+    """Speech-image training on the image part of the corpus, and recall@K on the test split's
+    images, none of which training saw. On a CPU: the filterbank speech tower."""
+    images, run, index = plan.out / "corpus" / "image", plan.out / "speech_image", plan.out / "index"
+    steps = plan.retrieval_steps
+    speech = [] if plan.gpu else ["objective.speech=fbank", "train.lr=1e-3"]
+    return [
+        Stage(
+            "train speech-image retrieval (spoken captions against images, CLIP-style)",
+            [
+                "pretrain",
+                "speech_image",
+                f"data.train={images / 'train.jsonl'}",
+                f"data.valid={images / 'valid.jsonl'}",
+                f"model.size={plan.model}",
+                *speech,
+                f"train.max_steps={steps}",
+                f"train.save_every={max(steps // 3, 1)}",
+                f"train.valid_every={steps}",
+                f"train.out_dir={run}",
+                f"train.device={plan.device}",
+                f"train.seed={plan.seed}",
+                "--resume",
+            ],
+        ),
+        Stage(
+            "index the test split's unseen images and their spoken captions: recall@K both ways",
+            [
+                "index",
+                "--run",
+                str(run),
+                "--manifest",
+                str(images / "test.jsonl"),
+                "--out",
+                str(index),
+                "--ks",
+                "1,5,10",
+                "--device",
+                plan.device,
+            ],
+            lambda: index_done(index, run),
+        ),
+    ]
+
+
+def index_done(index: Path, run: Path) -> bool:
+    """``recall.json`` of an index made from ``run``'s latest checkpoint."""
+    latest = latest_checkpoint(run)
+    meta = index / "index.json"
+    if latest is None or not (index / "recall.json").is_file() or not meta.is_file():
+        return False
+    return json.loads(meta.read_text()).get("weights") == str((latest / MODEL_FILE).resolve())
+
+
+def stages(args: argparse.Namespace) -> list[Stage]:
+    plan = make_plan(args)
+    av, model, steps = plan.av, plan.model, plan.steps
+    source = [str(args.out / "corpus" / "av" / f"{split}.jsonl") for split in ("train", "valid", "test")]
+    train, valid = str(av / "train.jsonl"), str(av / "valid.jsonl")
+    km1, km2, run = args.out / "km_mfcc", args.out / "km_av", args.out / "av_hubert"
+    last_layer = "2" if model == "tiny" else "12"
+    asr = args.out / "asr"
+    subset_pre, subset_scratch = args.out / "asr_subset", args.out / "asr_subset_scratch"
+    return [
+        Stage(
+            "generate the built-in corpus",
+            ["synth", "--size", args.size, "--seed", str(args.seed), "--out", str(args.out / "corpus")],
+            _exists(args.out / "corpus" / "synth.json"),
+        ),
+        Stage(
+            "decode the audio-visual splits once into memory-mapped files (bad records are listed)",
+            ["data", "pack", *source, "--out", str(av)],
+            lambda: all((av / f"{Path(m).stem}.jsonl").is_file() for m in source),
+        ),
+        Stage(
+            "iteration 1 targets: k-means on MFCC frames",
+            [
+                "kmeans",
+                "--manifest",
+                train,
+                valid,
+                "--features",
+                "mfcc",
+                "--k",
+                str(CLUSTERS),
+                "--out",
+                str(km1),
+                "--seed",
+                str(args.seed),
+            ],
+            _exists(km1 / KMEANS_FILE),
+        ),
+        Stage(
+            "pretrain AV-HuBERT, iteration 1, on audio + lip video (masked prediction of the MFCC targets)",
+            [
+                "pretrain",
+                "av_hubert_iter1",
+                f"data.train={train}",
+                f"data.valid={valid}",
+                f"data.labels={km1}",
+                f"objective.num_classes={CLUSTERS}",
+                f"model.size={model}",
+                f"train.max_steps={steps}",
+                f"train.save_every={max(steps // 3, 1)}",
+                f"train.valid_every={steps}",
+                f"train.out_dir={run}",
+                f"train.device={args.device}",
+                f"train.seed={args.seed}",
+                "--resume",
+            ],
+        ),
+        Stage(
+            "cluster the pretrained model's last audio-visual layer (validation split)",
+            [
+                "kmeans",
+                "--manifest",
+                valid,
+                "--checkpoint",
+                str(run),
+                "--layer",
+                last_layer,
+                "--fit-fraction",
+                "1",
+                "--k",
+                str(CLUSTERS),
+                "--out",
+                str(km2),
+                "--device",
+                args.device,
+                "--seed",
+                str(args.seed),
+            ],
+            lambda: clusters_done(km2, run),
+        ),
+        finetune_stage(
+            plan,
+            "fine-tune the pretrained model for ASR with CTC on the transcripts (character units)",
+            asr,
+            run,
+            None,
+        ),
+        noisy_stage(
+            plan,
+            "WER under noise on the test split: audio only, video only, audio-visual",
+            asr,
+            NOISE_TYPES,
+            SNRS,
+        ),
+        finetune_stage(
+            plan,
+            f"fine-tune the pretrained model on a labelled subset ({SUBSET:g} of the transcripts)",
+            subset_pre,
+            run,
+            SUBSET,
+        ),
+        finetune_stage(
+            plan,
+            "fine-tune the same encoder from random weights on the same subset (the baseline)",
+            subset_scratch,
+            None,
+            SUBSET,
+        ),
+        noisy_stage(
+            plan,
+            "WER of the subset fine-tuning from the pretrained model",
+            subset_pre,
+            SUBSET_NOISE_TYPES,
+            SUBSET_SNRS,
+        ),
+        noisy_stage(
+            plan,
+            "WER of the subset fine-tuning from random weights",
+            subset_scratch,
+            SUBSET_NOISE_TYPES,
+            SUBSET_SNRS,
+        ),
+        *retrieval_stages(plan),
+    ]
+
+
+def summary(out: Path) -> str:
+    """What the demo measured, read back from the files its stages wrote."""
+    lines = ["", "what the demo measured:"]
+    metrics = out / "av_hubert" / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        train = [r for r in rows if "loss" in r]
+        if train:
+            lines.append(
+                f"  AV-HuBERT loss: {train[0]['loss']:.3f} at step {train[0]['step']} -> "
+                f"{train[-1]['loss']:.3f} at step {train[-1]['step']}"
+            )
+        valid = [r for r in rows if "valid_loss" in r]
+        if valid:
+            lines.append(
+                f"  AV-HuBERT validation loss at step {valid[-1]['step']}: {valid[-1]['valid_loss']:.3f}"
+            )
+    lines.append("  cluster quality on the valid split (phones from the corpus alignments):")
+    lines.append(f"    {'targets':<34} {'phone purity':>12} {'cluster purity':>14} {'PNMI':>6}")
+    for name, folder in (("MFCC (iteration-1 targets)", "km_mfcc"), ("AV-HuBERT last layer", "km_av")):
+        path = out / folder / "quality.json"
+        if path.is_file():
+            q = json.loads(path.read_text())["by_manifest"].get("valid", {})
+            if q:
+                lines.append(
+                    f"    {name:<34} {q['phone_purity']:>12.3f} "
+                    f"{q['cluster_purity']:>14.3f} {q['pnmi']:>6.3f}"
+                )
+    wer = out / "asr" / "wer.json"
+    if wer.is_file():
+        w = json.loads(wer.read_text())
+        lines.append(
+            f"  CTC fine-tuning, valid split (audio + video): WER {100 * w['wer']:.1f}% "
+            f"({w['errors']} errors / {w['words']} words)"
+        )
+    table = out / "asr" / "eval_noisy" / "wer.md"
+    if table.is_file():
+        lines.append("  WER (%) on the test split under noise:")
+        lines += [f"    {line}" for line in table.read_text().splitlines() if line.startswith("|")]
+    return "\n".join(lines)
+
+
+def _stage_seconds(out: Path) -> dict[str, float]:
+    path = out / "seconds.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = stages(args)
+    print(f"mmssl demo: {len(plan)} stages into {args.out}")
+    seconds = _stage_seconds(args.out)  # of earlier runs of the demo, for the stages they ran
+    for i, stage in enumerate(plan, 1):
+        print(f"\n[{i}/{len(plan)}] {stage.title}\n    $ mmssl {' '.join(stage.argv)}", flush=True)
+        if stage.done():
+            print("    already done, skipped")
+            continue
+        if stage.before is not None:
+            stage.before()
+        start = time.time()
+        code = cli.main(stage.argv)
+        if code != 0:
+            raise MmsslError(
+                f"stage {i} ({stage.title}) failed with exit status {code}; "
+                f"run `mmssl demo` again to continue from there"
+            )
+        # a stage that resumes (training) adds to its earlier runs' time; one that is redone replaces it
+        earlier = seconds.get(stage.title, 0.0) if stage.resumes else 0.0
+        seconds[stage.title] = round(earlier + time.time() - start, 1)
+        (args.out / "seconds.json").write_text(json.dumps(seconds, indent=2) + "\n", encoding="utf-8")
+        print(f"    done in {seconds[stage.title]:.0f} s", flush=True)
+    print(summary(args.out))
+    result = collect(args.out, {s.title: seconds[s.title] for s in plan if s.title in seconds})
+    claims = write_summary(args.out, result)
+    report = write_report(args.out, result, claims, [" ".join(s.argv) for s in plan])
+    print("\nclaims (summary.json, report.md):")
+    print("\n".join(claim_lines(claims)))
+    print(
+        f"\nmmssl demo: finished in {result['seconds']['total']:.0f} s of stages; {report}, "
+        f"{args.out / 'summary.json'}; corpus, labels and run folders "
+        f"(TensorBoard logs in their tb/) under {args.out}"
+    )
+    return 0
