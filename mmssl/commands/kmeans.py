@@ -37,8 +37,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmssl.data.importers import KMEANS_FILE
-from mmssl.data.io import load_audio
 from mmssl.data.manifest import read_manifest
+from mmssl.data.store import record_audio
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.cluster_quality import QualityAccumulator, frame_phones, read_alignment
@@ -113,7 +113,7 @@ def mfcc_features(device: torch.device) -> tuple[FeatureFn, float]:
 def _load(record: dict) -> Tensor:
     if not record.get("audio"):
         raise DataError(f"record {record.get('id')!r}: no 'audio' path to cluster")
-    return load_audio(record["audio"])
+    return record_audio(record)  # a packed slice or decoded
 
 
 def fit_subset(num_records: int, fraction: float, seed: int) -> tuple[list[int], int]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mmssl.data.datasets import lip_frames
-from mmssl.data.io import load_audio, load_video
+from mmssl.data.store import record_audio, record_video
 from mmssl.encoders.base import AudioVisualEncoder
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.frontend import ConvFrontend
@@ -71,12 +71,12 @@ def record_batch(
     batch: dict = {}
     try:
         if "audio" in modalities and record.get("audio"):
-            wave = load_audio(record["audio"])  # (S,)
+            wave = record_audio(record)  # (S,), a packed slice or decoded
             batch.update(
                 audio=wave.to(device).unsqueeze(0), audio_lens=torch.tensor([wave.shape[0]], device=device)
             )
         if "video" in modalities and record.get("video"):
-            video = lip_frames(load_video(record["video"]))  # (T, 1, 88, 88)
+            video = lip_frames(record_video(record))  # (T, 1, 88, 88)
             batch.update(
                 video=video.to(device).unsqueeze(0), video_lens=torch.tensor([video.shape[0]], device=device)
             )

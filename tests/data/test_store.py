@@ -93,3 +93,18 @@ def test_a_relative_output_folder_packs_a_manifest_that_reads_from_anywhere(
     assert json.loads((tmp_path / packed).read_text().splitlines()[0])[PACKED]["file"] == shard_name(
         "train", 0, 1
     )
+
+
+def test_packed_records_are_read_without_their_source_files(synth_tiny, tmp_path):
+    import shutil
+
+    from mmssl.data.store import record_audio, record_video
+
+    source = tmp_path / "src"
+    shutil.copytree(synth_tiny / "av", source)
+    pack_shard(source / "valid.jsonl", tmp_path / "store", progress=False)
+    packed = read_manifest(merge(source / "valid.jsonl", tmp_path / "store", 1))
+    decoded = [(record_audio(r), record_video(r)) for r in read_manifest(source / "valid.jsonl")]
+    shutil.rmtree(source)  # k-means, layer features and the dataset read the packed slices alone
+    for record, (audio, video) in zip(packed, decoded, strict=True):
+        assert torch.equal(record_audio(record), audio) and torch.equal(record_video(record), video)
