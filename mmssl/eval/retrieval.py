@@ -41,8 +41,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmssl.data.collate import pad_sequences
-from mmssl.data.io import load_audio, load_image
+from mmssl.data.io import load_image
 from mmssl.data.manifest import read_manifest
+from mmssl.data.store import record_audio
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.report import line_plot
 from mmssl.files import atomic_path, sha256_file, write_text
@@ -155,7 +156,7 @@ def _load_audio(record: dict) -> Tensor:
     if not path:
         raise DataError(f"record {record.get('id')!r} has no 'audio' path")
     try:
-        return load_audio(path)
+        return record_audio(record)  # a packed slice (`mmssl data pack`) or decoded
     except DataError as err:
         raise DataError(f"record {record.get('id')!r}: {err}") from None
 
