@@ -22,14 +22,13 @@ from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.importers import read_labels
 from mmssl.data.io import load_image
 from mmssl.data.manifest import duration_seconds, read_manifest
-from mmssl.data.store import record_audio, record_video
+from mmssl.data.store import LIP_STORE, centre_crop, record_audio, record_video
 from mmssl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 MODALITIES = ("audio", "video", "image", "text")
 LIP_SIZE = 88  # the lip encoder's input window (AV-HuBERT)
-LIP_STORE = 96  # AV-HuBERT's stored crops, from which training takes random 88x88 windows
 # AV-HuBERT normalises grayscale lip crops (in [0, 1]) with these (avhubert/hubert_dataset.py)
 LIP_MEAN = 0.421
 LIP_STD = 0.165
@@ -42,16 +41,14 @@ def lip_frames(frames: Tensor, size: int = LIP_STORE) -> Tensor:
     evaluation). Frames under 88x88 are an error (they are not mouth crops: run
     ``mmssl data lips`` first).
     """
-    t, h, w = frames.shape
+    _, h, w = frames.shape
     if h < LIP_SIZE or w < LIP_SIZE:
         raise DataError(
             f"video frames are {h}x{w}, smaller than the {LIP_SIZE}x{LIP_SIZE} mouth crops expected"
         )
-    size = min(size, h, w)
-    top, left = (h - size) // 2, (w - size) // 2
-    crop = frames[:, top : top + size, left : left + size]
+    crop = centre_crop(frames, size)
     x = crop.float().div_(255.0).sub_(LIP_MEAN).div_(LIP_STD)
-    return x.unsqueeze(1)  # (T, 1, size, size)
+    return x.unsqueeze(1)  # (T, 1, S, S)
 
 
 def _find_labels(labels: str | os.PathLike, manifest: str | list[dict]) -> Path:

@@ -41,7 +41,7 @@ from mmssl.data.manifest import read_manifest, write_manifest
 from mmssl.errors import DataError
 
 PACKED = "packed"
-LIP_STORE = 96  # as mmssl.data.datasets.LIP_STORE: the largest crop the loader uses
+LIP_STORE = 96  # AV-HuBERT's stored crops, from which training takes random 88x88 windows
 PCM_SCALE = 32768.0
 
 
