@@ -1,9 +1,11 @@
-"""k-means in torch, on whatever device the data lives on (GPU when there is one).
+"""k-means on whatever device the data lives on: torch on a GPU, faiss-cpu's Lloyd on a CPU.
 
 k-means++ seeding with greedy local trials (Arthur & Vassilvitskii, 2007; the greedy variant
-of scikit-learn, ``2 + ln k`` candidates per step), then Lloyd iterations. Distances and
-centroid sums are computed over chunks of rows, so memory stays ``chunk x k`` whatever the
-number of points. HuBERT (Hsu et al., 2021, sec. IV-B) fits on a random subset of frames and
+of scikit-learn, ``2 + ln k`` candidates per step), then Lloyd iterations. Distances are one
+GEMM per block of rows with the centroid norms fused in (``addmm``), so memory stays
+``chunk x k`` whatever the number of points. On a CPU the Lloyd iterations run in faiss-cpu
+when it is installed (``engine``): as fast as faiss by construction, from k-means++ seeds.
+HuBERT (Hsu et al., 2021, sec. IV-B) fits on a random subset of frames and
 then assigns every frame; ``fit`` and ``predict`` are split for that.
 
 ``batch_size`` switches Lloyd for mini-batch k-means (Sculley, 2010), what HuBERT's
@@ -26,31 +28,42 @@ from torch import Tensor
 from mmssl.errors import ConfigError
 
 
-def nearest(x: Tensor, centroids: Tensor, chunk: int = 32768) -> tuple[Tensor, Tensor]:
+def _chunk_rows(k: int) -> int:
+    """Rows per distance block: about 2^23 floats (32 MiB) of ``(rows, K)`` distances, which
+    keeps the GEMM large enough to run at full speed and the block in memory it can reuse."""
+    return max(1024, (1 << 23) // max(k, 1))
+
+
+def nearest(
+    x: Tensor, centroids: Tensor, chunk: int | None = None, x_sq: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """``x (N, D)``, ``centroids (K, D)`` -> (``labels (N,)`` long, ``sq_dist (N,)``) of the
-    nearest centroid."""
+    nearest centroid. ``x_sq (N,)``: the rows' squared norms when already known (Lloyd reuses
+    them every iteration)."""
+    chunk = chunk or _chunk_rows(centroids.shape[0])
     c_sq = centroids.pow(2).sum(1)  # (K,)
+    c_t = centroids.T  # (D, K), a view: addmm reads it as a transposed operand
     labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dists = torch.empty(x.shape[0], dtype=centroids.dtype, device=x.device)
     for start in range(0, x.shape[0], chunk):
         part = x[start : start + chunk].to(centroids.dtype)
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, clamped for rounding
-        d = part.pow(2).sum(1, keepdim=True) - 2 * part @ centroids.T + c_sq  # (n, K)
+        # argmin_c ||x - c||^2 = argmin_c (||c||^2 - 2 x.c): one GEMM with the bias fused, one pass
+        d = torch.addmm(c_sq, part, c_t, alpha=-2)  # (n, K)
         best, idx = d.min(1)
+        part_sq = part.pow(2).sum(1) if x_sq is None else x_sq[start : start + chunk]
         labels[start : start + chunk] = idx
-        dists[start : start + chunk] = best.clamp(min=0)
+        dists[start : start + chunk] = (best + part_sq).clamp(min=0)  # clamped for rounding
     return labels, dists
 
 
-def _sq_dist_to(x: Tensor, points: Tensor, chunk: int) -> Tensor:
-    """``x (N, D)``, ``points (M, D)`` -> ``(M, N)`` squared distances (M small)."""
-    out = torch.empty(points.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
-    p_sq = points.pow(2).sum(1, keepdim=True)
+def _sq_dist_to(x: Tensor, x_sq: Tensor, points: Tensor, chunk: int) -> Tensor:
+    """``x (N, D)`` with its squared norms ``x_sq (N,)``, ``points (M, D)`` -> ``(N, M)``
+    squared distances (M small)."""
+    out = torch.empty(x.shape[0], points.shape[0], dtype=x.dtype, device=x.device)
+    p_sq = points.pow(2).sum(1)
     for start in range(0, x.shape[0], chunk):
-        part = x[start : start + chunk]
-        d = p_sq - 2 * points @ part.T + part.pow(2).sum(1)
-        out[:, start : start + chunk] = d.clamp(min=0)
-    return out
+        torch.addmm(p_sq, x[start : start + chunk], points.T, alpha=-2, out=out[start : start + chunk])
+    return out.add_(x_sq.unsqueeze(1)).clamp_(min=0)
 
 
 def _sample_weighted(weights: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
@@ -62,25 +75,37 @@ def _sample_weighted(weights: Tensor, count: int, generator: torch.Generator | N
 
 
 def kmeans_plus_plus(
-    x: Tensor, k: int, generator: torch.Generator | None = None, chunk: int = 32768
+    x: Tensor, k: int, generator: torch.Generator | None = None, chunk: int = 65536
 ) -> Tensor:
-    """Greedy k-means++ seeding: ``x (N, D)`` -> ``centroids (K, D)``."""
+    """Greedy k-means++ seeding: ``x (N, D)`` -> ``centroids (K, D)``. Each step is one pass over
+    ``x``: a ``(N, trials)`` GEMM against the candidates, the rows' norms computed once."""
     n = x.shape[0]
     trials = 2 + int(math.log(k))
-    first = torch.randint(n, (1,), generator=generator, device=x.device)
-    centroids = [x[first]]
-    closest = _sq_dist_to(x, x[first], chunk)[0]  # (N,)
+    x_sq = x.pow(2).sum(1)  # (N,)
+    first = int(torch.randint(n, (1,), generator=generator, device=x.device))
+    picked = [first]
+    closest = _sq_dist_to(x, x_sq, x[first : first + 1], chunk)[:, 0]  # (N,)
     for _ in range(1, k):
         if closest.sum() <= 0:  # fewer distinct points than clusters: duplicate any point
-            pick = torch.randint(n, (1,), generator=generator, device=x.device)
-            centroids.append(x[pick])
+            picked.append(int(torch.randint(n, (1,), generator=generator, device=x.device)))
             continue
         cand = _sample_weighted(closest, trials, generator)
-        d = torch.minimum(_sq_dist_to(x, x[cand], chunk), closest)  # (trials, N)
-        best = d.sum(1).argmin()
-        closest = d[best]
-        centroids.append(x[cand[best]].unsqueeze(0))
-    return torch.cat(centroids)
+        d = torch.minimum(_sq_dist_to(x, x_sq, x[cand], chunk), closest.unsqueeze(1))  # (N, trials)
+        best = int(d.sum(0).argmin())
+        closest = d[:, best].contiguous()
+        picked.append(int(cand[best]))
+    return x[picked].clone()
+
+
+ENGINES = ("auto", "torch", "faiss")
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401  # lazy: optional CPU engine, imported only to check it is there
+    except ImportError:
+        return False
+    return True
 
 
 class KMeans:
@@ -91,6 +116,11 @@ class KMeans:
     variance of the data (scikit-learn's criterion); ``n_init`` restarts keep the lowest inertia.
     ``batch_size`` (None: full Lloyd) runs mini-batch k-means; ``max_iter`` then counts passes
     over the data (``ceil(N / batch_size)`` steps each) and ``tol`` applies to a pass's shift.
+
+    ``engine`` runs the Lloyd iterations: ``torch`` (any device), ``faiss`` (faiss-cpu's
+    ``Clustering`` on all the points, from our k-means++ seeds: on a CPU it is the faster one,
+    BENCHMARKS.md "k-means") or ``auto`` (faiss for a CPU tensor when it is installed, torch
+    otherwise). Mini-batch k-means always runs in torch.
     """
 
     def __init__(
@@ -100,30 +130,52 @@ class KMeans:
         tol: float = 1e-4,
         n_init: int = 1,
         seed: int = 0,
-        chunk: int = 32768,
+        chunk: int | None = None,
         batch_size: int | None = None,
+        engine: str = "auto",
     ) -> None:
         if k < 1 or max_iter < 1 or n_init < 1:
             raise ConfigError(f"k-means needs k, max_iter and n_init >= 1; got {k}, {max_iter}, {n_init}")
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"k-means batch_size must be >= 1 (or None for full Lloyd); got {batch_size}")
+        if engine not in ENGINES:
+            raise ConfigError(f"k-means engine must be one of {', '.join(ENGINES)}; got {engine!r}")
         self.k, self.max_iter, self.tol, self.n_init = k, max_iter, tol, n_init
-        self.seed, self.chunk, self.batch_size = seed, chunk, batch_size
+        self.seed, self.chunk, self.batch_size, self.engine = seed, chunk, batch_size, engine
         self.centroids: Tensor | None = None
         self.inertia: float = math.inf
         self.n_iter: int = 0
 
-    def fit(self, x: Tensor, progress: Callable[[int, float], None] | None = None) -> KMeans:
-        """``x (N, D)`` float; ``progress(iteration, inertia)`` is called after each Lloyd step."""
+    def lloyd_engine(self, device: torch.device) -> str:
+        """The engine that runs the Lloyd iterations on ``device``."""
+        if self.engine == "faiss" and device.type != "cpu":
+            raise ConfigError("the faiss k-means engine runs on a CPU; use engine='torch' on a GPU")
+        if self.engine == "faiss" and not faiss_available():
+            raise ConfigError("the faiss k-means engine needs faiss-cpu: pip install faiss-cpu")
+        if self.engine == "auto":
+            return "faiss" if device.type == "cpu" and faiss_available() else "torch"
+        return self.engine
+
+    def fit(
+        self, x: Tensor, progress: Callable[[int, float], None] | None = None, init: Tensor | None = None
+    ) -> KMeans:
+        """``x (N, D)`` float; ``progress(iteration, inertia)`` is called after each Lloyd step;
+        ``init (K, D)``: start Lloyd there instead of from k-means++ seeds (once, no restarts)."""
         if x.ndim != 2 or x.shape[0] < self.k:
             raise ConfigError(f"k-means with k={self.k} needs a (N >= k, D) matrix; got {tuple(x.shape)}")
-        x = x.float()
+        x = x.float().contiguous()
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         threshold = self.tol * x.var(0).mean().item()
+        lloyd = self._lloyd_faiss if self.lloyd_engine(x.device) == "faiss" else self._lloyd
+        if init is not None:
+            if init.shape != (self.k, x.shape[1]) or self.batch_size is not None:
+                raise ConfigError(f"k-means init must be ({self.k}, {x.shape[1]}) centroids for full Lloyd")
+            self.centroids, self.inertia, self.n_iter = lloyd(x, init.to(x).clone(), threshold, progress)
+            return self
         for _ in range(self.n_init):
             if self.batch_size is None:
-                init = kmeans_plus_plus(x, self.k, generator, self.chunk)
-                centroids, inertia, n_iter = self._lloyd(x, init, threshold, progress)
+                seeds = kmeans_plus_plus(x, self.k, generator)
+                centroids, inertia, n_iter = lloyd(x, seeds, threshold, progress)
             else:
                 centroids, inertia, n_iter = self._minibatch(x, generator, threshold, progress)
             if inertia < self.inertia:
@@ -132,8 +184,9 @@ class KMeans:
 
     def _lloyd(self, x: Tensor, centroids: Tensor, threshold: float, progress) -> tuple[Tensor, float, int]:
         inertia, it = math.inf, 0
+        x_sq = x.pow(2).sum(1)  # (N,), the same every iteration
         for it in range(1, self.max_iter + 1):
-            labels, dists = nearest(x, centroids, self.chunk)
+            labels, dists = nearest(x, centroids, self.chunk, x_sq)
             inertia = dists.sum().item()
             sums = torch.zeros_like(centroids).index_add_(0, labels, x)
             counts = torch.bincount(labels, minlength=self.k).to(x.dtype)
@@ -148,8 +201,43 @@ class KMeans:
                 progress(it, inertia)
             if shift <= threshold:
                 break
-        labels, dists = nearest(x, centroids, self.chunk)
+        labels, dists = nearest(x, centroids, self.chunk, x_sq)
         return centroids, dists.sum().item(), it
+
+    def _lloyd_faiss(
+        self, x: Tensor, centroids: Tensor, threshold: float, progress
+    ) -> tuple[Tensor, float, int]:
+        """Lloyd iterations by faiss-cpu, one ``Clustering.train`` call per iteration (so the
+        progress and the stopping rule are ours), on every point (``max_points_per_centroid``
+        lifted: faiss would otherwise subsample 256 per centroid) and reading ``x`` in place.
+        An empty cluster takes half of a large one (faiss's split) instead of a far point."""
+        import faiss  # lazy: optional CPU engine (faiss-cpu), not needed on a GPU
+
+        data = x.numpy()  # shares memory with x (float32, contiguous)
+        params = faiss.ClusteringParameters()
+        params.niter = 1
+        params.max_points_per_centroid = x.shape[0] + 1  # never subsample
+        params.min_points_per_centroid = 1  # no warning for few points per centroid
+        params.seed = self.seed
+        index = faiss.IndexFlatL2(x.shape[1])
+        current = centroids.numpy().astype("float32", copy=True)
+        inertia, it = math.inf, 0
+        for it in range(1, self.max_iter + 1):
+            clus = faiss.Clustering(x.shape[1], self.k, params)
+            faiss.copy_array_to_vector(current.ravel(), clus.centroids)
+            index.reset()
+            clus.train(data, index)
+            inertia = float(clus.iteration_stats.at(0).obj)
+            updated = faiss.vector_float_to_array(clus.centroids).reshape(self.k, -1)
+            shift = float(((updated - current) ** 2).sum())
+            current = updated
+            if progress is not None:
+                progress(it, inertia)
+            if shift <= threshold:
+                break
+        result = torch.from_numpy(current.copy())
+        _, dists = nearest(x, result, self.chunk)
+        return result, dists.sum().item(), it
 
     def _minibatch(
         self, x: Tensor, generator: torch.Generator, threshold: float, progress
@@ -159,7 +247,7 @@ class KMeans:
         n, batch = x.shape[0], min(self.batch_size, x.shape[0])
         init_size = min(n, max(3 * batch, 3 * self.k))  # scikit-learn ``init_size``
         subset = torch.randperm(n, generator=generator, device=x.device)[:init_size]
-        centroids = kmeans_plus_plus(x[subset], self.k, generator, self.chunk)
+        centroids = kmeans_plus_plus(x[subset], self.k, generator)
         counts = torch.zeros(self.k, dtype=x.dtype, device=x.device)
         steps = math.ceil(n / batch)
         it = 0

@@ -1,4 +1,5 @@
 import json
+import re
 import wave
 
 import torch
@@ -323,3 +324,93 @@ def test_batch_size_fits_with_minibatch_kmeans(tmp_path):
         )
         == 2
     )
+
+
+def _kmeans(manifests, out, *extra):
+    args = ["kmeans", "--manifest", *map(str, manifests), "--features", "mfcc", "--out", str(out)]
+    return main([*args, "--device", "cpu", *extra])
+
+
+def test_the_memory_guard_prints_the_fit_and_refuses_naming_fit_fraction(tmp_path, capsys):
+    manifest = _corpus(tmp_path)
+    out = tmp_path / "km"
+    assert _kmeans([manifest], out, "--k", "3", "--fit-fraction", "1.0") == 0
+    printed = capsys.readouterr().out
+    # no audio_samples in these records: 6 x the first record's frames
+    assert re.search(r"kmeans: the fit holds \d+ frames x 39 dims: 0.\d\d GiB on cpu", printed)
+    assert "GiB available" in printed
+    code = _kmeans(
+        [manifest], tmp_path / "small", "--k", "3", "--fit-fraction", "1.0", "--max-memory", "0.01"
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--fit-fraction" in err and "0.01 GiB" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "small").exists()  # nothing written, not even an empty folder
+
+
+def test_memory_plan_counts_frames_from_audio_samples():
+    from mmssl.commands.kmeans import fit_bytes, planned_frames
+
+    records = [{"audio_samples": 16_000}, {"audio_samples": 32_000}, {}]
+    # records in order 2, 0, 1; one wanted, 100 frames needed: the last one is never reached
+    assert planned_frames(records, [2, 0, 1], 1, 100, 100.0, 7) == (2, 107)
+    assert planned_frames(records, [0, 1, 2], 3, 0, 50.0, 7) == (3, 157)
+    # 10^7 frames of a base model's 768 dims do not fit in 24 GiB; a 10% sample does
+    assert fit_bytes(10**7, 768, 500) > 24 << 30 > fit_bytes(10**6, 768, 500)
+
+
+def test_an_existing_labels_folder_is_replaced_only_with_overwrite(tmp_path, capsys):
+    manifest = _corpus(tmp_path, count=4)
+    records = manifest.read_text().splitlines()
+    train, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    train.write_text("\n".join(records[:3]) + "\n")
+    valid.write_text(records[3] + "\n")
+    out = tmp_path / "km"
+    assert _kmeans([train, valid], out, "--k", "3", "--fit-fraction", "1.0") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"train.km", "valid.km", "kmeans.pt", "labels.json", "quality.json"}
+    recorded = json.loads((out / "labels.json").read_text())
+    assert (
+        recorded["k"] == 3
+        and recorded["features"] == "mfcc"
+        and set(recorded["manifests"]) == {"train", "valid"}
+    )
+    assert recorded["manifests"]["valid"]["records"] == 1
+    assert recorded["clustering"] == torch.load(out / "kmeans.pt", weights_only=True)["clustering"]
+    # another k into the same folder: refused, nothing touched (issue 16, item 3)
+    assert _kmeans([train], out, "--k", "2", "--fit-fraction", "1.0") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # told to: the folder is replaced whole, so no valid.km of the old clustering stays
+    assert _kmeans([train], out, "--k", "2", "--fit-fraction", "1.0", "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["kmeans.pt", "labels.json", "quality.json", "train.km"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_shards_label_what_the_whole_run_labels_and_merge(tmp_path, capsys):
+    manifest = _corpus(tmp_path, count=5)
+    whole, fitted = tmp_path / "whole", tmp_path / "fitted"
+    common = ("--k", "3", "--fit-fraction", "1.0", "--seed", "3")
+    assert _kmeans([manifest], whole, *common) == 0
+    assert _kmeans([manifest], tmp_path / "x", "--shard", "0/2") == 2  # nothing fitted there
+    assert "--fit-only" in capsys.readouterr().err
+    assert _kmeans([manifest], fitted, *common, "--fit-only") == 0
+    assert sorted(p.name for p in fitted.iterdir()) == ["kmeans.pt", "labels.json"]
+    assert json.loads((fitted / "labels.json").read_text())["manifests"] == {}
+    assert _kmeans([manifest], fitted, "--shard", "1/2") == 0
+    assert (fitted / "train.00001-of-00002.km").is_file() and not (fitted / "train.km").exists()
+    assert "1 of 2 shards" in capsys.readouterr().out
+    assert _kmeans([manifest], fitted, "--shard", "1/2") == 2  # done already: not without --overwrite
+    assert _kmeans([manifest], fitted, "--shard", "0/2", "--k", "4") == 2  # not the fitted k
+    assert _kmeans([manifest], fitted, "--shard", "0/2") == 0
+    assert "merged 2 shards" in capsys.readouterr().out
+    assert sorted(p.name for p in fitted.iterdir()) == ["kmeans.pt", "labels.json", "train.km"]
+    # the same seed fits the same clustering: the merged labels are the whole run's, in manifest order
+    assert (fitted / "train.km").read_text() == (whole / "train.km").read_text()
+    recorded = json.loads((fitted / "labels.json").read_text())
+    assert (
+        recorded["manifests"]["train"]
+        == json.loads((whole / "labels.json").read_text())["manifests"]["train"]
+    )
+    from mmssl.data.datasets import ManifestDataset
+
+    assert len(ManifestDataset(manifest, labels=fitted).labels) == 5  # the labels folder reads as any other

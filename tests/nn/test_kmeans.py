@@ -51,15 +51,34 @@ def test_plus_plus_seeds_are_distinct_data_points():
     assert torch.pdist(seeds).min() > 0
 
 
-def test_duplicate_points_and_bad_shapes():
+@pytest.mark.parametrize("engine", ["torch", "faiss"])
+def test_duplicate_points_and_bad_shapes(engine):
+    if engine == "faiss":
+        pytest.importorskip("faiss")
     x = torch.zeros(10, 3)
     x[5:] = 1.0
-    km = KMeans(4, seed=0).fit(x)  # fewer distinct points than clusters
-    assert km.inertia < 1e-6
+    km = KMeans(4, seed=0, engine=engine).fit(x)  # fewer distinct points than clusters
+    # faiss fills an empty cluster by splitting a full one into two copies 1/1024 apart
+    assert km.inertia < (1e-6 if engine == "torch" else 5 * 3 / 1024**2 + 1e-6)
     with pytest.raises(ConfigError, match="k=4"):
         KMeans(4).fit(torch.zeros(3, 2))
     with pytest.raises(ConfigError, match="not fitted"):
         KMeans(2).predict(x)
+
+
+def test_faiss_and_torch_engines_take_the_same_lloyd_steps():
+    pytest.importorskip("faiss")
+    x = _blobs(n=3000)
+    torch_km = KMeans(12, seed=0, max_iter=15, tol=0, engine="torch").fit(x)
+    faiss_km = KMeans(12, seed=0, max_iter=15, tol=0, engine="faiss").fit(x)
+    assert faiss_km.n_iter == torch_km.n_iter  # converged (no centroid moved) at the same step
+    assert abs(faiss_km.inertia - torch_km.inertia) < 1e-4 * torch_km.inertia
+    assert torch.allclose(faiss_km.centroids, torch_km.centroids, atol=1e-3)
+    assert KMeans(12).lloyd_engine(torch.device("cpu")) == "faiss"
+    with pytest.raises(ConfigError, match="engine"):
+        KMeans(12, engine="sklearn")
+    with pytest.raises(ConfigError, match="CPU"):
+        KMeans(12, engine="faiss").lloyd_engine(torch.device("cuda"))
 
 
 @pytest.mark.cuda
@@ -84,3 +103,13 @@ def test_minibatch_inertia_within_a_few_percent_of_full_lloyd(seed):
     assert torch.equal(mini.predict(x), labels)
     with pytest.raises(ConfigError, match="batch_size"):
         KMeans(4, batch_size=0)
+
+
+def test_fit_from_given_centroids_runs_lloyd_once():
+    x = _blobs(n=600, k=4)
+    init = x[:4].clone()
+    km = KMeans(4, max_iter=3, tol=0, n_init=5, engine="torch").fit(x, init=init)
+    again = KMeans(4, max_iter=3, tol=0, engine="torch").fit(x, init=init)
+    assert torch.equal(km.centroids, again.centroids) and torch.equal(init, x[:4])  # init left as it was
+    with pytest.raises(ConfigError, match="init"):
+        KMeans(4).fit(x, init=x[:3])
