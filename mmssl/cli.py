@@ -3,7 +3,8 @@
 Each subcommand is a module of ``mmssl.commands`` named after it (``mmssl data check`` is
 ``mmssl/commands/data_check.py``) with ``add_arguments(parser)`` and ``run(args) -> int``,
 listed once in ``SUBCOMMANDS``; only the chosen one is imported, so ``mmssl --help``
-is instant. Errors a user can fix (``MmsslError``) print one line and exit 2.
+is instant. Errors a user can fix (``MmsslError``, and options argparse rejects) print one line
+and exit 2.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
+from typing import NoReturn
 
 from mmssl import __version__
 from mmssl.errors import MmsslError
@@ -56,6 +59,13 @@ def _available() -> dict[str, tuple[str, str]]:
     return found
 
 
+class _Parser(argparse.ArgumentParser):
+    """An option argparse rejects (``--k abc``) is one line, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _usage(commands: dict[str, tuple[str, str]]) -> str:
     width = max((len(n) for n in commands), default=0)
     lines = ["usage: mmssl COMMAND [options]   (mmssl COMMAND --help for its options)", "", "commands:"]
@@ -74,6 +84,12 @@ def user_message(err: BaseException) -> str:
     return last[len(prefix) :] if last.startswith(prefix) else last
 
 
+# name -> environment a command sets (unless the user did) before its module loads PyTorch.
+# kmeans: faiss and PyTorch each bring an OpenMP runtime; threads of one spinning while the other
+# works made Lloyd iterations 2-8x slower on a busy 2-core machine (BENCHMARKS.md, "k-means")
+ENVIRONMENT: dict[str, dict[str, str]] = {"kmeans": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = _available()
@@ -90,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rest = argv[len(name.split()) :]
     module_name, text = commands[name]
+    for key, value in ENVIRONMENT.get(name, {}).items():
+        os.environ.setdefault(key, value)
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"mmssl {name}", description=text)
+    parser = _Parser(prog=f"mmssl {name}", description=text)
     module.add_arguments(parser)
-    # options may sit between positional arguments: `pretrain hubert --resume key=value`
-    args = parser.parse_intermixed_args(rest)
+    try:  # options may sit between positional arguments: `pretrain hubert --resume key=value`
+        args = parser.parse_intermixed_args(rest)
+    except SystemExit as done:  # --help, or an option argparse rejects (one line, exit 2)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return int(module.run(args) or 0)
     except MmsslError as err:

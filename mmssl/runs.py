@@ -40,15 +40,16 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 import mmssl.objectives  # noqa: F401  (registers the objectives)
-from mmssl.config import CONFIG_FILE, builder_kwargs
+from mmssl.config import CONFIG_FILE, builder_kwargs, check_value, load_yaml, value_kind
 from mmssl.data.importers import read_kmeans_state
 from mmssl.encoders.base import AudioVisualEncoder, SpeechEncoder
 from mmssl.errors import ConfigError, DataError
-from mmssl.files import write_bytes
+from mmssl.files import read_text, sha256_file, write_bytes
 from mmssl.objectives.base import Objective
 from mmssl.registry import OBJECTIVES, Registry
 
@@ -79,7 +80,7 @@ def latest_step_dir(ckpt_dir: str | os.PathLike) -> Path | None:
     pointer = Path(ckpt_dir) / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    name = read_text(pointer).strip()
     folder = Path(ckpt_dir) / name
     if not STEP_DIR.match(name) or not (folder / MODEL_FILE).is_file() or not (folder / STATE_FILE).is_file():
         raise DataError(f"{pointer}: names {name!r}, which is not a complete checkpoint folder")
@@ -134,9 +135,31 @@ def _set(value: object) -> bool:
     return value not in (None, "", "none")
 
 
+_ANNOTATED = {"int": int, "float": float, "bool": bool, "str": str, "None": None, "list": list, "tuple": list}
+_ANNOTATED |= {"dict": dict, "Mapping": dict, "Sequence": list}
+
+
+def option_kinds(param: inspect.Parameter) -> list[type | None]:
+    """The types a builder option takes (for :func:`mmssl.config.check_value`): from its
+    annotation when that is plain (``float``, ``int | None``, ``list[float]``...), else from its
+    default; empty (anything) when neither says."""
+    annotation = param.annotation
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if text and annotation is not inspect.Parameter.empty:
+        parts = [part.strip().split("[", 1)[0] for part in text.split("|")]
+        if all(part in _ANNOTATED for part in parts):
+            return [_ANNOTATED[part] for part in parts]
+        return []
+    if param.default is inspect.Parameter.empty:
+        return []
+    kind = value_kind(param.default)
+    return [kind] if kind is not None else []
+
+
 def check_options(cfg: DictConfig, registry: Registry = OBJECTIVES) -> Mapping[str, inspect.Parameter]:
     """The builder's parameters, after checking that every ``objective.*`` and ``model.*`` key
-    is one of them: an unknown key is a ``ConfigError`` naming it (before any run folder exists)."""
+    is one of them and of the type it takes (:func:`option_kinds`): an unknown or wrong-typed
+    key is a ``ConfigError`` naming it (before any run folder exists)."""
     name = cfg.objective.name
     try:
         params = inspect.signature(registry.get(name)).parameters
@@ -154,6 +177,10 @@ def check_options(cfg: DictConfig, registry: Registry = OBJECTIVES) -> Mapping[s
                 raise ConfigError(
                     f"unknown config key {section}.{unknown[0]} (objective {name!r} takes: {takes})"
                 )
+    for section, keys in (("objective", objective_keys), ("model", model_keys)):
+        for key, value in keys.items():
+            if key in params:
+                check_value(f"{section}.{key}", value, option_kinds(params[key]))
     return params
 
 
@@ -259,7 +286,7 @@ def snapshot_inits(cfg: DictConfig, run_dir: Path) -> list[Path]:
             shutil.copytree(src_run / INIT_DIR, dst / INIT_DIR)
         dst.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src_run / CONFIG_FILE, dst / CONFIG_FILE)
-        _copy_run_files(OmegaConf.load(src_run / CONFIG_FILE), src_run, dst)
+        _copy_run_files(load_yaml(src_run / CONFIG_FILE), src_run, dst)
         (dst / STRUCTURE_ONLY).write_text(f"config of {src_run.resolve()}, copied when this run started\n")
         written.append(dst)
     return written
@@ -297,7 +324,7 @@ def structure_config(run_dir: Path) -> DictConfig:
     """``run_dir``'s config as it rebuilds the run's objective for its own checkpoint: start-from
     runs read from their copies, start-from weight files unset, the run's own files (``run_files``)
     from its folder (also after the folder moved)."""
-    cfg = _use_copies(OmegaConf.load(run_dir / CONFIG_FILE), run_dir)
+    cfg = _use_copies(load_yaml(run_dir / CONFIG_FILE), run_dir)
     for key in _meta(cfg).get("run_files", ()):
         value = OmegaConf.select(cfg, f"objective.{key}")
         if _set(value) and (run_dir / Path(str(value)).name).is_file():
@@ -313,6 +340,107 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     if not has_checkpoint(run_dir):
         return cfg  # nothing saved yet: it starts again from its sources
     return _use_copies(copy.deepcopy(cfg), run_dir)
+
+
+# ---------------------------------------------------------------- resuming a run
+
+# what a resumed run keeps whatever the command line says: its checkpoint, data position and
+# schedule belong to these (a key whose change reshapes the weights is caught by
+# ``check_checkpoint_fits`` when the resumed model is built, whatever its name)
+KEPT_ON_RESUME = ("objective.name", "model.size", "data.train")
+_BUILDER_KEYS = ("objective.", "model.")  # the open sections: keyword arguments of the builder
+
+
+def _flat(cfg: DictConfig) -> dict[str, object]:
+    out: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def _same_file(a: object, b: object) -> bool:
+    """Two manifest paths that name one file, or two files with the same bytes (a moved corpus)."""
+    pa, pb = Path(str(a)), Path(str(b))
+    if not (pa.is_file() and pb.is_file()):
+        return pa.resolve() == pb.resolve()
+    return pa.resolve() == pb.resolve() or sha256_file(pa) == sha256_file(pb)
+
+
+def resume_changes(cfg: DictConfig) -> dict[str, tuple[object, object]]:
+    """``key -> (saved value, new value)`` for every key of ``cfg`` that differs from the
+    ``config.yaml`` of its run folder (``train.out_dir``); empty when there is none. A builder
+    option (``objective.*``, ``model.*``) the saved config lacks is a change from ``"unset"``
+    (its builder's default); another key it lacks is not (a run from before the key existed)."""
+    saved_file = Path(str(cfg.train.out_dir)) / CONFIG_FILE
+    if not saved_file.is_file():
+        return {}
+    saved, new = _flat(load_yaml(saved_file)), _flat(cfg)
+    changes = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v}
+    changes |= {k: ("unset", v) for k, v in new.items() if k not in saved and k.startswith(_BUILDER_KEYS)}
+    if "data.train" in changes and _same_file(*changes["data.train"]):
+        del changes["data.train"]
+    return changes
+
+
+def check_resume(cfg: DictConfig) -> dict[str, tuple[object, object]]:
+    """For ``--resume`` of a run that has a checkpoint: refuse a change of a key the run keeps
+    (``KEPT_ON_RESUME``), naming it, before anything is built or written. Returns the other
+    changes (``resume_changes``), which the resumed run applies."""
+    changes = resume_changes(cfg)
+    run_dir = Path(str(cfg.train.out_dir))
+    for key in KEPT_ON_RESUME:
+        if key in changes:
+            old, new = changes[key]
+            raise ConfigError(
+                f"--resume: {key}={new} but the run in {run_dir} has {key}={old} ({run_dir / CONFIG_FILE}); "
+                f"a resumed run keeps its {key}: drop {key}={new}, or start a new run in another "
+                "train.out_dir"
+            )
+    return changes
+
+
+def checkpoint_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a ``.safetensors`` file, from its header alone."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise DataError(f"{file}: cannot read weights: {err}") from err
+
+
+def check_checkpoint_fits(
+    model: torch.nn.Module,
+    file: str | os.PathLike,
+    changes: Mapping[str, tuple[object, object]] | None = None,
+) -> None:
+    """A ``ConfigError`` when the weights in ``file`` do not fit ``model`` (names or shapes),
+    naming the first tensors that differ and the config keys that changed (``changes``), before
+    a resumed run loads anything."""
+    saved = checkpoint_shapes(file)
+    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [
+        f"{k}: {list(saved[k])} saved, {list(now[k])} now" for k in now if k in saved and saved[k] != now[k]
+    ]
+    wrong += [f"{k}: not in the checkpoint" for k in now if k not in saved]
+    wrong += [f"{k}: not in the model" for k in saved if k not in now]
+    if not wrong:
+        return
+    changed = [
+        f"{k}: {old} -> {new}" for k, (old, new) in (changes or {}).items() if k.startswith(_BUILDER_KEYS)
+    ]
+    cause = f"changed {', '.join(changed)}" if changed else "the config builds another model"
+    raise ConfigError(
+        f"--resume: {file} does not fit the model this config builds ({cause}; {'; '.join(wrong[:2])}"
+        f"{f' and {len(wrong) - 2} more' if len(wrong) > 2 else ''}); a resumed run keeps its "
+        "architecture: drop the change, or start a new run in another train.out_dir"
+    )
 
 
 # ---------------------------------------------------------------- loading a trained run

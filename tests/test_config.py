@@ -84,3 +84,51 @@ def test_a_run_saved_before_a_key_existed_resumes_with_its_default(tmp_path):
     OmegaConf.save(saved, tmp_path / "run" / "config.yaml")
     again = resolve(load_run_config("hubert", [out], resume=True))
     assert again.data.train_subset is None and again.train.lr == 0.123
+
+
+def test_a_key_takes_only_the_type_of_its_default(tmp_path):
+    base = ["objective.name=apc", "data.train=a.jsonl"]
+    for override, named in [
+        ("train.max_steps=abc", "train.max_steps must be an integer"),
+        ("train.max_steps=2.5", "train.max_steps must be an integer"),
+        ("train.max_steps=true", "train.max_steps must be an integer"),
+        ("train.lr=fast", "train.lr must be a number"),
+        ("train.compile=1", "train.compile must be true or false"),
+        ("data.modalities=audio", "data.modalities must be a list"),
+        ("train.betas=[0.9,fast]", r"train.betas\[1\] must be a number"),
+        ("train.valid_every=x", "train.valid_every must be an integer"),  # default interpolated
+    ]:
+        with pytest.raises(ConfigError, match=named):
+            load_config(None, [*base, override])
+    cfg = load_config(None, [*base, "train.lr=1", "data.valid=3", "train.out_dir=2024"])
+    assert cfg.train.lr == 1 and cfg.data.valid == 3  # an int is a float; null takes anything
+    assert cfg.train.out_dir == "2024"  # a number given to a string key is its text
+    recipe = _recipe(tmp_path, "objective:\n  name: apc\ntrain:\n  save_every: often\n")
+    with pytest.raises(ConfigError, match="train.save_every must be an integer, got 'often'"):
+        load_config(recipe, ["data.train=a.jsonl"])
+
+
+def test_a_saved_config_of_the_wrong_type_is_named_on_resume(tmp_path):
+    from mmssl.config import load_run_config
+
+    out = f"train.out_dir={tmp_path / 'run'}"
+    first = resolve(load_config(None, ["objective.name=apc", "data.train=a.jsonl", out]))
+    save_resolved(first, tmp_path / "run")
+    saved = tmp_path / "run" / "config.yaml"
+    saved.write_text(saved.read_text().replace("max_steps: 1000", "max_steps: lots"))
+    with pytest.raises(ConfigError, match="train.max_steps must be an integer, got 'lots'"):
+        load_run_config(None, ["objective.name=apc", out], resume=True)
+
+
+def test_yaml_that_does_not_parse_names_the_file_line_or_override(tmp_path):
+    recipe = _recipe(tmp_path, "objective:\n  name: apc\n  mask_prob: [0.5\ntrain:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: not valid YAML \(line 4: ") as err:
+        load_config(recipe)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"override 'objective.mask_prob=\[0.5'") as err:
+        load_config(None, ["train.lr=1", "objective.mask_prob=[0.5"])
+    assert "\n" not in str(err.value)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"objective:\n  name: apc\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml:3: not UTF-8"):
+        load_config(latin1)

@@ -121,3 +121,21 @@ def test_tied_weights_are_saved(tmp_path):
     save_weights({"a": w, "b": w}, tmp_path / "m.safetensors")
     loaded = load_weights(tmp_path / "m.safetensors")
     assert torch.equal(loaded["a"], w) and torch.equal(loaded["b"], w)
+
+
+def test_objective_and_model_keys_take_only_the_types_their_builder_declares():
+    from mmssl.config import load_config
+    from mmssl.errors import ConfigError
+    from mmssl.runs import check_options
+
+    base = ["data.train=a.jsonl", "model.size=tiny"]
+    for override, named in [
+        ("objective.mask_prob=abc", "objective.mask_prob must be a number, got 'abc'"),
+        ("objective.mask_span=2.5", "objective.mask_span must be an integer, got 2.5"),
+        ("objective.final_dim=wide", r"objective.final_dim must be an integer \(or null\)"),
+        ("model.encoder=[1]", r"model.encoder must be a dict \(or null\)"),
+    ]:
+        with pytest.raises(ConfigError, match=named):
+            check_options(load_config("wav2vec2", [*base, override]))
+    for fine in ("objective.mask_prob=1", "objective.final_dim=null", "model.encoder={num_layers: 1}"):
+        check_options(load_config("wav2vec2", [*base, fine]))

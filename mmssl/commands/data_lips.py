@@ -21,7 +21,7 @@ from mmssl.data.lip_roi import (
     process_video,
 )
 from mmssl.errors import DataError
-from mmssl.files import write_text
+from mmssl.files import read_text, write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def _jobs(
         if not item.exists():
             raise DataError(f"{item}: not found")
         if item.suffix == ".jsonl":
-            records = [json.loads(line) for line in item.read_text().splitlines() if line.strip()]
+            records = [json.loads(line) for line in read_text(item).splitlines() if line.strip()]
             for i, rec in enumerate(records):
                 if "video" not in rec:
                     raise DataError(f"{item}: record {i} ({rec.get('id', '?')}) has no 'video'")

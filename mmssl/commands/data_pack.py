@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mmssl.data.store import merge, pack_shard
 from mmssl.errors import ConfigError
+from mmssl.files import read_text
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         )
     for manifest in args.manifests:
         part = pack_shard(manifest, args.out, shard, shards, args.workers, not args.no_progress)
-        skipped = part.with_name(part.name.replace(".jsonl", ".skipped.jsonl")).read_text().splitlines()
+        skipped = read_text(part.with_name(part.name.replace(".jsonl", ".skipped.jsonl"))).splitlines()
         print(
             f"packed {part}"
             + (f" ({len(skipped)} records left out: see its .skipped.jsonl)" if skipped else "")

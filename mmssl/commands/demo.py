@@ -39,14 +39,21 @@ import torch
 from omegaconf import OmegaConf
 
 from mmssl import cli
-from mmssl.config import CONFIG_FILE
+from mmssl.config import CONFIG_FILE, load_yaml
 from mmssl.data.importers import KMEANS_FILE, read_kmeans_state
-from mmssl.errors import MmsslError
+from mmssl.errors import DataError, MmsslError
 from mmssl.eval.noisy import CLEAN, parse_snrs, read_results
 from mmssl.eval.summary import claim_lines, collect, write_report, write_summary
+from mmssl.files import read_text
 from mmssl.runs import MODEL_FILE, latest_checkpoint, step_dir_name
 
 CLUSTERS = 50
+# the layer the iteration-2 targets cluster: the last of each model size
+LAYERS = {"tiny": 2, "small": 4, "base": 12}
+# CTC units: characters. Measured on the small model (200 steps from the pretrained run): with
+# characters CTC leaves the all-blank plateau by step 100 (valid WER 84 %); with byte-pair
+# pieces (one per word, vocab 200) it still emits only blanks at step 200.
+UNITS = ["objective.units=char"]
 # the noisy evaluation grid of the demo (AV-HuBERT reports babble, music, natural and speech
 # noise at -10..10 dB; the built-in corpus has babble, music, pink and white noise)
 NOISE_TYPES = "babble,music"
@@ -64,29 +71,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--size", default="demo", choices=["tiny", "demo"], help="built-in corpus size (default demo)"
     )
-    parser.add_argument(
-        "--steps", type=int, default=None, help="pretraining steps (default: 30 on a CPU, 2000 on a GPU)"
-    )
-    parser.add_argument(
-        "--asr-steps",
-        type=int,
-        default=None,
-        help="CTC fine-tuning steps (default: 30 on a CPU, 1000 on a GPU)",
-    )
-    parser.add_argument(
-        "--retrieval-steps",
-        type=int,
-        default=None,
-        help="speech-image training steps (default: 100 on a CPU, 2000 on a GPU)",
-    )
+    for flag, what in (
+        ("--steps", "pretraining"),
+        ("--asr-steps", "CTC fine-tuning steps on every transcript"),
+        ("--subset-steps", "CTC fine-tuning steps on the labelled subset (both inits)"),
+        ("--retrieval-steps", "speech-image training"),
+    ):
+        key = flag[2:].replace("-", "_")
+        parser.add_argument(
+            flag,
+            type=int,
+            default=None,
+            help=f"{what} steps (default: {CPU[key]} on a CPU, {GPU[key]} on a GPU)",
+        )
     parser.add_argument(
         "--model-size",
         default=None,
-        choices=["tiny", "base"],
-        help="model preset (default: tiny on a CPU, base on a GPU)",
+        choices=["tiny", "small", "base"],
+        help="model preset (default: small on a CPU, base on a GPU; tiny is for tests)",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
+
+
+# pretraining on a CPU: the small model's pre-norm layers take twice the recipe's rate; batches
+# of 40 s; one loader process (packed records cost little to read, and there are two cores)
+CPU_PRETRAIN = ["train.lr=1e-3", "data.max_seconds_per_batch=40", "data.num_workers=1"]
+# steps of each training stage by machine (``--steps`` and the like override them)
+CPU = dict(steps=300, asr_steps=400, subset_steps=150, retrieval_steps=300)
+GPU = dict(steps=2000, asr_steps=1000, subset_steps=500, retrieval_steps=2000)
 
 
 def _on_gpu(device: str) -> bool:
@@ -115,13 +128,13 @@ def _exists(path: Path) -> Callable[[], bool]:
     return path.exists
 
 
-def started_fromlatest_checkpoint(asr: Path, pretrain: Path) -> bool:
-    """The fine-tuning run in ``asr`` started from ``pretrain``'s latest checkpoint (the one
-    its config.yaml records in ``objective.encoder_init``)."""
+def started_fromlatest_checkpoint(asr: Path, pretrain: Path, key: str = "objective.encoder_init") -> bool:
+    """The run in ``asr`` started from ``pretrain``'s latest checkpoint (the one its
+    config.yaml records in ``key``)."""
     latest = latest_checkpoint(pretrain)
     if latest is None or not (asr / CONFIG_FILE).is_file():
         return False
-    started = OmegaConf.select(OmegaConf.load(asr / CONFIG_FILE), "objective.encoder_init")
+    started = OmegaConf.select(load_yaml(asr / CONFIG_FILE), key)
     return started == str(latest.resolve())
 
 
@@ -135,18 +148,16 @@ def asr_done(asr: Path, pretrain: Path | None, steps: int) -> bool:
         or (pretrain is not None and not started_fromlatest_checkpoint(asr, pretrain))
     ):
         return False
-    return json.loads(wer.read_text()).get("checkpoint") == latest.name and latest.name == step_dir_name(
-        steps
-    )
+    return json.loads(read_text(wer)).get("checkpoint") == latest.name and latest.name == step_dir_name(steps)
 
 
-def clear_stale_asr(asr: Path, pretrain: Path | None) -> None:
+def clear_stale_asr(asr: Path, pretrain: Path | None, key: str = "objective.encoder_init") -> None:
     if (
         pretrain is not None
         and (asr / CONFIG_FILE).is_file()
-        and not started_fromlatest_checkpoint(asr, pretrain)
+        and not started_fromlatest_checkpoint(asr, pretrain, key)
     ):
-        print(f"    {asr} started from another checkpoint of {pretrain}: removed, fine-tuning again")
+        print(f"    {asr} started from another checkpoint of {pretrain}: removed, training it again")
         shutil.rmtree(asr)
 
 
@@ -185,6 +196,7 @@ class Plan:
     model: str
     steps: int
     asr_steps: int
+    subset_steps: int
     retrieval_steps: int
     gpu: bool
 
@@ -196,15 +208,9 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     gpu = _on_gpu(args.device)
+    steps = {key: getattr(args, key) or (GPU if gpu else CPU)[key] for key in CPU}
     return Plan(
-        args.out,
-        args.device,
-        args.seed,
-        args.model_size or ("base" if gpu else "tiny"),
-        args.steps or (2000 if gpu else 30),
-        args.asr_steps or (1000 if gpu else 30),
-        args.retrieval_steps or (2000 if gpu else 100),
-        gpu,
+        args.out, args.device, args.seed, args.model_size or ("base" if gpu else "small"), **steps, gpu=gpu
     )
 
 
@@ -212,12 +218,15 @@ def finetune_stage(plan: Plan, title: str, asr: Path, init: Path | None, subset:
     """CTC fine-tuning into ``asr`` from the pretraining run ``init`` (None: from scratch, the
     same encoder architecture), on every training transcript or on a seeded ``subset``.
 
-    On a CPU: small batches; the rate is raised from the recipe's 5e-5 (tuned for 20k updates)
-    so that a short run moves at all, one batch per update (not the recipe's 8), and the
-    encoder trains after the first fifth of the steps. No time or channel masks: the
-    iteration-1 encoder (feature masking) has no audio mask embedding, and AV-HuBERT masks in
-    fine-tuning only models pretrained with input masking."""
-    steps = plan.asr_steps
+    One model serves the three conditions of the noisy evaluation: modality dropout (0.5, as
+    AV-HuBERT's) trains it on audio alone and video alone too, and noise from the corpus's
+    training noise (a different recording than the test noise) is added to half of the
+    utterances at -5..5 dB (AV-HuBERT: a quarter, at 0 dB). The rate is raised from the
+    recipe's 5e-5 (tuned for 20k updates) so that a short run moves, one batch per update (not
+    the recipe's 8), and the encoder trains after the first tenth of the steps. No time or
+    channel masks: the iteration-1 encoder (feature masking) has no audio mask embedding, and
+    AV-HuBERT masks in fine-tuning only models pretrained with input masking."""
+    steps = plan.subset_steps if subset else plan.asr_steps
     start = (
         ["--init", str(init)]
         if init is not None
@@ -229,13 +238,21 @@ def finetune_stage(plan: Plan, title: str, asr: Path, init: Path | None, subset:
         *start,
         f"data.train={plan.av / 'train.jsonl'}",
         f"data.valid={plan.av / 'valid.jsonl'}",
+        *UNITS,
+        "objective.modality_dropout=0.5",
+        "objective.audio_dropout=0.5",
+        f"objective.noise_dir={plan.out / 'corpus' / 'noise' / 'train'}",
+        "objective.noise_prob=0.5",
+        "objective.noise_snr=[-5,5]",
+        "objective.mask_prob=0",
+        "objective.mask_channel_prob=0",
         f"train.max_steps={steps}",
         f"train.save_every={max(steps // 3, 1)}",
         "train.valid_every=0",
-        f"objective.freeze_steps={steps // 5}",
+        f"objective.freeze_steps={steps // 10 if init is not None else 0}",
         "train.lr=1e-3",
         "train.accum_steps=1",
-        *([] if plan.gpu else ["data.max_seconds_per_batch=20"]),
+        *([] if plan.gpu else ["data.max_seconds_per_batch=40", "data.num_workers=1"]),
         *([f"data.train_subset={subset}"] if subset else []),
         f"train.out_dir={asr}",
         f"train.device={plan.device}",
@@ -270,12 +287,14 @@ def noisy_stage(plan: Plan, title: str, asr: Path, noise_types: str, snrs: str) 
     )
 
 
-def retrieval_stages(plan: Plan) -> list[Stage]:
+def retrieval_stages(plan: Plan, pretrained: Path) -> list[Stage]:
     """Speech-image training on the image part of the corpus, and recall@K on the test split's
-    images, none of which training saw. On a CPU: the filterbank speech tower."""
+    images, none of which training saw. The speech tower starts from the audio stream of the
+    pretrained AV-HuBERT run (as SpeechCLIP starts from HuBERT: no transcript is used); the
+    image tower is the model size's (on a CPU a small ResNet from random weights)."""
     images, run, index = plan.out / "corpus" / "image", plan.out / "speech_image", plan.out / "index"
     steps = plan.retrieval_steps
-    speech = [] if plan.gpu else ["objective.speech=fbank", "train.lr=1e-3"]
+    cpu = [] if plan.gpu else ["train.lr=5e-4", "data.max_seconds_per_batch=100", "data.num_workers=1"]
     return [
         Stage(
             "train speech-image retrieval (spoken captions against images, CLIP-style)",
@@ -285,7 +304,8 @@ def retrieval_stages(plan: Plan) -> list[Stage]:
                 f"data.train={images / 'train.jsonl'}",
                 f"data.valid={images / 'valid.jsonl'}",
                 f"model.size={plan.model}",
-                *speech,
+                f"objective.speech_init={pretrained}",
+                *cpu,
                 f"train.max_steps={steps}",
                 f"train.save_every={max(steps // 3, 1)}",
                 f"train.valid_every={steps}",
@@ -294,6 +314,7 @@ def retrieval_stages(plan: Plan) -> list[Stage]:
                 f"train.seed={plan.seed}",
                 "--resume",
             ],
+            before=lambda: clear_stale_asr(run, pretrained, "objective.speech_init"),
         ),
         Stage(
             "index the test split's unseen images and their spoken captions: recall@K both ways",
@@ -321,7 +342,7 @@ def index_done(index: Path, run: Path) -> bool:
     meta = index / "index.json"
     if latest is None or not (index / "recall.json").is_file() or not meta.is_file():
         return False
-    return json.loads(meta.read_text()).get("weights") == str((latest / MODEL_FILE).resolve())
+    return json.loads(read_text(meta)).get("weights") == str((latest / MODEL_FILE).resolve())
 
 
 def stages(args: argparse.Namespace) -> list[Stage]:
@@ -330,7 +351,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
     source = [str(args.out / "corpus" / "av" / f"{split}.jsonl") for split in ("train", "valid", "test")]
     train, valid = str(av / "train.jsonl"), str(av / "valid.jsonl")
     km1, km2, run = args.out / "km_mfcc", args.out / "km_av", args.out / "av_hubert"
-    last_layer = "2" if model == "tiny" else "12"
+    last_layer = str(LAYERS[model])
     asr = args.out / "asr"
     subset_pre, subset_scratch = args.out / "asr_subset", args.out / "asr_subset_scratch"
     return [
@@ -359,6 +380,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
                 str(km1),
                 "--seed",
                 str(args.seed),
+                "--overwrite",  # the demo's own folder: a stage re-run replaces what a stopped one left
             ],
             _exists(km1 / KMEANS_FILE),
         ),
@@ -375,6 +397,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
                 f"train.max_steps={steps}",
                 f"train.save_every={max(steps // 3, 1)}",
                 f"train.valid_every={steps}",
+                *([] if plan.gpu else CPU_PRETRAIN),
                 f"train.out_dir={run}",
                 f"train.device={args.device}",
                 f"train.seed={args.seed}",
@@ -401,6 +424,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
                 args.device,
                 "--seed",
                 str(args.seed),
+                "--overwrite",  # re-clustered when the run has a newer checkpoint
             ],
             lambda: clusters_done(km2, run),
         ),
@@ -446,7 +470,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
             SUBSET_NOISE_TYPES,
             SUBSET_SNRS,
         ),
-        *retrieval_stages(plan),
+        *retrieval_stages(plan, run),
     ]
 
 
@@ -455,7 +479,7 @@ def summary(out: Path) -> str:
     lines = ["", "what the demo measured:"]
     metrics = out / "av_hubert" / "metrics.jsonl"
     if metrics.is_file():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in read_text(metrics).splitlines() if line.strip()]
         train = [r for r in rows if "loss" in r]
         if train:
             lines.append(
@@ -472,7 +496,7 @@ def summary(out: Path) -> str:
     for name, folder in (("MFCC (iteration-1 targets)", "km_mfcc"), ("AV-HuBERT last layer", "km_av")):
         path = out / folder / "quality.json"
         if path.is_file():
-            q = json.loads(path.read_text())["by_manifest"].get("valid", {})
+            q = json.loads(read_text(path))["by_manifest"].get("valid", {})
             if q:
                 lines.append(
                     f"    {name:<34} {q['phone_purity']:>12.3f} "
@@ -480,7 +504,7 @@ def summary(out: Path) -> str:
                 )
     wer = out / "asr" / "wer.json"
     if wer.is_file():
-        w = json.loads(wer.read_text())
+        w = json.loads(read_text(wer))
         lines.append(
             f"  CTC fine-tuning, valid split (audio + video): WER {100 * w['wer']:.1f}% "
             f"({w['errors']} errors / {w['words']} words)"
@@ -488,13 +512,19 @@ def summary(out: Path) -> str:
     table = out / "asr" / "eval_noisy" / "wer.md"
     if table.is_file():
         lines.append("  WER (%) on the test split under noise:")
-        lines += [f"    {line}" for line in table.read_text().splitlines() if line.startswith("|")]
+        lines += [f"    {line}" for line in read_text(table).splitlines() if line.startswith("|")]
     return "\n".join(lines)
 
 
 def _stage_seconds(out: Path) -> dict[str, float]:
     path = out / "seconds.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        message = f"{path}:{err.lineno}: not JSON ({err.msg}); delete it to restart the timings"
+        raise DataError(message) from None
 
 
 def run(args: argparse.Namespace) -> int:

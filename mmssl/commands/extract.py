@@ -17,7 +17,11 @@ values: ``(T, C)`` features of the record's valid frames, no padding) and one
     {"id": ..., "layer": L, "frames": T, "dim": C, "frame_rate": Hz,
      "file": "layer_LL/shard_NNNNN.safetensors"}
 
-plus ``DIR/extract.json`` (checkpoint, manifest, layers, dtype, counts). Shards close once
+plus ``DIR/extract.json`` (checkpoint, manifest, layers, dtype, counts, and how many records
+were read with which modalities: an audio-visual encoder given records without video reads
+them audio only, and says so). ``DIR`` is written whole (into a hidden folder beside it, then
+swapped in): an extraction that fails leaves it as it was, and it must be new, empty or an
+earlier extraction. Shards close once
 they hold ``--shard-mb`` of features (all layers together), so memory stays bounded.
 :func:`load_features` / :func:`iter_features` read a folder back for downstream probes.
 
@@ -28,15 +32,15 @@ counted and listed in ``extract.json``.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 from mmssl.data.manifest import read_manifest
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.extract import DTYPES, INDEX, SUMMARY, extract, parse_layers, parse_modalities
-from mmssl.eval.record_layers import num_layers
-from mmssl.files import write_text
+from mmssl.eval.record_layers import modalities_read, num_layers, partial_modalities_note
+from mmssl.files import check_replaceable
 from mmssl.runs import load_encoder_from_run
 
 
@@ -74,10 +78,22 @@ def run(args: argparse.Namespace) -> int:
     records = read_manifest(args.manifest)
     if not records:
         raise DataError(f"{args.manifest}: the manifest has no records")
+    check_replaceable(args.out, SUMMARY)  # before the run is loaded
     encoder = load_encoder_from_run(args.checkpoint)
     layers = parse_layers(args.layer, num_layers(encoder))
+    read = modalities_read(encoder, records, modalities)
+    note = partial_modalities_note(encoder, read)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    about = {
+        "checkpoint": str(args.checkpoint),
+        "manifest": str(args.manifest),
+        "layers": layers,
+        "dtype": args.dtype,
+        "modalities_read": read,  # records per set of modalities the encoder read
+        **({"warning": note} if note else {}),
+    }
     result = extract(
         encoder,
         records,
@@ -88,15 +104,8 @@ def run(args: argparse.Namespace) -> int:
         modalities,
         args.skip_bad,
         int(args.shard_mb * (1 << 20)),
+        about,
     )
-    summary = {
-        "checkpoint": str(args.checkpoint),
-        "manifest": str(args.manifest),
-        "layers": layers,
-        "dtype": args.dtype,
-        **result,
-    }
-    write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     print(
         f"wrote {out / INDEX}: {result['records']} records x {len(layers)} layer(s) "
         f"at {result['frame_rate']:g} Hz"

@@ -12,7 +12,15 @@ from pathlib import Path
 
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
-from mmssl.eval.retrieval import INDEX_FILE, build_index, load_run, recall_table, recall_warnings
+from mmssl.eval.retrieval import (
+    INDEX_FILE,
+    build_index,
+    check_index_out,
+    load_run,
+    recall_table,
+    recall_warnings,
+)
+from mmssl.files import read_text
 
 
 def parse_ks(spec: str) -> list[int]:
@@ -47,12 +55,13 @@ def run(args: argparse.Namespace) -> int:
     ks = parse_ks(args.ks)
     if not Path(args.manifest).is_file():
         raise DataError(f"{args.manifest}: manifest not found")
+    check_index_out(args.out)  # before the run is loaded: --out must be new or an index
     device = pick_device(args.device)
     loaded = load_run(args.run, device)
     recall = build_index(
         loaded, args.manifest, args.out, args.batch_size, ks, device, progress=not args.quiet
     )
-    meta = json.loads((Path(args.out) / INDEX_FILE).read_text())
+    meta = json.loads(read_text(Path(args.out) / INDEX_FILE))
     print(
         f"indexed {meta['images']} images and {meta['captions']} spoken captions of {args.manifest} "
         f"with {loaded.weights} into {args.out}\n"

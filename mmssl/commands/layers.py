@@ -18,8 +18,10 @@ first ``--max-records`` records of the manifest pooled together, with
 Scores (``mmssl.eval.probes``): ``cca`` (mean canonical correlation), ``svcca`` (Raghu et al.,
 2017) or ``pwcca`` (Morcos et al., 2018; the default). Writes ``DIR/layers.md`` (the table: a
 row per layer, a column per reference), ``DIR/layers.json`` (the same values and what made
-them) and ``DIR/layers.png`` (a line per reference), and prints the table. Each record is run
-alone, so no padded frame enters a covariance.
+them, with how many records were read with which modalities: an audio-visual encoder given
+records without video reads them audio only, and says so) and ``DIR/layers.png`` (a line
+per reference), and prints the table. Each record is run alone, so no padded frame enters a
+covariance.
 
 Shape legend: T frames of one record, N frames pooled over records, C channels, L layers.
 """
@@ -27,6 +29,7 @@ Shape legend: T frames of one record, N frames pooled over records, C channels, 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mmssl.data.manifest import read_manifest
@@ -35,6 +38,7 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.eval.extract import parse_modalities
 from mmssl.eval.layers import collect, write_report
 from mmssl.eval.probes import METHODS, layerwise_similarity
+from mmssl.eval.record_layers import modalities_read, partial_modalities_note
 from mmssl.runs import load_encoder_from_run
 
 
@@ -69,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.manifest}: the manifest has no records")
     encoder = load_encoder_from_run(args.checkpoint).to(device)
     other = load_encoder_from_run(args.against).to(device) if args.against else None
+    read = modalities_read(encoder, records, modalities)
+    note = partial_modalities_note(encoder, read)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     layers, refs = collect(encoder, records, device, other, modalities)
     frames, widest = layers[0].shape[0], max(x.shape[1] for x in [*layers, *refs.values()])
     if frames < 10 * widest:  # CCA estimates need many more frames than dimensions
@@ -84,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         "records": len(records),
         "frames": frames,
         "against": args.against,
+        "modalities_read": read,  # records per set of modalities the encoder read
+        **({"warning": note} if note else {}),
     }
     table = write_report(values, columns, Path(args.out), args.method, about)
     print(table)

@@ -3,6 +3,7 @@
     mmssl retrieve --index INDEX_DIR
                    (--audio FILE [FILE ...] | --manifest M.jsonl | --text "a red circle" [...])
                    [--top 5] [--json] [--out DIR] [--checkpoint RUN_OR_CKPT] [--device auto|cpu|cuda]
+                   [--max-seconds 30]
 
 Each query is embedded with the checkpoint that made the index (``index.json`` names it) and
 compared with every indexed image by cosine similarity; the top ``--top`` images are printed
@@ -10,6 +11,10 @@ with their scores and captions, or as JSON with ``--json`` (notes then go to std
 parses). A manifest query uses each record's audio and, when the record has a ``group``, says
 whether the top image is its own. Text queries go through the text tower, which only a model
 trained with the caption term has (an error otherwise).
+
+A speech query is embedded up to ``--max-seconds`` (default 30 s: a spoken caption lasts a few
+seconds, and the encoder's memory grows with the clip); a longer one is cut there and a silent
+one embedded, each with a warning on stderr.
 
 When the weights that embed the queries are not the ones that made the index (``--checkpoint``
 names others, the index's checkpoint was pruned, or its file changed since), the scores compare
@@ -37,21 +42,34 @@ from mmssl.data.manifest import read_manifest
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.query import contact_sheet, query_model, read_index, top_images
-from mmssl.eval.retrieval import LoadedRun, embed_speech_records, embed_texts, embed_waveforms
+from mmssl.eval.retrieval import (
+    LoadedRun,
+    QueryLimits,
+    embed_speech_records,
+    embed_texts,
+    embed_waveforms,
+)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def embed_queries(
     loaded: LoadedRun, args: argparse.Namespace, device: torch.device
 ) -> tuple[Tensor, list[dict]]:
-    """``(embeddings (Q, D), descriptions)`` of the queries named on the command line."""
+    """``(embeddings (Q, D), descriptions)`` of the queries named on the command line; speech
+    queries longer than ``--max-seconds`` are cut there, and silent ones named (stderr)."""
     objective = loaded.objective
+    limits = QueryLimits(max_seconds=args.max_seconds, warn=_warn)
     if args.audio:
         waves = []
         for path in args.audio:
             if not Path(path).is_file():
                 raise DataError(f"{path}: audio file not found")
             waves.append(load_audio(path))
-        emb = embed_waveforms(objective, waves, args.batch_size, device, progress=False, names=args.audio)
+        names = [str(p) for p in args.audio]
+        emb = embed_waveforms(objective, waves, args.batch_size, device, False, names, limits)
         return emb, [{"query": str(path)} for path in args.audio]
     if args.manifest:
         if not Path(args.manifest).is_file():
@@ -59,7 +77,7 @@ def embed_queries(
         records = read_manifest(args.manifest)
         if not records:
             raise DataError(f"{args.manifest}: the manifest has no records")
-        emb = embed_speech_records(objective, records, args.batch_size, device, progress=not args.json)
+        emb = embed_speech_records(objective, records, args.batch_size, device, not args.json, limits)
         described = []
         for r in records:
             entry = {"query": str(r.get("id")), "audio": r.get("audio")}
@@ -99,12 +117,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", help="embed queries with this run or checkpoint instead of the index's"
     )
     parser.add_argument("--batch-size", type=int, default=16, help="queries per batch (default 16)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=30.0,
+        help="embed at most the first N seconds of a speech query (default 30; a warning says when)",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.top < 1 or args.batch_size < 1:
-        raise ConfigError("--top and --batch-size must be positive")
+    if args.top < 1 or args.batch_size < 1 or not args.max_seconds > 0:
+        raise ConfigError("--top, --batch-size and --max-seconds must be positive")
     meta, images, rows = read_index(args.index)
     device = pick_device(args.device)
     loaded, notes = query_model(meta, args.checkpoint, device)

@@ -1,11 +1,11 @@
 """Decode every record of a manifest and report the ones training would skip (the library of
 ``mmssl data check MANIFEST``, ``mmssl.commands.data_check``).
 
-Checks per record: each path exists and decodes, to the end the container declares; audio
-is at 16 kHz or more, non-empty, finite and not all silent; the audio and the video last the
-same (within ``--av-tolerance`` seconds, default one 25 fps frame); the manifest's
-``audio_samples`` / ``video_frames`` agree with what decodes. Prints a table of bad records
-(id, file, reason) and a summary; exit status 1 when any record is bad, 0 otherwise.
+Checks per record: it has an audio path; each path exists and decodes, to the end the
+container declares; audio is at 16 kHz or more, non-empty, finite and not all silent; the
+audio and the video last the same (within ``--av-tolerance`` seconds, default one 25 fps
+frame); the manifest's ``audio_samples`` / ``video_frames`` agree with what decodes. Prints a
+table of bad records (id, file, reason) and a summary; exit status 1 when any record is bad, 0 otherwise.
 
 What the loaders convert on reading is a note, not a problem: audio above 16 kHz is resampled,
 several channels are averaged, video at another frame rate is read at 25 fps. Notes are
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.io import load_audio, load_image, load_video, probe
 from mmssl.data.manifest import read_manifest
-from mmssl.errors import DataError
+from mmssl.errors import ConfigError, DataError
 
 DEFAULT_TOLERANCE = 1.0 / VIDEO_FPS  # one video frame
 SILENCE_PEAK = 1e-5  # below one 16-bit step (3e-5): nothing was recorded
@@ -134,8 +134,8 @@ def inspect_record(record: dict, tolerance: float = DEFAULT_TOLERANCE) -> Record
             problems.append((key, path, _reason(err, path)))
         except Exception as err:  # a checker reports every failure, it does not stop at one
             problems.append((key, path, f"unexpected {type(err).__name__}: {err}"))
-    if not any(record.get(name) for name in ("audio", "video", "image")):
-        problems.append((key, "-", "no audio, video or image path"))
+    if not record.get("audio"):  # training, indexing and evaluation all read a record's audio
+        problems.append((key, "-", "no audio path"))
     problems += [(key, path, reason) for path, reason in _truncated(decoded, declared, tolerance)]
     a, v = seconds.get("audio"), seconds.get("video")
     if a is not None and v is not None and abs(a - v) > tolerance + 1e-9:
@@ -162,8 +162,12 @@ def check_manifest(
     path: str, workers: int = 1, tolerance: float = DEFAULT_TOLERANCE, progress: bool = True
 ) -> tuple[int, list[Problem], list[Problem]]:
     """Check every record of a manifest -> (number of records, problems, notes), each list in
-    manifest order."""
+    manifest order. A manifest with no record, or a negative ``tolerance``, is an error."""
+    if not tolerance >= 0:
+        raise ConfigError(f"--av-tolerance must be 0 or more seconds; got {tolerance}")
     records = read_manifest(path)
+    if not records:
+        raise DataError(f"{path}: the manifest has no records")
     inspect = partial(inspect_record, tolerance=tolerance)
     bar = partial(
         tqdm, total=len(records), desc="checking", unit="rec", disable=not progress, file=sys.stderr

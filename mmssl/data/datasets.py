@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
-from mmssl.data.importers import read_labels
+from mmssl.data.importers import check_labels, read_labels
 from mmssl.data.io import load_image
 from mmssl.data.manifest import duration_seconds, read_manifest
 from mmssl.data.store import LIP_STORE, centre_crop, record_audio, record_video
@@ -114,6 +114,7 @@ class ManifestDataset(Dataset):
         self.labels = None
         if labels is not None:
             path = _find_labels(labels, manifest)
+            check_labels(path, self.records, self.source)
             self.labels = read_labels(path)
             if len(self.labels) != len(self.records):
                 raise DataError(

@@ -7,12 +7,17 @@
 * ``.wrd``: one transcript per line, in the ``.tsv`` order.
 * ``.km``: one line of space-separated cluster ids per record, in the ``.tsv`` order.
 
-A labels folder of ``mmssl kmeans`` holds one ``<manifest stem>.km`` per manifest and
-``kmeans.pt``, the clustering's summary (:func:`read_kmeans_state`, :func:`kmeans_info`).
+A labels folder of ``mmssl kmeans`` holds one ``<manifest stem>.km`` per manifest,
+``kmeans.pt``, the clustering's summary (:func:`read_kmeans_state`, :func:`kmeans_info`), and
+``labels.json``: the clustering's ``k``, features and id (also in ``kmeans.pt``) and, per
+manifest stem, the records it labelled (count and a hash of their ids, in order).
+:func:`check_labels` refuses labels read for another manifest or made by another clustering.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 from pathlib import Path
@@ -21,14 +26,14 @@ import torch
 from torch import Tensor
 
 from mmssl.errors import DataError
+from mmssl.files import read_text
 
 
 def _lines(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
+    return read_text(path).splitlines()
 
 
 def _count(value: str, where: str, what: str) -> int:
@@ -125,6 +130,49 @@ def kmeans_info(labels_dir: str | os.PathLike) -> dict:
         return {"k": int(state["k"]), "label_rate": float(state["label_rate"])}
     except (KeyError, TypeError) as err:
         raise DataError(f"{Path(labels_dir) / KMEANS_FILE}: cannot read k-means state ({err!r})") from None
+
+
+LABELS_FILE = "labels.json"
+
+
+def records_fingerprint(records: list[dict]) -> dict:
+    """What a ``.km`` file's lines stand for: how many records and a hash of their ids in order."""
+    ids = "\n".join(str(r.get("id", "")) for r in records)
+    return {"records": len(records), "ids_sha256": hashlib.sha256(ids.encode("utf-8")).hexdigest()}
+
+
+def check_labels(km_path: str | os.PathLike, records: list[dict], source: str) -> None:
+    """Refuse (``DataError``, one line) the labels ``km_path`` for the records of ``source``
+    when its folder's ``labels.json`` says they label other records, or were made by another
+    clustering than its ``kmeans.pt`` (a folder that mixes two k-means runs). A folder without
+    ``labels.json`` (made before it existed, or a fairseq ``.km``) is not checked here."""
+    km_path = Path(km_path)
+    record_path = km_path.parent / LABELS_FILE
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        labelled = record["manifests"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{record_path}: cannot read the labels record ({err!r})") from None
+    entry = labelled.get(km_path.stem)
+    if entry is None:
+        raise DataError(
+            f"{km_path}: not made with the clustering of {record_path} (it labelled "
+            f"{', '.join(sorted(labelled)) or 'nothing'}); run `mmssl kmeans` into a new folder"
+        )
+    if {k: entry.get(k) for k in ("records", "ids_sha256")} != records_fingerprint(records):
+        raise DataError(
+            f"{km_path}: labels {entry.get('records')} records of {entry.get('path')}, not the "
+            f"{len(records)} records of {source}; run `mmssl kmeans --manifest {source}`"
+        )
+    if (km_path.parent / KMEANS_FILE).is_file():
+        state = read_kmeans_state(km_path.parent)
+        if state.get("clustering") != record.get("clustering") or state.get("k") != record.get("k"):
+            raise DataError(
+                f"{km_path.parent}: {KMEANS_FILE} (k={state.get('k')}) is not the clustering that "
+                f"made its labels (k={record.get('k')}); run `mmssl kmeans` into a new folder"
+            )
 
 
 def attach_transcripts(records: list[dict], transcripts: list[str], source: str) -> list[dict]:

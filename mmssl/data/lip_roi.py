@@ -320,12 +320,9 @@ def landmark_file(folder: str | None, video: Path, record_id: str | None = None)
     AV-HuBERT's ``landmark/<split>/<talk>/<clip>.pkl`` tree), else ``<folder>/<video stem>``."""
     if folder is None:
         return None
-    names = [record_id] if record_id else []
-    names.append(video.stem)
-    for name in names:
-        for suffix in (".pkl", ".npy"):
-            path = Path(folder) / f"{name}{suffix}"
-            if path.is_file():
-                return path
-    tried = " or ".join(f"{name}.pkl|.npy" for name in names)
-    raise DataError(f"{video}: no landmark file {tried} in {folder}")
+    names = list(dict.fromkeys([*([record_id] if record_id else []), video.stem]))  # once each
+    tried = [f"{name}{suffix}" for name in names for suffix in (".pkl", ".npy")]
+    for name in tried:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise DataError(f"{video}: no landmark file in {folder} (looked for {', '.join(tried)})")

@@ -31,7 +31,7 @@ import torch
 
 from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.errors import ConfigError, DataError
-from mmssl.files import atomic_write
+from mmssl.files import atomic_write, text_lines
 
 PATH_KEYS = ("audio", "video", "image", "align")
 INT_KEYS = ("audio_samples", "video_frames")
@@ -56,8 +56,8 @@ def _check_record(record: object, where: str) -> dict:
 def read_manifest(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines manifest; media paths come back absolute (resolved against its folder).
 
-    Blank lines are skipped. A line that is not a JSON object, lacks ``id``, has a value of
-    the wrong type, or repeats an ``id`` raises ``DataError`` naming the file and line.
+    Blank lines are skipped. A line that is not UTF-8 or not a JSON object, lacks ``id``, has
+    a value of the wrong type, or repeats an ``id`` raises ``DataError`` naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -65,26 +65,25 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     root = path.resolve().parent
     records: list[dict] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-            record = _check_record(record, where)
-            key = str(record["id"])
-            if key in seen:
-                raise DataError(f"{where}: duplicate id {key!r} (first on line {seen[key]})")
-            seen[key] = number
-            for name in PATH_KEYS:
-                if record.get(name):
-                    record[name] = str(root / record[name])  # an absolute path stays as it is
-            if isinstance(record.get("packed"), dict) and record["packed"].get("file"):  # `mmssl data pack`
-                record["packed"] = {**record["packed"], "file": str(root / record["packed"]["file"])}
-            records.append(record)
+    for number, line in enumerate(text_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        record = _check_record(record, where)
+        key = str(record["id"])
+        if key in seen:
+            raise DataError(f"{where}: duplicate id {key!r} (first on line {seen[key]})")
+        seen[key] = number
+        for name in PATH_KEYS:
+            if record.get(name):
+                record[name] = str(root / record[name])  # an absolute path stays as it is
+        if isinstance(record.get("packed"), dict) and record["packed"].get("file"):  # `mmssl data pack`
+            record["packed"] = {**record["packed"], "file": str(root / record["packed"]["file"])}
+        records.append(record)
     return records
 
 

@@ -20,6 +20,21 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.nn.padding import lengths_to_padding_mask
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+# a noise recording quieter than this RMS (-100 dB re full scale, below one step of 16-bit
+# audio) has no energy to scale to an SNR: it would add nothing and pass a clean result as noisy
+SILENT_RMS = 1e-5
+
+
+def check_noise(noise: Tensor, source: str) -> Tensor:
+    """``noise (S,)``, after checking that it has energy to mix (a ``DataError`` naming
+    ``source`` otherwise: scaled to any SNR it would add nothing)."""
+    rms = float(noise.double().square().mean().sqrt()) if noise.numel() else 0.0
+    if not rms > SILENT_RMS:  # also NaN
+        raise DataError(
+            f"{source}: the noise is silent (RMS {rms:.2g}, at most {SILENT_RMS:g}): mixed at any SNR it "
+            "adds nothing; remove it from the noise files"
+        )
+    return noise
 
 
 def fit_length(noise: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
@@ -87,7 +102,8 @@ def snr_range(noise_snr: float | Sequence[float]) -> tuple[float, float]:
 
 class NoiseBank:
     """Noise recordings from a folder (searched recursively, e.g. MUSAN's ``noise/``) or a
-    list of files, decoded on demand to mono at ``sample_rate`` (a few recent files cached)."""
+    list of files, decoded on demand to mono at ``sample_rate`` (a few recent files cached).
+    A silent file (``check_noise``) is a ``DataError`` naming it when it is decoded."""
 
     def __init__(
         self,
@@ -120,11 +136,17 @@ class NoiseBank:
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
-        wav = load_audio(path, self.sample_rate)
+        wav = check_noise(load_audio(path, self.sample_rate), path)
         self._cache[path] = wav
         while len(self._cache) > self.cache_files:
             self._cache.popitem(last=False)
         return wav
+
+    def check(self) -> None:
+        """Decode every file once: a silent (or unreadable) one is a ``DataError`` naming it now,
+        not when a draw first picks it."""
+        for index in range(len(self.files)):
+            self.load(index)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """A random file, looped or cropped at a random offset to ``(num_samples,)``."""

@@ -88,12 +88,12 @@ def pack_shard(
     """Pack records ``shard, shard + shards, ...`` of ``manifest`` into ``out``; returns the
     shard's manifest (at once when it is already there)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     name = shard_name(Path(manifest).stem, shard, shards)
     done = out / f"{name}.jsonl"
     if done.is_file():
         return done
-    records = read_manifest(manifest)[shard::shards]
+    records = read_manifest(manifest)[shard::shards]  # an unreadable manifest leaves no folder behind
+    out.mkdir(parents=True, exist_ok=True)
     indices = range(shard, shard + len(records) * shards, shards)  # manifest positions
     files = {kind: out / f"{name}.{kind}" for kind in ("audio.i16", "video.u8")}
     kept, skipped, offsets = [], [], {"audio.i16": 0, "video.u8": 0}

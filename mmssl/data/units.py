@@ -5,10 +5,12 @@ Units belong to the data (as s3prl's task-owned dictionary and fairseq's
 training manifest when a run starts and keeps them in the run folder as ``units.model``; the
 CTC objective turns transcripts into targets with them and decoding turns classes back into
 text. They are SentencePiece pieces (the real library): characters (``char``, the default,
-right for small corpora) or a unigram vocabulary (``unigram``; AV-HuBERT, Shi et al. 2022,
-sec. 4.1, fine-tunes on LRS3 with 1000 unigram units). CTC class 0 is the blank; SentencePiece
-piece ``i`` is CTC class ``i + 1`` (ids are offset by one, so SentencePiece keeps its own
-``<unk>`` at piece 0).
+right for small corpora), a unigram vocabulary (``unigram``; AV-HuBERT, Shi et al. 2022,
+sec. 4.1, fine-tunes on LRS3 with 1000 unigram units) or byte-pair merges (``bpe``, Sennrich et
+al. 2016: on a small closed vocabulary, such as the built-in corpus's 59 words, a few hundred
+merges make every word one piece, where SentencePiece's unigram stops at a few dozen pieces).
+CTC class 0 is the blank; SentencePiece piece ``i`` is CTC class ``i + 1`` (ids are offset by
+one, so SentencePiece keeps its own ``<unk>`` at piece 0).
 
 One function, :func:`normalize_text`, makes both the training targets and the WER references.
 """
@@ -28,7 +30,7 @@ from mmssl.files import write_bytes
 
 BLANK = 0
 UNITS_FILE = "units.model"
-UNIT_KINDS = ("char", "unigram")
+UNIT_KINDS = ("char", "unigram", "bpe")
 # the built-in character set of a model built without a units file (tests, from-scratch checks)
 DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz'0123456789"
 
@@ -92,7 +94,8 @@ def train_units(
     """SentencePiece units over normalised ``texts``: every character (``char``) or a unigram
     vocabulary of at most ``vocab_size`` pieces (``unigram``; fewer when the texts are too small
     for that many, as SentencePiece's ``hard_vocab_limit=false``). Unigram pieces keep
-    SentencePiece's default word-start marker (``add_dummy_prefix``, as AV-HuBERT's units);
+    SentencePiece's default word-start marker (``add_dummy_prefix``, as AV-HuBERT's units), and
+    so do ``bpe`` pieces (at most ``vocab_size``, fewer when the merges run out);
     character units keep the space as a unit of its own. ``ConfigError`` naming
     ``objective.vocab_size`` when it is below the number of characters of ``texts`` (``source``)."""
     if kind not in UNIT_KINDS:
@@ -100,7 +103,7 @@ def train_units(
     lines = [t for t in (normalize_text(x) for x in texts) if t]
     if not lines:
         raise DataError("no transcript to train units on")
-    if kind == "unigram":
+    if kind in ("unigram", "bpe"):
         chars = set("".join(lines).replace(" ", "")) | {"\u2581"}  # each a piece; spaces become "▁"
         if vocab_size < len(chars) + 1:  # + <unk>
             raise ConfigError(
@@ -117,7 +120,7 @@ def train_units(
         use_all_vocab=kind == "char",
         hard_vocab_limit=False,
         character_coverage=1.0,
-        add_dummy_prefix=kind == "unigram",
+        add_dummy_prefix=kind != "char",
         unk_id=0,
         bos_id=-1,
         eos_id=-1,

@@ -12,7 +12,7 @@ frontend gives the latents ``z`` (100 Hz), which are the features ``contextualiz
 (``mmssl.encoders.recurrent.build_apc_encoder``) is the same class on a log-mel frontend.
 
 Presets (``ENCODERS``): ``{wav2vec2,hubert,wavlm,data2vec}_{tiny,base,large}`` on the waveform
-(50 Hz), ``fbank_{tiny,base,large}`` on 80 filterbanks stacked x4 (25 Hz, AV-HuBERT's audio
+(50 Hz), ``fbank_{tiny,small,base,large}`` on 80 filterbanks stacked x4 (25 Hz, AV-HuBERT's audio
 input) and ``cpc_{tiny,base,large}`` (100 Hz). Every preset takes keyword overrides of the
 arguments of ``build_conv_encoder`` / ``build_fbank_encoder`` (``TransformerOptions`` fields
 included) / ``build_cpc_encoder``.
@@ -266,6 +266,8 @@ LARGE = dict(
 )
 # for tests: same kernels and strides (50 Hz), narrow everything
 TINY = dict(dim=64, num_layers=2, num_heads=4, ffn_dim=128, pre_norm=False)
+# for CPUs (the demo): 4 pre-norm layers of 256 dims (pre-norm trains from scratch at a higher rate)
+SMALL = dict(dim=256, num_layers=4, num_heads=4, ffn_dim=1024, pre_norm=True)
 # fairseq ``feature_grad_mult=0.1`` (wav2vec 2.0 / HuBERT / WavLM pretraining configs)
 CONV_BASE = dict(conv_channels=512, conv_norm="group", conv_bias=False, feature_grad_scale=0.1)
 # fairseq ``conv_bias``: True for wav2vec 2.0 large (LV-60k), False for HuBERT and WavLM large
@@ -356,6 +358,12 @@ def data2vec_large(**overrides: Any) -> AudioEncoder:
 def fbank_tiny(**overrides: Any) -> AudioEncoder:
     defaults = {**TINY, "pos_conv_kernel": 16, "pos_conv_groups": 4}
     return build_preset(build_fbank_encoder, "fbank_tiny", defaults, overrides)
+
+
+@ENCODERS.register
+def fbank_small(**overrides: Any) -> AudioEncoder:
+    defaults = {**SMALL, "pos_conv_kernel": 32, "pos_conv_groups": 16}
+    return build_preset(build_fbank_encoder, "fbank_small", defaults, overrides)
 
 
 @ENCODERS.register

@@ -17,8 +17,9 @@ everything on whichever of ``audio`` / ``video`` the batch has; a missing modali
 zeros inside the fusion. A stream can also be left out at build time (``audio=False`` or
 ``video=False``), which makes a single-modality tower for the multi-view objectives.
 
-Presets (``ENCODERS``): ``av_tiny``, ``av_base`` (AV-HuBERT Base: 12 layers, 768 dims,
-12 heads, FFN 3072), ``av_large`` (AV-HuBERT Large: 24 layers, 1024 dims, 16 heads, FFN 4096).
+Presets (``ENCODERS``): ``av_tiny`` (tests), ``av_small`` (CPUs: 4 layers of 256 dims over a
+lip encoder that reads 22x22 pixels), ``av_base`` (AV-HuBERT Base: 12 layers, 768
+dims, 12 heads, FFN 3072), ``av_large`` (AV-HuBERT Large: 24 layers, 1024 dims, 16 heads, FFN 4096).
 
 Also here: ``paired_towers`` / ``TwoTowerViews`` (an audio-only and a video-only encoder, as
 the multi-view and CCA objectives use them), ``substitute_frames`` (AV-HuBERT's video masking)
@@ -38,7 +39,7 @@ from mmssl.constants import VIDEO_FPS
 from mmssl.encoders.audio import build_preset
 from mmssl.encoders.base import AudioVisualEncoder, EncoderOutput
 from mmssl.encoders.fusion import AVFusion
-from mmssl.encoders.video import LipEncoder, lip_resnet18, lip_tiny
+from mmssl.encoders.video import LipEncoder, lip_resnet18, lip_small, lip_tiny
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.frontend import FbankFrontend
 from mmssl.nn.padding import lengths_to_padding_mask
@@ -172,11 +173,11 @@ def build_av_encoder(
     mask_embedding: bool = True,
     **transformer_fields: Any,
 ) -> AVEncoder:
-    """Audio-visual encoder. ``lip``: ``"resnet18"`` (AV-HuBERT) or ``"tiny"`` (tests, CPU);
+    """Audio-visual encoder. ``lip``: ``"resnet18"`` (AV-HuBERT), ``"small"`` (CPU) or ``"tiny"`` (tests);
     ``mask_embedding``: whether masked-prediction objectives can mask the audio stream;
     ``transformer_fields`` change fields of ``transformer`` (``dim=256, num_layers=4``)."""
     options = transformer.replace(**transformer_fields)
-    lips = {"resnet18": lip_resnet18, "tiny": lip_tiny}
+    lips = {"resnet18": lip_resnet18, "small": lip_small, "tiny": lip_tiny}
     if lip not in lips:
         raise ConfigError(f"av encoder: lip must be one of {sorted(lips)}, got {lip!r}")
     if not (audio or video):
@@ -203,6 +204,17 @@ AV_TINY = dict(
     pos_conv_groups=4,
     layer_drop=0.0,
 )
+# for CPUs (the demo): 256 x 4 pre-norm layers over the small lip encoder (22x22 pixels)
+AV_SMALL = dict(
+    dim=256,
+    num_layers=4,
+    num_heads=4,
+    ffn_dim=1024,
+    lip="small",
+    pos_conv_kernel=32,
+    pos_conv_groups=16,
+    layer_drop=0.0,
+)
 AV_BASE = dict(dim=768, num_layers=12, num_heads=12, ffn_dim=3072)  # AV-HuBERT Base
 AV_LARGE = dict(dim=1024, num_layers=24, num_heads=16, ffn_dim=4096)  # AV-HuBERT Large
 
@@ -210,6 +222,11 @@ AV_LARGE = dict(dim=1024, num_layers=24, num_heads=16, ffn_dim=4096)  # AV-HuBER
 @ENCODERS.register
 def av_tiny(**overrides: Any) -> AVEncoder:
     return build_preset(build_av_encoder, "av_tiny", AV_TINY, overrides)
+
+
+@ENCODERS.register
+def av_small(**overrides: Any) -> AVEncoder:
+    return build_preset(build_av_encoder, "av_small", AV_SMALL, overrides)
 
 
 @ENCODERS.register
@@ -223,8 +240,8 @@ def av_large(**overrides: Any) -> AVEncoder:
 
 
 def paired_towers(size: str, **overrides: Any) -> tuple[AVEncoder, AVEncoder]:
-    """An audio-only and a video-only encoder of preset ``size`` (tiny | base | large)."""
-    presets = {"tiny": av_tiny, "base": av_base, "large": av_large}
+    """An audio-only and a video-only encoder of preset ``size`` (tiny | small | base | large)."""
+    presets = {"tiny": av_tiny, "small": av_small, "base": av_base, "large": av_large}
     if size not in presets:
         raise ConfigError(f"size must be one of {sorted(presets)}, got {size!r}")
     overrides = {"mask_embedding": False, **overrides}

@@ -8,7 +8,7 @@ maps ``(B, 3, H, W)`` pixels, already preprocessed, to ``(B, D)`` embeddings (no
 side with the model's interpolation, centre crop, ``[0, 1]`` scaling, normalisation with the
 model's mean and std), so images reach a pretrained tower exactly as open_clip feeds them.
 
-Models: ``"tiny"`` or one of open_clip's plain CLIP configs (``clip_configs()``: a ViT or
+Models: ``"tiny"``, ``"small"`` or one of open_clip's plain CLIP configs (``clip_configs()``: a ViT or
 ModifiedResNet image tower and open_clip's own text transformer with the 49408-token BPE
 vocabulary, pooled at the end token, as ``ClipTokenizer`` and ``TextTower`` expect). Configs
 with a timm image tower (SigLIP, ConvNeXt...), a Hugging Face text tower (``roberta-*``, which
@@ -26,7 +26,8 @@ files are TorchScript archives, which a weights-only load refuses: convert one o
 image encoder): no gradient, always in eval mode.
 
 Presets (``ENCODERS``): ``clip_image_tiny`` (a 2-layer ViT on 64x64 images, about 120k
-parameters, for tests and CPU runs) and open_clip's ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``
+parameters, for tests), ``clip_image_small`` (a ResNet on 64x64 images, about 1.4M parameters,
+for CPU runs) and open_clip's ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``
 configs as ``clip_image_vit_b_32`` / ``clip_image_vit_b_16`` / ``clip_image_vit_l_14``.
 
 Shape legend: B batch, H/W pixels, D embedding dim.
@@ -53,6 +54,18 @@ TINY_EMBED_DIM = 64
 TINY_VISION = dict(layers=2, width=64, head_width=16, patch_size=8, image_size=64)
 TINY_TEXT = dict(context_length=32, width=32, heads=4, layers=2)
 TINY = "tiny"
+# the small CLIP for CPU runs (the demo): open_clip's ModifiedResNet (CLIP's ResNet image tower:
+# three-conv stem, anti-aliased strides, attention pooling) one block a stage, 16 channels wide,
+# on 64x64 images, about 1.4M parameters. A convolutional tower learns colours and shapes from a
+# few hundred images; a ViT trained from random weights on so few does not.
+SMALL = "small"
+SMALL_EMBED_DIM = 128
+SMALL_VISION = dict(layers=(1, 1, 1, 1), width=16, image_size=64)
+# open_clip models defined here, not in open_clip's configs: (embed dim, vision cfg, text cfg)
+OWN_MODELS = {
+    TINY: (TINY_EMBED_DIM, TINY_VISION, TINY_TEXT),
+    SMALL: (SMALL_EMBED_DIM, SMALL_VISION, TINY_TEXT),
+}
 
 
 def check_pretrained(pretrained: str | os.PathLike | None) -> str | None:
@@ -110,7 +123,8 @@ def _clip_config(model_name: str) -> dict:
             else "is not a plain CLIP (timm image tower, Hugging Face text tower or another tokenizer)"
         )
         raise ConfigError(
-            f"objective.clip_model={model_name!r} {why}; use {TINY!r} or one of: {', '.join(clip_configs())}"
+            f"objective.clip_model={model_name!r} {why}; use {TINY!r}, {SMALL!r} or one of: "
+            f"{', '.join(clip_configs())}"
         )
     return config
 
@@ -147,18 +161,19 @@ def build_open_clip(model_name: str, pretrained: str | os.PathLike | None = None
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
     path = check_pretrained(pretrained)
-    if model_name == TINY:
+    if model_name in OWN_MODELS:
         # lazy: open_clip takes seconds to import; only its towers need it
         from open_clip.transform import PreprocessCfg
 
-        model = CustomTextCLIP(TINY_EMBED_DIM, CLIPVisionCfg(**TINY_VISION), CLIPTextCfg(**TINY_TEXT))
-        open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=TINY_VISION["image_size"])))
+        embed_dim, vision, text = OWN_MODELS[model_name]
+        model = CustomTextCLIP(embed_dim, CLIPVisionCfg(**vision), CLIPTextCfg(**text))
+        open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=vision["image_size"])))
         if path is not None:  # the loader create_model uses for a checkpoint file
             try:
                 open_clip.load_checkpoint(model, path)
             except Exception as err:  # torch.load raises pickle, zip and runtime errors alike
-                raise _load_error(path, "the tiny CLIP", err) from err
-        model.embed_dim = TINY_EMBED_DIM
+                raise _load_error(path, f"the {model_name} CLIP", err) from err
+        model.embed_dim = embed_dim
         return model
     config = _clip_config(model_name)
     # on the current default device (create_model would move a model built on "meta" to the CPU)
@@ -274,6 +289,11 @@ def build_image_tower(
 @ENCODERS.register
 def clip_image_tiny(pretrained: str | None = None, freeze: bool = False) -> ImageTower:
     return build_image_tower(TINY, pretrained, freeze)
+
+
+@ENCODERS.register
+def clip_image_small(pretrained: str | None = None, freeze: bool = False) -> ImageTower:
+    return build_image_tower(SMALL, pretrained, freeze)
 
 
 @ENCODERS.register

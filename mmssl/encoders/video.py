@@ -39,7 +39,7 @@ from torchvision.models.resnet import conv1x1, conv3x3
 
 from mmssl.constants import VIDEO_FPS
 from mmssl.encoders.base import EncoderOutput
-from mmssl.errors import DataError
+from mmssl.errors import ConfigError, DataError
 from mmssl.nn.padding import lengths_to_padding_mask
 
 ActLayer = Callable[[int], nn.Module]
@@ -165,7 +165,9 @@ class LipEncoder(nn.Module):
     ``forward(video (B, T, 1, H, W) normalised, video_lens (B,))`` -> ``EncoderOutput`` with
     ``hidden (B, T, C)`` (C = ``widths[-1]``), zeros at padded frames; ``layers`` is empty
     (the trunk is not a sequence model). Inputs larger than ``crop`` are cropped (random in
-    training, centre in evaluation); smaller ones are an error.
+    training, centre in evaluation); smaller ones are an error. ``pool > 1`` averages
+    ``pool x pool`` pixels of the crop before the stem (a CPU-sized model: a sixteenth of the
+    pixels at ``pool=4``; AV-HuBERT's encoder reads the full crop).
     """
 
     def __init__(
@@ -176,10 +178,14 @@ class LipEncoder(nn.Module):
         act: ActLayer = prelu,
         crop: int = 88,
         flip: bool = True,
+        pool: int = 1,
     ) -> None:
         super().__init__()
+        if pool < 1 or crop % pool:
+            raise ConfigError(f"lip encoder: pool must be >= 1 and divide crop={crop}, got {pool}")
         self.crop = crop
         self.flip = flip
+        self.pool = pool
         self.dim = widths[-1]
         self.frame_rate = VIDEO_FPS
         # AV-HuBERT ResEncoder.frontend3D
@@ -222,6 +228,8 @@ class LipEncoder(nn.Module):
         keep = ~lengths_to_padding_mask(video_lens, t)  # (B, T)
         x = video * keep.view(b, t, 1, 1, 1).to(video.dtype)  # padded frames are exact zeros
         x = x.transpose(1, 2)  # (B, 1, T, H, W)
+        if self.pool > 1:
+            x = F.avg_pool3d(x, (1, self.pool, self.pool))
         x = self.stem_conv(x)
         x = self.stem_act(self.stem_bn(x, keep.view(b, 1, t, 1, 1)))
         x = self.stem_pool(x)  # (B, C, T, H', W')
@@ -238,6 +246,12 @@ class LipEncoder(nn.Module):
 def lip_resnet18(act: ActLayer = prelu, crop: int = 88, flip: bool = True) -> LipEncoder:
     """AV-HuBERT's lip encoder: 64-channel 3D stem, ResNet-18 trunk, 512-d frames."""
     return LipEncoder(64, (64, 128, 256, 512), (2, 2, 2, 2), act, crop, flip)
+
+
+def lip_small(crop: int = 88, flip: bool = True) -> LipEncoder:
+    """A lip encoder for CPUs: AV-HuBERT's layout on a sixteenth of the pixels (``pool=4``: 22x22),
+    16..128 channels, one block a stage, 128-d frames."""
+    return LipEncoder(16, (16, 32, 64, 128), (1, 1, 1, 1), prelu, crop, flip, pool=4)
 
 
 def lip_tiny(crop: int = 88, flip: bool = True) -> LipEncoder:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import DataError
+from mmssl.files import read_text
 
 
 def joint_counts(phones: Tensor, clusters: Tensor, num_phones: int, num_clusters: int) -> Tensor:
@@ -69,7 +69,7 @@ def read_alignment(path: str | os.PathLike) -> tuple[list[tuple[str, int, int]],
     """An alignment JSON (``{"sample_rate": 16000, "phonemes": [[name, start, end], ...]}``)
     -> (phones with sample positions, sample rate)."""
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = json.loads(read_text(path))
         items = [(str(name), int(start), int(end)) for name, start, end in doc["phonemes"]]
         return items, int(doc.get("sample_rate", SAMPLE_RATE))
     except (OSError, ValueError, KeyError, TypeError) as err:

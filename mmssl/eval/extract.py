@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.record_layers import record_layers
-from mmssl.files import atomic_path, write_text
+from mmssl.files import atomic_dir, atomic_path, check_replaceable, read_text, write_text
 
 INDEX = "index.jsonl"
 SUMMARY = "extract.json"
@@ -69,10 +69,7 @@ class ShardWriter:
         self.bytes = 0
         self.index: list[dict] = []
         for layer in self.layers:
-            folder = out / layer_dir(layer)
-            folder.mkdir(parents=True, exist_ok=True)
-            for stale in folder.glob("shard_*.safetensors"):  # a previous extraction into the same folder
-                stale.unlink()
+            (out / layer_dir(layer)).mkdir(parents=True, exist_ok=True)
 
     def add(self, record_id: str, feats: dict[int, Tensor]) -> None:
         """``feats``: layer -> ``(T, C)`` (CPU, stored dtype) of one record."""
@@ -133,24 +130,33 @@ def extract(
     modalities: Sequence[str] | None = None,
     skip_bad: bool = False,
     shard_bytes: int = 256 << 20,
+    about: dict | None = None,
 ) -> dict:
     """Write ``layers`` of ``encoder`` (eval mode) for every record into ``out`` (layout in the
-    module docstring). Returns ``{"records": written, "skipped": [{"id", "error"}], "frame_rate"}``."""
-    out = Path(out)
+    module docstring), with ``SUMMARY`` holding ``about`` and the result. Returns
+    ``{"records": written, "skipped": [{"id", "error"}], "frame_rate"}``.
+
+    The folder is written whole (``mmssl.files.atomic_dir``): an extraction that fails or is
+    killed leaves ``out`` as it was (no empty folder, no previous extraction half replaced);
+    ``out`` must be new, empty or an earlier extraction (``check_replaceable``)."""
+    out = check_replaceable(out, SUMMARY)
     encoder = encoder.to(device)
-    writer = ShardWriter(out, layers, float(encoder.frame_rate), shard_bytes)
-    skipped: list[dict] = []
-    for record in tqdm(records, desc="extract", unit="utt"):
-        try:
-            result = record_layers(encoder, record, device, modalities, upto=max(layers))
-        except DataError as err:
-            if not skip_bad:
-                raise
-            skipped.append({"id": record.get("id"), "error": str(err)})
-            continue
-        writer.add(str(record["id"]), {layer: result.layers[layer].to("cpu", dtype) for layer in layers})
-    writer.close()
-    return {"records": len(records) - len(skipped), "skipped": skipped, "frame_rate": writer.frame_rate}
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, layers, float(encoder.frame_rate), shard_bytes)
+        skipped: list[dict] = []
+        for record in tqdm(records, desc="extract", unit="utt"):
+            try:
+                result = record_layers(encoder, record, device, modalities, upto=max(layers))
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                skipped.append({"id": record.get("id"), "error": str(err)})
+                continue
+            writer.add(str(record["id"]), {layer: result.layers[layer].to("cpu", dtype) for layer in layers})
+        writer.close()
+        done = {"records": len(records) - len(skipped), "skipped": skipped, "frame_rate": writer.frame_rate}
+        write_text(tmp / SUMMARY, json.dumps({**(about or {}), **done}, indent=2) + "\n")
+    return done
 
 
 def read_index(out_dir: str | os.PathLike) -> list[dict]:
@@ -158,7 +164,7 @@ def read_index(out_dir: str | os.PathLike) -> list[dict]:
     path = Path(out_dir) / INDEX
     if not path.is_file():
         raise DataError(f"{path}: not found (not an `mmssl extract` folder)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
 
 
 def iter_features(out_dir: str | os.PathLike, layer: int) -> Iterator[tuple[str, Tensor]]:

@@ -66,6 +66,13 @@ def collect(
                 factors = rate_factors(mine.frame_rate, ref.frame_rate)
             own = [pool_frames(x, factors[0]) for x in mine.layers[1:]]
             theirs = {str(i): pool_frames(x, factors[1]) for i, x in enumerate(ref.layers[1:], start=1)}
+        if refs and set(theirs) != set(
+            refs
+        ):  # e.g. an audio-visual encoder's lips, on a record without video
+            raise DataError(
+                f"record {record.get('id')!r} gives the references {', '.join(theirs)} but the records "
+                f"before it {', '.join(refs)}: give records with the same modalities (or --modalities)"
+            )
         t = min([x.shape[0] for x in own] + [x.shape[0] for x in theirs.values()])  # frames both sides have
         layers = layers or [[] for _ in own]
         for store, x in zip(layers, own):

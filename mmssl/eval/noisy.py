@@ -39,7 +39,7 @@ from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.asr import Clip, load_asr_model, load_clips, transcribe, word_errors
 from mmssl.eval.report import PALETTE, line_plot
-from mmssl.files import sha256_file
+from mmssl.files import read_text, sha256_file
 from mmssl.runs import MODEL_FILE, latest_checkpoint
 from mmssl.tables import markdown_table
 
@@ -108,7 +108,10 @@ def noise_banks(specs: Sequence[str], types: Sequence[str] | None) -> dict[str, 
         raise ConfigError(
             f"--noise-types: unknown noise type {unknown[0]!r}; the noise has {', '.join(sorted(files))}"
         )
-    return {t: NoiseBank(files[t]) for t in wanted}
+    banks = {t: NoiseBank(files[t]) for t in wanted}
+    for bank in banks.values():
+        bank.check()  # a silent file would make its noisy cells equal the clean one
+    return banks
 
 
 def noisy_audio(clip: Clip, bank: NoiseBank, noise: str, snr: str, seed: int) -> Tensor:
@@ -147,7 +150,7 @@ def read_results(path: Path) -> tuple[dict | None, dict[tuple[str, str, str], di
     found: dict | None = None
     done: dict[tuple[str, str, str], dict] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path).splitlines():
             try:
                 row = json.loads(line)
                 if "fingerprint" in row:

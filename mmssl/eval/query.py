@@ -25,7 +25,7 @@ from mmssl.eval.retrieval import (
     read_embeddings,
     read_jsonl,
 )
-from mmssl.files import sha256_file
+from mmssl.files import read_text, sha256_file, stale_folders
 from mmssl.runs import resolve_weights
 
 THUMB = 128  # contact sheet thumbnail side, pixels
@@ -33,25 +33,51 @@ LABEL = 18  # height of the text line under each thumbnail
 
 
 def read_index(index_dir: str | Path) -> tuple[dict, Tensor, list[dict]]:
-    """``(meta, embeddings (N, D), rows)`` of an index folder; a missing or inconsistent file
-    is a ``DataError`` naming it."""
+    """``(meta, embeddings (N, D), rows)`` of an index folder; a missing file, or one that does
+    not agree with ``index.json`` (counts, dimension, checksum), is a ``DataError`` naming it."""
     index_dir = Path(index_dir)
     if not index_dir.is_dir():
-        raise DataError(f"{index_dir}: no such index folder (make it with `mmssl index`)")
+        left = [p for p in stale_folders(index_dir) if p.name.endswith("dir-old")]
+        hint = f"; an interrupted `mmssl index` left the previous one in {left[-1]}" if left else ""
+        raise DataError(f"{index_dir}: no such index folder (make it with `mmssl index`){hint}")
     meta_path = index_dir / INDEX_FILE
     if not meta_path.is_file():
         raise DataError(f"{meta_path}: not found (make the index with `mmssl index`)")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(read_text(meta_path))
     except json.JSONDecodeError as err:
         raise DataError(f"{meta_path}: not JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: not an index description (a JSON object)")
+    _check_checksums(index_dir, meta)
     embeddings = read_embeddings(index_dir / f"{IMAGES}.safetensors")
     rows = read_jsonl(index_dir / f"{IMAGES}.jsonl")
     if embeddings.shape[0] != len(rows):
         raise DataError(
             f"{index_dir}: {embeddings.shape[0]} image embeddings but {len(rows)} lines in {IMAGES}.jsonl"
         )
+    expected = (meta.get("images", len(rows)), meta.get("dim", embeddings.shape[1]))
+    if tuple(embeddings.shape) != tuple(expected):
+        raise DataError(
+            f"{index_dir}: {IMAGES}.safetensors holds {tuple(embeddings.shape)} embeddings but "
+            f"{INDEX_FILE} says {expected[0]} images of dimension {expected[1]} (a mix of two indexes); "
+            "make the index again with `mmssl index`"
+        )
     return meta, embeddings, rows
+
+
+def _check_checksums(index_dir: Path, meta: dict) -> None:
+    """The embeddings must still be the ones ``index.json`` records the checksum of (``files``;
+    indexes made before it was recorded have none). The rows (``images.jsonl``) are checked by
+    their count: a user may mend the image paths of a moved corpus there."""
+    files = meta.get("files") or {}
+    for name in (f"{IMAGES}.safetensors",):
+        path = index_dir / name
+        if name in files and path.is_file() and sha256_file(path) != files[name]:
+            raise DataError(
+                f"{path}: not the file {INDEX_FILE} describes (its sha256 differs: the folder mixes two "
+                "indexes); make the index again with `mmssl index`"
+            )
 
 
 def query_model(meta: dict, checkpoint: str | None, device: torch.device) -> tuple[LoadedRun, list[str]]:

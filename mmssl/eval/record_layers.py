@@ -20,6 +20,7 @@ Shape legend: S samples, T frames, C channels, F input features, L transformer l
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,40 @@ def num_layers(encoder) -> int:
     says it as ``num_layers`` (a CPC encoder's are the layers of its causal context network)."""
     count = getattr(encoder, "num_layers", None)
     return int(count) if count is not None else len(encoder.transformer.layers)
+
+
+def modalities_read(
+    encoder, records: Sequence[dict], modalities: Sequence[str] | None = None
+) -> dict[str, int]:
+    """How many ``records`` the encoder reads with each set of modalities (``"audio+video"``,
+    ``"audio"``...), as :func:`record_layers` reads them: an audio-visual encoder reads, by
+    default, each modality it has a stream for that the record has a path for."""
+    if not is_audio_visual(encoder):
+        wanted: Sequence[str] = ("audio",)
+    else:
+        wanted = encoder.modalities if modalities is None else modalities
+    counts = Counter("+".join(m for m in ("audio", "video") if m in wanted and r.get(m)) for r in records)
+    return {key or "none": n for key, n in counts.most_common()}
+
+
+def partial_modalities_note(encoder, read: dict[str, int]) -> str | None:
+    """A warning when an audio-visual encoder reads some records without one of its modalities
+    (a record with no path for it: an audio-only manifest runs it audio only); None otherwise."""
+    if not is_audio_visual(encoder):
+        return None
+    total = sum(read.values())
+    notes = []
+    for modality in encoder.modalities:
+        without = sum(n for key, n in read.items() if modality not in key.split("+"))
+        if without:
+            notes.append(f"{without} of {total} records have no {modality} path")
+    if not notes:
+        return None
+    return (
+        f"{'; '.join(notes)}: the audio-visual encoder reads them without it "
+        f"({', '.join(f'{n} {k}' for k, n in read.items())}); give a manifest with every modality, "
+        "or --modalities to ask for one"
+    )
 
 
 @dataclass

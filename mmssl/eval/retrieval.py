@@ -10,11 +10,15 @@ run's towers, in padded batches (a caption's embedding does not depend on its ba
     INDEX_DIR/images.jsonl         per row: group, image (absolute path), captions (texts)
     INDEX_DIR/speech.safetensors   "embeddings" (N_captions, D)
     INDEX_DIR/speech.jsonl         per row: id, audio, group, caption
-    INDEX_DIR/index.json           run, weights file, step, its sha256, manifest, dim, counts
+    INDEX_DIR/index.json           run, weights file, step, its sha256, manifest, dim, counts,
+                                   and the sha256 of the four files above ("files")
     INDEX_DIR/recall.json          recall@K both directions, chance levels, and warnings (a single
                                    image; a K that reaches the number of candidates)
     INDEX_DIR/recall.md            the same as a Markdown table
     INDEX_DIR/recall_at_k.png      recall against K, both directions
+
+The folder is written whole (``mmssl.files.atomic_dir``): an interrupted index leaves the
+previous one untouched, never a mix of two.
 
 Recall@K with several captions per image (Harwath et al., 2018; SpeechCLIP): speech->image, a
 caption's query is answered when its own image is among the top K images; image->speech, an
@@ -40,19 +44,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from mmssl.constants import SAMPLE_RATE
+from mmssl.data.check import SILENCE_PEAK
 from mmssl.data.collate import pad_sequences
 from mmssl.data.io import load_image
 from mmssl.data.manifest import read_manifest
 from mmssl.data.store import record_audio
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.report import line_plot
-from mmssl.files import atomic_path, sha256_file, write_text
+from mmssl.files import atomic_dir, atomic_path, check_replaceable, read_text, sha256_file, write_text
 from mmssl.runs import load_objective_from_run, run_dir_of, step_of
 from mmssl.tables import markdown_table
 
 KS = (1, 5, 10)
 INDEX_FILE = "index.json"
 IMAGES, SPEECH = "images", "speech"
+INDEX_DATA = tuple(f"{n}.{ext}" for n in (IMAGES, SPEECH) for ext in ("safetensors", "jsonl"))
 DIRECTIONS = {"speech_to_image": "speech → image", "image_to_speech": "image → speech"}
 
 
@@ -165,7 +172,7 @@ def check_frames(objective, lens: Tensor, names: Sequence[str]) -> None:
     """A ``DataError`` naming every clip of ``lens (B,)`` too short for one frame of the speech
     encoder: alone it has no frame to pool, and in a padded batch it would embed as the bias of
     the projection alone, a vector that says nothing about the clip."""
-    frames = objective.encoder.frame_lengths(lens)
+    frames = objective.encoder.frame_spec(lens)  # a speech encoder's, or an audio-visual one's audio stream
     short = [(name, int(n)) for name, n, f in zip(names, lens.tolist(), frames.tolist()) if f < 1]
     if short:
         listed = ", ".join(f"{name} ({n} samples)" for name, n in short)
@@ -173,6 +180,30 @@ def check_frames(objective, lens: Tensor, names: Sequence[str]) -> None:
             f"{listed}: too short for one frame of the speech encoder (16 kHz audio; "
             "leave such clips out of the manifest)"
         )
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """What a speech query may be: at most ``max_seconds`` are embedded (the rest is cut off,
+    saying so: an encoder's memory grows with the clip), and a clip whose peak stays under
+    ``silence_peak`` is embedded with a warning (its ranking says nothing about speech).
+    ``warn`` receives each message."""
+
+    max_seconds: float = 30.0
+    silence_peak: float = SILENCE_PEAK
+    warn: Callable[[str], None] = print
+
+    def apply(self, wave: Tensor, name: str) -> Tensor:
+        limit = round(self.max_seconds * SAMPLE_RATE)
+        if wave.shape[0] > limit:
+            self.warn(
+                f"{name} lasts {wave.shape[0] / SAMPLE_RATE:.1f} s: only its first {self.max_seconds:g} s "
+                "are embedded (--max-seconds)"
+            )
+            wave = wave[:limit]
+        if wave.numel() and float(wave.abs().max()) < self.silence_peak:
+            self.warn(f"{name} is silent: the images ranked for it say nothing about speech")
+        return wave
 
 
 @torch.no_grad()
@@ -184,15 +215,18 @@ def _embed_speech(
     batch_size: int,
     device: torch.device,
     progress: bool,
+    limits: QueryLimits | None = None,
 ) -> Tensor:
     """``load(i) -> (S_i,)`` for ``i < len(sizes)`` -> normalised ``(Q, D)`` on the CPU, row ``i``
     for waveform ``i`` (``names[i]`` in errors). Batches hold waveforms of similar ``sizes``
-    (sorted), padded, loaded one batch at a time; padding never changes an embedding."""
+    (sorted), padded, loaded one batch at a time; padding never changes an embedding. With
+    ``limits`` (queries), long clips are cut and silent ones named."""
     out = torch.zeros(len(sizes), objective.dim)
     order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    fit = (lambda i: limits.apply(load(i), names[i])) if limits is not None else load
     with tqdm(total=len(sizes), desc="speech", unit="utt", disable=not progress) as bar:
         for rows in _chunks(order, batch_size):
-            audio, lens = pad_sequences([load(i) for i in rows], 0.0)
+            audio, lens = pad_sequences([fit(i) for i in rows], 0.0)
             check_frames(objective, lens, [names[i] for i in rows])
             out[rows] = objective.embed_speech(audio.to(device), lens.to(device)).float().cpu()
             bar.update(len(rows))
@@ -206,25 +240,32 @@ def embed_waveforms(
     device: torch.device,
     progress: bool = True,
     names: Sequence[str] | None = None,
+    limits: QueryLimits | None = None,
 ) -> Tensor:
     """Waveforms ``(S_i,)`` at 16 kHz -> normalised ``(Q, D)`` on the CPU, in the given order;
-    ``names`` (e.g. file paths) name a clip too short to embed."""
+    ``names`` (e.g. file paths) name a clip too short to embed (or cut or silent: ``limits``)."""
     names = names if names is not None else [f"waveform {i}" for i in range(len(waves))]
-    return _embed_speech(
-        objective, waves.__getitem__, [w.shape[0] for w in waves], names, batch_size, device, progress
-    )
+    sizes = [w.shape[0] for w in waves]
+    return _embed_speech(objective, waves.__getitem__, sizes, names, batch_size, device, progress, limits)
 
 
 def embed_speech_records(
-    objective, records: Sequence[dict], batch_size: int, device: torch.device, progress: bool = True
+    objective,
+    records: Sequence[dict],
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    limits: QueryLimits | None = None,
 ) -> Tensor:
     """The spoken captions of ``records`` -> normalised ``(Q, D)``, in manifest order (batched by
     the manifest's ``audio_samples``; audio is decoded one batch at a time)."""
     sizes = [int(r.get("audio_samples") or 0) for r in records]
     names = [f"record {r.get('id')!r} ({r.get('audio')})" for r in records]
-    return _embed_speech(
-        objective, lambda i: _load_audio(records[i]), sizes, names, batch_size, device, progress
-    )
+
+    def load(i: int) -> Tensor:
+        return _load_audio(records[i])
+
+    return _embed_speech(objective, load, sizes, names, batch_size, device, progress, limits)
 
 
 @torch.no_grad()
@@ -311,7 +352,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: not found (make the index with `mmssl index`)")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -389,6 +430,12 @@ def write_recall(
     return recall
 
 
+def check_index_out(out: str | os.PathLike) -> Path:
+    """``--out`` of ``mmssl index``: a new folder, an empty one or an index to replace (the index
+    replaces its folder whole: ``mmssl.files.check_replaceable``)."""
+    return check_replaceable(out, INDEX_FILE)
+
+
 def build_index(
     loaded: LoadedRun,
     manifest: str | os.PathLike,
@@ -399,35 +446,40 @@ def build_index(
     progress: bool = True,
 ) -> dict:
     """Embed ``manifest``'s images and spoken captions into ``out`` (layout in the module
-    docstring); returns the recall dict of ``retrieval_recall``."""
+    docstring); returns the recall dict of ``retrieval_recall``. The index is written into a
+    temporary folder beside ``out`` that replaces it whole at the end: an index interrupted at
+    any point leaves the previous one as it was, and ``index.json`` records the checksum of
+    every embedding and row file, which ``mmssl retrieve`` checks."""
+    out = check_index_out(out)
     records = read_manifest(manifest)
     if not records:
         raise DataError(f"{manifest}: the manifest has no records")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     images, caption_groups = distinct_images(records)
     objective = loaded.objective
     image_emb = embed_image_files(objective, [row["image"] for row in images], batch_size, device, progress)
     speech_emb = embed_speech_records(objective, records, batch_size, device, progress)
-    _write_embeddings(out / f"{IMAGES}.safetensors", image_emb)
-    _write_jsonl(out / f"{IMAGES}.jsonl", images)
-    _write_embeddings(out / f"{SPEECH}.safetensors", speech_emb)
-    _write_jsonl(
-        out / f"{SPEECH}.jsonl",
-        [
-            {"id": r.get("id"), "audio": r.get("audio"), "group": g, "caption": r.get("caption")}
-            for r, g in zip(records, caption_groups)
-        ],
-    )
-    meta = {
-        "run": str(loaded.run_dir),
-        "weights": str(loaded.weights),
-        "step": loaded.step,
-        "weights_sha256": sha256_file(loaded.weights),
-        "manifest": str(Path(manifest).resolve()),
-        "dim": int(objective.dim),
-        "images": len(images),
-        "captions": len(records),
-    }
-    (out / INDEX_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return write_recall(out, speech_emb, caption_groups, image_emb, [row["group"] for row in images], ks)
+    with atomic_dir(out) as tmp:
+        _write_embeddings(tmp / f"{IMAGES}.safetensors", image_emb)
+        _write_jsonl(tmp / f"{IMAGES}.jsonl", images)
+        _write_embeddings(tmp / f"{SPEECH}.safetensors", speech_emb)
+        _write_jsonl(
+            tmp / f"{SPEECH}.jsonl",
+            [
+                {"id": r.get("id"), "audio": r.get("audio"), "group": g, "caption": r.get("caption")}
+                for r, g in zip(records, caption_groups)
+            ],
+        )
+        meta = {
+            "run": str(loaded.run_dir),
+            "weights": str(loaded.weights),
+            "step": loaded.step,
+            "weights_sha256": sha256_file(loaded.weights),
+            "manifest": str(Path(manifest).resolve()),
+            "dim": int(objective.dim),
+            "images": len(images),
+            "captions": len(records),
+            "files": {name: sha256_file(tmp / name) for name in INDEX_DATA},
+        }
+        write_text(tmp / INDEX_FILE, json.dumps(meta, indent=2) + "\n")
+        groups = [row["group"] for row in images]
+        return write_recall(tmp, speech_emb, caption_groups, image_emb, groups, ks)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mmssl.eval.noisy import CLEAN, canonical_snr, read_results
+from mmssl.files import read_text
 
 # the demo's targets (README, "What `make demo` shows")
 MAX_CLEAN_AUDIO_WER = 10.0
@@ -208,7 +209,7 @@ def write_summary(out: Path, summary: dict) -> list[Claim]:
 
 def _quality(out: Path, folder: str) -> dict:
     path = out / folder / "quality.json"
-    return json.loads(path.read_text())["by_manifest"].get("valid", {}) if path.is_file() else {}
+    return json.loads(read_text(path))["by_manifest"].get("valid", {}) if path.is_file() else {}
 
 
 def collect(out: Path, seconds: dict[str, float]) -> dict:
@@ -226,7 +227,7 @@ def collect(out: Path, seconds: dict[str, float]) -> dict:
         summary[key] = {name: q[key] for name, q in (("mfcc", mfcc), ("pretrained", pretrained)) if key in q}
     recall = out / "index" / "recall.json"
     if recall.is_file():
-        summary["retrieval"] = retrieval_summary(json.loads(recall.read_text()))
+        summary["retrieval"] = retrieval_summary(json.loads(read_text(recall)))
     summary["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
     summary["cores"] = os.cpu_count()
     return summary
@@ -258,7 +259,7 @@ def write_report(out: Path, summary: dict, claims: list, commands: list[str]) ->
     ):
         table = out / folder / "eval_noisy" / "wer.md"
         if table.is_file():
-            lines += ["", f"## {title}", "", table.read_text().strip()]
+            lines += ["", f"## {title}", "", read_text(table).strip()]
             if (table.parent / "wer_vs_snr.png").is_file():
                 lines += ["", f"![WER vs SNR]({folder}/eval_noisy/wer_vs_snr.png)"]
     if (out / "index" / "recall.md").is_file():
@@ -266,7 +267,7 @@ def write_report(out: Path, summary: dict, claims: list, commands: list[str]) ->
             "",
             "## Speech-image retrieval on the test split's unseen images",
             "",
-            (out / "index" / "recall.md").read_text().strip(),
+            read_text(out / "index" / "recall.md").strip(),
             "",
             "![recall@K](index/recall_at_k.png)",
         ]

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl.data.noise import AddNoise, NoiseBank, snr_range
-from mmssl.encoders.av import AVEncoder, av_base, av_large, av_tiny, substitute_frames
+from mmssl.encoders.av import AVEncoder, av_base, av_large, av_small, av_tiny, substitute_frames
 from mmssl.encoders.base import FrameSpec
 from mmssl.encoders.fusion import sample_keep
 from mmssl.errors import ConfigError, DataError
@@ -310,7 +310,7 @@ class AVHubert(Objective):
 
 
 # AV-HuBERT ``final_dim: 256`` for BASE and LARGE alike (HuBERT LARGE uses 768)
-AV_FINAL_DIM = {"tiny": 32, "base": 256, "large": 256}
+AV_FINAL_DIM = {"tiny": 32, "small": 256, "base": 256, "large": 256}
 MASKING_TYPES = ("input", "feature")
 
 
@@ -352,7 +352,7 @@ def av_hubert(
     """AV-HuBERT on the ``av_<size>`` encoder (``encoder``: preset overrides, e.g.
     ``{modality_dropout: 0.5}``); ``noise_dir``: a folder of noise recordings (``mmssl synth``
     writes ``noise/train``), None for no noise augmentation."""
-    presets = {"tiny": av_tiny, "base": av_base, "large": av_large}
+    presets = {"tiny": av_tiny, "small": av_small, "base": av_base, "large": av_large}
     if size not in presets:
         raise ConfigError(f"av_hubert: size must be one of {sorted(presets)}, got {size!r}")
     _check_masking(masking_type, (audio_mask_prob, audio_mask_span), (video_mask_prob, video_mask_span))

@@ -364,8 +364,8 @@ def ctc(
     encoder: str = "hubert",  # a fresh encoder preset family, used when encoder_init is none
     encoder_init: nn.Module | None = None,  # the encoder of the pretraining run (config: its path)
     encoder_options: dict[str, Any] | None = None,  # preset overrides of a fresh encoder
-    units: str = "char",  # char | unigram: what `mmssl finetune-asr` trains on the transcripts
-    vocab_size: int = 1000,  # unigram only (AV-HuBERT on LRS3: 1000): read by finetune-asr's unit training
+    units: str = "char",  # char | unigram | bpe: what `mmssl finetune-asr` trains on the transcripts
+    vocab_size: int = 1000,  # unigram and bpe (AV-HuBERT on LRS3: 1000 unigram): read by finetune-asr
     units_file: str | None = None,  # a units.model; None: built-in character units
     final_dropout: float = 0.0,  # fairseq wav2vec 2.0 base_10h ``final_dropout``
     freeze_steps: int = 0,  # fairseq ``freeze_finetune_updates`` (base_10h: 10000)

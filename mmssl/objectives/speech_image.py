@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl.encoders import build_family
-from mmssl.encoders.base import SpeechEncoder
-from mmssl.encoders.image import TINY, ImageTower, build_open_clip, image_tower_from
+from mmssl.encoders.base import AudioVisualEncoder, SpeechEncoder
+from mmssl.encoders.image import SMALL, TINY, ImageTower, build_open_clip, image_tower_from
 from mmssl.encoders.text import TextTower, text_tower_from
 from mmssl.errors import ConfigError, DataError
 from mmssl.nn.contrastive import Gather, LogitScale, gather_ids, gather_rows, pair_info_nce, same_group_mask
@@ -46,7 +46,8 @@ from mmssl.registry import OBJECTIVES
 
 POOLINGS = ("mean", "attention")
 # SpeechCLIP (Shih et al., 2022, sec. 4.1): HuBERT base with CLIP ViT-B/16, HuBERT large with ViT-L/14
-CLIP_MODELS = {"tiny": TINY, "base": "ViT-B-16", "large": "ViT-L-14"}
+# (small: mmssl's own ResNet CLIP for CPUs)
+CLIP_MODELS = {"tiny": TINY, "small": SMALL, "base": "ViT-B-16", "large": "ViT-L-14"}
 
 
 def stable_group_id(group: str) -> int:
@@ -147,7 +148,10 @@ class SpeechImage(Objective):
 
     def embed_speech(self, audio: Tensor, audio_lens: Tensor) -> Tensor:
         """``audio (B, S)``, ``audio_lens (B,)`` -> normalised ``(B, D)``, pooled over valid frames."""
-        out = self.encoder(audio, audio_lens)
+        if isinstance(self.encoder, AudioVisualEncoder):  # its audio stream (zeros for the lips)
+            out = self.encoder.encode({"audio": audio, "audio_lens": audio_lens})
+        else:
+            out = self.encoder(audio, audio_lens)
         if self.attention_pool is not None:
             pooled = self.attention_pool(out.hidden, out.lengths)
         else:
@@ -217,14 +221,24 @@ class SpeechImage(Objective):
 
 
 def _speech_encoder(
-    size: str, speech: str, encoder: dict[str, Any] | None, speech_init: SpeechEncoder | None
-) -> SpeechEncoder:
+    size: str,
+    speech: str,
+    encoder: dict[str, Any] | None,
+    speech_init: SpeechEncoder | AudioVisualEncoder | None,
+) -> SpeechEncoder | AudioVisualEncoder:
     if speech_init is not None:
         if encoder:
             raise ConfigError(
                 "speech_image: objective.encoder overrides cannot apply to a speech_init run's encoder"
             )
         enc = speech_init.train()
+        if isinstance(enc, AudioVisualEncoder):
+            if "audio" not in enc.modalities:
+                raise ConfigError("speech_image: objective.speech_init is an encoder without an audio stream")
+            # the tower hears speech only: an audio-visual encoder (AV-HuBERT) reads its audio
+            # stream, and modality dropout would drop the only stream there is
+            enc.fusion.modality_dropout = 0.0
+            return enc
     else:
         enc = build_family(speech, size, encoder, what="objective.speech")
     if not isinstance(enc, SpeechEncoder):
@@ -240,7 +254,9 @@ def speech_image(
     size: str = "base",
     speech: str = "hubert",  # the speech encoder preset family: <speech>_<size>
     encoder: dict[str, Any] | None = None,  # overrides of the speech encoder preset
-    speech_init: SpeechEncoder | None = None,  # the encoder of an `mmssl pretrain` run (config: its path)
+    # the encoder of an `mmssl pretrain` (or `finetune-asr`) run (config: its path); an
+    # audio-visual one (AV-HuBERT) is used on its audio stream
+    speech_init: SpeechEncoder | AudioVisualEncoder | None = None,
     clip_model: str
     | None = None,  # "tiny" or a plain CLIP config of open_clip; None: by size (SpeechCLIP's pairing)
     clip_pretrained: str

@@ -58,6 +58,8 @@ def build_stream(cfg: DictConfig, split: str, objective: Objective, env: DistEnv
     train = split == "train"
     # the subset is drawn over the whole manifest, so it does not move with the duration limits
     count = len(durations)
+    if not count:
+        raise DataError(f"data.{split}: manifest {manifest} has no records")
     chosen = subset_indices(count, data.train_subset, data.train_subset_seed) if train else range(count)
     keep = [i for i in chosen if data.min_audio_seconds <= durations[i] <= data.max_audio_seconds]
     if not keep:
@@ -121,7 +123,8 @@ def build_schedule(train: DictConfig) -> Schedule:
     )
 
 
-def _check_train(train: DictConfig) -> None:
+def check_train(train: DictConfig) -> None:
+    """The ``train`` section's counts and precision, before anything is built or written."""
     if train.max_steps <= 0 or train.log_every <= 0 or train.save_every <= 0 or train.accum_steps <= 0:
         raise ConfigError("train.max_steps, log_every, save_every and accum_steps must be positive")
     if train.precision not in ("bf16", "fp32"):
@@ -140,7 +143,7 @@ def build_trainer(
     """Everything ``mmssl pretrain`` runs, from a resolved config; weights start from
     ``train.seed`` (the same on every rank)."""
     train = cfg.train
-    _check_train(train)
+    check_train(train)
     torch.manual_seed(train.seed)
     objective = build_objective(cfg, env.rank, env.world_size, registry).to(device)
     stream = stream_builder(cfg, "train", objective, env)
@@ -176,15 +179,23 @@ def build_trainer(
     )
 
 
-def prepare_run_dir(cfg: DictConfig, resume: bool, env: DistEnv) -> Path:
-    """Create the run folder and save the resolved config (rank 0). A fresh run refuses a
-    folder that already holds checkpoints; ``--resume`` continues it."""
+def check_run_dir(cfg: DictConfig, resume: bool) -> Path:
+    """The run folder, after refusing to start a fresh run in one that already holds
+    checkpoints (``--resume`` continues it). Writes nothing."""
     run_dir = Path(cfg.train.out_dir)
     if not resume and has_checkpoint(run_dir):  # every rank stops alike
         raise ConfigError(
             f"train.out_dir={run_dir} already holds a run; pass --resume to continue "
             "it or choose another train.out_dir"
         )
+    return run_dir
+
+
+def write_run_dir(cfg: DictConfig, resume: bool, env: DistEnv) -> Path:
+    """Save the resolved config in the run folder (rank 0), once the run is built (and, resumed,
+    has loaded its checkpoint): a config that fails to build or to load leaves the folder as it
+    was. A fresh run also drops an earlier run's ``metrics.jsonl``."""
+    run_dir = Path(cfg.train.out_dir)
     if env.is_main:
         if not resume and (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()

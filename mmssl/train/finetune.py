@@ -17,11 +17,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mmssl.config import CONFIG_FILE, load_run_config, resolve
+from mmssl.config import CONFIG_FILE, load_run_config, load_yaml, resolve
 from mmssl.data.manifest import read_manifest
 from mmssl.data.units import UNITS_FILE, train_units
 from mmssl.errors import ConfigError, DataError
 from mmssl.runs import MODEL_FILE, check_options, has_checkpoint, resolve_weights
+from mmssl.train.build import check_train
 from mmssl.train.pretrain import pretrain
 
 
@@ -49,7 +50,13 @@ def finetune_config(
     cfg = resolve(cfg)
     run_dir = Path(cfg.train.out_dir)
     if resume and has_checkpoint(run_dir):
-        cfg.objective.encoder_init = OmegaConf.load(run_dir / CONFIG_FILE).objective.encoder_init
+        kept = load_yaml(run_dir / CONFIG_FILE).objective.encoder_init
+        if str(cfg.objective.encoder_init) != str(kept):  # given again, and another one
+            print(
+                f"note: --resume keeps the run's start point objective.encoder_init={kept or 'none'} (its "
+                f"checkpoint holds the weights); {cfg.objective.encoder_init} is not used"
+            )
+        cfg.objective.encoder_init = kept
         return cfg
     init = OmegaConf.select(cfg, "objective.encoder_init")
     if init not in (None, "", "none"):
@@ -105,6 +112,7 @@ def finetune(cfg: DictConfig, resume: bool = False) -> Path:
     """Check the options, train the units and fine-tune with ``mmssl pretrain``'s engine;
     returns the run folder."""
     check_options(cfg)
+    check_train(cfg.train)  # before the units are written into the run folder
     check_freeze(cfg)
     prepare_units(cfg, resume)
     return pretrain(cfg, resume=resume)

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from mmssl import runs
 from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import MmsslError
-from mmssl.files import write_text
+from mmssl.files import read_text, write_text
 from mmssl.objectives.base import Objective
 from mmssl.train import checkpoint as ckpt
 from mmssl.train.distributed import (
@@ -327,7 +327,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path).splitlines():
         try:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)

@@ -13,10 +13,25 @@ from omegaconf import DictConfig
 
 from mmssl.devices import pick_device
 from mmssl.registry import OBJECTIVES, Registry
-from mmssl.runs import check_options, resume_config
-from mmssl.train.build import StreamBuilder, build_stream, build_trainer, prepare_run_dir
-from mmssl.train.distributed import barrier, env_from_torchrun, init_process_group, shutdown
-from mmssl.train.loop import StepCallback
+from mmssl.runs import (
+    MODEL_FILE,
+    check_checkpoint_fits,
+    check_options,
+    check_resume,
+    has_checkpoint,
+    latest_step_dir,
+    resume_config,
+)
+from mmssl.train.build import (
+    StreamBuilder,
+    build_stream,
+    build_trainer,
+    check_run_dir,
+    check_train,
+    write_run_dir,
+)
+from mmssl.train.distributed import DistEnv, barrier, env_from_torchrun, init_process_group, shutdown
+from mmssl.train.loop import StepCallback, Trainer
 
 
 def pretrain(
@@ -27,27 +42,54 @@ def pretrain(
     stream_builder: StreamBuilder = build_stream,
     callbacks: Sequence[StepCallback] = (),
 ) -> Path:
-    """Train from a resolved config; returns the run folder."""
+    """Train from a resolved config; returns the run folder.
+
+    Nothing is written before the run is built and, with ``resume``, has loaded its checkpoint:
+    a config that fails (a misspelt or shape-changing key, a bad value, an unreadable manifest)
+    leaves the run folder as it was, its ``config.yaml`` included."""
     check_options(cfg, registry)  # a misspelt option fails before the run folder is made
+    check_train(cfg.train)
+    run_dir = check_run_dir(cfg, resume)
+    changes = check_resume(cfg) if resume and has_checkpoint(run_dir) else {}
     env = env_from_torchrun()
     device = pick_device(cfg.train.device, env.local_rank, "train.device")
     init_process_group(env, device, cfg.train.dist_timeout_s)
     try:
-        run_dir = prepare_run_dir(cfg, resume, env)  # saves cfg as given
-        barrier(env)
-        # a resumed run with a checkpoint builds its start-from encoders from the copies in its
-        # folder (the checkpoint holds the weights); config.yaml keeps the original sources
-        _fit(resume_config(cfg) if resume else cfg, env, device, resume, registry, stream_builder, callbacks)
+        _fit(cfg, env, device, resume, changes, registry, stream_builder, callbacks)
     finally:
         shutdown()  # after the trainer (and its DDP/FSDP state) is gone: tearing down in the
         # other order can hang on exit
     return run_dir
 
 
-def _fit(cfg, env, device, resume, registry, stream_builder, callbacks) -> None:
+def _fit(cfg, env, device, resume, changes, registry, stream_builder, callbacks) -> None:
+    # a resumed run with a checkpoint builds its start-from encoders from the copies in its
+    # folder (the checkpoint holds the weights); config.yaml keeps the original sources
     trainer = build_trainer(
-        cfg, env, device, registry=registry, stream_builder=stream_builder, callbacks=callbacks
+        resume_config(cfg) if resume else cfg,
+        env,
+        device,
+        registry=registry,
+        stream_builder=stream_builder,
+        callbacks=callbacks,
     )
-    if resume and not trainer.resume() and env.is_main:
-        print(f"no checkpoint in {trainer.ckpt_dir}; starting from step 0")
+    if resume:
+        _resume(trainer, changes, env)
+    write_run_dir(cfg, resume, env)
+    barrier(env)
     trainer.fit()
+
+
+def _resume(trainer: Trainer, changes: dict, env: DistEnv) -> None:
+    """Load the latest checkpoint, after checking that it fits the model built now (a key that
+    reshapes the weights is named, and nothing is loaded); say which settings changed."""
+    folder = latest_step_dir(trainer.ckpt_dir)
+    if folder is not None:
+        check_checkpoint_fits(trainer.objective, folder / MODEL_FILE, changes)
+    if not trainer.resume():
+        if env.is_main:
+            print(f"no checkpoint in {trainer.ckpt_dir}; starting from step 0")
+        return
+    if changes and env.is_main:
+        listed = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
+        print(f"resuming {trainer.run_dir} at step {trainer.step} with changed settings: {listed}")

@@ -22,6 +22,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         str(out),
         "--retrieval-steps",
         "2",
+        "--subset-steps",
+        "2",
+        "--model-size",
+        "tiny",
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -23,7 +23,7 @@ def test_good_records_pass(media):
         == []
     )
     assert _reasons({"id": "b", "audio": str(media.mp4_h264), "video": str(media.mp4_30fps)}) == []
-    assert _reasons({"id": "c", "image": str(media.png)}) == []
+    assert _reasons({"id": "c", "audio": str(media.wav), "image": str(media.png)}) == []
 
 
 def test_records_training_reads_by_converting_pass_with_notes(media):
@@ -89,8 +89,8 @@ def test_zero_length_video(media):
 def test_manifest_counts_must_match_decoded(media):
     (reason,) = _reasons({"id": "m", "audio": str(media.wav), "audio_samples": 48000})
     assert reason == "manifest says 48000 audio samples, decoded 32000"
-    (reason,) = _reasons({"id": "m", "video": str(media.mkv), "video_frames": 40})
-    assert reason == "manifest says 40 video frames, decoded 50"
+    reasons = _reasons({"id": "m", "video": str(media.mkv), "video_frames": 40})
+    assert reasons == ["manifest says 40 video frames, decoded 50", "no audio path"]
 
 
 def test_cli_table_summary_and_exit_status(media, tmp_path, capsys):
@@ -143,3 +143,20 @@ def test_report_counts_kinds():
     report = format_report(4, problems)
     assert "4 records checked, 2 bad (50.0%)" in report
     assert "2  manifest says N audio samples, decoded N" in report
+
+
+def test_an_empty_manifest_a_record_without_audio_and_a_negative_tolerance_fail(media, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["data", "check", str(empty), "--workers", "1", "--no-progress"]) == 2
+    assert f"{empty}: the manifest has no records" in capsys.readouterr().err
+    no_audio = tmp_path / "no_audio.jsonl"
+    write_manifest(no_audio, [{"id": "v", "video": str(media.mkv)}, {"id": "i", "image": str(media.png)}])
+    assert main(["data", "check", str(no_audio), "--workers", "1", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "2 records checked, 2 bad (100.0%)" in out and out.count("no audio path") == 3  # 2 + summary
+    good = tmp_path / "good.jsonl"
+    write_manifest(good, [{"id": "g", "audio": str(media.mkv), "video": str(media.mkv)}])
+    assert main(["data", "check", str(good), "--av-tolerance", "-1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--av-tolerance must be 0 or more seconds" in err

@@ -161,3 +161,42 @@ def test_loader_with_bucket_sampler_in_a_worker(media):
     loader = DataLoader(strict, batch_size=6, collate_fn=collate, num_workers=1)
     with pytest.raises(DataError, match="2 of 5 records seen are bad"):  # raised in the worker
         list(loader)
+
+
+def test_labels_of_another_manifest_or_clustering_are_refused(tmp_path):
+    """A labels folder records what it labelled (labels.json): a .km read for other records, or
+    a kmeans.pt rewritten by another clustering beside it, is an error (issue 16, item 3)."""
+    import json
+
+    from mmssl.data.importers import records_fingerprint
+
+    records = [{"id": "a", "audio": "a.wav"}, {"id": "b", "audio": "b.wav"}]
+    manifest, other = tmp_path / "train.jsonl", tmp_path / "other" / "train.jsonl"
+    write_manifest(manifest, records)
+    other.parent.mkdir()
+    write_manifest(other, records[::-1])  # same stem and count, records in another order
+    km = tmp_path / "km"
+    km.mkdir()
+    (km / "train.km").write_text("0 1\n1 1\n")
+    torch.save(
+        {"centroids": torch.zeros(2, 3), "k": 2, "label_rate": 100.0, "clustering": "c1"}, km / "kmeans.pt"
+    )
+    entry = {"path": str(manifest), **records_fingerprint(records)}
+    record = {"k": 2, "features": "mfcc", "clustering": "c1", "manifests": {"train": entry}}
+    (km / "labels.json").write_text(json.dumps(record))
+    assert len(ManifestDataset(str(manifest), labels=str(km)).labels) == 2
+    assert len(ManifestDataset(str(manifest), labels=str(km / "train.km")).labels) == 2  # the file alone too
+    with pytest.raises(DataError, match=r"labels 2 records of .*train.jsonl, not the 2 records of .*other"):
+        ManifestDataset(str(other), labels=str(km))
+    # a .km the record does not list, and a kmeans.pt of another clustering
+    (km / "valid.km").write_text("0 0\n0 1\n")
+    write_manifest(tmp_path / "valid.jsonl", records)
+    with pytest.raises(DataError, match="valid.km: not made with the clustering"):
+        ManifestDataset(str(tmp_path / "valid.jsonl"), labels=str(km))
+    torch.save(
+        {"centroids": torch.zeros(5, 3), "k": 5, "label_rate": 100.0, "clustering": "c2"}, km / "kmeans.pt"
+    )
+    with pytest.raises(
+        DataError, match=r"kmeans.pt \(k=5\) is not the clustering that made its labels \(k=2\)"
+    ):
+        ManifestDataset(str(manifest), labels=str(km))

@@ -192,8 +192,11 @@ def test_landmarks_are_found_by_record_id_when_clip_names_repeat(tmp_path, frame
         for t in ("talkA", "talkB")
     )
     assert a.shape == b.shape and (a - b).abs().mean() > 1.0  # crops at different mouths
-    with pytest.raises(DataError, match="nope.pkl"):
+    with pytest.raises(DataError, match=r"\(looked for nope.pkl, nope.npy, x.pkl, x.npy\)$"):
         landmark_file(str(tmp_path / "lm"), tmp_path / "x.mp4", "nope")
+    # a record named after its video: each name once, not "x.pkl|.npy or x.pkl|.npy"
+    with pytest.raises(DataError, match=r"no landmark file in .*lm \(looked for x.pkl, x.npy\)$"):
+        landmark_file(str(tmp_path / "lm"), tmp_path / "x.mp4", "x")
 
 
 def test_cli_names_a_missing_file(tmp_path, capsys):

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +82,20 @@ def test_snr_setting_is_one_value_or_a_range():
     for bad in ("0", [1, 2, 3], True):
         with pytest.raises(ConfigError, match="noise_snr"):
             snr_range(bad)
+
+
+def test_silent_noise_is_an_error_naming_the_file(tmp_path):
+    from mmssl.errors import DataError
+
+    write_wav(tmp_path / "hum.wav", tone(4000, freq=300))
+    write_wav(tmp_path / "zeros.wav", np.zeros(4000, dtype=np.float32))
+    write_wav(tmp_path / "faint.wav", np.full(4000, 2e-6, np.float32), codec="pcm_f32le")  # not zero
+    bank = NoiseBank(tmp_path)
+    with pytest.raises(DataError, match="faint.wav: the noise is silent"):
+        bank.check()
+    assert bank.load(1).abs().max() > 0.1  # the loud one is fine
+    silent = NoiseBank([tmp_path / "zeros.wav"])
+    with pytest.raises(DataError, match="zeros.wav: the noise is silent"):
+        silent.sample(1000)
+    with pytest.raises(DataError, match="zeros.wav: the noise is silent"):
+        AddNoise(silent, prob=1.0)(torch.randn(1000))

@@ -107,8 +107,13 @@ def test_preset_builds_the_fingerprinted_modules(name):
         )
 
 
+def _fingerprinted(name: str) -> bool:
+    """Our presets; open_clip's own configs (``clip_*_vit_*``) are open_clip's to keep."""
+    return "_vit_" not in name
+
+
 def write() -> None:
-    data = {name: fingerprint(name) for name in ENCODERS.names()}
+    data = {name: fingerprint(name) for name in ENCODERS.names() if _fingerprinted(name)}
     FINGERPRINTS.write_text(json.dumps(data, indent=0) + "\n")
     print(f"wrote {FINGERPRINTS} ({len(data)} presets)")
 

@@ -3,13 +3,14 @@ import torch
 from torch import nn
 
 from mmssl.encoders.video import (
+    LipEncoder,
     MaskedBatchNorm,
     centre_crop,
     lip_resnet18,
     lip_tiny,
     random_crop_flip,
 )
-from mmssl.errors import DataError
+from mmssl.errors import ConfigError, DataError
 from mmssl.testing import tiny_video_batch
 
 
@@ -135,3 +136,16 @@ def test_zero_length_clip_in_a_batch():
     before = all_padding.running_mean.clone()
     out = all_padding(torch.randn(3, 2, 2, 2), torch.zeros(3, 1, 1, 1, dtype=torch.bool))
     assert torch.isfinite(out).all() and torch.equal(all_padding.running_mean, before)
+
+
+def test_pool_averages_the_crop_before_the_stem():
+    torch.manual_seed(0)
+    pooled = LipEncoder(8, (8, 16), (1, 1), crop=88, flip=False, pool=4).eval()
+    full = LipEncoder(8, (8, 16), (1, 1), crop=22, flip=False).eval()
+    full.load_state_dict(pooled.state_dict())
+    video = torch.randn(2, 5, 1, 88, 88)
+    lens = torch.tensor([5, 3])
+    small = video.view(2, 5, 1, 22, 4, 22, 4).mean((4, 6))  # 4x4 blocks averaged by hand
+    torch.testing.assert_close(pooled(video, lens).hidden, full(small, lens).hidden)
+    with pytest.raises(ConfigError, match="pool must be >= 1 and divide crop=88"):
+        LipEncoder(8, (8, 16), (1, 1), crop=88, pool=3)

@@ -229,3 +229,53 @@ def test_modalities_asked_for_are_required(corpus, tmp_path, capsys):
     torch.testing.assert_close(
         load_features(tmp_path / "o", 1)[record["id"]], expected[0, : int(lengths[0])], atol=1e-5, rtol=1e-5
     )
+
+
+def test_a_failed_extraction_leaves_no_folder_and_an_earlier_one_whole(corpus, tmp_path, capsys):
+    manifest, (_, step), _ = corpus
+    records = read_manifest(manifest)
+    ghost = write_manifest(
+        tmp_path / "g.jsonl", [records[0], {"id": "ghost", "audio": str(tmp_path / "g.wav")}]
+    )
+    out = tmp_path / "feats"
+    args = ["extract", "--checkpoint", str(step), "--layer", "1", "--out", str(out), "--device", "cpu"]
+    assert main([*args, "--manifest", str(ghost)]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl"]  # no folder, empty or hidden
+    assert main([*args, "--manifest", str(manifest)]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*args, "--manifest", str(ghost)]) == 2
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert len(load_features(out, 1)) == 2  # the earlier extraction still reads back whole
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert main([*args[:-4], "--out", str(tmp_path / "mine"), "--manifest", str(manifest)]) == 2
+    assert "not a folder this command wrote (no extract.json)" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_an_audio_visual_run_on_an_audio_only_manifest_says_so(corpus, tmp_path, capsys):
+    manifest, _, (_, step) = corpus
+    audio_only = [{k: v for k, v in r.items() if k != "video"} for r in read_manifest(manifest)]
+    no_video = write_manifest(tmp_path / "no_video.jsonl", audio_only)
+    out = tmp_path / "o"
+    argv = [
+        "extract",
+        "--checkpoint",
+        str(step),
+        "--manifest",
+        str(no_video),
+        "--layer",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 of 2 records have no video path: the audio-visual encoder reads them without it" in err
+    summary = json.loads((out / "extract.json").read_text())
+    assert summary["modalities_read"] == {"audio": 2} and "no video path" in summary["warning"]
+    assert main([*argv[:4], str(manifest), *argv[5:-1], str(tmp_path / "both"), "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    summary = json.loads((tmp_path / "both" / "extract.json").read_text())
+    assert summary["modalities_read"] == {"audio+video": 2} and "warning" not in summary

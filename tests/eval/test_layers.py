@@ -210,3 +210,21 @@ def test_mean_cca_ignores_a_direction_a_view_does_not_vary_in():
     # seven canonical correlations of 1; the eighth pair would be a (zero-variance) 0
     assert cca_similarity(normed, normed, "cca") == pytest.approx(1.0, abs=1e-4)
     assert cca_similarity(normed, torch.randn(800, 8, generator=g), "cca") < 0.1
+
+
+def test_an_audio_visual_run_on_an_audio_only_manifest_says_so(corpus, tmp_path, capsys):
+    manifest, _, (_, step) = corpus
+    records = read_manifest(manifest)
+    audio_only = write_manifest(
+        tmp_path / "a.jsonl", [{k: v for k, v in r.items() if k != "video"} for r in records]
+    )
+    assert _layers_cli("--checkpoint", step, "--manifest", audio_only, "--out", tmp_path / "o") == 0
+    assert "warning: 3 of 3 records have no video path" in capsys.readouterr().err
+    about = json.loads((tmp_path / "o" / "layers.json").read_text())
+    assert about["modalities_read"] == {"audio": 3} and "no video path" in about["warning"]
+    # some records with video, some without: their inputs differ (no lips), which is named
+    mixed = write_manifest(tmp_path / "m.jsonl", [records[0], *read_manifest(audio_only)[1:]])
+    assert _layers_cli("--checkpoint", step, "--manifest", mixed, "--out", tmp_path / "m") == 2
+    err = capsys.readouterr().err
+    assert "warning: 2 of 3 records have no video path" in err
+    assert f"record {records[1]['id']!r} gives the references fbank, fused but the records before it" in err

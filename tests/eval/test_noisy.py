@@ -189,3 +189,32 @@ def test_cells_are_reused_only_under_the_same_fingerprint(setup, tmp_path, monke
         **{**small, "seed": 1},
     )
     assert len(calls) == 2 and "manifest" in capsys.readouterr().out
+
+
+def test_a_silent_noise_file_is_named_not_scored_as_noisy(setup, tmp_path, capsys):
+    """Issue 16: an all-zero noise file made its noisy cells equal the clean one."""
+    import shutil
+
+    import numpy as np
+
+    from tests.data.media import write_wav
+
+    noise = tmp_path / "noise"
+    shutil.copytree(setup["noise"], noise)
+    write_wav(noise / "music_silent.wav", np.zeros(16000, np.float32))
+    out = tmp_path / "out"
+    argv = [
+        "eval-noisy",
+        "--run",
+        str(setup["audio"]),
+        "--manifest",
+        str(setup["test"]),
+        "--noise",
+        str(noise),
+    ]
+    assert (
+        main([*argv, "--snrs", "clean,0", "--modalities", "audio", "--device", "cpu", "--out", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "music_silent.wav: the noise is silent" in err
+    assert not (out / "results.jsonl").exists()

@@ -203,3 +203,26 @@ def test_index_and_retrieve_a_run_started_from_a_deleted_pretraining_run(speech_
     captured = capsys.readouterr()
     assert [r["query"] for r in json.loads(captured.out)] == [r["id"] for r in records]
     assert "note" not in captured.err  # the index's own weights, found after the source run was deleted
+
+
+def test_long_queries_are_cut_and_silent_ones_named(index, tmp_path, capsys):
+    from mmssl.data.io import load_audio
+    from tests.data.media import write_wav
+
+    out, _, manifest = index
+    speech = load_audio(read_manifest(manifest)[0]["audio"])
+    long = tmp_path / "long.wav"
+    write_wav(long, np.tile(speech.numpy(), 30))  # many times the clip
+    head = tmp_path / "head.wav"
+    write_wav(head, np.tile(speech.numpy(), 30)[: 2 * 16000])
+    silent = tmp_path / "silent.wav"
+    write_wav(silent, np.zeros(16000, np.float32))
+    capsys.readouterr()
+    argv = ["retrieve", "--index", str(out), "--json", "--max-seconds", "2", "--audio"]
+    assert main([*argv, str(long), str(head), str(silent)]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: {long} lasts {30 * speech.shape[0] / 16000:.1f} s: only its first 2 s" in captured.err
+    assert f"warning: {silent} is silent" in captured.err and str(head) not in captured.err
+    results = json.loads(captured.out)
+    assert [h["score"] for h in results[0]["results"]] == [h["score"] for h in results[1]["results"]]
+    assert main(["retrieve", "--index", str(out), "--audio", str(head), "--max-seconds", "0"]) == 2

@@ -356,3 +356,32 @@ def test_speech_tower_starts_from_a_pretraining_run(speech_image_run):
         OBJECTIVES.build(
             "speech_image", size="tiny", speech_init=load_encoder_from_run(run), encoder={"dropout": 0.0}
         )
+
+
+def test_an_audio_visual_speech_tower_embeds_its_audio_stream():
+    from mmssl.encoders.av import av_tiny
+    from mmssl.nn.padding import masked_mean
+
+    torch.manual_seed(0)
+    av = av_tiny()  # modality dropout 0.5 as built: the tower must not drop the only stream
+    objective = OBJECTIVES.build("speech_image", size="tiny", speech_init=av)
+    assert objective.encoder is av and av.fusion.modality_dropout == 0.0
+    batch = tiny_audio_batch(seed=1)
+    objective.eval()
+    got = objective.embed_speech(batch["audio"], batch["audio_lens"])
+    out = av.encode({"audio": batch["audio"], "audio_lens": batch["audio_lens"]})
+    want = F.normalize(objective.speech_proj(masked_mean(out.hidden, out.lengths)), dim=-1)
+    torch.testing.assert_close(got, want)
+    assert F.cosine_similarity(got[0], got[1], dim=0) < 0.999  # the clips' audio, not zeros alike
+    with pytest.raises(ConfigError, match="without an audio stream"):
+        OBJECTIVES.build("speech_image", size="tiny", speech_init=av_tiny(audio=False))
+
+
+def test_the_small_clip_is_a_resnet_on_64_pixel_images():
+    objective = OBJECTIVES.build("speech_image", size="small", speech="fbank")
+    tower = objective.image_tower
+    assert type(tower.visual).__name__ == "ModifiedResNet" and objective.dim == 128
+    image = torch.randint(0, 256, (3, 80, 120), dtype=torch.uint8)
+    pixels = tower.transform()(image)
+    assert tuple(pixels.shape) == (3, 64, 64)
+    assert tuple(objective.embed_image(pixels[None]).shape) == (1, 128)

@@ -151,3 +151,32 @@ def test_bad_input_is_a_clear_error(synth_tiny, tmp_path, capsys):
     assert "--workers" in capsys.readouterr().err
     assert loader.main(["--manifest", manifest, "--objectives", "hubert", "--quiet", "model.size=tiny"]) == 2
     assert "'hubert' trains on k-means targets: pass --labels" in capsys.readouterr().err
+
+
+def test_a_users_labels_and_results_are_never_rewritten(tmp_path, capsys):
+    """Issue 16, item 3: ``--labels`` holding another k's labels (a demo's) is refused and left
+    as it was, and so is a folder of anything else or a non-empty ``--out`` file."""
+    from mmssl.errors import ConfigError
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text('{"id": "a", "audio": "a.wav"}\n')
+    km = tmp_path / "km_mfcc"
+    km.mkdir()
+    (km / "train.km").write_text("0 1 1\n")
+    (km / "valid.km").write_text("2 2\n")
+    torch.save({"centroids": torch.zeros(50, 39), "k": 50, "label_rate": 100.0}, km / "kmeans.pt")
+    before = {p.name: p.read_bytes() for p in km.iterdir()}
+    with pytest.raises(ConfigError, match=r"holds k=50 labels but the objective wants k=100.*--overwrite"):
+        loader.ensure_labels(str(manifest), str(km), 100)
+    assert {p.name: p.read_bytes() for p in km.iterdir()} == before
+    loader.ensure_labels(str(manifest), str(km), 50)  # the same k: used as it is
+    assert {p.name: p.read_bytes() for p in km.iterdir()} == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "README").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty: pass --overwrite"):
+        loader.ensure_labels(str(manifest), str(other), 8)
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"kept": true}\n')
+    assert loader.main(["--manifest", str(manifest), "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == '{"kept": true}\n'

@@ -20,8 +20,10 @@ small tensor ops then wait for each other (``OMP_NUM_THREADS=1`` helps); data wo
 thread each.
 
 Objectives that read k-means targets (``data.labels``) get MFCC labels made once with
-``mmssl kmeans --features mfcc`` into ``--labels DIR`` unless that folder already has them,
-and ``objective.label_rate`` is set to their rate, 100 Hz (``av_hubert``'s recipe expects
+``mmssl kmeans --features mfcc`` into ``--labels DIR`` unless that folder already has them
+(a folder that holds anything else, such as labels of another k, is refused, not rewritten,
+unless ``--overwrite``; so is a non-empty ``--out`` file), and ``objective.label_rate``
+is set to their rate, 100 Hz (``av_hubert``'s recipe expects
 25 Hz labels of an audio-visual layer; its hook does the same work on either).
 
     mmssl synth --size demo --out corpus
@@ -48,8 +50,10 @@ from tqdm import tqdm
 
 from mmssl.config import load_config, resolve
 from mmssl.constants import SAMPLE_RATE
+from mmssl.data.importers import KMEANS_FILE, kmeans_info
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, MmsslError
+from mmssl.files import check_new_file, check_new_folder
 from mmssl.registry import OBJECTIVES
 from mmssl.runs import build_objective
 from mmssl.tables import markdown_table
@@ -82,20 +86,21 @@ def parse_workers(text: str) -> list[int]:
     return counts
 
 
-def training_config(recipe: str, manifest: str, labels: str | None, overrides: list[str]) -> DictConfig:
+def training_config(
+    recipe: str, manifest: str, labels: str | None, overrides: list[str], overwrite: bool = False
+) -> DictConfig:
     """The resolved config of ``mmssl pretrain RECIPE data.train=MANIFEST [data.labels=DIR] ...``
     (``overrides`` last). An objective that trains on cluster targets the overrides do not
-    provide gets ``labels``, made first when that folder lacks them (``ensure_labels``)."""
+    provide gets ``labels``, made first when that folder is new (``ensure_labels``)."""
     cfg = load_config(recipe, [f"data.train={manifest}", "data.valid=null", *overrides])
     if needs_labels(cfg):
         if labels is None:
             raise ConfigError(f"recipe {recipe!r} trains on k-means targets: pass --labels DIR")
         default = inspect.signature(OBJECTIVES.get(cfg.objective.name)).parameters["num_classes"].default
-        ensure_labels(manifest, labels, int(cfg.objective.get("num_classes", default)))
+        ensure_labels(manifest, labels, int(cfg.objective.get("num_classes", default)), overwrite)
         cfg.data.labels = labels
         if "label_rate" in inspect.signature(OBJECTIVES.get(cfg.objective.name)).parameters:
-            info = torch.load(Path(labels) / "kmeans.pt", map_location="cpu", weights_only=True)
-            cfg.objective.label_rate = float(info["label_rate"])
+            cfg.objective.label_rate = kmeans_info(labels)["label_rate"]
     return resolve(cfg)
 
 
@@ -108,17 +113,27 @@ def needs_labels(cfg: DictConfig) -> bool:
     return "num_classes" in params and OmegaConf.select(cfg, "data.labels") in (None, "???")
 
 
-def ensure_labels(manifest: str, out: str, k: int) -> None:
+def ensure_labels(manifest: str, out: str, k: int, overwrite: bool = False) -> None:
     """MFCC k-means labels of ``manifest`` in ``out`` (``mmssl kmeans``), unless already there
-    with the same ``k``."""
+    with the same ``k`` (the dataset then checks they label this manifest). A folder that holds
+    anything else (labels of another ``k``: a user's) is never rewritten without ``overwrite``:
+    this benchmark once replaced a demo's ``train.km`` and ``kmeans.pt`` with another k while
+    its ``valid.km`` stayed (issue 16)."""
     from mmssl.cli import main as mmssl_main
 
-    info = Path(out) / "kmeans.pt"
-    if (Path(out) / f"{Path(manifest).stem}.km").is_file() and info.is_file():
-        if int(torch.load(info, map_location="cpu", weights_only=True).get("k", -1)) == k:
+    if (Path(out) / f"{Path(manifest).stem}.km").is_file() and (Path(out) / KMEANS_FILE).is_file():
+        found = kmeans_info(out)["k"]
+        if found == k:
             return
+        if not overwrite:
+            raise ConfigError(
+                f"--labels {out} holds k={found} labels but the objective wants k={k}: pass a new "
+                "--labels folder (or --overwrite to replace that one)"
+            )
+    check_new_folder(out, overwrite)
     print(f"making MFCC k-means labels (k={k}) of {manifest} in {out}")
-    if mmssl_main(["kmeans", "--manifest", manifest, "--features", "mfcc", "--k", str(k), "--out", out]) != 0:
+    argv = ["kmeans", "--manifest", manifest, "--features", "mfcc", "--k", str(k), "--out", out]
+    if mmssl_main(argv + (["--overwrite"] if overwrite else [])) != 0:
         raise ConfigError(f"mmssl kmeans failed on {manifest}")
 
 
@@ -281,7 +296,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     steps = read_step_json(args.step_json) if args.step_json else {}
     results = []
     for recipe in [name.strip() for name in args.objectives.split(",") if name.strip()]:
-        cfg = training_config(recipe, args.manifest, args.labels, list(args.overrides))
+        cfg = training_config(recipe, args.manifest, args.labels, list(args.overrides), args.overwrite)
         torch.manual_seed(cfg.train.seed)
         # as ``build_trainer``: the objective is on its device before the stream takes its batch
         # hook; built once, outside the timing
@@ -319,14 +334,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the results here as JSON lines, each as it is measured")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out file or a --labels folder of another k",
+    )
+    p.add_argument(
         "overrides", nargs="*", help="key=value config overrides for every recipe (e.g. model.size=tiny)"
     )
     args = p.parse_args(argv)
 
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("")
     try:
+        if args.out:
+            check_new_file(args.out, args.overwrite)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text("")
         results = run(args)
     except MmsslError as err:
         print(f"loader: {err}", file=sys.stderr)

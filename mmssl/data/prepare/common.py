@@ -26,7 +26,7 @@ from mmssl.constants import SAMPLE_RATE, VIDEO_FPS
 from mmssl.data.io import load_audio, probe
 from mmssl.data.manifest import duration_seconds, write_manifest
 from mmssl.errors import DataError
-from mmssl.files import write_text
+from mmssl.files import read_text, write_text
 from mmssl.tables import markdown_table
 
 MEDIA_KEYS = ("audio", "video", "image")
@@ -66,16 +66,16 @@ def require(path: Path, corpus: str, what: str) -> Path:
 def read_text_lines(path: Path, corpus: str, what: str) -> list[str]:
     require(path, corpus, what)
     try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
+        return read_text(path).splitlines()
+    except OSError as err:
         raise DataError(f"{path}: cannot read {what} ({err})") from None
 
 
 def read_json(path: Path, corpus: str, what: str) -> object:
     require(path, corpus, what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return json.loads(read_text(path))
+    except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: cannot read {what} ({err})") from None
 
 
