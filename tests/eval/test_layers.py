@@ -188,18 +188,21 @@ def test_bad_input_exits_2_with_a_clear_message(corpus, tmp_path, capsys):
         == 2
     )
     assert "--max-records" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        _layers_cli(
-            "--checkpoint",
-            step,
-            "--against",
-            step,
-            "--against-inputs",
-            "--manifest",
-            manifest,
-            "--out",
-            tmp_path / "o",
-        )
+    # argparse's refusal of two exclusive options is one line and exit 2, like every other error
+    code = _layers_cli(
+        "--checkpoint",
+        step,
+        "--against",
+        step,
+        "--against-inputs",
+        "--manifest",
+        manifest,
+        "--out",
+        tmp_path / "o",
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "not allowed with argument --against" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_mean_cca_ignores_a_direction_a_view_does_not_vary_in():
