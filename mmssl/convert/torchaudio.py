@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mmssl.encoders.audio import AudioEncoder, build_conv_encoder
 from mmssl.errors import ConfigError
 
-_LAYER_KEYS = {
+LAYER_KEYS = {
     "layer_norm": "attention_norm",
     "final_layer_norm": "ff_norm",
     "feed_forward.intermediate_dense": "feed_forward.fc1",
@@ -88,11 +88,11 @@ def _map_layer(key: str, value: Tensor, prefix: str) -> dict[str, Tensor]:
     if key == "attention.rel_attn_embed.weight":
         return {"transformer.position_bias.embed.weight": value}
     module, _, leaf = key.rpartition(".")
-    if key in _LAYER_KEYS:  # a bare parameter such as gru_rel_pos_const
-        return {prefix + _LAYER_KEYS[key]: value}
-    if module not in _LAYER_KEYS:
+    if key in LAYER_KEYS:  # a bare parameter such as gru_rel_pos_const
+        return {prefix + LAYER_KEYS[key]: value}
+    if module not in LAYER_KEYS:
         raise ConfigError(f"from_torchaudio: no mapping for encoder layer parameter {key!r}")
-    return {f"{prefix}{_LAYER_KEYS[module]}.{leaf}": value}
+    return {f"{prefix}{LAYER_KEYS[module]}.{leaf}": value}
 
 
 def torchaudio_state_dict(model: nn.Module) -> dict[str, Tensor]:
