@@ -42,8 +42,8 @@ SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
 RULES = [
     ("mask_emb", "mask_embedding"),
-    ("feature_extractor.conv_layers.0.2.", "frontend.blocks.0.norm."),  # group norm (base)
     ("feature_extractor.conv_layers.{}.2.1.", "frontend.blocks.{}.norm."),  # layer norm (large)
+    ("feature_extractor.conv_layers.0.2.", "frontend.blocks.0.norm."),  # group norm (base)
     ("feature_extractor.conv_layers.{}.0.", "frontend.blocks.{}.conv."),
     ("layer_norm.", "projection.norm."),
     ("post_extract_proj.", "projection.linear."),
@@ -93,6 +93,19 @@ def model_config(checkpoint: dict, source: str) -> dict:
     if not cfg:
         raise DataError(f"{source}: the checkpoint's config has no model section")
     return cfg
+
+
+def _pretraining_config(w2v_args: Any) -> dict:
+    """The pretraining model config a fine-tuned checkpoint keeps in ``w2v_args``: a whole
+    config (its ``model`` section) or, in legacy checkpoints, flat ``args``."""
+    if w2v_args is None:
+        return {}
+    if isinstance(w2v_args, argparse.Namespace):
+        cfg = dict(vars(w2v_args))
+        cfg.setdefault("_name", cfg.get("arch"))
+        return cfg
+    args = _as_dict(w2v_args)
+    return _as_dict(args["model"]) if "model" in args else args
 
 
 def _literal(node: ast.AST, source: str) -> Any:
@@ -194,7 +207,7 @@ def from_fairseq(file: str | Path, dictionary: str | Path | None = None) -> Impo
     pretrain_cfg = cfg
     if finetuned:
         w2v_args = cfg.get("w2v_args")
-        pretrain_cfg = model_config(_as_dict(w2v_args), source) if w2v_args is not None else {}
+        pretrain_cfg = _pretraining_config(w2v_args)
         if not pretrain_cfg:
             raise DataError(f"{source}: a fine-tuned checkpoint without 'w2v_args' (its pretraining config)")
         state = {k.removeprefix("w2v_encoder.w2v_model."): v for k, v in state.items()}

@@ -46,7 +46,9 @@ ALLOWED: list[Any] = [
     str,
     bool,
 ]
-_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch words the refusal of a global in two ways (a class not allowed, a module blocked)
+_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+_GENERIC = ("Weights only load failed", "Re-running", "(1)", "(2)", "Check the documentation", "In PyTorch")
 
 
 def load_pickle(file: str | Path) -> Any:
@@ -67,7 +69,15 @@ def load_pickle(file: str | Path) -> Any:
                 f"{file}: refused: unpickling it needs {match.group(1)}, which is not on mmssl's "
                 "allow-list of checkpoint classes (it could run code); nothing of it was run"
             ) from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = str(err).split("WeightsUnpickler error:", 1)
+        if len(detail) == 2:  # refused by the restricted unpickler for another reason
+            reason = (
+                " ".join(detail[1].split("Check the documentation")[0].split())
+                or "an unsupported instruction"
+            )
+            raise UnsafeCheckpointError(f"{file}: refused by the restricted unpickler: {reason}") from None
+        lines = [x.strip() for x in str(err).splitlines() if x.strip() and not x.strip().startswith(_GENERIC)]
+        first = lines[0] if lines else type(err).__name__
         raise DataError(
             f"{file}: cannot read the checkpoint (truncated or not a torch file: {first})"
         ) from None
