@@ -1,10 +1,13 @@
-"""``mmssl convert SRC --out RUN [--kind hf|fairseq] [--dict DICT] [--overwrite]``: a published
+"""``mmssl convert SRC --out RUN [--kind hf|fairseq|torchaudio] [--dict DICT] [--overwrite]``: a published
 checkpoint -> an mmssl run folder that ``extract``, ``layers``, ``kmeans --checkpoint``,
 ``finetune-asr --init`` and (for a fine-tuned CTC checkpoint) ``eval-noisy`` read.
 
 SRC: a Hugging Face model folder (``config.json`` + ``model.safetensors`` or
-``pytorch_model.bin``; ``--kind hf``) or a fairseq ``.pt`` file (``--kind fairseq``); the kind is
-guessed when omitted (a folder with ``config.json``: hf; a file: fairseq).
+``pytorch_model.bin``; ``--kind hf``), a fairseq ``.pt`` file (``--kind fairseq``) or the weights
+file of a torchaudio pipeline bundle under the name torchaudio saves it
+(``hubert_fairseq_base_ls960.pth``; ``--kind torchaudio``, the architecture is the bundle's);
+the kind is guessed when omitted (a folder with ``config.json``: hf; a file named as a
+torchaudio bundle's: torchaudio; another file: fairseq).
 
 The run folder is a pretraining run of the encoder's family (objective ``wav2vec2``,
 ``hubert``, ``wavlm`` or ``data2vec``, ``objective.encoder`` holding the imported architecture)
@@ -29,6 +32,7 @@ from mmssl.config import DEFAULTS, load_yaml, save_resolved
 from mmssl.convert.common import ImportedEncoder, head_units
 from mmssl.convert.fairseq import from_fairseq
 from mmssl.convert.hf import CONFIG, from_hf
+from mmssl.convert.torchaudio import find_bundle, from_torchaudio_file
 from mmssl.data.units import UNITS_FILE
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import new_folder, write_text
@@ -43,12 +47,15 @@ from mmssl.runs import (
 )
 from mmssl.train.checkpoint import save_state
 
-KINDS = ("hf", "fairseq")
+KINDS = ("hf", "fairseq", "torchaudio")
 SUMMARY = "converted.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="a Hugging Face model folder or a fairseq .pt checkpoint")
+    parser.add_argument(
+        "src",
+        help="a Hugging Face model folder, a fairseq .pt checkpoint or a torchaudio bundle's weights file",
+    )
     parser.add_argument("--out", required=True, help="the run folder to write")
     parser.add_argument("--kind", choices=KINDS, help="what SRC is (default: guessed from SRC)")
     parser.add_argument(
@@ -63,7 +70,7 @@ def guess_kind(src: Path) -> str:
             return "hf"
         raise DataError(f"{src}: a folder without {CONFIG}; pass --kind (hf reads a Hugging Face folder)")
     if src.is_file():
-        return "fairseq"
+        return "torchaudio" if find_bundle(src.name) is not None else "fairseq"
     raise DataError(f"{src}: not found")
 
 
@@ -72,6 +79,10 @@ def import_checkpoint(src: Path, kind: str, dictionary: str | None = None) -> Im
         if dictionary:
             raise ConfigError("--dict is for fairseq checkpoints; a Hugging Face folder has its vocab.json")
         return from_hf(src)
+    if dictionary and kind == "torchaudio":
+        raise ConfigError("--dict is for fairseq checkpoints; a torchaudio bundle has its labels")
+    if kind == "torchaudio":
+        return from_torchaudio_file(src)
     return from_fairseq(src, dictionary)
 
 

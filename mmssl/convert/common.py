@@ -60,6 +60,14 @@ class ImportedEncoder:
         return encoder.eval()
 
 
+# the models that were trained on normalised waveforms (HF ``do_normalize``, fairseq
+# ``task.normalize``: the large LV-60k / XLSR / HuBERT large models) expect that input
+NORMALIZE_NOTE = (
+    "the source model expects each waveform normalised to zero mean and unit variance "
+    "(do_normalize / normalize: true); mmssl feeds the waveform as it is"
+)
+
+
 # ---------------------------------------------------------------- renaming by prefix rules
 
 

@@ -21,7 +21,7 @@ import ast
 from pathlib import Path
 from typing import Any
 
-from mmssl.convert.common import CTCHead, ImportedEncoder, rename_state
+from mmssl.convert.common import NORMALIZE_NOTE, CTCHead, ImportedEncoder, rename_state
 from mmssl.convert.safe_load import load_pickle
 from mmssl.errors import DataError
 from mmssl.files import text_lines
@@ -236,5 +236,8 @@ def from_fairseq(file: str | Path, dictionary: str | Path | None = None) -> Impo
                     f"gives {len(tokens)} classes (4 special + its symbols)"
                 )
             imported.head = CTCHead(weight, bias, tokens, blank=0)
+    task = _as_dict(_as_dict(checkpoint.get("cfg")).get("task")) or _as_dict(checkpoint.get("args"))
+    if task.get("normalize") or pretrain_cfg.get("normalize"):
+        imported.notes.append(NORMALIZE_NOTE)
     imported.build()  # every key and shape checked now, naming the file
     return imported

@@ -32,7 +32,7 @@ from pathlib import Path
 from safetensors.torch import load as load_safetensors_bytes
 from torch import Tensor
 
-from mmssl.convert.common import CTCHead, ImportedEncoder, need, rename, rename_state
+from mmssl.convert.common import NORMALIZE_NOTE, CTCHead, ImportedEncoder, need, rename, rename_state
 from mmssl.convert.safe_load import load_pickle
 from mmssl.encoders.audio import AudioEncoder
 from mmssl.errors import DataError
@@ -42,6 +42,7 @@ CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 PICKLE = "pytorch_model.bin"
 VOCAB = "vocab.json"
+PREPROCESSOR = "preprocessor_config.json"
 
 # model_type -> (mmssl family, *Model class, prefix of the base model in a *ForCTC state dict)
 MODEL_TYPES = {
@@ -222,6 +223,12 @@ def from_hf(folder: str | Path) -> ImportedEncoder:
             blank = int(config.get("pad_token_id", 0))
             delimiter = str(config.get("word_delimiter_token", "|"))
             imported.head = CTCHead(weight, bias, tokens, blank, delimiter)
+    if (folder / PREPROCESSOR).is_file():
+        try:
+            if json.loads(read_text(folder / PREPROCESSOR)).get("do_normalize"):
+                imported.notes.append(NORMALIZE_NOTE)
+        except (json.JSONDecodeError, AttributeError):
+            raise DataError(f"{folder / PREPROCESSOR}: not a JSON object") from None
     imported.build()  # checks every key and shape now, naming the file
     return imported
 

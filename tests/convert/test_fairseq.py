@@ -183,9 +183,10 @@ def test_finetuned_ctc_checkpoint_with_its_dictionary(tmp_path):
     model = torchaudio_model(large=True, classes=classes)
     state = fairseq_state(model, large=True, finetuned=True)
     cfg = {"_name": "wav2vec_ctc", "w2v_args": {"model": model_cfg("wav2vec2", True)}}
-    torch.save({"model": state, "cfg": {"model": cfg}}, tmp_path / "ft.pt")
+    torch.save({"model": state, "cfg": {"model": cfg, "task": {"normalize": True}}}, tmp_path / "ft.pt")
     imported = from_fairseq(tmp_path / "ft.pt")
     assert imported.head is None and "w2v_encoder.proj" in imported.dropped  # no dictionary yet
+    assert any("normalised" in note for note in imported.notes)  # large LV-60k style input
     (tmp_path / "dict.ltr.txt").write_text("| 10\nE 9\nT 8\n' 1\n")
     imported = from_fairseq(tmp_path / "ft.pt")
     assert imported.family == "wav2vec2" and imported.head is not None

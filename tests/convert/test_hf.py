@@ -130,7 +130,10 @@ def test_weight_norm_saved_as_g_and_v_and_pickled_state(tmp_path):
     assert any(k.endswith("weight_g") for k in old)
     (tmp_path / "model.safetensors").unlink()
     torch.save(old, tmp_path / "pytorch_model.bin")  # the older layout, pickled
-    encoder = from_hf(tmp_path).build()
+    (tmp_path / "preprocessor_config.json").write_text('{"do_normalize": true}')
+    imported = from_hf(tmp_path)
+    assert any("normalised" in note for note in imported.notes)
+    encoder = imported.build()
     audio = batch()[0][:1]
     assert_layers_close(
         mmssl_layers(encoder, audio, torch.tensor([audio.shape[1]]))[0], hf_layers(model, audio)
