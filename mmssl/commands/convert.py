@@ -35,7 +35,7 @@ from mmssl.convert.hf import CONFIG, from_hf
 from mmssl.convert.torchaudio import find_bundle, from_torchaudio_file
 from mmssl.data.units import UNITS_FILE
 from mmssl.errors import ConfigError, DataError
-from mmssl.files import new_folder, write_text
+from mmssl.files import check_new_folder, new_folder, write_text
 from mmssl.runs import (
     CHECKPOINTS,
     LATEST,
@@ -157,6 +157,7 @@ def build_run(imported: ImportedEncoder, folder: Path, out: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
+    check_new_folder(out, args.overwrite)  # before reading a large checkpoint
     kind = args.kind or guess_kind(src)
     imported = import_checkpoint(src, kind, args.dict)
     with new_folder(out, args.overwrite) as folder:

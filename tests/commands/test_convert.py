@@ -46,6 +46,20 @@ def test_hf_folder_to_run_and_back(tmp_path, capsys):
     _close(hf_layers(back, audio), hf_layers(model, audio))
 
 
+@pytest.mark.parametrize("case", ["wav2vec2_base", "wavlm_base", "data2vec"])
+def test_every_family_becomes_a_run_of_its_objective(case, tmp_path):
+    model = hf_model(case)
+    model.save_pretrained(tmp_path / "hf")
+    assert cli.main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    objective, _ = load_objective_from_run(tmp_path / "run", expect=case.split("_")[0])
+    audio = batch()[0][:1]
+    _close(mmssl_layers(objective.encoder, audio, torch.tensor([audio.shape[1]]))[0], hf_layers(model, audio))
+    teacher = getattr(objective, "teacher", None)
+    if teacher is not None:  # data2vec's teacher starts as the imported transformer
+        for key, value in objective.encoder.transformer.state_dict().items():
+            assert torch.equal(teacher.state_dict()[key], value)
+
+
 def test_hf_ctc_folder_becomes_a_ctc_run(tmp_path):
     model = hf_model("wav2vec2_base", "Wav2Vec2ForCTC")
     model.save_pretrained(tmp_path / "hf")
