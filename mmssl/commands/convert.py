@@ -29,9 +29,12 @@ import torch
 from omegaconf import OmegaConf
 
 from mmssl.config import DEFAULTS, load_yaml, save_resolved
-from mmssl.convert.common import ImportedEncoder, head_units
-from mmssl.convert.fairseq import from_fairseq
+from mmssl.convert.avhubert import MODEL_NAMES as AV_MODEL_NAMES
+from mmssl.convert.avhubert import from_avhubert
+from mmssl.convert.common import AV_FAMILY, ImportedEncoder, head_units
+from mmssl.convert.fairseq import from_fairseq, model_config
 from mmssl.convert.hf import CONFIG, from_hf
+from mmssl.convert.safe_load import load_pickle
 from mmssl.convert.torchaudio import find_bundle, from_torchaudio_file
 from mmssl.data.units import UNITS_FILE
 from mmssl.errors import ConfigError, DataError
@@ -47,7 +50,7 @@ from mmssl.runs import (
 )
 from mmssl.train.checkpoint import save_state
 
-KINDS = ("hf", "fairseq", "torchaudio")
+KINDS = ("hf", "fairseq", "avhubert", "torchaudio")
 SUMMARY = "converted.json"
 
 
@@ -83,14 +86,19 @@ def import_checkpoint(src: Path, kind: str, dictionary: str | None = None) -> Im
         raise ConfigError("--dict is for fairseq checkpoints; a torchaudio bundle has its labels")
     if kind == "torchaudio":
         return from_torchaudio_file(src)
-    return from_fairseq(src, dictionary)
+    # fairseq and AV-HuBERT files are told apart by the model name in their config
+    checkpoint = load_pickle(src)
+    name = model_config(checkpoint, str(src)).get("_name") if isinstance(checkpoint, dict) else None
+    if kind == "avhubert" or name in AV_MODEL_NAMES:
+        return from_avhubert(src, dictionary, checkpoint)
+    return from_fairseq(src, dictionary, checkpoint)
 
 
 def run_config(imported: ImportedEncoder, out: Path):
     """The resolved config of the run: the family's pretraining objective with the imported
     architecture, or ``ctc`` on that encoder when the checkpoint has a usable CTC head."""
     options = {k: list(v) if isinstance(v, tuple) else v for k, v in imported.options.items()}
-    size = "large" if options["pre_norm"] else "base"
+    size = "large" if options["pre_norm"] and imported.family != AV_FAMILY else "base"
     if imported.head is not None:
         objective = {
             "name": "ctc",
@@ -100,14 +108,27 @@ def run_config(imported: ImportedEncoder, out: Path):
             "units_file": str(out / UNITS_FILE),
             "freeze_steps": 0,
         }
+    elif imported.family == AV_FAMILY:
+        objective = {"name": "av_hubert", "encoder": options, **imported.objective_options}
     else:
         objective = {"name": imported.family, "encoder": options}
     cfg = load_yaml(DEFAULTS)
+    if imported.family == AV_FAMILY:
+        cfg.data.modalities = ["audio", "video"]
     cfg.objective = objective
     cfg.model = {"size": size}
     cfg.data.train = None  # a converted run was not trained here: give data.train to train it
     cfg.train.out_dir = str(out)
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def load_checked_part(module: torch.nn.Module, state: dict, source: str) -> None:
+    """Some of ``module``'s tensors from ``state``; a name it lacks or a wrong shape is a ``DataError``."""
+    own = module.state_dict()
+    for key, value in state.items():
+        if key not in own or tuple(own[key].shape) != tuple(value.shape):
+            raise DataError(f"{source}: {key!r} {list(value.shape)} does not fit the {type(module).__name__}")
+    module.load_state_dict(state, strict=False)
 
 
 def build_run(imported: ImportedEncoder, folder: Path, out: Path) -> dict:
@@ -128,6 +149,8 @@ def build_run(imported: ImportedEncoder, folder: Path, out: Path) -> dict:
         with torch.no_grad():
             objective.head.weight.copy_(weight)
             objective.head.bias.copy_(bias)
+    if imported.objective_state:  # AV-HuBERT's projection and label embeddings
+        load_checked_part(objective, imported.objective_state, imported.source)
     teacher = getattr(objective, "teacher", None)
     if teacher is not None:  # data2vec: the teacher starts as the student's transformer
         teacher.load_state_dict(objective.encoder.transformer.state_dict())

@@ -20,9 +20,11 @@ from torch import Tensor
 
 from mmssl.data.units import BLANK, Units, train_units
 from mmssl.encoders.audio import AudioEncoder, build_conv_encoder
+from mmssl.encoders.av import AVEncoder, build_av_encoder
 from mmssl.errors import DataError
 
 FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec")
+AV_FAMILY = "av"  # AV-HuBERT's audio-visual encoder (``mmssl.encoders.av``)
 
 
 @dataclass
@@ -42,7 +44,10 @@ class CTCHead:
 class ImportedEncoder:
     """An encoder read from another framework's checkpoint (see the module docstring).
     ``dropped``: the source's parameters that have no place in the mmssl run (pretraining heads
-    of other frameworks, a head without usable units), named for the record."""
+    of other frameworks, a head without usable units), named for the record. For the ``av``
+    family, ``options`` are ``build_av_encoder``'s; ``objective_state`` / ``objective_options``
+    hold the pretraining head the mmssl objective has too (AV-HuBERT's projection and label
+    embeddings)."""
 
     family: str
     options: dict
@@ -52,10 +57,13 @@ class ImportedEncoder:
     head: CTCHead | None = None
     dropped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    objective_state: dict[str, Tensor] = field(default_factory=dict)
+    objective_options: dict = field(default_factory=dict)
 
-    def build(self) -> AudioEncoder:
+    def build(self) -> AudioEncoder | AVEncoder:
         """The encoder with the imported weights, in eval mode (see :func:`load_checked`)."""
-        encoder = build_conv_encoder(**self.options)
+        builder = build_av_encoder if self.family == AV_FAMILY else build_conv_encoder
+        encoder = builder(**self.options)
         load_checked(encoder, self.state, self.source)
         return encoder.eval()
 
@@ -109,8 +117,8 @@ def rename_state(
 
 def load_checked(module: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
     """``module.load_state_dict(state)``; a missing or unexpected key or a wrong shape is a
-    ``DataError`` naming ``source`` and the first key at fault. ``mask_embedding`` may be
-    missing (fine-tuned exports drop it): the module keeps its own."""
+    ``DataError`` naming ``source`` and the first key at fault. A mask embedding may be
+    missing (fine-tuned exports drop it; AV-HuBERT's masks elsewhere): the module keeps its own."""
     own = module.state_dict()
     for key, value in state.items():
         if key not in own:
@@ -120,7 +128,7 @@ def load_checked(module: torch.nn.Module, state: dict[str, Tensor], source: str)
                 f"{source}: key {key!r} has shape {list(value.shape)}, the architecture its config "
                 f"describes needs {list(own[key].shape)}"
             )
-    missing = [k for k in own if k not in state and k != "mask_embedding"]
+    missing = [k for k in own if k not in state and not k.endswith("mask_embedding")]
     if missing:
         raise DataError(f"{source}: missing key for {missing[0]!r} ({len(missing)} missing)")
     module.load_state_dict(state, strict=False)
@@ -147,6 +155,15 @@ def _char_of(token: str, delimiter: str) -> str | None:
     if len(token) == 1 and (token.isalnum() or token == "'"):
         return token.lower()
     return None
+
+
+def character_tokens(tokens: list[str], delimiter: str = "|") -> bool:
+    """Whether a vocabulary is characters (plus special ``<...>`` tokens), as :func:`head_units`
+    needs; unigram / BPE vocabularies (AV-HuBERT's 1000 pieces) are not."""
+    return all(
+        _char_of(t, delimiter) is not None or (t.startswith("<") and t.endswith(">")) or len(t) <= 1
+        for t in tokens
+    )
 
 
 def head_units(head: CTCHead, source: str) -> tuple[Units, Tensor, Tensor, list[str]]:

@@ -95,7 +95,7 @@ def model_config(checkpoint: dict, source: str) -> dict:
     return cfg
 
 
-def _pretraining_config(w2v_args: Any) -> dict:
+def pretraining_config(w2v_args: Any) -> dict:
     """The pretraining model config a fine-tuned checkpoint keeps in ``w2v_args``: a whole
     config (its ``model`` section) or, in legacy checkpoints, flat ``args``."""
     if w2v_args is None:
@@ -133,7 +133,7 @@ def conv_layers(spec: str, source: str) -> list[tuple[int, int, int]]:
     return layers
 
 
-def _get(cfg: dict, key: str, source: str, default: Any = None) -> Any:
+def config_value(cfg: dict, key: str, source: str, default: Any = None) -> Any:
     if key in cfg and cfg[key] is not None:
         return cfg[key]
     if default is None:
@@ -145,32 +145,32 @@ def encoder_options(cfg: dict, family: str, source: str) -> dict:
     """``build_conv_encoder`` options from a fairseq pretraining model config."""
     if str(cfg.get("activation_fn", "gelu")) != "gelu":
         raise DataError(f"{source}: activation_fn={cfg['activation_fn']!r} is not supported (only gelu)")
-    mode = str(_get(cfg, "extractor_mode", source, "default"))
+    mode = str(config_value(cfg, "extractor_mode", source, "default"))
     if mode not in ("default", "layer_norm"):
         raise DataError(f"{source}: extractor_mode={mode!r} is not 'default' or 'layer_norm'")
-    layers = conv_layers(_get(cfg, "conv_feature_layers", source), source)
+    layers = conv_layers(config_value(cfg, "conv_feature_layers", source), source)
     options = dict(
         conv_channels=tuple(int(d) for d, _, _ in layers),
         conv_kernels=tuple(int(k) for _, k, _ in layers),
         conv_strides=tuple(int(s) for _, _, s in layers),
         conv_norm="group" if mode == "default" else "layer",
-        conv_bias=bool(_get(cfg, "conv_bias", source, False)),
-        dim=int(_get(cfg, "encoder_embed_dim", source)),
-        num_layers=int(_get(cfg, "encoder_layers", source)),
-        num_heads=int(_get(cfg, "encoder_attention_heads", source)),
-        ffn_dim=int(_get(cfg, "encoder_ffn_embed_dim", source)),
-        pre_norm=bool(_get(cfg, "layer_norm_first", source, False)),
-        dropout=float(_get(cfg, "dropout", source, 0.1)),
-        attention_dropout=float(_get(cfg, "attention_dropout", source, 0.1)),
-        activation_dropout=float(_get(cfg, "activation_dropout", source, 0.0)),
-        layer_drop=float(_get(cfg, "encoder_layerdrop", source, 0.0)),
-        input_dropout=float(_get(cfg, "dropout_input", source, 0.0)),
-        pos_conv_kernel=int(_get(cfg, "conv_pos", source, 128)),
-        pos_conv_groups=int(_get(cfg, "conv_pos_groups", source, 16)),
+        conv_bias=bool(config_value(cfg, "conv_bias", source, False)),
+        dim=int(config_value(cfg, "encoder_embed_dim", source)),
+        num_layers=int(config_value(cfg, "encoder_layers", source)),
+        num_heads=int(config_value(cfg, "encoder_attention_heads", source)),
+        ffn_dim=int(config_value(cfg, "encoder_ffn_embed_dim", source)),
+        pre_norm=bool(config_value(cfg, "layer_norm_first", source, False)),
+        dropout=float(config_value(cfg, "dropout", source, 0.1)),
+        attention_dropout=float(config_value(cfg, "attention_dropout", source, 0.1)),
+        activation_dropout=float(config_value(cfg, "activation_dropout", source, 0.0)),
+        layer_drop=float(config_value(cfg, "encoder_layerdrop", source, 0.0)),
+        input_dropout=float(config_value(cfg, "dropout_input", source, 0.0)),
+        pos_conv_kernel=int(config_value(cfg, "conv_pos", source, 128)),
+        pos_conv_groups=int(config_value(cfg, "conv_pos_groups", source, 16)),
         pos_conv_depth=1,
         rel_pos_buckets=0,
     )
-    depth = int(_get(cfg, "pos_conv_depth", source, 1))
+    depth = int(config_value(cfg, "pos_conv_depth", source, 1))
     if family == "data2vec" and depth > 1:  # fairseq data2vec: kernel max(3, conv_pos // depth)
         options.update(pos_conv_depth=depth, pos_conv_kernel=max(3, options["pos_conv_kernel"] // depth))
     return options
@@ -189,7 +189,9 @@ def read_dictionary(file: Path) -> list[str]:
     return tokens
 
 
-def from_fairseq(file: str | Path, dictionary: str | Path | None = None) -> ImportedEncoder:
+def from_fairseq(
+    file: str | Path, dictionary: str | Path | None = None, checkpoint: dict | None = None
+) -> ImportedEncoder:
     """A fairseq ``.pt`` checkpoint -> :class:`ImportedEncoder` (keys and shapes checked against
     the architecture its config describes). ``dictionary``: the letter dictionary of a fine-tuned
     checkpoint (default: ``dict.ltr.txt`` beside ``file`` when there is one)."""
@@ -207,7 +209,7 @@ def from_fairseq(file: str | Path, dictionary: str | Path | None = None) -> Impo
     pretrain_cfg = cfg
     if finetuned:
         w2v_args = cfg.get("w2v_args")
-        pretrain_cfg = _pretraining_config(w2v_args)
+        pretrain_cfg = pretraining_config(w2v_args)
         if not pretrain_cfg:
             raise DataError(f"{source}: a fine-tuned checkpoint without 'w2v_args' (its pretraining config)")
         state = {k.removeprefix("w2v_encoder.w2v_model."): v for k, v in state.items()}
