@@ -3,18 +3,21 @@ checkpoint -> an mmssl run folder that ``extract``, ``layers``, ``kmeans --check
 ``finetune-asr --init`` and (for a fine-tuned CTC checkpoint) ``eval-noisy`` read.
 
 SRC: a Hugging Face model folder (``config.json`` + ``model.safetensors`` or
-``pytorch_model.bin``; ``--kind hf``), a fairseq ``.pt`` file (``--kind fairseq``) or the weights
+``pytorch_model.bin``; ``--kind hf``), a fairseq ``.pt`` file (``--kind fairseq``; AV-HuBERT's
+files, ``--kind avhubert``, are told from the model name in their config) or the weights
 file of a torchaudio pipeline bundle under the name torchaudio saves it
 (``hubert_fairseq_base_ls960.pth``; ``--kind torchaudio``, the architecture is the bundle's);
 the kind is guessed when omitted (a folder with ``config.json``: hf; a file named as a
 torchaudio bundle's: torchaudio; another file: fairseq).
 
 The run folder is a pretraining run of the encoder's family (objective ``wav2vec2``,
-``hubert``, ``wavlm`` or ``data2vec``, ``objective.encoder`` holding the imported architecture)
+``hubert``, ``wavlm``, ``data2vec`` or ``av_hubert``, ``objective.encoder`` holding the imported
+architecture)
 or, for a CTC checkpoint with its vocabulary, a ``ctc`` run with the head on character units
 (``units.model``). Its one checkpoint, ``checkpoints/step_00000000``, holds the objective's full
 state: the imported encoder and, for a pretraining objective, its own heads freshly initialised
-(the source's pretraining heads are not imported; ``converted.json`` lists what was dropped).
+(the source's pretraining heads are not imported, except AV-HuBERT's projection and label
+embeddings, which ``av_hubert`` has too; ``converted.json`` lists what was dropped).
 The folder is written under a temporary name and renamed into place; an existing RUN is
 replaced only with ``--overwrite``.
 """
@@ -186,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
     with new_folder(out, args.overwrite) as folder:
         summary = build_run(imported, folder, out.resolve())
     head = (
-        f"a ctc run with {summary['units']} units" if summary["ctc_head"] else f"a {summary['objective']} run"
+        f"a ctc run with {summary['units']} units"
+        if summary["ctc_head"]
+        else f"a run of objective {summary['objective']}"
     )
     print(f"{src} ({summary['architecture']}) -> {out}: {head}")
     for note in imported.notes:
