@@ -44,6 +44,7 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.files import check_new_folder, new_folder, write_text
 from mmssl.runs import (
     CHECKPOINTS,
+    CONVERTED_FROM,
     LATEST,
     MODEL_FILE,
     STATE_FILE,
@@ -165,7 +166,7 @@ def build_run(imported: ImportedEncoder, folder: Path, out: Path) -> dict:
     step.mkdir(parents=True)
     save_weights(objective.state_dict(), step / MODEL_FILE)
     # no optimizer or data position: a converted checkpoint starts runs, it does not resume one
-    save_state({"step": 0, "converted_from": imported.source}, step / STATE_FILE)
+    save_state({"step": 0, CONVERTED_FROM: imported.source}, step / STATE_FILE)
     write_text(folder / CHECKPOINTS / LATEST, step.name + "\n")
     summary = {
         "source": imported.source,
