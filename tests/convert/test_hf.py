@@ -48,6 +48,11 @@ CASES = {
         dict(do_stable_layer_norm=True, feat_extract_norm="layer"),
     ),
     "wavlm_base": ("WavLMConfig", "WavLMModel", dict(num_buckets=16, max_bucket_distance=40)),
+    "wavlm_large": (
+        "WavLMConfig",
+        "WavLMModel",
+        dict(num_buckets=16, max_bucket_distance=40, do_stable_layer_norm=True, feat_extract_norm="layer"),
+    ),
     "data2vec": (
         "Data2VecAudioConfig",
         "Data2VecAudioModel",
@@ -140,7 +145,9 @@ def test_weight_norm_saved_as_g_and_v_and_pickled_state(tmp_path):
     )
 
 
-@pytest.mark.parametrize("case", ["wav2vec2_base", "hubert_large", "wavlm_base", "data2vec"])
+@pytest.mark.parametrize(
+    "case", ["wav2vec2_base", "wav2vec2_large", "hubert_large", "wavlm_base", "wavlm_large", "data2vec"]
+)
 def test_round_trip_hf_mmssl_hf(case, tmp_path):
     model = hf_model(case)
     model.save_pretrained(tmp_path / "src")
