@@ -44,6 +44,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mmssl.commands.layers",
         "layer-wise CCA similarity of a run's encoder to its inputs or to another run",
     ),
+    "convert": (
+        "mmssl.commands.convert",
+        "a Hugging Face folder or fairseq .pt checkpoint -> an mmssl run folder",
+    ),
+    "export": ("mmssl.commands.export", "a run's speech encoder -> a Hugging Face model folder"),
     "demo": ("mmssl.commands.demo", "run the main job end to end on the built-in corpus"),
 }
 

@@ -57,6 +57,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
+# in the train state of a checkpoint `mmssl convert` wrote: its source, and no optimizer state
+CONVERTED_FROM = "converted_from"
 INIT_DIR = "init"
 STRUCTURE_ONLY = "STRUCTURE_ONLY"  # marks a copied config: build the encoder, load no weights
 STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -13,13 +13,18 @@ mmssl encoder gives every utterance of a padded batch what it gets alone in both
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from mmssl.convert.common import NORMALIZE_NOTE, CTCHead, ImportedEncoder, load_checked
+from mmssl.convert.safe_load import load_pickle
 from mmssl.encoders.audio import AudioEncoder, build_conv_encoder
-from mmssl.errors import ConfigError
+from mmssl.errors import ConfigError, DataError
 
-_LAYER_KEYS = {
+LAYER_KEYS = {
     "layer_norm": "attention_norm",
     "final_layer_norm": "ff_norm",
     "feed_forward.intermediate_dense": "feed_forward.fc1",
@@ -88,11 +93,11 @@ def _map_layer(key: str, value: Tensor, prefix: str) -> dict[str, Tensor]:
     if key == "attention.rel_attn_embed.weight":
         return {"transformer.position_bias.embed.weight": value}
     module, _, leaf = key.rpartition(".")
-    if key in _LAYER_KEYS:  # a bare parameter such as gru_rel_pos_const
-        return {prefix + _LAYER_KEYS[key]: value}
-    if module not in _LAYER_KEYS:
+    if key in LAYER_KEYS:  # a bare parameter such as gru_rel_pos_const
+        return {prefix + LAYER_KEYS[key]: value}
+    if module not in LAYER_KEYS:
         raise ConfigError(f"from_torchaudio: no mapping for encoder layer parameter {key!r}")
-    return {f"{prefix}{_LAYER_KEYS[module]}.{leaf}": value}
+    return {f"{prefix}{LAYER_KEYS[module]}.{leaf}": value}
 
 
 def torchaudio_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -147,3 +152,72 @@ def from_torchaudio(model: nn.Module) -> AudioEncoder:
         with torch.no_grad():
             encoder.mask_embedding.copy_(mask_embedding)
     return encoder.train(model.training)
+
+
+# ---------------------------------------------------------------- a saved torchaudio bundle
+
+# the family of a torchaudio pipeline bundle, by the start of its name in torchaudio.pipelines
+BUNDLE_FAMILIES = (
+    ("HUBERT", "hubert"),
+    ("WAVLM", "wavlm"),
+    ("WAV2VEC2", "wav2vec2"),
+    ("VOXPOPULI", "wav2vec2"),
+)
+
+
+def find_bundle(file_name: str) -> tuple[str, Any] | None:
+    """``(name, bundle)`` of the torchaudio pipeline bundle whose weights file is named
+    ``file_name`` (the file torchaudio downloads, e.g. ``hubert_fairseq_base_ls960.pth``), or None."""
+    import torchaudio.pipelines as pipelines  # lazy: torchaudio's bundle table, for --kind torchaudio only
+
+    for name in dir(pipelines):
+        bundle = getattr(pipelines, name)
+        path = getattr(bundle, "_path", None)
+        if isinstance(path, str) and hasattr(bundle, "_params") and path.rsplit("/", 1)[-1] == file_name:
+            return name, bundle
+    return None
+
+
+def from_torchaudio_file(file: str | Path) -> ImportedEncoder:
+    """The weights file of a torchaudio pipeline bundle (its architecture is the bundle's,
+    found by the file's name) -> ``ImportedEncoder``; an ASR bundle's ``aux`` output layer
+    becomes a CTC head on the bundle's labels (blank ``-``, word delimiter ``|``)."""
+    import torchaudio  # lazy: torchaudio's model builders, for --kind torchaudio only
+
+    file = Path(file)
+    found = find_bundle(file.name)
+    if found is None:
+        raise DataError(
+            f"{file}: not the weights file of a torchaudio pipeline bundle (named as torchaudio saves it)"
+        )
+    name, bundle = found
+    params = dict(bundle._params)
+    build = (
+        torchaudio.models.wavlm_model if "encoder_num_buckets" in params else torchaudio.models.wav2vec2_model
+    )
+    model = build(**params)
+    state = load_pickle(file)
+    if not isinstance(state, dict):
+        raise DataError(f"{file}: not a state dict")
+    axes = getattr(bundle, "_remove_aux_axis", None) or ()
+    if (
+        "aux.weight" in state
+        and axes
+        and state["aux.weight"].shape[0] == params.get("aux_num_out", 0) + len(axes)
+    ):
+        # as torchaudio's bundle does: fairseq dictionary rows never used in training go
+        for key in ("aux.weight", "aux.bias"):
+            state[key] = torch.stack([row for i, row in enumerate(state[key]) if i not in axes])
+    load_checked(model, state, str(file))
+    family = next((f for prefix, f in BUNDLE_FAMILIES if name.startswith(prefix)), "wav2vec2")
+    options = {**_conv_config(model.feature_extractor), **_encoder_config(model.encoder)}
+    imported = ImportedEncoder(family, options, torchaudio_state_dict(model), str(file), name)
+    if getattr(bundle, "_normalize_waveform", False):
+        imported.notes.append(NORMALIZE_NOTE)
+    if "aux.weight" in state and hasattr(bundle, "get_labels"):
+        imported.head = CTCHead(state["aux.weight"], state["aux.bias"], list(bundle.get_labels()), blank=0)
+    elif "aux.weight" in state:
+        imported.dropped.append("aux")
+        imported.notes.append(f"the CTC head is dropped: bundle {name} has no labels")
+    imported.build()
+    return imported

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from mmssl import runs
 from mmssl.constants import SAMPLE_RATE
-from mmssl.errors import MmsslError
+from mmssl.errors import ConfigError, MmsslError
 from mmssl.files import read_text, write_text
 from mmssl.objectives.base import Objective
 from mmssl.train import checkpoint as ckpt
@@ -166,6 +166,13 @@ class Trainer:
             return False
         weights = runs.load_weights(folder / runs.MODEL_FILE)
         state = ckpt.load_state(folder / runs.STATE_FILE)
+        if runs.CONVERTED_FROM in state:  # weights without an optimizer or a data position
+            raise ConfigError(
+                f"--resume: {self.run_dir} was written by `mmssl convert` "
+                f"(from {state[runs.CONVERTED_FROM]}); "
+                "it starts runs (finetune-asr --init RUN), it does not resume one: train in another "
+                "train.out_dir"
+            )
         self._load_state_dicts(weights, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step = int(state["step"])

@@ -132,7 +132,27 @@ WRONG_VALUES: dict[str, list[tuple[Callable[[Path], list[str]], str]]] = {
         )
     ],
     "demo": [(lambda t: ["demo", "--out", str(t), "--model-size", "huge"], "--model-size")],
+    "convert": [
+        (lambda t: ["convert", str(t), "--out", str(t / "o"), "--kind", "onnx"], "--kind"),
+        (
+            lambda t: [
+                "convert",
+                str(_hf_config(t, hidden_size="abc")),
+                "--out",
+                str(t / "o"),
+            ],
+            "hidden_size",
+        ),
+    ],
+    "export": [(lambda t: ["export", str(t), "--to", "onnx", "--out", "o"], "--to")],
 }
+
+
+def _hf_config(folder: Path, **values) -> Path:
+    """A Hugging Face folder whose config.json has ``values`` (read before any weights)."""
+    config = {"model_type": "wav2vec2", "feat_extract_norm": "group", "conv_dim": [2], "conv_kernel": [2]}
+    (folder / "config.json").write_text(json.dumps({**config, "conv_stride": [1], **values}))
+    return folder
 
 
 def _write(path: Path, text: str) -> list[str]:
@@ -317,6 +337,14 @@ NOT_UTF8: dict[str, list[Callable[[Path], tuple[list[str], Path]]] | str] = {
     ],
     "layers": [_manifest_of(lambda m: ["layers", "--checkpoint", "r", "--manifest", str(m), "--out", "o"])],
     "demo": [_demo_state],
+    "convert": [
+        _bytes_file(
+            "config.json",
+            b'{"model_type": "' + LATIN1.strip() + b'"}',
+            lambda b, t: ["convert", str(t), "--out", str(t / "o")],
+        )
+    ],
+    "export": [_latest(lambda r: ["export", str(r), "--out", "o"], "hubert")],
 }
 
 

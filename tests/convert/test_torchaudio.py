@@ -6,7 +6,7 @@ import torchaudio
 
 import mmssl.encoders  # noqa: F401
 from mmssl.convert import from_torchaudio, torchaudio_state_dict
-from mmssl.errors import ConfigError
+from mmssl.errors import ConfigError, DataError
 from mmssl.registry import ENCODERS
 from mmssl.testing import tiny_audio_batch
 
@@ -169,3 +169,64 @@ def test_real_size_base_model_matches_torchaudio(builder):
         out = enc(audio, torch.tensor([4800]))
     assert len(out.layers) == 12
     assert max((a - b).abs().max() for a, b in zip(out.layers, ref_layers)) < 1e-4
+
+
+def test_a_saved_bundle_file_converts_with_its_labels(tmp_path, monkeypatch):
+    """``--kind torchaudio``: the bundle is found by the file's name (a small stand-in bundle
+    here; the real ones are base size and larger), its ASR output layer becomes a CTC head on
+    the bundle's labels, without the unused fairseq rows the file still holds."""
+    from types import SimpleNamespace
+
+    import mmssl.convert.torchaudio as ta
+    from mmssl.convert.common import head_units
+
+    params = dict(
+        extractor_mode="layer_norm",
+        extractor_conv_layer_config=CONV,
+        extractor_conv_bias=True,
+        encoder_embed_dim=64,
+        encoder_projection_dropout=0.0,
+        encoder_pos_conv_kernel=16,
+        encoder_pos_conv_groups=4,
+        encoder_num_layers=2,
+        encoder_num_heads=4,
+        encoder_attention_dropout=0.0,
+        encoder_ff_interm_features=128,
+        encoder_ff_interm_dropout=0.0,
+        encoder_dropout=0.0,
+        encoder_layer_norm_first=True,
+        encoder_layer_drop=0.0,
+        aux_num_out=5,
+    )
+    labels = ("|", "E", "T", "'")
+    bundle = SimpleNamespace(
+        _params=params,
+        _normalize_waveform=True,
+        _remove_aux_axis=(1, 2, 3),
+        get_labels=lambda: ("-", *labels),
+    )
+    monkeypatch.setattr(
+        ta, "find_bundle", lambda name: ("HUBERT_ASR_SMALL", bundle) if name == "small.pth" else None
+    )
+    torch.manual_seed(0)
+    model = torchaudio.models.wav2vec2_model(**params).eval()
+    state = model.state_dict()
+    extra = torch.randn(3, 64)  # fairseq's <pad> </s> <unk> rows, saved in the file
+    saved = {**state, "aux.weight": torch.cat([state["aux.weight"][:1], extra, state["aux.weight"][1:]])}
+    saved["aux.bias"] = torch.cat([state["aux.bias"][:1], torch.zeros(3), state["aux.bias"][1:]])
+    torch.save(saved, tmp_path / "small.pth")
+    imported = ta.from_torchaudio_file(tmp_path / "small.pth")
+    assert imported.family == "hubert" and imported.notes and "normalised" in imported.notes[0]
+    units, weight, bias, _ = head_units(imported.head, imported.source)
+    encoder = imported.build()
+    x = torch.randn(1, 4000)
+    with torch.no_grad():
+        emission, _ = model(x)
+        ours = encoder(x, torch.tensor([4000])).hidden[0] @ weight.T + bias
+    pieces = [units.sp.id_to_piece(i) for i in range(units.size - 1)]
+    source = [0] + [{"\u2581": 1, "e": 2, "t": 3, "'": 4}[p] for p in pieces if p != "<unk>"]
+    keep = [0] + [1 + i for i, p in enumerate(pieces) if p != "<unk>"]
+    assert (ours[:, keep] - emission[0][:, source]).abs().max() < 1e-4
+    with pytest.raises(DataError, match="other.pth: not the weights file of a torchaudio pipeline bundle"):
+        (tmp_path / "other.pth").write_bytes(b"")
+        ta.from_torchaudio_file(tmp_path / "other.pth")
