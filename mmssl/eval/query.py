@@ -25,6 +25,7 @@ from mmssl.eval.retrieval import (
     read_embeddings,
     read_jsonl,
 )
+from mmssl.eval.search import FAISS_FILE
 from mmssl.files import read_text, sha256_file, stale_folders
 from mmssl.runs import resolve_weights
 
@@ -71,7 +72,7 @@ def _check_checksums(index_dir: Path, meta: dict) -> None:
     indexes made before it was recorded have none). The rows (``images.jsonl``) are checked by
     their count: a user may mend the image paths of a moved corpus there."""
     files = meta.get("files") or {}
-    for name in (f"{IMAGES}.safetensors",):
+    for name in (f"{IMAGES}.safetensors", FAISS_FILE):
         path = index_dir / name
         if name in files and path.is_file() and sha256_file(path) != files[name]:
             raise DataError(
