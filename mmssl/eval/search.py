@@ -7,7 +7,7 @@ Embeddings are L2-normalised, so the inner product is the cosine score. Kinds:
             in memory from ``images.safetensors``: no file of its own)
     hnsw    ``IndexHNSWFlat`` (Malkov & Yashunin, 2018; M=32, efConstruction=80, efSearch=128):
             a graph walk, sub-millisecond at 1M images, recall@10 ~0.95+
-    ivf     ``IndexIVFFlat``: 4*sqrt(N) k-means cells, the query's nprobe=16 nearest scanned
+    ivf     ``IndexIVFFlat``: 4*sqrt(N) k-means cells, the query's nprobe=32 nearest scanned
 
 ``auto`` picks ``exact`` below ``EXACT_UP_TO`` images and ``hnsw`` above (BENCHMARKS.md,
 "Search service": where exact search stops answering in milliseconds on 2 cores). The index
@@ -33,7 +33,7 @@ FAISS_FILE = "images.faiss"
 KINDS = ("auto", "exact", "hnsw", "ivf")
 EXACT_UP_TO = 100_000  # auto: exact search below this many images, hnsw from here
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
-IVF_NPROBE = 16
+IVF_NPROBE = 32
 RECALL_K = 10
 RECALL_QUERIES = 1000  # queries that measure an approximate index's recall against exact
 
