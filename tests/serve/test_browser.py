@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mmssl.data.manifest import read_manifest
-from tests.serve.live import serving
+from mmssl.testing import serving
 
 CHROMIUM = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser", "google-chrome")
 

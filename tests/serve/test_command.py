@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest
-from tests.serve.live import serving
+from mmssl.testing import serving
 
 
 def _multipart(path: Path, k: int = 2) -> tuple[bytes, str]:
