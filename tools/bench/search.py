@@ -48,7 +48,7 @@ def latency(index: faiss.Index, queries: np.ndarray, k: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="faiss threads (0: its default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="append one JSON line per size x kind here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
@@ -93,7 +93,8 @@ def main() -> None:
                 with open(args.out, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
             del index
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

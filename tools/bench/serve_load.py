@@ -45,9 +45,11 @@ from mmssl.testing import save_tiny_run, serving  # noqa: E402
 BOUNDARY = "mmsslloadtest"
 
 
-def build_index(work: Path, size: str, images: int, faiss_kind: str) -> tuple[Path, list[Path]]:
+def build_index(
+    work: Path, size: str, images: int, faiss_kind: str, corpus: Path | None = None
+) -> tuple[Path, list[Path]]:
     """``(index folder, caption wavs)`` in ``work`` (made once, reused)."""
-    corpus = work / "corpus"
+    corpus = corpus or work / "corpus"
     if not (corpus / "image" / "train.jsonl").is_file():
         generate(config_for("tiny"), corpus, workers=1, progress=False)
     manifest = corpus / "image" / "train.jsonl"
@@ -137,11 +139,14 @@ def client(
     conn.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--work", default="/tmp/mmssl_load")
+    parser.add_argument(
+        "--corpus", help="a `mmssl synth --size tiny` folder to use (default: made in --work)"
+    )
     parser.add_argument("--size", default="small", help="model.size of the speech_image run (default small)")
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--faiss", default="exact", help="exact | hnsw | ivf")
@@ -151,10 +156,11 @@ def main() -> None:
     parser.add_argument("--bad-every", type=int, default=10, help="every Nth request is not audio (0: none)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--out", help="append the summary as one JSON line here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    index, wavs = build_index(work, args.size, args.images, args.faiss)
+    corpus = Path(args.corpus) if args.corpus else None
+    index, wavs = build_index(work, args.size, args.images, args.faiss, corpus)
     bodies = [multipart(w.name, w.read_bytes(), args.k) for w in wavs[:20]]
     bad = multipart("notes.txt", b"this is not audio\n" * 50, args.k)
     seconds = [probe(w).audio_duration or 0.0 for w in wavs[:20]]
@@ -211,6 +217,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(summary) + "\n")
+    return summary
 
 
 if __name__ == "__main__":
