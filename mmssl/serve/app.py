@@ -163,7 +163,7 @@ def create_app(
         name = file.filename or "upload"
         start = time.perf_counter()
         try:
-            wave = decode_audio_bytes(data, name, SAMPLE_RATE, max_seconds)
+            wave = await run_in_threadpool(decode_audio_bytes, data, name, SAMPLE_RATE, max_seconds)
         except DataError as err:
             raise HTTPException(422, str(err)) from None
         decoded = time.perf_counter()

@@ -3,8 +3,12 @@ queries, loaded once, and the files a request may name.
 
 A request names an item by its id (an image's group, a spoken caption's id); the only files
 served are those ``images.jsonl`` and ``speech.jsonl`` list, looked up by id in a table made
-at start-up, so no request can name a path. Queries are embedded one at a time under a lock:
-PyTorch already spreads one query over the cores, and two at once only fight for them.
+at start-up, so no request can name a path.
+
+The model runs one batch at a time under a lock: PyTorch already spreads a batch over the
+cores, and two at once only fight for them. Spoken queries that arrive while it is busy wait
+together and go through as one padded batch (at most ``MAX_BATCH``; padding never changes an
+embedding), so a queue of N costs less than N single queries (BENCHMARKS.md, "Search service").
 
 Shape legend: S samples, D embedding dim.
 """
@@ -40,6 +44,18 @@ class Item:
         return mimetypes.guess_type(self.path.name)[0] or "application/octet-stream"
 
 
+MAX_BATCH = 8  # spoken queries embedded together at most
+
+
+@dataclass
+class _Job:
+    wave: Tensor
+    name: str
+    embedding: Tensor | None = None
+    error: DataError | None = None
+    done: bool = False
+
+
 @dataclass
 class SearchService:
     index_dir: Path
@@ -51,7 +67,9 @@ class SearchService:
     objective: torch.nn.Module
     device: torch.device
     notes: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held while the model runs
+    waiting: list[_Job] = field(default_factory=list)  # spoken queries not yet embedded
+    waiting_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def has_text(self) -> bool:
@@ -77,10 +95,41 @@ class SearchService:
         }
 
     def embed_audio(self, wave: Tensor, name: str, warnings: list[str]) -> Tensor:
-        """``wave (S,)`` at 16 kHz -> ``(1, D)``; a silent clip adds a warning."""
+        """``wave (S,)`` at 16 kHz -> ``(1, D)``, batched with the queries waiting beside it;
+        a silent clip adds a warning, and one too short to embed is a ``DataError``."""
         limits = QueryLimits(max_seconds=wave.shape[0] / SAMPLE_RATE + 1.0, warn=warnings.append)
-        with self.lock:
-            return embed_waveforms(self.objective, [wave], 1, self.device, False, [name], limits)
+        job = _Job(limits.apply(wave, name), name)
+        with self.waiting_lock:
+            self.waiting.append(job)
+        while not job.done:
+            with self.lock:
+                if job.done:
+                    break
+                with self.waiting_lock:
+                    batch, self.waiting = self.waiting[:MAX_BATCH], self.waiting[MAX_BATCH:]
+                self._embed_batch(batch)
+        if job.error is not None:
+            raise job.error
+        return job.embedding
+
+    def _embed_batch(self, batch: list[_Job]) -> None:
+        """Embed ``batch``, each job done with its embedding or its error (never left waiting)."""
+        waves, names = [j.wave for j in batch], [j.name for j in batch]
+        try:
+            out = embed_waveforms(self.objective, waves, len(batch), self.device, False, names)
+        except DataError as err:  # a clip too short: embed each alone, so only its own query fails
+            if len(batch) > 1:
+                for job in batch:
+                    self._embed_batch([job])
+                return
+            out, batch[0].error = None, err
+        except Exception as err:  # a bug: every query of the batch fails with it, none hangs
+            out = None
+            for job in batch:
+                job.error = err
+        for i, job in enumerate(batch):
+            job.embedding = out[i : i + 1] if out is not None else None
+            job.done = True
 
     def embed_text(self, text: str) -> Tensor:
         if not self.has_text:

@@ -1,6 +1,8 @@
 """``mmssl serve``'s API in-process (FastAPI's TestClient): answers, files by id, and every bad
 request a 4xx JSON error naming the problem, after which the server still answers."""
 
+import threading
+import time
 import wave
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from fastapi.testclient import TestClient
 from mmssl.cli import main
 from mmssl.data.io import load_audio
 from mmssl.data.manifest import read_manifest
+from mmssl.errors import DataError
 from mmssl.serve.app import create_app
 from mmssl.serve.search import open_service
 from mmssl.testing import save_tiny_run
@@ -227,3 +230,34 @@ def test_text_queries_with_a_text_tower(served_index, tmp_path):
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert len(body["results"]) == 2 and body["query"] == {"text": "a red circle"}
+
+
+def test_queries_waiting_together_are_embedded_as_one_batch_with_the_same_answers(served_index):
+    index, manifest = served_index
+    service = open_service(index, torch.device("cpu"))
+    waves = [load_audio(r["audio"]) for r in read_manifest(manifest)[:4]] + [torch.full((10,), 0.3)]
+    alone = [service.embed_audio(w, f"q{i}", []) for i, w in enumerate(waves[:4])]
+    results: dict = {}
+
+    def ask(i):
+        try:
+            results[i] = service.embed_audio(waves[i], f"q{i}", [])
+        except Exception as err:  # the test looks at which error
+            results[i] = err
+
+    batches = []
+    real = service._embed_batch
+    service._embed_batch = lambda batch: (batches.append(len(batch)), real(batch))[1]
+    with service.lock:  # the model is busy: every query waits
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        while len(service.waiting) < 5:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(timeout=60)
+    assert batches[0] == 5  # one batch for all five, then the short clip alone to name it
+    for i in range(4):
+        torch.testing.assert_close(results[i], alone[i], atol=1e-5, rtol=1e-4)
+    assert isinstance(results[4], DataError) and "q4" in str(results[4]) and "too short" in str(results[4])
+    assert not service.waiting
