@@ -1,7 +1,8 @@
 """``mmssl serve``: a speech-image search service over an index (``mmssl index``).
 
     mmssl serve --index INDEX_DIR [--host 127.0.0.1] [--port 8080] [--max-upload-mb 20]
-                [--max-seconds 60] [--max-k 100] [--checkpoint RUN_OR_CKPT] [--device auto|cpu|cuda]
+                [--max-seconds 60] [--max-k 100] [--max-batch 8] [--checkpoint RUN_OR_CKPT]
+                [--device auto|cpu|cuda]
 
 Loads the index and the run that made it once, then answers over HTTP until interrupted: the
 API and page of ``mmssl.serve.app`` (search by speech upload or recording, or by text when the
@@ -34,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-k", type=int, default=100, help="most images per answer (default 100)")
     parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="spoken queries waiting together embedded as one batch (default 8)",
+    )
+    parser.add_argument(
         "--checkpoint", help="embed queries with this run or checkpoint instead of the index's"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
@@ -42,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_limits(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535; got {args.port}")
-    if not (args.max_upload_mb > 0 and args.max_seconds > 0 and args.max_k >= 1):
-        raise ConfigError("--max-upload-mb, --max-seconds and --max-k must be positive")
+    if not (args.max_upload_mb > 0 and args.max_seconds > 0 and args.max_k >= 1 and args.max_batch >= 1):
+        raise ConfigError("--max-upload-mb, --max-seconds, --max-k and --max-batch must be positive")
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -70,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from mmssl.serve.search import open_service  # lazy: torch and the run only after the checks
 
     device = pick_device(args.device)
-    service = open_service(args.index, device, args.checkpoint)
+    service = open_service(args.index, device, args.checkpoint, args.max_batch)
     for note in service.notes:
         print(f"note: {note}", file=sys.stderr)
     import uvicorn  # lazy: the server library only for this command

@@ -7,7 +7,7 @@ at start-up, so no request can name a path.
 
 The model runs one batch at a time under a lock: PyTorch already spreads a batch over the
 cores, and two at once only fight for them. Spoken queries that arrive while it is busy wait
-together and go through as one padded batch (at most ``MAX_BATCH``; padding never changes an
+together and go through as one padded batch (at most ``max_batch``; padding never changes an
 embedding), so a queue of N costs less than N single queries (BENCHMARKS.md, "Search service").
 
 Shape legend: S samples, D embedding dim.
@@ -44,7 +44,7 @@ class Item:
         return mimetypes.guess_type(self.path.name)[0] or "application/octet-stream"
 
 
-MAX_BATCH = 8  # spoken queries embedded together at most
+MAX_BATCH = 8  # spoken queries embedded together at most (mmssl serve --max-batch)
 
 
 @dataclass
@@ -67,6 +67,7 @@ class SearchService:
     objective: torch.nn.Module
     device: torch.device
     notes: list[str] = field(default_factory=list)
+    max_batch: int = MAX_BATCH
     lock: threading.Lock = field(default_factory=threading.Lock)  # held while the model runs
     waiting: list[_Job] = field(default_factory=list)  # spoken queries not yet embedded
     waiting_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,7 +107,7 @@ class SearchService:
                 if job.done:
                     break
                 with self.waiting_lock:
-                    batch, self.waiting = self.waiting[:MAX_BATCH], self.waiting[MAX_BATCH:]
+                    batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
                 self._embed_batch(batch)
         if job.error is not None:
             raise job.error
@@ -165,7 +166,9 @@ class SearchService:
         return results, search_ms
 
 
-def open_service(index_dir: str | Path, device: torch.device, checkpoint: str | None = None) -> SearchService:
+def open_service(
+    index_dir: str | Path, device: torch.device, checkpoint: str | None = None, max_batch: int = MAX_BATCH
+) -> SearchService:
     """Read the index, load its run and make the table of files the service may send."""
     index_dir = Path(index_dir)
     meta, embeddings, rows = read_index(index_dir)
@@ -190,7 +193,9 @@ def open_service(index_dir: str | Path, device: torch.device, checkpoint: str | 
             continue
         items[cid] = Item(_absolute(row["audio"], meta), "audio")
         captions.setdefault(str(row.get("group")), []).append({"id": cid, "text": row.get("caption") or ""})
-    return SearchService(index_dir, meta, rows, captions, items, search, loaded.objective, device, notes)
+    return SearchService(
+        index_dir, meta, rows, captions, items, search, loaded.objective, device, notes, max_batch
+    )
 
 
 def _absolute(path: str, meta: dict) -> Path:
