@@ -1,7 +1,7 @@
 """``mmssl serve``: a speech-image search service over an index (``mmssl index``).
 
     mmssl serve --index INDEX_DIR [--host 127.0.0.1] [--port 8080] [--max-upload-mb 20]
-                [--max-seconds 60] [--max-k 100] [--max-batch 8] [--checkpoint RUN_OR_CKPT]
+                [--max-seconds 60] [--max-k 100] [--max-batch N] [--checkpoint RUN_OR_CKPT]
                 [--device auto|cpu|cuda]
 
 Loads the index and the run that made it once, then answers over HTTP until interrupted: the
@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch",
         type=int,
-        default=8,
-        help="spoken queries waiting together embedded as one batch (default 8)",
+        help="spoken queries waiting together embedded as one batch (default: 8 on a GPU, 1 on a CPU, "
+        "where batching measured no faster: BENCHMARKS.md)",
     )
     parser.add_argument(
         "--checkpoint", help="embed queries with this run or checkpoint instead of the index's"
@@ -49,7 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_limits(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535; got {args.port}")
-    if not (args.max_upload_mb > 0 and args.max_seconds > 0 and args.max_k >= 1 and args.max_batch >= 1):
+    if not (
+        args.max_upload_mb > 0
+        and args.max_seconds > 0
+        and args.max_k >= 1
+        and (args.max_batch is None or args.max_batch >= 1)
+    ):
         raise ConfigError("--max-upload-mb, --max-seconds, --max-k and --max-batch must be positive")
 
 
@@ -77,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from mmssl.serve.search import open_service  # lazy: torch and the run only after the checks
 
     device = pick_device(args.device)
-    service = open_service(args.index, device, args.checkpoint, args.max_batch)
+    max_batch = args.max_batch if args.max_batch is not None else (8 if device.type == "cuda" else 1)
+    service = open_service(args.index, device, args.checkpoint, max_batch)
     for note in service.notes:
         print(f"note: {note}", file=sys.stderr)
     import uvicorn  # lazy: the server library only for this command

@@ -8,7 +8,9 @@ at start-up, so no request can name a path.
 The model runs one batch at a time under a lock: PyTorch already spreads a batch over the
 cores, and two at once only fight for them. Spoken queries that arrive while it is busy wait
 together and go through as one padded batch (at most ``max_batch``; padding never changes an
-embedding), so a queue of N costs less than N single queries (BENCHMARKS.md, "Search service").
+embedding): on a GPU a queue of N then costs little more than one query; on 2 CPU cores it
+measured no faster than one at a time (BENCHMARKS.md, "Search service"), so ``mmssl serve``
+batches only on a GPU unless told.
 
 Shape legend: S samples, D embedding dim.
 """

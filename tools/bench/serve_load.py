@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-requests", type=int, default=20_000)
     parser.add_argument("--bad-every", type=int, default=10, help="every Nth request is not audio (0: none)")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--max-batch", type=int, default=8, help="mmssl serve --max-batch")
+    parser.add_argument("--max-batch", type=int, default=1, help="mmssl serve --max-batch (default 1)")
     parser.add_argument("--out", help="append the summary as one JSON line here")
     args = parser.parse_args(argv)
     work = Path(args.work)
