@@ -72,3 +72,32 @@ def test_upload_a_caption_and_see_its_image_first(served_index, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_record_from_a_microphone_and_search(served_index):
+    # Chromium's fake capture device (a beeping tone) stands in for a microphone: the page
+    # records with MediaRecorder and posts the recording (webm/opus), which the server decodes
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip)")
+    executable = _browser()
+    if executable is None:
+        pytest.skip("no Chromium binary (apt-get install chromium) for the browser test")
+    index, _ = served_index
+    fake = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    with serving(index) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=fake)
+        try:
+            context = browser.new_context(permissions=["microphone"])
+            page = context.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('about').textContent.includes('4 images')")
+            page.click("#record")
+            page.wait_for_selector("#record.on")
+            page.wait_for_timeout(1500)
+            with page.expect_response(lambda r: r.url.endswith("/search/audio")) as answer:
+                page.click("#record")
+            assert answer.value.status == 200, answer.value.text()
+            page.wait_for_selector(".hit")
+            assert page.locator(".hit").count() == 4
+            assert "recording." in page.locator("#status").inner_text()
+        finally:
+            browser.close()
