@@ -66,6 +66,17 @@ def test_index_builds_the_faiss_kind_asked_for_and_reports_its_recall(speech_ima
     meta = json.loads((out / "index.json").read_text())
     assert meta["search"] == {"kind": "hnsw", "recall_at_10_vs_exact": 1.0} and FAISS_FILE in meta["files"]
     assert ImageSearch.open(torch.zeros(4, meta["dim"]), out).kind == "hnsw"
+    # retrieve searches with it: the same ranking as exact search on 4 images
+    capsys.readouterr()
+    assert main(["retrieve", "--index", str(out), "--manifest", str(manifest), "--json", "--top", "4"]) == 0
+    approximate = json.loads(capsys.readouterr().out)
+    (out / FAISS_FILE).rename(tmp_path / "aside.faiss")
+    assert main(["retrieve", "--index", str(out), "--manifest", str(manifest), "--json", "--top", "4"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert [[h["group"] for h in r["results"]] for r in approximate] == [
+        [h["group"] for h in r["results"]] for r in exact
+    ]
+    (tmp_path / "aside.faiss").rename(out / FAISS_FILE)
     # retrieve checks the FAISS file's checksum like the embeddings'
     (out / FAISS_FILE).write_bytes((out / FAISS_FILE).read_bytes() + b"x")
     assert main(["retrieve", "--index", str(out), "--manifest", str(manifest)]) == 2
