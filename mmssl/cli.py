@@ -39,6 +39,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval-noisy": ("mmssl.commands.eval_noisy", "WER over noise types x SNRs, audio / video / audio-visual"),
     "index": ("mmssl.commands.index", "embed images into a retrieval index"),
     "retrieve": ("mmssl.commands.retrieve", "query an index with speech"),
+    "serve": ("mmssl.commands.serve", "search an index over HTTP: an API and a web page"),
     "extract": ("mmssl.commands.extract", "extract features from a checkpoint"),
     "layers": (
         "mmssl.commands.layers",
@@ -92,7 +93,10 @@ def user_message(err: BaseException) -> str:
 # name -> environment a command sets (unless the user did) before its module loads PyTorch.
 # kmeans: faiss and PyTorch each bring an OpenMP runtime; threads of one spinning while the other
 # works made Lloyd iterations 2-8x slower on a busy 2-core machine (BENCHMARKS.md, "k-means")
-ENVIRONMENT: dict[str, dict[str, str]] = {"kmeans": {"OMP_WAIT_POLICY": "PASSIVE"}}
+# (index and serve search with faiss beside PyTorch too)
+ENVIRONMENT: dict[str, dict[str, str]] = {
+    name: {"OMP_WAIT_POLICY": "PASSIVE"} for name in ("kmeans", "index", "serve")
+}
 
 
 def main(argv: list[str] | None = None) -> int:

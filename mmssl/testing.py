@@ -5,6 +5,13 @@ Everything here is small enough to run forward and backward on a CPU in well und
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -209,3 +216,34 @@ def save_tiny_run(folder, recipe: str, manifest, overrides=HUBERT_STYLE, adjust=
     step.mkdir(parents=True)
     save_weights(objective.state_dict(), step / MODEL_FILE)
     return objective.eval(), step
+
+
+@contextmanager
+def serving(index: str | Path, *options: str, timeout: float = 180.0) -> Iterator[str]:
+    """Run ``mmssl serve --index INDEX --port 0 [options]`` in a child process (this checkout's
+    ``mmssl`` first on its path) and yield its base URL, ``http://127.0.0.1:PORT``; the server is
+    stopped on leaving. For tests and the load benchmark (``tools/bench/serve_load.py``)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "mmssl.cli", "serve", "--index", str(index), "--port", "0", *options]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"mmssl serve exited {proc.wait()}:\n{''.join(lines)}")
+            lines.append(line)
+            found = re.search(r" on (http://\S+?)/ ", line)
+            if found:
+                yield found.group(1)
+                return
+        raise RuntimeError(f"mmssl serve did not start in {timeout} s:\n{''.join(lines)}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -41,6 +41,7 @@ LAYERS = {
     "mmssl.eval": 6,
     "mmssl.commands": 7,
     "mmssl.cli": 7,
+    "mmssl.serve": 7,
     "mmssl.testing": 7,
 }
 PEERS_APART = ("mmssl.train", "mmssl.eval")  # same layer, never importing each other

@@ -6,7 +6,8 @@
                    [--max-seconds 30]
 
 Each query is embedded with the checkpoint that made the index (``index.json`` names it) and
-compared with every indexed image by cosine similarity; the top ``--top`` images are printed
+compared with every indexed image by cosine similarity (or searched in the index's FAISS
+index, when ``mmssl index --faiss`` made one); the top ``--top`` images are printed
 with their scores and captions, or as JSON with ``--json`` (notes then go to stderr, so stdout
 parses). A manifest query uses each record's audio and, when the record has a ``group``, says
 whether the top image is its own. Text queries go through the text tower, which only a model
@@ -49,6 +50,7 @@ from mmssl.eval.retrieval import (
     embed_texts,
     embed_waveforms,
 )
+from mmssl.eval.search import FAISS_FILE, ImageSearch
 
 
 def _warn(message: str) -> None:
@@ -141,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
             "(an index of another model)"
         )
     results = []
-    for entry, hits in zip(described, top_images(queries, images, rows, args.top)):
+    search = ImageSearch.open(images, args.index) if (Path(args.index) / FAISS_FILE).is_file() else None
+    for entry, hits in zip(described, top_images(queries, images, rows, args.top, search)):
         if "group" in entry:
             entry["hit"] = hits[0]["group"] == entry["group"]
         results.append({**entry, "results": hits})

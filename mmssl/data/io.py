@@ -15,6 +15,7 @@ it, and ``probe`` counts without it. The end padding is cut at the stream's decl
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterator
@@ -206,6 +207,44 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Tenso
     path = os.fspath(path)
     with _open(path, "audio") as container:
         data, rate = _decode_audio(container, path)
+    return _to_mono(data, rate, path, sample_rate)
+
+
+def decode_audio_bytes(
+    data: bytes, name: str, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None
+) -> Tensor:
+    """``load_audio`` of a file held in memory (an upload), named ``name`` in errors. With
+    ``max_seconds``, a clip whose header declares more is refused before it is decoded (and one
+    that decodes to more, after)."""
+    if not data:
+        raise DataError(f"{name}: empty file (0 bytes)")
+    try:
+        container = av.open(io.BytesIO(data))
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{name}: not audio PyAV can open ({_reason(err)})") from None
+    try:
+        if max_seconds is not None and container.streams.audio:
+            stream = container.streams.audio[0]
+            declared = _seconds(stream.duration, stream.time_base) or (
+                container.duration / av.time_base if container.duration else None
+            )
+            _check_seconds(declared, name, max_seconds)
+        samples, rate = _decode_audio(container, name)
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{name}: cannot decode audio ({_reason(err)})") from None
+    finally:
+        container.close()
+    if max_seconds is not None:
+        _check_seconds(samples.shape[1] / rate, name, max_seconds)
+    return _to_mono(samples, rate, name, sample_rate)
+
+
+def _check_seconds(seconds: float | None, name: str, max_seconds: float) -> None:
+    if seconds is not None and seconds > max_seconds:
+        raise DataError(f"{name}: lasts {seconds:.1f} s, longer than the {max_seconds:g} s allowed")
+
+
+def _to_mono(data: np.ndarray, rate: int, path: str, sample_rate: int) -> Tensor:
     wav = torch.from_numpy(data).mean(0)  # (S,)
     if not torch.isfinite(wav).all():
         bad = int((~torch.isfinite(wav)).sum())

@@ -25,6 +25,7 @@ from mmssl.eval.retrieval import (
     read_embeddings,
     read_jsonl,
 )
+from mmssl.eval.search import FAISS_FILE, ImageSearch
 from mmssl.files import read_text, sha256_file, stale_folders
 from mmssl.runs import resolve_weights
 
@@ -71,7 +72,7 @@ def _check_checksums(index_dir: Path, meta: dict) -> None:
     indexes made before it was recorded have none). The rows (``images.jsonl``) are checked by
     their count: a user may mend the image paths of a moved corpus there."""
     files = meta.get("files") or {}
-    for name in (f"{IMAGES}.safetensors",):
+    for name in (f"{IMAGES}.safetensors", FAISS_FILE):
         path = index_dir / name
         if name in files and path.is_file() and sha256_file(path) != files[name]:
             raise DataError(
@@ -110,10 +111,17 @@ def query_model(meta: dict, checkpoint: str | None, device: torch.device) -> tup
     return loaded, notes
 
 
-def top_images(queries: Tensor, images: Tensor, rows: Sequence[dict], top: int) -> list[list[dict]]:
-    """For each query ``(Q, D)``, the ``top`` best of ``images (N, D)`` by cosine score."""
-    scores = queries.float() @ images.float().T  # (Q, N)
-    values, indices = scores.topk(min(top, images.shape[0]), dim=1)
+def top_images(
+    queries: Tensor, images: Tensor, rows: Sequence[dict], top: int, search: ImageSearch | None = None
+) -> list[list[dict]]:
+    """For each query ``(Q, D)``, the ``top`` best of ``images (N, D)`` by cosine score, found
+    by ``search`` when given (the index's FAISS index: ``mmssl index --faiss``)."""
+    if search is not None:
+        found_scores, found_rows = search.search(queries, top)
+        values, indices = torch.from_numpy(found_scores), torch.from_numpy(found_rows)
+    else:
+        scores = queries.float() @ images.float().T  # (Q, N)
+        values, indices = scores.topk(min(top, images.shape[0]), dim=1)
     return [
         [
             {
@@ -124,6 +132,7 @@ def top_images(queries: Tensor, images: Tensor, rows: Sequence[dict], top: int) 
                 "captions": rows[i].get("captions", []),
             }
             for r, (v, i) in enumerate(zip(vs.tolist(), ix.tolist()))
+            if i >= 0  # an approximate index may find fewer than asked
         ]
         for vs, ix in zip(values, indices)
     ]

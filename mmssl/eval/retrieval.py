@@ -10,8 +10,11 @@ run's towers, in padded batches (a caption's embedding does not depend on its ba
     INDEX_DIR/images.jsonl         per row: group, image (absolute path), captions (texts)
     INDEX_DIR/speech.safetensors   "embeddings" (N_captions, D)
     INDEX_DIR/speech.jsonl         per row: id, audio, group, caption
+    INDEX_DIR/images.faiss         an approximate FAISS index of the images (``--faiss hnsw|ivf``,
+                                   or ``auto`` from 100k images: ``mmssl.eval.search``)
     INDEX_DIR/index.json           run, weights file, step, its sha256, manifest, dim, counts,
-                                   and the sha256 of the four files above ("files")
+                                   the sha256 of the files above ("files"), and the search
+                                   kind with its recall@10 against exact search ("search")
     INDEX_DIR/recall.json          recall@K both directions, chance levels, and warnings (a single
                                    image; a K that reaches the number of candidates)
     INDEX_DIR/recall.md            the same as a Markdown table
@@ -52,6 +55,7 @@ from mmssl.data.manifest import read_manifest
 from mmssl.data.store import record_audio
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.report import line_plot
+from mmssl.eval.search import FAISS_FILE, build_faiss, choose_kind, recall_against_exact, write_faiss
 from mmssl.files import atomic_dir, atomic_path, check_replaceable, read_text, sha256_file, write_text
 from mmssl.runs import load_objective_from_run, run_dir_of, step_of
 from mmssl.tables import markdown_table
@@ -444,17 +448,21 @@ def build_index(
     ks: Sequence[int] = KS,
     device: torch.device = torch.device("cpu"),
     progress: bool = True,
+    faiss_kind: str = "auto",
 ) -> dict:
     """Embed ``manifest``'s images and spoken captions into ``out`` (layout in the module
     docstring); returns the recall dict of ``retrieval_recall``. The index is written into a
     temporary folder beside ``out`` that replaces it whole at the end: an index interrupted at
     any point leaves the previous one as it was, and ``index.json`` records the checksum of
-    every embedding and row file, which ``mmssl retrieve`` checks."""
+    every embedding and row file, which ``mmssl retrieve`` checks. ``faiss_kind``
+    (``mmssl.eval.search``): an approximate kind also writes ``images.faiss``, and ``index.json``
+    records its recall@10 against exact search on the spoken captions."""
     out = check_index_out(out)
     records = read_manifest(manifest)
     if not records:
         raise DataError(f"{manifest}: the manifest has no records")
     images, caption_groups = distinct_images(records)
+    kind = choose_kind(faiss_kind, len(images))
     objective = loaded.objective
     image_emb = embed_image_files(objective, [row["image"] for row in images], batch_size, device, progress)
     speech_emb = embed_speech_records(objective, records, batch_size, device, progress)
@@ -469,6 +477,14 @@ def build_index(
                 for r, g in zip(records, caption_groups)
             ],
         )
+        files = list(INDEX_DATA)
+        search = {"kind": kind, "recall_at_10_vs_exact": 1.0}
+        if kind != "exact":
+            approximate = build_faiss(image_emb, kind)
+            write_faiss(approximate, tmp / FAISS_FILE)
+            files.append(FAISS_FILE)
+            recall = recall_against_exact(approximate, image_emb, speech_emb)
+            search["recall_at_10_vs_exact"] = round(recall, 4)
         meta = {
             "run": str(loaded.run_dir),
             "weights": str(loaded.weights),
@@ -478,7 +494,8 @@ def build_index(
             "dim": int(objective.dim),
             "images": len(images),
             "captions": len(records),
-            "files": {name: sha256_file(tmp / name) for name in INDEX_DATA},
+            "files": {name: sha256_file(tmp / name) for name in files},
+            "search": search,
         }
         write_text(tmp / INDEX_FILE, json.dumps(meta, indent=2) + "\n")
         groups = [row["group"] for row in images]

@@ -122,6 +122,10 @@ WRONG_VALUES: dict[str, list[tuple[Callable[[Path], list[str]], str]]] = {
         (lambda t: ["index", "--run", str(t), "--manifest", "m.jsonl", "--out", "o", "--ks", "a,b"], "--ks")
     ],
     "retrieve": [(lambda t: ["retrieve", "--index", str(t), "--text", "a", "--top", "many"], "--top")],
+    "serve": [
+        (lambda t: ["serve", "--index", str(t), "--port", "70000"], "--port"),
+        (lambda t: ["serve", "--index", str(t), "--max-upload-mb", "-1"], "--max-upload-mb"),
+    ],
     "extract": [
         (lambda t: ["extract", "--checkpoint", str(t), "--manifest", "m", "--out", "o", "--layer", "x"], "x")
     ],
@@ -190,6 +194,11 @@ def _retrieve_index(t: Path) -> tuple[list[str], Path]:
     bad = t / "index" / "index.json"
     bad.write_bytes(b'{"run": "' + LATIN1.strip() + b'"}')
     return ["retrieve", "--index", str(t / "index"), "--text", "a dog"], bad
+
+
+def _serve_index(t: Path) -> tuple[list[str], Path]:
+    argv, bad = _retrieve_index(t)
+    return ["serve", "--index", argv[2], "--port", "0"], bad
 
 
 def _demo_state(t: Path) -> tuple[list[str], Path]:
@@ -330,6 +339,7 @@ NOT_UTF8: dict[str, list[Callable[[Path], tuple[list[str], Path]]] | str] = {
         )
     ],
     "retrieve": [_retrieve_index],
+    "serve": [_serve_index],
     "extract": [
         _manifest_of(
             lambda m: ["extract", "--checkpoint", "r", "--manifest", str(m), "--layer", "1", "--out", "o"]

@@ -1,0 +1,70 @@
+"""``mmssl serve`` as a command: it listens on the loopback address by default, answers over a
+real socket, refuses a 200 MB body from its header, and a port in use is a one-line error."""
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mmssl.cli import main
+from mmssl.data.manifest import read_manifest
+from mmssl.testing import serving
+
+
+def _multipart(path: Path, k: int = 2) -> tuple[bytes, str]:
+    boundary = "mmsslboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{k}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_serve_answers_on_loopback_and_refuses_a_200_mb_body_from_its_header(served_index):
+    index, manifest = served_index
+    record = read_manifest(manifest)[0]
+    with serving(index) as url:
+        host, port = urlparse(url).hostname, urlparse(url).port
+        assert host == "127.0.0.1"
+        health = json.load(urllib.request.urlopen(f"{url}/health", timeout=30))
+        assert health["index"]["images"] == 4
+        body, kind = _multipart(Path(record["audio"]))
+        request = urllib.request.Request(f"{url}/search/audio", body, {"Content-Type": kind})
+        answer = json.load(urllib.request.urlopen(request, timeout=60))
+        assert len(answer["results"]) == 2
+        with socket.create_connection((host, port), timeout=30) as raw:  # headers only, no body
+            raw.sendall(
+                b"POST /search/audio HTTP/1.1\r\nHost: x\r\nContent-Length: 200000000\r\n"
+                b"Content-Type: multipart/form-data; boundary=x\r\n\r\n"
+            )
+            reply = b""
+            while b"}" not in reply:  # the JSON error follows the headers, maybe in another packet
+                part = raw.recv(4096)
+                if not part:
+                    break
+                reply += part
+            reply = reply.decode()
+        assert reply.startswith("HTTP/1.1 413") and "upload limit" in reply
+        assert json.load(urllib.request.urlopen(f"{url}/health", timeout=30))["status"] == "ok"
+
+
+def test_a_port_in_use_is_a_one_line_error(served_index, capsys):
+    index, _ = served_index
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--index", str(index), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--port {port}: cannot listen there" in err[0]
+
+
+def test_a_missing_index_is_a_one_line_error(tmp_path, capsys):
+    assert main(["serve", "--index", str(tmp_path / "none")]) == 2
+    assert "no such index folder" in capsys.readouterr().err
