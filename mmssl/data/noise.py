@@ -161,8 +161,6 @@ class WhiteNoise:
     """Gaussian white noise where a :class:`NoiseBank` is expected (``sample``): the noise of a
     denoising objective built without a noise folder."""
 
-    files: list[str] = []
-
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         return torch.randn(num_samples, generator=generator)
 
