@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     if not texts:
         raise DataError(f"{args.manifest}: no record has a transcript")
     probs, backoffs = kneser_ney(texts, args.order)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, arpa_text(probs, backoffs))
-    sizes = ", ".join(f"{len(p)} {k + 1}-grams" for k, p in enumerate(probs))
+    sizes = ", ".join(f"{len(p) + (k == 0)} {k + 1}-grams" for k, p in enumerate(probs))  # + <s>
     print(f"{args.out}: {args.order}-gram model of {len(texts)} transcripts ({sizes})")
     return 0

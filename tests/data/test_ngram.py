@@ -90,9 +90,11 @@ def test_the_lm_command_writes_a_model_of_the_transcripts(tmp_path, capsys):
     manifest.write_text(
         "".join(f'{{"id": "r{i}", "audio": "r{i}.wav", "transcript": "{t}"}}\n' for i, t in enumerate(TEXTS))
     )
-    out = tmp_path / "lm.arpa"
+    out = tmp_path / "new" / "lm.arpa"
     assert main(["lm", "--manifest", str(manifest), "--order", "2", "--out", str(out)]) == 0
-    assert "4 transcripts" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4 transcripts" in printed
+    assert f"({out.read_text().splitlines()[2].split('=')[1]} 1-grams" in printed  # as the file says
     assert sorted(arpa_words(out)) == sorted({w for t in TEXTS for w in t.split()})
     assert main(["lm", "--manifest", str(manifest), "--out", str(out)]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
