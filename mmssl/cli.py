@@ -36,6 +36,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "kmeans": ("mmssl.commands.kmeans", "fit k-means on MFCC or a checkpoint's layer and write labels"),
     "pretrain": ("mmssl.commands.pretrain", "pretrain a speech or audio-visual model from a recipe"),
     "finetune-asr": ("mmssl.commands.finetune_asr", "fine-tune a pretrained encoder for ASR with CTC"),
+    "lm": ("mmssl.commands.lm", "a word n-gram language model (ARPA) of a manifest's transcripts"),
     "eval-noisy": ("mmssl.commands.eval_noisy", "WER over noise types x SNRs, audio / video / audio-visual"),
     "index": ("mmssl.commands.index", "embed images into a retrieval index"),
     "retrieve": ("mmssl.commands.retrieve", "query an index with speech"),

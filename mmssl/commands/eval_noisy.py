@@ -1,6 +1,7 @@
 """``mmssl eval-noisy --run RUN --manifest M --noise DIR|TYPE=DIR [...]``: WER of a CTC
 fine-tuning run over noise types x SNRs, audio-only vs video-only vs audio-visual
-(``mmssl.eval.noisy``); writes ``RUN/eval_noisy`` (or ``--out``)."""
+(``mmssl.eval.noisy``), greedy or by beam search with a language model (``--decoder beam --lm
+ARPA``, ``mmssl.eval.decoders``); writes ``RUN/eval_noisy`` (or ``--out``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from mmssl.errors import ConfigError
+from mmssl.eval.decoders import add_decoding_arguments, decoding_from_args
 from mmssl.eval.noisy import CLEAN, evaluate, parse_snrs
 
 
@@ -37,10 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit", type=int, default=None, help="evaluate only the first N records of the manifest"
     )
+    add_decoding_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     snrs = parse_snrs(args.snrs)
+    decoding = decoding_from_args(args)
     if any(s != CLEAN for s in snrs) and not args.noise:
         raise ConfigError("--snrs has noisy conditions but no --noise folder was given")
     types = [t.strip() for t in args.noise_types.split(",") if t.strip()] if args.noise_types else None
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
         args.batch_seconds,
         limit=args.limit,
+        decoding=decoding,
     )
     print(f"results: {out / 'results.jsonl'}, table: {out / 'wer.md'}, plot: {out / 'wer_vs_snr.png'}")
     return 0

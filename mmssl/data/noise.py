@@ -157,13 +157,24 @@ class NoiseBank:
         return {**self.__dict__, "_cache": OrderedDict()}
 
 
+class WhiteNoise:
+    """Gaussian white noise where a :class:`NoiseBank` is expected (``sample``): the noise of a
+    denoising objective built without a noise folder."""
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn(num_samples, generator=generator)
+
+
 class AddNoise:
     """Per-item transform ``audio (S,) -> (S,)``: with probability ``prob``, add noise from
     ``bank`` at an SNR drawn uniformly from ``snr_range`` (dB). Picklable, for data workers,
     where it draws from the worker's seeded global generator unless given one."""
 
     def __init__(
-        self, bank: NoiseBank, prob: float = 1.0, snr_range: tuple[float, float] = (0.0, 20.0)
+        self,
+        bank: NoiseBank | WhiteNoise,
+        prob: float = 1.0,
+        snr_range: tuple[float, float] = (0.0, 20.0),
     ) -> None:
         if not 0.0 <= prob <= 1.0:
             raise ConfigError(f"AddNoise prob must be in [0, 1], got {prob}")

@@ -31,7 +31,8 @@ from torch import Tensor
 from mmssl.encoders.audio import CPCEncoder
 from mmssl.encoders.base import EncoderOutput, Features, SpeechEncoder, check_depth
 from mmssl.errors import ConfigError
-from mmssl.nn.context import RecurrentContext
+from mmssl.nn.context import QuantizedRecurrentContext, RecurrentContext
+from mmssl.nn.quantizer import GumbelProductQuantizer
 from mmssl.nn.reconstruction import LogMelFrontend
 
 
@@ -95,7 +96,12 @@ class BiRecurrentEncoder(SpeechEncoder):
 
 
 def build_apc_encoder(
-    dim: int = 512, num_layers: int = 3, num_mel_bins: int = 80, dropout: float = 0.0, residual: bool = True
+    dim: int = 512,
+    num_layers: int = 3,
+    num_mel_bins: int = 80,
+    dropout: float = 0.0,
+    residual: bool = True,
+    quantizers: dict[int, GumbelProductQuantizer] | None = None,
 ) -> CPCEncoder:
     """APC's encoder; defaults are APC's (80-d log mels, three 512-unit LSTM layers with
     residual connections). ``extract`` gives ``x = raw =`` the running-normalised log mels
@@ -104,8 +110,16 @@ def build_apc_encoder(
     APC's log mels are normalised per speaker (Chung et al. 2019, experimental setup: zero
     mean and unit variance per speaker), which a single clip cannot give; per-utterance
     statistics would let every frame depend on the whole clip, later audio included, so the
-    statistics here are running ones over the frames read so far."""
-    context = RecurrentContext(num_mel_bins, dim, num_layers, cell="lstm", dropout=dropout, residual=residual)
+    statistics here are running ones over the frames read so far. ``quantizers`` (VQ-APC): layer
+    index -> a quantizer on that layer's output (``QuantizedRecurrentContext``)."""
+    if quantizers:
+        context: RecurrentContext = QuantizedRecurrentContext(
+            num_mel_bins, dim, num_layers, quantizers, cell="lstm", dropout=dropout, residual=residual
+        )
+    else:
+        context = RecurrentContext(
+            num_mel_bins, dim, num_layers, cell="lstm", dropout=dropout, residual=residual
+        )
     return CPCEncoder(LogMelFrontend(num_mel_bins, normalize="running"), context)
 
 

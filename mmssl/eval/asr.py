@@ -1,5 +1,6 @@
-"""ASR with CTC: greedy decoding and WER of a fine-tuning run (``mmssl finetune-asr``, which
-trains with ``mmssl.train.finetune`` and then calls :func:`evaluate_run`; ``mmssl eval-noisy``).
+"""ASR with CTC: decoding (greedy, or beam search with a language model:
+``mmssl.eval.decoders``) and WER of a fine-tuning run (``mmssl finetune-asr``, which trains
+with ``mmssl.train.finetune`` and then calls :func:`evaluate_run`; ``mmssl eval-noisy``).
 
 The units (text normalisation, SentencePiece units, the blank) are ``mmssl.data.units``: they
 are trained on the transcripts of the training manifest when fine-tuning starts and saved in
@@ -28,21 +29,11 @@ from mmssl.data.datasets import lip_frames
 from mmssl.data.io import load_audio, load_video
 from mmssl.data.manifest import read_manifest
 from mmssl.data.samplers import pack_batches
-from mmssl.data.units import BLANK, normalize_text
+from mmssl.data.units import normalize_text
 from mmssl.errors import ConfigError, DataError
+from mmssl.eval.decoders import Decoder, GreedyDecoder, decoding_settings, make_decoder
 from mmssl.files import write_text
 from mmssl.runs import latest_checkpoint, load_objective_from_run
-
-
-def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
-    """Best path: argmax per frame, repeats collapsed, blanks dropped (a blank between two equal
-    classes keeps both). ``log_probs (B, T, V)``, ``lengths (B,)`` valid frames -> B class lists."""
-    best = log_probs.argmax(-1)  # (B, T)
-    prev = torch.nn.functional.pad(best[:, :-1], (1, 0), value=BLANK)
-    keep = (best != prev) & (best != BLANK)
-    keep &= torch.arange(best.shape[1], device=best.device) < lengths.to(best.device).unsqueeze(1)
-    best, keep = best.cpu(), keep.cpu()
-    return [row[k].tolist() for row, k in zip(best, keep)]
 
 
 def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> dict:
@@ -162,9 +153,12 @@ def transcribe(
     audios: Sequence[Tensor] | None = None,
     progress: bool = True,
     desc: str = "decode",
+    decoder: Decoder | None = None,
 ) -> list[str]:
-    """Greedy CTC transcripts of ``clips`` (in their order) by a CTC objective in eval mode,
-    batched by length. ``audios``: one waveform per clip replacing its own."""
+    """CTC transcripts of ``clips`` (in their order) by a CTC objective in eval mode, batched by
+    length, with ``decoder`` (greedy by default). ``audios``: one waveform per clip replacing
+    its own."""
+    decoder = decoder or GreedyDecoder(objective.units)
     hyps: list[str] = [""] * len(clips)
     batches = length_batches(clips, batch_seconds)
     with tqdm(total=len(clips), desc=desc, unit="utt", disable=not progress, leave=False) as bar:
@@ -172,8 +166,8 @@ def transcribe(
             waves = [audios[i] for i in indices] if audios is not None else None
             batch = clip_batch([clips[i] for i in indices], modalities, device, waves)
             log_probs, lengths = objective.logits(batch)
-            for i, classes in zip(indices, greedy_decode(log_probs, lengths)):
-                hyps[i] = objective.units.decode(classes)
+            for i, text in zip(indices, decoder(log_probs, lengths)):
+                hyps[i] = text
             bar.update(len(indices))
     return hyps
 
@@ -193,19 +187,30 @@ def load_asr_model(run_dir: str | Path, device: torch.device):
 
 
 def evaluate_run(
-    run_dir: Path, manifest: str | Path, device: torch.device, batch_seconds: float = 60.0
+    run_dir: Path,
+    manifest: str | Path,
+    device: torch.device,
+    batch_seconds: float = 60.0,
+    decoding: dict | None = None,
 ) -> dict:
-    """Decode ``manifest`` with the run's model; write ``wer.json`` and ``hyps.jsonl`` there."""
+    """Decode ``manifest`` with the run's model; write ``wer.json`` and ``hyps.jsonl`` there.
+    ``decoding``: the keyword arguments of :func:`mmssl.eval.decoders.make_decoder` (greedy
+    when None), recorded in ``wer.json``."""
     objective = load_asr_model(run_dir, device)
+    decoding = decoding_settings(decoding)
+    decoder = make_decoder(objective.units, **decoding)
     folder = latest_checkpoint(run_dir)
     clips = load_clips(manifest, objective.modalities)
-    hyps = transcribe(objective, clips, objective.modalities, device, batch_seconds, desc="decode valid")
+    hyps = transcribe(
+        objective, clips, objective.modalities, device, batch_seconds, desc="decode valid", decoder=decoder
+    )
     refs = [normalize_text(c.transcript) for c in clips]
     result = {
         **word_errors(refs, hyps),
         "manifest": str(manifest),
         "modalities": list(objective.modalities),
         "checkpoint": folder.name if folder is not None else None,
+        "decoding": decoding,
     }
     lines = "".join(json.dumps({"id": c.id, "ref": r, "hyp": h}) + "\n" for c, r, h in zip(clips, refs, hyps))
     write_text(run_dir / "hyps.jsonl", lines)

@@ -14,12 +14,13 @@ does not hear the noise, so it is decoded once and its WER repeated in every row
 WER is corpus-level per cell (jiwer over all utterances of the manifest). Each finished cell
 is one line of ``results.jsonl``, after a first line that records what the cells depend on
 (:func:`fingerprint`: the checkpoint and a hash of its weights, the manifest's path, size and
-time, ``--limit``, ``--seed``, and per noise type its files); a rerun with the same fingerprint
-skips the cells already there, so a killed evaluation resumes. When the checkpoint, manifest,
-limit or seed differ, the grid starts afresh (it says so); when only a noise type's files
-differ, that type's cells are redone. SNRs are spelled canonically (``10.0`` is ``10``). The
-table goes to ``wer.md`` (rows noise x SNR, columns modalities) and the terminal, the curves
-to ``wer_vs_snr.png``.
+time, ``--limit``, ``--seed``, the settings of a beam search, ``--decoder beam``, with its
+language model's path, size and time (``mmssl.eval.decoders``), and per noise type its files);
+a rerun with the same fingerprint skips the cells already there, so a killed evaluation
+resumes. When the checkpoint, manifest, limit, seed or decoding differ, the grid starts afresh
+(it says so); when only a noise type's files differ, that type's cells are redone. SNRs are
+spelled canonically (``10.0`` is ``10``). The table goes to ``wer.md`` (rows noise x SNR,
+columns modalities) and the terminal, the curves to ``wer_vs_snr.png``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from mmssl.data.units import normalize_text
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
 from mmssl.eval.asr import Clip, load_asr_model, load_clips, transcribe, word_errors
+from mmssl.eval.decoders import Decoder, decoding_settings, make_decoder
 from mmssl.eval.report import PALETTE, line_plot
 from mmssl.files import read_text, sha256_file
 from mmssl.runs import MODEL_FILE, latest_checkpoint
@@ -129,8 +131,21 @@ def _file_id(path: Path) -> list:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def fingerprint(run: Path, manifest: Path, banks: dict[str, NoiseBank], limit: int | None, seed: int) -> dict:
-    """What the cells of a grid depend on besides their (noise, SNR, modality)."""
+def fingerprint(
+    run: Path,
+    manifest: Path,
+    banks: dict[str, NoiseBank],
+    limit: int | None,
+    seed: int,
+    decoding: dict | None = None,
+) -> dict:
+    """What the cells of a grid depend on besides their (noise, SNR, modality). ``decoding``
+    (:func:`mmssl.eval.decoders.decoding_settings`) is recorded as None for greedy decoding,
+    as grids written before beam search existed record it."""
+    decoding = decoding_settings(decoding)
+    decoded = None
+    if decoding["kind"] != "greedy":
+        decoded = {**decoding, "lm": _file_id(Path(decoding["lm"])) if decoding["lm"] else None}
     folder = latest_checkpoint(run)
     if folder is None:
         raise DataError(f"{run}: no checkpoint yet")
@@ -140,6 +155,7 @@ def fingerprint(run: Path, manifest: Path, banks: dict[str, NoiseBank], limit: i
         "manifest": _file_id(manifest),
         "limit": limit,
         "seed": seed,
+        "decoding": decoded,
         "noise": {name: [_file_id(Path(f))[:2] for f in bank.files] for name, bank in banks.items()},
     }
 
@@ -230,8 +246,15 @@ def plot(
     )
 
 
-def _decode_cell(objective, clips, keys, device, batch_seconds, audios, progress, desc) -> dict:
-    hyps = transcribe(objective, clips, keys, device, batch_seconds, audios, progress, desc)
+def _beam_description(decoding: dict) -> str:
+    lm = f", LM {decoding['lm']} (weight {decoding['lm_weight']:g})" if decoding["lm"] else ", no LM"
+    return f"beam search of {decoding['beam']}{lm}"
+
+
+def _decode_cell(
+    objective, clips, keys, device, batch_seconds, audios, progress, desc, decoder: Decoder
+) -> dict:
+    hyps = transcribe(objective, clips, keys, device, batch_seconds, audios, progress, desc, decoder)
     return word_errors([normalize_text(c.transcript) for c in clips], hyps)
 
 
@@ -248,20 +271,24 @@ def evaluate(
     batch_seconds: float = 60.0,
     progress: bool = True,
     limit: int | None = None,
+    decoding: dict | None = None,
 ) -> dict:
     """Run every missing cell; write ``results.jsonl``, ``wer.md``, ``wer_vs_snr.png``. Returns
-    the results by (noise, snr, modality)."""
+    the results by (noise, snr, modality). ``decoding``: the keyword arguments of
+    :func:`mmssl.eval.decoders.make_decoder` (greedy when None)."""
 
     device = pick_device(device_name)
     snrs = [canonical_snr(s) for s in snrs]
     objective = load_asr_model(run, device)
+    decoding = decoding_settings(decoding)
+    decoder = make_decoder(objective.units, **decoding)
     modalities = parse_modalities(modalities_text, objective.modalities)
     banks = noise_banks(noise_specs, noise_types) if any(s != CLEAN for s in snrs) else {}
     needed = sorted({k for m in modalities for k in MODALITY_KEYS[m]})
     clips = load_clips(manifest, needed, progress, limit)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    results = reusable(results_path, fingerprint(run, manifest, banks, limit, seed))
+    results = reusable(results_path, fingerprint(run, manifest, banks, limit, seed, decoding))
     cells = grid(list(banks), snrs, modalities)
     for noise, snr, modality in tqdm(cells, desc="eval-noisy cells", unit="cell", disable=not progress):
         if (noise, snr, modality) in results:
@@ -274,15 +301,17 @@ def evaluate(
             audios = None
             if "audio" in keys and snr != CLEAN:
                 audios = [noisy_audio(c, banks[noise], noise, snr, seed) for c in clips]
+            desc = f"{modality} {noise} {snr}"
             score = _decode_cell(
-                objective, clips, keys, device, batch_seconds, audios, progress, f"{modality} {noise} {snr}"
+                objective, clips, keys, device, batch_seconds, audios, progress, desc, decoder
             )
         row = {"noise": noise, "snr": snr, "modality": modality, **score}
         results[(noise, snr, modality)] = row
         with open(results_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
     text = table(results, list(banks), snrs, modalities)
-    (out / "wer.md").write_text(f"WER of {run} on {manifest}\n\n{text}\n", encoding="utf-8")
+    how = "greedy decoding" if decoding["kind"] == "greedy" else _beam_description(decoding)
+    (out / "wer.md").write_text(f"WER of {run} on {manifest} ({how})\n\n{text}\n", encoding="utf-8")
     plot(results, list(banks) or ["none"], snrs, modalities, out / "wer_vs_snr.png")
     print(text)
     return results

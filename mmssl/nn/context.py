@@ -7,6 +7,9 @@ never lets it reach a valid output; padded output frames hold unspecified values
 * ``RecurrentContext``: a unidirectional GRU (CPC, sec. 3.1: one GRU layer with 256 units) or
   LSTM (APC, sec. 3: three 512-unit LSTM layers with residual connections). Its recurrent
   layers run in float32 also under bf16 autocast (``run_recurrent``).
+* ``QuantizedRecurrentContext``: a ``RecurrentContext`` whose chosen layers' outputs pass a
+  Gumbel-softmax vector quantizer (straight-through) before the next layer reads them (VQ-APC,
+  Chung, Tang and Glass, 2020).
 * ``CausalTransformerContext``: pre-LN transformer layers with a causal attention mask and a
   causal convolutional position embedding.
 
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 
 from mmssl.errors import ConfigError
 from mmssl.nn.padding import lengths_to_padding_mask
+from mmssl.nn.quantizer import GumbelProductQuantizer, QuantizerOutput
 from mmssl.nn.transformer import (
     ConvPositionalEmbedding,
     FeedForward,
@@ -96,6 +100,56 @@ class RecurrentContext(nn.Module):
     def final(self, last: Tensor) -> Tensor:
         """The network's output from its last layer's: the same (no final norm)."""
         return last
+
+
+class QuantizedRecurrentContext(RecurrentContext):
+    """``RecurrentContext`` with ``quantizers``: layer index (0-based) -> a Gumbel quantizer of
+    the layer's width, whose output replaces the layer's (what the next layer, the residual
+    connection and ``layer_outputs`` see). A quantizer is per frame and the stack is causal,
+    so output frame ``t`` still depends only on input frames ``<= t``."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        dim: int,
+        num_layers: int,
+        quantizers: dict[int, GumbelProductQuantizer],
+        cell: str = "lstm",
+        dropout: float = 0.0,
+        residual: bool = False,
+    ) -> None:
+        super().__init__(input_dim, dim, num_layers, cell, dropout, residual)
+        bad = [i for i in quantizers if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"quantized recurrent context: no layer {bad[0]} (layers 0..{num_layers - 1})")
+        if not quantizers:
+            raise ConfigError("quantized recurrent context: no layer to quantize")
+        self.quantizers = nn.ModuleDict({str(i): q for i, q in sorted(quantizers.items())})
+
+    def quantized_layer_outputs(
+        self, x: Tensor, lengths: Tensor
+    ) -> tuple[list[Tensor], list[QuantizerOutput]]:
+        """Every layer's output ``(B, T, C)`` (quantized where a quantizer sits) and each
+        quantizer's output, in layer order; padded frames are left out of the perplexities."""
+        weight = (~lengths_to_padding_mask(lengths.to(x.device), x.shape[1])).float()  # (B, T)
+        outputs, quantized = [], []
+        for i, layer in enumerate(self.layers):
+            y = self.dropout(run_recurrent(layer, x))
+            x = x + y if (self.residual and i > 0) else y
+            if str(i) in self.quantizers:
+                q = self.quantizers[str(i)](x, weight)
+                x = q.quantized.to(x.dtype)
+                quantized.append(q)
+            outputs.append(x)
+        return outputs, quantized
+
+    def layer_outputs(self, x: Tensor, lengths: Tensor) -> list[Tensor]:
+        return self.quantized_layer_outputs(x, lengths)[0]
+
+    def set_step(self, step: int) -> None:
+        """Every quantizer's Gumbel temperature after ``step`` updates."""
+        for q in self.quantizers.values():
+            q.set_step(step)
 
 
 class CausalTransformerContext(nn.Module):

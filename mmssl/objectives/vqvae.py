@@ -1,7 +1,18 @@
-"""Frame autoencoders of log mel filterbanks: a plain bottleneck (``autoencoder``) and a vector
+"""Frame autoencoders of log mel filterbanks: a plain bottleneck (``autoencoder``), a vector
 quantised one (``vqvae``; van den Oord et al., 2017, "Neural discrete representation
 learning"; for speech, Chorowski et al., 2019, "Unsupervised speech representation learning
-using WaveNet autoencoders").
+using WaveNet autoencoders") and a denoising one (``denoising_autoencoder``; Vincent et al.,
+2008, "Extracting and composing robust features with denoising autoencoders"; on speech
+spectra, Lu et al., 2013, "Speech enhancement based on deep denoising autoencoder").
+
+* Denoising: the encoder reads the log mels of a noisy copy of the waveform and the decoder
+  reconstructs the log mels of the clean one, so the code keeps the speech and drops the noise.
+  The noisy copy (``noisy_audio (B, S)``, made by the batch hook :class:`NoisyCopy` in the data
+  workers) is mixed as ``mmssl.data.noise.AddNoise`` does, before any feature is computed:
+  noise from a folder (``noise_dir``; ``mmssl synth`` writes ``noise/train``), or Gaussian white
+  noise without one, at an RMS SNR drawn uniformly in ``noise_snr`` dB, with probability
+  ``noise_prob`` per utterance (an utterance left clean is plain autoencoding). Each copy is
+  normalised by its own statistics (utterance mean and variance), as every input is.
 
 * Encoder (``FrameAutoencoderEncoder``, ``mmssl.encoders.autoencoder``): normalised 80-d log
   mels (100 Hz), optionally downsampled x2 by stacking frame pairs (50 Hz; Chorowski et al.
@@ -35,17 +46,20 @@ dim, K codebook entries.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmssl.data.noise import AddNoise, NoiseBank, WhiteNoise, snr_range
 from mmssl.encoders.autoencoder import ConvStack, FrameAutoencoderEncoder, ResidualBlock, padding_keep
 from mmssl.errors import ConfigError
+from mmssl.nn.masking import hook_generator
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.nn.quantizer import VectorQuantizer
 from mmssl.nn.reconstruction import LogMelFrontend, StackedLogMelFrontend, reconstruction_loss
-from mmssl.objectives.base import Objective, check_settings, size_preset
+from mmssl.objectives.base import BatchHook, Objective, check_settings, size_preset
 from mmssl.registry import OBJECTIVES
 
 
@@ -72,30 +86,91 @@ class FrameDecoder(nn.Module):
         return y.reshape(b, t * self.stack, self.num_mel_bins)  # (B, stack * T, F)
 
 
+@dataclass
+class Reconstruction:
+    """What :meth:`FrameAutoencoderObjective.reconstruct` gives: ``recon (B, T_mel, F)``, the
+    ``target`` log mels (zero padded), ``weight (B, T_mel)`` (True on real mel frames), the
+    latents ``z_e (B, T, D)`` over ``lengths (B,)`` latent frames, and the quantizer's output
+    (None without one)."""
+
+    recon: Tensor
+    target: Tensor
+    weight: Tensor
+    z_e: Tensor
+    lengths: Tensor
+    vq: Any = None
+
+
+@dataclass
+class NoisyCopy:
+    """Picklable batch hook: ``noisy_audio (B, S)``, each utterance's valid waveform through
+    ``add`` (noise at an SNR drawn in its range, with its probability); padding stays zero and
+    ``audio`` stays clean (the target). Draws from ``hook_generator(seed)``."""
+
+    add: AddNoise
+    seed: int = 0
+
+    def __call__(self, batch: dict) -> dict:
+        g = hook_generator(self.seed)
+        audio = batch["audio"].cpu()
+        noisy = audio.clone()
+        for i, n in enumerate(batch["audio_lens"].tolist()):
+            noisy[i, :n] = self.add(audio[i, :n], g)
+        batch["noisy_audio"] = noisy.to(batch["audio"].device)
+        return batch
+
+
 class FrameAutoencoderObjective(Objective):
-    """``forward(batch)`` reads ``audio (B, S)``, ``audio_lens (B,)``. Parts: ``encoder`` (a
-    ``FrameAutoencoderEncoder``, with a quantizer for VQ-VAE) and ``decoder``."""
+    """``forward(batch)`` reads ``audio (B, S)``, ``audio_lens (B,)`` and, when denoising,
+    ``noisy_audio (B, S)`` (made by ``noise``, the batch hook, when absent). Parts: ``encoder``
+    (a ``FrameAutoencoderEncoder``, with a quantizer for VQ-VAE), ``decoder``, and ``noise``
+    (a :class:`NoisyCopy`) for the denoising autoencoder."""
 
     modalities = ("audio",)
 
     def __init__(
-        self, encoder: FrameAutoencoderEncoder, decoder: FrameDecoder, reconstruction: str = "mse"
+        self,
+        encoder: FrameAutoencoderEncoder,
+        decoder: FrameDecoder,
+        reconstruction: str = "mse",
+        noise: NoisyCopy | None = None,
     ) -> None:
         super().__init__()
-        self.encoder, self.decoder = encoder, decoder
+        self.encoder, self.decoder, self.noise = encoder, decoder, noise
         self.reconstruction, self.reconstruction_loss = reconstruction, reconstruction_loss(reconstruction)
 
-    def forward(self, batch: dict) -> dict[str, Tensor]:
+    def batch_hook(self) -> BatchHook | None:
+        return self.noise
+
+    def reconstruct(self, audio: Tensor, target_audio: Tensor, audio_lens: Tensor) -> Reconstruction:
+        """Encode the log mels of ``audio (B, S)``, decode, and take the log mels of
+        ``target_audio (B, S)`` (the same utterances, e.g. clean where ``audio`` is noisy) as
+        the target."""
         enc = self.encoder
-        mels, mel_lens = enc.frontend.mels(batch["audio"], batch["audio_lens"])  # (B, T_mel, F)
+        mels, mel_lens = enc.frontend.mels(audio, audio_lens)  # (B, T_mel, F)
         x, lengths = enc.frontend.stacked(mels, mel_lens)  # (B, T, stack * F)
+        if target_audio is not audio:
+            target_mels, _ = enc.frontend.mels(target_audio, audio_lens)
+            target_x, _ = enc.frontend.stacked(target_mels, mel_lens)  # (B, T, stack * F)
+        else:
+            target_x = x
         b, t, _ = x.shape
         _, z_e = enc.encode(x, lengths)
         vq = enc.quantizer(z_e, lengths) if enc.quantizer is not None else None
         recon = self.decoder(z_e if vq is None else vq.quantized, lengths)  # (B, stack * T, F)
-        target = x.reshape(b, t * enc.stack, enc.frontend.num_mel_bins)  # the mel frames, zero padded
+        target = target_x.reshape(b, t * enc.stack, enc.frontend.num_mel_bins)  # mel frames, zero padded
         weight = ~lengths_to_padding_mask(mel_lens, t * enc.stack)  # only real mel frames
-        rec = self.reconstruction_loss(recon, target, weight)
+        return Reconstruction(recon, target, weight, z_e, lengths, vq)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        audio = batch["audio"]
+        if self.noise is not None:
+            if "noisy_audio" not in batch:
+                batch = self.noise(dict(batch))
+            audio = batch["noisy_audio"]
+        r = self.reconstruct(audio, batch["audio"], batch["audio_lens"])
+        vq = r.vq
+        rec = self.reconstruction_loss(r.recon, r.target, r.weight)
         out = {f"reconstruction_{self.reconstruction}_loss": rec.detach()}
         if vq is None:
             return {"loss": rec, **out}
@@ -125,10 +200,12 @@ def build_frame_autoencoder(
     reconstruction: str,
     overrides: dict[str, Any] | None,
     quantizer: dict[str, Any] | None,
+    noise: NoisyCopy | None = None,
 ) -> FrameAutoencoderObjective:
     """Encoder, optional ``VectorQuantizer(**quantizer)`` and decoder of the ``size`` preset;
-    ``overrides`` may set ``channels``, ``num_blocks``, ``latent_dim``, ``num_mel_bins``."""
-    what = "vqvae" if quantizer is not None else "autoencoder"
+    ``overrides`` may set ``channels``, ``num_blocks``, ``latent_dim``, ``num_mel_bins``;
+    ``noise``: the noisy copy of a denoising autoencoder."""
+    what = "vqvae" if quantizer is not None else "denoising_autoencoder" if noise else "autoencoder"
     settings = {**size_preset(what, size, SIZES), "num_mel_bins": 80, **(overrides or {})}
     unknown = sorted(set(settings) - set(ENCODER_KEYS))
     if unknown:
@@ -144,7 +221,7 @@ def build_frame_autoencoder(
     convs = ConvStack(mels * stack, channels, blocks)
     encoder = FrameAutoencoderEncoder(StackedLogMelFrontend(LogMelFrontend(mels), stack), convs, latent, vq)
     decoder = FrameDecoder(latent, channels, blocks, mels, stack)
-    return FrameAutoencoderObjective(encoder, decoder, reconstruction)
+    return FrameAutoencoderObjective(encoder, decoder, reconstruction, noise)
 
 
 @OBJECTIVES.register
@@ -156,6 +233,30 @@ def autoencoder(
 ) -> FrameAutoencoderObjective:
     """A log-mel autoencoder with a continuous bottleneck (the baseline of Chorowski et al.)."""
     return build_frame_autoencoder(size, downsample, reconstruction, encoder, None)
+
+
+@OBJECTIVES.register
+def denoising_autoencoder(
+    size: str = "base",
+    noise_dir: str | None = None,  # a folder of noise recordings; None: Gaussian white noise
+    noise_prob: float = 1.0,  # every utterance gets its noisy copy
+    noise_snr: float | list[float] = (0.0, 20.0),  # dB, uniform in [low, high] (AddNoise's default range)
+    downsample: bool = True,
+    reconstruction: str = "mse",
+    encoder: dict[str, Any] | None = None,
+) -> FrameAutoencoderObjective:
+    """The autoencoder of :func:`autoencoder`, reading a noisy copy of the audio and
+    reconstructing the clean log mels (Vincent et al., 2008; Lu et al., 2013)."""
+    if isinstance(noise_prob, bool) or not isinstance(noise_prob, (int, float)) or not 0 <= noise_prob <= 1:
+        raise ConfigError(
+            f"denoising_autoencoder: objective.noise_prob must be in [0, 1]; got {noise_prob!r}"
+        )
+    low, high = snr_range(noise_snr)
+    if low > high:
+        raise ConfigError(f"denoising_autoencoder: objective.noise_snr [{low:g}, {high:g}] has low > high")
+    bank = NoiseBank(noise_dir) if noise_dir else WhiteNoise()
+    noise = NoisyCopy(AddNoise(bank, float(noise_prob), (low, high)))
+    return build_frame_autoencoder(size, downsample, reconstruction, encoder, None, noise)
 
 
 @OBJECTIVES.register

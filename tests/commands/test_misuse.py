@@ -114,9 +114,21 @@ WRONG_VALUES: dict[str, list[tuple[Callable[[Path], list[str]], str]]] = {
             lambda t: ["finetune-asr", "ctc", "--init", "none", "data.train=m.jsonl", "data.num_workers=2.5"],
             "num_workers",
         ),
+        (
+            lambda t: ["finetune-asr", "ctc", "--init", "none", "--decoder", "greedy", "--lm", "x.arpa"],
+            "--lm",
+        ),
     ],
     "eval-noisy": [
-        (lambda t: ["eval-noisy", "--run", str(t), "--manifest", "m.jsonl", "--snrs", "loud"], "loud")
+        (lambda t: ["eval-noisy", "--run", str(t), "--manifest", "m.jsonl", "--snrs", "loud"], "loud"),
+        (
+            lambda t: ["eval-noisy", "--run", str(t), "--manifest", "m.jsonl", "--decoder", "best"],
+            "--decoder",
+        ),
+        (lambda t: ["eval-noisy", "--run", str(t), "--manifest", "m.jsonl", "--lm", "x.arpa"], "--lm"),
+    ],
+    "lm": [
+        (lambda t: ["lm", "--manifest", str(_transcripts(t)), "--order", "0", "--out", "o"], "--order"),
     ],
     "index": [
         (lambda t: ["index", "--run", str(t), "--manifest", "m.jsonl", "--out", "o", "--ks", "a,b"], "--ks")
@@ -157,6 +169,12 @@ def _hf_config(folder: Path, **values) -> Path:
     config = {"model_type": "wav2vec2", "feat_extract_norm": "group", "conv_dim": [2], "conv_kernel": [2]}
     (folder / "config.json").write_text(json.dumps({**config, "conv_stride": [1], **values}))
     return folder
+
+
+def _transcripts(t: Path) -> Path:
+    path = t / "m.jsonl"
+    path.write_text(json.dumps({"id": "r0", "audio": "r0.wav", "transcript": "a cat"}) + "\n")
+    return path
 
 
 def _write(path: Path, text: str) -> list[str]:
@@ -306,6 +324,7 @@ NOT_UTF8: dict[str, list[Callable[[Path], tuple[list[str], Path]]] | str] = {
         ),
     ],
     "finetune-asr": [_latest(lambda r: ["finetune-asr", "ctc", "--init", str(r), "data.train=m.jsonl"])],
+    "lm": [_manifest_of(lambda m: ["lm", "--manifest", str(m), "--out", str(m.parent / "o")])],
     "eval-noisy": [
         _latest(
             lambda r: [

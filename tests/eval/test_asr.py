@@ -8,16 +8,18 @@ from omegaconf import OmegaConf
 
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest, write_manifest
+from mmssl.data.ngram import arpa_words, build_arpa
 from mmssl.data.units import Units, normalize_text
 from mmssl.errors import ConfigError
 from mmssl.eval.asr import (
     clip_batch,
-    greedy_decode,
+    evaluate_run,
     load_asr_model,
     load_clips,
     transcribe,
     word_errors,
 )
+from mmssl.eval.decoders import greedy_decode
 from mmssl.testing import save_tiny_run
 
 
@@ -114,6 +116,21 @@ def test_finetune_writes_units_config_and_a_wer_that_matches_its_hypotheses(fine
     # the units were trained on the training transcripts: every character of them is a unit
     units = Units.load(finetuned / "units.model")
     assert units.sp.unk_id() not in [c - 1 for r in records for c in units.encode(r["transcript"])]
+
+
+def test_beam_search_with_a_language_model_decodes_the_valid_set(finetuned, synth_tiny, tmp_path):
+    run = shutil.copytree(finetuned, tmp_path / "ft")
+    arpa = build_arpa(
+        [r["transcript"] for r in read_manifest(synth_tiny / "av" / "train.jsonl")], tmp_path / "lm.arpa"
+    )
+    decoding = {"kind": "beam", "lm": str(arpa), "beam": 8}
+    result = evaluate_run(run, synth_tiny / "av" / "valid.jsonl", torch.device("cpu"), decoding=decoding)
+    saved = json.loads((run / "wer.json").read_text())
+    assert saved["decoding"] == {**decoding, "lm": str(arpa.resolve()), "lm_weight": 2.0, "word_score": 0.0}
+    assert saved["wer"] == pytest.approx(result["wer"])
+    hyps = [json.loads(line)["hyp"] for line in (run / "hyps.jsonl").read_text().splitlines()]
+    assert set(" ".join(hyps).split()) <= set(arpa_words(arpa))  # words of the model only
+    assert json.loads((finetuned / "wer.json").read_text())["decoding"] == {"kind": "greedy"}
 
 
 def test_padded_batches_decode_as_one_at_a_time(finetuned, synth_tiny):

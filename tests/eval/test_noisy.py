@@ -6,8 +6,10 @@ import torch
 import mmssl.eval.noisy as noisy
 from mmssl.cli import main
 from mmssl.data.manifest import read_manifest, write_manifest
+from mmssl.data.ngram import arpa_words
 from mmssl.data.units import normalize_text
 from mmssl.eval.asr import load_asr_model, load_clips, transcribe, word_errors
+from mmssl.eval.decoders import decoding_settings, make_decoder
 
 
 def finetune(out, manifest, encoder):
@@ -89,9 +91,9 @@ def test_every_modality_hears_the_same_noise_and_clean_is_no_noise(setup, tmp_pa
     heard = {}
     real = noisy.transcribe
 
-    def spy(objective, clips, keys, device, batch_seconds, audios, progress, desc):
+    def spy(objective, clips, keys, device, batch_seconds, audios, progress, desc, *rest):
         heard[desc] = audios
-        return real(objective, clips, keys, device, batch_seconds, audios, progress, desc)
+        return real(objective, clips, keys, device, batch_seconds, audios, progress, desc, *rest)
 
     monkeypatch.setattr(noisy, "transcribe", spy)
     results = evaluate(setup, tmp_path, noise_types=["babble"], snrs=["clean", "0"])
@@ -218,3 +220,29 @@ def test_a_silent_noise_file_is_named_not_scored_as_noisy(setup, tmp_path, capsy
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "music_silent.wav: the noise is silent" in err
     assert not (out / "results.jsonl").exists()
+
+
+def test_beam_search_with_a_language_model_is_part_of_the_grid_fingerprint(setup, tmp_path, capsys):
+    arpa = tmp_path / "lm.arpa"
+    assert main(["lm", "--manifest", str(setup["test"]), "--order", "2", "--out", str(arpa)]) == 0
+    words = set(arpa_words(arpa))
+    out = tmp_path / "beam"
+    beam = {"kind": "beam", "lm": str(arpa), "beam": 8}
+    results = evaluate(setup, out, snrs=["clean"], modalities_text="audio", decoding=beam)
+    header = json.loads((out / "results.jsonl").read_text().splitlines()[0])["fingerprint"]
+    assert header["decoding"]["kind"] == "beam" and header["decoding"]["beam"] == 8
+    assert header["decoding"]["lm"][0] == str(arpa.resolve())
+    assert "beam search of 8, LM" in (out / "wer.md").read_text()
+    assert results[("none", "clean", "audio")]["words"] > 0
+    # the search only spells words of the language model
+    model = load_asr_model(setup["av"], torch.device("cpu"))
+    clips = load_clips(setup["test"], ["audio"], progress=False)
+    decoder = make_decoder(model.units, **decoding_settings(beam))
+    hyps = transcribe(model, clips, ["audio"], torch.device("cpu"), 60.0, progress=False, decoder=decoder)
+    assert set(" ".join(hyps).split()) <= words
+    # greedy decoding in the same folder is another grid
+    capsys.readouterr()
+    evaluate(setup, out, snrs=["clean"], modalities_text="audio")
+    assert "starting the grid afresh" in capsys.readouterr().out
+    header = json.loads((out / "results.jsonl").read_text().splitlines()[0])["fingerprint"]
+    assert header["decoding"] is None
