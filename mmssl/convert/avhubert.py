@@ -43,6 +43,7 @@ from mmssl.convert.fairseq import (
     model_config,
     pretraining_config,
     read_dictionary,
+    transformer_options,
 )
 from mmssl.convert.safe_load import load_pickle
 from mmssl.errors import DataError
@@ -100,17 +101,7 @@ def encoder_options(cfg: dict, source: str) -> dict:
         normalize_audio=True,
         modality_dropout=float(config_value(cfg, "modality_dropout", source, 0.0)),
         audio_dropout=float(config_value(cfg, "audio_dropout", source, 0.0)),
-        dim=int(config_value(cfg, "encoder_embed_dim", source)),
-        num_layers=int(config_value(cfg, "encoder_layers", source)),
-        num_heads=int(config_value(cfg, "encoder_attention_heads", source)),
-        ffn_dim=int(config_value(cfg, "encoder_ffn_embed_dim", source)),
-        pre_norm=bool(config_value(cfg, "layer_norm_first", source, False)),
-        dropout=float(config_value(cfg, "dropout", source, 0.1)),
-        attention_dropout=float(config_value(cfg, "attention_dropout", source, 0.1)),
-        activation_dropout=float(config_value(cfg, "activation_dropout", source, 0.0)),
-        layer_drop=float(config_value(cfg, "encoder_layerdrop", source, 0.0)),
-        pos_conv_kernel=int(config_value(cfg, "conv_pos", source, 128)),
-        pos_conv_groups=int(config_value(cfg, "conv_pos_groups", source, 16)),
+        **transformer_options(cfg, source),
     )
 
 

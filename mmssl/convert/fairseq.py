@@ -141,6 +141,24 @@ def config_value(cfg: dict, key: str, source: str, default: Any = None) -> Any:
     return default
 
 
+def transformer_options(cfg: dict, source: str) -> dict:
+    """The transformer's settings as fairseq's wav2vec 2.0 / HuBERT / AV-HuBERT configs name them,
+    as ``build_conv_encoder`` / ``build_av_encoder`` options."""
+    return dict(
+        dim=int(config_value(cfg, "encoder_embed_dim", source)),
+        num_layers=int(config_value(cfg, "encoder_layers", source)),
+        num_heads=int(config_value(cfg, "encoder_attention_heads", source)),
+        ffn_dim=int(config_value(cfg, "encoder_ffn_embed_dim", source)),
+        pre_norm=bool(config_value(cfg, "layer_norm_first", source, False)),
+        dropout=float(config_value(cfg, "dropout", source, 0.1)),
+        attention_dropout=float(config_value(cfg, "attention_dropout", source, 0.1)),
+        activation_dropout=float(config_value(cfg, "activation_dropout", source, 0.0)),
+        layer_drop=float(config_value(cfg, "encoder_layerdrop", source, 0.0)),
+        pos_conv_kernel=int(config_value(cfg, "conv_pos", source, 128)),
+        pos_conv_groups=int(config_value(cfg, "conv_pos_groups", source, 16)),
+    )
+
+
 def encoder_options(cfg: dict, family: str, source: str) -> dict:
     """``build_conv_encoder`` options from a fairseq pretraining model config."""
     if str(cfg.get("activation_fn", "gelu")) != "gelu":
@@ -155,18 +173,8 @@ def encoder_options(cfg: dict, family: str, source: str) -> dict:
         conv_strides=tuple(int(s) for _, _, s in layers),
         conv_norm="group" if mode == "default" else "layer",
         conv_bias=bool(config_value(cfg, "conv_bias", source, False)),
-        dim=int(config_value(cfg, "encoder_embed_dim", source)),
-        num_layers=int(config_value(cfg, "encoder_layers", source)),
-        num_heads=int(config_value(cfg, "encoder_attention_heads", source)),
-        ffn_dim=int(config_value(cfg, "encoder_ffn_embed_dim", source)),
-        pre_norm=bool(config_value(cfg, "layer_norm_first", source, False)),
-        dropout=float(config_value(cfg, "dropout", source, 0.1)),
-        attention_dropout=float(config_value(cfg, "attention_dropout", source, 0.1)),
-        activation_dropout=float(config_value(cfg, "activation_dropout", source, 0.0)),
-        layer_drop=float(config_value(cfg, "encoder_layerdrop", source, 0.0)),
+        **transformer_options(cfg, source),
         input_dropout=float(config_value(cfg, "dropout_input", source, 0.0)),
-        pos_conv_kernel=int(config_value(cfg, "conv_pos", source, 128)),
-        pos_conv_groups=int(config_value(cfg, "conv_pos_groups", source, 16)),
         pos_conv_depth=1,
         rel_pos_buckets=0,
     )
