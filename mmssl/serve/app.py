@@ -23,6 +23,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -111,7 +112,9 @@ def create_app(
     service: SearchService, max_upload_mb: float = 20.0, max_seconds: float = 60.0, max_k: int = 100
 ) -> FastAPI:
     """The FastAPI application answering for ``service``."""
-    app = FastAPI(
+    # FastAPI's /docs page loads Swagger UI from a CDN; fastapi-offline serves the same pages
+    # from files in its wheel, so the API's documentation works on a machine with no network
+    app = FastAPIOffline(
         title="mmssl speech-image search",
         version=__version__,
         description="The images a spoken (or written) caption describes, in an index made by `mmssl index`.",

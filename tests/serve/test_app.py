@@ -1,6 +1,7 @@
 """``mmssl serve``'s API in-process (FastAPI's TestClient): answers, files by id, and every bad
 request a 4xx JSON error naming the problem, after which the server still answers."""
 
+import re
 import threading
 import time
 import wave
@@ -201,7 +202,11 @@ def test_the_server_keeps_serving_after_bad_requests_and_documents_its_api(clien
     assert _search(client, Path(record["audio"]).read_bytes()).status_code == 200
     schema = client.get("/openapi.json").json()
     assert {"/search/audio", "/search/text", "/items/{item_id}", "/health"} <= set(schema["paths"])
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")  # Swagger UI from files the server ships, nothing from a CDN
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text)
+    assert len(assets) == 2 and all(url.startswith("/") for url in assets), assets
+    assert all(client.get(url).status_code == 200 and len(client.get(url).content) > 10_000 for url in assets)
     page = client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text
     assert "http" not in page.text.replace("http-equiv", "")  # nothing from another host
