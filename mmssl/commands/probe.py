@@ -3,7 +3,7 @@
 
     mmssl probe --task phones|speaker --checkpoint RUN --manifest TRAIN (--valid VALID | --holdout F)
                 [--out DIR] [--overwrite] [--steps N] [--batch-size B] [--lr LR] [--hidden H]
-                [--max-records N] [--modalities audio,video] [--device auto|cpu|cuda]
+                [--max-records N] [--layers all|L1,L2,...] [--modalities audio,video] [--device auto|cpu|cuda]
                 [--seed S] [--no-progress]
 
 The run's encoder stays frozen; every layer ``0..L`` of it (0: the transformer's input) is
@@ -20,8 +20,10 @@ layer-normalised, as SUPERB) feeding a small head:
   built-in corpus keeps its splits' speakers apart, so hold out part of each TRAIN speaker's
   utterances with ``--holdout F`` instead of ``--valid``.
 
-``--holdout F`` evaluates on the last fraction F of each speaker's TRAIN records (speaker task)
-or of all TRAIN records (phones) and trains on the rest. Writes ``DIR`` (default
+``--layers`` weighs only those layers (``0``: the transformer's input alone, the baseline a
+trained encoder's layers should beat). ``--holdout F`` evaluates on the last fraction F of
+each speaker's TRAIN records (speaker task) or of all TRAIN records (phones) and trains on the
+rest. Writes ``DIR`` (default
 ``probes/<run>_<task>``; new, or replaced with ``--overwrite``; written whole):
 ``probe.json`` (the score, the learned layer weights, the settings, the loss curve's ends),
 ``layer_weights.png`` (weight against layer) and ``probe.safetensors`` (the probe's weights).
@@ -39,7 +41,7 @@ import torch
 from mmssl.data.manifest import read_manifest
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError, DataError
-from mmssl.eval.extract import parse_modalities
+from mmssl.eval.extract import parse_layers, parse_modalities
 from mmssl.eval.layer_probe import (
     TASK_KEY,
     TASKS,
@@ -52,6 +54,7 @@ from mmssl.eval.layer_probe import (
     layer_examples,
     record_targets,
 )
+from mmssl.eval.record_layers import num_layers
 from mmssl.eval.report import line_plot
 from mmssl.files import check_new_folder, new_folder, write_text
 from mmssl.runs import load_encoder_from_run, save_weights
@@ -82,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--modalities", help="audio-visual encoders: comma list of audio,video to read (default both)"
+    )
+    parser.add_argument(
+        "--layers",
+        default="all",
+        help="layers to weigh: 'all' (default), a comma list, or one (0: the transformer's input alone)",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe's initialisation and batches")
@@ -139,13 +147,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("probes") / f"{Path(args.checkpoint).name}_{args.task}")
     check_new_folder(out, args.overwrite)  # before any work
     encoder = load_encoder_from_run(args.checkpoint).to(device)
+    layers = parse_layers(args.layers, num_layers(encoder))
     progress = not args.no_progress
-    train_x = layer_examples(encoder, train, train_y, device, modalities, desc="train", progress=progress)
-    valid_x = layer_examples(encoder, valid, valid_y, device, modalities, desc="valid", progress=progress)
-    num_layers, dim = train_x[0].layers.shape[0], train_x[0].layers.shape[-1]
+    train_x = layer_examples(encoder, train, train_y, device, modalities, layers, "train", progress)
+    valid_x = layer_examples(encoder, valid, valid_y, device, modalities, layers, "valid", progress)
+    count, dim = train_x[0].layers.shape[0], train_x[0].layers.shape[-1]
     classes = len(names) + 1 if args.task == "phones" else len(names)
     torch.manual_seed(args.seed)
-    probe = build_probe(args.task, num_layers, dim, classes, args.hidden).to(device)
+    probe = build_probe(args.task, count, dim, classes, args.hidden).to(device)
     optimizer = build_adamw(probe, args.lr, weight_decay=0.0)
     losses = fit(
         probe, args.task, train_x, optimizer, args.steps, args.batch_size, device, args.seed, progress
@@ -156,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         "task": args.task,
         **scores,
         "layer_weights": weights,
-        "best_layer": max(range(len(weights)), key=weights.__getitem__),
+        "layers": layers,  # the layer each weight is of
+        "best_layer": layers[max(range(len(weights)), key=weights.__getitem__)],
         "checkpoint": str(args.checkpoint),
         "manifest": str(args.manifest),
         "scored_on": scored_on,
@@ -172,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         write_text(tmp / "probe.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         save_weights(probe.state_dict(), tmp / "probe.safetensors")
         line_plot(
-            [str(i) for i in range(len(weights))],
+            [str(i) for i in layers],
             {"weight": weights},
             tmp / "layer_weights.png",
             xlabel="layer (0: transformer input)",

@@ -187,16 +187,19 @@ def layer_examples(
     targets: Sequence[Tensor],
     device: torch.device,
     modalities: Sequence[str] | None = None,
-    dtype: torch.dtype = torch.float16,
+    layers: Sequence[int] | None = None,
     desc: str = "layers",
     progress: bool = True,
+    dtype: torch.dtype = torch.float16,
 ) -> list[Example]:
-    """Every layer of the frozen ``encoder`` (eval mode, on ``device``) for each record, stored
-    as ``dtype`` on the CPU, with its target."""
+    """The ``layers`` (default all, ``0..L``) of the frozen ``encoder`` (eval mode, on ``device``)
+    for each record, stored as ``dtype`` on the CPU, with its target."""
     out = []
     for record, target in zip(tqdm(records, desc=desc, unit="utt", disable=not progress), targets):
-        result = record_layers(encoder, record, device, modalities)
-        out.append(Example(str(record["id"]), torch.stack(result.layers).to("cpu", dtype), target))
+        upto = None if layers is None else max(layers)
+        result = record_layers(encoder, record, device, modalities, upto=upto)
+        chosen = result.layers if layers is None else [result.layers[i] for i in layers]
+        out.append(Example(str(record["id"]), torch.stack(chosen).to("cpu", dtype), target))
     return out
 
 

@@ -104,3 +104,38 @@ def test_bad_input_is_one_line_naming_the_file_or_key(synth_tiny, tiny_run, tmp_
     )
     assert "missing_run" in _one_line(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_layers_option_weighs_only_the_layers_named(synth_tiny, tiny_run, tmp_path):
+    out = tmp_path / "input_only"
+    code = _probe(
+        "phones",
+        tiny_run,
+        synth_tiny / "av" / "train.jsonl",
+        "--holdout",
+        "0.25",
+        "--layers",
+        "0",
+        "--out",
+        str(out),
+    )
+    assert code == 0
+    doc = json.loads((out / "probe.json").read_text())
+    assert doc["layers"] == [0] and doc["layer_weights"] == [1.0] and doc["best_layer"] == 0
+    assert doc["utterances"] == 4 and doc["train_utterances"] == 12
+    out = tmp_path / "two"
+    assert (
+        _probe(
+            "phones",
+            tiny_run,
+            synth_tiny / "av" / "train.jsonl",
+            "--holdout",
+            "0.25",
+            "--layers",
+            "2,1",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
+    assert json.loads((out / "probe.json").read_text())["layers"] == [1, 2]
