@@ -20,7 +20,7 @@ input), N phones of one utterance, V CTC classes (phones + blank), K speakers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -235,15 +235,16 @@ def fit(
     device: torch.device,
     seed: int = 0,
     progress: bool = True,
-    on_step: Callable[[int, float], None] | None = None,
+    report_every: int = 50,
 ) -> list[float]:
     """Train ``probe`` (only its parameters are in ``optimizer``) for ``steps`` random batches of
-    ``batch_size`` examples (reshuffled each pass). Returns the loss of every step."""
+    ``batch_size`` examples (reshuffled each pass). Returns the loss of every step; the
+    progress bar shows it every ``report_every`` steps (the only host syncs of the loop)."""
     if not examples:
         raise DataError("no training examples")
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    losses = []
+    losses: list[Tensor] = []
     probe.train()
     bar = tqdm(range(steps), desc=f"probe {task}", unit="step", disable=not progress)
     for step in bar:
@@ -254,12 +255,11 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        if on_step is not None:
-            on_step(step, losses[-1])
+        losses.append(loss.detach())
+        if progress and (step + 1) % report_every == 0:
+            bar.set_postfix(loss=f"{float(losses[-1]):.3f}", refresh=False)
     probe.eval()
-    return losses
+    return torch.stack(losses).cpu().tolist() if losses else []
 
 
 @torch.no_grad()
