@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it holds anything")
     parser.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     parser.add_argument("--batch-size", type=int, default=16, help="utterances per step (default 16)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2)")
     parser.add_argument("--hidden", type=int, default=0, help="hidden units of the head (default 0: linear)")
     parser.add_argument(
         "--max-records", type=int, default=0, help="first N records of each manifest (default 0: all)"
