@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
             f"{args.valid}: none of its {TASK_KEY[args.task]!r} values is in {args.manifest}; speaker "
             "identification is closed-set: score on other utterances of the training speakers (--holdout F)"
         )
+    if unseen:
+        print(f"note: left out {unseen} record(s) of {args.valid} whose speaker {args.manifest} lacks")
     out = Path(args.out or Path("probes") / f"{Path(args.checkpoint).name}_{args.task}")
     check_new_folder(out, args.overwrite)  # before any work
     encoder = load_encoder_from_run(args.checkpoint).to(device)

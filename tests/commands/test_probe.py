@@ -139,3 +139,15 @@ def test_layers_option_weighs_only_the_layers_named(synth_tiny, tiny_run, tmp_pa
         == 0
     )
     assert json.loads((out / "probe.json").read_text())["layers"] == [1, 2]
+
+
+def test_speaker_records_of_unseen_speakers_are_left_out_and_counted(synth_tiny, tiny_run, tmp_path):
+    av = synth_tiny / "av"
+    mixed = write_manifest(
+        tmp_path / "mixed.jsonl",
+        read_manifest(av / "train.jsonl")[:2] + read_manifest(av / "valid.jsonl")[:3],
+    )
+    out = tmp_path / "speaker"
+    assert _probe("speaker", tiny_run, av / "train.jsonl", "--valid", str(mixed), "--out", str(out)) == 0
+    doc = json.loads((out / "probe.json").read_text())
+    assert doc["utterances"] == 2 and doc["skipped_unseen"] == 3
