@@ -46,6 +46,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mmssl.commands.layers",
         "layer-wise CCA similarity of a run's encoder to its inputs or to another run",
     ),
+    "probe": (
+        "mmssl.commands.probe",
+        "a frozen run's weighted layers probed for phones (CTC, PER) or speakers (accuracy)",
+    ),
     "convert": (
         "mmssl.commands.convert",
         "a Hugging Face folder or fairseq .pt checkpoint -> an mmssl run folder",

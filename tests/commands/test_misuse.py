@@ -69,6 +69,8 @@ def _run(tmp: Path, latest: bytes = b"step_00000001\n", config: str = "objective
 # name -> command lines with a wrong value that argparse's types do not catch (config keys,
 # values the command parses, choices), and a text the one-line error must contain; a command
 # with no typed option needs at least one
+_PROBE = ["probe", "--task", "phones", "--manifest", "m", "--valid", "v", "--checkpoint"]
+
 WRONG_VALUES: dict[str, list[tuple[Callable[[Path], list[str]], str]]] = {
     "synth": [(lambda t: ["synth", "--size", "huge"], "--size")],
     "data check": [
@@ -146,6 +148,10 @@ WRONG_VALUES: dict[str, list[tuple[Callable[[Path], list[str]], str]]] = {
             lambda t: ["layers", "--checkpoint", str(t), "--manifest", "m", "--out", "o", "--method", "x"],
             "--method",
         )
+    ],
+    "probe": [
+        (lambda t: [*_PROBE, str(t), "--steps", "0"], "--steps"),
+        (lambda t: [*_PROBE, str(t), "--task", "words"], "--task"),
     ],
     "demo": [(lambda t: ["demo", "--out", str(t), "--model-size", "huge"], "--model-size")],
     "convert": [
@@ -365,6 +371,21 @@ NOT_UTF8: dict[str, list[Callable[[Path], tuple[list[str], Path]]] | str] = {
         )
     ],
     "layers": [_manifest_of(lambda m: ["layers", "--checkpoint", "r", "--manifest", str(m), "--out", "o"])],
+    "probe": [
+        _manifest_of(
+            lambda m: [
+                "probe",
+                "--task",
+                "phones",
+                "--checkpoint",
+                "r",
+                "--manifest",
+                str(m),
+                "--holdout",
+                "0.5",
+            ]
+        )
+    ],
     "demo": [_demo_state],
     "convert": [
         _bytes_file(
