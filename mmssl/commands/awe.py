@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, help="JSON-lines manifest of the records")
     parser.add_argument("--checkpoint", help="run folder, checkpoint folder or .safetensors file")
     parser.add_argument(
-        "--layer", default="all", help="transformer layer (1 = first, 0 = their input), a comma list, or 'all'"
+        "--layer",
+        default="all",
+        help="transformer layer (1 = first, 0 = their input), a comma list, or 'all'",
     )
     parser.add_argument("--no-mfcc", action="store_true", help="leave out the MFCC baseline")
     parser.add_argument("--pool", choices=POOLS, default="mean", help="mean (default) or downsample")
@@ -155,7 +157,13 @@ def report(results: dict[str, dict], layers: list[int], out: Path, about: dict) 
     table = markdown_table(
         ["features", "AP", "segments", "pairs", "same-word pairs"],
         [
-            [("MFCC" if name == MFCC else f"layer {name}"), r["ap"], r["segments"], r["pairs"], r["same_pairs"]]
+            [
+                ("MFCC" if name == MFCC else f"layer {name}"),
+                r["ap"],
+                r["segments"],
+                r["pairs"],
+                r["same_pairs"],
+            ]
             for name, r in results.items()
         ],
         3,

@@ -89,8 +89,7 @@ def read_segment_file(path: str | os.PathLike) -> list[Segment]:
                 raise ValueError(f"start {parts[2]} and end {parts[3]}")
         except ValueError as err:
             raise DataError(
-                f"{path}:{number}: expected 'RECORD_ID WORD START END' (seconds, 0 <= START < END); "
-                f"got {err}"
+                f"{path}:{number}: expected 'RECORD_ID WORD START END' (seconds, 0 <= START < END); got {err}"
             ) from None
         segments.append(Segment(parts[0], parts[1], start, end))
     return segments
