@@ -23,9 +23,10 @@ audio-visual encoder reads its audio and lip video (25 Hz), or the modalities na
 ``--modalities``.
 
 With ``--out DIR``: ``DIR/awe.md`` (the table), ``DIR/awe.json`` (average precision, pairs and
-segments per layer and for MFCC, and the settings) and ``DIR/awe.png`` (average precision
-against layer, MFCC as a dashed line). ``DIR`` is written whole at the end; one that holds
-anything is replaced only with ``--overwrite``.
+segments per layer and for MFCC, chance, and the settings) and ``DIR/awe.png`` (average
+precision against layer, MFCC as a dashed line, chance as a dotted one). Chance is the share
+of same-word pairs, the average precision of a random ranking. ``DIR`` is written whole at the
+end; one that holds anything is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def collect(args, records, segments, encoder, layers, device) -> dict[str, tuple
     return {name: (torch.cat(r) if r else torch.zeros(0, 1), words) for name, r in rows.items()}
 
 
-def report(results: dict[str, dict], layers: list[int], out: Path, about: dict) -> str:
+def report(results: dict[str, dict], layers: list[int], out: Path | None, about: dict) -> str:
     """The Markdown table; with ``out``, also ``awe.md``, ``awe.json`` and ``awe.png`` there."""
     table = markdown_table(
         ["features", "AP", "segments", "pairs", "same-word pairs"],
@@ -174,12 +175,12 @@ def report(results: dict[str, dict], layers: list[int], out: Path, about: dict) 
     doc = {**about, "results": results}
     write_text(out / "awe.json", json.dumps(doc, indent=2) + "\n")
     x = [str(layer) for layer in layers] or ["-"]
-    series, styles = {}, {}
+    series, styles = {}, {"MFCC": "--", "chance": ":"}
     if layers:
-        series["layers"] = [results[str(layer)]["ap"] for layer in layers]
+        series[Path(about["checkpoint"]).name] = [results[str(layer)]["ap"] for layer in layers]
     if MFCC in results:
         series["MFCC"] = [results[MFCC]["ap"]] * len(x)
-        styles["MFCC"] = "--"
+    series["chance"] = [about["chance"]] * len(x)
     line_plot(
         x,
         series,
@@ -223,16 +224,20 @@ def run(args: argparse.Namespace) -> int:
     )
     embedded = collect(args, records, segments, encoder, layers, device)
     results = {name: same_different(x, words) for name, (x, words) in embedded.items()}
+    first = next(iter(results.values()))
+    about["chance"] = first["same_pairs"] / first["pairs"]  # the AP of a random ranking
     if all(r["same_pairs"] == 0 for r in results.values()):
         raise DataError(
-            f"no two kept word segments are the same word ({next(iter(results.values()))['segments']} "
+            f"no two kept word segments are the same word ({first['segments']} "
             "segments): give more records, or lower --min-chars / --min-duration"
         )
     if out is None:
         print(report(results, layers, None, about))
+        print(f"chance (a random ranking): {about['chance']:.3f}")
         return 0
     with new_folder(out, args.overwrite) as tmp:
         table = report(results, layers, tmp, about)
     print(table)
+    print(f"chance (a random ranking): {about['chance']:.3f}")
     print(f"wrote {out / 'awe.md'}, awe.json and awe.png")
     return 0

@@ -51,6 +51,7 @@ def test_speech_run_layers_and_mfcc_are_scored_as_by_hand(corpus, tmp_path, caps
     assert got["segments"] == expected["segments"] == len(words) and got["same_pairs"] > 0
     assert math.isclose(got["ap"], expected["ap"], rel_tol=1e-4)
     assert 0.0 < doc["results"]["mfcc"]["ap"] <= 1.0
+    assert math.isclose(doc["chance"], expected["same_pairs"] / expected["pairs"])
 
     # an output folder that holds anything is replaced only with --overwrite
     assert main([*argv, "--out", str(out), "--device", "cpu"]) == 2
