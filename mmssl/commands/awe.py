@@ -16,7 +16,8 @@ normalised; ``--no-mfcc`` leaves it out), by ``--pool mean`` (default) or ``down
 (``--frames`` frames sampled uniformly and concatenated, Levin et al., 2013; default 10).
 The same-different task (Carlin et al., 2011) ranks every pair of segments by the cosine
 distance of their embeddings; its average precision of "same word" is printed per layer.
-``mmssl.eval.awe`` holds the definitions.
+``mmssl.eval.awe`` holds the definitions. The pairs grow as the square of the segments (10,000
+segments: 5 * 10^7 pairs, about 1.5 GB of memory to rank them): ``--max-records`` bounds them.
 
 A speech encoder reads each record's audio (50 Hz frames with the conv frontend); an
 audio-visual encoder reads its audio and lip video (25 Hz), or the modalities named by

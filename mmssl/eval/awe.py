@@ -43,6 +43,7 @@ from mmssl.files import read_text, text_lines
 
 POOLS = ("mean", "downsample")
 EPSILON = 1e-9  # a centre on a segment's bound, up to rounding of the times, is on it
+PAIR_BLOCK = 256  # rows of the pair matrix scored at once
 DOWNSAMPLE_FRAMES = 10  # Kamper, Wang and Livescu (2016), "Deep convolutional AWEs", sec. 4: n = 10
 
 
@@ -187,9 +188,13 @@ def same_different(embeddings: Tensor, words: Sequence[str]) -> dict:
     ids: dict[str, int] = {}
     word_ids = torch.tensor([ids.setdefault(w, len(ids)) for w in words])
     unit = torch.nn.functional.normalize(embeddings.double(), dim=1)
-    i, j = torch.triu_indices(n, n, offset=1)
-    similarity = (unit @ unit.T)[i, j]  # 1 - cosine distance, (N (N - 1) / 2,)
-    same = word_ids[i] == word_ids[j]
+    similarity, same = [], []  # 1 - cosine distance and same-word, pairs i < j, a block of rows at a time
+    for start in range(0, n - 1, PAIR_BLOCK):
+        rows = torch.arange(start, min(start + PAIR_BLOCK, n - 1))
+        upper = torch.arange(n).unsqueeze(0) > rows.unsqueeze(1)  # (b, N)
+        similarity.append((unit[rows] @ unit.T)[upper])
+        same.append((word_ids[rows].unsqueeze(1) == word_ids.unsqueeze(0))[upper])
+    similarity, same = torch.cat(similarity), torch.cat(same)  # (N (N - 1) / 2,)
     return {
         "ap": average_precision(similarity, same),
         "pairs": int(same.numel()),

@@ -137,3 +137,16 @@ def test_short_words_are_left_out():
     assert keep_segment(Segment("r", "purple", 0.0, 0.3), 5, 0.0)
     assert not keep_segment(Segment("r", "red", 0.0, 0.3), 5, 0.0)
     assert not keep_segment(Segment("r", "purple", 0.0, 0.3), 5, 0.5)
+
+
+def test_same_different_over_many_segments_scores_every_pair_once():
+    # more segments than a block of rows: every pair i < j, scored against a direct computation
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(300, 4, generator=g)
+    words = [str(int(w)) for w in torch.randint(5, (300,), generator=g)]
+    r = same_different(emb, words)
+    i, j = torch.triu_indices(300, 300, offset=1)
+    cos = torch.nn.functional.cosine_similarity(emb[i].double(), emb[j].double())
+    same = torch.tensor([words[a] == words[b] for a, b in zip(i.tolist(), j.tolist())])
+    assert r["pairs"] == 300 * 299 // 2 and r["same_pairs"] == int(same.sum())
+    assert math.isclose(r["ap"], average_precision(cos, same), rel_tol=1e-9)
