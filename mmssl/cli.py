@@ -42,6 +42,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "retrieve": ("mmssl.commands.retrieve", "query an index with speech"),
     "serve": ("mmssl.commands.serve", "search an index over HTTP: an API and a web page"),
     "extract": ("mmssl.commands.extract", "extract features from a checkpoint"),
+    "awe": (
+        "mmssl.commands.awe",
+        "acoustic word embeddings of a run's layers and MFCC, scored by same-different average precision",
+    ),
     "layers": (
         "mmssl.commands.layers",
         "layer-wise CCA similarity of a run's encoder to its inputs or to another run",

@@ -143,6 +143,10 @@ WRONG_VALUES: dict[str, list[tuple[Callable[[Path], list[str]], str]]] = {
     "extract": [
         (lambda t: ["extract", "--checkpoint", str(t), "--manifest", "m", "--out", "o", "--layer", "x"], "x")
     ],
+    "awe": [
+        (lambda t: ["awe", "--manifest", "m.jsonl", "--pool", "max"], "--pool"),
+        (lambda t: ["awe", "--manifest", "m.jsonl", "--frames", "0"], "--frames"),
+    ],
     "layers": [
         (
             lambda t: ["layers", "--checkpoint", str(t), "--manifest", "m", "--out", "o", "--method", "x"],
@@ -369,6 +373,22 @@ NOT_UTF8: dict[str, list[Callable[[Path], tuple[list[str], Path]]] | str] = {
         _manifest_of(
             lambda m: ["extract", "--checkpoint", "r", "--manifest", str(m), "--layer", "1", "--out", "o"]
         )
+    ],
+    "awe": [
+        _manifest_of(lambda m: ["awe", "--manifest", str(m), "--out", "o"]),
+        _bytes_file(
+            "segments.txt",
+            LATIN1,
+            lambda b, t: [
+                "awe",
+                "--manifest",
+                str(_manifest(t / "m.jsonl")),
+                "--segments",
+                str(b),
+                "--out",
+                "o",
+            ],
+        ),
     ],
     "layers": [_manifest_of(lambda m: ["layers", "--checkpoint", "r", "--manifest", str(m), "--out", "o"])],
     "probe": [
