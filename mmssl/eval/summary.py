@@ -47,8 +47,14 @@ class Claim:
 
 
 def wer_rows(results: Path, init: str, labels: str) -> list[dict]:
-    """The cells of an ``eval-noisy`` ``results.jsonl`` as summary rows (WER in percent)."""
-    _, cells = read_results(results)
+    """The cells of an ``eval-noisy`` ``results.jsonl`` as summary rows (WER in percent), with
+    their decoding (``greedy``, or ``beam N`` and the language model's file name)."""
+    found, cells = read_results(results)
+    decoding = (found or {}).get("decoding") or {}
+    how = "greedy"
+    if decoding.get("kind") == "beam":
+        lm = decoding.get("lm")  # [path, size, mtime] (mmssl.eval.noisy.fingerprint)
+        how = f"beam {decoding.get('beam')}" + (f" + LM {Path(lm[0]).name}" if lm else "")
     return [
         {
             "noise": noise,
@@ -57,6 +63,7 @@ def wer_rows(results: Path, init: str, labels: str) -> list[dict]:
             "wer": round(100.0 * row["wer"], 3),
             "init": init,
             "labels": labels,
+            "decoding": how,
         }
         for (noise, snr, modality), row in cells.items()
     ]
@@ -223,6 +230,9 @@ def collect(out: Path, seconds: dict[str, float]) -> dict:
         rows += wer_rows(out / folder / "eval_noisy" / "results.jsonl", init, labels)
     mfcc, pretrained = _quality(out, "km_mfcc"), _quality(out, "km_av")
     summary: dict = {"wer": rows}
+    greedy = out / "asr" / "eval_noisy_greedy" / "results.jsonl"
+    if greedy.is_file():  # the same model decoded without the language model, for the report
+        summary["wer_greedy"] = wer_rows(greedy, "pretrained", "all")
     for key in ("pnmi", "phone_purity"):
         summary[key] = {name: q[key] for name, q in (("mfcc", mfcc), ("pretrained", pretrained)) if key in q}
     recall = out / "index" / "recall.json"
@@ -253,15 +263,18 @@ def write_report(out: Path, summary: dict, claims: list, commands: list[str]) ->
         if name in summary.get("pnmi", {}):
             lines.append(f"| {label} | {summary['pnmi'][name]:.3f} | {summary['phone_purity'][name]:.3f} |")
     for folder, title in (
-        ("asr", "WER (%) on the test split, fine-tuned on every transcript"),
-        ("asr_subset", "WER (%), fine-tuned from the pretrained model on the subset"),
-        ("asr_subset_scratch", "WER (%), fine-tuned from random weights on the subset"),
+        ("asr/eval_noisy", "WER (%) on the test split, fine-tuned on every transcript"),
+        ("asr/eval_noisy_greedy", "The same, decoded greedily (no language model)"),
+        ("asr_subset/eval_noisy", "WER (%), fine-tuned from the pretrained model on the subset"),
+        ("asr_subset_scratch/eval_noisy", "WER (%), fine-tuned from random weights on the subset"),
     ):
-        table = out / folder / "eval_noisy" / "wer.md"
+        table = out / folder / "wer.md"
         if table.is_file():
-            lines += ["", f"## {title}", "", read_text(table).strip()]
+            how = wer_rows(table.parent / "results.jsonl", "", "")
+            decoding = f" (decoding: {how[0]['decoding']})" if how else ""
+            lines += ["", f"## {title}", "", read_text(table).strip() + decoding]
             if (table.parent / "wer_vs_snr.png").is_file():
-                lines += ["", f"![WER vs SNR]({folder}/eval_noisy/wer_vs_snr.png)"]
+                lines += ["", f"![WER vs SNR]({folder}/wer_vs_snr.png)"]
     if (out / "index" / "recall.md").is_file():
         lines += [
             "",

@@ -33,6 +33,12 @@ Fine-tuning settings, after fairseq's wav2vec 2.0 ``base_10h`` recipe:
 * a waveform conv frontend of a pretrained encoder is frozen throughout
   (``feature_grad_mult=0.0``); a fresh encoder (from-scratch baseline) trains it.
 
+Not in fairseq: ``augment_after=N`` trains the first N updates on clean audio with both streams
+(the hook keeps the waveforms before the noise), then turns the noise and modality dropout on.
+A short CPU run learns its alignments first: measured on the built-in corpus, a small AV model
+with modality dropout and noise from the first update stays near the all-blank output for
+hundreds of updates, while clean updates first reach 22 % valid WER in 600.
+
 Shape legend: B batch, S samples, T frames, L target units, C model dim, V units + blank.
 """
 
@@ -113,7 +119,8 @@ class CTCHook:
     :func:`output_lengths` over ``streams``), ``ctc_feasible (B,)``, ``time_mask (B, T_audio)``
     over the audio frames counted with ``frame_spec`` (when ``mask_prob > 0``), ``channel_mask
     (B, channels)`` (when ``mask_channel_prob > 0``), and ``keep_audio`` / ``keep_video (B,)``
-    under modality dropout when the batch has both streams. Draws from ``hook_generator(seed)``."""
+    under modality dropout when the batch has both streams; with ``keep_clean``, ``clean_audio``
+    (the waveforms before the noise). Draws from ``hook_generator(seed)``."""
 
     units: Units
     frame_spec: FrameSpec | None
@@ -128,10 +135,13 @@ class CTCHook:
     channels: int = 0
     mask_channel_prob: float = 0.0
     mask_channel_span: int = 64
+    keep_clean: bool = False
 
     def __call__(self, batch: dict) -> dict:
         g = hook_generator(self.seed)
         if "audio" in batch and self.noise is not None:
+            if self.keep_clean:
+                batch["clean_audio"] = batch["audio"]
             audio = batch["audio"].clone()
             for i, n in enumerate(batch["audio_lens"].tolist()):
                 audio[i, :n] = self.noise(audio[i, :n], g)
@@ -209,6 +219,7 @@ class CTCObjective(Objective):
         hook: CTCHook,
         final_dropout: float = 0.0,
         freeze_steps: int = 0,
+        augment_after: int = 0,
     ) -> None:
         super().__init__()
         self.encoder, self.units, self.hook = encoder, units, hook
@@ -217,6 +228,7 @@ class CTCObjective(Objective):
         self.dropout = nn.Dropout(final_dropout)
         self.head = nn.Linear(encoder.dim, units.size)
         self.freeze_steps = freeze_steps
+        self.augment_after = augment_after
         # updates done, saved in checkpoints so a resumed run knows whether the encoder is frozen;
         # ``_updates`` mirrors it on the host, so forward never reads the device
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
@@ -233,6 +245,17 @@ class CTCObjective(Objective):
     @property
     def encoder_frozen(self) -> bool:
         return self._updates < self.freeze_steps
+
+    @property
+    def augmenting(self) -> bool:
+        """Noise and modality dropout apply (training, from update ``augment_after`` on)."""
+        return self.training and self._updates >= self.augment_after
+
+    def _clean(self, batch: dict) -> dict:
+        """Before update ``augment_after``: the batch's waveforms before the hook's noise."""
+        if self.training and not self.augmenting and "clean_audio" in batch:
+            return {**batch, "audio": batch["clean_audio"]}
+        return batch
 
     def _time_mask(self, batch: dict, lengths: Tensor, t: int) -> Tensor | None:
         if not self.training or self.hook.mask_prob <= 0:
@@ -283,6 +306,7 @@ class CTCObjective(Objective):
         enc = self.encoder
         if "audio" not in batch:
             raise DataError("a speech encoder needs audio; the batch has none")
+        batch = self._clean(batch)
         feats = enc.extract(batch["audio"], batch["audio_lens"])
         x, lengths = feats.x, feats.lengths
         if isinstance(enc, AudioEncoder):
@@ -291,13 +315,18 @@ class CTCObjective(Objective):
 
     def _audio_visual(self, batch: dict) -> tuple[Tensor, Tensor]:
         enc = self.encoder
+        batch = self._clean(batch)
         s = enc.streams(batch)
         a, a_lens = s["audio"], s["audio_lens"]
         if a is not None and enc.audio_mask_embedding is not None:
             a = self._mask(batch, a, a_lens, enc.mask_audio)
         keep = None
-        if self.training and "keep_audio" in batch and a is not None and s["video"] is not None:
-            keep = (batch["keep_audio"], batch["keep_video"])
+        if self.training and a is not None and s["video"] is not None:
+            if not self.augmenting:  # both streams of every utterance
+                every = torch.ones(a.shape[0], dtype=torch.bool)
+                keep = (every, every)
+            elif "keep_audio" in batch:
+                keep = (batch["keep_audio"], batch["keep_video"])
         x, lengths = enc.fuse(a, a_lens, s["video"], s["video_lens"], keep)
         return enc.contextualize(x, lengths).hidden, lengths
 
@@ -379,6 +408,7 @@ def ctc(
     noise_dir: str | None = None,  # noise-augmented fine-tuning (audio of an AV or speech encoder)
     noise_prob: float = 0.25,  # AV-HuBERT fine-tuning ``noise_prob: 0.25``
     noise_snr: float | list[float] = 0.0,  # ``noise_snr: 0`` dB; [low, high]: uniform in that range
+    augment_after: int = 0,  # noise and modality dropout from this update on (clean before)
     seed: int = 0,
 ) -> CTCObjective:
     """CTC fine-tuning of a pretrained (``encoder_init``) or fresh (``encoder``, ``size``)
@@ -392,6 +422,8 @@ def ctc(
         raise ConfigError(f"objective.units: {units!r} is not one of {', '.join(UNIT_KINDS)}")
     if freeze_steps < 0:
         raise ConfigError(f"objective.freeze_steps must be >= 0, got {freeze_steps}")
+    if augment_after < 0:
+        raise ConfigError(f"objective.augment_after must be >= 0, got {augment_after}")
     enc = build_ctc_encoder(encoder, size, encoder_init, encoder_options)
     if isinstance(enc, SpeechEncoder) and isinstance(enc.frontend, ConvFrontend) and encoder_init is not None:
         enc.frontend.requires_grad_(False)  # fairseq fine-tuning ``feature_grad_mult=0.0``, pretrained only
@@ -418,6 +450,7 @@ def ctc(
             channels,
             mask_channel_prob,
             mask_channel_length,
+            noise is not None and augment_after > 0,
         )
     else:
         channels = enc.dim if isinstance(enc, AudioEncoder) else 0
@@ -435,5 +468,6 @@ def ctc(
             channels,
             mask_channel_prob,
             mask_channel_length,
+            noise is not None and augment_after > 0,
         )
-    return CTCObjective(enc, vocab, hook, final_dropout, freeze_steps)
+    return CTCObjective(enc, vocab, hook, final_dropout, freeze_steps, augment_after)

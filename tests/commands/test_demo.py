@@ -49,6 +49,14 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     ]
     assert len(cells) == (1 + 2 * 3) * 3 and {c["noise"] for c in cells} == {"none", "babble", "music"}
     assert "WER (%) on the test split under noise" in printed and "| music | -5 |" in printed
+    # decoded by beam search with the trigram of the training transcripts, and greedily beside it
+    header = json.loads((out / "asr" / "eval_noisy" / "results.jsonl").read_text().splitlines()[0])
+    assert header["fingerprint"]["decoding"]["kind"] == "beam"
+    assert header["fingerprint"]["decoding"]["lm"][0] == str((out / "lm" / "train_3gram.arpa").resolve())
+    greedy = (out / "asr" / "eval_noisy_greedy" / "results.jsonl").read_text().splitlines()
+    assert json.loads(greedy[0])["fingerprint"]["decoding"] is None and len(greedy) == 1 + len(cells)
+    # clean updates with both streams first, then noise and modality dropout
+    assert OmegaConf.load(out / "asr" / "config.yaml").objective.augment_after == 1
     # the summary: every WER row of the three fine-tunings, cluster quality, retrieval, times, claims
     summary = json.loads((out / "summary.json").read_text())
     kinds = {(r["init"], r["labels"]) for r in summary["wer"]}
@@ -57,6 +65,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         (r["noise"], str(r["snr"]), r["modality"]) for r in summary["wer"] if r["init"] == "scratch"
     }
     assert ("none", "clean", "audio") in subset_cells and ("babble", "-5.0", "audio+video") in subset_cells
+    assert {r["decoding"] for r in summary["wer"]} == {"beam 50 + LM train_3gram.arpa"}
+    assert {r["decoding"] for r in summary["wer_greedy"]} == {"greedy"} and len(summary["wer_greedy"]) == 21
     assert set(summary["pnmi"]) == {"mfcc", "pretrained"} and summary["retrieval"]["images"] >= 1
     assert summary["seconds"]["total"] > 0 and summary["cores"] >= 1
     assert [c["number"] for c in summary["claims"]] == [1, 2, 3, 4, 5, 6]
@@ -67,14 +77,14 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert scratch.objective.encoder_init in (None, "none")
     # a second run finds every output and redoes nothing
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("already done, skipped") == 11
+    assert capsys.readouterr().out.count("already done, skipped") == 13
     # pretraining goes on: the clustering of its layer, the fine-tuning and its noisy evaluation
     # are redone from the new checkpoint
     assert main([*argv[:4], "3", *argv[5:]]) == 0
     printed = capsys.readouterr().out
-    # (the corpus, the packed splits, the MFCC clusters, the scratch baseline with its evaluation
-    # and the index stay)
-    assert printed.count("already done, skipped") == 6 and "started from another checkpoint" in printed
+    # (the corpus, the packed splits, the MFCC clusters, the language model, the scratch baseline
+    # with its evaluation and the index stay)
+    assert printed.count("already done, skipped") == 7 and "started from another checkpoint" in printed
     clustered = torch.load(out / "km_av" / "kmeans.pt", weights_only=True)["weights"]
     assert clustered == str(
         (out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve()

@@ -8,8 +8,8 @@ import pytest
 from mmssl.eval.summary import check_claims, retrieval_summary, wer_rows, write_summary
 
 
-def _results(path, cells):
-    lines = [json.dumps({"fingerprint": {"checkpoint": "c"}})]
+def _results(path, cells, decoding=None):
+    lines = [json.dumps({"fingerprint": {"checkpoint": "c", "decoding": decoding}})]
     lines += [json.dumps({"noise": n, "snr": s, "modality": m, "wer": w}) for (n, s, m), w in cells.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -79,6 +79,7 @@ def test_wer_rows_read_eval_noisy_cells_in_percent(tmp_path):
             "wer": 50.0,
             "init": "scratch",
             "labels": "subset",
+            "decoding": "greedy",
         },
         {
             "noise": "none",
@@ -87,8 +88,17 @@ def test_wer_rows_read_eval_noisy_cells_in_percent(tmp_path):
             "wer": 5.0,
             "init": "scratch",
             "labels": "subset",
+            "decoding": "greedy",
         },
     ]
+
+
+def test_wer_rows_name_a_beam_search_and_its_language_model(tmp_path):
+    decoding = {"kind": "beam", "beam": 50, "lm": ["/x/lm/train_3gram.arpa", 10, 1], "lm_weight": 2.0}
+    path = _results(tmp_path / "results.jsonl", {("none", "clean", "audio"): 0.05}, decoding)
+    assert [r["decoding"] for r in wer_rows(path, "pretrained", "all")] == ["beam 50 + LM train_3gram.arpa"]
+    path = _results(tmp_path / "results.jsonl", {("none", "clean", "audio"): 0.05}, {**decoding, "lm": None})
+    assert [r["decoding"] for r in wer_rows(path, "pretrained", "all")] == ["beam 50"]
 
 
 def test_every_claim_is_met_by_numbers_that_meet_it():

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.data.units import default_units
-from mmssl.errors import DataError
+from mmssl.errors import ConfigError, DataError
 from mmssl.objectives.ctc import feasible, make_targets
 from mmssl.registry import OBJECTIVES
 from mmssl.testing import tiny_audio_batch, tiny_av_batch
@@ -193,3 +193,38 @@ def test_noise_augmentation_in_the_hook_is_seeded_and_leaves_targets_alone(synth
         assert float(snr) == pytest.approx(0.0, abs=1e-3)  # AV-HuBERT fine-tuning noise_snr: 0 dB
         assert a["audio"][i, n:].abs().sum() == 0  # padding stays silent
     assert torch.equal(a["ctc_targets"], make_targets(clean, obj.units)[0])
+
+
+def test_augment_after_trains_on_clean_audio_with_both_streams_until_that_update(synth_tiny):
+    noisy = build(
+        "av",
+        noise_dir=str(synth_tiny / "noise" / "train"),
+        noise_prob=1.0,
+        mask_prob=0.0,
+        modality_dropout=1.0,  # every utterance loses a stream once augmenting
+        augment_after=3,
+    ).train()
+    plain = build("av", mask_prob=0.0, modality_dropout=0.0).train()
+    plain.load_state_dict(noisy.state_dict())
+    clean = tiny_av_batch()
+    clean["transcript"] = ["one big star", "a cat", "hi"]
+    torch.manual_seed(1)
+    hooked = noisy.batch_hook()({k: (v.clone() if torch.is_tensor(v) else v) for k, v in clean.items()})
+    assert not torch.equal(hooked["audio"], clean["audio"])
+    assert torch.equal(hooked["clean_audio"], clean["audio"])
+    assert not (hooked["keep_audio"] & hooked["keep_video"]).any()
+
+    def log_probs(obj, batch, step):
+        obj.set_step(step)
+        torch.manual_seed(0)  # the same dropout draws
+        return obj.logits(batch)[0]
+
+    for step in (0, 2):  # clean audio, both streams: what the plain objective sees
+        assert torch.allclose(log_probs(noisy, hooked, step), log_probs(plain, clean, step), atol=1e-6)
+    assert not torch.allclose(log_probs(noisy, hooked, 3), log_probs(plain, clean, 3), atol=1e-3)
+    assert not noisy.eval().augmenting
+
+
+def test_augment_after_must_not_be_negative():
+    with pytest.raises(ConfigError, match="augment_after"):
+        build(augment_after=-1)
