@@ -7,7 +7,9 @@ encoder of an ``mmssl pretrain`` run, as SpeechCLIP starts from a pretrained HuB
 over its valid frames only (masked mean, or a learned attention pooling), projected to the
 image tower's embedding dim and L2-normalised. The image tower (and, for the caption term, the
 text tower) come from open_clip (``mmssl.encoders.image`` / ``text``), random or loaded from a
-local CLIP checkpoint, optionally frozen (SpeechCLIP keeps CLIP frozen).
+local CLIP checkpoint, optionally frozen (SpeechCLIP keeps CLIP frozen). The speech tower can be
+frozen too (``freeze_speech``: SpeechCLIP's frozen HuBERT, where only the pooling and the
+projection learn on the speech side).
 
 Loss: CLIP's symmetric InfoNCE (``mmssl.nn.contrastive.symmetric_info_nce``) between speech and
 image embeddings, with a learnable logit scale (CLIP, sec. 2.5: temperature initialised at
@@ -109,6 +111,7 @@ class SpeechImage(Objective):
         rank: int = 0,
         world_size: int = 1,
         gather: Gather = gather_rows,
+        freeze_speech: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -122,6 +125,11 @@ class SpeechImage(Objective):
                 f"speech_image: text tower dim {text_tower.dim} != image tower dim {image_tower.dim}"
             )
         self.encoder, self.image_tower, self.text_tower = encoder, image_tower, text_tower
+        # a frozen speech tower (SpeechCLIP keeps HuBERT fixed): no gradient, eval mode, and its
+        # forward pass builds no graph
+        self.speech_frozen = freeze_speech
+        for p in encoder.parameters():
+            p.requires_grad_(not freeze_speech)
         self.attention_pool = AttentionPool(encoder.dim) if pooling == "attention" else None
         self.speech_proj = nn.Linear(encoder.dim, image_tower.dim)
         self.logit_scale = LogitScale()
@@ -140,6 +148,12 @@ class SpeechImage(Objective):
     def batch_hook(self) -> BatchHook:
         return GroupIds()
 
+    def train(self, mode: bool = True) -> SpeechImage:
+        super().train(mode)
+        if self.speech_frozen:
+            self.encoder.eval()
+        return self
+
     def on_step(self, step: int) -> None:
         # CLIP's cap on the logit scale, applied to the parameter after each optimizer step
         self.logit_scale.clamp_()
@@ -148,10 +162,11 @@ class SpeechImage(Objective):
 
     def embed_speech(self, audio: Tensor, audio_lens: Tensor) -> Tensor:
         """``audio (B, S)``, ``audio_lens (B,)`` -> normalised ``(B, D)``, pooled over valid frames."""
-        if isinstance(self.encoder, AudioVisualEncoder):  # its audio stream (zeros for the lips)
-            out = self.encoder.encode({"audio": audio, "audio_lens": audio_lens})
-        else:
-            out = self.encoder(audio, audio_lens)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.speech_frozen):
+            if isinstance(self.encoder, AudioVisualEncoder):  # its audio stream (zeros for the lips)
+                out = self.encoder.encode({"audio": audio, "audio_lens": audio_lens})
+            else:
+                out = self.encoder(audio, audio_lens)
         if self.attention_pool is not None:
             pooled = self.attention_pool(out.hidden, out.lengths)
         else:
@@ -263,6 +278,8 @@ def speech_image(
     | None = None,  # a local open_clip-format state dict file (OpenAI weights: -quickgelu config)
     freeze_image: bool = False,  # SpeechCLIP: True, with clip_pretrained
     freeze_text: bool = False,
+    # SpeechCLIP: True (a frozen HuBERT; only the pooling and projection learn on the speech side)
+    freeze_speech: bool = False,
     pooling: str = "mean",  # mean | attention
     caption_weight: float = 0.0,  # 0: speech-image only; > 0 adds the speech-caption InfoNCE
     rank: int = 0,
@@ -285,4 +302,6 @@ def speech_image(
     clip = build_open_clip(clip_model or CLIP_MODELS[size], clip_pretrained)
     image = image_tower_from(clip, freeze_image)
     text = text_tower_from(clip, freeze_text) if caption_weight > 0 else None
-    return SpeechImage(enc, image, text, pooling, caption_weight, rank, world_size)
+    return SpeechImage(
+        enc, image, text, pooling, caption_weight, rank, world_size, freeze_speech=freeze_speech
+    )

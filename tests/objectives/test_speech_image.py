@@ -205,6 +205,29 @@ def test_frozen_image_tower_gets_no_gradient():
     assert not objective.image_tower.training
 
 
+def test_frozen_speech_tower_gets_no_gradient_and_stays_in_eval_mode():
+    torch.manual_seed(0)
+    objective = _tiny(freeze_speech=True)
+    objective.train()
+    assert not objective.encoder.training and objective.image_tower.training
+    batch = _batch(objective)
+    out = objective(batch)
+    out["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in objective.encoder.parameters())
+    assert objective.speech_proj.weight.grad is not None
+    assert any(p.grad is not None for p in objective.image_tower.parameters())
+    # the embedding is the eval-mode encoder's (no dropout), so two passes agree
+    embed = objective.embed_speech(batch["audio"], batch["audio_lens"])
+    torch.testing.assert_close(embed, objective.embed_speech(batch["audio"], batch["audio_lens"]))
+    # the unfrozen tower trains: dropout makes two passes differ
+    trained = _tiny(freeze_speech=False, encoder={"dropout": 0.5})
+    trained.train()
+    b = _batch(trained)
+    assert not torch.allclose(
+        trained.embed_speech(b["audio"], b["audio_lens"]), trained.embed_speech(b["audio"], b["audio_lens"])
+    )
+
+
 def test_caption_term_adds_the_text_tower():
     objective = _tiny(caption_weight=0.5)
     assert objective.modalities == ("audio", "image", "text")
