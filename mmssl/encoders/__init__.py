@@ -3,10 +3,11 @@ add new modules to the explicit import list below.
 
 Two kinds, declared in ``mmssl.encoders.base``: ``SpeechEncoder`` (``audio.py``: conv or
 filterbank frontend + transformer, CPC's causal encoder; ``recurrent.py``: APC's and DeCoAR's
-LSTMs; ``mockingjay.py``: Mockingjay / TERA; ``autoencoder.py``: the frame autoencoders) and
-``AudioVisualEncoder`` (``av.py``, with ``video.py``'s lip encoder and ``fusion.py``), plus the
-open_clip towers of ``image.py`` and ``text.py``. :func:`build_family` builds a preset by family
-and model size, the way objectives pick their encoders.
+LSTMs; ``mockingjay.py``: Mockingjay / TERA; ``decoar2.py``: DeCoAR 2.0's log-mel transformer;
+``autoencoder.py``: the frame autoencoders) and ``AudioVisualEncoder`` (``av.py``, with
+``video.py``'s lip encoder and ``fusion.py``), plus the open_clip towers of ``image.py`` and
+``text.py``. :func:`build_family` builds a preset by family and model size, the way objectives
+pick their encoders.
 """
 
 from typing import Any

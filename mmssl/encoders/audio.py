@@ -34,17 +34,19 @@ from mmssl.nn import frontend as fe
 from mmssl.nn import transformer as tr
 from mmssl.nn.context import CausalTransformerContext, RecurrentContext
 from mmssl.nn.gradient import scale_grad
-from mmssl.nn.reconstruction import LogMelFrontend
+from mmssl.nn.reconstruction import LogMelFrontend, SubsampledLogMelFrontend
 from mmssl.registry import ENCODERS
 
 
 class FeatureProjection(nn.Module):
     """LayerNorm over frontend features, linear to the model dim, dropout (wav2vec 2.0
-    ``layer_norm`` + ``post_extract_proj`` + ``dropout_input``). ``(B, T, F)`` -> ``(B, T, C)``."""
+    ``layer_norm`` + ``post_extract_proj`` + ``dropout_input``). ``(B, T, F)`` -> ``(B, T, C)``.
+    ``norm=False`` leaves out the LayerNorm (an identity in its place): DeCoAR 2.0 projects its
+    normalised log mels directly, and a per-frame norm would erase each frame's level."""
 
-    def __init__(self, in_dim: int, dim: int, dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, dim: int, dropout: float = 0.1, norm: bool = True) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
+        self.norm = nn.LayerNorm(in_dim) if norm else nn.Identity()
         self.linear = nn.Linear(in_dim, dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -68,7 +70,7 @@ class AudioEncoder(SpeechEncoder):
 
     def __init__(
         self,
-        frontend: fe.ConvFrontend | fe.FbankFrontend,
+        frontend: fe.ConvFrontend | fe.FbankFrontend | SubsampledLogMelFrontend,
         projection: FeatureProjection,
         transformer: tr.TransformerEncoder,
         feature_grad_scale: float = 1.0,

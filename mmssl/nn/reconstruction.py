@@ -10,6 +10,7 @@ module gives
   far (``"running"``: frame ``t`` depends on no later audio, for causal models) or not at all;
 * ``StackedLogMelFrontend``: those frames stacked ``K`` at a time (Mockingjay's 1/3
   downsampling, the autoencoders' 50 Hz latents);
+* ``SubsampledLogMelFrontend``: every ``K``-th of those frames (DeCoAR 2.0's 50 Hz input);
 * ``masked_l1`` / ``masked_mse``: reconstruction losses averaged over the weighted frames and
   every feature, zero (not NaN) when nothing is weighted, with no host sync;
 * ``shift_targets``: frame ``t + n`` as the target of frame ``t`` (APC's ``time_shift``);
@@ -137,6 +138,34 @@ class StackedLogMelFrontend(nn.Module):
 
     def forward(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
         return self.stacked(*self.mels(audio, audio_lens))
+
+
+class SubsampledLogMelFrontend(nn.Module):
+    """An injected ``LogMelFrontend`` (100 Hz, normalised over every frame) keeping every
+    ``every``-th frame (frames ``0, every, 2 every...``): ``audio (B, S)`` -> ``(B, T, M)``,
+    ``lengths (B,)`` = ``ceil(mel frames / every)``. Unlike stacking, the frames in between are
+    dropped: the released DeCoAR 2.0 model reads every second 10 ms frame of per-utterance
+    normalised log mels (s3prl ``upstream/decoar2/audio.py``: ``y[::2]``, 50 Hz). No parameters."""
+
+    def __init__(self, log_mel: LogMelFrontend, every: int = 2) -> None:
+        super().__init__()
+        if every < 1:
+            raise ConfigError(f"subsampled log-mel frontend: every must be >= 1, got {every}")
+        self.log_mel, self.every = log_mel, every
+        self.num_mel_bins = self.out_dim = log_mel.out_dim
+        spec = log_mel.frame_spec
+        # ceil(n / every) frames, the count of stacking ``every`` frames into one
+        self.frame_spec = FrameSpec(spec.kernels, spec.strides, every)
+        self.frame_rate = log_mel.frame_rate / every
+        self.receptive_field = log_mel.receptive_field
+
+    def forward(self, audio: Tensor, audio_lens: Tensor) -> tuple[Tensor, Tensor]:
+        mels, mel_lens = self.log_mel(audio, audio_lens)  # (B, T', M), 100 Hz
+        lengths = torch.div(mel_lens + self.every - 1, self.every, rounding_mode="floor")
+        return mels[:, :: self.every], lengths
+
+    def extra_repr(self) -> str:
+        return f"every={self.every}"
 
 
 def _weighted_mean(per_element: Tensor, weight: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ from mmssl.nn.fbank import fbank
 from mmssl.nn.reconstruction import (
     LogMelFrontend,
     StackedLogMelFrontend,
+    SubsampledLogMelFrontend,
     future_slices,
     log_mel,
     masked_l1,
@@ -77,6 +78,20 @@ def test_stacked_frontend_stacks_k_frames_and_counts_ceil():
     assert torch.equal(x[0, 4], mels[0, 12:15].reshape(-1))
     with pytest.raises(ConfigError, match="stack"):
         StackedLogMelFrontend(LogMelFrontend(), stack=0)
+
+
+def test_subsampled_frontend_keeps_every_kth_frame_and_counts_ceil():
+    batch = tiny_audio_batch((8000, 5600, 3360))  # 48, 33 and 19 mel frames
+    mels, _ = LogMelFrontend()(batch["audio"], batch["audio_lens"])
+    front = SubsampledLogMelFrontend(LogMelFrontend(), every=2)
+    x, lengths = front(batch["audio"], batch["audio_lens"])
+    assert lengths.tolist() == [24, 17, 10]
+    assert torch.equal(lengths, front.frame_spec(batch["audio_lens"]))
+    assert x.shape == (3, 24, 80) and front.out_dim == 80 and front.frame_rate == 50.0
+    assert torch.equal(x[1, :17], mels[1, 0:33:2])  # frames 0, 2, ..., 32: the last one kept
+    assert torch.all(x[2, 10:] == 0)  # padding stays zero
+    with pytest.raises(ConfigError, match="every"):
+        SubsampledLogMelFrontend(LogMelFrontend(), every=0)
 
 
 def test_frontend_frame_spec_predicts_the_frame_count():

@@ -27,6 +27,7 @@ SECONDS = (0.96, 0.72, 0.48, 0.6, 0.84, 0.52)  # two batches of three
 TIMING = ("audio_sec_per_sec", "steps_per_sec")
 FAST = {
     "wav2vec2": dict(temp_decay=0.8),  # Gumbel temperature 2, 1.6, 1.28, 1.02
+    "decoar2": dict(temp_decay=0.8),
     "data2vec": dict(ema_start=0.5, ema_end=0.9, ema_anneal_steps=STEPS),
     "ctc": dict(freeze_steps=STOP + 1),  # the encoder is still frozen at the first step after the resume
 }
