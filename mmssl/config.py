@@ -199,6 +199,23 @@ def _parse_overrides(overrides: Iterable[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {items}: {err}") from None
 
 
+def _container_clash(base: Any, extra: Any, prefix: str = "") -> str | None:
+    """The first key where ``extra`` puts a list in place of a mapping of ``base`` or the reverse."""
+    if not isinstance(base, DictConfig) or not isinstance(extra, DictConfig):
+        return None
+    for key in extra.keys():
+        if key not in base:
+            continue
+        old, new = base._get_node(key), extra._get_node(key)
+        kinds = {type(n) for n in (old, new) if isinstance(n, (DictConfig, ListConfig)) and not n._is_none()}
+        if len(kinds) == 2:
+            return f"{prefix}{key}"
+        found = _container_clash(old, new, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
 def _merge(base: DictConfig, extra: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, extra)  # type: ignore[return-value]
@@ -207,6 +224,9 @@ def _merge(base: DictConfig, extra: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: unknown config key {key!r}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {err}") from None
+    except TypeError:  # OmegaConf's "Cannot merge incompatible container types"
+        key = _container_clash(base, extra) or "?"
+        raise ConfigError(f"{source}: config key {key} cannot change between a mapping and a list") from None
 
 
 def load_config(

@@ -50,7 +50,8 @@ from mmssl.data.importers import read_kmeans_state
 from mmssl.encoders.base import AudioVisualEncoder, SpeechEncoder
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import read_text, sha256_file, write_bytes
-from mmssl.objectives.base import Objective
+from mmssl.objectives.base import SHARED_ENCODER, Objective
+from mmssl.objectives.multi import parse_parts
 from mmssl.registry import OBJECTIVES, Registry
 
 CHECKPOINTS = "checkpoints"
@@ -161,36 +162,56 @@ def option_kinds(param: inspect.Parameter) -> list[type | None]:
 def check_options(cfg: DictConfig, registry: Registry = OBJECTIVES) -> Mapping[str, inspect.Parameter]:
     """The builder's parameters, after checking that every ``objective.*`` and ``model.*`` key
     is one of them and of the type it takes (:func:`option_kinds`): an unknown or wrong-typed
-    key is a ``ConfigError`` naming it (before any run folder exists)."""
+    key is a ``ConfigError`` naming it (before any run folder exists). A builder that combines
+    objectives (registered with ``combines_parts=True``, e.g. ``multi``) has the keys of each of
+    its ``objective.parts`` checked the same way against that part's builder."""
     name = cfg.objective.name
-    try:
-        params = inspect.signature(registry.get(name)).parameters
-    except KeyError as err:
-        raise ConfigError(f"objective.name: {err.args[0]}") from None
     objective_keys, model_keys = builder_kwargs(cfg.objective), builder_kwargs(cfg.model, drop=())
     clash = sorted(set(objective_keys) & set(model_keys))
     if clash:
         raise ConfigError(f"objective.{clash[0]} and model.{clash[0]} are both set; keep one")
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        takes = ", ".join(k for k in params if k not in ("rank", "world_size"))
-        for section, keys in (("objective", objective_keys), ("model", model_keys)):
-            unknown = sorted(set(keys) - set(params))
-            if unknown:
-                raise ConfigError(
-                    f"unknown config key {section}.{unknown[0]} (objective {name!r} takes: {takes})"
-                )
-    for section, keys in (("objective", objective_keys), ("model", model_keys)):
+    sections = {"objective": objective_keys, "model": model_keys}
+    params = _check_builder_keys(name, "objective", sections, registry)
+    if registry.meta(name).get("combines_parts"):
+        for part in parse_parts(objective_keys.get("parts")):
+            # a part's size is model.size, which the combining builder passes on
+            _check_builder_keys(part.name, part.key, {part.key: part.options}, OBJECTIVES, ("size",))
+    return params
+
+
+def _check_builder_keys(
+    name: str, where: str, sections: Mapping[str, dict], registry: Registry, given: tuple[str, ...] = ()
+) -> Mapping[str, inspect.Parameter]:
+    """The parameters of builder ``name`` (config key ``where.name``), after checking the keys
+    of ``sections`` (config section -> its keys) against them; ``given``: parameters that the
+    code calling the builder sets, left out of the list of keys it takes."""
+    try:
+        params = inspect.signature(registry.get(name)).parameters
+    except KeyError as err:
+        raise ConfigError(f"{where}.name: {err.args[0]}") from None
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    # the shared encoder is a module another objective builds, never a config key
+    given = ("rank", "world_size", SHARED_ENCODER, *given)
+    takes = ", ".join(k for k in params if k not in given)
+    for section, keys in sections.items():
+        unknown = sorted(k for k in keys if (k not in params and not takes_any) or k == SHARED_ENCODER)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key {section}.{unknown[0]} (objective {name!r} takes: {takes})"
+            )
         for key, value in keys.items():
             if key in params:
                 check_value(f"{section}.{key}", value, option_kinds(params[key]))
     return params
 
 
-def _check_labels(cfg: DictConfig, kwargs: dict, params: Mapping[str, inspect.Parameter]) -> None:
-    """``objective.num_classes`` / ``label_rate`` against the k-means that made ``data.labels``
-    (its ``kmeans.pt`` records ``k`` and ``label_rate``): fewer classes than clusters or another
-    label rate would train on wrong targets (an error); more classes than clusters only leaves
-    some unused (a note)."""
+def _check_labels(
+    cfg: DictConfig, kwargs: dict, params: Mapping[str, inspect.Parameter], where: str = "objective"
+) -> None:
+    """``objective.num_classes`` / ``label_rate`` (under ``where``: a part's keys) against the
+    k-means that made ``data.labels`` (its ``kmeans.pt`` records ``k`` and ``label_rate``): fewer
+    classes than clusters or another label rate would train on wrong targets (an error); more
+    classes than clusters only leaves some unused (a note)."""
     labels = OmegaConf.select(cfg, "data.labels")
     if not labels or not Path(labels).is_dir():
         return
@@ -206,13 +227,13 @@ def _check_labels(cfg: DictConfig, kwargs: dict, params: Mapping[str, inspect.Pa
             continue
         if key == "num_classes" and value > info[source]:
             print(
-                f"note: objective.num_classes={value} but data.labels={labels} "
+                f"note: {where}.num_classes={value} but data.labels={labels} "
                 f"has only k={info[source]} clusters"
             )
             continue
         raise ConfigError(
-            f"objective.{key}={value} but data.labels={labels} has {source}={info[source]}; "
-            f"set objective.{key}={info[source]}"
+            f"{where}.{key}={value} but data.labels={labels} has {source}={info[source]}; "
+            f"set {where}.{key}={info[source]}"
         )
 
 
@@ -240,6 +261,11 @@ def build_objective(
         if key in params and key not in kwargs:
             kwargs[key] = value
     _check_labels(cfg, kwargs, params)
+    if registry.meta(name).get("combines_parts"):
+        for part in parse_parts(kwargs.get("parts")):
+            _check_labels(
+                cfg, part.options, inspect.signature(OBJECTIVES.get(part.name)).parameters, part.key
+            )
     kwargs = resolve_inits(name, kwargs, registry)
     try:
         objective = registry.build(name, **kwargs)

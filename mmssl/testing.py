@@ -20,6 +20,7 @@ from torch import Tensor
 from mmssl.config import load_config, save_resolved
 from mmssl.constants import SAMPLE_RATE
 from mmssl.data.collate import collate
+from mmssl.objectives.multi import MultiObjective
 from mmssl.runs import CHECKPOINTS, MODEL_FILE, build_objective, save_weights, step_dir_name
 
 
@@ -148,13 +149,16 @@ def synthetic_items(
 ) -> list[dict]:
     """Dataset items with every key ``objective`` reads: one per utterance of ``seconds``
     (audio and/or 25 fps video by ``objective.modalities``; cluster targets at
-    ``objective.label_rate`` (default 100 Hz) when it has ``num_classes``; a transcript; a
+    ``objective.label_rate`` (default 100 Hz) when it, or a part of it, has ``num_classes``; a transcript; a
     caption group; an image through ``objective.image_transform``; caption tokens through
     ``objective.text_tokenizer``), ready for ``mmssl.data.collate``."""
     g = torch.Generator().manual_seed(seed)
     modalities = set(getattr(objective, "modalities", ("audio",)))
-    classes = getattr(objective, "num_classes", None)
-    rate = float(getattr(objective, "label_rate", 100.0))
+    # several objectives in one (``multi``): the targets of the part that reads them
+    parts = list(objective.parts.values()) if isinstance(objective, MultiObjective) else [objective]
+    labelled = next((p for p in parts if getattr(p, "num_classes", None)), objective)
+    classes = getattr(labelled, "num_classes", None)
+    rate = float(getattr(labelled, "label_rate", 100.0))
     items = []
     for i, s in enumerate(seconds):
         frames = max(1, int(round(s * 25)))

@@ -21,9 +21,11 @@ Presets (``ENCODERS``): ``av_tiny`` (tests), ``av_small`` (CPUs: 4 layers of 256
 lip encoder that reads 22x22 pixels), ``av_base`` (AV-HuBERT Base: 12 layers, 768
 dims, 12 heads, FFN 3072), ``av_large`` (AV-HuBERT Large: 24 layers, 1024 dims, 16 heads, FFN 4096).
 
-Also here: ``paired_towers`` / ``TwoTowerViews`` (an audio-only and a video-only encoder, as
-the multi-view and CCA objectives use them), ``substitute_frames`` (AV-HuBERT's video masking)
-and ``av_features`` (frozen layer features, for k-means targets of the next iteration).
+Also here: ``paired_towers`` / ``TwoTowerViews`` / ``two_views`` (an audio-only and a
+video-only encoder, as the multi-view and CCA objectives use them, or one audio-visual encoder
+read once per modality when they share it with other objectives), ``substitute_frames``
+(AV-HuBERT's video masking) and ``av_features`` (frozen layer features, for k-means targets
+of the next iteration).
 
 Shape legend: B batch, S samples, T frames (25 Hz), C model dim, F stacked filterbanks.
 """
@@ -258,7 +260,9 @@ def require_paired(batch: dict, what: str) -> None:
 class TwoTowerViews(nn.Module):
     """An audio tower and a video tower, each followed by a linear head to ``out_dim``; gives
     the frame-aligned views ``(B, T, out_dim)`` twice, their common ``lengths``, and the
-    towers' inputs that DCCAE reconstructs."""
+    towers' inputs that DCCAE reconstructs. Both towers may be one audio-visual encoder: it then
+    reads the audio alone for one view and the video alone for the other (the missing stream is
+    zeros in its fusion, as AV-HuBERT runs on one modality)."""
 
     def __init__(self, audio_tower: AVEncoder, video_tower: AVEncoder, out_dim: int) -> None:
         super().__init__()
@@ -281,6 +285,23 @@ class TwoTowerViews(nn.Module):
         """-> ``(za (B, T, K), zv (B, T, K), lengths (B,), audio_raw (B, T, F))``."""
         ha, hv, lengths, raw = self.encode_pair(batch)
         return self.audio_head(ha), self.video_head(hv), lengths, raw
+
+
+def two_views(size: str, out_dim: int, shared: nn.Module | None = None) -> TwoTowerViews:
+    """The views of the multi-view objectives: an audio and a video tower of preset ``size``
+    (``paired_towers``), or, given ``shared``, that one audio-visual encoder as both towers
+    (objective ``multi``: it is trained by other objectives too). ``ConfigError`` unless
+    ``shared`` is an ``AVEncoder`` with both streams."""
+    if shared is None:
+        audio, video = paired_towers(size)
+        return TwoTowerViews(audio, video, out_dim)
+    streams = shared.modalities if isinstance(shared, AVEncoder) else ()
+    if streams != ("audio", "video"):
+        has = f"streams {', '.join(streams)}" if streams else type(shared).__name__
+        raise ConfigError(
+            f"two views of one shared encoder need an audio-visual encoder with audio and video; it has {has}"
+        )
+    return TwoTowerViews(shared, shared, out_dim)
 
 
 def av_features(encoder: AVEncoder, batch: dict, layer: int | None = None) -> tuple[Tensor, Tensor]:

@@ -326,7 +326,26 @@ def _check_masking(masking_type: str, audio: tuple[float, int], video: tuple[flo
         )
 
 
-@OBJECTIVES.register
+def _shared_encoder(shared: nn.Module, overrides: dict[str, Any] | None, masking_type: str) -> AVEncoder:
+    """The encoder objective ``multi`` shares with this one, checked against its settings."""
+    if not isinstance(shared, AVEncoder):
+        raise ConfigError(
+            f"av_hubert trains an audio-visual encoder; the shared one is a {type(shared).__name__}"
+        )
+    if overrides:
+        raise ConfigError(
+            "objective.encoder overrides apply to a fresh encoder, not to a shared one "
+            "(set them on the part that builds it)"
+        )
+    if masking_type == "input" and shared.audio_mask_embedding is None:
+        raise ConfigError(
+            "objective.masking_type=input masks the audio stream with the encoder's mask embedding, "
+            "which the shared encoder was built without (its own objective masks the fused features)"
+        )
+    return shared
+
+
+@OBJECTIVES.register(shares_encoder=True)
 def av_hubert(
     size: str = "base",
     num_classes: int = 100,  # first iteration: k-means on MFCC (AV-HuBERT, sec. 4: 100 clusters)
@@ -348,17 +367,21 @@ def av_hubert(
     noise_snr: float | list[float] = 0.0,  # ``noise_snr: 0`` dB; [low, high]: uniform in that range
     seed: int = 0,
     encoder: dict[str, Any] | None = None,
+    shared_encoder: nn.Module | None = None,
 ) -> AVHubert:
     """AV-HuBERT on the ``av_<size>`` encoder (``encoder``: preset overrides, e.g.
-    ``{modality_dropout: 0.5}``); ``noise_dir``: a folder of noise recordings (``mmssl synth``
-    writes ``noise/train``), None for no noise augmentation."""
+    ``{modality_dropout: 0.5}``), or on ``shared_encoder``, an audio-visual encoder that other
+    objectives train too (objective ``multi``); ``noise_dir``: a folder of noise recordings
+    (``mmssl synth`` writes ``noise/train``), None for no noise augmentation."""
     presets = {"tiny": av_tiny, "small": av_small, "base": av_base, "large": av_large}
     if size not in presets:
         raise ConfigError(f"av_hubert: size must be one of {sorted(presets)}, got {size!r}")
     _check_masking(masking_type, (audio_mask_prob, audio_mask_span), (video_mask_prob, video_mask_span))
-    # feature masking puts its own embedding on the fused frames: the audio stream's is left out
-    overrides = {"mask_embedding": masking_type == "input", **(encoder or {})}
-    enc = presets[size](**overrides)
+    if shared_encoder is not None:
+        enc = _shared_encoder(shared_encoder, encoder, masking_type)
+    else:
+        # feature masking puts its own embedding on the fused frames: the audio stream's is left out
+        enc = presets[size](**{"mask_embedding": masking_type == "input", **(encoder or {})})
     if enc.frame_spec is None:
         raise ConfigError("av_hubert needs an encoder with an audio stream")
     masks = AVMasks(

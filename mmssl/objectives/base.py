@@ -25,6 +25,10 @@ Three optional hooks, all called by the trainer:
   first): what acts on the weights (an EMA teacher's update, clamping a logit scale). Its
   effect is in the weights the checkpoint saves, so a resume never replays it.
 
+Builders registered with ``shares_encoder=True`` take a ``shared_encoder`` keyword
+(``SHARED_ENCODER``): an encoder module to train instead of building their own, so several
+objectives can train one encoder together (``mmssl.objectives.multi``). It is never a config key.
+
 ``size_preset`` picks a builder's settings for ``model.size`` from its table of sizes;
 ``check_settings`` turns out-of-range sizes and rates into a ``ConfigError`` naming the key.
 """
@@ -40,6 +44,10 @@ from torch import Tensor, nn
 from mmssl.errors import ConfigError
 
 BatchHook = Callable[[dict], dict]
+
+# the builder keyword through which an objective registered with ``shares_encoder=True``
+# receives the encoder it trains (built by another objective); never set from a config
+SHARED_ENCODER = "shared_encoder"
 
 
 @dataclass

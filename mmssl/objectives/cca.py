@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.encoders.av import TwoTowerViews, paired_towers, require_paired
+from mmssl.encoders.av import TwoTowerViews, require_paired, two_views
 from mmssl.nn.cca import SoftDecorrelation, cca_correlation, flatten_frames, standardise
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.objectives.base import Objective
@@ -134,23 +134,35 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
-@OBJECTIVES.register
-def dcca(size: str = "base", out_dim: int = 64, k: int | None = None, reg: float = 1e-3) -> DeepCCA:
+# ``shared_encoder`` (every builder here): one audio-visual encoder to read as both towers, which
+# other objectives train too (objective ``multi``); None builds an audio and a video tower
+
+
+@OBJECTIVES.register(shares_encoder=True)
+def dcca(
+    size: str = "base",
+    out_dim: int = 64,
+    k: int | None = None,
+    reg: float = 1e-3,
+    shared_encoder: nn.Module | None = None,
+) -> DeepCCA:
     """Deep CCA on ``out_dim``-d frame codes of an audio and a video tower of ``size``."""
-    audio, video = paired_towers(size)
-    return DeepCCA(TwoTowerViews(audio, video, out_dim), k, reg)
+    return DeepCCA(two_views(size, out_dim, shared_encoder), k, reg)
 
 
-@OBJECTIVES.register
+@OBJECTIVES.register(shares_encoder=True)
 def soft_cca(
-    size: str = "base", out_dim: int = 256, decorrelation: float = 1.0, alpha: float = 0.9
+    size: str = "base",
+    out_dim: int = 256,
+    decorrelation: float = 1.0,
+    alpha: float = 0.9,
+    shared_encoder: nn.Module | None = None,
 ) -> SoftCCA:
     """Soft CCA; suited to wide codes (no inverse of a ``out_dim x out_dim`` matrix)."""
-    audio, video = paired_towers(size)
-    return SoftCCA(TwoTowerViews(audio, video, out_dim), out_dim, decorrelation, alpha)
+    return SoftCCA(two_views(size, out_dim, shared_encoder), out_dim, decorrelation, alpha)
 
 
-@OBJECTIVES.register
+@OBJECTIVES.register(shares_encoder=True)
 def dccae(
     size: str = "base",
     out_dim: int = 64,
@@ -159,11 +171,12 @@ def dccae(
     recon: float = 1.0,
     video_grid: int = 8,
     decoder_dim: int = 256,
+    shared_encoder: nn.Module | None = None,
 ) -> DCCAE:
     """DCCAE: deep CCA plus reconstruction of each view's input from its own code."""
-    audio, video = paired_towers(size)
+    views = two_views(size, out_dim, shared_encoder)
+    audio = views.audio_tower
     assert audio.audio_frontend is not None
-    views = TwoTowerViews(audio, video, out_dim)
     audio_decoder = _mlp(out_dim, decoder_dim, audio.audio_frontend.out_dim)
     video_decoder = _mlp(out_dim, decoder_dim, video_grid * video_grid)
     return DCCAE(views, audio_decoder, video_decoder, video_grid, k, reg, recon)

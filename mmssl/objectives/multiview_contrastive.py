@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmssl.encoders.av import TwoTowerViews, paired_towers, require_paired
+from mmssl.encoders.av import TwoTowerViews, require_paired, two_views
 from mmssl.errors import ConfigError
 from mmssl.nn.contrastive import Gather, LogitScale, gather_rows, symmetric_info_nce
 from mmssl.nn.padding import lengths_to_padding_mask, masked_mean
@@ -119,7 +119,7 @@ class MultiviewContrastive(Objective):
         self.frame_scale.clamp_()
 
 
-@OBJECTIVES.register
+@OBJECTIVES.register(shares_encoder=True)
 def multiview_contrastive(
     size: str = "base",
     dim: int = 256,
@@ -127,9 +127,9 @@ def multiview_contrastive(
     frame_weight: float = 1.0,
     rank: int = 0,
     world_size: int = 1,
+    shared_encoder: nn.Module | None = None,
 ) -> MultiviewContrastive:
-    """Audio and video towers of ``size``, ``dim``-d embeddings at both levels."""
-    audio, video = paired_towers(size)
-    return MultiviewContrastive(
-        TwoTowerViews(audio, video, dim), dim, utterance_weight, frame_weight, rank, world_size
-    )
+    """Audio and video towers of ``size``, ``dim``-d embeddings at both levels; given
+    ``shared_encoder`` (objective ``multi``), that one audio-visual encoder as both towers."""
+    views = two_views(size, dim, shared_encoder)
+    return MultiviewContrastive(views, dim, utterance_weight, frame_weight, rank, world_size)
