@@ -295,6 +295,30 @@ def _meta(cfg: DictConfig) -> dict:
     return OBJECTIVES.meta(name) if name in OBJECTIVES else {}
 
 
+def pin_inits(cfg: DictConfig, resumed: bool) -> DictConfig:
+    """``cfg`` with each run it starts from (``init_runs``) named by the checkpoint folder it
+    resolves to (a run folder: its latest checkpoint), so that ``config.yaml`` records the
+    weights the run started from and a rerun starts from the same ones. A ``resumed`` run (one
+    with a checkpoint) keeps the start its saved config names. A path that names no checkpoint
+    (a missing one, a copied config) is left as given, for the loader to judge."""
+    run_dir = Path(str(cfg.train.out_dir))
+    saved = load_yaml(run_dir / CONFIG_FILE) if resumed and (run_dir / CONFIG_FILE).is_file() else None
+    for key in _meta(cfg).get("init_runs", ()):
+        value = OmegaConf.select(cfg, f"objective.{key}")
+        if not _set(value):
+            continue
+        kept = OmegaConf.select(saved, f"objective.{key}") if saved is not None else None
+        if _set(kept):
+            cfg.objective[key] = kept
+            continue
+        try:
+            weights = resolve_weights(str(value)).resolve()
+        except DataError:
+            continue
+        cfg.objective[key] = str(weights.parent if weights.name == MODEL_FILE else weights)
+    return cfg
+
+
 def snapshot_inits(cfg: DictConfig, run_dir: Path) -> list[Path]:
     """Copy the config of every run ``cfg`` starts from into ``run_dir/init/<key>/`` (a fresh
     run; rank 0). Returns the folders written."""

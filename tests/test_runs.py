@@ -139,3 +139,38 @@ def test_objective_and_model_keys_take_only_the_types_their_builder_declares():
             check_options(load_config("wav2vec2", [*base, override]))
     for fine in ("objective.mask_prob=1", "objective.final_dim=null", "model.encoder={num_layers: 1}"):
         check_options(load_config("wav2vec2", [*base, fine]))
+
+
+def test_a_run_records_the_checkpoint_it_starts_from_and_a_resume_keeps_it(tmp_path):
+    from omegaconf import OmegaConf
+
+    import mmssl.objectives  # noqa: F401  (registers speech_image and what it starts from)
+    from mmssl.config import CONFIG_FILE
+    from mmssl.runs import CHECKPOINTS, LATEST, MODEL_FILE, STATE_FILE, pin_inits
+
+    source = tmp_path / "asr"
+
+    def checkpoint(step):
+        folder = source / CHECKPOINTS / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        for name in (MODEL_FILE, STATE_FILE):
+            (folder / name).write_bytes(b"")
+        (source / CHECKPOINTS / LATEST).write_text(folder.name)
+        return str(folder.resolve())
+
+    first = checkpoint(2)
+    out = tmp_path / "retrieval"
+    cfg = OmegaConf.create(
+        {"objective": {"name": "speech_image", "speech_init": str(source)}, "train": {"out_dir": str(out)}}
+    )
+    assert pin_inits(cfg.copy(), resumed=False).objective.speech_init == first
+    out.mkdir()
+    OmegaConf.save(pin_inits(cfg.copy(), resumed=False), out / CONFIG_FILE)
+    second = checkpoint(4)  # the source trains on
+    # a fresh start takes the newest; a resumed run keeps the one it started from
+    assert pin_inits(cfg.copy(), resumed=False).objective.speech_init == second
+    assert pin_inits(cfg.copy(), resumed=True).objective.speech_init == first
+    # unset, or a path without a checkpoint, is left as it is
+    for value in (None, str(tmp_path / "missing")):
+        cfg.objective.speech_init = value
+        assert pin_inits(cfg.copy(), resumed=False).objective.speech_init == value

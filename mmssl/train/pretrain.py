@@ -20,6 +20,7 @@ from mmssl.runs import (
     check_resume,
     has_checkpoint,
     latest_step_dir,
+    pin_inits,
     resume_config,
 )
 from mmssl.train.build import (
@@ -50,7 +51,9 @@ def pretrain(
     check_options(cfg, registry)  # a misspelt option fails before the run folder is made
     check_train(cfg.train)
     run_dir = check_run_dir(cfg, resume)
-    changes = check_resume(cfg) if resume and has_checkpoint(run_dir) else {}
+    resumed = resume and has_checkpoint(run_dir)
+    cfg = pin_inits(cfg, resumed)  # config.yaml names the checkpoints the run starts from
+    changes = check_resume(cfg) if resumed else {}
     env = env_from_torchrun()
     device = pick_device(cfg.train.device, env.local_rank, "train.device")
     init_process_group(env, device, cfg.train.dist_timeout_s)
