@@ -82,9 +82,16 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     # are redone from the new checkpoint
     assert main([*argv[:4], "3", *argv[5:]]) == 0
     printed = capsys.readouterr().out
-    # (the corpus, the packed splits, the MFCC clusters, the language model, the scratch baseline
-    # with its evaluation and the index stay)
-    assert printed.count("already done, skipped") == 7 and "started from another checkpoint" in printed
+    # (the corpus, the packed splits, the MFCC clusters, the language model and the scratch baseline
+    # with its evaluation stay; retrieval, whose speech tower is the redone CTC run's, and its
+    # index are redone)
+    assert printed.count("already done, skipped") == 6 and "started from another checkpoint" in printed
+    retrieval = OmegaConf.load(out / "speech_image" / "config.yaml").objective
+    assert retrieval.speech_init == str((out / "asr" / "checkpoints" / "step_00000002").resolve())
+    made = json.loads((out / "index" / "index.json").read_text())
+    assert made["weights"] == str(
+        (out / "speech_image" / "checkpoints" / "step_00000002" / "model.safetensors").resolve()
+    )
     clustered = torch.load(out / "km_av" / "kmeans.pt", weights_only=True)["weights"]
     assert clustered == str(
         (out / "av_hubert" / "checkpoints" / "step_00000003" / "model.safetensors").resolve()
