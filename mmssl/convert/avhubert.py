@@ -23,9 +23,11 @@ Not imported, and said so: a seq2seq checkpoint's decoder (its encoder alone is 
 has no attention decoder), a CTC head whose dictionary is not characters (AV-HuBERT's released
 models use 1000 unigram pieces) or is not given. Only ``modality_fuse: concat``,
 ``sub_encoder_layers: 0``, ``audio_feat_dim: 104`` and ``resnet_relu_type: prelu`` (the released
-models' settings) are read; anything else is refused, naming the key. The audio filterbanks
-are computed by mmssl (``FbankFrontend``), not by ``python_speech_features`` as AV-HuBERT's data
-loader does: their scale differs, so a converted model sees slightly different audio features.
+models' settings) are read; anything else is refused, naming the key. The converted encoder
+computes its audio features as AV-HuBERT's data loader does (``audio_features="psf"``:
+``python_speech_features.logfbank`` of the int16-scaled waveform, 4 frames stacked, each
+stacked frame layer-normed), on the frames of whole 25 ms windows (``logfbank`` adds a
+zero-padded last one when the signal does not end on a frame boundary).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def encoder_options(cfg: dict, source: str) -> dict:
         num_mel_bins=26,
         stack=4,
         normalize_audio=True,
+        audio_features="psf",  # the reference's loader: python_speech_features.logfbank
         modality_dropout=float(config_value(cfg, "modality_dropout", source, 0.0)),
         audio_dropout=float(config_value(cfg, "audio_dropout", source, 0.0)),
         **transformer_options(cfg, source),

@@ -170,6 +170,7 @@ def build_av_encoder(
     num_mel_bins: int = 26,  # AV-HuBERT: python_speech_features ``logfbank`` (nfilt=26)
     stack: int = 4,  # ``stack_order_audio``
     normalize_audio: bool = True,  # ``normalize``: layer norm over each stacked frame
+    audio_features: str = "kaldi",  # "psf": python_speech_features, as converted AV-HuBERT runs
     modality_dropout: float = 0.5,
     audio_dropout: float = 0.5,
     mask_embedding: bool = True,
@@ -177,6 +178,8 @@ def build_av_encoder(
 ) -> AVEncoder:
     """Audio-visual encoder. ``lip``: ``"resnet18"`` (AV-HuBERT), ``"small"`` (CPU) or ``"tiny"`` (tests);
     ``mask_embedding``: whether masked-prediction objectives can mask the audio stream;
+    ``audio_features``: ``"kaldi"`` filterbanks (mmssl's) or ``"psf"`` (``python_speech_features``,
+    what AV-HuBERT's released models were trained on; ``mmssl convert`` sets it for them);
     ``transformer_fields`` change fields of ``transformer`` (``dim=256, num_layers=4``)."""
     options = transformer.replace(**transformer_fields)
     lips = {"resnet18": lip_resnet18, "small": lip_small, "tiny": lip_tiny}
@@ -185,7 +188,9 @@ def build_av_encoder(
     if not (audio or video):
         raise ConfigError("av encoder: audio and video cannot both be off")
     dim = options.dim
-    audio_frontend = FbankFrontend(num_mel_bins, stack, normalize=normalize_audio) if audio else None
+    audio_frontend = (
+        FbankFrontend(num_mel_bins, stack, normalize=normalize_audio, kind=audio_features) if audio else None
+    )
     audio_proj = nn.Linear(audio_frontend.out_dim, dim) if audio_frontend is not None else None
     video_frontend = lips[lip]() if video else None
     video_proj = nn.Linear(video_frontend.dim, dim) if video_frontend is not None else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import torchaudio.compliance.kaldi as kaldi
@@ -115,6 +116,73 @@ def _fbank_constants(
         )
         banks = torch.nn.functional.pad(banks.float(), (0, 1))  # (F, padded/2 + 1): no Nyquist bin
         return taper.to(device), banks.to(device)
+
+
+# python_speech_features ``logfbank`` (AV-HuBERT's audio features), its defaults: 25 ms frames
+# every 10 ms, no window (rectangular), pre-emphasis 0.97 over the whole signal, a 512-point
+# power spectrum divided by 512, triangles on FFT bins between 0 Hz and Nyquist, energies of
+# exactly 0 replaced by float64's epsilon before the log
+PSF_NFFT, PSF_PREEMPH = 512, 0.97
+PSF_FLOOR = 2.220446049250313e-16  # numpy.finfo(float).eps
+
+
+def logfbank_psf_batch(
+    audio: Tensor, lengths: Tensor, sample_rate: int = SAMPLE_RATE, num_filters: int = 26
+) -> tuple[Tensor, Tensor]:
+    """``python_speech_features.logfbank`` of a padded batch, as AV-HuBERT's data loader
+    computes its audio features: ``audio (B, S)``, ``lengths (B,)`` -> ``feats (B, T,
+    num_filters)``, ``frame_lens (B,)``.
+
+    Row ``b`` equals ``logfbank(audio[b, :lengths[b]], nfilt=num_filters)`` on its first
+    ``frame_lens[b]`` frames and is zero after them. The frames are those of ``fbank_batch``
+    (whole 25 ms windows, ``1 + (S - 400) // 160``): ``logfbank`` adds one more when the
+    signal does not end on a frame boundary, a window zero-padded past the end, which is left
+    out here so that every feature of mmssl counts frames one way. The waveform is used at the
+    scale it is given: AV-HuBERT reads int16 values (``scipy.io.wavfile``), 32768 times mmssl's.
+    """
+    if audio.dim() != 2:
+        raise ValueError(f"logfbank_psf_batch expects audio (B, S), got shape {tuple(audio.shape)}")
+    window = int(sample_rate * FRAME_LENGTH_MS / 1000)
+    shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
+    lengths = lengths.to(audio.device).long()
+    frame_lens = torch.div(lengths - window, shift, rounding_mode="floor").add(1).clamp(min=0)
+    b, s = audio.shape
+    if s < window:
+        return audio.new_zeros(b, 0, num_filters, dtype=torch.float32), frame_lens
+    banks = _psf_banks(num_filters, sample_rate, audio.device)
+    kind = audio.device.type
+    with (
+        torch.autocast(kind, enabled=False)
+        if torch.amp.is_autocast_available(kind)
+        else contextlib.nullcontext()
+    ):
+        x = audio.float()
+        # pre-emphasis of the whole signal (its first sample kept), then zeros past its end
+        x = torch.cat([x[:, :1], x[:, 1:] - PSF_PREEMPH * x[:, :-1]], dim=1)
+        x = x * (torch.arange(s, device=x.device) < lengths.unsqueeze(1))
+        frames = x.unfold(-1, window, shift)  # (B, T, window), no window function
+        power = torch.fft.rfft(frames, n=PSF_NFFT).abs().pow(2) / PSF_NFFT  # (B, T, 257)
+        energies = power @ banks.T  # (B, T, F)
+        feats = torch.where(energies == 0, torch.full_like(energies, PSF_FLOOR), energies).log()
+    valid = torch.arange(feats.shape[1], device=x.device) < frame_lens.unsqueeze(1)  # (B, T)
+    return feats * valid.unsqueeze(-1), frame_lens
+
+
+@functools.lru_cache(maxsize=16)
+def _psf_banks(num_filters: int, sample_rate: int, device: torch.device) -> Tensor:
+    """``python_speech_features.get_filterbanks(num_filters, 512, sample_rate)``: ``(F, 257)``
+    triangles whose corners are FFT bins ``floor(513 * hz / sample_rate)`` of points equally
+    spaced in mel (``2595 log10(1 + hz / 700)``) from 0 Hz to Nyquist."""
+    with torch.inference_mode(False), torch.no_grad():
+        high = 2595.0 * math.log10(1.0 + sample_rate / 2 / 700.0)
+        mels = torch.linspace(0.0, high, num_filters + 2, dtype=torch.float64)
+        hz = 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+        corners = torch.floor((PSF_NFFT + 1) * hz / sample_rate)
+        bins = torch.arange(PSF_NFFT // 2 + 1, dtype=torch.float64).unsqueeze(0)  # (1, 257)
+        left, centre, right = corners[:-2, None], corners[1:-1, None], corners[2:, None]
+        rising = ((bins - left) / (centre - left)) * ((bins >= left) & (bins < centre))
+        falling = ((right - bins) / (right - centre)) * ((bins >= centre) & (bins < right))
+        return (rising.nan_to_num() + falling.nan_to_num()).float().to(device)
 
 
 def mfcc(waveform: Tensor, sample_rate: int = SAMPLE_RATE, deltas: bool = True) -> Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mmssl.constants import SAMPLE_RATE
 from mmssl.errors import ConfigError, DataError
-from mmssl.nn.fbank import fbank_batch, stack_frames
+from mmssl.nn.fbank import fbank_batch, logfbank_psf_batch, stack_frames
 from mmssl.nn.outputs import FrameSpec
 from mmssl.nn.padding import lengths_to_padding_mask
 
@@ -157,6 +157,12 @@ def build_conv_frontend(
     return ConvFrontend(blocks)
 
 
+# the filterbanks FbankFrontend computes: Kaldi's (torchaudio.compliance.kaldi.fbank), or
+# python_speech_features' logfbank (AV-HuBERT's data loader; read by converted AV-HuBERT runs)
+FBANK_KINDS = ("kaldi", "psf")
+INT16_SCALE = 32768.0  # AV-HuBERT reads its waveforms as int16 values
+
+
 class FbankFrontend(nn.Module):
     """Kaldi log mel filterbanks (25 ms / 10 ms, 100 Hz), ``stack`` frames stacked into one.
 
@@ -173,16 +179,28 @@ class FbankFrontend(nn.Module):
     frame's mean). The reference normalises that frame with its padding zeros, which in its
     int16-scale log energies sit far below speech but here (a [-1, 1] waveform) sit inside
     the speech range, and would make the frame depend on the gain.
+
+    ``kind="psf"``: AV-HuBERT's own features instead, for its converted checkpoints:
+    ``python_speech_features.logfbank`` of the int16-scaled waveform
+    (``mmssl.nn.fbank.logfbank_psf_batch``), every stacked frame layer-normed with its padding
+    zeros, as the reference's loader does (on the frames of whole windows: see there).
     """
 
     def __init__(
-        self, num_mel_bins: int = 80, stack: int = 4, sample_rate: int = SAMPLE_RATE, normalize: bool = False
+        self,
+        num_mel_bins: int = 80,
+        stack: int = 4,
+        sample_rate: int = SAMPLE_RATE,
+        normalize: bool = False,
+        kind: str = "kaldi",
     ) -> None:
         super().__init__()
         if stack < 1:
             raise ConfigError(f"fbank frontend: stack must be >= 1, got {stack}")
+        if kind not in FBANK_KINDS:
+            raise ConfigError(f"fbank frontend: audio features must be one of {FBANK_KINDS}, got {kind!r}")
         self.num_mel_bins, self.stack, self.sample_rate = num_mel_bins, stack, sample_rate
-        self.normalize = normalize
+        self.normalize, self.kind = normalize, kind
         window, shift = sample_rate // 40, sample_rate // 100  # 25 ms, 10 ms
         self.frame_spec = _frame_spec((window,), (shift,), stack)
         self.receptive_field = window
@@ -191,13 +209,18 @@ class FbankFrontend(nn.Module):
 
     def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         check_waveform(audio, lengths, self.receptive_field, "fbank frontend")
-        feats, fbank_lens = fbank_batch(
-            audio, lengths, self.sample_rate, self.num_mel_bins
-        )  # (B, T, F), zero padded
-        # frames past an utterance's end are zero, so its last group is padded with zero
-        # frames exactly as stacking it alone would
+        if self.kind == "psf":  # AV-HuBERT's features, from the int16 values it reads
+            feats, fbank_lens = logfbank_psf_batch(
+                audio * INT16_SCALE, lengths, self.sample_rate, self.num_mel_bins
+            )
+        else:
+            feats, fbank_lens = fbank_batch(audio, lengths, self.sample_rate, self.num_mel_bins)
+        # (B, T, F), zero padded: frames past an utterance's end are zero, so its last group
+        # is padded with zero frames exactly as stacking it alone would
         stacked = stack_frames(feats, self.stack)  # (B, T / stack, F * stack)
-        if self.normalize:
+        if self.normalize and self.kind == "psf":  # the reference's normalisation, padding included
+            stacked = F.layer_norm(stacked.float(), stacked.shape[-1:])
+        elif self.normalize:
             stacked = self._normalize(stacked, fbank_lens, feats.shape[1])
         return stacked.to(audio.dtype), self.frame_spec(lengths)
 

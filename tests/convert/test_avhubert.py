@@ -78,6 +78,7 @@ def encoder():
         pre_norm=True,
         layer_drop=0.0,
         mask_embedding=False,
+        audio_features="psf",  # the reference model reads python_speech_features' filterbanks
     )
     with torch.no_grad():  # BatchNorm statistics and PReLU slopes off their initial values
         for name, t in enc.state_dict().items():
@@ -150,6 +151,7 @@ def test_pretrained_checkpoint_to_an_av_hubert_run(tmp_path):
     assert torch.equal(objective.final_proj.weight, state["final_proj.weight"])
     for a, b in zip(outputs(objective.encoder, batch), outputs(enc, batch)):
         assert torch.allclose(a, b, atol=1e-5)
+    assert objective.encoder.audio_frontend.kind == "psf"  # rebuilt from the run's config
 
 
 def test_seq2seq_loads_its_encoder_only_and_ctc_with_word_pieces_drops_its_head(tmp_path, capsys):

@@ -5,7 +5,7 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 
 from mmssl.encoders.base import FrameSpec
-from mmssl.nn.fbank import fbank, fbank_batch, mfcc, num_frames, stack_frames
+from mmssl.nn.fbank import fbank, fbank_batch, logfbank_psf_batch, mfcc, num_frames, stack_frames
 
 
 def _wave(n, seed=0):
@@ -101,3 +101,26 @@ def test_fbank_batch_on_cuda_matches_cpu():
     gpu, frame_lens = fbank_batch(audio.cuda(), lengths.cuda())
     assert frame_lens.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-4)
+
+
+def test_logfbank_psf_batch_matches_python_speech_features():
+    """AV-HuBERT's features: python_speech_features.logfbank of int16-scale samples, each
+    utterance alone, on the frames of whole windows; exact silence at the log floor."""
+    psf = pytest.importorskip("python_speech_features")
+    lengths = torch.tensor([16000, 9001, 560, 400, 399])
+    audio = torch.zeros(5, 16000, dtype=torch.float64)
+    for i, n in enumerate(lengths.tolist()):
+        audio[i, :n] = (_wave(n, seed=i) * 32768).round().double()
+    audio[0, 4000:6000] = 0  # digital silence inside: energies of exactly 0
+    feats, frame_lens = logfbank_psf_batch(audio.float(), lengths)
+    assert frame_lens.tolist() == [num_frames(n) for n in lengths.tolist()]
+    assert feats.shape == (5, num_frames(16000), 26)
+    for i, n in enumerate(lengths.tolist()):
+        t = num_frames(n)
+        if t:
+            ref = torch.from_numpy(psf.logfbank(audio[i, :n].numpy(), samplerate=16000)).float()
+            assert ref.shape[0] in (t, t + 1)  # logfbank adds a padded partial frame
+            torch.testing.assert_close(feats[i, :t], ref[:t], atol=2e-4, rtol=1e-5)
+        assert (feats[i, t:] == 0).all()
+    silent = feats[0, 26:36]  # frames wholly inside the silence: float64's eps, logged
+    assert torch.allclose(silent, torch.full_like(silent, math.log(2.220446049250313e-16)))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmssl.errors import DataError
+from mmssl.errors import ConfigError, DataError
 from mmssl.nn.fbank import fbank, stack_frames
 from mmssl.nn.frontend import FbankFrontend, MaskedGroupNorm, build_conv_frontend
 from mmssl.testing import tiny_audio_batch
@@ -136,3 +136,22 @@ def test_fbank_frontend_on_cuda_never_syncs_and_matches_cpu():
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(frame_lens.cpu(), ref_lens)
     assert torch.allclose(x.cpu(), ref, atol=1e-3, rtol=1e-4)
+
+
+def test_fbank_frontend_psf_is_av_hubert_loaders_features():
+    """kind="psf": what AV-HuBERT's loader feeds its model: logfbank of the int16 samples,
+    stacked by 4 with zero frames, F.layer_norm over each stacked frame (padding included)."""
+    psf = pytest.importorskip("python_speech_features")
+    frontend = FbankFrontend(num_mel_bins=26, stack=4, normalize=True, kind="psf")
+    batch = tiny_audio_batch(lengths=(4000, 2321, 640))  # 23, 13 and 2 whole frames
+    x, lens = frontend(batch["audio"], batch["audio_lens"])
+    assert lens.tolist() == [6, 4, 1]
+    for i, n in enumerate(batch["audio_lens"].tolist()):
+        samples = (batch["audio"][i, :n].double() * 32768).numpy()
+        frames = torch.from_numpy(psf.logfbank(samples, samplerate=16000)).float()
+        frames = frames[: 1 + (n - 400) // 160]  # whole windows only
+        expected = torch.nn.functional.layer_norm(stack_frames(frames, 4), (104,))
+        torch.testing.assert_close(x[i, : lens[i]], expected, atol=2e-4, rtol=1e-4)
+        assert not x[i, lens[i] :].any()
+    with pytest.raises(ConfigError, match="audio features must be one of"):
+        FbankFrontend(kind="librosa")
