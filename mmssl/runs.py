@@ -316,7 +316,68 @@ def pin_inits(cfg: DictConfig, resumed: bool) -> DictConfig:
         except DataError:
             continue
         cfg.objective[key] = str(weights.parent if weights.name == MODEL_FILE else weights)
+    _pin_train_init(cfg, saved)
     return cfg
+
+
+def _pin_train_init(cfg: DictConfig, saved: DictConfig | None) -> None:
+    """``train.init`` (the weights a fresh run starts from, ``pretrain --init``) named by the
+    checkpoint folder it resolves to; a resumed run keeps the one its saved config names."""
+    value = OmegaConf.select(cfg, "train.init")
+    if not _set(value):
+        return
+    kept = OmegaConf.select(saved, "train.init") if saved is not None else None
+    if _set(kept):
+        cfg.train.init = kept
+        return
+    try:
+        weights = resolve_weights(str(value)).resolve()
+    except DataError:
+        return  # left as given: loading it names the problem
+    cfg.train.init = str(weights.parent if weights.name == MODEL_FILE else weights)
+
+
+def load_init(objective: torch.nn.Module, source: str) -> tuple[Path, list[str], list[str]]:
+    """``train.init``: put the weights of ``source`` (a run folder: its latest checkpoint, a
+    checkpoint folder or a weights file; e.g. a run of ``mmssl convert``) into a freshly built
+    ``objective``, by name. Returns ``(weights file, keys kept as built, keys not used)``.
+
+    The encoder (``objective.encoder``; every tensor when the objective has none) must be
+    there whole, in the shapes built: a missing, extra or reshaped encoder tensor is a
+    ``DataError`` naming the file and the key, and nothing is loaded. The objective's other
+    tensors (its heads) are taken where name and shape agree and otherwise kept as built
+    (e.g. a label embedding for another k); the source's tensors the objective has no place
+    for (e.g. a CTC head) are not used. Both lists are returned for the caller to say."""
+    file = resolve_weights(source)
+    weights = load_weights(file)
+    own = objective.state_dict()
+    strict = "encoder." if isinstance(getattr(objective, "encoder", None), torch.nn.Module) else ""
+    take, as_built = {}, []
+    for key, value in own.items():
+        found = weights.get(key)
+        if found is not None and tuple(found.shape) == tuple(value.shape):
+            take[key] = found
+        elif key.startswith(strict):
+            why = "is missing" if found is None else f"has shape {tuple(found.shape)}"
+            raise DataError(
+                f"train.init={source}: {file}: {key} {why}, the model built has {tuple(value.shape)} "
+                "(start from a run of the same encoder: its objective's family, model.size and "
+                "encoder options, e.g. its config.yaml as the recipe)"
+            )
+        else:
+            as_built.append(key)
+    unused = sorted(set(weights) - set(own))
+    extra = [key for key in unused if key.startswith(strict)]
+    if extra:
+        raise DataError(
+            f"train.init={source}: {file}: {extra[0]} has no place in the model built"
+            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''} (another architecture)"
+        )
+    with torch.no_grad():
+        for key, value in take.items():
+            target = own[key]
+            target.copy_(value.to(dtype=target.dtype))
+    return file, as_built, unused
 
 
 def snapshot_inits(cfg: DictConfig, run_dir: Path) -> list[Path]:
@@ -391,7 +452,10 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     run_dir = Path(str(cfg.train.out_dir))
     if not has_checkpoint(run_dir):
         return cfg  # nothing saved yet: it starts again from its sources
-    return _use_copies(copy.deepcopy(cfg), run_dir)
+    cfg = _use_copies(copy.deepcopy(cfg), run_dir)
+    if OmegaConf.select(cfg, "train.init") is not None:
+        cfg.train.init = None  # its weights are in the checkpoint
+    return cfg
 
 
 # ---------------------------------------------------------------- resuming a run

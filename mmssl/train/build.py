@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
 from mmssl.config import save_resolved
@@ -22,7 +22,7 @@ from mmssl.data.samplers import BucketBatchSampler
 from mmssl.errors import ConfigError, DataError
 from mmssl.objectives.base import Objective
 from mmssl.registry import OBJECTIVES, Registry
-from mmssl.runs import build_objective, has_checkpoint, snapshot_inits
+from mmssl.runs import build_objective, has_checkpoint, load_init, snapshot_inits
 from mmssl.train.distributed import DistEnv, wrap_model
 from mmssl.train.loop import LoopOptions, StepCallback, Trainer
 from mmssl.train.optim import Schedule, build_adamw
@@ -145,7 +145,10 @@ def build_trainer(
     train = cfg.train
     check_train(train)
     torch.manual_seed(train.seed)
-    objective = build_objective(cfg, env.rank, env.world_size, registry).to(device)
+    objective = build_objective(cfg, env.rank, env.world_size, registry)
+    if OmegaConf.select(cfg, "train.init") is not None:  # a fresh run from another's weights
+        _start_from(objective, str(cfg.train.init), env)
+    objective = objective.to(device)
     stream = stream_builder(cfg, "train", objective, env)
     if stream is None:
         raise ConfigError("data.train is not set")
@@ -177,6 +180,19 @@ def build_trainer(
         valid_stream=valid,
         callbacks=callbacks,
     )
+
+
+def _start_from(objective: torch.nn.Module, source: str, env: DistEnv) -> None:
+    """``train.init``: load ``source``'s weights into the new objective and say what was not
+    taken (``mmssl.runs.load_init``); the optimizer, schedule and data start afresh."""
+    file, as_built, unused = load_init(objective, source)
+    if not env.is_main:
+        return
+    print(f"starting from {file}: the optimizer, schedule and step count start afresh")
+    for what, keys in (("kept as built (not in it, or another shape)", as_built), ("not used", unused)):
+        if keys:
+            more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+            print(f"  {what}: {', '.join(keys[:6])}{more}")
 
 
 def check_run_dir(cfg: DictConfig, resume: bool) -> Path:

@@ -170,8 +170,8 @@ class Trainer:
             raise ConfigError(
                 f"--resume: {self.run_dir} was written by `mmssl convert` "
                 f"(from {state[runs.CONVERTED_FROM]}); "
-                "it starts runs (finetune-asr --init RUN), it does not resume one: train in another "
-                "train.out_dir"
+                "it starts runs (finetune-asr --init RUN, pretrain --init RUN), it does not resume "
+                "one: train in another train.out_dir"
             )
         self._load_state_dicts(weights, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmssl import cli
-from mmssl.runs import load_encoder_from_run, load_objective_from_run
+from mmssl.runs import load_encoder_from_run, load_objective_from_run, load_weights
 from mmssl.train.finetune import init_checkpoint
 from tests.convert.test_fairseq import fairseq_state, model_cfg, torchaudio_model
 from tests.convert.test_hf import batch, hf_layers, hf_model, mmssl_layers
@@ -102,3 +102,32 @@ def test_a_failed_conversion_leaves_no_folder(tmp_path, capsys):
     assert len(err) == 1 and "model.safetensors" in err[0]
     assert not (tmp_path / "run").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_pretraining_continues_from_a_converted_run(tmp_path, synth_tiny, capsys):
+    """``mmssl pretrain RUN/config.yaml --init RUN``: a new run whose encoder starts as the
+    converted checkpoint's (at lr 0 it stays so) and whose own heads start as converted."""
+    hf_model("wav2vec2_base").save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    assert cli.main(["convert", str(tmp_path / "hf"), "--out", str(run)]) == 0
+    argv = [
+        "pretrain",
+        str(run / "config.yaml"),
+        f"data.train={synth_tiny / 'av' / 'train.jsonl'}",
+        "data.num_workers=0",
+        "data.max_seconds_per_batch=8",
+        "train.max_steps=1",
+        "train.lr=0",
+        "train.progress=false",
+        "train.device=cpu",
+        f"train.out_dir={tmp_path / 'more'}",
+    ]
+    assert cli.main([*argv, "--init", str(run)]) == 0
+    assert "starting from" in capsys.readouterr().out
+    converted, continued = load_weights(run), load_weights(tmp_path / "more")
+    assert converted.keys() == continued.keys()
+    assert all(torch.equal(converted[k], continued[k]) for k in converted if k.startswith("encoder."))
+    # the same command without --init starts from random weights
+    assert cli.main([*argv[:-1], f"train.out_dir={tmp_path / 'fresh'}"]) == 0
+    fresh = load_weights(tmp_path / "fresh")
+    assert not all(torch.equal(converted[k], fresh[k]) for k in converted if k.startswith("encoder."))
