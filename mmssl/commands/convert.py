@@ -1,4 +1,5 @@
-"""``mmssl convert SRC --out RUN [--kind hf|fairseq|torchaudio] [--dict DICT] [--overwrite]``: a published
+"""``mmssl convert SRC --out RUN [--kind hf|fairseq|avhubert|torchaudio] [--dict DICT] [--units SPM]
+[--overwrite]``: a published
 checkpoint -> an mmssl run folder that ``extract``, ``layers``, ``kmeans --checkpoint``,
 ``finetune-asr --init`` and (for a fine-tuned CTC checkpoint) ``eval-noisy`` read.
 
@@ -12,12 +13,13 @@ torchaudio bundle's: torchaudio; another file: fairseq).
 
 The run folder is a pretraining run of the encoder's family (objective ``wav2vec2``,
 ``hubert``, ``wavlm``, ``data2vec`` or ``av_hubert``, ``objective.encoder`` holding the imported
-architecture)
-or, for a CTC checkpoint with its vocabulary, a ``ctc`` run with the head on character units
-(``units.model``). Its one checkpoint, ``checkpoints/step_00000000``, holds the objective's full
-state: the imported encoder and, for a pretraining objective, its own heads freshly initialised
-(the source's pretraining heads are not imported, except AV-HuBERT's projection and label
-embeddings, which ``av_hubert`` has too; ``converted.json`` lists what was dropped).
+architecture) or, for a CTC checkpoint with its vocabulary, a ``ctc`` run with the head on
+character units (``units.model``), or on the word pieces of a fairseq / AV-HuBERT dictionary
+when their SentencePiece model is given (``--units``: it becomes ``units.model``). Its one
+checkpoint, ``checkpoints/step_00000000``, holds the objective's full state: the imported
+encoder and, for a pretraining objective, its own heads freshly initialised (the source's
+pretraining heads are not imported, except AV-HuBERT's projection and label embeddings, which
+``av_hubert`` has too; ``converted.json`` lists what was dropped).
 The folder is written under a temporary name and renamed into place; an existing RUN is
 replaced only with ``--overwrite``.
 """
@@ -39,7 +41,7 @@ from mmssl.convert.fairseq import from_fairseq, model_config
 from mmssl.convert.hf import CONFIG, from_hf
 from mmssl.convert.safe_load import load_pickle
 from mmssl.convert.torchaudio import find_bundle, from_torchaudio_file
-from mmssl.data.units import UNITS_FILE
+from mmssl.data.units import UNITS_FILE, Units
 from mmssl.errors import ConfigError, DataError
 from mmssl.files import check_new_folder, new_folder, write_text
 from mmssl.runs import (
@@ -68,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dict", help="fairseq CTC checkpoints: the letter dictionary (default: dict.ltr.txt beside SRC)"
     )
+    parser.add_argument(
+        "--units",
+        metavar="SPM_MODEL",
+        help="fairseq / AV-HuBERT CTC checkpoints whose dictionary holds word pieces: the SentencePiece "
+        "model of those pieces (AV-HuBERT's tokenizer_bpe_model); it becomes the run's units",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
@@ -81,21 +89,25 @@ def guess_kind(src: Path) -> str:
     raise DataError(f"{src}: not found")
 
 
-def import_checkpoint(src: Path, kind: str, dictionary: str | None = None) -> ImportedEncoder:
+def import_checkpoint(
+    src: Path, kind: str, dictionary: str | None = None, units: str | None = None
+) -> ImportedEncoder:
+    for flag, value in (("--dict", dictionary), ("--units", units)):
+        if value and kind == "hf":
+            raise ConfigError(f"{flag} is for fairseq checkpoints; a Hugging Face folder has its vocab.json")
+        if value and kind == "torchaudio":
+            raise ConfigError(f"{flag} is for fairseq checkpoints; a torchaudio bundle has its labels")
     if kind == "hf":
-        if dictionary:
-            raise ConfigError("--dict is for fairseq checkpoints; a Hugging Face folder has its vocab.json")
         return from_hf(src)
-    if dictionary and kind == "torchaudio":
-        raise ConfigError("--dict is for fairseq checkpoints; a torchaudio bundle has its labels")
     if kind == "torchaudio":
         return from_torchaudio_file(src)
+    pieces = Units.load(units) if units else None
     # fairseq and AV-HuBERT files are told apart by the model name in their config
     checkpoint = load_pickle(src)
     name = model_config(checkpoint, str(src)).get("_name") if isinstance(checkpoint, dict) else None
     if kind == "avhubert" or name in AV_MODEL_NAMES:
-        return from_avhubert(src, dictionary, checkpoint)
-    return from_fairseq(src, dictionary, checkpoint)
+        return from_avhubert(src, dictionary, checkpoint, pieces)
+    return from_fairseq(src, dictionary, checkpoint, pieces)
 
 
 def run_config(imported: ImportedEncoder, out: Path):
@@ -186,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
     check_new_folder(out, args.overwrite)  # before reading a large checkpoint
     kind = args.kind or guess_kind(src)
-    imported = import_checkpoint(src, kind, args.dict)
+    imported = import_checkpoint(src, kind, args.dict, args.units)
     with new_folder(out, args.overwrite) as folder:
         summary = build_run(imported, folder, out.resolve())
     head = (

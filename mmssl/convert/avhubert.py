@@ -20,8 +20,9 @@ plus a transformer decoder). Mapped:
   values, on the filterbanks) has no place (mmssl masks the projected audio) and is dropped.
 
 Not imported, and said so: a seq2seq checkpoint's decoder (its encoder alone is loaded; mmssl
-has no attention decoder), a CTC head whose dictionary is not characters (AV-HuBERT's released
-models use 1000 unigram pieces) or is not given. Only ``modality_fuse: concat``,
+has no attention decoder), a CTC head whose dictionary is not given, or holds word pieces
+(AV-HuBERT's fine-tuning uses 1000 unigram pieces) without their SentencePiece model
+(``--units``). Only ``modality_fuse: concat``,
 ``sub_encoder_layers: 0``, ``audio_feat_dim: 104`` and ``resnet_relu_type: prelu`` (the released
 models' settings) are read; anything else is refused, naming the key. The converted encoder
 computes its audio features as AV-HuBERT's data loader does (``audio_features="psf"``:
@@ -48,6 +49,7 @@ from mmssl.convert.fairseq import (
     transformer_options,
 )
 from mmssl.convert.safe_load import load_pickle
+from mmssl.data.units import Units
 from mmssl.errors import DataError
 
 MODEL_NAMES = ("av_hubert", "av_hubert_ctc", "av_hubert_seq2seq")
@@ -120,12 +122,16 @@ def _rename(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
 
 
 def from_avhubert(
-    file: str | Path, dictionary: str | Path | None = None, checkpoint: dict | None = None
+    file: str | Path,
+    dictionary: str | Path | None = None,
+    checkpoint: dict | None = None,
+    pieces: Units | None = None,
 ) -> ImportedEncoder:
     """An AV-HuBERT ``.pt`` -> :class:`ImportedEncoder` of the ``av`` family (keys and shapes
     checked against the architecture its config describes). ``dictionary``: a fine-tuned
     checkpoint's target dictionary (default: ``dict.ltr.txt`` beside ``file``); ``checkpoint``:
-    the file's content when already read."""
+    the file's content when already read; ``pieces``: the SentencePiece model of a word-piece
+    dictionary (AV-HuBERT's ``tokenizer_bpe_model``), which keeps such a CTC head."""
     file = Path(file)
     source = str(file)
     checkpoint = load_pickle(file) if checkpoint is None else checkpoint
@@ -156,7 +162,7 @@ def from_avhubert(
     imported.state = _rename(body, source)
     _pretraining_head(imported, heads, pretrain_cfg)
     if HEAD[0] in state:
-        _ctc_head(imported, state, file, dictionary)
+        _ctc_head(imported, state, file, dictionary, pieces)
     imported.build()
     return imported
 
@@ -177,7 +183,9 @@ def _pretraining_head(imported: ImportedEncoder, heads: dict[str, Tensor], cfg: 
     imported.dropped += sorted(heads)
 
 
-def _ctc_head(imported: ImportedEncoder, state: dict, file: Path, dictionary: str | Path | None) -> None:
+def _ctc_head(
+    imported: ImportedEncoder, state: dict, file: Path, dictionary: str | Path | None, pieces: Units | None
+) -> None:
     weight, bias = state[HEAD[0]], state.get(HEAD[1])
     if bias is None:
         raise DataError(f"{file}: missing key {HEAD[1]!r}")
@@ -193,10 +201,11 @@ def _ctc_head(imported: ImportedEncoder, state: dict, file: Path, dictionary: st
         raise DataError(
             f"{file}: key {HEAD[0]!r} has {weight.shape[0]} rows but {dict_file} gives {len(tokens)} classes"
         )
-    if not character_tokens(tokens):
+    if pieces is None and not character_tokens(tokens):
         imported.dropped.append("w2v_encoder.proj")
         imported.notes.append(
-            f"the CTC head is dropped: {dict_file} holds word pieces, mmssl imports character heads only"
+            f"the CTC head is dropped: {dict_file} holds word pieces; give their SentencePiece model "
+            "(--units, the fine-tuning's tokenizer_bpe_model) to keep it"
         )
         return
-    imported.head = CTCHead(weight, bias, tokens, blank=0)
+    imported.head = CTCHead(weight, bias, tokens, blank=0, pieces=pieces)

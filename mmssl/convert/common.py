@@ -38,6 +38,7 @@ class CTCHead:
     tokens: list[str]
     blank: int
     word_delimiter: str = "|"
+    pieces: Units | None = None  # word-piece tokens: the SentencePiece model they come from
 
 
 @dataclass
@@ -166,6 +167,38 @@ def character_tokens(tokens: list[str], delimiter: str = "|") -> bool:
     )
 
 
+def piece_head_units(head: CTCHead, source: str) -> tuple[Units, Tensor, Tensor, list[str]]:
+    """mmssl units for a word-piece CTC head (AV-HuBERT's 1000 unigram pieces, a BPE
+    dictionary): the SentencePiece model the pieces come from (``head.pieces``) becomes the
+    run's units, and each of its pieces takes the head row of the same token: ``(units, weight
+    (V', C), bias (V',), dropped tokens)``. mmssl class 0 is the blank (the head's ``blank``
+    row), class ``i + 1`` piece ``i``; ``<unk>`` takes the source's ``<unk>`` row. A piece the
+    dictionary lacks (SentencePiece's control symbols) gets a row that never wins; a token the
+    model lacks (``<pad>``, ``</s>``...) is dropped. ``DataError`` when no token is a piece of
+    the model (another model than the dictionary's)."""
+    assert head.pieces is not None and BLANK == 0
+    units = head.pieces
+    index = {token: i for i, token in enumerate(head.tokens) if i != head.blank}
+    rows, biases, used, matched = [head.weight[head.blank]], [head.bias[head.blank]], set(), 0
+    for piece_id in range(units.size - 1):
+        piece = units.sp.id_to_piece(piece_id)
+        found = index.get(piece)
+        matched += found is not None
+        if found is None and units.sp.is_unknown(piece_id):
+            found = next((index[t] for t in ("<unk>", "[UNK]", "[unk]") if t in index), None)
+        if found is None:
+            rows.append(torch.zeros_like(head.weight[0]))
+            biases.append(torch.tensor(-1e4, dtype=head.bias.dtype))
+        else:
+            rows.append(head.weight[found])
+            biases.append(head.bias[found])
+            used.add(found)
+    if not matched:
+        raise DataError(f"{source}: none of the CTC dictionary's tokens is a piece of {units.source}")
+    dropped = [t for i, t in enumerate(head.tokens) if i != head.blank and i not in used]
+    return units, torch.stack(rows), torch.stack(biases), dropped
+
+
 def head_units(head: CTCHead, source: str) -> tuple[Units, Tensor, Tensor, list[str]]:
     """mmssl character units for a character CTC head and the head's rows reordered to them:
     ``(units, weight (V', C), bias (V',), dropped tokens)``. mmssl class 0 is the blank (the
@@ -173,7 +206,10 @@ def head_units(head: CTCHead, source: str) -> tuple[Units, Tensor, Tensor, list[
     lower case), the space the word delimiter's, ``<unk>`` the source's ``<unk>`` row when it has
     one (else a row that never wins). Tokens of no character (``<s>``, ``</s>``...) are
     dropped: their classes leave the softmax, which changes log-probabilities but no greedy
-    decoding they did not win. A vocabulary of multi-character tokens is a ``DataError``."""
+    decoding they did not win. A vocabulary of multi-character tokens is a ``DataError``; with
+    the SentencePiece model of its pieces (``head.pieces``), :func:`piece_head_units` instead."""
+    if head.pieces is not None:
+        return piece_head_units(head, source)
     by_char: dict[str, int] = {}
     dropped = []
     for index, token in enumerate(head.tokens):
@@ -183,8 +219,8 @@ def head_units(head: CTCHead, source: str) -> tuple[Units, Tensor, Tensor, list[
         if char is None:
             if len(token) > 1 and not (token.startswith("<") and token.endswith(">")):
                 raise DataError(
-                    f"{source}: the CTC vocabulary has the multi-character token {token!r}; "
-                    "mmssl imports character heads only"
+                    f"{source}: the CTC vocabulary has the multi-character token {token!r}: word "
+                    "pieces; give their SentencePiece model (--units) to keep the head"
                 )
             if token.lower() not in ("<unk>", "[unk]"):  # <unk> takes SentencePiece's <unk>
                 dropped.append(token)

@@ -23,6 +23,7 @@ from typing import Any
 
 from mmssl.convert.common import NORMALIZE_NOTE, CTCHead, ImportedEncoder, rename_state
 from mmssl.convert.safe_load import load_pickle
+from mmssl.data.units import Units
 from mmssl.errors import DataError
 from mmssl.files import text_lines
 
@@ -198,11 +199,15 @@ def read_dictionary(file: Path) -> list[str]:
 
 
 def from_fairseq(
-    file: str | Path, dictionary: str | Path | None = None, checkpoint: dict | None = None
+    file: str | Path,
+    dictionary: str | Path | None = None,
+    checkpoint: dict | None = None,
+    pieces: Units | None = None,
 ) -> ImportedEncoder:
     """A fairseq ``.pt`` checkpoint -> :class:`ImportedEncoder` (keys and shapes checked against
     the architecture its config describes). ``dictionary``: the letter dictionary of a fine-tuned
-    checkpoint (default: ``dict.ltr.txt`` beside ``file`` when there is one)."""
+    checkpoint (default: ``dict.ltr.txt`` beside ``file`` when there is one), or its word-piece
+    dictionary with ``pieces``, the SentencePiece model of those pieces."""
     file = Path(file)
     source = str(file)
     checkpoint = load_pickle(file)
@@ -245,7 +250,7 @@ def from_fairseq(
                     f"{source}: key 'w2v_encoder.proj.weight' has {weight.shape[0]} rows but {dict_file} "
                     f"gives {len(tokens)} classes (4 special + its symbols)"
                 )
-            imported.head = CTCHead(weight, bias, tokens, blank=0)
+            imported.head = CTCHead(weight, bias, tokens, blank=0, pieces=pieces)
     task = _as_dict(_as_dict(checkpoint.get("cfg")).get("task")) or _as_dict(checkpoint.get("args"))
     if task.get("normalize") or pretrain_cfg.get("normalize"):
         imported.notes.append(NORMALIZE_NOTE)

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from mmssl import cli
 from mmssl.convert.avhubert import from_avhubert
+from mmssl.data.units import Units, train_units
 from mmssl.encoders.av import build_av_encoder
 from mmssl.runs import load_objective_from_run
 from mmssl.testing import tiny_av_batch
@@ -175,6 +176,17 @@ def test_seq2seq_loads_its_encoder_only_and_ctc_with_word_pieces_drops_its_head(
     (tmp_path / "dict.ltr.txt").write_text("\u2581the 5\n\u2581a 4\ns 3\n")  # unigram pieces
     imported = from_avhubert(tmp_path / "ctc.pt")
     assert imported.head is None and "word pieces" in imported.notes[0]
+    train_units(["the a the as"] * 3, "unigram", vocab_size=8).save(tmp_path / "spm.model")
+    sp = Units.load(tmp_path / "spm.model").sp  # the dictionary's pieces, from their model
+    tokens = [sp.id_to_piece(i) for i in (3, 1, 2)]
+    (tmp_path / "dict.ltr.txt").write_text("".join(f"{t} 5\n" for t in tokens))
+    argv = ["convert", str(tmp_path / "ctc.pt"), "--units", str(tmp_path / "spm.model")]
+    assert cli.main([*argv, "--out", str(tmp_path / "pieces")]) == 0
+    objective, _ = load_objective_from_run(tmp_path / "pieces", expect="ctc")
+    weight = ctc["w2v_encoder.proj.weight"]
+    for row, piece in enumerate(tokens, 4):  # each piece's class has its token's row (after 4 specials)
+        assert torch.equal(objective.head.weight[1 + sp.piece_to_id(piece)], weight[row])
+    assert torch.equal(objective.head.weight[0], weight[0])  # the blank: <s>
     (tmp_path / "dict.ltr.txt").write_text("| 5\nA 4\nB 3\n")  # characters: a ctc run
     capsys.readouterr()
     assert cli.main(["convert", str(tmp_path / "ctc.pt"), "--out", str(tmp_path / "run")]) == 0

@@ -203,6 +203,50 @@ def test_finetuned_ctc_checkpoint_with_its_dictionary(tmp_path):
     assert (ours - emission[0][:, source]).abs().max() < 1e-4
 
 
+def test_finetuned_ctc_checkpoint_with_word_pieces_and_their_sentencepiece_model(tmp_path, capsys):
+    """A word-piece dictionary (AV-HuBERT's fine-tuning: unigram pieces) keeps its head when
+    the SentencePiece model is given: each piece's class takes the row of its token."""
+    from mmssl import cli
+    from mmssl.convert.common import head_units
+    from mmssl.data.units import Units, train_units
+    from mmssl.runs import load_objective_from_run
+
+    train_units(["the red star sits near the green tree"] * 3, "unigram", vocab_size=24).save(
+        tmp_path / "spm.model"
+    )
+    sp = Units.load(tmp_path / "spm.model").sp
+    words = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not sp.is_unknown(i)][::-1]
+    tokens = [*words, "zzz"]  # a token of another model: dropped
+    (tmp_path / "dict.wrd.txt").write_text("".join(f"{t} {9 - i % 5}\n" for i, t in enumerate(tokens)))
+    model = torchaudio_model(large=True, classes=4 + len(tokens))
+    state = fairseq_state(model, large=True, finetuned=True)
+    cfg = {"_name": "wav2vec_ctc", "w2v_args": {"model": model_cfg("wav2vec2", True)}}
+    torch.save({"model": state, "cfg": {"model": cfg}}, tmp_path / "ft.pt")
+    with pytest.raises(DataError, match="word pieces; give their SentencePiece model"):
+        head_units(from_fairseq(tmp_path / "ft.pt", tmp_path / "dict.wrd.txt").head, "ft.pt")
+
+    pieces = Units.load(tmp_path / "spm.model")
+    imported = from_fairseq(tmp_path / "ft.pt", tmp_path / "dict.wrd.txt", pieces=pieces)
+    units, weight, bias, dropped = head_units(imported.head, imported.source)
+    assert set(dropped) == {"<pad>", "</s>", "zzz"} and units.size == sp.get_piece_size() + 1
+    x = audio()[0][:1, : LENGTHS[0]]
+    with torch.no_grad():
+        emission, _ = model(x)
+        ours = imported.build()(x, torch.tensor([x.shape[1]])).hidden[0] @ weight.T + bias
+    source = [0] + [
+        3 if sp.is_unknown(i) else 4 + tokens.index(sp.id_to_piece(i)) for i in range(sp.get_piece_size())
+    ]
+    assert (ours - emission[0][:, source]).abs().max() < 1e-4
+
+    argv = ["convert", str(tmp_path / "ft.pt"), "--dict", str(tmp_path / "dict.wrd.txt")]
+    assert cli.main([*argv, "--units", str(tmp_path / "spm.model"), "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "units.model").read_bytes() == (tmp_path / "spm.model").read_bytes()
+    objective, _ = load_objective_from_run(tmp_path / "run", expect="ctc")
+    assert torch.equal(objective.head.weight, weight)
+    assert cli.main([*argv, "--units", str(tmp_path / "nope.model"), "--out", str(tmp_path / "r2")]) == 2
+    assert "nope.model" in capsys.readouterr().err
+
+
 def data2vec_checkpoint(tmp_path):
     """A data2vec audio file under fairseq's names, from an mmssl encoder (no reference model)."""
     torch.manual_seed(0)
