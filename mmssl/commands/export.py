@@ -20,8 +20,9 @@ from pathlib import Path
 from safetensors.torch import save as save_safetensors_bytes
 
 from mmssl.config import CONFIG_FILE, load_yaml
+from mmssl.constants import SAMPLE_RATE
 from mmssl.convert.common import FAMILIES
-from mmssl.convert.hf import CONFIG, SAFETENSORS, to_hf
+from mmssl.convert.hf import CONFIG, PREPROCESSOR, SAFETENSORS, to_hf
 from mmssl.encoders.audio import AudioEncoder
 from mmssl.errors import DataError
 from mmssl.files import new_folder, write_bytes, write_text
@@ -64,6 +65,21 @@ def encoder_family(run_dir: Path, encoder: AudioEncoder) -> str:
     return named if named in ("wav2vec2", "hubert") else "wav2vec2"
 
 
+def feature_extractor(encoder: AudioEncoder, config: dict) -> dict:
+    """``preprocessor_config.json`` of the exported model (``AutoFeatureExtractor`` reads it):
+    ``do_normalize`` when the encoder normalises its waveforms (``normalize_waveform``), an
+    attention mask for the layer-norm frontends, as the Hugging Face models of each kind have."""
+    return {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": SAMPLE_RATE,
+        "padding_value": 0.0,
+        "padding_side": "right",
+        "do_normalize": bool(encoder.normalize_waveform),
+        "return_attention_mask": config.get("feat_extract_norm") == "layer",
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     path = Path(args.run)
     if not path.exists():
@@ -80,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     with new_folder(args.out, args.overwrite) as folder:
         write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n")
         write_bytes(folder / SAFETENSORS, save_safetensors_bytes(state, metadata={"format": "pt"}))
+        write_text(folder / PREPROCESSOR, json.dumps(feature_extractor(encoder, config), indent=2) + "\n")
     print(
         f"{path} -> {args.out}: {config['architectures'][0]}, "
         f"{config['num_hidden_layers']} layers (encoder only; heads dropped)"

@@ -70,10 +70,11 @@ class ImportedEncoder:
 
 
 # the models that were trained on normalised waveforms (HF ``do_normalize``, fairseq
-# ``task.normalize``: the large LV-60k / XLSR / HuBERT large models) expect that input
+# ``task.normalize``: the large LV-60k / XLSR / HuBERT large models) expect that input: their
+# converted encoder normalises each waveform (``AudioEncoder.normalize_waveform``)
 NORMALIZE_NOTE = (
     "the source model expects each waveform normalised to zero mean and unit variance "
-    "(do_normalize / normalize: true); mmssl feeds the waveform as it is"
+    "(do_normalize / normalize: true): the encoder does that first (normalize_waveform: true)"
 )
 
 

@@ -253,6 +253,7 @@ def from_fairseq(
             imported.head = CTCHead(weight, bias, tokens, blank=0, pieces=pieces)
     task = _as_dict(_as_dict(checkpoint.get("cfg")).get("task")) or _as_dict(checkpoint.get("args"))
     if task.get("normalize") or pretrain_cfg.get("normalize"):
+        imported.options.update(normalize_waveform=True, normalize_eps=1e-5)  # F.layer_norm's
         imported.notes.append(NORMALIZE_NOTE)
     imported.build()  # every key and shape checked now, naming the file
     return imported

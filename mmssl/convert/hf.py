@@ -226,6 +226,7 @@ def from_hf(folder: str | Path) -> ImportedEncoder:
     if (folder / PREPROCESSOR).is_file():
         try:
             if json.loads(read_text(folder / PREPROCESSOR)).get("do_normalize"):
+                imported.options["normalize_waveform"] = True
                 imported.notes.append(NORMALIZE_NOTE)
         except (json.JSONDecodeError, AttributeError):
             raise DataError(f"{folder / PREPROCESSOR}: not a JSON object") from None

@@ -213,6 +213,7 @@ def from_torchaudio_file(file: str | Path) -> ImportedEncoder:
     options = {**_conv_config(model.feature_extractor), **_encoder_config(model.encoder)}
     imported = ImportedEncoder(family, options, torchaudio_state_dict(model), str(file), name)
     if getattr(bundle, "_normalize_waveform", False):
+        imported.options.update(normalize_waveform=True, normalize_eps=1e-5)  # F.layer_norm's
         imported.notes.append(NORMALIZE_NOTE)
     if "aux.weight" in state and hasattr(bundle, "get_labels"):
         imported.head = CTCHead(state["aux.weight"], state["aux.bias"], list(bundle.get_labels()), blank=0)

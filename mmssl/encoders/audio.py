@@ -66,6 +66,11 @@ class AudioEncoder(SpeechEncoder):
     ``Features.clean`` is the projection's output before its dropout (data2vec's teacher input).
     ``feature_grad_scale`` scales the gradient reaching the frontend (fairseq
     ``feature_grad_mult``; 0.1 in wav2vec 2.0 and HuBERT pretraining, 1.0 in data2vec's).
+    ``normalize_waveform``: each utterance is brought to zero mean and unit variance over its
+    own samples first (``normalize_waveforms``, with ``normalize_eps``), as the models trained
+    on normalised audio expect (the large wav2vec 2.0 / HuBERT / data2vec models: fairseq
+    ``task.normalize``, eps 1e-5 of its ``F.layer_norm``; HF ``do_normalize``, eps 1e-7);
+    ``mmssl convert`` sets both for them.
     """
 
     def __init__(
@@ -74,10 +79,13 @@ class AudioEncoder(SpeechEncoder):
         projection: FeatureProjection,
         transformer: tr.TransformerEncoder,
         feature_grad_scale: float = 1.0,
+        normalize_waveform: bool = False,
+        normalize_eps: float = 1e-7,
     ) -> None:
         super().__init__()
         self.frontend, self.projection, self.transformer = frontend, projection, transformer
         self.feature_grad_scale = feature_grad_scale
+        self.normalize_waveform, self.normalize_eps = normalize_waveform, normalize_eps
         self.dim = transformer.dim
         self.feature_dim = frontend.out_dim
         self.frame_rate = frontend.frame_rate
@@ -96,6 +104,8 @@ class AudioEncoder(SpeechEncoder):
         A batch shorter than one frame's window raises ``DataError``; a single clip that short
         inside a longer batch gets ``lengths == 0``.
         """
+        if self.normalize_waveform:
+            audio = normalize_waveforms(audio, audio_lens, self.normalize_eps)
         raw, lengths = self.frontend(audio, audio_lens)
         raw = scale_grad(raw, self.feature_grad_scale)
         clean, x = self.project(raw)
@@ -116,6 +126,19 @@ class AudioEncoder(SpeechEncoder):
         """``x (B, T, C)`` -> ``EncoderOutput``; ``num_layers`` stops early (see
         ``TransformerEncoder.forward``)."""
         return self.transformer(x, lengths, frame_rate=self.frame_rate, num_layers=num_layers)
+
+
+def normalize_waveforms(audio: Tensor, audio_lens: Tensor, eps: float = 1e-7) -> Tensor:
+    """Each row of ``audio (B, S)`` at zero mean and unit variance over its first
+    ``audio_lens[b]`` samples, the padding after them kept at 0 (Hugging Face's
+    ``Wav2Vec2FeatureExtractor(do_normalize=True)``, whose ``eps`` this is; fairseq's
+    ``F.layer_norm(wav, wav.shape)`` differs only in its eps, 1e-5). One pass, no host sync."""
+    x = audio.float()
+    valid = torch.arange(x.shape[1], device=x.device) < audio_lens.to(x.device).unsqueeze(1)  # (B, S)
+    count = valid.sum(1, keepdim=True).clamp(min=1)
+    mean = (x * valid).sum(1, keepdim=True) / count
+    var = ((x - mean).square() * valid).sum(1, keepdim=True) / count
+    return ((x - mean) * torch.rsqrt(var + eps) * valid).to(audio.dtype)
 
 
 class CPCEncoder(SpeechEncoder):
@@ -197,9 +220,12 @@ def build_conv_encoder(
     conv_bias: bool = False,
     input_dropout: float = 0.1,
     feature_grad_scale: float = 1.0,
+    normalize_waveform: bool = False,
+    normalize_eps: float = 1e-7,
     **transformer_fields: Any,
 ) -> AudioEncoder:
     """A waveform encoder (conv frontend, 50 Hz). Defaults are wav2vec 2.0 base.
+    ``normalize_waveform``, ``normalize_eps``: see ``AudioEncoder``.
 
     ``transformer_fields`` change fields of ``transformer`` (``dim=256, num_layers=4``), so a
     flat set of keywords (a preset's, a converted checkpoint's) reaches the options unchanged.
@@ -208,7 +234,9 @@ def build_conv_encoder(
     frontend = fe.build_conv_frontend(
         conv_channels, tuple(conv_kernels), tuple(conv_strides), conv_norm, conv_bias
     )
-    return _assemble(frontend, options, input_dropout, feature_grad_scale)
+    encoder = _assemble(frontend, options, input_dropout, feature_grad_scale)
+    encoder.normalize_waveform, encoder.normalize_eps = normalize_waveform, normalize_eps
+    return encoder
 
 
 def build_fbank_encoder(

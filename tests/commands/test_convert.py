@@ -44,6 +44,13 @@ def test_hf_folder_to_run_and_back(tmp_path, capsys):
     back = transformers.AutoModel.from_pretrained(tmp_path / "back").eval()
     assert type(back).__name__ == "HubertModel"
     _close(hf_layers(back, audio), hf_layers(model, audio))
+    assert not transformers.AutoFeatureExtractor.from_pretrained(tmp_path / "back").do_normalize
+    # a model trained on normalised waveforms keeps saying so
+    (tmp_path / "hf" / "preprocessor_config.json").write_text('{"do_normalize": true}')
+    assert cli.main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "norm")]) == 0
+    assert cli.main(["export", str(tmp_path / "norm"), "--to", "hf", "--out", str(tmp_path / "norm_hf")]) == 0
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(tmp_path / "norm_hf")
+    assert extractor.do_normalize and extractor.return_attention_mask  # a layer-norm (large) model
 
 
 @pytest.mark.parametrize("case", ["wav2vec2_base", "wavlm_base", "data2vec"])

@@ -138,11 +138,19 @@ def audio() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def assert_matches_torchaudio(encoder, model) -> None:
+    """Layer by layer against torchaudio's model; an encoder that normalises its input
+    (fairseq ``task.normalize``) against the model fed fairseq's ``F.layer_norm(wav, wav.shape)``
+    of a quiet, offset waveform, where normalising matters."""
     x, lengths = audio()
+    if encoder.normalize_waveform:
+        x = (0.05 * x + 0.01) * (torch.arange(x.shape[1]) < lengths[:, None])
     with torch.no_grad():
         out = encoder(x, lengths)
         for i, n in enumerate(LENGTHS):  # torchaudio's group norm pools over padding: alone
-            ref, _ = model.extract_features(x[i : i + 1, :n])
+            alone = x[i : i + 1, :n]
+            if encoder.normalize_waveform:
+                alone = torch.nn.functional.layer_norm(alone, alone.shape)
+            ref, _ = model.extract_features(alone)
             t = int(out.lengths[i])
             assert len(ref) == len(out.layers)
             for layer, (a, b) in enumerate(zip(out.layers, ref), 1):
@@ -187,6 +195,7 @@ def test_finetuned_ctc_checkpoint_with_its_dictionary(tmp_path):
     imported = from_fairseq(tmp_path / "ft.pt")
     assert imported.head is None and "w2v_encoder.proj" in imported.dropped  # no dictionary yet
     assert any("normalised" in note for note in imported.notes)  # large LV-60k style input
+    assert imported.build().normalize_waveform
     (tmp_path / "dict.ltr.txt").write_text("| 10\nE 9\nT 8\n' 1\n")
     imported = from_fairseq(tmp_path / "ft.pt")
     assert imported.family == "wav2vec2" and imported.head is not None
@@ -196,7 +205,7 @@ def test_finetuned_ctc_checkpoint_with_its_dictionary(tmp_path):
     assert set(dropped) == {"<pad>", "</s>"}
     x = audio()[0][:1, : LENGTHS[0]]
     with torch.no_grad():
-        emission, _ = model(x)
+        emission, _ = model(torch.nn.functional.layer_norm(x, x.shape))  # task.normalize: true
         ours = encoder(x, torch.tensor([x.shape[1]])).hidden[0] @ weight.T + bias
     pieces = [units.sp.id_to_piece(i) for i in range(units.size - 1)]
     source = [0] + [{"\u2581": 4, "e": 5, "t": 6, "'": 7, "<unk>": 3}[p] for p in pieces]

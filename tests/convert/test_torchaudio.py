@@ -219,9 +219,10 @@ def test_a_saved_bundle_file_converts_with_its_labels(tmp_path, monkeypatch):
     assert imported.family == "hubert" and imported.notes and "normalised" in imported.notes[0]
     units, weight, bias, _ = head_units(imported.head, imported.source)
     encoder = imported.build()
-    x = torch.randn(1, 4000)
+    x = 0.05 * torch.randn(1, 4000) + 0.01
+    assert encoder.normalize_waveform  # the bundle's _normalize_waveform, as its pipeline does
     with torch.no_grad():
-        emission, _ = model(x)
+        emission, _ = model(torch.nn.functional.layer_norm(x, x.shape))
         ours = encoder(x, torch.tensor([4000])).hidden[0] @ weight.T + bias
     pieces = [units.sp.id_to_piece(i) for i in range(units.size - 1)]
     source = [0] + [{"\u2581": 1, "e": 2, "t": 3, "'": 4}[p] for p in pieces if p != "<unk>"]

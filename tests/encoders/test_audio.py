@@ -213,3 +213,18 @@ def test_cpc_base_has_cpc_sizes():
     convs = sum(c_in * 512 * k + 512 + 2 * 512 for c_in, k in zip((1, 512, 512, 512, 512), (10, 8, 4, 4, 4)))
     gru = 3 * (512 * 256 + 256 * 256 + 2 * 256)
     assert sum(p.numel() for p in enc.parameters()) == convs + gru
+
+
+def test_normalize_waveforms_is_each_utterance_alone_with_padding_zero():
+    from mmssl.encoders.audio import normalize_waveforms
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([1000, 640, 1])
+    audio = torch.zeros(3, 1000)
+    for i, n in enumerate(lengths.tolist()):
+        audio[i, :n] = 0.05 * torch.randn(n, generator=g) + 0.01 * (i + 1)
+    out = normalize_waveforms(audio, lengths, eps=1e-5)
+    for i, n in enumerate(lengths.tolist()):
+        alone = torch.nn.functional.layer_norm(audio[i, :n], (n,))  # fairseq's task.normalize
+        torch.testing.assert_close(out[i, :n], alone, atol=1e-5, rtol=1e-5)
+        assert not out[i, n:].any()
