@@ -73,21 +73,22 @@ class MaskedBatchNorm(nn.BatchNorm2d):
         if not self.training or valid is None:
             return super().forward(x)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        # per-frame statistics over the dims the mask does not vary along (one pass), then
-        # their masked combination: mean = E_w[m_f], var = E_w[v_f + m_f^2] - mean^2
+        # masked sums over every dim but the channels, in two passes (mean, then the centred
+        # square). Not per-frame torch.var_mean and a combination of those: on a CPU its
+        # reduction over the few values of each frame of a late ResNet stage (1x1, 2x2) cost
+        # 30 ms a call on 1000 frames, 40 % of the small AV model's training step
         inner = [d for d in range(2, x.dim()) if valid.shape[d] == 1]
-        var_f, mean_f = torch.var_mean(x.float(), dim=inner, unbiased=False, keepdim=True)
-        w = valid.to(torch.float32)
         outer = [d for d in range(x.dim()) if d != 1]
+        w = valid.to(torch.float32)
+        xf = x.float()
         count = w.sum()  # valid frames
-        denom = count.clamp(min=1.0)
-        mean = (mean_f * w).sum(outer) / denom  # (C,)
-        var = ((var_f + mean_f.square()) * w).sum(outer) / denom - mean.square()
-        var = var.clamp(min=0.0)
+        n = count * math.prod(x.shape[d] for d in inner)  # valid entries per channel
+        denom = n.clamp(min=1.0)
+        mean = (xf * w).sum(outer) / denom  # (C,)
+        var = ((xf - mean.view(shape)).square() * w).sum(outer) / denom
         if self.track_running_stats:
             with torch.no_grad():
                 momentum = self.momentum if self.momentum is not None else 0.1
-                n = count * math.prod(x.shape[d] for d in inner)  # valid entries per channel
                 unbiased = var * n / (n - 1.0).clamp(min=1.0)
                 seen = (count > 0).to(mean.dtype)  # an all-padding batch leaves them alone
                 self.running_mean.lerp_(mean.detach(), momentum * seen)
