@@ -296,45 +296,28 @@ def _meta(cfg: DictConfig) -> dict:
 
 
 def pin_inits(cfg: DictConfig, resumed: bool) -> DictConfig:
-    """``cfg`` with each run it starts from (``init_runs``) named by the checkpoint folder it
-    resolves to (a run folder: its latest checkpoint), so that ``config.yaml`` records the
-    weights the run started from and a rerun starts from the same ones. A ``resumed`` run (one
-    with a checkpoint) keeps the start its saved config names. A path that names no checkpoint
-    (a missing one, a copied config) is left as given, for the loader to judge."""
+    """``cfg`` with each run it starts from (``init_runs``, and ``train.init``: the weights of a
+    fresh run, ``pretrain --init``) named by the checkpoint folder it resolves to (a run
+    folder: its latest checkpoint), so that ``config.yaml`` records the weights the run started
+    from and a rerun starts from the same ones. A ``resumed`` run (one with a checkpoint) keeps
+    the start its saved config names. A path that names no checkpoint (a missing one, a copied
+    config) is left as given, for the loader to judge."""
     run_dir = Path(str(cfg.train.out_dir))
     saved = load_yaml(run_dir / CONFIG_FILE) if resumed and (run_dir / CONFIG_FILE).is_file() else None
-    for key in _meta(cfg).get("init_runs", ()):
-        value = OmegaConf.select(cfg, f"objective.{key}")
+    for key in [*(f"objective.{k}" for k in _meta(cfg).get("init_runs", ())), "train.init"]:
+        value = OmegaConf.select(cfg, key)
         if not _set(value):
             continue
-        kept = OmegaConf.select(saved, f"objective.{key}") if saved is not None else None
+        kept = OmegaConf.select(saved, key) if saved is not None else None
         if _set(kept):
-            cfg.objective[key] = kept
+            OmegaConf.update(cfg, key, kept)
             continue
         try:
             weights = resolve_weights(str(value)).resolve()
         except DataError:
             continue
-        cfg.objective[key] = str(weights.parent if weights.name == MODEL_FILE else weights)
-    _pin_train_init(cfg, saved)
+        OmegaConf.update(cfg, key, str(weights.parent if weights.name == MODEL_FILE else weights))
     return cfg
-
-
-def _pin_train_init(cfg: DictConfig, saved: DictConfig | None) -> None:
-    """``train.init`` (the weights a fresh run starts from, ``pretrain --init``) named by the
-    checkpoint folder it resolves to; a resumed run keeps the one its saved config names."""
-    value = OmegaConf.select(cfg, "train.init")
-    if not _set(value):
-        return
-    kept = OmegaConf.select(saved, "train.init") if saved is not None else None
-    if _set(kept):
-        cfg.train.init = kept
-        return
-    try:
-        weights = resolve_weights(str(value)).resolve()
-    except DataError:
-        return  # left as given: loading it names the problem
-    cfg.train.init = str(weights.parent if weights.name == MODEL_FILE else weights)
 
 
 def load_init(objective: torch.nn.Module, source: str) -> tuple[Path, list[str], list[str]]:

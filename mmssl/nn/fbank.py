@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torchaudio.compliance.kaldi as kaldi
@@ -74,31 +75,51 @@ def fbank_batch(
     window zero-padded to 512 points, mel triangles from 20 Hz to Nyquist, log floored at
     float epsilon.
     """
+    taper, banks = _fbank_constants(
+        int(sample_rate * FRAME_LENGTH_MS / 1000), num_mel_bins, sample_rate, audio.device
+    )
+
+    def log_mels(x: Tensor, window: int, shift: int, lengths: Tensor) -> Tensor:
+        x = x.unfold(-1, window, shift)  # (B, T, window)
+        x = x - x.mean(-1, keepdim=True)
+        previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
+        x = (x - 0.97 * previous) * taper  # Kaldi preemphasis_coefficient, then the window
+        padded = 1 << (window - 1).bit_length()  # Kaldi round_to_power_of_two: 400 -> 512
+        power = torch.fft.rfft(x, n=padded).abs().pow(2)  # (B, T, padded/2 + 1)
+        return (power @ banks.T).clamp(min=torch.finfo(torch.float32).eps).log()  # (B, T, F)
+
+    return _framed_batch(audio, lengths, sample_rate, num_mel_bins, "fbank_batch", log_mels)
+
+
+def _framed_batch(
+    audio: Tensor,
+    lengths: Tensor,
+    sample_rate: int,
+    num_bins: int,
+    name: str,
+    features: Callable[[Tensor, int, int, Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """What the batched filterbanks share: ``features(x, window, shift, lengths)`` of the float32
+    waveform ``x (B, S)`` (also under autocast: log energies of small powers need the range)
+    on whole 25 ms / 10 ms windows, then zeros after each row's ``frame_lens`` frames.
+    Returns ``(feats (B, T, num_bins), frame_lens (B,))``."""
     if audio.dim() != 2:
-        raise ValueError(f"fbank_batch expects audio (B, S), got shape {tuple(audio.shape)}")
+        raise ValueError(f"{name} expects audio (B, S), got shape {tuple(audio.shape)}")
     window = int(sample_rate * FRAME_LENGTH_MS / 1000)
     shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
     lengths = lengths.to(audio.device).long()
     frame_lens = torch.div(lengths - window, shift, rounding_mode="floor").add(1).clamp(min=0)
     b, s = audio.shape
     if s < window:
-        return audio.new_zeros(b, 0, num_mel_bins, dtype=torch.float32), frame_lens
-    taper, banks = _fbank_constants(window, num_mel_bins, sample_rate, audio.device)
-    # float32 throughout, also under autocast: log energies of small powers need the range
+        return audio.new_zeros(b, 0, num_bins, dtype=torch.float32), frame_lens
     kind = audio.device.type
     with (
         torch.autocast(kind, enabled=False)
         if torch.amp.is_autocast_available(kind)
         else contextlib.nullcontext()
     ):
-        x = audio.float().unfold(-1, window, shift)  # (B, T, window)
-        x = x - x.mean(-1, keepdim=True)
-        previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
-        x = (x - 0.97 * previous) * taper  # Kaldi preemphasis_coefficient, then the window
-        padded = 1 << (window - 1).bit_length()  # Kaldi round_to_power_of_two: 400 -> 512
-        power = torch.fft.rfft(x, n=padded).abs().pow(2)  # (B, T, padded/2 + 1)
-        feats = (power @ banks.T).clamp(min=torch.finfo(torch.float32).eps).log()  # (B, T, F)
-    valid = torch.arange(feats.shape[1], device=x.device) < frame_lens.unsqueeze(1)  # (B, T)
+        feats = features(audio.float(), window, shift, lengths)  # (B, T, F)
+    valid = torch.arange(feats.shape[1], device=feats.device) < frame_lens.unsqueeze(1)  # (B, T)
     return feats * valid.unsqueeze(-1), frame_lens
 
 
@@ -140,32 +161,18 @@ def logfbank_psf_batch(
     out here so that every feature of mmssl counts frames one way. The waveform is used at the
     scale it is given: AV-HuBERT reads int16 values (``scipy.io.wavfile``), 32768 times mmssl's.
     """
-    if audio.dim() != 2:
-        raise ValueError(f"logfbank_psf_batch expects audio (B, S), got shape {tuple(audio.shape)}")
-    window = int(sample_rate * FRAME_LENGTH_MS / 1000)
-    shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
-    lengths = lengths.to(audio.device).long()
-    frame_lens = torch.div(lengths - window, shift, rounding_mode="floor").add(1).clamp(min=0)
-    b, s = audio.shape
-    if s < window:
-        return audio.new_zeros(b, 0, num_filters, dtype=torch.float32), frame_lens
     banks = _psf_banks(num_filters, sample_rate, audio.device)
-    kind = audio.device.type
-    with (
-        torch.autocast(kind, enabled=False)
-        if torch.amp.is_autocast_available(kind)
-        else contextlib.nullcontext()
-    ):
-        x = audio.float()
+
+    def log_energies(x: Tensor, window: int, shift: int, lengths: Tensor) -> Tensor:
         # pre-emphasis of the whole signal (its first sample kept), then zeros past its end
         x = torch.cat([x[:, :1], x[:, 1:] - PSF_PREEMPH * x[:, :-1]], dim=1)
-        x = x * (torch.arange(s, device=x.device) < lengths.unsqueeze(1))
+        x = x * (torch.arange(x.shape[1], device=x.device) < lengths.unsqueeze(1))
         frames = x.unfold(-1, window, shift)  # (B, T, window), no window function
         power = torch.fft.rfft(frames, n=PSF_NFFT).abs().pow(2) / PSF_NFFT  # (B, T, 257)
         energies = power @ banks.T  # (B, T, F)
-        feats = torch.where(energies == 0, torch.full_like(energies, PSF_FLOOR), energies).log()
-    valid = torch.arange(feats.shape[1], device=x.device) < frame_lens.unsqueeze(1)  # (B, T)
-    return feats * valid.unsqueeze(-1), frame_lens
+        return torch.where(energies == 0, torch.full_like(energies, PSF_FLOOR), energies).log()
+
+    return _framed_batch(audio, lengths, sample_rate, num_filters, "logfbank_psf_batch", log_energies)
 
 
 @functools.lru_cache(maxsize=16)
