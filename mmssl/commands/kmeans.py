@@ -50,6 +50,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmssl.commands.data_pack import parse_shard
+from mmssl.constants import SAMPLE_RATE
 from mmssl.data.importers import KMEANS_FILE, LABELS_FILE, read_kmeans_state, records_fingerprint
 from mmssl.data.manifest import read_manifest
 from mmssl.data.store import record_audio, shard_name
@@ -71,11 +73,24 @@ from mmssl.runs import load_encoder_from_run, resolve_weights
 
 FeatureFn = Callable[[dict], Tensor]  # manifest record -> features (T, D) on the device
 MFCC_RATE = 100.0
+MFCC_WINDOW = 400  # samples an MFCC frame reads (25 ms)
 # the fitting subset grows past --fit-fraction until it holds this many frames per cluster:
 # at 10 per cluster a 500-cluster fit on a small corpus left centroids on a handful of frames
 MIN_FRAMES_PER_CLUSTER = 50
-SAMPLE_RATE = 16_000  # of ``audio_samples`` in a manifest
 GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """What is clustered: ``fn`` gives one record's features ``(T, D)`` at ``rate`` Hz, each
+    frame reading ``window`` samples (its phone is the one at the window's centre), described
+    as ``described``, read from the weights file ``weights`` (None for MFCC)."""
+
+    fn: FeatureFn
+    rate: float
+    window: int
+    described: str
+    weights: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,8 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[FeatureFn, float]:
-    """A feature function giving layer ``layer`` of ``encoder`` for one record, and its frame rate.
+def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[FeatureFn, float, int]:
+    """A feature function giving layer ``layer`` of ``encoder`` for one record, its frame rate
+    and the samples one of its frames reads (the audio stream's receptive field; a video-only
+    encoder's frame spans one video frame).
 
     A speech encoder reads the record's audio; an audio-visual encoder reads its audio and lip
     video, both required (``mmssl.eval.record_layers.record_layers``)."""
@@ -145,11 +162,16 @@ def encoder_layer_features(encoder, layer: int, device: torch.device) -> tuple[F
     def features(record: dict) -> Tensor:
         return record_layers(encoder, record, device, modalities, upto=layer).layers[layer]
 
-    return features, float(encoder.frame_rate)
+    spec = encoder.frame_spec
+    window = spec.window if spec is not None else round(SAMPLE_RATE / encoder.frame_rate)
+    return features, float(encoder.frame_rate), window
 
 
-def mfcc_features(device: torch.device) -> tuple[FeatureFn, float]:
-    return (lambda record: mfcc(_load(record)).to(device).float()), MFCC_RATE
+def mfcc_features(device: torch.device) -> FeatureSource:
+    def features(record: dict) -> Tensor:
+        return mfcc(_load(record)).to(device).float()
+
+    return FeatureSource(features, MFCC_RATE, MFCC_WINDOW, "mfcc")
 
 
 def _load(record: dict) -> Tensor:
@@ -281,16 +303,14 @@ def fit_kmeans(
     return km, {index: x[start : start + length] for index, (start, length) in spans.items()}
 
 
-def feature_source(
-    args: argparse.Namespace, device: torch.device
-) -> tuple[FeatureFn, float, str, str | None]:
-    """The feature function, its frame rate, its description and the weights file it reads."""
+def feature_source(args: argparse.Namespace, device: torch.device) -> FeatureSource:
+    """MFCC, or layer ``--layer`` of the run ``--checkpoint``."""
     if args.checkpoint is None:
-        return *mfcc_features(device), "mfcc", None
-    feature_fn, rate = encoder_layer_features(load_encoder_from_run(args.checkpoint), args.layer, device)
+        return mfcc_features(device)
+    fn, rate, window = encoder_layer_features(load_encoder_from_run(args.checkpoint), args.layer, device)
     # the weights file whose layer was clustered, so a stale clustering shows
     weights = str(resolve_weights(args.checkpoint).resolve())
-    return feature_fn, rate, f"checkpoint:{args.checkpoint}:layer{args.layer}", weights
+    return FeatureSource(fn, rate, window, f"checkpoint:{args.checkpoint}:layer{args.layer}", weights)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -320,11 +340,11 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if args.shard is not None:
         return run_shard(args, manifests, all_records, device)
-    feature_fn, rate, described, weights = feature_source(args, device)
+    source = feature_source(args, device)
     with new_folder(out, args.overwrite) as tmp:
         km, cache = fit_kmeans(
             all_records[0],
-            feature_fn,
+            source.fn,
             args.k,
             args.fit_fraction,
             args.seed,
@@ -333,21 +353,21 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             engine=args.engine,
             max_memory=args.max_memory,
-            rate=rate,
+            rate=source.rate,
         )
         state = {
             "centroids": km.centroids.cpu(),
             "k": args.k,
-            "features": described,
-            "label_rate": rate,
+            "features": source.described,
+            "label_rate": source.rate,
             "inertia": km.inertia,
-            "weights": weights,
+            "weights": source.weights,
             "clustering": uuid.uuid4().hex,  # ties labels.json and every .km to this fit
         }
         labelled, qualities = {}, {}
         for i, (manifest, records) in enumerate(zip(manifests, [] if args.fit_only else all_records)):
             km_path = tmp / f"{manifest.stem}.km"
-            scores = assign(manifest, records, feature_fn, km, rate, cache if i == 0 else {}, km_path)
+            scores = assign(manifest, records, source, km, cache if i == 0 else {}, km_path)
             labelled[manifest.stem] = labels_entry(manifest, records)
             if scores is not None:
                 qualities[manifest.stem] = scores
@@ -386,9 +406,9 @@ def run_shard(args: argparse.Namespace, manifests: list[Path], all_records: list
     state = read_kmeans_state(out)
     if args.k is not None and args.k != state.get("k"):
         raise ConfigError(f"--k {args.k} but {out / KMEANS_FILE} has k={state.get('k')}")
-    feature_fn, rate, described, weights = feature_source(args, device)
-    if (described, weights) != (state.get("features"), state.get("weights")):
-        raise ConfigError(f"--shard: {out} clusters {state.get('features')}, not {described}")
+    source = feature_source(args, device)
+    if (source.described, source.weights) != (state.get("features"), state.get("weights")):
+        raise ConfigError(f"--shard: {out} clusters {state.get('features')}, not {source.described}")
     for manifest in manifests:
         for path in (out / f"{manifest.stem}.km", out / f"{shard_name(manifest.stem, shard, shards)}.km"):
             if path.exists() and not args.overwrite:
@@ -396,7 +416,7 @@ def run_shard(args: argparse.Namespace, manifests: list[Path], all_records: list
     km = KMeans.from_centroids(state["centroids"].to(device))
     for manifest, records in zip(manifests, all_records):
         part = out / f"{shard_name(manifest.stem, shard, shards)}.km"
-        assign(manifest, records[shard::shards], feature_fn, km, rate, {}, part, with_quality=False)
+        assign(manifest, records[shard::shards], source, km, {}, part, with_quality=False)
         merge_shards(out, manifest, records, shards)
     return 0
 
@@ -430,15 +450,15 @@ def merge_shards(out: Path, manifest: Path, records: list[dict], shards: int) ->
 def assign(
     manifest: Path,
     records: list[dict],
-    feature_fn: FeatureFn,
+    source: FeatureSource,
     km: KMeans,
-    rate: float,
     cache: dict[int, Tensor],
     km_path: Path,
     with_quality: bool = True,
 ) -> dict | None:
     """Label every record of ``manifest`` into ``km_path`` (atomically), streaming one record's
-    features at a time; the cluster quality scores when every record has a phone alignment."""
+    features at a time; the cluster quality scores when every record has a phone alignment
+    (each frame's phone read at the centre of the samples it reads, ``source.window``)."""
     manifest_dir = manifest.resolve().parent
     quality = QualityAccumulator(km.k)
     has_align = with_quality and all(r.get("align") for r in records)
@@ -447,16 +467,17 @@ def assign(
         for index, record in enumerate(tqdm(records, desc=f"kmeans: assign {km_path.stem}", unit="utt")):
             feats = cache.pop(index, None)
             if feats is None:
-                feats = feature_fn(record)
+                feats = source.fn(record)
             labels = km.predict(feats).cpu() if feats.shape[0] else torch.zeros(0, dtype=torch.long)
             lines.write(" ".join(map(str, labels.tolist())) + "\n")
             if has_align:
                 alignment, sr = read_alignment(manifest_dir / record["align"])
-                quality.add(frame_phones(alignment, labels.shape[0], rate, sr), labels)
+                window = round(source.window * sr / SAMPLE_RATE)  # in the alignment's samples
+                quality.add(frame_phones(alignment, labels.shape[0], source.rate, sr, window), labels)
 
     atomic_write(km_path, write, text=True)
     print(
-        f"wrote {km_path.name} ({len(records)} records, k={km.k}, {rate:g} Hz labels, "
+        f"wrote {km_path.name} ({len(records)} records, k={km.k}, {source.rate:g} Hz labels, "
         f"inertia of the fit {km.inertia:.4g})"
     )
     if not has_align:

@@ -83,9 +83,10 @@ def frame_phones(
     sample_rate: int = SAMPLE_RATE,
     window: int = 400,
 ) -> list[str | None]:
-    """The phone at the centre of each of ``num_frames`` frames (frame ``t`` spans samples
-    ``t * sample_rate / frame_rate`` + ``window``; the 25 ms window of MFCC and of the conv
-    frontend's receptive field); None where no phone covers the centre."""
+    """The phone at the centre of each of ``num_frames`` frames (frame ``t`` reads samples
+    ``t * sample_rate / frame_rate`` + ``window``: 400, the 25 ms window of MFCC and the conv
+    frontend's receptive field; 880 for four stacked filterbank frames, ``FrameSpec.window``);
+    None where no phone covers the centre."""
     hop = sample_rate / frame_rate
     spans = sorted(alignment, key=lambda item: item[1])
     starts = [s for _, s, _ in spans]

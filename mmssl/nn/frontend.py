@@ -112,11 +112,7 @@ class ConvFrontend(nn.Module):
         self.frame_spec = _frame_spec(kernels, strides)
         self.hop = math.prod(strides)
         self.frame_rate = SAMPLE_RATE / self.hop
-        # samples needed for one frame
-        field = 1
-        for k, s in zip(reversed(kernels), reversed(strides)):
-            field = (field - 1) * s + k
-        self.receptive_field = field
+        self.receptive_field = self.frame_spec.window  # samples needed for one frame
 
     def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         check_waveform(audio, lengths, self.receptive_field, "conv frontend")

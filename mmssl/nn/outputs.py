@@ -62,6 +62,17 @@ class FrameSpec:
     strides: tuple[int, ...]
     stack: int = 1
 
+    @property
+    def window(self) -> int:
+        """The samples one output frame reads (its receptive field): each layer widens the
+        previous one's by ``kernel - 1`` of its input hops, and a stack of frames adds
+        ``stack - 1`` hops (a filterbank frame reads 400 samples; four stacked, 880)."""
+        field, hop = 1, 1
+        for k, s in zip(self.kernels, self.strides):
+            field += (k - 1) * hop
+            hop *= s
+        return field + (self.stack - 1) * hop
+
     def __call__(self, samples: Tensor) -> Tensor:
         frames = samples.long()
         for k, s in zip(self.kernels, self.strides):

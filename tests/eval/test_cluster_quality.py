@@ -52,3 +52,11 @@ def test_frame_phones_at_frame_centres_and_accumulation():
     acc.add(names, torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 0]))
     s = acc.result()
     assert s["frames"] == 9 and s["phones"] == 3 and s["phone_purity"] == 1.0
+
+
+def test_frame_phones_of_stacked_frames_read_at_their_window_centre():
+    # 25 Hz frames of four stacked filterbank frames read 880 samples: frame t's centre is
+    # 640 t + 440, not the 640 t + 200 of a single 25 ms window
+    alignment = [("a", 0, 500), ("b", 500, 1000), ("c", 1000, 1700)]
+    assert frame_phones(alignment, 3, 25.0, window=880) == ["a", "c", None]  # 440, 1080, 1720
+    assert frame_phones(alignment, 3, 25.0) == ["a", "b", "c"]  # 200, 840, 1480

@@ -21,6 +21,17 @@ def test_fbank_frame_count_matches_formula_and_framespec(n):
     assert out.shape[0] == num_frames(n) == int(FrameSpec((400,), (160,))(torch.tensor(n)))
 
 
+def test_framespec_window_is_the_samples_one_frame_reads():
+    # a filterbank frame reads 400 samples; four stacked ones 400 + 3 hops of 160
+    assert FrameSpec((400,), (160,)).window == 400
+    assert FrameSpec((400,), (160,), stack=4).window == 880
+    # wav2vec 2.0's conv stack: 400 samples (25 ms) at a 320-sample hop (fairseq's receptive field)
+    spec = FrameSpec((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
+    assert spec.window == 400
+    # the window is the shortest input that gives a frame
+    assert int(spec(torch.tensor(400))) == 1 and int(spec(torch.tensor(399))) == 0
+
+
 @pytest.mark.parametrize("n", [0, 1, 399])
 def test_too_short_gives_empty(n):
     assert fbank(_wave(n)).shape == (0, 80)
