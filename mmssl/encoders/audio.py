@@ -71,6 +71,10 @@ class AudioEncoder(SpeechEncoder):
     on normalised audio expect (the large wav2vec 2.0 / HuBERT / data2vec models: fairseq
     ``task.normalize``, eps 1e-5 of its ``F.layer_norm``; HF ``do_normalize``, eps 1e-7);
     ``mmssl convert`` sets both for them.
+    ``mask_input``: the learned ``mask_embedding`` is a frontend frame (``F`` values) that
+    replaces masked frames before the projection, as DeCoAR 2.0 masks its log mels (the first
+    author's fairseq code: ``mask_emb`` of 80 values, ``apply_mask`` before ``post_extract_proj``);
+    otherwise it is a model-dim vector that replaces projected frames (wav2vec 2.0, HuBERT).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class AudioEncoder(SpeechEncoder):
         feature_grad_scale: float = 1.0,
         normalize_waveform: bool = False,
         normalize_eps: float = 1e-7,
+        mask_input: bool = False,
     ) -> None:
         super().__init__()
         self.frontend, self.projection, self.transformer = frontend, projection, transformer
@@ -90,8 +95,9 @@ class AudioEncoder(SpeechEncoder):
         self.feature_dim = frontend.out_dim
         self.frame_rate = frontend.frame_rate
         self.frame_spec = frontend.frame_spec
-        # fairseq wav2vec 2.0 / HuBERT: a learned vector drawn uniformly in [0, 1)
-        self.mask_embedding = nn.Parameter(torch.rand(self.dim))
+        # fairseq wav2vec 2.0 / HuBERT (and DeCoAR 2.0's input frame): drawn uniformly in [0, 1)
+        self.mask_input = mask_input
+        self.mask_embedding = nn.Parameter(torch.rand(self.feature_dim if mask_input else self.dim))
 
     @property
     def num_layers(self) -> int:
@@ -118,9 +124,13 @@ class AudioEncoder(SpeechEncoder):
         return clean, self.projection.dropout(clean)
 
     def mask(self, x: Tensor, pred_mask: Tensor) -> Tensor:
-        """Replace the frames of ``x (B, T, C)`` where ``pred_mask (B, T)`` is True with
-        ``mask_embedding`` (wav2vec 2.0, sec. 3.1; HuBERT, sec. 3.2)."""
-        return torch.where(pred_mask.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
+        """Replace the frames of the projected features ``x (B, T, C)`` where ``pred_mask (B, T)``
+        is True with ``mask_embedding`` (wav2vec 2.0, sec. 3.1; HuBERT, sec. 3.2). With
+        ``mask_input``, with the projection of the input frame ``mask_embedding``: the projection
+        is per frame, so that is the projection of the input with its masked frames replaced
+        (only the input dropout, applied before, spares the masked frames here)."""
+        value = self.projection.project(self.mask_embedding) if self.mask_input else self.mask_embedding
+        return torch.where(pred_mask.unsqueeze(-1), value.to(x.dtype), x)
 
     def contextualize(self, x: Tensor, lengths: Tensor, num_layers: int | None = None) -> EncoderOutput:
         """``x (B, T, C)`` -> ``EncoderOutput``; ``num_layers`` stops early (see

@@ -6,9 +6,11 @@ Its shape is the released model's (awslabs/speech-representations ``models/decoa
 again by s3prl ``upstream/decoar2``): ``post_extract_proj`` ``Linear(80, 768)`` with no
 LayerNorm before it, ``dropout_input`` 0.1, then fairseq's wav2vec 2.0 ``TransformerEncoder`` with
 12 layers of 768, 12 heads, FFN 3072, ``conv_pos`` 128 in 16 groups, dropout 0.1, attention
-dropout 0.1, ``encoder_layerdrop`` 0.05, ``layer_norm_first`` False. It is a plain
-``AudioEncoder``, so its ``mask`` puts the learned ``mask_embedding`` on masked frames, in
-pretraining as in ``mmssl finetune-asr``.
+dropout 0.1, ``encoder_layerdrop`` 0.05, ``layer_norm_first`` False. It is an
+``AudioEncoder`` that masks its input (``mask_input``): the learned ``mask_embedding`` is a
+log-mel frame put on masked frames before the projection, as the first author's fairseq code
+masks (``mask_emb`` of 80 values; the released model leaves it out), in pretraining as in
+``mmssl finetune-asr``.
 
 Shape legend: B batch, T frames (50 Hz), M mel bins, C model dim.
 """
@@ -40,4 +42,4 @@ def build_decoar2_encoder(
     frontend = SubsampledLogMelFrontend(LogMelFrontend(num_mel_bins, normalize="utterance"), frame_skip)
     layers = options.build()
     projection = FeatureProjection(frontend.out_dim, options.dim, input_dropout, norm=False)
-    return AudioEncoder(frontend, projection, layers)
+    return AudioEncoder(frontend, projection, layers, mask_input=True)

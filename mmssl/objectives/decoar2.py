@@ -9,29 +9,37 @@ reconstruction loss. Here:
 * **Encoder** (``mmssl.encoders.decoar2``): the released model's shape (12 x 768 post-LN
   wav2vec 2.0 transformer on every second frame of per-utterance normalised 80-d log mels,
   50 Hz; ``base``). The features it reads, ``x (B, T, F)``, are the reconstruction targets.
-* **Masking**: spans of the projected input frames are replaced by the encoder's learned
-  ``mask_embedding`` before the transformer (``SpanMasker``, in the data workers), with
-  wav2vec 2.0's settings (``mask_prob=0.65`` over spans of 10 frames, at least 2 spans, the
-  same masked count for every utterance of a batch). The released model keeps wav2vec 2.0's
-  modules (``post_extract_proj``, ``dropout_input``, ``encoder``), and wav2vec 2.0 masks there.
+* **Masking**: spans of input log-mel frames are replaced by the encoder's learned
+  ``mask_embedding``, itself a log-mel frame, before the projection (``mask_input``; spans
+  from ``SpanMasker``, in the data workers), as the first author's fairseq code masks
+  (lingss0918/fairseq ``examples/decoar/models/decoar2.py``: ``apply_mask`` on the 80-d
+  source, then ``post_extract_proj``), with that code's default settings, wav2vec 2.0's
+  (``mask_prob=0.65`` over spans of 10 frames, at least 2 spans; here the same masked count
+  for every utterance of a batch).
 * **Quantizer**: a Gumbel product quantizer (``mmssl.nn.quantizer``; G = 2 codebooks of
   V = 320 entries, temperature annealed from 2 to 0.5 by 0.999995 per update, as wav2vec 2.0)
   on the transformer's output ``c_t``, giving ``q_t`` of ``code_dim`` values (the model dim
   unless set).
 * **Reconstruction**: as DeCoAR's, one linear head per offset ``i = 0..K`` (one layer
-  ``D -> (K + 1) F``) maps ``q_t`` to ``x_{t+i}``; the L1 loss covers the slices of the
-  *masked* frames only, averaged over masked frames, offsets and mel bins.
+  ``D -> (K + 1) F``) maps ``q_t`` to ``x_{t+i}``, ``K = 20``; the L1 loss covers the slices
+  of the *masked* frames only: summed over a slice's frames and mel bins, averaged over the
+  masked frames, as that code's criterion does (``F.l1_loss(..., reduction="sum")`` over
+  frames and bins, divided by the number of predicted frames).
 * **Loss**: ``l1 + alpha * diversity``, the diversity loss of wav2vec 2.0 (eq. 4:
   ``(G V - perplexity) / (G V)``) on the batch's softmax code distribution over the masked
-  frames, with ``alpha = 0.1``.
+  frames, with ``alpha = 0.1``; the criterion adds it per predicted frame (``coef * penalty *
+  sample_size`` to the summed L1), so beside a summed L1 it is a small term.
 
-Checked sources: the paper's abstract (the three changes above) and the released model
-(awslabs/speech-representations, s3prl ``upstream/decoar2``: the encoder and its input). Chosen
-here where those are silent, each to be revisited against the paper's method section:
+Checked sources: the paper's abstract (the three changes above), its settings as summarised by
+third-party notes (K = 20, G = 2, V = 320), the released model (awslabs/speech-representations,
+s3prl ``upstream/decoar2``: the encoder and its input) and the first author's fairseq code
+(masking and the loss's reduction; its later variant replaces the Gumbel softmax by a softmax
+over a codebook trained beforehand and reconstructs the masked frame alone, which is not
+followed here). Chosen here where those are silent, each to be revisited against the paper's
+method section:
 
-* masking, quantizer and ``alpha`` take wav2vec 2.0's values, whose modules the released
-  encoder keeps;
-* ``K = 8``: slices of 9 frames at 50 Hz, 180 ms, about the span of DeCoAR's 17 frames at 100 Hz;
+* the mask probability and span, the quantizer's temperature schedule and ``alpha`` take
+  wav2vec 2.0's values, whose modules the released encoder keeps;
 * a slice offset past the utterance's end is left out, not the whole slice (DeCoAR drops
   incomplete slices; here that would drop the masked frames near the end);
 * a masked frame's slice may run past its span onto frames the encoder sees, as DeCoAR's
@@ -69,15 +77,16 @@ from mmssl.registry import OBJECTIVES
 
 def slice_l1(pred: Tensor, frames: Tensor, lengths: Tensor, pred_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Masked slice reconstruction: ``pred (B, T, K + 1, F)`` (the slice predicted at each
-    frame), ``frames (B, T, F)``, ``lengths (B,)``, ``pred_mask (B, T)`` -> (mean
-    ``|pred[b, t, i] - frames[b, t + i]|`` over masked frames ``t``, offsets ``i`` with
-    ``t + i < lengths[b]`` and bins, 0 when nothing is masked; ``weight (B, T, K + 1)`` bool,
-    the (frame, offset) pairs read)."""
+    frame), ``frames (B, T, F)``, ``lengths (B,)``, ``pred_mask (B, T)`` -> (the sum of
+    ``|pred[b, t, i] - frames[b, t + i]|`` over offsets ``i`` with ``t + i < lengths[b]`` and
+    bins, averaged over the masked frames ``t``, 0 when nothing is masked;
+    ``weight (B, T, K + 1)`` bool, the (frame, offset) pairs read)."""
     b, t, k, f = pred.shape
     targets, inside = future_slices(frames, lengths, k)  # (B, T, K + 1, F), (B, T, K + 1)
     weight = inside & pred_mask.unsqueeze(-1)
-    loss = masked_l1(pred.reshape(b, t * k, f), targets.reshape(b, t * k, f), weight.reshape(b, t * k))
-    return loss, weight
+    # masked_l1 averages over the (frame, offset) pairs and the bins: times pairs x F, the sum
+    mean = masked_l1(pred.reshape(b, t * k, f), targets.reshape(b, t * k, f), weight.reshape(b, t * k))
+    return mean * weight.sum() * f / pred_mask.sum().clamp(min=1), weight
 
 
 class DeCoAR2Objective(Objective):
@@ -93,7 +102,7 @@ class DeCoAR2Objective(Objective):
         encoder: AudioEncoder,
         quantizer: GumbelProductQuantizer,
         masker: SpanMasker,
-        slice_size: int = 8,
+        slice_size: int = 20,
         diversity_weight: float = 0.1,
     ) -> None:
         super().__init__()
@@ -139,7 +148,8 @@ class DeCoAR2Objective(Objective):
             "code_perplexity": quant.code_perplexity.detach(),
             "temperature": loss.new_full((), self.quantizer.temperature),
             "mask_fraction": pred_mask.sum().float() / valid.sum().clamp(min=1).float(),
-            # (masked frame, offset) pairs the L1 averages over
+            # the frames the L1 averages over, and the (masked frame, offset) pairs it sums
+            "masked_frames": pred_mask.sum().float(),
             "slice_frames": weight.sum().float(),
         }
 
@@ -159,7 +169,7 @@ SIZES: dict[str, dict[str, Any]] = {
 def decoar2(
     size: str = "base",
     frame_skip: int = 2,  # the released model reads every second 10 ms frame (50 Hz)
-    slice_size: int = 8,  # K: slices of K + 1 frames (180 ms at 50 Hz)
+    slice_size: int = 20,  # K: slices of K + 1 frames (the paper's K = 20; 420 ms at 50 Hz)
     mask_prob: float = 0.65,  # wav2vec 2.0, sec. 4.2: p = 0.065 of frames start a span ...
     mask_span: int = 10,  # ... of M = 10 frames
     min_masks: int = 2,

@@ -93,6 +93,21 @@ def test_mask_replaces_only_masked_frames_with_the_learned_embedding():
     assert torch.equal(enc.mask_embedding.grad, torch.full((enc.dim,), 3.0))
 
 
+def test_an_input_masking_encoder_masks_frontend_frames_before_the_projection():
+    """``mask_input`` (DeCoAR 2.0): masking the projected features equals projecting the input
+    with its masked frames replaced by the learned input frame, LayerNorm included."""
+    base = _speech("fbank_tiny")
+    enc = AudioEncoder(base.frontend, base.projection, base.transformer, mask_input=True).eval()
+    assert enc.mask_embedding.shape == (enc.feature_dim,) != (enc.dim,)
+    raw = torch.randn(2, 6, enc.feature_dim)
+    pred_mask = torch.zeros(2, 6, dtype=torch.bool)
+    pred_mask[0, 1:3] = True
+    pred_mask[1, 5] = True
+    masked = torch.where(pred_mask.unsqueeze(-1), enc.mask_embedding, raw)
+    expected = enc.projection.linear(enc.projection.norm(masked))
+    assert torch.allclose(enc.mask(enc.project(raw)[0], pred_mask), expected, atol=1e-6)
+
+
 def test_zero_length_utterance_in_a_batch_gets_no_frames():
     enc = _speech("wavlm_tiny").eval()
     audio = torch.randn(3, 4000)

@@ -28,13 +28,14 @@ def _masked(model, batch: dict) -> dict:
 
 def test_slice_l1_reads_the_slices_of_masked_frames_only():
     """K = 1 on a 4-frame utterance padded to 5, frames 1 and 3 masked: the slices are
-    (x1, x2) predicted at frame 1 and x3 at frame 3 (x4 is padding)."""
+    (x1, x2) predicted at frame 1 and x3 at frame 3 (x4 is padding): summed over each slice,
+    averaged over the two masked frames."""
     frames = torch.tensor([0.0, 1.0, 2.0, 3.0, 9.0]).view(1, 5, 1)
     pred = torch.tensor([[5.0, 5.0], [1.5, 4.0], [7.0, 7.0], [2.0, 8.0], [6.0, 6.0]]).view(1, 5, 2, 1)
     mask = torch.tensor([[False, True, False, True, False]])
     lengths = torch.tensor([4])
     loss, weight = slice_l1(pred, frames, lengths, mask)
-    assert loss.item() == pytest.approx((0.5 + 2.0 + 1.0) / 3)  # |1.5-1| + |4-2| + |2-3|
+    assert loss.item() == pytest.approx((0.5 + 2.0 + 1.0) / 2)  # |1.5-1| + |4-2|, |2-3|
     assert weight[0].tolist() == [[False, False], [True, True], [False, False], [True, False], [False, False]]
 
     def again(frames=frames, pred=pred):
@@ -50,7 +51,7 @@ def test_slice_l1_reads_the_slices_of_masked_frames_only():
     assert again(pred=other).item() == pytest.approx(loss.item())
     inside = frames.clone()
     inside[0, 2] = 4.0  # unmasked, but in frame 1's slice: |4 - 4| replaces |4 - 2|
-    assert again(frames=inside).item() == pytest.approx(1.5 / 3)
+    assert again(frames=inside).item() == pytest.approx(1.5 / 2)
 
 
 def test_diversity_loss_averages_the_code_distribution_over_masked_frames():
@@ -66,9 +67,10 @@ def test_diversity_loss_averages_the_code_distribution_over_masked_frames():
 
 
 def test_loss_is_the_l1_of_the_chosen_codes_plus_alpha_times_the_diversity():
-    """Eval mode, by hand: the best entry of each codebook at every frame, the heads on their
-    concatenation, L1 over the masked slices, and the diversity of the softmax averaged over
-    the masked frames, weighted by alpha = 0.3."""
+    """Eval mode, by hand: the input log mels with masked frames replaced by the mask frame,
+    projected; the best entry of each codebook at every frame, the heads on their
+    concatenation, L1 summed over each masked frame's slice and averaged over the masked frames,
+    and the diversity of the softmax averaged over the masked frames, weighted by alpha = 0.3."""
     model = _model(codebook_entries=4, slice_size=2, diversity_weight=0.3).eval()
     batch = _masked(model, tiny_audio_batch())
     mask = batch["pred_mask"]
@@ -76,23 +78,26 @@ def test_loss_is_the_l1_of_the_chosen_codes_plus_alpha_times_the_diversity():
     with torch.no_grad():
         out = model(batch)
         feats = enc.extract(batch["audio"], batch["audio_lens"])
-        hidden = enc.contextualize(enc.mask(feats.x, mask), feats.lengths).hidden
+        masked = torch.where(mask.unsqueeze(-1), enc.mask_embedding, feats.raw)  # (B, T, 80)
+        hidden = enc.contextualize(enc.projection.linear(masked), feats.lengths).hidden
         scores = q.weight_proj(hidden).view(*hidden.shape[:2], 2, 4)  # (B, T, G, V)
         codes = scores.argmax(-1)
         code = torch.cat([q.codebook[0][codes[..., 0]], q.codebook[1][codes[..., 1]]], dim=-1)
         pred = model.heads(code).view(*code.shape[:2], 3, 80)
-    total, count = 0.0, 0
+    total, count, masked_frames = 0.0, 0, 0
     for b, n in enumerate(feats.lengths.tolist()):
         for t in range(n):
+            masked_frames += int(mask[b, t])
             for i in range(3):
                 if mask[b, t] and t + i < n:
                     total += (pred[b, t, i] - feats.raw[b, t + i]).abs().sum().item()
-                    count += 80
-    l1 = total / count
+                    count += 1
+    l1 = total / masked_frames
     average = scores.softmax(-1)[mask].mean(0)  # (G, V) over the masked frames
     perplexity = sum(math.exp(-(p * p.log()).sum().item()) for p in average)
     diversity = (8 - perplexity) / 8
-    assert count > 0 and out["slice_frames"].item() == count / 80
+    assert count > masked_frames > 0 and out["slice_frames"].item() == count
+    assert out["masked_frames"].item() == masked_frames
     assert out["l1_loss"].item() == pytest.approx(l1, rel=1e-5)
     assert out["diversity_loss"].item() == pytest.approx(diversity, rel=1e-4)
     assert out["loss"].item() == pytest.approx(l1 + 0.3 * diversity, rel=1e-5)
@@ -132,9 +137,9 @@ def test_padded_batch_equals_each_utterance_alone():
         out = model(batch)
         noisy = model(noisy_padding(batch))
     assert out["slice_frames"].item() > 0
-    assert out["loss"].item() == pytest.approx(alone_average(model, batch, "slice_frames"), abs=1e-5)
+    assert out["loss"].item() == pytest.approx(alone_average(model, batch, "masked_frames"), rel=1e-5)
     for key in ("loss", "perplexity", "code_perplexity"):
-        assert noisy[key].item() == pytest.approx(out[key].item(), abs=1e-5)
+        assert noisy[key].item() == pytest.approx(out[key].item(), rel=1e-5, abs=1e-5)
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -172,7 +177,8 @@ def test_the_base_size_is_the_released_model():
     conv = enc.transformer.pos_conv.conv
     assert conv.kernel_size == (128,) and conv.groups == 16 and enc.transformer.layer_drop == 0.05
     assert (model.quantizer.groups, model.quantizer.entries) == (2, 320)
-    assert model.heads.out_features == 9 * 80
+    assert model.heads.out_features == 21 * 80  # K = 20
+    assert enc.mask_input and enc.mask_embedding.shape == (80,)  # a log-mel frame
 
 
 def test_recipe_pretrains_and_asr_fine_tuning_starts_from_its_encoder(synth_tiny, tmp_path):
@@ -186,7 +192,8 @@ def test_recipe_pretrains_and_asr_fine_tuning_starts_from_its_encoder(synth_tiny
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     assert all(
-        0 < m["l1_loss"] < 10 and 0 <= m["diversity_loss"] <= 1 and m["slice_frames"] > 0 for m in lines
+        0 < m["l1_loss"] < 10 * 21 * 80 and 0 <= m["diversity_loss"] <= 1 and m["slice_frames"] > 0
+        for m in lines
     )
 
     feats = tmp_path / "feats"
