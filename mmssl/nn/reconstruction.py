@@ -154,8 +154,9 @@ class SubsampledLogMelFrontend(nn.Module):
         self.log_mel, self.every = log_mel, every
         self.num_mel_bins = self.out_dim = log_mel.out_dim
         spec = log_mel.frame_spec
-        # ceil(n / every) frames, the count of stacking ``every`` frames into one
-        self.frame_spec = FrameSpec(spec.kernels, spec.strides, every)
+        # keeping every ``every``-th frame is one more layer of kernel 1 and stride ``every``:
+        # ceil(n / every) frames, each reading the 400 samples of the one mel frame it keeps
+        self.frame_spec = FrameSpec((*spec.kernels, 1), (*spec.strides, every))
         self.frame_rate = log_mel.frame_rate / every
         self.receptive_field = log_mel.receptive_field
 

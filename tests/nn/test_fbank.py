@@ -28,6 +28,8 @@ def test_framespec_window_is_the_samples_one_frame_reads():
     # wav2vec 2.0's conv stack: 400 samples (25 ms) at a 320-sample hop (fairseq's receptive field)
     spec = FrameSpec((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
     assert spec.window == 400
+    # every second filterbank frame kept (DeCoAR 2.0's input): still one 400-sample window each
+    assert FrameSpec((400, 1), (160, 2)).window == 400
     # the window is the shortest input that gives a frame
     assert int(spec(torch.tensor(400))) == 1 and int(spec(torch.tensor(399))) == 0
 

@@ -87,6 +87,11 @@ def test_subsampled_frontend_keeps_every_kth_frame_and_counts_ceil():
     x, lengths = front(batch["audio"], batch["audio_lens"])
     assert lengths.tolist() == [24, 17, 10]
     assert torch.equal(lengths, front.frame_spec(batch["audio_lens"]))
+    short = torch.arange(0, 1200)  # no mel frame up to 399 samples, then one per 160
+    assert torch.equal(
+        front.frame_spec(short), torch.div(LogMelFrontend().frame_spec(short) + 1, 2, rounding_mode="floor")
+    )
+    assert front.frame_spec.window == 400  # a kept frame reads one 25 ms window
     assert x.shape == (3, 24, 80) and front.out_dim == 80 and front.frame_rate == 50.0
     assert torch.equal(x[1, :17], mels[1, 0:33:2])  # frames 0, 2, ..., 32: the last one kept
     assert torch.all(x[2, 10:] == 0)  # padding stays zero
