@@ -36,7 +36,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     for folder in ("km_mfcc", "km_av"):
         quality = json.loads((out / folder / "quality.json").read_text())
         assert 0.0 < quality["by_manifest"]["valid"]["pnmi"] <= 1.0
-    assert "MFCC (iteration-1 targets)" in printed and "AV-HuBERT last layer" in printed
+    assert "MFCC (iteration-1 targets)" in printed and "AV-HuBERT middle layer" in printed
     assert (out / "km_av" / "valid.km").read_text().count("\n") == len(
         (out / "corpus" / "av" / "valid.jsonl").read_text().splitlines()
     )
