@@ -2,7 +2,7 @@
 
     mmssl serve --index INDEX_DIR [--host 127.0.0.1] [--port 8080] [--max-upload-mb 20]
                 [--max-seconds 60] [--max-k 100] [--max-batch N] [--checkpoint RUN_OR_CKPT]
-                [--device auto|cpu|cuda]
+                [--device auto|cpu|cuda] [--workers N]
 
 Loads the index and the run that made it once, then answers over HTTP until interrupted: the
 API and page of ``mmssl.serve.app`` (search by speech upload or recording, or by text when the
@@ -10,12 +10,21 @@ run has a text tower; the indexed images and caption audio by id; ``/health``; `
 Binds the loopback address unless ``--host`` says otherwise; ``--port 0`` takes a free port
 (printed). A port in use, a missing or mixed index, or a run that cannot be loaded are one-line
 errors before anything listens.
+
+``--workers N`` serves from N processes that share the listening socket (the pre-fork model of
+gunicorn and of uvicorn's own ``--workers``), each with its own copy of the model and the index
+and ``cores / N`` torch threads: a query that embeds audio holds one process, so the others keep
+answering. The address is printed once every worker has loaded; a worker that cannot load is
+a one-line error, and stopping the command stops them all.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import multiprocessing as mp
+import os
+import queue
 import socket
 import sys
 
@@ -44,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", help="embed queries with this run or checkpoint instead of the index's"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port, each with its own model and cores / N threads (default 1)",
+    )
 
 
 def check_limits(args: argparse.Namespace) -> None:
@@ -54,8 +69,11 @@ def check_limits(args: argparse.Namespace) -> None:
         and args.max_seconds > 0
         and args.max_k >= 1
         and (args.max_batch is None or args.max_batch >= 1)
+        and args.workers >= 1
     ):
-        raise ConfigError("--max-upload-mb, --max-seconds, --max-k and --max-batch must be positive")
+        raise ConfigError(
+            "--max-upload-mb, --max-seconds, --max-k, --max-batch and --workers must be positive"
+        )
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -77,31 +95,106 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(args: argparse.Namespace) -> int:
-    check_limits(args)
+def _threads(workers: int) -> int:
+    """Torch threads for each of ``workers`` processes: the cores shared among them."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _app(args: argparse.Namespace):
+    """The service and its FastAPI application, as ``args`` ask (in each worker)."""
+    from mmssl.serve.app import create_app  # lazy: FastAPI only for this command
     from mmssl.serve.search import open_service  # lazy: torch and the run only after the checks
 
     device = pick_device(args.device)
     max_batch = args.max_batch if args.max_batch is not None else (8 if device.type == "cuda" else 1)
     service = open_service(args.index, device, args.checkpoint, max_batch)
-    for note in service.notes:
-        print(f"note: {note}", file=sys.stderr)
+    return service, create_app(service, args.max_upload_mb, args.max_seconds, args.max_k, args.workers)
+
+
+def _serve(app, sock: socket.socket) -> None:
     import uvicorn  # lazy: the server library only for this command
 
-    from mmssl.serve.app import create_app  # lazy: FastAPI only for this command
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server.run(sockets=[sock])
 
-    app = create_app(service, args.max_upload_mb, args.max_seconds, args.max_k)
+
+def _worker(args: argparse.Namespace, sock: socket.socket, ready) -> None:
+    """One more server process (spawned): load, say so on ``ready``, serve ``sock`` until stopped."""
+    import torch
+
+    torch.set_num_threads(_threads(args.workers))
+    try:
+        _, app = _app(args)
+    except Exception as err:  # the parent reports it; this process only ends
+        ready.put(f"{type(err).__name__}: {err}")
+        return
+    ready.put(None)
+    _serve(app, sock)
+
+
+def start_workers(args: argparse.Namespace, sock: socket.socket) -> list:
+    """``args.workers - 1`` spawned processes serving ``sock`` beside this one, once all have
+    loaded; a ``ConfigError`` with the first one's error when one cannot load (all stopped)."""
+    ctx = mp.get_context("spawn")  # torch and its threads are not fork-safe
+    ready = ctx.Queue()
+    # only the options, not the parser's handler: what a spawned process unpickles
+    options = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})
+    procs = [
+        ctx.Process(target=_worker, args=(options, sock, ready), daemon=True, name=f"mmssl-serve-{i}")
+        for i in range(1, args.workers)
+    ]
+    for proc in procs:
+        proc.start()
+    errors, pending = [], len(procs)
+    while pending and not errors:
+        try:
+            message = ready.get(timeout=1.0)
+        except queue.Empty:
+            if any(proc.exitcode is not None for proc in procs) and ready.empty():
+                errors.append("it exited while loading")
+            continue
+        pending -= 1
+        if message is not None:
+            errors.append(message)
+    if errors:
+        stop_workers(procs)
+        raise ConfigError(f"--workers {args.workers}: a worker could not load ({errors[0]})")
+    return procs
+
+
+def stop_workers(procs: list) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=20)
+        if proc.is_alive():
+            proc.kill()
+
+
+def run(args: argparse.Namespace) -> int:
+    check_limits(args)
+    if args.workers > 1:
+        import torch
+
+        torch.set_num_threads(_threads(args.workers))
+    service, app = _app(args)
+    for note in service.notes:
+        print(f"note: {note}", file=sys.stderr)
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not ipaddress.ip_address(host).is_loopback:
         print(f"warning: listening on {host}: other machines can query this index", file=sys.stderr)
+    procs = start_workers(args, sock) if args.workers > 1 else []
     described = service.describe()["index"]
     print(
         f"serving {args.index} ({described['images']} images, {described['search']} search) "
-        f"on http://{shown}:{port}/  (API: http://{shown}:{port}/docs)",
+        f"on http://{shown}:{port}/  (API: http://{shown}:{port}/docs)"
+        + (f", {args.workers} workers" if args.workers > 1 else ""),
         flush=True,
     )
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    try:
+        _serve(app, sock)
+    finally:
+        stop_workers(procs)
     return 0

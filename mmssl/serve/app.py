@@ -4,7 +4,7 @@
     POST /search/audio      multipart: ``file`` (any format PyAV decodes), ``k`` -> top images
     POST /search/text       JSON ``{"text": ..., "k": ...}`` (a run with a text tower)
     GET  /items/{id}        an indexed image (by group) or spoken caption (by id)
-    GET  /health            model, index size and search kind
+    GET  /health            model, index size, search kind, server processes
     GET  /docs, /openapi.json  the API, described by FastAPI
 
 Every error is a JSON object ``{"error": "..."}`` that names the problem, with a 4xx status
@@ -15,6 +15,7 @@ is refused from its ``Content-Length``, or once that many bytes have arrived, be
 
 from __future__ import annotations
 
+import os
 import time
 from importlib import resources
 from typing import Annotated
@@ -109,9 +110,13 @@ def _validation_message(err: RequestValidationError) -> str:
 
 
 def create_app(
-    service: SearchService, max_upload_mb: float = 20.0, max_seconds: float = 60.0, max_k: int = 100
+    service: SearchService,
+    max_upload_mb: float = 20.0,
+    max_seconds: float = 60.0,
+    max_k: int = 100,
+    workers: int = 1,
 ) -> FastAPI:
-    """The FastAPI application answering for ``service``."""
+    """The FastAPI application answering for ``service`` (in one of ``workers`` processes)."""
     # FastAPI's /docs page loads Swagger UI from a CDN; fastapi-offline serves the same pages
     # from files in its wheel, so the API's documentation works on a machine with no network
     app = FastAPIOffline(
@@ -141,10 +146,12 @@ def create_app(
     def page():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
+    server = {"workers": workers, "pid": os.getpid()}  # the process that answered
+
     @app.get("/health")
     def health() -> dict:
-        """Model, index size, search kind and the limits on a query."""
-        return {**service.describe(), "limits": limits}
+        """Model, index size, search kind, the limits on a query and the server processes."""
+        return {**service.describe(), "limits": limits, "server": server}
 
     @app.post("/search/audio")
     async def search_audio(

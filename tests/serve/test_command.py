@@ -1,9 +1,11 @@
 """``mmssl serve`` as a command: it listens on the loopback address by default, answers over a
-real socket, refuses a 200 MB body from its header, and a port in use is a one-line error."""
+real socket, refuses a 200 MB body from its header, serves from several processes with
+``--workers``, and a port in use is a one-line error."""
 
 import json
 import socket
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -52,6 +54,36 @@ def test_serve_answers_on_loopback_and_refuses_a_200_mb_body_from_its_header(ser
             reply = reply.decode()
         assert reply.startswith("HTTP/1.1 413") and "upload limit" in reply
         assert json.load(urllib.request.urlopen(f"{url}/health", timeout=30))["status"] == "ok"
+
+
+def _health(url: str) -> dict:
+    return json.load(urllib.request.urlopen(f"{url}/health", timeout=60))
+
+
+def test_workers_share_the_port_and_each_answers_the_same(served_index):
+    index, manifest = served_index
+    record = read_manifest(manifest)[0]
+    body, kind = _multipart(Path(record["audio"]), k=4)
+    with serving(index, "--workers", "2") as url:
+        pids: set[int] = set()
+        with ThreadPoolExecutor(16) as pool:
+            for _ in range(20):  # concurrent requests until both processes have answered
+                answers = list(pool.map(_health, [url] * 16))
+                assert {a["server"]["workers"] for a in answers} == {2}
+                pids |= {a["server"]["pid"] for a in answers}
+                if len(pids) == 2:
+                    break
+            assert len(pids) == 2
+            request = urllib.request.Request(f"{url}/search/audio", body, {"Content-Type": kind})
+            found = list(pool.map(lambda _: json.load(urllib.request.urlopen(request, timeout=60)), range(8)))
+    ranked = [[r["id"] for r in answer["results"]] for answer in found]
+    assert len(ranked[0]) == 4 and all(r == ranked[0] for r in ranked)
+
+
+def test_workers_must_be_positive(served_index, capsys):
+    index, _ = served_index
+    assert main(["serve", "--index", str(index), "--workers", "0"]) == 2
+    assert "and --workers must be positive" in capsys.readouterr().err
 
 
 def test_a_port_in_use_is_a_one_line_error(served_index, capsys):

@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bad-every", type=int, default=10, help="every Nth request is not audio (0: none)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--max-batch", type=int, default=1, help="mmssl serve --max-batch (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="mmssl serve --workers (default 1)")
     parser.add_argument("--out", help="append the summary as one JSON line here")
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     bodies = [multipart(w.name, w.read_bytes(), args.k) for w in wavs[:20]]
     bad = multipart("notes.txt", b"this is not audio\n" * 50, args.k)
     seconds = [probe(w).audio_duration or 0.0 for w in wavs[:20]]
-    with serving(index, "--max-batch", str(args.max_batch)) as url:
+    with serving(index, "--max-batch", str(args.max_batch), "--workers", str(args.workers)) as url:
         for body in bodies[:3]:  # warm-up, not counted
             client(
                 url,
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         "search": args.faiss,
         "clients": args.clients,
         "max_batch": args.max_batch,
+        "workers": args.workers,
         "seconds": round(wall, 1),
         "requests": len(results),
         "requests_per_s": round(len(results) / wall, 1),
