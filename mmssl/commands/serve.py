@@ -120,7 +120,7 @@ def _serve(app, sock: socket.socket) -> None:
 
 def _worker(args: argparse.Namespace, sock: socket.socket, ready) -> None:
     """One more server process (spawned): load, say so on ``ready``, serve ``sock`` until stopped."""
-    import torch
+    import torch  # lazy: torch only once the options are checked
 
     torch.set_num_threads(_threads(args.workers))
     try:
@@ -174,7 +174,7 @@ def stop_workers(procs: list) -> None:
 def run(args: argparse.Namespace) -> int:
     check_limits(args)
     if args.workers > 1:
-        import torch
+        import torch  # lazy: torch only once the options are checked
 
         torch.set_num_threads(_threads(args.workers))
     service, app = _app(args)

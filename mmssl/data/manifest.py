@@ -143,7 +143,7 @@ def subset_indices(count: int, subset: float | int | None, seed: int = 0) -> lis
     if subset >= 1 and float(subset) != int(subset):
         raise ConfigError(f"a subset of {subset!r}: a fraction is below 1, a record count is whole")
     wanted = max(1, round(subset * count)) if subset < 1 else min(int(subset), count)
-    import torch  # here, not at import: `mmssl synth`'s workers write manifests without torch
+    import torch  # lazy: `mmssl synth`'s workers (a fork per utterance) write manifests without it
 
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(count, generator=generator)[:wanted].tolist())
