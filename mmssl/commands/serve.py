@@ -27,6 +27,8 @@ import os
 import queue
 import socket
 import sys
+import threading
+import time
 
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError
@@ -118,10 +120,21 @@ def _serve(app, sock: socket.socket) -> None:
     server.run(sockets=[sock])
 
 
-def _worker(args: argparse.Namespace, sock: socket.socket, ready) -> None:
-    """One more server process (spawned): load, say so on ``ready``, serve ``sock`` until stopped."""
+def _exit_with(parent: int) -> None:
+    """Leave this process as soon as ``parent`` is gone. A parent stopped by SIGTERM never reaches
+    its ``finally`` (uvicorn re-raises the signal once it has shut down), so a worker would
+    otherwise go on serving, orphaned, on the shared socket."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _worker(args: argparse.Namespace, sock: socket.socket, ready, parent: int) -> None:
+    """One more server process (spawned): load, say so on ``ready``, serve ``sock`` until stopped
+    or until the process ``parent`` ends."""
     import torch  # lazy: torch only once the options are checked
 
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
     torch.set_num_threads(_threads(args.workers))
     try:
         _, app = _app(args)
@@ -140,7 +153,9 @@ def start_workers(args: argparse.Namespace, sock: socket.socket) -> list:
     # only the options, not the parser's handler: what a spawned process unpickles
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})
     procs = [
-        ctx.Process(target=_worker, args=(options, sock, ready), daemon=True, name=f"mmssl-serve-{i}")
+        ctx.Process(
+            target=_worker, args=(options, sock, ready, os.getpid()), daemon=True, name=f"mmssl-serve-{i}"
+        )
         for i in range(1, args.workers)
     ]
     for proc in procs:

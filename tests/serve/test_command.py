@@ -3,7 +3,9 @@ real socket, refuses a 200 MB body from its header, serves from several processe
 ``--workers``, and a port in use is a one-line error."""
 
 import json
+import os
 import socket
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +80,22 @@ def test_workers_share_the_port_and_each_answers_the_same(served_index):
             found = list(pool.map(lambda _: json.load(urllib.request.urlopen(request, timeout=60)), range(8)))
     ranked = [[r["id"] for r in answer["results"]] for answer in found]
     assert len(ranked[0]) == 4 and all(r == ranked[0] for r in ranked)
+    # stopped (SIGTERM), the command takes every worker with it: none is left serving, orphaned
+    deadline = time.monotonic() + 30
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pids)
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        alive.add(pid)
+    return alive
 
 
 def test_workers_must_be_positive(served_index, capsys):
