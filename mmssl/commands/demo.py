@@ -40,6 +40,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mmssl import cli
+from mmssl.commands.kmeans import layer_features_name
 from mmssl.config import CONFIG_FILE, load_yaml
 from mmssl.data.importers import KMEANS_FILE, read_kmeans_state
 from mmssl.errors import DataError, MmsslError
@@ -196,10 +197,9 @@ def clusters_done(km: Path, pretrain: Path, layer: str) -> bool:
     if latest is None or not (km / KMEANS_FILE).is_file():
         return False
     state = read_kmeans_state(km)
-    return (
-        state.get("weights") == str((latest / MODEL_FILE).resolve())
-        and state.get("features") == f"checkpoint:{pretrain}:layer{layer}"
-    )
+    return state.get("weights") == str((latest / MODEL_FILE).resolve()) and state.get(
+        "features"
+    ) == layer_features_name(str(pretrain), layer)
 
 
 def noisy_done(asr: Path, out: Path, noise_types: str, snrs: str) -> bool:

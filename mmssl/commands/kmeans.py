@@ -303,6 +303,12 @@ def fit_kmeans(
     return km, {index: x[start : start + length] for index, (start, length) in spans.items()}
 
 
+def layer_features_name(checkpoint: str, layer: int | str) -> str:
+    """How ``kmeans.pt`` names the features of layer ``layer`` of the run ``checkpoint`` (so a
+    caller can tell which layer an existing clustering is of)."""
+    return f"checkpoint:{checkpoint}:layer{layer}"
+
+
 def feature_source(args: argparse.Namespace, device: torch.device) -> FeatureSource:
     """MFCC, or layer ``--layer`` of the run ``--checkpoint``."""
     if args.checkpoint is None:
@@ -310,7 +316,7 @@ def feature_source(args: argparse.Namespace, device: torch.device) -> FeatureSou
     fn, rate, window = encoder_layer_features(load_encoder_from_run(args.checkpoint), args.layer, device)
     # the weights file whose layer was clustered, so a stale clustering shows
     weights = str(resolve_weights(args.checkpoint).resolve())
-    return FeatureSource(fn, rate, window, f"checkpoint:{args.checkpoint}:layer{args.layer}", weights)
+    return FeatureSource(fn, rate, window, layer_features_name(args.checkpoint, args.layer), weights)
 
 
 def run(args: argparse.Namespace) -> int:
