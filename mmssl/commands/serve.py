@@ -103,10 +103,15 @@ def _threads(workers: int) -> int:
 
 
 def _app(args: argparse.Namespace):
-    """The service and its FastAPI application, as ``args`` ask (in each worker)."""
+    """The service and its FastAPI application, as ``args`` ask (in each worker, with its share
+    of the cores when there are several)."""
+    import torch  # lazy: torch and the run only after the checks
+
     from mmssl.serve.app import create_app  # lazy: FastAPI only for this command
     from mmssl.serve.search import open_service  # lazy: torch and the run only after the checks
 
+    if args.workers > 1:
+        torch.set_num_threads(_threads(args.workers))
     device = pick_device(args.device)
     max_batch = args.max_batch if args.max_batch is not None else (8 if device.type == "cuda" else 1)
     service = open_service(args.index, device, args.checkpoint, max_batch)
@@ -132,10 +137,7 @@ def _exit_with(parent: int) -> None:
 def _worker(args: argparse.Namespace, sock: socket.socket, ready, parent: int) -> None:
     """One more server process (spawned): load, say so on ``ready``, serve ``sock`` until stopped
     or until the process ``parent`` ends."""
-    import torch  # lazy: torch only once the options are checked
-
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
-    torch.set_num_threads(_threads(args.workers))
     try:
         _, app = _app(args)
     except Exception as err:  # the parent reports it; this process only ends
@@ -188,10 +190,6 @@ def stop_workers(procs: list) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_limits(args)
-    if args.workers > 1:
-        import torch  # lazy: torch only once the options are checked
-
-        torch.set_num_threads(_threads(args.workers))
     service, app = _app(args)
     for note in service.notes:
         print(f"note: {note}", file=sys.stderr)
