@@ -107,7 +107,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
 
 
 def test_a_noisy_evaluation_counts_as_done_only_over_every_record_and_cell(tmp_path):
-    from mmssl.commands.demo import noisy_done
+    from mmssl.commands.demo_done import noisy_done
     from mmssl.runs import LATEST, MODEL_FILE, STATE_FILE
 
     step = tmp_path / "asr" / "checkpoints" / "step_00000002"
