@@ -145,7 +145,10 @@ def test_padded_batch_equals_each_utterance_alone():
 def test_loss_falls_when_overfitting_one_batch():
     model = _model()
     batch = _masked(model, tiny_audio_batch())
-    losses = overfit(model, batch, steps=40, lr=1e-2)
+    # 21-frame slices (K = 20): at lr 1e-2 the loss fell but jumped between steps (0.53 of the
+    # start after 40 steps with AVX-512, 0.65 on an AVX2-only CPU); at 5e-3 it falls smoothly,
+    # the same on both (0.37 after 60 steps)
+    losses = overfit(model, batch, steps=60, lr=5e-3)
     assert losses[-1] < 0.6 * losses[0]
 
 
