@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from mmssl.commands.demo_done import (
     index_done,
     noisy_done,
 )
+from mmssl.commands.together import Job, run_together
 from mmssl.data.importers import KMEANS_FILE
 from mmssl.errors import DataError, MmsslError
 from mmssl.eval.summary import claim_lines, collect, write_report, write_summary
@@ -133,12 +135,14 @@ def _on_gpu(device: str) -> bool:
 @dataclass
 class Stage:
     """One ``mmssl`` command line; ``done()`` says its output is there and current; ``before()``
-    (when set) clears outputs made from other inputs before the stage runs."""
+    (when set) clears outputs made from other inputs before the stage runs; ``beside``: on a
+    CPU it runs at the same time as the stage before it (:mod:`mmssl.commands.together`)."""
 
     title: str
     argv: list[str]
     done: Callable[[], bool] = lambda: False
     before: Callable[[], None] | None = None
+    beside: bool = False
 
     @property
     def resumes(self) -> bool:
@@ -189,6 +193,7 @@ def finetune_stage(
     init: Path | None,
     subset: float | None,
     dependents: tuple[Path, ...] = (),
+    beside: bool = False,
 ) -> Stage:
     """CTC fine-tuning into ``asr`` from the pretraining run ``init`` (None: from scratch, the
     same encoder architecture), on every training transcript or on a seeded ``subset``.
@@ -243,6 +248,7 @@ def finetune_stage(
         argv,
         lambda: asr_done(asr, init, steps),
         lambda: clear_stale_asr(asr, init, dependents=dependents),
+        beside,
     )
 
 
@@ -257,7 +263,7 @@ def lm_stage(plan: Plan) -> Stage:
 
 
 def noisy_stage(
-    plan: Plan, title: str, asr: Path, noise_types: str, snrs: str, greedy: bool = False
+    plan: Plan, title: str, asr: Path, noise_types: str, snrs: str, greedy: bool = False, beside: bool = False
 ) -> Stage:
     """WER of ``asr``'s latest checkpoint on every test record, noise types x SNRs x modalities,
     decoded by beam search with the language model (``greedy``: greedily, into
@@ -287,6 +293,7 @@ def noisy_stage(
             *decoding,
         ],
         lambda: noisy_done(asr, out, noise_types, snrs),
+        beside=beside,
     )
 
 
@@ -449,6 +456,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
             NOISE_TYPES,
             SNRS,
             greedy=True,
+            beside=True,
         ),
         finetune_stage(
             plan,
@@ -463,6 +471,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
             subset_scratch,
             None,
             SUBSET,
+            beside=True,
         ),
         noisy_stage(
             plan,
@@ -477,6 +486,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
             subset_scratch,
             SUBSET_NOISE_TYPES,
             SUBSET_SNRS,
+            beside=True,
         ),
         *retrieval_stages(plan, asr),
     ]
@@ -535,31 +545,74 @@ def _stage_seconds(out: Path) -> dict[str, float]:
         raise DataError(message) from None
 
 
-def run(args: argparse.Namespace) -> int:
-    plan = stages(args)
-    print(f"mmssl demo: {len(plan)} stages into {args.out}")
-    seconds = _stage_seconds(args.out)  # of earlier runs of the demo, for the stages they ran
-    for i, stage in enumerate(plan, 1):
-        print(f"\n[{i}/{len(plan)}] {stage.title}\n    $ mmssl {' '.join(stage.argv)}", flush=True)
-        if stage.done():
-            print("    already done, skipped")
-            continue
-        if stage.before is not None:
-            stage.before()
-        start = time.time()
+def _run_stages(out: Path, pending: list[Stage], number: dict[int, int]) -> dict[str, float]:
+    """Run ``pending`` (none, one in this process, or several side by side); seconds by title."""
+    if not pending:
+        return {}
+    if len(pending) == 1:
+        stage, start = pending[0], time.time()
         code = cli.main(stage.argv)
         if code != 0:
             raise MmsslError(
-                f"stage {i} ({stage.title}) failed with exit status {code}; "
+                f"stage {number[id(stage)]} ({stage.title}) failed with exit status {code}; "
                 f"run `mmssl demo` again to continue from there"
             )
-        # a stage that resumes (training) adds to its earlier runs' time; one that is redone replaces it
-        earlier = seconds.get(stage.title, 0.0) if stage.resumes else 0.0
-        seconds[stage.title] = round(earlier + time.time() - start, 1)
-        (args.out / "seconds.json").write_text(json.dumps(seconds, indent=2) + "\n", encoding="utf-8")
-        print(f"    done in {seconds[stage.title]:.0f} s", flush=True)
+        return {stage.title: time.time() - start}
+    jobs = [Job(s.title, s.argv, out / "logs" / f"{number[id(s)]:02d}_{s.argv[0]}.log") for s in pending]
+    print(
+        f"\n    stages {', '.join(str(number[id(s)]) for s in pending)} side by side; their output: "
+        + ", ".join(str(job.log) for job in jobs),
+        flush=True,
+    )
+    try:
+        return run_together(jobs)
+    except MmsslError as err:
+        raise MmsslError(f"{err}; run `mmssl demo` again to continue from there") from None
+
+
+def _groups(plan: list[Stage]) -> list[list[Stage]]:
+    """The stages in order, each with the ``beside`` stages that follow it."""
+    groups: list[list[Stage]] = []
+    for stage in plan:
+        if stage.beside and groups:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = stages(args)
+    number = {id(stage): i for i, stage in enumerate(plan, 1)}
+    # stages side by side on a CPU with cores to share (on a GPU one after the other)
+    together = not make_plan(args).gpu and (os.cpu_count() or 1) >= 2
+    print(f"mmssl demo: {len(plan)} stages into {args.out}")
+    seconds = _stage_seconds(args.out)  # of earlier runs of the demo, for the stages they ran
+    for group in _groups(plan) if together else [[stage] for stage in plan]:
+        pending = []
+        for stage in group:
+            header = f"[{number[id(stage)]}/{len(plan)}] {stage.title}"
+            print(f"\n{header}\n    $ mmssl {' '.join(stage.argv)}", flush=True)
+            if stage.done():
+                print("    already done, skipped")
+            else:
+                pending.append(stage)
+        for stage in pending:
+            if stage.before is not None:
+                stage.before()
+        took = _run_stages(args.out, pending, number)
+        for stage in pending:
+            # a stage that resumes (training) adds to its earlier runs' time; one that is redone replaces it
+            earlier = seconds.get(stage.title, 0.0) if stage.resumes else 0.0
+            seconds[stage.title] = round(earlier + took[stage.title], 1)
+            print(f"    [{number[id(stage)]}] done in {seconds[stage.title]:.0f} s", flush=True)
+        if pending:
+            (args.out / "seconds.json").write_text(json.dumps(seconds, indent=2) + "\n", encoding="utf-8")
+    # the stages' wall time: those side by side count once, as the longest of them
+    groups = _groups(plan) if together else [[stage] for stage in plan]
+    total = sum(max((seconds.get(s.title, 0.0) for s in group), default=0.0) for group in groups)
     print(summary(args.out))
-    result = collect(args.out, {s.title: seconds[s.title] for s in plan if s.title in seconds})
+    result = collect(args.out, {s.title: seconds[s.title] for s in plan if s.title in seconds}, total)
     claims = write_summary(args.out, result)
     report = write_report(args.out, result, claims, [" ".join(s.argv) for s in plan])
     print("\nclaims (summary.json, report.md):")

@@ -33,6 +33,7 @@ from mmssl.errors import ConfigError
 from mmssl.nn import frontend as fe
 from mmssl.nn import transformer as tr
 from mmssl.nn.context import CausalTransformerContext, RecurrentContext
+from mmssl.nn.dropout import Dropout
 from mmssl.nn.gradient import scale_grad
 from mmssl.nn.reconstruction import LogMelFrontend, SubsampledLogMelFrontend
 from mmssl.registry import ENCODERS
@@ -48,7 +49,7 @@ class FeatureProjection(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim) if norm else nn.Identity()
         self.linear = nn.Linear(in_dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def project(self, x: Tensor) -> Tensor:
         """LayerNorm and linear, without the dropout. ``(B, T, F)`` -> ``(B, T, C)``."""

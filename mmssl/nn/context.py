@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mmssl.errors import ConfigError
+from mmssl.nn.dropout import Dropout
 from mmssl.nn.padding import lengths_to_padding_mask
 from mmssl.nn.quantizer import GumbelProductQuantizer, QuantizerOutput
 from mmssl.nn.transformer import (
@@ -80,7 +81,7 @@ class RecurrentContext(nn.Module):
         self.layers = nn.ModuleList(
             rnn(input_dim if i == 0 else dim, dim, batch_first=True) for i in range(num_layers)
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """``x (B, T, C_in)``, ``lengths (B,)`` -> ``(B, T, C)``."""

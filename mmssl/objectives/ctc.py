@@ -59,6 +59,7 @@ from mmssl.encoders.audio import AudioEncoder
 from mmssl.encoders.base import AudioVisualEncoder, FrameSpec, SpeechEncoder
 from mmssl.encoders.fusion import sample_keep
 from mmssl.errors import ConfigError, DataError
+from mmssl.nn.dropout import Dropout
 from mmssl.nn.frontend import ConvFrontend
 from mmssl.nn.masking import compute_span_mask, hook_generator
 from mmssl.nn.padding import lengths_to_padding_mask
@@ -225,7 +226,7 @@ class CTCObjective(Objective):
         self.encoder, self.units, self.hook = encoder, units, hook
         self.audio_visual = isinstance(encoder, AudioVisualEncoder)
         self.modalities = tuple(encoder.modalities) if self.audio_visual else ("audio",)
-        self.dropout = nn.Dropout(final_dropout)
+        self.dropout = Dropout(final_dropout)
         self.head = nn.Linear(encoder.dim, units.size)
         self.freeze_steps = freeze_steps
         self.augment_after = augment_after

@@ -1,4 +1,5 @@
 import json
+import os
 
 import torch
 from omegaconf import OmegaConf
@@ -69,6 +70,13 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert {r["decoding"] for r in summary["wer_greedy"]} == {"greedy"} and len(summary["wer_greedy"]) == 21
     assert set(summary["pnmi"]) == {"mfcc", "pretrained"} and summary["retrieval"]["images"] >= 1
     assert summary["seconds"]["total"] > 0 and summary["cores"] >= 1
+    if (os.cpu_count() or 1) >= 2:
+        # the two subset fine-tunings ran side by side, each into its log, and so did their
+        # evaluations and the two decodings of the main run: the total counts them once
+        assert printed.count("side by side; their output:") == 3
+        assert len(list((out / "logs").glob("*_finetune-asr.log"))) == 2
+        stage_seconds = [v for k, v in summary["seconds"].items() if k != "total"]
+        assert max(stage_seconds) <= summary["seconds"]["total"] < sum(stage_seconds)
     assert [c["number"] for c in summary["claims"]] == [1, 2, 3, 4, 5, 6]
     assert "claims (summary.json, report.md):" in printed and (out / "report.md").is_file()
     # the scratch baseline used the same subset, from random weights of the same architecture

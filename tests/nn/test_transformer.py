@@ -75,6 +75,30 @@ def test_sdpa_attention_matches_explicit_softmax(gated):
     assert torch.allclose(out, _reference_attention(att, x, pad, bias), atol=1e-5)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_cpu_training_attention_with_dropout_is_the_explicit_softmax(gated):
+    # in training on a CPU, attention with dropout is written out (mmssl.nn.dropout); with a
+    # dropout that keeps every weight it must equal the eval-mode (SDPA) result
+    torch.manual_seed(0)
+    att = SelfAttention(16, 4, dropout=1e-9, gated=gated)
+    if gated:
+        torch.nn.init.normal_(att.gate_scale)
+    x = torch.randn(2, 7, 16)
+    pad = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
+    bias = torch.randn(4, 7, 7) if gated else None
+    trained = att.train()(x, pad, bias)
+    assert torch.allclose(trained, att.eval()(x, pad, bias), atol=1e-5)
+    assert torch.allclose(trained, _reference_attention(att, x, pad, bias), atol=1e-5)
+
+
+def test_cpu_attention_dropout_drops_weights_in_training_only():
+    torch.manual_seed(0)
+    att = SelfAttention(16, 4, dropout=0.5)
+    x, pad = torch.randn(2, 7, 16), torch.zeros(2, 7, dtype=torch.bool)
+    assert not torch.allclose(att.train()(x, pad), att.eval()(x, pad), atol=1e-3)
+    assert torch.equal(att.eval()(x, pad), att.eval()(x, pad))
+
+
 def test_conv_position_embedding_keeps_length_and_causal_variant_ignores_future():
     torch.manual_seed(0)
     for kernel in (4, 5):
