@@ -49,6 +49,16 @@ def latest_counter(log: Path) -> tuple[int, int] | None:
     return (int(found[-1][0]), int(found[-1][1])) if found else None
 
 
+def follow(bar: tqdm, counter: tuple[int, int]) -> None:
+    """Move ``bar`` to a command's ``counter`` (n, total). A counter with another total, or one
+    that went back, is the command's next progress bar (its validation after its training,
+    say): the bar starts over, so its rate and time left are that counter's own."""
+    if counter[1] != bar.total or counter[0] < bar.n:
+        bar.reset(total=counter[1])
+    bar.n = counter[0]
+    bar.refresh()
+
+
 def run_together(jobs: list[Job], cores: int | None = None) -> dict[str, float]:
     """Run ``jobs`` at the same time, each with ``cores // len(jobs)`` threads (at least one);
     seconds each took, by title. ``MmsslError`` naming the failed commands and their logs when
@@ -69,8 +79,7 @@ def run_together(jobs: list[Job], cores: int | None = None) -> dict[str, float]:
             for job, process, bar in zip(jobs, running, bars):
                 counter = latest_counter(job.log)
                 if counter is not None and job.title not in seconds:
-                    bar.total, bar.n = counter[1], counter[0]
-                    bar.refresh()
+                    follow(bar, counter)
                 if process.poll() is not None and job.title not in seconds:
                     seconds[job.title] = round(time.time() - start, 1)
     finally:

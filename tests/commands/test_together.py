@@ -1,9 +1,11 @@
+import io
 import json
 import time
 
 import pytest
+from tqdm import tqdm
 
-from mmssl.commands.together import Job, latest_counter, run_together
+from mmssl.commands.together import Job, follow, latest_counter, run_together
 from mmssl.errors import MmsslError
 
 
@@ -16,6 +18,19 @@ def test_latest_counter_reads_the_last_progress_bar_update(tmp_path):
     assert latest_counter(log) == (135, 300)
     log.write_bytes(b"x" * 10_000 + b"\r 99%| 297/300 [02:10<00:01]\r100%| 300/300 [02:11<00:00]\ndone\n")
     assert latest_counter(log) == (300, 300)
+
+
+def test_a_bar_starts_over_when_the_command_moves_to_its_next_counter():
+    bar = tqdm(total=1, file=io.StringIO(), mininterval=0)
+    follow(bar, (400, 800))
+    bar.start_t -= 100  # training has run for 100 s
+    follow(bar, (800, 800))
+    assert (bar.n, bar.total) == (800, 800) and bar.format_dict["elapsed"] >= 100
+    follow(bar, (6, 200))  # the validation pass after training: a new counter
+    assert (bar.n, bar.total) == (6, 200)
+    assert bar.format_dict["elapsed"] < 50  # timed from its own start, not training's
+    follow(bar, (3, 200))  # went back: another bar with the same total
+    assert bar.n == 3 and bar.format_dict["elapsed"] < 50
 
 
 def _manifest(path, words):
