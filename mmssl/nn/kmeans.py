@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -66,6 +67,36 @@ def nearest(
     return labels, dists.clamp_(min=0)  # clamped for rounding
 
 
+def _nearest_split(
+    x: Tensor,
+    centroids: Tensor,
+    chunk: int | None,
+    x_sq: Tensor,
+    sums: Tensor,
+    pool: ThreadPoolExecutor,
+    threads: int,
+) -> tuple[Tensor, Tensor]:
+    """``nearest`` with ``sums`` on a CPU, the rows split into one part per thread of ``pool``,
+    each part in one-thread torch operations: on 2 cores, 10^6 x 39 and K=100, a pass takes
+    0.16 s against 0.29 s for the same operations each spread over both threads (too small
+    for two threads to share well)."""
+    parts = torch.tensor_split(torch.arange(x.shape[0]), threads)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts if p.numel()]
+
+    def part(bound: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        torch.set_num_threads(1)  # this worker thread's own setting
+        start, end = bound
+        own = None if sums is None else torch.zeros_like(sums)
+        labels, dists = nearest(x[start:end], centroids, chunk, x_sq[start:end], sums=own)
+        return labels, dists, own
+
+    results = list(pool.map(part, bounds))
+    for _, _, own in results:
+        if own is not None:
+            sums += own
+    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+
+
 def _sq_dist_to(x: Tensor, x_sq: Tensor, points: Tensor, chunk: int) -> Tensor:
     """``x (N, D)`` with its squared norms ``x_sq (N,)``, ``points (M, D)`` -> ``(N, M)``
     squared distances (M small)."""
@@ -108,6 +139,8 @@ def kmeans_plus_plus(
 
 
 ENGINES = ("auto", "torch", "faiss")
+# a torch Lloyd pass on a CPU splits its rows between threads from this many rows on
+SPLIT_ROWS = 1 << 16
 # Lloyd iterations per faiss ``Clustering.train`` call: one call per iteration cost about 10 %
 # more per iteration than faiss's own loop (10^6 x 39, k=100, 2 cores), five cost 2 %
 FAISS_ROUND = 5
@@ -196,27 +229,40 @@ class KMeans:
         return self
 
     def _lloyd(self, x: Tensor, centroids: Tensor, threshold: float, progress) -> tuple[Tensor, float, int]:
-        """Lloyd iterations in torch: one pass over ``x`` each (``nearest`` with ``sums``),
-        the inertia summed in float64."""
+        """Lloyd iterations in torch: one pass over ``x`` each (``nearest`` with ``sums``; on a
+        CPU with several threads and ``SPLIT_ROWS`` rows or more, one part of the rows per
+        thread), the inertia summed in float64."""
         inertia, it = math.inf, 0
         x_sq = x.pow(2).sum(1)  # (N,), the same every iteration
-        for it in range(1, self.max_iter + 1):
-            sums = torch.zeros_like(centroids)
-            labels, dists = nearest(x, centroids, self.chunk, x_sq, sums=sums)
-            inertia = dists.sum(dtype=torch.float64).item()
-            counts = torch.bincount(labels, minlength=self.k).to(x.dtype)
-            updated = sums / counts.clamp(min=1).unsqueeze(1)
-            empty = counts == 0
-            if empty.any():  # reseed empty clusters on the points farthest from their centroid
-                far = dists.topk(int(empty.sum())).indices
-                updated[empty] = x[far]
-            shift = (updated - centroids).pow(2).sum().item()
-            centroids = updated
-            if progress is not None:
-                progress(it, inertia)
-            if shift <= threshold:
-                break
-        labels, dists = nearest(x, centroids, self.chunk, x_sq)
+        threads = torch.get_num_threads() if x.device.type == "cpu" else 1
+        pool = ThreadPoolExecutor(threads) if threads > 1 and x.shape[0] >= SPLIT_ROWS else None
+
+        def assign(centroids: Tensor, sums: Tensor | None) -> tuple[Tensor, Tensor]:
+            if pool is None:
+                return nearest(x, centroids, self.chunk, x_sq, sums=sums)
+            return _nearest_split(x, centroids, self.chunk, x_sq, sums, pool, threads)
+
+        try:
+            for it in range(1, self.max_iter + 1):
+                sums = torch.zeros_like(centroids)
+                labels, dists = assign(centroids, sums)
+                inertia = dists.sum(dtype=torch.float64).item()
+                counts = torch.bincount(labels, minlength=self.k).to(x.dtype)
+                updated = sums / counts.clamp(min=1).unsqueeze(1)
+                empty = counts == 0
+                if empty.any():  # reseed empty clusters on the points farthest from their centroid
+                    far = dists.topk(int(empty.sum())).indices
+                    updated[empty] = x[far]
+                shift = (updated - centroids).pow(2).sum().item()
+                centroids = updated
+                if progress is not None:
+                    progress(it, inertia)
+                if shift <= threshold:
+                    break
+            _, dists = assign(centroids, None)
+        finally:
+            if pool is not None:
+                pool.shutdown()
         return centroids, dists.sum(dtype=torch.float64).item(), it
 
     def _lloyd_faiss(

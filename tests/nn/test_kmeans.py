@@ -1,8 +1,11 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
 from mmssl.errors import ConfigError
-from mmssl.nn.kmeans import FAISS_ROUND, KMeans, kmeans_plus_plus, nearest
+from mmssl.nn import kmeans as kmeans_module
+from mmssl.nn.kmeans import FAISS_ROUND, KMeans, _nearest_split, kmeans_plus_plus, nearest
 
 
 def _blobs(n: int = 3000, k: int = 12, dim: int = 8, seed: int = 0) -> torch.Tensor:
@@ -53,6 +56,32 @@ def test_nearest_adds_each_row_to_its_centroid_sum_across_blocks():
     assert torch.allclose(dists, brute.min(1).values, atol=1e-3)
     for c in range(7):
         assert torch.allclose(sums[c], 0.5 + x[labels == c].sum(0), atol=1e-4)
+
+
+def test_rows_split_between_threads_give_what_one_pass_gives(monkeypatch):
+    x = _blobs(n=1001, k=9, dim=6, seed=4)
+    centroids = x[:9].clone()
+    x_sq = x.pow(2).sum(1)
+    whole = torch.zeros(9, 6)
+    labels, dists = nearest(x, centroids, 64, x_sq, sums=whole)
+    split = torch.zeros(9, 6)
+    with ThreadPoolExecutor(3) as pool:
+        got_labels, got_dists = _nearest_split(x, centroids, 64, x_sq, split, pool, 3)
+    assert torch.equal(got_labels, labels) and torch.allclose(got_dists, dists)
+    assert torch.allclose(split, whole, atol=1e-4)
+    # a whole fit takes the same steps split or not
+    monkeypatch.setattr(kmeans_module, "SPLIT_ROWS", 10)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threaded = KMeans(9, seed=0, max_iter=8, tol=0, engine="torch").fit(x)
+        assert torch.get_num_threads() == 2  # the workers' one-thread setting stays theirs
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(kmeans_module, "SPLIT_ROWS", 10**9)
+    single = KMeans(9, seed=0, max_iter=8, tol=0, engine="torch").fit(x)
+    assert torch.allclose(threaded.centroids, single.centroids, atol=1e-4)
+    assert abs(threaded.inertia - single.inertia) < 1e-5 * single.inertia
 
 
 def test_plus_plus_seeds_are_distinct_data_points():
