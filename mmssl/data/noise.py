@@ -102,14 +102,18 @@ def snr_range(noise_snr: float | Sequence[float]) -> tuple[float, float]:
 
 class NoiseBank:
     """Noise recordings from a folder (searched recursively, e.g. MUSAN's ``noise/``) or a
-    list of files, decoded on demand to mono at ``sample_rate`` (a few recent files cached).
+    list of files, decoded on demand to mono at ``sample_rate``. Decoded files stay cached, the
+    least recently used dropped first, up to ``cache_bytes`` of samples (256 MiB: 70 minutes
+    at 16 kHz, a whole small noise set such as the built-in corpus's 32 files) and
+    ``cache_files`` files (None: no count limit; 0: no cache). Each data worker holds its own.
     A silent file (``check_noise``) is a ``DataError`` naming it when it is decoded."""
 
     def __init__(
         self,
         folder_or_files: str | os.PathLike | Sequence[str | os.PathLike],
         sample_rate: int = SAMPLE_RATE,
-        cache_files: int = 8,
+        cache_files: int | None = None,
+        cache_bytes: int = 256 << 20,
     ) -> None:
         if isinstance(folder_or_files, (str, os.PathLike)):
             folder = Path(folder_or_files)
@@ -124,8 +128,9 @@ class NoiseBank:
                 raise DataError("NoiseBank: empty list of noise files")
         self.files = [str(p) for p in files]
         self.sample_rate = sample_rate
-        self.cache_files = cache_files
+        self.cache_files, self.cache_bytes = cache_files, cache_bytes
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.files)
@@ -138,8 +143,10 @@ class NoiseBank:
             return self._cache[path]
         wav = check_noise(load_audio(path, self.sample_rate), path)
         self._cache[path] = wav
-        while len(self._cache) > self.cache_files:
-            self._cache.popitem(last=False)
+        self._cached_bytes += wav.nbytes
+        limit = len(self._cache) if self.cache_files is None else self.cache_files
+        while self._cache and (len(self._cache) > limit or self._cached_bytes > self.cache_bytes):
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return wav
 
     def check(self) -> None:
@@ -154,7 +161,7 @@ class NoiseBank:
         return fit_length(self.load(index), num_samples, generator)
 
     def __getstate__(self) -> dict:  # workers start with an empty cache
-        return {**self.__dict__, "_cache": OrderedDict()}
+        return {**self.__dict__, "_cache": OrderedDict(), "_cached_bytes": 0}
 
 
 class WhiteNoise:

@@ -1,4 +1,5 @@
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -67,6 +68,32 @@ def test_noise_bank_and_add_noise(tmp_path):
     for _ in range(5):
         snr = _snr(clean, AddNoise(bank, prob=1.0, snr_range=(5.0, 15.0))(clean, g))
         assert 4.9 < snr < 15.1
+
+
+def test_noise_bank_keeps_decoded_files_within_its_byte_budget(tmp_path, monkeypatch):
+    import mmssl.data.noise as noise_module
+
+    for i in range(12):
+        write_wav(tmp_path / f"n{i:02d}.wav", tone(1600, freq=200 + 50 * i))  # 6,400 bytes decoded
+    decoded = []
+    real = noise_module.load_audio
+    monkeypatch.setattr(noise_module, "load_audio", lambda path, sr: decoded.append(path) or real(path, sr))
+    bank = NoiseBank(tmp_path)  # the default budget holds all twelve (more than the old 8 files)
+    for _ in range(2):
+        for i in range(12):
+            bank.load(i)
+    assert len(decoded) == 12  # each decoded once
+    small = NoiseBank(tmp_path, cache_bytes=3 * 6400)  # three files' worth
+    decoded.clear()
+    for i in (0, 1, 2, 0, 3, 1):  # 3 evicts 1, the least recently used, so 1 is decoded again
+        small.load(i)
+    assert [p.rsplit("/", 1)[-1] for p in decoded] == ["n00.wav", "n01.wav", "n02.wav", "n03.wav", "n01.wav"]
+    assert pickle.loads(pickle.dumps(small))._cached_bytes == 0  # a data worker starts empty
+    decoded.clear()
+    none = NoiseBank(tmp_path, cache_files=0)
+    none.load(0)
+    none.load(0)
+    assert len(decoded) == 2
 
 
 def test_noise_bank_empty_folder(tmp_path):
