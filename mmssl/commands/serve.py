@@ -2,7 +2,7 @@
 
     mmssl serve --index INDEX_DIR [--host 127.0.0.1] [--port 8080] [--max-upload-mb 20]
                 [--max-seconds 60] [--max-k 100] [--max-batch N] [--checkpoint RUN_OR_CKPT]
-                [--device auto|cpu|cuda] [--workers N]
+                [--device auto|cpu|cuda] [--workers N] [--threads N]
 
 Loads the index and the run that made it once, then answers over HTTP until interrupted: the
 API and page of ``mmssl.serve.app`` (search by speech upload or recording, or by text when the
@@ -13,9 +13,14 @@ errors before anything listens.
 
 ``--workers N`` serves from N processes that share the listening socket (the pre-fork model of
 gunicorn and of uvicorn's own ``--workers``), each with its own copy of the model and the index
-and ``cores / N`` torch threads: a query that embeds audio holds one process, so the others keep
+and its share of the cores: a query that embeds audio holds one process, so the others keep
 answering. The address is printed once every worker has loaded; a worker that cannot load is
 a one-line error, and stopping the command stops them all.
+
+``--threads N``: queries each process embeds at once (``mmssl.serve.search``), each on
+``cores / (workers x N)`` torch threads. Default on a CPU: one per core of the process, each on
+one torch thread (lanes share the process's queue, so unlike workers no query waits behind
+another while a core is free); on a GPU: 1.
 """
 
 from __future__ import annotations
@@ -61,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="server processes sharing the port, each with its own model and cores / N threads (default 1)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="queries each process embeds at once, each on cores / (workers x N) torch threads "
+        "(default: a CPU's cores / workers, one torch thread each; 1 on a GPU)",
+    )
 
 
 def check_limits(args: argparse.Namespace) -> None:
@@ -72,9 +84,10 @@ def check_limits(args: argparse.Namespace) -> None:
         and args.max_k >= 1
         and (args.max_batch is None or args.max_batch >= 1)
         and args.workers >= 1
+        and (args.threads is None or args.threads >= 1)
     ):
         raise ConfigError(
-            "--max-upload-mb, --max-seconds, --max-k, --max-batch and --workers must be positive"
+            "--max-upload-mb, --max-seconds, --max-k, --max-batch, --workers and --threads must be positive"
         )
 
 
@@ -84,8 +97,12 @@ def listen(host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
         family = socket.AF_INET  # a host name
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on sockets whose proto says
+    # TCP, and without it a response's body waits for the client's delayed ACK of its headers
+    # (about 40 ms a request on Linux); set on the listener too, which accepted sockets inherit
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
@@ -97,9 +114,12 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _threads(workers: int) -> int:
-    """Torch threads for each of ``workers`` processes: the cores shared among them."""
-    return max(1, (os.cpu_count() or 1) // workers)
+def _lanes(args: argparse.Namespace, device) -> tuple[int, int]:
+    """``(queries embedded at once, torch threads)`` in each of ``args.workers`` processes: the
+    cores shared among the workers, then among the lanes of each."""
+    cores = max(1, (os.cpu_count() or 1) // args.workers)
+    lanes = args.threads or (1 if device.type == "cuda" else cores)
+    return lanes, max(1, cores // lanes)
 
 
 def _app(args: argparse.Namespace):
@@ -110,11 +130,11 @@ def _app(args: argparse.Namespace):
     from mmssl.serve.app import create_app  # lazy: FastAPI only for this command
     from mmssl.serve.search import open_service  # lazy: torch and the run only after the checks
 
-    if args.workers > 1:
-        torch.set_num_threads(_threads(args.workers))
     device = pick_device(args.device)
+    lanes, threads = _lanes(args, device)
+    torch.set_num_threads(threads)
     max_batch = args.max_batch if args.max_batch is not None else (8 if device.type == "cuda" else 1)
-    service = open_service(args.index, device, args.checkpoint, max_batch)
+    service = open_service(args.index, device, args.checkpoint, max_batch, lanes)
     return service, create_app(service, args.max_upload_mb, args.max_seconds, args.max_k, args.workers)
 
 

@@ -5,12 +5,15 @@ A request names an item by its id (an image's group, a spoken caption's id); the
 served are those ``images.jsonl`` and ``speech.jsonl`` list, looked up by id in a table made
 at start-up, so no request can name a path.
 
-The model runs one batch at a time under a lock: PyTorch already spreads a batch over the
-cores, and two at once only fight for them. Spoken queries that arrive while it is busy wait
-together and go through as one padded batch (at most ``max_batch``; padding never changes an
-embedding): on a GPU a queue of N then costs little more than one query; on 2 CPU cores it
-measured no faster than one at a time (BENCHMARKS.md, "Search service"), so ``mmssl serve``
-batches only on a GPU unless told.
+The model runs in at most ``lanes`` threads at once. On a CPU ``mmssl serve`` gives each core a
+lane of one torch thread: a short query's small matrix products use one thread better than
+two, and the lanes share one queue, so no query waits behind another while a core is free
+(BENCHMARKS.md, "Search service": 2 lanes answer about twice the queries of one lane of two
+threads). On a GPU one lane: the device runs one batch at a time anyway. Spoken queries that
+arrive while every lane is busy wait together and go through as one padded batch (at most
+``max_batch``; padding never changes an embedding): on a GPU a queue of N then costs little
+more than one query; on 2 CPU cores it measured no faster than one at a time, so ``mmssl
+serve`` batches only on a GPU unless told.
 
 Shape legend: S samples, D embedding dim.
 """
@@ -55,7 +58,7 @@ class _Job:
     name: str
     embedding: Tensor | None = None
     error: DataError | None = None
-    done: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -70,9 +73,12 @@ class SearchService:
     device: torch.device
     notes: list[str] = field(default_factory=list)
     max_batch: int = MAX_BATCH
-    lock: threading.Lock = field(default_factory=threading.Lock)  # held while the model runs
+    lanes: int = 1  # model calls at once
     waiting: list[_Job] = field(default_factory=list)  # spoken queries not yet embedded
     waiting_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.lane = threading.BoundedSemaphore(self.lanes)  # held while a model call runs
 
     @property
     def has_text(self) -> bool:
@@ -104,13 +110,14 @@ class SearchService:
         job = _Job(limits.apply(wave, name), name)
         with self.waiting_lock:
             self.waiting.append(job)
-        while not job.done:
-            with self.lock:
-                if job.done:
-                    break
+        while not job.done.is_set():
+            with self.lane:  # a free lane embeds the oldest waiting queries, this one among them
                 with self.waiting_lock:
                     batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
-                self._embed_batch(batch)
+                if batch:
+                    self._embed_batch(batch)
+            if not batch:  # another lane has taken this query: its answer comes with that batch
+                job.done.wait()
         if job.error is not None:
             raise job.error
         return job.embedding
@@ -132,7 +139,7 @@ class SearchService:
                 job.error = err
         for i, job in enumerate(batch):
             job.embedding = out[i : i + 1] if out is not None else None
-            job.done = True
+            job.done.set()
 
     def embed_text(self, text: str) -> Tensor:
         if not self.has_text:
@@ -140,7 +147,7 @@ class SearchService:
                 "this index's run has no text tower: text queries need a model trained with "
                 "objective.caption_weight > 0"
             )
-        with self.lock:
+        with self.lane:
             return embed_texts(self.objective, [text], 1, self.device)
 
     def top(self, query: Tensor, k: int) -> tuple[list[dict], float]:
@@ -169,7 +176,11 @@ class SearchService:
 
 
 def open_service(
-    index_dir: str | Path, device: torch.device, checkpoint: str | None = None, max_batch: int = MAX_BATCH
+    index_dir: str | Path,
+    device: torch.device,
+    checkpoint: str | None = None,
+    max_batch: int = MAX_BATCH,
+    lanes: int = 1,
 ) -> SearchService:
     """Read the index, load its run and make the table of files the service may send."""
     index_dir = Path(index_dir)
@@ -196,7 +207,7 @@ def open_service(
         items[cid] = Item(_absolute(row["audio"], meta), "audio")
         captions.setdefault(str(row.get("group")), []).append({"id": cid, "text": row.get("caption") or ""})
     return SearchService(
-        index_dir, meta, rows, captions, items, search, loaded.objective, device, notes, max_batch
+        index_dir, meta, rows, captions, items, search, loaded.objective, device, notes, max_batch, lanes
     )
 
 

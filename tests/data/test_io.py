@@ -1,12 +1,13 @@
 import shutil
 import subprocess
 
+import av
 import numpy as np
 import pytest
 import torch
 import torchaudio.functional as AF
 
-from mmssl.data.io import load_audio, load_image, load_video, probe
+from mmssl.data.io import decode_audio_bytes, load_audio, load_image, load_video, probe
 from mmssl.errors import DataError
 from tests.data.media import clicks, moving_frames, write_adts, write_av, write_wav
 
@@ -147,3 +148,72 @@ def test_bad_media_raise_data_error_naming_file(media, name, loader, reason):
     with pytest.raises(DataError) as err:
         loader(path)
     assert str(err.value).startswith(str(path)) and reason in str(err.value)
+
+
+_SAMPLE_TYPES = {"s16": np.int16, "s32": np.int32, "u8": np.uint8, "flt": np.float32, "dbl": np.float64}
+
+
+def _write_pcm(path, data: np.ndarray, codec: str, container_format: str) -> None:
+    """``data (C, S)`` in [-1, 1) written with ``codec`` from frames of its own sample format."""
+    with av.open(str(path), "w", format=container_format) as container:
+        layout = "mono" if data.shape[0] == 1 else "stereo"
+        stream = container.add_stream(codec, rate=16000, layout=layout)
+        fmt = stream.codec_context.format.name
+        base = fmt.rstrip("p")
+        if base in ("flt", "dbl"):
+            values = data.astype(_SAMPLE_TYPES[base])
+        elif base == "u8":
+            values = np.clip(np.round(data * 128 + 128), 0, 255).astype(np.uint8)
+        else:
+            top = {"s16": 2**15, "s32": 2**31}[base]
+            values = np.clip(np.round(data * top), -top, top - 1).astype(_SAMPLE_TYPES[base])
+        for start in range(0, data.shape[1], 1000):
+            part = values[:, start : start + 1000]
+            array = part if fmt.endswith("p") else part.T.reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(array), format=fmt, layout=layout)
+            frame.sample_rate, frame.pts = 16000, start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def _resampler_decode(path) -> np.ndarray:
+    """``(C, S)`` float32 by FFmpeg's own conversion of every frame (swresample to fltp)."""
+    with av.open(str(path)) as container:
+        to_float = av.AudioResampler(format="fltp")
+        chunks = [out.to_ndarray() for frame in container.decode(audio=0) for out in to_float.resample(frame)]
+        chunks += [out.to_ndarray() for out in to_float.resample(None)]
+    return np.concatenate(chunks, axis=1)
+
+
+@pytest.mark.parametrize(
+    "codec, container_format",
+    [
+        ("pcm_s16le", "wav"),
+        ("pcm_s32le", "wav"),
+        ("pcm_u8", "wav"),
+        ("pcm_f32le", "wav"),
+        ("pcm_f64le", "wav"),
+        ("flac", "flac"),
+        ("pcm_s16le", "matroska"),
+    ],
+)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_samples_equal_ffmpegs_own_float_conversion(tmp_path, codec, container_format, channels):
+    """Frames of s16/s32/flt/dbl (packed or planar) are converted to float here, not by
+    swresample, and u8 is left to it: the numbers must be FFmpeg's to the bit, from a file and
+    from bytes in memory (where a WAVE header also shortens FFmpeg's stream search)."""
+    rng = np.random.default_rng(channels)
+    data = rng.uniform(-1, 1, (channels, 5003)).astype(np.float32)
+    suffix = {"matroska": "mkv"}.get(container_format, container_format)
+    path = tmp_path / f"a.{suffix}"
+    _write_pcm(path, data, codec, container_format)
+    expected = torch.from_numpy(_resampler_decode(path)).mean(0)
+    assert expected.numel() == 5003
+    loaded = load_audio(path)
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
+    from_bytes = decode_audio_bytes(path.read_bytes(), "upload", max_seconds=10)
+    torch.testing.assert_close(from_bytes, expected, rtol=0, atol=0)
+    if channels == 1 and codec.startswith("pcm_s16"):  # and the values written come back
+        np.testing.assert_allclose(loaded.numpy(), data[0], atol=1 / 2**15)

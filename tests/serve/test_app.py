@@ -253,7 +253,7 @@ def test_queries_waiting_together_are_embedded_as_one_batch_with_the_same_answer
     batches = []
     real = service._embed_batch
     service._embed_batch = lambda batch: (batches.append(len(batch)), real(batch))[1]
-    with service.lock:  # the model is busy: every query waits
+    with service.lane:  # the model is busy (one lane): every query waits
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
         for t in threads:
             t.start()
@@ -265,4 +265,31 @@ def test_queries_waiting_together_are_embedded_as_one_batch_with_the_same_answer
     for i in range(4):
         torch.testing.assert_close(results[i], alone[i], atol=1e-5, rtol=1e-4)
     assert isinstance(results[4], DataError) and "q4" in str(results[4]) and "too short" in str(results[4])
+    assert not service.waiting
+
+
+def test_two_lanes_embed_two_queries_at_the_same_time_with_the_same_answers(served_index):
+    index, manifest = served_index
+    service = open_service(index, torch.device("cpu"), max_batch=1, lanes=2)
+    waves = [load_audio(r["audio"]) for r in read_manifest(manifest)[:2]]
+    alone = [service.embed_audio(w, f"q{i}", []) for i, w in enumerate(waves)]
+    both_in = threading.Barrier(2, timeout=60)  # passed only when two model calls run at once
+    real = service._embed_batch
+    service._embed_batch = lambda batch: (both_in.wait(), real(batch))[1]
+    results: dict = {}
+
+    def ask(i):
+        try:
+            results[i] = service.embed_audio(waves[i], f"q{i}", [])
+        except Exception as err:  # a broken barrier: one lane only
+            results[i] = err
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(2):
+        assert isinstance(results[i], torch.Tensor), results[i]
+        torch.testing.assert_close(results[i], alone[i], atol=1e-5, rtol=1e-4)
     assert not service.waiting
