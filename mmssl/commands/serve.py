@@ -2,7 +2,8 @@
 
     mmssl serve --index INDEX_DIR [--host 127.0.0.1] [--port 8080] [--max-upload-mb 20]
                 [--max-seconds 60] [--max-k 100] [--max-batch N] [--checkpoint RUN_OR_CKPT]
-                [--device auto|cpu|cuda] [--workers N] [--threads N]
+                [--device auto|cpu|cuda] [--workers N] [--threads N] [--embedders N]
+                [--quantize int8]
 
 Loads the index and the run that made it once, then answers over HTTP until interrupted: the
 API and page of ``mmssl.serve.app`` (search by speech upload or recording, or by text when the
@@ -21,6 +22,15 @@ a one-line error, and stopping the command stops them all.
 ``cores / (workers x N)`` torch threads. Default on a CPU: one per core of the process, each on
 one torch thread (lanes share the process's queue, so unlike workers no query waits behind
 another while a core is free); on a GPU: 1.
+
+``--embedders N`` (a CPU only): N processes embed the spoken queries, one torch thread each, fed
+from one queue, while the server process keeps HTTP, decoding and image search
+(``mmssl.serve.embedders``): the busiest setting on a small CPU, since no client is tied to a
+busy process and the model runs outside the server's GIL.
+
+``--quantize int8`` (a CPU only): the model's linear layers in int8, quantized dynamically at
+start-up (``mmssl.serve.search.quantize_int8``): cheaper queries, embeddings within a cosine of
+0.999 of the float ones the index holds.
 """
 
 from __future__ import annotations
@@ -67,6 +77,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="server processes sharing the port, each with its own model and cores / N threads (default 1)",
     )
     parser.add_argument(
+        "--embedders",
+        type=int,
+        default=0,
+        help="processes that embed spoken queries for each server process, fed from one queue, one "
+        "torch thread each (a CPU; default 0: the server process embeds them itself)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: the model's linear layers quantized to int8 for cheaper queries on a CPU (default none)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -85,6 +108,7 @@ def check_limits(args: argparse.Namespace) -> None:
         and (args.max_batch is None or args.max_batch >= 1)
         and args.workers >= 1
         and (args.threads is None or args.threads >= 1)
+        and args.embedders >= 0
     ):
         raise ConfigError(
             "--max-upload-mb, --max-seconds, --max-k, --max-batch, --workers and --threads must be positive"
@@ -132,9 +156,12 @@ def _app(args: argparse.Namespace):
 
     device = pick_device(args.device)
     lanes, threads = _lanes(args, device)
+    if args.embedders:
+        lanes = args.embedders  # the server process only waits for them
     torch.set_num_threads(threads)
     max_batch = args.max_batch if args.max_batch is not None else (8 if device.type == "cuda" else 1)
-    service = open_service(args.index, device, args.checkpoint, max_batch, lanes)
+    quantize = None if args.quantize == "none" else args.quantize
+    service = open_service(args.index, device, args.checkpoint, max_batch, lanes, quantize, args.embedders)
     return service, create_app(service, args.max_upload_mb, args.max_seconds, args.max_k, args.workers)
 
 
@@ -230,4 +257,6 @@ def run(args: argparse.Namespace) -> int:
         _serve(app, sock)
     finally:
         stop_workers(procs)
+        if service.embedders is not None:
+            service.embedders.close()
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import mimetypes
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -35,6 +36,7 @@ from mmssl.errors import ConfigError, DataError
 from mmssl.eval.query import query_model, read_index
 from mmssl.eval.retrieval import SPEECH, QueryLimits, embed_texts, embed_waveforms, read_jsonl
 from mmssl.eval.search import ImageSearch
+from mmssl.serve.embedders import Embedders
 
 
 @dataclass
@@ -74,6 +76,8 @@ class SearchService:
     notes: list[str] = field(default_factory=list)
     max_batch: int = MAX_BATCH
     lanes: int = 1  # model calls at once
+    linear: str = "float"  # the model's linear layers: float | int8 (quantize_int8)
+    embedders: Embedders | None = None  # processes that embed spoken queries, or None: this one
     waiting: list[_Job] = field(default_factory=list)  # spoken queries not yet embedded
     waiting_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -93,6 +97,7 @@ class SearchService:
                 "step": self.meta.get("step"),
                 "dim": self.search.dim,
                 "text_queries": self.has_text,
+                "linear_layers": self.linear,
             },
             "index": {
                 "folder": self.index_dir.name,
@@ -126,7 +131,10 @@ class SearchService:
         """Embed ``batch``, each job done with its embedding or its error (never left waiting)."""
         waves, names = [j.wave for j in batch], [j.name for j in batch]
         try:
-            out = embed_waveforms(self.objective, waves, len(batch), self.device, False, names)
+            if self.embedders is not None:
+                out = self.embedders.embed(waves, names)
+            else:
+                out = embed_waveforms(self.objective, waves, len(batch), self.device, False, names)
         except DataError as err:  # a clip too short: embed each alone, so only its own query fails
             if len(batch) > 1:
                 for job in batch:
@@ -175,18 +183,44 @@ class SearchService:
         return results, search_ms
 
 
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every ``nn.Linear`` replaced by PyTorch's dynamically quantized int8
+    linear (weights int8 per tensor, activations quantized per call; fbgemm/x86 kernels, CPU
+    only). For queries on a CPU: the small model's spoken query costs about 40 % less
+    (BENCHMARKS.md, "Search service"), and its embedding keeps a cosine above 0.999 with the
+    float one the index was made with (tests/serve). PyTorch marks this eager API as moving to
+    torchao, whose CPU path needs ``torch.compile``; its deprecation notice is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def open_service(
     index_dir: str | Path,
     device: torch.device,
     checkpoint: str | None = None,
     max_batch: int = MAX_BATCH,
     lanes: int = 1,
+    quantize: str | None = None,
+    embedders: int = 0,
 ) -> SearchService:
-    """Read the index, load its run and make the table of files the service may send."""
+    """Read the index, load its run and make the table of files the service may send;
+    ``quantize="int8"`` runs the model's linear layers in int8 (a CPU only); ``embedders`` > 0
+    starts that many processes that embed spoken queries (a CPU only; ``lanes`` should match)."""
     index_dir = Path(index_dir)
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize must be int8 or none; got {quantize!r}")
+    if embedders and device.type != "cpu":
+        raise ConfigError(f"--embedders runs on a CPU only; the device is {device}")
+    if quantize is not None and device.type != "cpu":
+        raise ConfigError(
+            f"--quantize {quantize} runs on a CPU only (PyTorch's int8 kernels); the device is {device}"
+        )
     meta, embeddings, rows = read_index(index_dir)
     search = ImageSearch.open(embeddings, index_dir)
     loaded, notes = query_model(meta, checkpoint, device)
+    objective = quantize_int8(loaded.objective) if quantize == "int8" else loaded.objective
     if loaded.objective.dim != search.dim:
         raise DataError(
             f"{index_dir}: image embeddings are {search.dim}-d, the run's {loaded.objective.dim}-d "
@@ -206,8 +240,21 @@ def open_service(
             continue
         items[cid] = Item(_absolute(row["audio"], meta), "audio")
         captions.setdefault(str(row.get("group")), []).append({"id": cid, "text": row.get("caption") or ""})
+    pool = Embedders(embedders, meta, checkpoint, quantize) if embedders else None
     return SearchService(
-        index_dir, meta, rows, captions, items, search, loaded.objective, device, notes, max_batch, lanes
+        index_dir,
+        meta,
+        rows,
+        captions,
+        items,
+        search,
+        objective,
+        device,
+        notes,
+        max_batch,
+        lanes,
+        quantize or "float",
+        pool,
     )
 
 

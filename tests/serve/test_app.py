@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from mmssl.cli import main
 from mmssl.data.io import load_audio
 from mmssl.data.manifest import read_manifest
-from mmssl.errors import DataError
+from mmssl.errors import ConfigError, DataError
 from mmssl.serve.app import create_app
 from mmssl.serve.search import open_service
 from mmssl.testing import save_tiny_run
@@ -293,3 +293,48 @@ def test_two_lanes_embed_two_queries_at_the_same_time_with_the_same_answers(serv
         assert isinstance(results[i], torch.Tensor), results[i]
         torch.testing.assert_close(results[i], alone[i], atol=1e-5, rtol=1e-4)
     assert not service.waiting
+
+
+def test_int8_linear_layers_keep_the_embeddings_and_the_answers(served_index):
+    index, manifest = served_index
+    exact = open_service(index, torch.device("cpu"))
+    int8 = open_service(index, torch.device("cpu"), quantize="int8")
+    linear = [m for m in int8.objective.modules() if type(m) is torch.nn.Linear]
+    assert not linear and int8.describe()["model"]["linear_layers"] == "int8"
+    assert any(type(m) is torch.nn.Linear for m in exact.objective.modules())  # its own copy
+    for record in read_manifest(manifest):
+        wave = load_audio(record["audio"])
+        a, b = exact.embed_audio(wave, "q", []), int8.embed_audio(wave, "q", [])
+        assert float((a * b).sum()) > 0.999  # both unit vectors
+        assert exact.top(a, 1)[0][0]["id"] == int8.top(b, 1)[0][0]["id"]
+    with pytest.raises(ConfigError, match="CPU only"):
+        open_service(index, torch.device("meta"), quantize="int8")
+
+
+def test_embedder_processes_give_the_same_embeddings_and_name_a_clip_too_short(served_index):
+    index, manifest = served_index
+    here = open_service(index, torch.device("cpu"))
+    service = open_service(index, torch.device("cpu"), lanes=2, embedders=2)
+    try:
+        assert service.embedders.pool._processes and len(service.embedders.pool._processes) == 2
+        waves = [load_audio(r["audio"]) for r in read_manifest(manifest)[:3]]
+        for i, wave in enumerate(waves):
+            torch.testing.assert_close(
+                service.embed_audio(wave, f"q{i}", []),
+                here.embed_audio(wave, f"q{i}", []),
+                atol=1e-5,
+                rtol=1e-4,
+            )
+        with pytest.raises(DataError, match="short.wav.*too short"):
+            service.embed_audio(torch.full((10,), 0.3), "short.wav", [])
+        with TestClient(create_app(service)) as c:  # the page's path: upload -> answer
+            record = read_manifest(manifest)[0]
+            with open(record["audio"], "rb") as f:
+                answer = c.post("/search/audio", files={"file": ("q.wav", f, "audio/wav")}, data={"k": "1"})
+            assert answer.status_code == 200, answer.text
+            assert (
+                answer.json()["results"][0]["id"]
+                == here.top(here.embed_audio(waves[0], "q", []), 1)[0][0]["id"]
+            )
+    finally:
+        service.embedders.close()

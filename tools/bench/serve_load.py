@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch", type=int, default=1, help="mmssl serve --max-batch (default 1)")
     parser.add_argument("--workers", type=int, default=1, help="mmssl serve --workers (default 1)")
     parser.add_argument("--threads", type=int, help="mmssl serve --threads (default: its own)")
+    parser.add_argument("--quantize", default="none", help="mmssl serve --quantize (none | int8)")
+    parser.add_argument("--embedders", type=int, default=0, help="mmssl serve --embedders (default 0)")
     parser.add_argument("--out", help="append the summary as one JSON line here")
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = [probe(w).audio_duration or 0.0 for w in wavs[:20]]
     options = ["--max-batch", str(args.max_batch), "--workers", str(args.workers)]
     options += ["--threads", str(args.threads)] if args.threads else []
+    options += ["--quantize", args.quantize, "--embedders", str(args.embedders)]
     with serving(index, *options) as url:
         for body in bodies[:3]:  # warm-up, not counted
             client(
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         "max_batch": args.max_batch,
         "workers": args.workers,
         "threads": args.threads,
+        "quantize": args.quantize,
+        "embedders": args.embedders,
         "seconds": round(wall, 1),
         "requests": len(results),
         "requests_per_s": round(len(results) / wall, 1),
