@@ -24,6 +24,10 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
+from mmssl.eval.query import query_model
+from mmssl.eval.retrieval import embed_waveforms
+from mmssl.serve.quantize import quantize_int8
+
 # embedders run at a lower priority than the server process, so that on a saturated CPU the
 # requests are read, decoded and answered promptly and wait in the queue (in order) rather than
 # in the scheduler: 20 clients on 2 cores, p95 307 ms instead of 372 (BENCHMARKS.md)
@@ -34,17 +38,14 @@ _model = None  # in each embedder process: the objective that embeds queries
 _loaded = None  # in each embedder process: the barrier all of them pass once loaded
 
 
-def _load(meta: dict, checkpoint: str | None, quantize: str | None, loaded) -> None:
+def _load(meta: dict, checkpoint: str | None, quantize: str | None, barrier) -> None:
     """Initializer of an embedder process: one torch thread, the run loaded once."""
     global _model, _loaded
-    _loaded = loaded
-    from mmssl.eval.query import query_model
-    from mmssl.serve.search import quantize_int8
-
+    _loaded = barrier
     torch.set_num_threads(1)
     os.nice(NICE)
-    loaded, _ = query_model(meta, checkpoint, torch.device("cpu"))
-    _model = quantize_int8(loaded.objective) if quantize == "int8" else loaded.objective
+    run, _ = query_model(meta, checkpoint, torch.device("cpu"))
+    _model = quantize_int8(run.objective) if quantize == "int8" else run.objective
 
 
 def _ready() -> None:
@@ -53,8 +54,6 @@ def _ready() -> None:
 
 
 def _embed(waves: list[np.ndarray], names: list[str]) -> np.ndarray:
-    from mmssl.eval.retrieval import embed_waveforms
-
     tensors = [torch.from_numpy(w) for w in waves]
     return embed_waveforms(_model, tensors, len(tensors), torch.device("cpu"), False, names).numpy()
 

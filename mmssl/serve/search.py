@@ -23,7 +23,6 @@ from __future__ import annotations
 import mimetypes
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -37,6 +36,7 @@ from mmssl.eval.query import query_model, read_index
 from mmssl.eval.retrieval import SPEECH, QueryLimits, embed_texts, embed_waveforms, read_jsonl
 from mmssl.eval.search import ImageSearch
 from mmssl.serve.embedders import Embedders
+from mmssl.serve.quantize import quantize_int8
 
 
 @dataclass
@@ -181,19 +181,6 @@ class SearchService:
                 }
             )
         return results, search_ms
-
-
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every ``nn.Linear`` replaced by PyTorch's dynamically quantized int8
-    linear (weights int8 per tensor, activations quantized per call; fbgemm/x86 kernels, CPU
-    only). For queries on a CPU: the small model's spoken query costs about 40 % less
-    (BENCHMARKS.md, "Search service"), and its embedding keeps a cosine above 0.999 with the
-    float one the index was made with (tests/serve). PyTorch marks this eager API as moving to
-    torchao, whose CPU path needs ``torch.compile``; its deprecation notice is silenced here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def open_service(

@@ -103,6 +103,13 @@ def test_h264_video_frames(media):
     np.testing.assert_allclose(means.numpy(), media.frames.reshape(50, -1).mean(1), atol=3)
 
 
+def test_video_frames_are_ffmpegs_gray_conversion(media):
+    """One scaler serves the whole clip: the pixels of PyAV's per-frame gray conversion."""
+    with av.open(str(media.mp4_h264)) as container:
+        expected = np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)])
+    np.testing.assert_array_equal(load_video(media.mp4_h264).numpy(), expected)
+
+
 def test_30fps_read_back_at_25fps(media):
     video = load_video(media.mp4_30fps, fps=25.0)
     assert video.shape[0] == 50  # 60 frames / 30 fps = 2 s
