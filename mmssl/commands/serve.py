@@ -19,17 +19,18 @@ answering. The address is printed once every worker has loaded; a worker that ca
 a one-line error, and stopping the command stops them all.
 
 ``--threads N``: queries each process embeds at once (``mmssl.serve.search``), each on
-``cores / (workers x N)`` torch threads. Default on a CPU: one per core of the process, each on
-one torch thread (lanes share the process's queue, so unlike workers no query waits behind
-another while a core is free); on a GPU: 1.
+``cores / (workers x N)`` torch threads. Default on a CPU: one per core of the process, at most
+2, each on its share of the cores (lanes share the process's queue, so unlike workers no query
+waits behind another while a core is free); on a GPU: 1.
 
-``--embedders N`` (a CPU only): N processes embed the spoken queries, one torch thread each, fed
-from one queue, while the server process keeps HTTP, decoding and image search
+``--embedders N`` (a CPU only, one server process): N processes embed the spoken queries, one
+torch thread each, N at once (``--threads`` is theirs), fed from one queue, while the server
+process keeps HTTP, decoding and image search
 (``mmssl.serve.embedders``): the busiest setting on a small CPU, since no client is tied to a
 busy process and the model runs outside the server's GIL.
 
 ``--quantize int8`` (a CPU only): the model's linear layers in int8, quantized dynamically at
-start-up (``mmssl.serve.search.quantize_int8``): cheaper queries, embeddings within a cosine of
+start-up (``mmssl.serve.quantize``): cheaper queries, embeddings within a cosine of
 0.999 of the float ones the index holds.
 """
 
@@ -80,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--embedders",
         type=int,
         default=0,
-        help="processes that embed spoken queries for each server process, fed from one queue, one "
-        "torch thread each (a CPU; default 0: the server process embeds them itself)",
+        help="processes that embed spoken queries, fed from one queue, one torch thread each, N "
+        "queries at once (a CPU, one server process; default 0: the server process embeds them)",
     )
     parser.add_argument(
         "--quantize",
@@ -94,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="queries each process embeds at once, each on cores / (workers x N) torch threads "
-        "(default: a CPU's cores / workers, one torch thread each; 1 on a GPU)",
+        "(default: a CPU's cores / workers, at most 2; 1 on a GPU)",
     )
 
 
@@ -111,7 +112,13 @@ def check_limits(args: argparse.Namespace) -> None:
         and args.embedders >= 0
     ):
         raise ConfigError(
-            "--max-upload-mb, --max-seconds, --max-k, --max-batch, --workers and --threads must be positive"
+            "--max-upload-mb, --max-seconds, --max-k, --max-batch, --workers and --threads must be "
+            "positive, --embedders 0 or more"
+        )
+    if args.embedders and args.workers > 1:
+        raise ConfigError(
+            "--embedders and --workers > 1 do not combine: use --embedders alone, one server "
+            "process feeds them all (worker processes are daemons, which cannot start processes)"
         )
 
 
@@ -138,11 +145,17 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+# default lanes of a process on a CPU: at most this many (measured on 2 cores, where one lane of
+# one torch thread per core answered most; on a larger CPU each lane keeps several threads, so
+# one query alone is not left to a single core)
+MAX_CPU_LANES = 2
+
+
 def _lanes(args: argparse.Namespace, device) -> tuple[int, int]:
     """``(queries embedded at once, torch threads)`` in each of ``args.workers`` processes: the
     cores shared among the workers, then among the lanes of each."""
     cores = max(1, (os.cpu_count() or 1) // args.workers)
-    lanes = args.threads or (1 if device.type == "cuda" else cores)
+    lanes = args.threads or (1 if device.type == "cuda" else min(cores, MAX_CPU_LANES))
     return lanes, max(1, cores // lanes)
 
 

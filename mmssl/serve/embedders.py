@@ -12,18 +12,27 @@ embedders answer 107-114; the model's Python and the int8 linear's op dispatch h
 
 Waveforms go to an embedder as float32 arrays and embeddings come back the same way (a
 4-s query is 256 KB through a pipe, well under a millisecond); a clip too short to embed comes
-back as the ``DataError`` naming it.
+back as the ``DataError`` naming it. An embedder that dies (the OOM killer, a crash) breaks
+the whole pool, as ``ProcessPoolExecutor`` does: the pool is started again once and the batch
+retried, so the queries in flight and later ones still get answers. Each embedder leaves as
+soon as the server process is gone, however that ended (SIGTERM, SIGKILL), so none is left
+behind holding its copy of the model.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from threading import BrokenBarrierError
 
 import numpy as np
 import torch
 
+from mmssl.errors import ConfigError
 from mmssl.eval.query import query_model
 from mmssl.eval.retrieval import embed_waveforms
 from mmssl.serve.quantize import quantize_int8
@@ -38,9 +47,18 @@ _model = None  # in each embedder process: the objective that embeds queries
 _loaded = None  # in each embedder process: the barrier all of them pass once loaded
 
 
-def _load(meta: dict, checkpoint: str | None, quantize: str | None, barrier) -> None:
+def _exit_with(parent: int) -> None:
+    """Leave this process as soon as ``parent`` is gone (an embedder waiting for work would
+    otherwise wait for ever, orphaned, with its copy of the model)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _load(meta: dict, checkpoint: str | None, quantize: str | None, barrier, parent: int) -> None:
     """Initializer of an embedder process: one torch thread, the run loaded once."""
     global _model, _loaded
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
     _loaded = barrier
     torch.set_num_threads(1)
     os.nice(NICE)
@@ -48,9 +66,11 @@ def _load(meta: dict, checkpoint: str | None, quantize: str | None, barrier) -> 
     _model = quantize_int8(run.objective) if quantize == "int8" else run.objective
 
 
-def _ready() -> None:
-    """Held until every embedder runs it, so each of ``count`` calls lands in its own process."""
+def _ready() -> int:
+    """Held until every embedder runs it, so each of ``count`` calls lands in its own process;
+    its pid."""
     _loaded.wait()
+    return os.getpid()
 
 
 def _embed(waves: list[np.ndarray], names: list[str]) -> np.ndarray:
@@ -60,26 +80,53 @@ def _embed(waves: list[np.ndarray], names: list[str]) -> np.ndarray:
 
 class Embedders:
     """``count`` embedder processes (spawned: torch is not fork-safe), loaded before this
-    returns; ``embed`` blocks the calling thread until one of them has the answer."""
+    returns (a ``ConfigError`` when they cannot load); ``embed`` blocks the calling thread until
+    one of them has the answer."""
 
     def __init__(self, count: int, meta: dict, checkpoint: str | None, quantize: str | None) -> None:
-        self.count = count
+        self.count, self.meta, self.checkpoint, self.quantize = count, meta, checkpoint, quantize
+        self.restarts = 0
+        self.lock = threading.Lock()  # held while a broken pool is replaced
+        self.pool, self.pids = self._start()
+
+    def _start(self) -> tuple[ProcessPoolExecutor, list[int]]:
         ctx = mp.get_context("spawn")
-        loaded = ctx.Barrier(count, timeout=LOAD_TIMEOUT)
-        self.pool = ProcessPoolExecutor(
-            count, mp_context=ctx, initializer=_load, initargs=(meta, checkpoint, quantize, loaded)
+        barrier = ctx.Barrier(self.count, timeout=LOAD_TIMEOUT)
+        pool = ProcessPoolExecutor(
+            self.count,
+            mp_context=ctx,
+            initializer=_load,
+            initargs=(self.meta, self.checkpoint, self.quantize, barrier, os.getpid()),
         )
         # every process started and loaded before the first query: a load error surfaces here
         try:
-            for future in [self.pool.submit(_ready) for _ in range(count)]:
-                future.result()
-        except BaseException:
-            self.close()
-            raise
+            pids = [future.result() for future in [pool.submit(_ready) for _ in range(self.count)]]
+        except (BrokenProcessPool, BrokenBarrierError) as err:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise ConfigError(
+                f"--embedders {self.count}: an embedder could not load the run within "
+                f"{LOAD_TIMEOUT:g} s ({type(err).__name__}; its error is printed above)"
+            ) from None
+        return pool, sorted(pids)
 
     def embed(self, waves: list[torch.Tensor], names: list[str]) -> torch.Tensor:
         arrays = [w.numpy().astype(np.float32, copy=False) for w in waves]
-        return torch.from_numpy(self.pool.submit(_embed, arrays, names).result())
+        pool = self.pool
+        try:
+            return torch.from_numpy(pool.submit(_embed, arrays, names).result())
+        except BrokenProcessPool:  # an embedder died: start them again, and try once more
+            self._restart(pool)
+            return torch.from_numpy(self.pool.submit(_embed, arrays, names).result())
+
+    def _restart(self, broken: ProcessPoolExecutor) -> None:
+        with self.lock:
+            if self.pool is broken:  # not yet replaced by another query's thread
+                broken.shutdown(wait=False, cancel_futures=True)
+                self.pool, self.pids = self._start()
+                self.restarts += 1
+
+    def describe(self) -> dict:
+        return {"processes": self.count, "pids": self.pids, "restarts": self.restarts}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -105,6 +105,7 @@ class SearchService:
                 "captions": sum(len(c) for c in self.captions.values()),
                 "search": self.search.kind,
             },
+            "embedders": self.embedders.describe() if self.embedders is not None else None,
             "notes": self.notes,
         }
 

@@ -1,7 +1,9 @@
 """``mmssl serve``'s API in-process (FastAPI's TestClient): answers, files by id, and every bad
 request a 4xx JSON error naming the problem, after which the server still answers."""
 
+import os
 import re
+import signal
 import threading
 import time
 import wave
@@ -316,7 +318,8 @@ def test_embedder_processes_give_the_same_embeddings_and_name_a_clip_too_short(s
     here = open_service(index, torch.device("cpu"))
     service = open_service(index, torch.device("cpu"), lanes=2, embedders=2)
     try:
-        assert service.embedders.pool._processes and len(service.embedders.pool._processes) == 2
+        pids = service.describe()["embedders"]["pids"]
+        assert len(set(pids)) == 2 and os.getpid() not in pids
         waves = [load_audio(r["audio"]) for r in read_manifest(manifest)[:3]]
         for i, wave in enumerate(waves):
             torch.testing.assert_close(
@@ -336,5 +339,13 @@ def test_embedder_processes_give_the_same_embeddings_and_name_a_clip_too_short(s
                 answer.json()["results"][0]["id"]
                 == here.top(here.embed_audio(waves[0], "q", []), 1)[0][0]["id"]
             )
+            assert c.get("/health").json()["embedders"] == {"processes": 2, "pids": pids, "restarts": 0}
+        # an embedder killed (the OOM killer, a crash): the next query is still answered, by new ones
+        os.kill(pids[0], signal.SIGKILL)
+        torch.testing.assert_close(
+            service.embed_audio(waves[1], "q", []), here.embed_audio(waves[1], "q", [])
+        )
+        after = service.describe()["embedders"]
+        assert after["restarts"] == 1 and len(after["pids"]) == 2 and not set(after["pids"]) & set(pids)
     finally:
         service.embedders.close()

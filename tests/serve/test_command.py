@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
+
 from mmssl.cli import main
 from mmssl.commands.serve import listen
 from mmssl.data.manifest import read_manifest
@@ -97,6 +99,56 @@ def _alive(pids: set[int]) -> set[int]:
             continue
         alive.add(pid)
     return alive
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie left for its new parent to reap does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_embedders_answer_and_leave_with_the_server(served_index):
+    """``--embedders``: the page's API answers through them, and stopping the server with
+    SIGTERM (as systemd, docker or the tests do) ends them too, none left holding a model."""
+    index, manifest = served_index
+    record = read_manifest(manifest)[0]
+    with serving(index, "--embedders", "1", "--quantize", "int8") as url:
+        health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())
+        assert health["model"]["linear_layers"] == "int8" and health["embedders"]["processes"] == 1
+        pids = health["embedders"]["pids"]
+        assert all(_running(p) for p in pids)
+        body, content_type = _multipart(Path(record["audio"]), k=1)
+        request = urllib.request.Request(f"{url}/search/audio", body, {"Content-Type": content_type})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert answer["results"][0]["id"] == str(record["group"])
+    deadline = time.monotonic() + 20
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(p) for p in pids)
+
+
+def test_embedders_and_workers_do_not_combine(served_index, capsys):
+    index, _ = served_index
+    assert main(["serve", "--index", str(index), "--workers", "2", "--embedders", "1"]) == 2
+    assert "--embedders and --workers > 1 do not combine" in capsys.readouterr().err
+
+
+def test_lanes_share_the_cores_and_a_cpu_takes_at_most_two(monkeypatch):
+    from argparse import Namespace
+
+    from mmssl.commands.serve import _lanes
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert _lanes(Namespace(workers=1, threads=None), cpu) == (2, 1)
+    assert _lanes(Namespace(workers=2, threads=None), cpu) == (1, 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert _lanes(Namespace(workers=1, threads=None), cpu) == (2, 8)
+    assert _lanes(Namespace(workers=1, threads=4), cpu) == (4, 4)
+    assert _lanes(Namespace(workers=1, threads=None), cuda) == (1, 16)
 
 
 def test_workers_must_be_positive(served_index, capsys):
