@@ -43,11 +43,10 @@ import os
 import queue
 import socket
 import sys
-import threading
-import time
 
 from mmssl.devices import pick_device
 from mmssl.errors import ConfigError
+from mmssl.serve.lifetime import watch_parent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,19 +184,10 @@ def _serve(app, sock: socket.socket) -> None:
     server.run(sockets=[sock])
 
 
-def _exit_with(parent: int) -> None:
-    """Leave this process as soon as ``parent`` is gone. A parent stopped by SIGTERM never reaches
-    its ``finally`` (uvicorn re-raises the signal once it has shut down), so a worker would
-    otherwise go on serving, orphaned, on the shared socket."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(0)
-
-
 def _worker(args: argparse.Namespace, sock: socket.socket, ready, parent: int) -> None:
     """One more server process (spawned): load, say so on ``ready``, serve ``sock`` until stopped
     or until the process ``parent`` ends."""
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
+    watch_parent(parent)
     try:
         _, app = _app(args)
     except Exception as err:  # the parent reports it; this process only ends

@@ -24,7 +24,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from threading import BrokenBarrierError
@@ -35,6 +34,7 @@ import torch
 from mmssl.errors import ConfigError
 from mmssl.eval.query import query_model
 from mmssl.eval.retrieval import embed_waveforms
+from mmssl.serve.lifetime import watch_parent
 from mmssl.serve.quantize import quantize_int8
 
 # embedders run at a lower priority than the server process, so that on a saturated CPU the
@@ -47,18 +47,10 @@ _model = None  # in each embedder process: the objective that embeds queries
 _loaded = None  # in each embedder process: the barrier all of them pass once loaded
 
 
-def _exit_with(parent: int) -> None:
-    """Leave this process as soon as ``parent`` is gone (an embedder waiting for work would
-    otherwise wait for ever, orphaned, with its copy of the model)."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(0)
-
-
 def _load(meta: dict, checkpoint: str | None, quantize: str | None, barrier, parent: int) -> None:
     """Initializer of an embedder process: one torch thread, the run loaded once."""
     global _model, _loaded
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
+    watch_parent(parent)
     _loaded = barrier
     torch.set_num_threads(1)
     os.nice(NICE)
