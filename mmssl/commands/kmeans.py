@@ -28,9 +28,9 @@ labelled; then ``--shard I/N`` (on as many machines as wanted, same ``--manifest
 features) labels every N-th record from the I-th into ``DIR/<stem>.<I>-of-<N>.km``, and the
 shard that finds all N present merges them into ``DIR/<stem>.km`` (the shards are removed).
 
-On a CPU the Lloyd iterations run in faiss-cpu (``mmssl.nn.kmeans``, ``--engine``). When the
-records carry phone alignments (the built-in corpus's ``align`` key), phone purity, cluster
-purity and PNMI are printed and written to ``DIR/quality.json`` (not with ``--shard``).
+On a CPU the Lloyd iterations run in scikit-learn's compiled step (``mmssl.nn.kmeans``,
+``--engine``). When the records carry phone alignments (the built-in corpus's ``align`` key),
+phone purity, cluster purity and PNMI are printed and written to ``DIR/quality.json`` (not with ``--shard``).
 ``--batch-size N`` fits with mini-batch k-means (HuBERT's ``learn_kmeans.py`` uses
 scikit-learn's ``MiniBatchKMeans`` with 10000) instead of full Lloyd iterations;
 ``--max-iter`` then counts passes over the fitting frames.
@@ -127,7 +127,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the last shard merges them",
     )
     parser.add_argument(
-        "--engine", choices=ENGINES, default="auto", help="Lloyd on a CPU: faiss (auto) or torch"
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="Lloyd iterations by: auto (on a CPU scikit-learn's compiled step, else faiss; on a GPU "
+        "torch), sklearn, faiss or torch",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,7 @@ import torch
 
 from mmssl.errors import ConfigError
 from mmssl.nn import kmeans as kmeans_module
-from mmssl.nn.kmeans import FAISS_ROUND, KMeans, _nearest_split, kmeans_plus_plus, nearest
+from mmssl.nn.kmeans import FAISS_ROUND, KMeans, _nearest_split, kmeans_plus_plus, mean_variance, nearest
 
 
 def _blobs(n: int = 3000, k: int = 12, dim: int = 8, seed: int = 0) -> torch.Tensor:
@@ -92,10 +92,10 @@ def test_plus_plus_seeds_are_distinct_data_points():
     assert torch.pdist(seeds).min() > 0
 
 
-@pytest.mark.parametrize("engine", ["torch", "faiss"])
+@pytest.mark.parametrize("engine", ["torch", "faiss", "sklearn"])
 def test_duplicate_points_and_bad_shapes(engine):
-    if engine == "faiss":
-        pytest.importorskip("faiss")
+    if engine != "torch":
+        pytest.importorskip(engine)
     x = torch.zeros(10, 3)
     x[5:] = 1.0
     km = KMeans(4, seed=0, engine=engine).fit(x)  # fewer distinct points than clusters
@@ -122,11 +122,64 @@ def test_faiss_and_torch_engines_take_the_same_lloyd_steps():
         slow, progress=lambda it, inertia: seen.append(it)
     )
     assert seen == list(range(1, 8))  # every iteration reported, the last round cut to max_iter
-    assert KMeans(12).lloyd_engine(torch.device("cpu")) == "faiss"
     with pytest.raises(ConfigError, match="engine"):
-        KMeans(12, engine="sklearn")
+        KMeans(12, engine="elkan")
     with pytest.raises(ConfigError, match="CPU"):
         KMeans(12, engine="faiss").lloyd_engine(torch.device("cuda"))
+
+
+def test_sklearn_and_torch_engines_take_the_same_lloyd_steps():
+    pytest.importorskip("sklearn")
+    slow = _blobs(n=4000, k=40, dim=8, seed=1)  # more centres than clusters: still moving at 9
+    seen = {"torch": [], "sklearn": []}
+    fits = {
+        engine: KMeans(12, seed=0, max_iter=9, tol=0, engine=engine).fit(
+            slow, progress=lambda it, inertia, e=engine: seen[e].append((it, inertia))
+        )
+        for engine in ("torch", "sklearn")
+    }
+    assert fits["torch"].n_iter == fits["sklearn"].n_iter == 9
+    assert torch.allclose(fits["sklearn"].centroids, fits["torch"].centroids, atol=1e-4)
+    assert fits["sklearn"].inertia == pytest.approx(fits["torch"].inertia, rel=1e-5)
+    # the inertia of every iteration's assignment, falling, the same in both engines
+    assert [it for it, _ in seen["sklearn"]] == list(range(1, 10))
+    for (_, ours), (_, ref) in zip(seen["sklearn"], seen["torch"]):
+        assert ours == pytest.approx(ref, rel=1e-5)
+    assert seen["sklearn"][-1][1] < seen["sklearn"][0][1]
+    x = _blobs(n=3000)  # converges: both stop at the same step
+    a, b = (KMeans(12, seed=0, max_iter=50, tol=1e-4, engine=e).fit(x) for e in ("torch", "sklearn"))
+    assert a.n_iter == b.n_iter < 50
+    assert KMeans(12).lloyd_engine(torch.device("cpu")) == "sklearn"
+    with pytest.raises(ConfigError, match="CPU"):
+        KMeans(12, engine="sklearn").lloyd_engine(torch.device("cuda"))
+
+
+def test_auto_engine_falls_back_when_scikit_learn_has_no_usable_lloyd_step(monkeypatch):
+    lloyd = pytest.importorskip("sklearn.cluster._k_means_lloyd")
+
+    def old_signature(x, weights, x_sq, old, new, in_cluster, labels, shift, threads, update=True):
+        if x_sq.ndim != 1:  # what Cython says of a (K, D) array passed for the rows' norms
+            raise ValueError("Buffer has wrong number of dimensions (expected 1, got 2)")
+
+    def does_nothing(*args):
+        pass
+
+    for fake in (old_signature, does_nothing):
+        monkeypatch.setattr(lloyd, "lloyd_iter_chunked_dense", fake)
+        assert kmeans_module._sklearn_lloyd_step.__wrapped__() is None
+    monkeypatch.setattr(kmeans_module, "_sklearn_lloyd_step", lambda: None)
+    expected = "faiss" if kmeans_module.faiss_available() else "torch"
+    assert KMeans(12).lloyd_engine(torch.device("cpu")) == expected
+    with pytest.raises(ConfigError, match="scikit-learn"):
+        KMeans(12, engine="sklearn").lloyd_engine(torch.device("cpu"))
+
+
+def test_mean_variance_is_the_mean_of_the_per_dimension_variances():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 7, generator=g) * torch.arange(1, 8) + 40.0  # a large mean, unequal scales
+    assert mean_variance(x) == pytest.approx(x.double().var(0).mean().item(), rel=1e-5)
+    assert mean_variance(torch.full((10, 3), 2.5)) == pytest.approx(0.0, abs=1e-5)
+    assert mean_variance(torch.ones(1, 4)) == 0.0
 
 
 @pytest.mark.cuda

@@ -25,15 +25,17 @@ def test_one_run_rows_for_ours_faiss_and_scikit_learn(tmp_path, capsys):
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["method"] for r in rows] == [
+        "ours (sklearn Lloyd)",
         "ours (faiss Lloyd)",
         "ours (torch Lloyd)",
         "faiss (random init, all points)",
         "scikit-learn k-means++",
         "ours, fit on 0.1 of the points",
     ]
-    # both of our engines start from the same seeds and take the same steps
+    # our engines start from the same seeds and take the same steps
     assert rows[0]["inertia"] == pytest.approx(rows[1]["inertia"], rel=1e-4)
+    assert rows[0]["inertia"] == pytest.approx(rows[2]["inertia"], rel=1e-4)
     assert all(r["n"] == 3000 and r["dim"] == 4 and r["inertia"] > 0 for r in rows)
-    assert "| 3,000 | 4 | ours (faiss Lloyd) |" in capsys.readouterr().out
+    assert "| 3,000 | 4 | ours (sklearn Lloyd) |" in capsys.readouterr().out
     assert bench.main(argv) == 2  # an existing --out is not wiped
-    assert len(out.read_text().splitlines()) == 5
+    assert len(out.read_text().splitlines()) == 6

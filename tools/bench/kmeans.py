@@ -1,4 +1,4 @@
-"""k-means on a CPU: ours (``mmssl.nn.kmeans.KMeans``, both engines) against scikit-learn and
+"""k-means on a CPU: ours (``mmssl.nn.kmeans.KMeans``, each engine) against scikit-learn and
 faiss, in one process, on the same points (issue 17).
 
 Points are float32 draws from a Gaussian mixture (300 centres, unit noise around centres of
@@ -7,8 +7,9 @@ scale 3 are so far apart that Lloyd converges in a few iterations; ``--centre-sc
 the centroids moving for all ``--iters``. Each library runs ``--iters`` Lloyd iterations
 with no early stop (``tol=0``) and ``k`` clusters:
 
-* ours: our greedy k-means++ seeds (timed apart), then Lloyd in faiss (``engine=faiss``, what a
-  CPU gets by default) and in torch (``engine=torch``), from the same seeds;
+* ours: our greedy k-means++ seeds (timed apart), then Lloyd by each of ``--engines`` from the
+  same seeds: scikit-learn's compiled step (``engine=sklearn``, what a CPU gets by default),
+  faiss's ``Clustering`` (``engine=faiss``) and torch (``engine=torch``);
 * scikit-learn: ``kmeans_plusplus`` (its greedy k-means++, timed apart), then
   ``KMeans(init=seeds, n_init=1, algorithm="lloyd")``: together, ``KMeans(init="k-means++")``;
 * faiss: ``faiss.Kmeans`` with its own random seeds, on every point (``max_points_per_centroid``
@@ -67,10 +68,10 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def ours(x: torch.Tensor, k: int, iters: int, repeats: int, seed: int) -> list[dict]:
+def ours(x: torch.Tensor, k: int, iters: int, repeats: int, seed: int, engines: list[str]) -> list[dict]:
     seeds, init_s = _timed(lambda: kmeans_plus_plus(x, k, torch.Generator().manual_seed(seed)))
     rows = []
-    for engine in ("faiss", "torch"):
+    for engine in engines:
         best, km = float("inf"), None
         for _ in range(repeats):
             km, took = _timed(lambda e=engine: KMeans(k, max_iter=iters, tol=0, engine=e).fit(x, init=seeds))
@@ -142,7 +143,7 @@ def fit_fraction(x: torch.Tensor, k: int, iters: int, fraction: float, seed: int
 def run_row(n: int, dim: int, args: argparse.Namespace) -> list[dict]:
     x_np = mixture(n, dim, args.seed, args.centre_scale)
     x = torch.from_numpy(x_np)
-    rows = ours(x, args.k, args.iters, args.repeats, args.seed)
+    rows = ours(x, args.k, args.iters, args.repeats, args.seed, args.engines.split(","))
     rows.append(faiss_kmeans(x_np, args.k, args.iters, args.repeats, args.seed))
     if n <= args.sklearn_max:
         rows.append(scikit_learn(x_np, args.k, args.iters, args.seed))
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--iters", type=int, default=25)
     p.add_argument("--repeats", type=int, default=2, help="Lloyd runs per engine, the fastest kept")
+    p.add_argument("--engines", default="sklearn,faiss,torch", help="our Lloyd engines to time, comma list")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--centre-scale", type=float, default=3.0, help="spread of the mixture's centres")
     p.add_argument("--sklearn-max", type=int, default=10**7, help="skip scikit-learn above this many points")
