@@ -5,7 +5,7 @@ of scikit-learn, ``2 + ln k`` candidates per step), then Lloyd iterations. Dista
 GEMM per block of rows with the centroid norms fused in (``addmm``), so memory stays
 ``chunk x k`` whatever the number of points. On a CPU the Lloyd iterations run in
 scikit-learn's compiled Lloyd step (``engine``; blocks of 256 rows, each thread its own
-one-thread GEMM, row minimum and partial sums): 1.4-1.6x faster per iteration than faiss's
+one-thread GEMM, row minimum and partial sums): 1.25-1.8x faster per iteration than faiss's
 own k-means on 2 cores from 10^5 to 10^7 points (BENCHMARKS.md, "k-means").
 HuBERT (Hsu et al., 2021, sec. IV-B) fits on a random subset of frames and
 then assigns every frame; ``fit`` and ``predict`` are split for that.
