@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snrs", default="clean,20,10,5,0,-5", help="comma-separated SNRs in dB, or clean")
     parser.add_argument(
         "--modalities",
-        default="audio,video,audio+video",
-        help="comma-separated conditions: audio, video, audio+video",
+        default=None,
+        help="comma-separated conditions: audio, video, audio+video (default: every one the run's "
+        "encoder reads: all three for an audio-visual run, audio for an audio-only one)",
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN/eval_noisy)")
     parser.add_argument("--device", default="auto")

@@ -69,8 +69,11 @@ def parse_snrs(text: str) -> list[str]:
     return out
 
 
-def parse_modalities(text: str, encoder_modalities: Sequence[str]) -> list[str]:
-    """Modality conditions, each checked against what the encoder has streams for."""
+def parse_modalities(text: str | None, encoder_modalities: Sequence[str]) -> list[str]:
+    """Modality conditions, each checked against what the encoder has streams for; ``None``:
+    every condition the encoder can read (audio alone for an audio-only run)."""
+    if text is None:
+        return [m for m, keys in MODALITY_KEYS.items() if all(k in encoder_modalities for k in keys)]
     out = [m.strip() for m in text.split(",") if m.strip()]
     for m in out:
         if m not in MODALITY_KEYS:
@@ -265,7 +268,7 @@ def evaluate(
     out: Path,
     noise_types: Sequence[str] | None = None,
     snrs: Sequence[str] = ("clean", "20", "10", "5", "0", "-5"),
-    modalities_text: str = "audio,video,audio+video",
+    modalities_text: str | None = None,
     device_name: str = "auto",
     seed: int = 0,
     batch_seconds: float = 60.0,
@@ -280,9 +283,9 @@ def evaluate(
     device = pick_device(device_name)
     snrs = [canonical_snr(s) for s in snrs]
     objective = load_asr_model(run, device)
+    modalities = parse_modalities(modalities_text, objective.modalities)  # checked before an LM loads
     decoding = decoding_settings(decoding)
     decoder = make_decoder(objective.units, **decoding)
-    modalities = parse_modalities(modalities_text, objective.modalities)
     banks = noise_banks(noise_specs, noise_types) if any(s != CLEAN for s in snrs) else {}
     needed = sorted({k for m in modalities for k in MODALITY_KEYS[m]})
     clips = load_clips(manifest, needed, progress, limit)

@@ -61,6 +61,16 @@ def finetune_config(
     init = OmegaConf.select(cfg, "objective.encoder_init")
     if init not in (None, "", "none"):
         cfg.objective.encoder_init = init_checkpoint(init)
+    elif not any(o.split("=", 1)[0].lstrip("+") == "objective.freeze_steps" for o in overrides):
+        # the recipe's freeze keeps a pretrained encoder while the head learns; a fresh encoder
+        # has nothing to keep, and frozen it would stay random
+        freeze = int(OmegaConf.select(cfg, "objective.freeze_steps", default=0) or 0)
+        if freeze:
+            print(
+                f"note: --init none trains the fresh encoder from the first update (the recipe's "
+                f"objective.freeze_steps={freeze} is for pretrained encoders; set it to freeze anyway)"
+            )
+            cfg.objective.freeze_steps = 0
     return cfg
 
 

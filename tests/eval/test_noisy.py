@@ -157,6 +157,22 @@ def test_bad_requests_are_named(setup, tmp_path, synth_tiny):
     )
 
 
+def test_default_conditions_are_what_the_run_reads(setup, tmp_path):
+    assert noisy.parse_modalities(None, ("audio", "video")) == ["audio", "video", "audio+video"]
+    assert noisy.parse_modalities(None, ("audio",)) == ["audio"]
+    results = noisy.evaluate(
+        setup["audio"],
+        setup["test"],
+        [],
+        tmp_path,
+        snrs=["clean"],
+        device_name="cpu",
+        progress=False,
+        limit=2,
+    )
+    assert {modality for _, _, modality in results} == {"audio"}  # not an error asking for video
+
+
 def test_cells_are_reused_only_under_the_same_fingerprint(setup, tmp_path, monkeypatch, capsys):
     calls = []
     decode = noisy._decode_cell
