@@ -60,6 +60,9 @@ from mmssl.files import check_new_folder, new_folder, write_text
 from mmssl.runs import load_encoder_from_run, save_weights
 from mmssl.train.optim import build_adamw
 
+# fewer held-out records than this to score on: a note says the score says little
+FEW_SCORED = 20
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -118,6 +121,11 @@ def _records(args: argparse.Namespace) -> tuple[list[dict], list[dict], str]:
             raise DataError(
                 f"{args.manifest}: --holdout {args.holdout} leaves no record to score on "
                 "(no speaker has two records)"
+            )
+        if len(held) < FEW_SCORED:
+            print(
+                f"note: --holdout {args.holdout} of {args.manifest} leaves {len(held)} record(s) to score on "
+                f"(only speakers with two or more records give one): a score on so few says little"
             )
         return train, held, f"holdout {args.holdout} of {args.manifest}"
     valid = read_manifest(args.valid)[:limit]
