@@ -208,11 +208,14 @@ def planned_frames(
 
 
 def fit_bytes(frames: int, dim: int, k: int) -> int:
-    """Memory of a fit on ``frames x dim`` float32 features: the features, then per frame the
-    k-means++ candidate distances (two ``(N, trials)`` blocks), norms, labels and distances,
-    and two ``(rows, K)`` distance blocks (``mmssl.nn.kmeans``)."""
+    """Memory of a fit on ``frames x dim`` float32 features: the features, two ``(N, D)``
+    float32 temporaries (scikit-learn's Lloyd step makes them when a cluster empties, to move it
+    to the farthest points), then per frame the k-means++ candidate distances (two ``(N,
+    trials)`` blocks), norms, labels and distances, and two ``(rows, K)`` distance blocks
+    (``mmssl.nn.kmeans``). Features far from the origin against their spread take one more
+    copy, centred (not counted)."""
     trials = 2 + int(math.log(k))
-    return frames * (4 * dim + 8 * trials + 32) + 2 * 4 * (1 << 23)
+    return frames * (12 * dim + 8 * trials + 32) + 2 * 4 * (1 << 23)
 
 
 def available_bytes(device: torch.device) -> int:

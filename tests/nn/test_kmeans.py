@@ -177,9 +177,45 @@ def test_auto_engine_falls_back_when_scikit_learn_has_no_usable_lloyd_step(monke
 def test_mean_variance_is_the_mean_of_the_per_dimension_variances():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5000, 7, generator=g) * torch.arange(1, 8) + 40.0  # a large mean, unequal scales
-    assert mean_variance(x) == pytest.approx(x.double().var(0).mean().item(), rel=1e-5)
+    assert mean_variance(x) == pytest.approx(x.double().var(0, unbiased=False).mean().item(), rel=1e-5)
+    far = torch.randn(20000, 39, generator=g) * 0.01 + 1000.0  # spread 1e-5 of the offset
+    assert mean_variance(far) == pytest.approx(far.double().var(0, unbiased=False).mean().item(), rel=1e-2)
     assert mean_variance(torch.full((10, 3), 2.5)) == pytest.approx(0.0, abs=1e-5)
     assert mean_variance(torch.ones(1, 4)) == 0.0
+
+
+@pytest.mark.parametrize("engine", ["torch", "sklearn"])
+def test_a_fit_does_not_depend_on_where_the_data_sit(engine):
+    """Far from the origin float32 distances round badly; the fit centres such data first."""
+    if engine != "torch":
+        pytest.importorskip(engine)
+    x = _blobs(n=3000, k=12, dim=16, seed=2)
+    near = KMeans(12, seed=0, max_iter=60, engine=engine).fit(x)
+    far = KMeans(12, seed=0, max_iter=60, engine=engine).fit(x + 1000.0)
+    assert far.inertia == pytest.approx(near.inertia, rel=1e-3)
+    assert torch.allclose(far.centroids - 1000.0, near.centroids, atol=1e-2)
+    assert far.n_iter < 60
+
+
+@pytest.mark.parametrize("engine", ["torch", "sklearn"])
+def test_lloyd_stops_when_no_label_changes(engine):
+    """40 distinct points, each 50 times, and 60 clusters: empty clusters keep moving by rounding,
+    but once no label changes the fit is over (scikit-learn's strict convergence)."""
+    if engine != "torch":
+        pytest.importorskip(engine)
+    points = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    km = KMeans(60, seed=0, max_iter=300, engine=engine).fit(points.repeat(50, 1))
+    assert km.n_iter < 300
+    assert km.inertia < 1e-3
+
+
+def test_a_column_major_init_is_accepted():
+    pytest.importorskip("sklearn")
+    x = _blobs(n=500)
+    init = x[:12].clone().T.contiguous().T  # the same values, Fortran order
+    km = KMeans(12, max_iter=5, tol=0, engine="sklearn").fit(x, init=init)
+    ref = KMeans(12, max_iter=5, tol=0, engine="sklearn").fit(x, init=x[:12].clone())
+    assert torch.equal(km.centroids, ref.centroids)
 
 
 @pytest.mark.cuda
