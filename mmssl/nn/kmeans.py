@@ -313,7 +313,8 @@ class KMeans:
         return self
 
     def _restarts(self, x: Tensor, generator: torch.Generator, threshold: float, progress, lloyd) -> None:
-        """``n_init`` seedings and fits, the lowest inertia kept."""
+        """``n_init`` seedings and fits, the lowest inertia kept (a second ``fit`` starts afresh)."""
+        self.centroids, self.inertia = None, math.inf
         for _ in range(self.n_init):
             if self.batch_size is None:
                 seeds = kmeans_plus_plus(x, self.k, generator)

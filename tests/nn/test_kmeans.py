@@ -193,6 +193,9 @@ def test_a_fit_does_not_depend_on_where_the_data_sit(engine):
     near = KMeans(12, seed=0, max_iter=60, engine=engine).fit(x)
     far = KMeans(12, seed=0, max_iter=60, engine=engine).fit(x + 1000.0)
     assert far.inertia == pytest.approx(near.inertia, rel=1e-3)
+    again = KMeans(12, seed=0, max_iter=60, engine=engine)
+    again.fit(x * 0.01 + 1000.0), again.fit(x)  # a second fit forgets the first (a far lower inertia)
+    assert torch.equal(again.centroids, near.centroids)
     assert torch.allclose(far.centroids - 1000.0, near.centroids, atol=1e-2)
     assert far.n_iter < 60
 
