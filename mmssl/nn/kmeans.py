@@ -302,7 +302,7 @@ class KMeans:
         if init is not None:
             if init.shape != (self.k, x.shape[1]) or self.batch_size is not None:
                 raise ConfigError(f"k-means init must be ({self.k}, {x.shape[1]}) centroids for full Lloyd")
-            start = init.to(x).contiguous().clone()
+            start = init.to(x).clone()  # (the sklearn engine makes its own C-ordered copy)
             self.centroids, self.inertia, self.n_iter = lloyd(
                 x, start if shift is None else start - shift, threshold, progress
             )
@@ -440,21 +440,19 @@ class KMeans:
                 )
             return total
 
-        it = 0
+        it, settled = 0, False
         with threadpool_limits(limits=1, user_api="blas"):
             for it in range(1, self.max_iter + 1):
                 step(data, weights, old, new, in_cluster, labels, shift, threads, True)
                 if progress is not None:  # the inertia of this iteration's assignment
                     progress(it, inertia(old))
                 old, new = new, old
-                if np.array_equal(labels, previous):  # no label changed: the centroids are final
-                    break
-                if float((shift.astype(np.float64) ** 2).sum()) <= threshold:
-                    step(data, weights, old, None, None, labels, shift, threads, False)  # final labels
+                settled = np.array_equal(labels, previous)  # no label changed: the centroids are final
+                if settled or float((shift.astype(np.float64) ** 2).sum()) <= threshold:
                     break
                 previous[:] = labels
-            else:
-                step(data, weights, old, None, None, labels, shift, threads, False)  # final labels
+            if not settled:  # the labels of the last centroids
+                step(data, weights, old, None, None, labels, shift, threads, False)
             final = inertia(old)
         return torch.from_numpy(old.copy()), final, it
 

@@ -61,7 +61,7 @@ def finetune_config(
     init = OmegaConf.select(cfg, "objective.encoder_init")
     if init not in (None, "", "none"):
         cfg.objective.encoder_init = init_checkpoint(init)
-    elif not any(o.split("=", 1)[0].lstrip("+") == "objective.freeze_steps" for o in overrides):
+    elif OmegaConf.select(OmegaConf.from_dotlist(overrides), "objective.freeze_steps") is None:
         # the recipe's freeze keeps a pretrained encoder while the head learns; a fresh encoder
         # has nothing to keep, and frozen it would stay random
         freeze = int(OmegaConf.select(cfg, "objective.freeze_steps", default=0) or 0)
