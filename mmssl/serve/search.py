@@ -208,12 +208,12 @@ def open_service(
     meta, embeddings, rows = read_index(index_dir)
     search = ImageSearch.open(embeddings, index_dir)
     loaded, notes = query_model(meta, checkpoint, device)
-    objective = quantize_int8(loaded.objective) if quantize == "int8" else loaded.objective
     if loaded.objective.dim != search.dim:
         raise DataError(
             f"{index_dir}: image embeddings are {search.dim}-d, the run's {loaded.objective.dim}-d "
             "(an index of another model)"
         )
+    objective = quantize_int8(loaded.objective) if quantize == "int8" else loaded.objective
     speech_path = index_dir / f"{SPEECH}.jsonl"
     speech = read_jsonl(speech_path) if speech_path.is_file() else []
     items: dict[str, Item] = {}
