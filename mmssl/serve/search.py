@@ -7,7 +7,8 @@ at start-up, so no request can name a path.
 
 The model runs in at most ``lanes`` threads at once. On a CPU ``mmssl serve`` gives each core a
 lane of one torch thread: a short query's small matrix products use one thread better than
-two, and the lanes share one queue, so no query waits behind another while a core is free
+two, and the lanes share one queue, oldest first, so no query waits behind another while a
+core is free
 (BENCHMARKS.md, "Search service": 2 lanes answer about twice the queries of one lane of two
 threads). On a GPU one lane: the device runs one batch at a time anyway. Spoken queries that
 arrive while every lane is busy wait together and go through as one padded batch (at most
@@ -52,6 +53,7 @@ class Item:
 
 
 MAX_BATCH = 8  # spoken queries embedded together at most (mmssl serve --max-batch)
+LANE_IDLE_S = 10.0  # a lane thread without a query for this long ends
 
 
 @dataclass
@@ -78,11 +80,12 @@ class SearchService:
     lanes: int = 1  # model calls at once
     linear: str = "float"  # the model's linear layers: float | int8 (quantize_int8)
     embedders: Embedders | None = None  # processes that embed spoken queries, or None: this one
-    waiting: list[_Job] = field(default_factory=list)  # spoken queries not yet embedded
-    waiting_lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting: list[_Job] = field(default_factory=list)  # spoken queries not yet embedded, oldest first
 
     def __post_init__(self) -> None:
         self.lane = threading.BoundedSemaphore(self.lanes)  # held while a model call runs
+        self.arrived = threading.Condition()  # guards ``waiting`` and ``workers``
+        self.workers = 0  # lane threads running (``_work``), at most ``lanes``
 
     @property
     def has_text(self) -> bool:
@@ -111,22 +114,41 @@ class SearchService:
 
     def embed_audio(self, wave: Tensor, name: str, warnings: list[str]) -> Tensor:
         """``wave (S,)`` at 16 kHz -> ``(1, D)``, batched with the queries waiting beside it;
-        a silent clip adds a warning, and one too short to embed is a ``DataError``."""
+        a silent clip adds a warning, and one too short to embed is a ``DataError``.
+
+        The query joins the queue and its thread sleeps until a lane thread has embedded it:
+        lanes take the oldest queries first, and each asker wakes as soon as its own answer is
+        there. (Askers that took turns at the model themselves woke only when they got a lane,
+        after embedding someone else's query: at 20 clients on 2 cores a twentieth of the
+        answers waited 100 ms or more after they were ready.)"""
         limits = QueryLimits(max_seconds=wave.shape[0] / SAMPLE_RATE + 1.0, warn=warnings.append)
         job = _Job(limits.apply(wave, name), name)
-        with self.waiting_lock:
+        with self.arrived:
             self.waiting.append(job)
-        while not job.done.is_set():
-            with self.lane:  # a free lane embeds the oldest waiting queries, this one among them
-                with self.waiting_lock:
-                    batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
-                if batch:
-                    self._embed_batch(batch)
-            if not batch:  # another lane has taken this query: its answer comes with that batch
-                job.done.wait()
+            if self.workers < self.lanes:
+                self.workers += 1
+                threading.Thread(target=self._work, name="mmssl-lane", daemon=True).start()
+            else:
+                self.arrived.notify()
+        job.done.wait()
         if job.error is not None:
             raise job.error
         return job.embedding
+
+    def _work(self) -> None:
+        """One lane: embed the oldest waiting queries (at most ``max_batch`` at a time) while
+        there are any; the thread ends after ``LANE_IDLE_S`` without one (the next query starts
+        another), so a service that is no longer used holds no thread."""
+        while True:
+            with self.arrived:
+                if not self.arrived.wait_for(lambda: self.waiting, LANE_IDLE_S):
+                    self.workers -= 1
+                    return
+            with self.lane:
+                with self.arrived:
+                    batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
+                if batch:
+                    self._embed_batch(batch)
 
     def _embed_batch(self, batch: list[_Job]) -> None:
         """Embed ``batch``, each job done with its embedding or its error (never left waiting)."""
