@@ -203,7 +203,7 @@ def sklearn_available() -> bool:
     return _sklearn_lloyd_step() is not None
 
 
-def _mean_and_variance(x: Tensor, block: int = 1 << 16) -> tuple[Tensor, float]:
+def mean_and_variance(x: Tensor, block: int = 1 << 16) -> tuple[Tensor, float]:
     """``x (N, D)`` -> its column means ``(D,)`` and the per-dimension variance averaged over
     dimensions (ddof 0, as scikit-learn's tolerance): the rows' squared distances to the mean,
     block by block (float32 norms of centred rows, summed in float64), so data far from the
@@ -216,11 +216,6 @@ def _mean_and_variance(x: Tensor, block: int = 1 << 16) -> tuple[Tensor, float]:
         part = x[start : start + block] - mean
         total += float(torch.linalg.vector_norm(part, dim=1).pow_(2).sum(dtype=torch.float64))
     return mean, total / (n * dim)
-
-
-def mean_variance(x: Tensor) -> float:
-    """The per-dimension variance of ``x (N, D)`` averaged over dimensions (ddof 0)."""
-    return _mean_and_variance(x)[1]
 
 
 class KMeans:
@@ -288,7 +283,7 @@ class KMeans:
             raise ConfigError(f"k-means with k={self.k} needs a (N >= k, D) matrix; got {tuple(x.shape)}")
         x = x.float().contiguous()
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        mean, variance = _mean_and_variance(x)
+        mean, variance = mean_and_variance(x)
         threshold = self.tol * variance
         lloyd = {"faiss": self._lloyd_faiss, "sklearn": self._lloyd_sklearn, "torch": self._lloyd}[
             self.lloyd_engine(x.device)

@@ -5,7 +5,7 @@ import torch
 
 from mmssl.errors import ConfigError
 from mmssl.nn import kmeans as kmeans_module
-from mmssl.nn.kmeans import FAISS_ROUND, KMeans, _nearest_split, kmeans_plus_plus, mean_variance, nearest
+from mmssl.nn.kmeans import FAISS_ROUND, KMeans, _nearest_split, kmeans_plus_plus, mean_and_variance, nearest
 
 
 def _blobs(n: int = 3000, k: int = 12, dim: int = 8, seed: int = 0) -> torch.Tensor:
@@ -174,14 +174,17 @@ def test_auto_engine_falls_back_when_scikit_learn_has_no_usable_lloyd_step(monke
         KMeans(12, engine="sklearn").lloyd_engine(torch.device("cpu"))
 
 
-def test_mean_variance_is_the_mean_of_the_per_dimension_variances():
+def test_mean_and_variance_are_the_column_means_and_the_mean_per_dimension_variance():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5000, 7, generator=g) * torch.arange(1, 8) + 40.0  # a large mean, unequal scales
-    assert mean_variance(x) == pytest.approx(x.double().var(0, unbiased=False).mean().item(), rel=1e-5)
+    mean, variance = mean_and_variance(x)
+    assert variance == pytest.approx(x.double().var(0, unbiased=False).mean().item(), rel=1e-5)
+    torch.testing.assert_close(mean, x.double().mean(0).float())
     far = torch.randn(20000, 39, generator=g) * 0.01 + 1000.0  # spread 1e-5 of the offset
-    assert mean_variance(far) == pytest.approx(far.double().var(0, unbiased=False).mean().item(), rel=1e-2)
-    assert mean_variance(torch.full((10, 3), 2.5)) == pytest.approx(0.0, abs=1e-5)
-    assert mean_variance(torch.ones(1, 4)) == 0.0
+    far_variance = far.double().var(0, unbiased=False).mean().item()
+    assert mean_and_variance(far)[1] == pytest.approx(far_variance, rel=1e-2)
+    assert mean_and_variance(torch.full((10, 3), 2.5))[1] == pytest.approx(0.0, abs=1e-5)
+    assert mean_and_variance(torch.ones(1, 4))[1] == 0.0
 
 
 @pytest.mark.parametrize("engine", ["torch", "sklearn"])
