@@ -24,8 +24,8 @@ a one-line error, and stopping the command stops them all.
 waits behind another while a core is free); on a GPU: 1.
 
 ``--embedders N`` (a CPU only, one server process): N processes embed the spoken queries, one
-torch thread each, N at once (``--threads`` is theirs), fed from one queue, while the server
-process keeps HTTP, decoding and image search
+torch thread each, fed from one queue (oldest first, each with its next query queued), while
+the server process keeps HTTP, decoding and image search
 (``mmssl.serve.embedders``): the busiest setting on a small CPU, since no client is tied to a
 busy process and the model runs outside the server's GIL.
 
@@ -167,9 +167,7 @@ def _app(args: argparse.Namespace):
     from mmssl.serve.search import open_service  # lazy: torch and the run only after the checks
 
     device = pick_device(args.device)
-    lanes, threads = _lanes(args, device)
-    if args.embedders:
-        lanes = args.embedders  # the server process only waits for them
+    lanes, threads = _lanes(args, device)  # with --embedders, theirs (open_service)
     torch.set_num_threads(threads)
     max_batch = args.max_batch if args.max_batch is not None else (8 if device.type == "cuda" else 1)
     quantize = None if args.quantize == "none" else args.quantize
@@ -180,7 +178,10 @@ def _app(args: argparse.Namespace):
 def _serve(app, sock: socket.socket) -> None:
     import uvicorn  # lazy: the server library only for this command
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    # uvloop's event loop and httptools' HTTP parser (C) instead of asyncio's and h11 (Python):
+    # less of the server process's core per request (BENCHMARKS.md, "Search service")
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
     server.run(sockets=[sock])
 
 

@@ -1,10 +1,11 @@
 """Processes that embed spoken queries for ``mmssl serve --embedders N``, fed from one queue.
 
 The server process keeps HTTP, decoding and image search; each embedder holds its own copy of
-the model on one torch thread and takes the next waiting batch, so a free core always takes
-the oldest query. Pre-forked server processes (``--workers``) split the clients instead: a
-keep-alive connection stays with the process that accepted it, and asyncio accepts every
-pending connection in one go, so one process can end up with most of the clients while the
+the model on one torch thread and takes the oldest waiting batch, with the next one already
+queued in its pipe (``IN_FLIGHT``), so a core never waits for the server between queries.
+Pre-forked server processes (``--workers``) split the clients instead: a keep-alive
+connection stays with the process that accepted it, and asyncio accepts every pending
+connection in one go, so one process can end up with most of the clients while the
 other idles (BENCHMARKS.md, "Search service": with 2 such processes the median query took 88 ms
 and the 95th percentile 400). An embedder also runs the model outside the server's GIL: in one
 process, two model threads (``--threads 2``) answered 77 int8 queries/s on 2 cores where two
@@ -41,6 +42,11 @@ from mmssl.serve.quantize import quantize_int8
 # requests are read, decoded and answered promptly and wait in the queue (in order) rather than
 # in the scheduler: 20 clients on 2 cores, p95 307 ms instead of 372 (BENCHMARKS.md)
 NICE = 10
+# queries handed to each embedder at once: the one it embeds and the next, already in its pipe,
+# so it starts the next as soon as it answers instead of idling until a lane thread of the busy
+# server process (its GIL) hands it one; 20 clients on 2 cores, 117 -> 140 queries/s
+# (BENCHMARKS.md, "Each embedder keeps its next query queued")
+IN_FLIGHT = 2
 LOAD_TIMEOUT = 300.0  # seconds for every embedder to load the run
 
 _model = None  # in each embedder process: the objective that embeds queries
@@ -73,10 +79,12 @@ def _embed(waves: list[np.ndarray], names: list[str]) -> np.ndarray:
 class Embedders:
     """``count`` embedder processes (spawned: torch is not fork-safe), loaded before this
     returns (a ``ConfigError`` when they cannot load); ``embed`` blocks the calling thread until
-    one of them has the answer."""
+    one of them has the answer. ``in_flight`` calls at once keep every embedder busy
+    (``IN_FLIGHT`` each), and the pool hands them out in the order they were made."""
 
     def __init__(self, count: int, meta: dict, checkpoint: str | None, quantize: str | None) -> None:
         self.count, self.meta, self.checkpoint, self.quantize = count, meta, checkpoint, quantize
+        self.in_flight = count * IN_FLIGHT
         self.restarts = 0
         self.lock = threading.Lock()  # held while a broken pool is replaced
         self.pool, self.pids = self._start()
@@ -118,7 +126,12 @@ class Embedders:
                 self.restarts += 1
 
     def describe(self) -> dict:
-        return {"processes": self.count, "pids": self.pids, "restarts": self.restarts}
+        return {
+            "processes": self.count,
+            "pids": self.pids,
+            "restarts": self.restarts,
+            "in_flight": self.in_flight,
+        }
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -218,7 +218,7 @@ def open_service(
 ) -> SearchService:
     """Read the index, load its run and make the table of files the service may send;
     ``quantize="int8"`` runs the model's linear layers in int8 (a CPU only); ``embedders`` > 0
-    starts that many processes that embed spoken queries (a CPU only; ``lanes`` should match)."""
+    starts that many processes that embed spoken queries (a CPU only; they set ``lanes``)."""
     index_dir = Path(index_dir)
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize must be int8 or none; got {quantize!r}")
@@ -252,6 +252,7 @@ def open_service(
         items[cid] = Item(_absolute(row["audio"], meta), "audio")
         captions.setdefault(str(row.get("group")), []).append({"id": cid, "text": row.get("caption") or ""})
     pool = Embedders(embedders, meta, checkpoint, quantize) if embedders else None
+    lanes = pool.in_flight if pool is not None else lanes  # lane threads only hand queries over
     return SearchService(
         index_dir,
         meta,

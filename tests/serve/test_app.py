@@ -316,7 +316,7 @@ def test_int8_linear_layers_keep_the_embeddings_and_the_answers(served_index):
 def test_embedder_processes_give_the_same_embeddings_and_name_a_clip_too_short(served_index):
     index, manifest = served_index
     here = open_service(index, torch.device("cpu"))
-    service = open_service(index, torch.device("cpu"), lanes=2, embedders=2)
+    service = open_service(index, torch.device("cpu"), max_batch=1, embedders=2)  # as on a CPU
     try:
         pids = service.describe()["embedders"]["pids"]
         assert len(set(pids)) == 2 and os.getpid() not in pids
@@ -339,7 +339,25 @@ def test_embedder_processes_give_the_same_embeddings_and_name_a_clip_too_short(s
                 answer.json()["results"][0]["id"]
                 == here.top(here.embed_audio(waves[0], "q", []), 1)[0][0]["id"]
             )
-            assert c.get("/health").json()["embedders"] == {"processes": 2, "pids": pids, "restarts": 0}
+            health = c.get("/health").json()["embedders"]
+            assert health == {"processes": 2, "pids": pids, "restarts": 0, "in_flight": 4}
+        # each embedder is handed its next query while it embeds one: 4 queries reach the pool
+        # at once (the barrier breaks, and the queries fail, unless they do)
+        together, handed = threading.Barrier(4, timeout=30), service.embedders.embed
+        service.embedders.embed = lambda w, n: (together.wait(), handed(w, n))[1]
+        answers: dict[int, torch.Tensor] = {}
+
+        def ask(i: int) -> None:
+            answers[i] = service.embed_audio(waves[i % 3], f"q{i}", [])
+
+        askers = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join()
+        del service.embedders.embed
+        for i in range(4):
+            torch.testing.assert_close(answers[i], here.embed_audio(waves[i % 3], "q", []))
         # an embedder killed (the OOM killer, a crash): every query is still answered, and the
         # pool, broken once its manager sees the death, is started again
         os.kill(pids[0], signal.SIGKILL)
