@@ -84,10 +84,16 @@ class ConvPositionalEmbedding(nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """``x (B, T, C)`` with zeroed padding -> ``(B, T, C)`` (``padding_mask`` is not needed
         by a single convolution; it is taken for the same call as the stacked variant)."""
-        y = x.transpose(1, 2)  # (B, C, T)
+        # as a 2-d convolution over (B, C, 1, T): x's own memory is that tensor in channels-last
+        # order, which oneDNN convolves without reordering it (nor the output back to (B, T, C));
+        # on a CPU the small model's position conv ran in 0.54 ms where Conv1d took 0.96 (a 4-s
+        # query), and a training step's forward and backward in half the time
+        y = x.transpose(1, 2).unsqueeze(2)  # (B, C, 1, T)
         if self.causal:
             y = F.pad(y, (self.kernel - 1, 0))
-        y = self.conv(y)
+        conv = self.conv
+        y = F.conv2d(y, conv.weight.unsqueeze(2), conv.bias, padding=(0, conv.padding[0]), groups=conv.groups)
+        y = y.squeeze(2)  # (B, C, T)
         if self.trim:
             y = y[..., : -self.trim]
         return F.gelu(y).transpose(1, 2)  # (B, T, C)
