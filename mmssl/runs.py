@@ -419,13 +419,29 @@ def _use_copies(cfg: DictConfig, run_dir: Path) -> DictConfig:
 def structure_config(run_dir: Path) -> DictConfig:
     """``run_dir``'s config as it rebuilds the run's objective for its own checkpoint: start-from
     runs read from their copies, start-from weight files unset, the run's own files (``run_files``)
-    from its folder (also after the folder moved)."""
+    from its folder (also after the folder moved), and the data only training reads
+    (``train_data``: a noise folder, possibly given relative to where the run trained) unset."""
     cfg = _use_copies(load_yaml(run_dir / CONFIG_FILE), run_dir)
     for key in _meta(cfg).get("run_files", ()):
         value = OmegaConf.select(cfg, f"objective.{key}")
         if _set(value) and (run_dir / Path(str(value)).name).is_file():
             cfg.objective[key] = str(run_dir / Path(str(value)).name)
+    _drop_train_data(cfg)
     return cfg
+
+
+def _drop_train_data(cfg: DictConfig) -> None:
+    """Unset in ``cfg`` the options its builders (the objective, and each part of a ``multi``)
+    declare as ``train_data``: what a loaded run embeds, decodes or exports does not read them."""
+    meta = _meta(cfg)
+    for key in meta.get("train_data", ()):
+        if _set(OmegaConf.select(cfg, f"objective.{key}")):
+            cfg.objective[key] = None
+    if meta.get("combines_parts") and OmegaConf.select(cfg, "objective.parts") is not None:
+        for part in parse_parts(OmegaConf.to_container(cfg.objective.parts)):
+            for key in OBJECTIVES.meta(part.name).get("train_data", ()):
+                if _set(part.options.get(key)):
+                    cfg.objective.parts[part.label][key] = None
 
 
 def resume_config(cfg: DictConfig) -> DictConfig:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmssl.cli import main
+from mmssl.config import load_config, save_resolved
 from mmssl.eval.asr import load_asr_model
 from mmssl.registry import OBJECTIVES
 from mmssl.runs import (
@@ -67,6 +68,69 @@ def test_a_chain_of_fine_tuned_runs_loads_after_its_sources_are_gone(synth_tiny,
     # the rebuilt config points at the copies, and a copied config gives an encoder without weights
     assert structure_config(tmp_path / "ft2").objective.encoder_init == str(copy)
     assert load_encoder_from_run(copy).__class__.__name__ == "AudioEncoder"
+
+
+def test_a_run_trained_with_noise_loads_after_the_noise_folder_is_gone(synth_tiny, tmp_path, monkeypatch):
+    # the noise folder is given relative to where the run trained: loading the run from another
+    # folder, or after the noise is deleted, must not look for it (only training reads it)
+    manifest = synth_tiny / "av" / "train.jsonl"
+    _, step = save_tiny_run(tmp_path / "pre", "hubert", manifest)
+    shutil.copytree(synth_tiny / "noise" / "train", tmp_path / "noise")
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        [
+            "finetune-asr",
+            "--init",
+            str(step),
+            f"data.train={manifest}",
+            "objective.noise_dir=noise",
+            "objective.noise_prob=1.0",
+            "train.max_steps=1",
+            f"train.out_dir={tmp_path / 'ft'}",
+            "train.device=cpu",
+            "data.num_workers=0",
+            "train.progress=false",
+            "data.max_seconds_per_batch=20",
+        ]
+    )
+    assert code == 0
+    batch = {"audio": torch.randn(2, 8000), "audio_lens": torch.tensor([8000, 6000])}
+    before = _logits(load_asr_model(tmp_path / "ft", torch.device("cpu")), batch)
+    shutil.rmtree(tmp_path / "noise")
+    model = load_asr_model(tmp_path / "ft", torch.device("cpu"))
+    torch.testing.assert_close(_logits(model, batch), before)
+    assert structure_config(tmp_path / "ft").objective.noise_dir is None
+    # a run that starts from it (its copied config keeps the relative noise folder) loads too
+    _finetune(tmp_path / "ft", tmp_path / "ft2", manifest)
+    assert (tmp_path / "ft2" / "init" / "encoder_init" / "config.yaml").read_text().count(
+        "noise_dir: noise"
+    ) == 1
+    load_encoder_from_run(tmp_path / "ft2")
+
+
+def test_the_parts_of_a_multi_run_load_without_their_noise_folder(tmp_path):
+    cfg = load_config(
+        "av_multi",
+        [
+            f"data.train={tmp_path / 'train.jsonl'}",
+            "model.size=tiny",
+            "objective.parts.av_hubert.noise_dir=gone",
+        ],
+    )
+    save_resolved(cfg, tmp_path / "run")
+    rebuilt = structure_config(tmp_path / "run")
+    assert rebuilt.objective.parts.av_hubert.noise_dir is None
+    assert rebuilt.objective.parts.av_hubert.num_classes == cfg.objective.parts.av_hubert.num_classes
+
+
+def test_every_option_naming_a_noise_folder_is_declared_training_data():
+    import inspect
+
+    import mmssl.objectives  # noqa: F401
+
+    for name in OBJECTIVES.names():
+        takes = "noise_dir" in inspect.signature(OBJECTIVES.get(name)).parameters
+        assert ("noise_dir" in OBJECTIVES.meta(name).get("train_data", ())) == takes, name
 
 
 def test_a_missing_start_run_is_named_before_training(synth_tiny, tmp_path, capsys):

@@ -345,7 +345,7 @@ def _shared_encoder(shared: nn.Module, overrides: dict[str, Any] | None, masking
     return shared
 
 
-@OBJECTIVES.register(shares_encoder=True)
+@OBJECTIVES.register(shares_encoder=True, train_data=("noise_dir",))
 def av_hubert(
     size: str = "base",
     num_classes: int = 100,  # first iteration: k-means on MFCC (AV-HuBERT, sec. 4: 100 clusters)

@@ -388,7 +388,7 @@ def build_ctc_encoder(
     return build_family(encoder, size, options, what="objective.encoder")
 
 
-@OBJECTIVES.register(init_runs=("encoder_init",), run_files=("units_file",))
+@OBJECTIVES.register(init_runs=("encoder_init",), run_files=("units_file",), train_data=("noise_dir",))
 def ctc(
     size: str = "base",
     encoder: str = "hubert",  # a fresh encoder preset family, used when encoder_init is none

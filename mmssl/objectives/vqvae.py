@@ -235,7 +235,7 @@ def autoencoder(
     return build_frame_autoencoder(size, downsample, reconstruction, encoder, None)
 
 
-@OBJECTIVES.register
+@OBJECTIVES.register(train_data=("noise_dir",))
 def denoising_autoencoder(
     size: str = "base",
     noise_dir: str | None = None,  # a folder of noise recordings; None: Gaussian white noise
