@@ -9,7 +9,8 @@ connection in one go, so one process can end up with most of the clients while t
 other idles (BENCHMARKS.md, "Search service": with 2 such processes the median query took 88 ms
 and the 95th percentile 400). An embedder also runs the model outside the server's GIL: in one
 process, two model threads (``--threads 2``) answered 77 int8 queries/s on 2 cores where two
-embedders answer 107-114; the model's Python and the int8 linear's op dispatch hold the GIL.
+embedders answered 107-114 (150-160 now, each with its next query queued); the model's Python
+and the int8 linear's op dispatch hold the GIL.
 
 Waveforms go to an embedder as float32 arrays and embeddings come back the same way (a
 4-s query is 256 KB through a pipe, well under a millisecond); a clip too short to embed comes
