@@ -24,7 +24,10 @@ hand. A stage whose output exists is skipped, so an interrupted demo continues w
 stopped (training resumes). The later stages depend on their inputs: a fine-tuning run that
 started from another pretraining checkpoint than the latest (``demo --steps 40`` after a
 finished 30-step demo) is removed and redone, and so is the noisy evaluation of another
-fine-tuning checkpoint.
+fine-tuning checkpoint. So is an output made with another recipe than the stage's command line
+has now (another rate, mask, model size, seed, corpus size...: ``recipes.json`` in the demo's
+folder records them), with every output made from it, so that a demo folder from older code
+does not keep old runs; changing only the number of steps continues a run instead.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch
 from mmssl import cli
 from mmssl.commands.demo_done import (
     asr_done,
+    clear_changed_recipes,
     clear_stale_asr,
     clusters_done,
     index_done,
@@ -299,9 +303,7 @@ def noisy_stage(
     decoded by beam search with the language model (``greedy``: greedily, into
     ``eval_noisy_greedy``)."""
     out = asr / ("eval_noisy_greedy" if greedy else "eval_noisy")
-    decoding = (
-        ["--out", str(out)] if greedy else ["--decoder", "beam", "--lm", str(plan.lm), "--beam", str(BEAM)]
-    )
+    decoding = [] if greedy else ["--decoder", "beam", "--lm", str(plan.lm), "--beam", str(BEAM)]
     return Stage(
         title,
         [
@@ -321,6 +323,8 @@ def noisy_stage(
             "--seed",
             str(plan.seed),
             *decoding,
+            "--out",
+            str(out),
         ],
         lambda: noisy_done(asr, out, noise_types, snrs),
         beside=beside,
@@ -618,6 +622,7 @@ def run(args: argparse.Namespace) -> int:
     # stages side by side on a CPU with cores to share (on a GPU one after the other)
     together = not make_plan(args).gpu and (os.cpu_count() or 1) >= 2
     print(f"mmssl demo: {len(plan)} stages into {args.out}")
+    clear_changed_recipes(args.out, [stage.argv for stage in plan])
     seconds = _stage_seconds(args.out)  # of earlier runs of the demo, for the stages they ran
     for group in _groups(plan) if together else [[stage] for stage in plan]:
         pending = []

@@ -15,7 +15,7 @@ from mmssl.commands.kmeans import layer_features_name
 from mmssl.config import CONFIG_FILE, load_yaml
 from mmssl.data.importers import KMEANS_FILE, read_kmeans_state
 from mmssl.eval.noisy import CLEAN, parse_snrs, read_results
-from mmssl.files import read_text, sha256_file
+from mmssl.files import read_text, sha256_file, write_text
 from mmssl.runs import MODEL_FILE, latest_checkpoint, step_dir_name
 
 
@@ -101,3 +101,89 @@ def index_done(index: Path, run: Path) -> bool:
     return made.get("weights") == str(weights.resolve()) and made.get("weights_sha256") == sha256_file(
         weights
     )
+
+
+# ---------------------------------------------------------------- the recipe each output was made with
+
+RECIPES_FILE = "recipes.json"
+# what may change between runs of the demo without making a stage's output stale: how long a
+# run trains (``--resume`` continues it), how often it saves and validates, and where and with
+# how many loader processes it runs
+_NOT_RECIPE_KEYS = (
+    "train.max_steps",
+    "train.save_every",
+    "train.valid_every",
+    "train.device",
+    "data.num_workers",
+)
+_NOT_RECIPE_FLAGS = ("--resume", "--overwrite")
+_VALUED_FLAGS_NOT_RECIPE = ("--device",)
+
+
+def recipe(argv: list[str]) -> list[str]:
+    """What in a stage's command line decides its output: ``argv`` less ``_NOT_RECIPE_*``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUED_FLAGS_NOT_RECIPE:
+            skip = True
+        elif arg not in _NOT_RECIPE_FLAGS and arg.split("=", 1)[0] not in _NOT_RECIPE_KEYS:
+            kept.append(arg)
+    return kept
+
+
+def output_of(argv: list[str]) -> Path | None:
+    """The file or folder a stage writes: its ``train.out_dir=`` or ``--out``."""
+    for arg in argv:
+        if arg.startswith("train.out_dir="):
+            return Path(arg.split("=", 1)[1])
+    if "--out" in argv[:-1]:
+        return Path(argv[argv.index("--out") + 1])
+    return None
+
+
+def _paths(argv: list[str]) -> list[Path]:
+    """Every path a command line names (as an argument, or as a ``key=value``'s value)."""
+    return [Path(arg.split("=", 1)[1] if "=" in arg else arg).absolute() for arg in argv]
+
+
+def _reads(argv: list[str], output: Path) -> bool:
+    """``argv`` names ``output`` or something inside it."""
+    target = output.absolute()
+    return any(path == target or target in path.parents for path in _paths(argv))
+
+
+def clear_changed_recipes(out: Path, argvs: list[list[str]]) -> list[Path]:
+    """Remove, under the demo folder ``out``, each stage's output made with another recipe than
+    its command line now has (``out/recipes.json`` records them; an output it has no record of
+    was made by a demo that kept none), and every later output made from a removed one, so
+    that a stage is redone rather than skipped or resumed on what the old recipe made (a run
+    trained again writes checkpoints of the same names, so the stages after it could not tell).
+    Then record the recipes of now. Returns the removed paths."""
+    path = out / RECIPES_FILE
+    made = json.loads(read_text(path)) if path.is_file() else {}
+    removed: list[Path] = []
+    for argv in argvs:
+        output = output_of(argv)
+        if output is None or not output.exists() or out.absolute() not in output.absolute().parents:
+            continue
+        before, now = made.get(str(output)), recipe(argv)
+        source = next((r for r in removed if _reads(argv, r)), None)
+        if source is not None:
+            why = f"made from {source}, which is redone"
+        elif before is None:
+            why = "made by a demo that did not record its recipe"
+        elif before != now:
+            gone = [a for a in before if a not in now][:2]
+            new = [a for a in now if a not in before][:2]
+            why = f"made with another recipe ({', '.join(gone) or '-'} -> {', '.join(new) or '-'})"
+        else:
+            continue
+        print(f"    {output}: {why}: removed, to be redone")
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+        removed.append(output)
+    recipes = {str(o): recipe(a) for a in argvs if (o := output_of(a)) is not None}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(recipes, indent=1) + "\n")
+    return removed

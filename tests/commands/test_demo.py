@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from mmssl.cli import main
 
 
-def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
+def test_demo_runs_every_stage_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     argv = [
         "demo",
@@ -112,6 +112,20 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert header["fingerprint"]["checkpoint"] == str(
         (out / "asr" / "checkpoints" / "step_00000002").resolve()
     )
+    # another recipe for the labelled tenth (code that changed its rate): both of its runs and
+    # their evaluations are redone from scratch, not resumed or skipped; the rest is kept
+    import mmssl.commands.demo as demo
+
+    before = (out / "asr" / "checkpoints" / "step_00000002" / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(demo, "SUBSET_LR", 3e-3)
+    assert main([*argv[:4], "3", *argv[5:]]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already done, skipped") == 9
+    assert printed.count("made with another recipe (train.lr=0.002 -> train.lr=0.003): removed") == 2
+    for run in ("asr_subset", "asr_subset_scratch"):
+        assert OmegaConf.load(out / run / "config.yaml").train.lr == 3e-3
+        assert (out / run / "eval_noisy" / "wer.md").is_file()
+    assert (out / "asr" / "checkpoints" / "step_00000002" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_a_noisy_evaluation_counts_as_done_only_over_every_record_and_cell(tmp_path):
@@ -137,3 +151,44 @@ def test_a_noisy_evaluation_counts_as_done_only_over_every_record_and_cell(tmp_p
     assert not noisy_done(tmp_path / "asr", out, "babble,music", "clean,-5")  # a noise type missing
     write(50, [("none", "clean"), ("babble", "-5")])
     assert not noisy_done(tmp_path / "asr", out, "babble", "clean,-5")  # only the first 50 records
+
+
+def test_an_output_made_with_another_recipe_is_removed_with_what_was_made_from_it(tmp_path, capsys):
+    from mmssl.commands.demo_done import RECIPES_FILE, clear_changed_recipes
+
+    out = tmp_path / "demo"
+    corpus, run, index, elsewhere = out / "corpus", out / "run", out / "index", tmp_path / "mine"
+    stages = [
+        ["synth", "--size", "tiny", "--out", str(corpus)],
+        ["pretrain", "x", f"data.train={corpus / 'a.jsonl'}", "train.lr=1e-3", f"train.out_dir={run}"],
+        ["index", "--run", str(run), "--out", str(index), "--device", "cpu"],
+        ["lm", "--manifest", str(corpus / "a.jsonl"), "--out", str(elsewhere)],
+    ]
+    assert clear_changed_recipes(out, stages) == []  # nothing made yet: nothing to remove
+    for folder in (corpus, run, index, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "made").write_text("x")
+    # more steps, another device, --resume: the same recipe; the record is kept as it was
+    again = [
+        stages[0],
+        [*stages[1][:4], "train.max_steps=9", "train.device=cuda", f"train.out_dir={run}", "--resume"],
+        ["index", "--run", str(run), "--out", str(index), "--device", "cuda"],
+        stages[3],
+    ]
+    assert clear_changed_recipes(out, again) == []
+    assert all((f / "made").is_file() for f in (corpus, run, index))
+    # another rate: the run goes, and the index made from it; the corpus stays
+    changed = [stages[0], [*stages[1][:3], "train.lr=2e-3", stages[1][4]], stages[2], stages[3]]
+    assert clear_changed_recipes(out, changed) == [run, index]
+    assert (corpus / "made").is_file() and not run.exists() and not index.exists()
+    printed = capsys.readouterr().out
+    assert "made with another recipe (train.lr=1e-3 -> train.lr=2e-3)" in printed
+    assert f"made from {run}, which is redone" in printed
+    # a folder the demo has no record of was made by older code: redone, with what depends on it
+    for folder in (run, index):
+        folder.mkdir()
+    (out / RECIPES_FILE).unlink()
+    assert clear_changed_recipes(out, changed) == [corpus, run, index]
+    assert "did not record its recipe" in capsys.readouterr().out
+    # an output outside the demo's folder is never removed
+    assert (elsewhere / "made").is_file()
