@@ -120,8 +120,10 @@ _NOT_RECIPE_FLAGS = ("--resume", "--overwrite")
 _VALUED_FLAGS_NOT_RECIPE = ("--device",)
 
 
-def recipe(argv: list[str]) -> list[str]:
-    """What in a stage's command line decides its output: ``argv`` less ``_NOT_RECIPE_*``."""
+def recipe(argv: list[str], out: Path) -> list[str]:
+    """What in a stage's command line decides its output: ``argv`` less ``_NOT_RECIPE_*``, with
+    the demo folder ``out`` written ``<out>`` (the same however ``--out`` is spelt, and after the
+    folder moved)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -129,7 +131,7 @@ def recipe(argv: list[str]) -> list[str]:
         elif arg in _VALUED_FLAGS_NOT_RECIPE:
             skip = True
         elif arg not in _NOT_RECIPE_FLAGS and arg.split("=", 1)[0] not in _NOT_RECIPE_KEYS:
-            kept.append(arg)
+            kept.append(arg.replace(str(out), "<out>"))
     return kept
 
 
@@ -154,6 +156,10 @@ def _reads(argv: list[str], output: Path) -> bool:
     return any(path == target or target in path.parents for path in _paths(argv))
 
 
+def _key(output: Path, out: Path) -> str:
+    return output.absolute().relative_to(out.absolute()).as_posix()
+
+
 def clear_changed_recipes(out: Path, argvs: list[list[str]]) -> list[Path]:
     """Remove, under the demo folder ``out``, each stage's output made with another recipe than
     its command line now has (``out/recipes.json`` records them; an output it has no record of
@@ -168,7 +174,7 @@ def clear_changed_recipes(out: Path, argvs: list[list[str]]) -> list[Path]:
         output = output_of(argv)
         if output is None or not output.exists() or out.absolute() not in output.absolute().parents:
             continue
-        before, now = made.get(str(output)), recipe(argv)
+        before, now = made.get(_key(output, out)), recipe(argv, out)
         source = next((r for r in removed if _reads(argv, r)), None)
         if source is not None:
             why = f"made from {source}, which is redone"
@@ -183,7 +189,11 @@ def clear_changed_recipes(out: Path, argvs: list[list[str]]) -> list[Path]:
         print(f"    {output}: {why}: removed, to be redone")
         shutil.rmtree(output) if output.is_dir() else output.unlink()
         removed.append(output)
-    recipes = {str(o): recipe(a) for a in argvs if (o := output_of(a)) is not None}
+    recipes = {
+        _key(o, out): recipe(a, out)
+        for a in argvs
+        if (o := output_of(a)) is not None and out.absolute() in o.absolute().parents
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(recipes, indent=1) + "\n")
     return removed

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -153,7 +154,9 @@ def test_a_noisy_evaluation_counts_as_done_only_over_every_record_and_cell(tmp_p
     assert not noisy_done(tmp_path / "asr", out, "babble", "clean,-5")  # only the first 50 records
 
 
-def test_an_output_made_with_another_recipe_is_removed_with_what_was_made_from_it(tmp_path, capsys):
+def test_an_output_made_with_another_recipe_is_removed_with_what_was_made_from_it(
+    tmp_path, capsys, monkeypatch
+):
     from mmssl.commands.demo_done import RECIPES_FILE, clear_changed_recipes
 
     out = tmp_path / "demo"
@@ -190,5 +193,13 @@ def test_an_output_made_with_another_recipe_is_removed_with_what_was_made_from_i
     (out / RECIPES_FILE).unlink()
     assert clear_changed_recipes(out, changed) == [corpus, run, index]
     assert "did not record its recipe" in capsys.readouterr().out
+    # the record does not depend on how the demo's folder is spelt
+    for folder in (corpus, run, index):
+        folder.mkdir()
+    clear_changed_recipes(out, changed)
+    relative = [[arg.replace(f"{tmp_path}/", "") for arg in argv] for argv in changed]
+    monkeypatch.chdir(tmp_path)
+    assert clear_changed_recipes(Path("demo"), relative) == []
+    assert json.loads((out / RECIPES_FILE).read_text())["run"][-1] == "train.out_dir=<out>/run"
     # an output outside the demo's folder is never removed
     assert (elsewhere / "made").is_file()
