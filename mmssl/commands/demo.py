@@ -50,6 +50,7 @@ from mmssl.commands.demo_done import (
     clusters_done,
     index_done,
     noisy_done,
+    output_of,
 )
 from mmssl.commands.together import Job, run_together
 from mmssl.data.importers import KMEANS_FILE
@@ -176,10 +177,11 @@ class Stage:
     before: Callable[[], None] | None = None
     beside: bool = False
 
-    @property
-    def resumes(self) -> bool:
-        """Runs every time and continues its own earlier work (``--resume``)."""
-        return "--resume" in self.argv and self.before is None
+    def continues(self) -> bool:
+        """Continues its own earlier work: a ``--resume`` run whose folder is there (when it
+        starts, after ``before``; a run removed as stale starts again)."""
+        out = output_of(self.argv)
+        return "--resume" in self.argv and out is not None and out.is_dir()
 
 
 def _exists(path: Path) -> Callable[[], bool]:
@@ -636,10 +638,11 @@ def run(args: argparse.Namespace) -> int:
         for stage in pending:
             if stage.before is not None:
                 stage.before()
+        continuing = {id(stage) for stage in pending if stage.continues()}
         took = _run_stages(args.out, pending, number)
         for stage in pending:
-            # a stage that resumes (training) adds to its earlier runs' time; one that is redone replaces it
-            earlier = seconds.get(stage.title, 0.0) if stage.resumes else 0.0
+            # a run that continues adds to its earlier runs' time; a stage done again replaces it
+            earlier = seconds.get(stage.title, 0.0) if id(stage) in continuing else 0.0
             seconds[stage.title] = round(earlier + took[stage.title], 1)
             print(f"    [{number[id(stage)]}] done in {seconds[stage.title]:.0f} s", flush=True)
         if pending:

@@ -84,9 +84,17 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys, monkeypatch):
     scratch = OmegaConf.load(out / "asr_subset_scratch" / "config.yaml")
     assert scratch.data.train_subset == 0.1 and scratch.objective.encoder == "av"
     assert scratch.objective.encoder_init in (None, "none")
-    # a second run finds every output and redoes nothing
+    # a second run finds every output and redoes nothing; the training runs it resumes (with
+    # nothing left to do) add their seconds to the first run's
+    seconds = json.loads((out / "seconds.json").read_text())
     assert main(argv) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 13
+    again = json.loads((out / "seconds.json").read_text())
+    for title in (t for t in seconds if t.startswith(("pretrain", "train speech-image"))):
+        assert again[title] > seconds[title]
+    assert {t: v for t, v in again.items() if not t.startswith(("pretrain", "train"))} == {
+        t: v for t, v in seconds.items() if not t.startswith(("pretrain", "train"))
+    }
     # pretraining goes on: the clustering of its layer, the fine-tuning and its noisy evaluation
     # are redone from the new checkpoint
     assert main([*argv[:4], "3", *argv[5:]]) == 0
