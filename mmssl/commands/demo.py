@@ -51,6 +51,7 @@ from mmssl.commands.demo_done import (
     index_done,
     noisy_done,
     output_of,
+    record_recipe,
 )
 from mmssl.commands.together import Job, run_together
 from mmssl.data.importers import KMEANS_FILE
@@ -59,6 +60,7 @@ from mmssl.eval.summary import claim_lines, collect, write_report, write_summary
 from mmssl.files import read_text
 
 CLUSTERS = 50
+SECONDS_FILE = "seconds.json"  # each stage's seconds, written by every demo since it first ran a stage
 # the layer the iteration-2 targets cluster: the middle one of each model size, as HuBERT's
 # second iteration clusters layer 6 of its 12 (Hsu et al., 2021, sec. IV-D). Measured on the
 # small model after 1000 CPU steps with ``ITERATION1_MASKS`` (valid, k=50, PNMI / phone
@@ -572,7 +574,7 @@ def summary(out: Path) -> str:
 
 
 def _stage_seconds(out: Path) -> dict[str, float]:
-    path = out / "seconds.json"
+    path = out / SECONDS_FILE
     if not path.is_file():
         return {}
     try:
@@ -624,7 +626,7 @@ def run(args: argparse.Namespace) -> int:
     # stages side by side on a CPU with cores to share (on a GPU one after the other)
     together = not make_plan(args).gpu and (os.cpu_count() or 1) >= 2
     print(f"mmssl demo: {len(plan)} stages into {args.out}")
-    clear_changed_recipes(args.out, [stage.argv for stage in plan])
+    clear_changed_recipes(args.out, [stage.argv for stage in plan], SECONDS_FILE)
     seconds = _stage_seconds(args.out)  # of earlier runs of the demo, for the stages they ran
     for group in _groups(plan) if together else [[stage] for stage in plan]:
         pending = []
@@ -638,6 +640,7 @@ def run(args: argparse.Namespace) -> int:
         for stage in pending:
             if stage.before is not None:
                 stage.before()
+            record_recipe(args.out, stage.argv)
         continuing = {id(stage) for stage in pending if stage.continues()}
         took = _run_stages(args.out, pending, number)
         for stage in pending:
@@ -646,7 +649,7 @@ def run(args: argparse.Namespace) -> int:
             seconds[stage.title] = round(earlier + took[stage.title], 1)
             print(f"    [{number[id(stage)]}] done in {seconds[stage.title]:.0f} s", flush=True)
         if pending:
-            (args.out / "seconds.json").write_text(json.dumps(seconds, indent=2) + "\n", encoding="utf-8")
+            (args.out / SECONDS_FILE).write_text(json.dumps(seconds, indent=2) + "\n", encoding="utf-8")
     # the stages' wall time: those side by side count once, as the longest of them
     groups = _groups(plan) if together else [[stage] for stage in plan]
     total = sum(max((seconds.get(s.title, 0.0) for s in group), default=0.0) for group in groups)

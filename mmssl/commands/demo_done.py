@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from mmssl.commands.kmeans import layer_features_name
 from mmssl.config import CONFIG_FILE, load_yaml
 from mmssl.data.importers import KMEANS_FILE, read_kmeans_state
+from mmssl.errors import DataError
 from mmssl.eval.noisy import CLEAN, parse_snrs, read_results
 from mmssl.files import read_text, sha256_file, write_text
 from mmssl.runs import MODEL_FILE, latest_checkpoint, step_dir_name
@@ -160,27 +161,44 @@ def _key(output: Path, out: Path) -> str:
     return output.absolute().relative_to(out.absolute()).as_posix()
 
 
-def clear_changed_recipes(out: Path, argvs: list[list[str]]) -> list[Path]:
-    """Remove, under the demo folder ``out``, each stage's output made with another recipe than
-    its command line now has (``out/recipes.json`` records them; an output it has no record of
-    was made by a demo that kept none), and every later output made from a removed one, so
-    that a stage is redone rather than skipped or resumed on what the old recipe made (a run
-    trained again writes checkpoints of the same names, so the stages after it could not tell).
-    Then record the recipes of now. Returns the removed paths."""
+def _inside(output: Path, out: Path) -> bool:
+    return out.absolute() in output.absolute().parents
+
+
+def _read_recipes(out: Path) -> dict[str, list[str]]:
     path = out / RECIPES_FILE
-    made = json.loads(read_text(path)) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        message = f"{path}:{err.lineno}: not JSON ({err.msg}); delete it and the demo redoes every stage"
+        raise DataError(message) from None
+
+
+def clear_changed_recipes(out: Path, argvs: list[list[str]], legacy_marker: str) -> list[Path]:
+    """Remove, under the demo folder ``out``, each stage's output made with another recipe than
+    its command line has now (``out/recipes.json`` records the recipe of each stage the demo ran,
+    ``record_recipe``), and every later output made from a removed one, so that a stage is redone
+    rather than skipped or resumed on what the old recipe made (a run trained again writes
+    checkpoints of the same names, so the stages after it could not tell). A folder with no
+    record but with ``legacy_marker`` (a file every demo writes) was made by a demo that kept
+    none: all of its outputs count as changed. Outputs the record does not name are left alone
+    (what the demo did not make is never removed). Returns the removed paths."""
+    legacy = not (out / RECIPES_FILE).is_file() and (out / legacy_marker).is_file()
+    made = _read_recipes(out)
     removed: list[Path] = []
     for argv in argvs:
         output = output_of(argv)
-        if output is None or not output.exists() or out.absolute() not in output.absolute().parents:
+        if output is None or not output.exists() or not _inside(output, out):
             continue
         before, now = made.get(_key(output, out)), recipe(argv, out)
         source = next((r for r in removed if _reads(argv, r)), None)
         if source is not None:
             why = f"made from {source}, which is redone"
-        elif before is None:
+        elif legacy:
             why = "made by a demo that did not record its recipe"
-        elif before != now:
+        elif before is not None and before != now:
             gone = [a for a in before if a not in now][:2]
             new = [a for a in now if a not in before][:2]
             why = f"made with another recipe ({', '.join(gone) or '-'} -> {', '.join(new) or '-'})"
@@ -188,12 +206,19 @@ def clear_changed_recipes(out: Path, argvs: list[list[str]]) -> list[Path]:
             continue
         print(f"    {output}: {why}: removed, to be redone")
         shutil.rmtree(output) if output.is_dir() else output.unlink()
+        made.pop(_key(output, out), None)
         removed.append(output)
-    recipes = {
-        _key(o, out): recipe(a, out)
-        for a in argvs
-        if (o := output_of(a)) is not None and out.absolute() in o.absolute().parents
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(recipes, indent=1) + "\n")
+    if removed or legacy:
+        write_text(out / RECIPES_FILE, json.dumps(made, indent=1) + "\n")
     return removed
+
+
+def record_recipe(out: Path, argv: list[str]) -> None:
+    """Record in ``out/recipes.json`` the recipe a stage is about to make its output with."""
+    output = output_of(argv)
+    if output is None or not _inside(output, out):
+        return
+    made = _read_recipes(out)
+    made[_key(output, out)] = recipe(argv, out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / RECIPES_FILE, json.dumps(made, indent=1) + "\n")

@@ -165,7 +165,7 @@ def test_a_noisy_evaluation_counts_as_done_only_over_every_record_and_cell(tmp_p
 def test_an_output_made_with_another_recipe_is_removed_with_what_was_made_from_it(
     tmp_path, capsys, monkeypatch
 ):
-    from mmssl.commands.demo_done import RECIPES_FILE, clear_changed_recipes
+    from mmssl.commands.demo_done import RECIPES_FILE, clear_changed_recipes, record_recipe
 
     out = tmp_path / "demo"
     corpus, run, index, elsewhere = out / "corpus", out / "run", out / "index", tmp_path / "mine"
@@ -175,39 +175,50 @@ def test_an_output_made_with_another_recipe_is_removed_with_what_was_made_from_i
         ["index", "--run", str(run), "--out", str(index), "--device", "cpu"],
         ["lm", "--manifest", str(corpus / "a.jsonl"), "--out", str(elsewhere)],
     ]
-    assert clear_changed_recipes(out, stages) == []  # nothing made yet: nothing to remove
-    for folder in (corpus, run, index, elsewhere):
-        folder.mkdir(parents=True)
-        (folder / "made").write_text("x")
-    # more steps, another device, --resume: the same recipe; the record is kept as it was
+
+    def make(argvs):
+        assert clear_changed_recipes(out, argvs, "seconds.json") == []
+        for argv, folder in zip(argvs, (corpus, run, index, elsewhere), strict=True):
+            record_recipe(out, argv)  # as the demo does before it runs the stage
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "made").write_text("x")
+        (out / "seconds.json").write_text("{}")
+
+    make(stages)
+    # more steps, another device, --resume: the same recipe
     again = [
         stages[0],
         [*stages[1][:4], "train.max_steps=9", "train.device=cuda", f"train.out_dir={run}", "--resume"],
         ["index", "--run", str(run), "--out", str(index), "--device", "cuda"],
         stages[3],
     ]
-    assert clear_changed_recipes(out, again) == []
+    assert clear_changed_recipes(out, again, "seconds.json") == []
     assert all((f / "made").is_file() for f in (corpus, run, index))
     # another rate: the run goes, and the index made from it; the corpus stays
     changed = [stages[0], [*stages[1][:3], "train.lr=2e-3", stages[1][4]], stages[2], stages[3]]
-    assert clear_changed_recipes(out, changed) == [run, index]
+    assert clear_changed_recipes(out, changed, "seconds.json") == [run, index]
     assert (corpus / "made").is_file() and not run.exists() and not index.exists()
     printed = capsys.readouterr().out
     assert "made with another recipe (train.lr=1e-3 -> train.lr=2e-3)" in printed
     assert f"made from {run}, which is redone" in printed
-    # a folder the demo has no record of was made by older code: redone, with what depends on it
-    for folder in (run, index):
-        folder.mkdir()
+    assert sorted(json.loads((out / RECIPES_FILE).read_text())) == ["corpus"]
+    # the output of a stage the record does not name was not made by the demo: it stays
+    make(changed)
+    (out / "own").mkdir()
+    assert clear_changed_recipes(out, [*changed, ["lm", "--out", str(out / "own")]], "seconds.json") == []
+    # a demo folder with no record at all was made by older code: all of it is redone...
     (out / RECIPES_FILE).unlink()
-    assert clear_changed_recipes(out, changed) == [corpus, run, index]
+    assert clear_changed_recipes(out, changed, "seconds.json") == [corpus, run, index]
     assert "did not record its recipe" in capsys.readouterr().out
+    assert (elsewhere / "made").is_file()  # (never what lies outside the demo's folder)
+    # ... but a folder no demo ran in keeps what it has
+    make(changed)
+    for name in (RECIPES_FILE, "seconds.json"):
+        (out / name).unlink()
+    assert clear_changed_recipes(out, [*changed[:1], stages[1]], "seconds.json") == []
     # the record does not depend on how the demo's folder is spelt
-    for folder in (corpus, run, index):
-        folder.mkdir()
-    clear_changed_recipes(out, changed)
+    make(changed)
     relative = [[arg.replace(f"{tmp_path}/", "") for arg in argv] for argv in changed]
     monkeypatch.chdir(tmp_path)
-    assert clear_changed_recipes(Path("demo"), relative) == []
+    assert clear_changed_recipes(Path("demo"), relative, "seconds.json") == []
     assert json.loads((out / RECIPES_FILE).read_text())["run"][-1] == "train.out_dir=<out>/run"
-    # an output outside the demo's folder is never removed
-    assert (elsewhere / "made").is_file()
