@@ -51,11 +51,12 @@ from mmssl.commands.demo_done import (
     index_done,
     noisy_done,
     output_of,
+    read_record,
     record_recipe,
 )
 from mmssl.commands.together import Job, run_together
 from mmssl.data.importers import KMEANS_FILE
-from mmssl.errors import DataError, MmsslError
+from mmssl.errors import MmsslError
 from mmssl.eval.summary import claim_lines, collect, write_report, write_summary
 from mmssl.files import read_text
 
@@ -574,14 +575,7 @@ def summary(out: Path) -> str:
 
 
 def _stage_seconds(out: Path) -> dict[str, float]:
-    path = out / SECONDS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        message = f"{path}:{err.lineno}: not JSON ({err.msg}); delete it to restart the timings"
-        raise DataError(message) from None
+    return read_record(out / SECONDS_FILE, "to restart the timings") or {}
 
 
 def _run_stages(out: Path, pending: list[Stage], number: dict[int, int]) -> dict[str, float]:

@@ -165,15 +165,20 @@ def _inside(output: Path, out: Path) -> bool:
     return out.absolute() in output.absolute().parents
 
 
-def _read_recipes(out: Path) -> dict[str, list[str]]:
-    path = out / RECIPES_FILE
+def read_record(path: Path, remedy: str) -> dict | None:
+    """A JSON record the demo keeps in its folder (None when there is none); a ``DataError``
+    naming the file and the line, and saying what deleting it does (``remedy``), when it is not
+    JSON."""
     if not path.is_file():
-        return {}
+        return None
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as err:
-        message = f"{path}:{err.lineno}: not JSON ({err.msg}); delete it and the demo redoes every stage"
-        raise DataError(message) from None
+        raise DataError(f"{path}:{err.lineno}: not JSON ({err.msg}); delete it {remedy}") from None
+
+
+def _read_recipes(out: Path) -> dict[str, list[str]] | None:
+    return read_record(out / RECIPES_FILE, "and the demo redoes every stage")
 
 
 def clear_changed_recipes(out: Path, argvs: list[list[str]], legacy_marker: str) -> list[Path]:
@@ -185,8 +190,9 @@ def clear_changed_recipes(out: Path, argvs: list[list[str]], legacy_marker: str)
     record but with ``legacy_marker`` (a file every demo writes) was made by a demo that kept
     none: all of its outputs count as changed. Outputs the record does not name are left alone
     (what the demo did not make is never removed). Returns the removed paths."""
-    legacy = not (out / RECIPES_FILE).is_file() and (out / legacy_marker).is_file()
     made = _read_recipes(out)
+    legacy = made is None and (out / legacy_marker).is_file()
+    made = made or {}
     removed: list[Path] = []
     for argv in argvs:
         output = output_of(argv)
@@ -218,7 +224,7 @@ def record_recipe(out: Path, argv: list[str]) -> None:
     output = output_of(argv)
     if output is None or not _inside(output, out):
         return
-    made = _read_recipes(out)
+    made = _read_recipes(out) or {}
     made[_key(output, out)] = recipe(argv, out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / RECIPES_FILE, json.dumps(made, indent=1) + "\n")
